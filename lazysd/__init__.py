@@ -1,0 +1,44 @@
+"""lazysd: lazy, native-key, rank-local state dicts over Hugging Face safetensors checkpoints.
+
+    from lazysd import VirtualStateDict
+    model.load_state_dict(VirtualStateDict("/ckpt/Step-3.5-Flash"))
+"""
+
+from .errors import (
+    CheckpointIndexError,
+    CheckpointNotFoundError,
+    ConfigError,
+    FileChangedError,
+    HeaderError,
+    LazySDError,
+    MissingKeyError,
+    MissingSourceError,
+    NoWeightsError,
+    PlacementError,
+    ShapeMismatchError,
+    UnclaimedKeyError,
+    UnknownModelError,
+    UnsafePathError,
+)
+from .lazy import LazyTensor
+from .virtual import VirtualStateDict
+
+__all__ = [
+    "VirtualStateDict",
+    "LazyTensor",
+    "LazySDError",
+    "CheckpointIndexError",
+    "CheckpointNotFoundError",
+    "ConfigError",
+    "FileChangedError",
+    "HeaderError",
+    "MissingKeyError",
+    "MissingSourceError",
+    "NoWeightsError",
+    "PlacementError",
+    "ShapeMismatchError",
+    "UnclaimedKeyError",
+    "UnknownModelError",
+    "UnsafePathError",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,414 @@
+"""Safetensors checkpoints: headers, the index, and exact byte-range reads.
+
+This is the only module that opens checkpoint files. Opening a :class:`Checkpoint` reads
+``config.json``, ``model.safetensors.index.json`` and each file's header, validates them, and
+keeps one descriptor per file; tensor bytes are read later, on request, with ``pread`` into
+caller-provided memory. Nothing is memory-mapped, so a file truncated under a running load
+gives a :class:`~lazysd.errors.FileChangedError` instead of a SIGBUS.
+
+Example:
+    >>> ckpt = Checkpoint("/path/to/Step-3.5-Flash")            # doctest: +SKIP
+    >>> ckpt.tensors["model.embed_tokens.weight"].shape          # doctest: +SKIP
+    (128815, 4096)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import stat
+import threading
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import (
+    CheckpointIndexError,
+    CheckpointNotFoundError,
+    ConfigError,
+    FileChangedError,
+    HeaderError,
+    NoWeightsError,
+    UnsafePathError,
+)
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+# A real header is a few MB at most (DeepSeek-V3's largest shard: ~100 KB). The cap makes a
+# file that claims a 2**60-byte header fail before anything is allocated.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "U16": torch.uint16,
+    "I32": torch.int32,
+    "U32": torch.uint32,
+    "I64": torch.int64,
+    "U64": torch.uint64,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "F8_E8M0": torch.float8_e8m0fnu,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one HF tensor lives on disk. Known from the header alone."""
+
+    key: str
+    file: Path  # absolute path of the safetensors file
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset of the first element in the file
+
+    @property
+    def itemsize(self) -> int:
+        return self.dtype.itemsize
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.itemsize
+
+
+@dataclass(frozen=True)
+class _FileIdentity:
+    """What a file looked like when its header was read; checked before every read."""
+
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+
+
+def _fail(exc: type[Exception], file: Path, key: str | None, what: str) -> Exception:
+    where = f"{file}" if key is None else f"{file}, key {key!r}"
+    return exc(f"{where}: {what}")
+
+
+def parse_header(file: Path, fd: int, file_size: int) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Read and validate one safetensors header.
+
+    Returns the tensors it describes and its ``__metadata__``. Every check the format allows
+    is made here, before any tensor byte is trusted: sizes, offsets inside the data section,
+    no overlaps and no holes, element counts matching ``dtype x shape``.
+    """
+    if file_size < 8:
+        raise _fail(HeaderError, file, None, f"file is {file_size} bytes, too short for a safetensors header (8-byte length prefix)")
+    prefix = os.pread(fd, 8, 0)
+    header_len = int.from_bytes(prefix, "little")
+    if header_len > MAX_HEADER_BYTES:
+        raise _fail(HeaderError, file, None, f"header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte limit")
+    if header_len > file_size - 8:
+        raise _fail(HeaderError, file, None, f"header length {header_len} runs past the end of the {file_size}-byte file (truncated?)")
+    raw = os.pread(fd, header_len, 8)
+    if len(raw) != header_len:
+        raise _fail(FileChangedError, file, None, f"short read of the header ({len(raw)} of {header_len} bytes)")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _fail(HeaderError, file, None, f"header is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in pairs:
+            if k in out:
+                raise _fail(HeaderError, file, k, "key appears twice in the header")
+            out[k] = v
+        return out
+
+    try:
+        header = json.loads(text, object_pairs_hook=no_duplicates)
+    except json.JSONDecodeError as e:
+        raise _fail(HeaderError, file, None, f"header is not valid JSON ({e.msg} at char {e.pos})") from None
+    except RecursionError:
+        raise _fail(HeaderError, file, None, "header JSON is nested too deeply") from None
+    if not isinstance(header, dict):
+        raise _fail(HeaderError, file, None, f"header must be a JSON object, got {type(header).__name__}")
+
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise _fail(HeaderError, file, "__metadata__", "must be an object of string keys to string values")
+
+    data_start = 8 + header_len
+    data_size = file_size - data_start
+    tensors: dict[str, TensorInfo] = {}
+    spans: list[tuple[int, int, str]] = []
+    for key, entry in header.items():
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise _fail(HeaderError, file, key, "entry must be an object with exactly 'dtype', 'shape' and 'data_offsets'")
+        dtype_name, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
+            raise _fail(HeaderError, file, key, f"unknown dtype {dtype_name!r} (known: {', '.join(DTYPES)})")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise _fail(HeaderError, file, key, f"shape must be a list of non-negative integers, got {shape!r}")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(type(o) is int for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1] <= data_size
+        ):
+            raise _fail(HeaderError, file, key, f"data_offsets {offsets!r} are not a [begin, end] range inside the {data_size}-byte data section")
+        dtype = DTYPES[dtype_name]
+        expected = math.prod(shape) * dtype.itemsize
+        if offsets[1] - offsets[0] != expected:
+            raise _fail(HeaderError, file, key, f"data_offsets span {offsets[1] - offsets[0]} bytes but {dtype_name} x {shape} needs {expected}")
+        tensors[key] = TensorInfo(key, file, dtype, tuple(shape), data_start + offsets[0])
+        spans.append((offsets[0], offsets[1], key))
+
+    # The format requires the data section to be exactly the tensors, back to back.
+    spans.sort()
+    pos, prev = 0, None
+    for begin, end, key in spans:
+        if begin < pos:
+            raise _fail(HeaderError, file, key, f"data overlaps tensor {prev!r} (starts at {begin}, {prev!r} ends at {pos})")
+        if begin > pos:
+            raise _fail(HeaderError, file, key, f"{begin - pos} unclaimed bytes before this tensor (at {pos}..{begin})")
+        pos, prev = end, key
+    if pos != data_size:
+        raise _fail(HeaderError, file, None, f"data section is {data_size} bytes but the tensors cover {pos}")
+    return tensors, metadata
+
+
+class Checkpoint:
+    """A checkpoint directory: config, tensor locations, and exact reads.
+
+    Args:
+        path: directory with ``config.json`` and ``model.safetensors`` or sharded
+            ``*.safetensors`` files with ``model.safetensors.index.json``.
+
+    Attributes:
+        config: the parsed config.json.
+        tensors: HF key -> :class:`TensorInfo`, in the order keys appear in the files.
+        bytes_read: tensor bytes read so far through this object (headers not counted).
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path).absolute()
+        if not self.path.is_dir():
+            raise CheckpointNotFoundError(f"{self.path}: checkpoint directory does not exist")
+        self.config = self._read_config()
+        self.metadata: dict[str, dict[str, str]] = {}
+        self._fds: dict[Path, int] = {}
+        self._identity: dict[Path, _FileIdentity] = {}
+        self._lock = threading.Lock()
+        self.bytes_read = 0
+        self.read_calls = 0
+        self.header_bytes = 0
+        # Descriptors are closed when the object goes away, even without close().
+        self._finalizer = weakref.finalize(self, _close_fds, self._fds)
+        try:
+            self.tensors = self._read_tensors()
+        except BaseException:
+            self.close()
+            raise
+
+    # ---- opening -------------------------------------------------------------------------
+    def _read_config(self) -> dict[str, Any]:
+        file = self.path / "config.json"
+        if not file.is_file():
+            raise CheckpointNotFoundError(f"{file}: config.json not found (lazysd needs it to choose the model family)")
+        try:
+            config = json.loads(file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{file}: not valid JSON ({e})") from None
+        if not isinstance(config, dict):
+            raise ConfigError(f"{file}: must hold a JSON object, got {type(config).__name__}")
+        return config
+
+    def _resolve_inside(self, name: Any, where: str) -> Path:
+        """A file named by the index, refused unless it stays inside the checkpoint directory."""
+        if not isinstance(name, str) or not name or "\x00" in name:
+            raise UnsafePathError(f"{where}: file name {name!r} is not a plain file name")
+        candidate = Path(name)
+        if candidate.is_absolute() or ".." in candidate.parts:
+            raise UnsafePathError(f"{where}: file {name!r} points outside the checkpoint directory {self.path}")
+        full = self.path / candidate
+        real = full.resolve()
+        if not real.is_relative_to(self.path.resolve()):
+            raise UnsafePathError(f"{where}: file {name!r} resolves to {real}, outside the checkpoint directory {self.path}")
+        return full
+
+    def _weight_files(self) -> tuple[list[Path], dict[str, Path] | None]:
+        index = self.path / INDEX_NAME
+        if index.is_file():
+            try:
+                data = json.loads(index.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise CheckpointIndexError(f"{index}: not valid JSON ({e})") from None
+            weight_map = data.get("weight_map") if isinstance(data, dict) else None
+            if not isinstance(weight_map, dict):
+                raise CheckpointIndexError(f"{index}: expected an object with a 'weight_map' object")
+            resolved: dict[str, Path] = {}
+            missing: dict[str, list[str]] = {}
+            for key, name in weight_map.items():
+                file = self._resolve_inside(name, f"{index}, key {key!r}")
+                if not file.is_file():
+                    missing.setdefault(str(name), []).append(key)
+                resolved[key] = file
+            if missing:
+                lines = [f"  {name}: {', '.join(_short(keys))}" for name, keys in sorted(missing.items())]
+                raise CheckpointNotFoundError(f"{index}: names files that do not exist, for these keys:\n" + "\n".join(lines))
+            files = sorted(set(resolved.values()))
+            return files, resolved
+        single = self.path / SINGLE_NAME
+        if single.is_file():
+            return [single], None
+        shards = sorted(p for p in self.path.glob("*.safetensors") if p.is_file())
+        if shards:
+            return shards, None
+        pickles = sorted(p.name for p in self.path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise NoWeightsError(
+                f"{self.path}: only pickled weights found ({', '.join(_short(pickles))}); lazysd never unpickles "
+                "checkpoint files because unpickling can run arbitrary code. Convert them to safetensors first."
+            )
+        raise NoWeightsError(f"{self.path}: no model.safetensors, {INDEX_NAME} or *.safetensors files found")
+
+    def _read_tensors(self) -> dict[str, TensorInfo]:
+        files, weight_map = self._weight_files()
+        tensors: dict[str, TensorInfo] = {}
+        duplicates: dict[str, list[str]] = {}
+        for file in files:
+            found = self._open(file)
+            for key, info in found.items():
+                if key in tensors:
+                    duplicates.setdefault(key, [tensors[key].file.name]).append(file.name)
+                    continue
+                tensors[key] = info
+        if duplicates:
+            lines = [f"  {k}: in {', '.join(v)}" for k, v in list(duplicates.items())[:20]]
+            raise CheckpointIndexError(f"{self.path}: keys stored in more than one file:\n" + "\n".join(lines))
+        if weight_map is not None:
+            index = self.path / INDEX_NAME
+            lacking = [f"  {k}: index says {f.name}, which lacks it" for k, f in weight_map.items() if k not in tensors or tensors[k].file != f]
+            unlisted = [f"  {k}: in {t.file.name} but not in the index" for k, t in tensors.items() if k not in weight_map]
+            if lacking or unlisted:
+                problems = lacking + unlisted
+                more = f"\n  ... {len(problems) - 20} more" if len(problems) > 20 else ""
+                raise CheckpointIndexError(f"{index}: disagrees with the files:\n" + "\n".join(problems[:20]) + more)
+            # Keep the index's key order: it is how the checkpoint's author listed them.
+            tensors = {k: tensors[k] for k in weight_map}
+        return tensors
+
+    def _open(self, file: Path) -> dict[str, TensorInfo]:
+        try:
+            fd = os.open(file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            raise CheckpointNotFoundError(f"{file}: weights file does not exist") from None
+        self._fds[file] = fd
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise HeaderError(f"{file}: not a regular file")
+        self._identity[file] = _FileIdentity(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        # Reads are exact ranges; kernel readahead would pull in other ranks' experts.
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        tensors, metadata = parse_header(file, fd, st.st_size)
+        self.metadata[file.name] = metadata
+        self.header_bytes += 8 + int.from_bytes(os.pread(fd, 8, 0), "little")
+        return tensors
+
+    # ---- reading -------------------------------------------------------------------------
+    def check_unchanged(self, file: Path) -> int:
+        """Raise :class:`FileChangedError` if ``file`` changed since it was opened; return its fd."""
+        fd = self._fds.get(file)
+        if fd is None:
+            raise FileChangedError(f"{file}: checkpoint was closed")
+        expected = self._identity[file]
+        st = os.fstat(fd)
+        if st.st_size != expected.size or st.st_mtime_ns != expected.mtime_ns:
+            raise FileChangedError(
+                f"{file}: changed since the checkpoint was opened (size {expected.size} -> {st.st_size}, "
+                f"mtime {expected.mtime_ns} -> {st.st_mtime_ns}); reopen the checkpoint"
+            )
+        try:
+            now = os.stat(file)
+        except FileNotFoundError:
+            raise FileChangedError(f"{file}: was deleted or renamed since the checkpoint was opened") from None
+        if (now.st_dev, now.st_ino) != (expected.dev, expected.ino):
+            raise FileChangedError(f"{file}: was replaced by another file since the checkpoint was opened; reopen the checkpoint")
+        return fd
+
+    def read_into(self, info: TensorInfo, byte_start: int, out: memoryview) -> None:
+        """Read ``len(out)`` bytes of tensor ``info`` starting ``byte_start`` bytes into it."""
+        n = len(out)
+        if byte_start < 0 or byte_start + n > info.nbytes:
+            raise ValueError(f"{info.file}, key {info.key!r}: byte range {byte_start}+{n} outside the tensor's {info.nbytes} bytes")
+        fd = self.check_unchanged(info.file)
+        pos, done = info.offset + byte_start, 0
+        while done < n:
+            got = os.preadv(fd, [out[done:]], pos + done)
+            if got == 0:
+                raise FileChangedError(f"{info.file}, key {info.key!r}: file ended early (truncated after it was opened?)")
+            done += got
+        with self._lock:
+            self.bytes_read += n
+            self.read_calls += 1
+
+    def read_runs(self, info: TensorInfo, runs: list[tuple[int, int]], out: memoryview) -> None:
+        """Read byte ranges ``(start, length)`` of a tensor back to back into ``out``."""
+        pos = 0
+        for start, length in runs:
+            self.read_into(info, start, out[pos : pos + length])
+            pos += length
+
+    # ---- lifetime ------------------------------------------------------------------------
+    def close(self) -> None:
+        """Close the file descriptors. Further reads raise :class:`FileChangedError`."""
+        _close_fds(self._fds)
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        raise TypeError("Checkpoint holds open files; pass its path to other processes instead")
+
+    @property
+    def files(self) -> list[Path]:
+        return list(self._identity)
+
+
+def _close_fds(fds: dict[Path, int]) -> None:
+    for fd in fds.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    fds.clear()
+
+
+def _short(items: list[str], n: int = 8) -> list[str]:
+    return items if len(items) <= n else items[:n] + [f"... {len(items) - n} more"]
+
+
+def config_value(config: Mapping[str, Any], *names: str, default: Any = None) -> Any:
+    """First of ``names`` present in config (dotted names reach into nested objects)."""
+    for name in names:
+        node: Any = config
+        for part in name.split("."):
+            if not isinstance(node, Mapping) or part not in node:
+                break
+            node = node[part]
+        else:
+            return node
+    return default

@@ -1,0 +1,68 @@
+"""Exceptions raised by lazysd.
+
+Every error lazysd raises on purpose is a :class:`LazySDError`. Where a builtin exception
+means the same thing, the lazysd class also derives from it, so ``except KeyError`` keeps
+working for a missing key and ``except FileNotFoundError`` for a missing checkpoint.
+Messages name the file and the key involved, say what was expected and what was found.
+"""
+
+from __future__ import annotations
+
+
+class LazySDError(Exception):
+    """Base class of every error lazysd raises on purpose."""
+
+
+class CheckpointNotFoundError(LazySDError, FileNotFoundError):
+    """The checkpoint directory, a weights file or config.json does not exist."""
+
+
+class NoWeightsError(LazySDError, FileNotFoundError):
+    """The directory holds no ``*.safetensors`` file (pickled weights are never loaded)."""
+
+
+class HeaderError(LazySDError, ValueError):
+    """A safetensors file's header is malformed or contradicts the file."""
+
+
+class CheckpointIndexError(LazySDError, ValueError):
+    """``model.safetensors.index.json`` contradicts the files it names, or is malformed."""
+
+
+class ConfigError(LazySDError, ValueError):
+    """config.json is missing, malformed, or contradicts the tensors."""
+
+
+class UnknownModelError(LazySDError, ValueError):
+    """No adapter matches the checkpoint's ``model_type``."""
+
+
+class UnclaimedKeyError(LazySDError, ValueError):
+    """Checkpoint keys that no rule of the adapter claims (never dropped silently)."""
+
+
+class MissingSourceError(LazySDError, ValueError):
+    """A native tensor lacks one of the HF tensors it is built from (e.g. a gate without its up)."""
+
+
+class ShapeMismatchError(LazySDError, ValueError):
+    """HF tensors that feed one native tensor have incompatible shapes or dtypes."""
+
+
+class FileChangedError(LazySDError, OSError):
+    """A weights file was truncated, replaced or modified after the checkpoint was opened."""
+
+
+class UnsafePathError(LazySDError, ValueError):
+    """The index names a file outside the checkpoint directory."""
+
+
+class PlacementError(LazySDError, ValueError):
+    """A mesh or placement request that cannot be honoured (wrong shape, no expert dim, ...)."""
+
+
+class MissingKeyError(LazySDError, KeyError):
+    """A key that the VirtualStateDict does not have."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message and add quotes
+        return str(self.args[0]) if self.args else ""

@@ -1,0 +1,216 @@
+"""Lazy tensor values: shape and dtype now, bytes only when torch really needs them.
+
+``Module.load_state_dict`` first copies the mapping into an ``OrderedDict``, calling
+``__getitem__`` for every key before copying anything. A :class:`LazyTensor` survives that
+copy for free (it is a storage-less ``torch.Tensor`` wrapper subclass with the right shape,
+dtype and device) and is read only at the moment torch uses it:
+
+* ``param.copy_(lazy)`` (the default ``assign=False`` path) reads the bytes straight into
+  ``param`` — through transposed views of its halves for concatenated experts — so the load
+  costs the model's memory plus bounded staging, never a second copy of a tensor.
+* ``assign=True`` wraps the value in ``nn.Parameter`` (which calls ``detach()`` — answered
+  with another LazyTensor) and registers it on the module; lazysd's module
+  parameter/buffer registration hooks then materialize it once, so the module ends with
+  plain ``nn.Parameter``s and plain buffer tensors, never LazyTensors.
+* ``torch.Tensor.module_load`` (``torch.__future__.set_swap_module_params_on_conversion``)
+  is answered the same way.
+* Anything else (printing values, ``torch.equal``, ``.float()``, arithmetic) materializes on
+  demand and runs the op on a plain tensor. Basic indexing (``t[3]``, ``t[2:5]``) reads only
+  the indexed rows. ``repr`` shows metadata only.
+
+Example:
+    >>> w = vsd["model.layers.3.moe.experts.down_projs"]      # doctest: +SKIP
+    >>> w                                                       # no bytes read
+    LazyTensor(shape=[288, 1280, 4096], dtype=torch.bfloat16, key='model.layers.3.moe.experts.down_projs')
+    >>> w[0].float().norm()                                     # reads expert 0 only
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.utils._pytree import tree_map
+
+from .plan import Box, Entry
+
+if TYPE_CHECKING:
+    from .reader import Reader
+
+_METADATA_FUNCS = {
+    torch.Tensor.size,
+    torch.Tensor.dim,
+    torch.Tensor.numel,
+    torch.Tensor.stride,
+    torch.Tensor.element_size,
+    torch.Tensor.is_floating_point,
+    torch.Tensor.is_complex,
+    torch.Tensor.nelement,
+    torch.Tensor.ndimension,
+    torch.Tensor.__len__,
+    torch.Tensor.is_contiguous,
+    torch.Tensor.get_device,
+    torch.Tensor.untyped_storage,
+    torch.Tensor.data_ptr,
+}
+# Properties whose answer is more tensor data, not metadata.
+_DATA_PROPERTIES = {"data", "T", "mT", "H", "mH", "real", "imag"}
+
+
+class LazyTensor(torch.Tensor):
+    """A native tensor (or a box of one) not yet read from disk.
+
+    Use :meth:`materialize` to get a plain tensor; :attr:`entry` says where it comes from.
+    """
+
+    entry: Entry
+    box: Box
+    _reader: Reader
+
+    @staticmethod
+    def __new__(
+        cls, entry: Entry, reader: Reader, box: Box, *, dtype: torch.dtype, device: torch.device, requires_grad: bool = False
+    ) -> LazyTensor:
+        shape = tuple(h - l for l, h in box)
+        self = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=device, requires_grad=requires_grad)
+        self.entry, self.box, self._reader = entry, box, reader
+        return self
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    # ---- user API ------------------------------------------------------------------------
+    def materialize(self, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Read this tensor into a new plain tensor (on its own device/dtype unless given)."""
+        with torch._C.DisableTorchFunctionSubclass():
+            out = torch.empty(tuple(self.shape), dtype=dtype or self.dtype, device=device or self.device)
+        return self._reader.fill(self.entry, self.box, out)
+
+    def fill_(self, dest: torch.Tensor) -> torch.Tensor:  # noqa: D401 - torch naming
+        """Read this tensor straight into ``dest`` (same shape), in place."""
+        return self._reader.fill(self.entry, self.box, dest)
+
+    @property
+    def key(self) -> str:
+        return self.entry.key
+
+    def __repr__(self, *, tensor_contents: Any = None) -> str:
+        whole = tuple(self.box) == tuple((0, s) for s in self.entry.shape)
+        where = "" if whole else ", box=" + str([list(b) for b in self.box])
+        return f"LazyTensor(shape={list(self.shape)}, dtype={self.dtype}, key={self.entry.key!r}{where})"
+
+    __str__ = __repr__
+
+    def __reduce_ex__(self, protocol: int) -> Any:
+        # Pickling (e.g. torch.save of a dict of these) stores the data, not open files.
+        return (_rebuild, (self.materialize(),))
+
+    # ---- narrowing -----------------------------------------------------------------------
+    def _narrow(self, index: Any) -> LazyTensor | None:
+        """A LazyTensor for ``self[index]`` when index is basic ints/slices on leading dims."""
+        items = index if isinstance(index, tuple) else (index,)
+        if len(items) > self.dim() or not all(isinstance(i, int) or (isinstance(i, slice) and i.step in (None, 1)) for i in items):
+            return None
+        box = list(self.box)
+        squeeze = []
+        for d, item in enumerate(items):
+            lo, hi = box[d]
+            n = hi - lo
+            if isinstance(item, int):
+                i = item + n if item < 0 else item
+                if not 0 <= i < n:
+                    raise IndexError(f"index {item} is out of bounds for dimension {d} with size {n}")
+                box[d] = (lo + i, lo + i + 1)
+                squeeze.append(d)
+            else:
+                start, stop, _ = item.indices(n)
+                box[d] = (lo + start, lo + max(start, stop))
+        narrowed = LazyTensor(self.entry, self._reader, tuple(box), dtype=self.dtype, device=self.device)
+        narrowed._squeeze = tuple(squeeze)  # type: ignore[attr-defined]
+        return narrowed
+
+    # ---- torch integration ---------------------------------------------------------------
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if func is torch.Tensor.copy_ and isinstance(args[1], LazyTensor) and not isinstance(args[0], LazyTensor):
+            dest, src = args[0], args[1]
+            if tuple(dest.shape) == tuple(src.shape) and type(dest) is not LazyTensor and not _is_dtensor(dest):
+                return src.fill_(dest)
+        if func in (torch.Tensor.detach, torch.detach) and isinstance(args[0], LazyTensor):
+            src = args[0]
+            return LazyTensor(src.entry, src._reader, src.box, dtype=src.dtype, device=src.device)
+        if func is torch.Tensor.module_load and isinstance(args[1], LazyTensor):
+            dest, src = args[0], args[1]
+            assign = kwargs.get("assign", args[2] if len(args) > 2 else False)
+            if assign:
+                return src.materialize()
+            src.fill_(dest)
+            with torch._C.DisableTorchFunctionSubclass():
+                return dest.detach()
+        if func is torch.Tensor.__getitem__ and isinstance(args[0], LazyTensor):
+            narrowed = args[0]._narrow(args[1])
+            if narrowed is not None:
+                out = narrowed.materialize()
+                for d in reversed(narrowed._squeeze):  # type: ignore[attr-defined]
+                    out = out.squeeze(d)
+                return out
+        if func in (torch.Tensor.__repr__, torch.Tensor.__format__):
+            return args[0].__repr__()
+        if func in _METADATA_FUNCS or (name == "__get__" and _property_name(func) not in _DATA_PROPERTIES) or func is torch.Tensor.requires_grad_:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+        args, kwargs = tree_map(_materialized, (args, kwargs))
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
+
+    @classmethod
+    def __torch_dispatch__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        # Reached below __torch_function__, e.g. from inside a DTensor op on local shards.
+        kwargs = kwargs or {}
+        if func is torch.ops.aten.copy_.default and isinstance(args[1], LazyTensor) and not isinstance(args[0], LazyTensor):
+            if tuple(args[0].shape) == tuple(args[1].shape):
+                return args[1].fill_(args[0])
+        if func in (torch.ops.aten.detach.default, torch.ops.aten.alias.default, torch.ops.aten.view_as.default) or (
+            func is torch.ops.aten.view.default and list(args[1]) == list(args[0].shape)
+        ):
+            src = args[0]
+            return LazyTensor(src.entry, src._reader, src.box, dtype=src.dtype, device=src.device)
+        args, kwargs = tree_map(_materialized, (args, kwargs))
+        return func(*args, **kwargs)
+
+
+def _property_name(func: Any) -> str:
+    owner = getattr(func, "__self__", None)
+    return getattr(owner, "__name__", "")
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return type(t).__name__ == "DTensor"
+
+
+def _materialized(x: Any) -> Any:
+    return x.materialize() if isinstance(x, LazyTensor) else x
+
+
+def _rebuild(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _register_parameter_hook(module: torch.nn.Module, name: str, param: Any) -> Any:
+    if isinstance(param, LazyTensor):
+        return torch.nn.Parameter(param.materialize(), requires_grad=param.requires_grad)
+    return None
+
+
+def _register_buffer_hook(module: torch.nn.Module, name: str, tensor: Any) -> Any:
+    if isinstance(tensor, LazyTensor):
+        return tensor.materialize()
+    return None
+
+
+# Installed once, process-wide, on import: they act only on LazyTensors, which exist only
+# through lazysd, and make `load_state_dict(..., assign=True)` leave plain tensors behind.
+torch.nn.modules.module.register_module_parameter_registration_hook(_register_parameter_hook)
+torch.nn.modules.module.register_module_buffer_registration_hook(_register_buffer_hook)

@@ -1,0 +1,273 @@
+"""The engine: run an adapter's rules over a checkpoint's headers and produce a Plan.
+
+A :class:`Plan` maps each native key to an :class:`Entry`: its shape and dtype, and the HF
+tensors (:class:`Source`) that fill it, each with the block of native coordinates it
+occupies and how its dimensions are permuted into them. Everything here is computed from
+headers; reading is :mod:`lazysd.reader`'s job. Validation happens once, here, before any
+tensor byte is read: every key claimed, every part present, shapes and dtypes compatible.
+
+Shape legend for comments: E experts, D hidden, I expert intermediate.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .checkpoint import Checkpoint, TensorInfo, config_value
+from .errors import ConfigError, MissingSourceError, ShapeMismatchError, UnclaimedKeyError
+from .rules import Adapter, Part, Pattern, Rule
+
+Box = tuple[tuple[int, int], ...]  # per dimension, [lo, hi)
+
+
+@dataclass(frozen=True)
+class Source:
+    """One HF tensor placed into a native tensor."""
+
+    info: TensorInfo
+    start: tuple[int, ...]  # native coordinates where this source's block begins
+    dims: tuple[int | None, ...]  # native dim -> source dim; None is a size-1 stacking dim
+
+    @property
+    def extent(self) -> tuple[int, ...]:
+        """Size of the block this source fills, in native dimension order."""
+        return tuple(1 if d is None else self.info.shape[d] for d in self.dims)
+
+    @property
+    def identity(self) -> bool:
+        return self.dims == tuple(range(len(self.info.shape)))
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A native tensor: what it is and where its bytes come from."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype  # native dtype (a rule's fixed dtype, else the sources')
+    sources: tuple[Source, ...]
+    rule: Rule = field(repr=False)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    @property
+    def source_dtype(self) -> torch.dtype:
+        return self.sources[0].info.dtype
+
+    @property
+    def hf_keys(self) -> tuple[str, ...]:
+        return tuple(s.info.key for s in self.sources)
+
+    @property
+    def kind(self) -> str:
+        return self.rule.kind
+
+    @property
+    def transform(self) -> str:
+        """A short human description of how the sources become this tensor."""
+        steps = []
+        src = self.sources[0]
+        if any(d is None for d in src.dims):
+            steps.append(f"stack {len(self.sources) // max(1, len(self.rule.sources))} experts on dim {src.dims.index(None)}")
+        perm = tuple(d for d in src.dims if d is not None)
+        if perm != tuple(sorted(perm)):
+            steps.append(f"permute{perm}")
+        if len(self.rule.sources) > 1:
+            steps.append(f"cat {len(self.rule.sources)} parts on dim {self.rule.cat_dim}")
+        if self.dtype != self.source_dtype:
+            steps.append(f"cast {_dtype_name(self.source_dtype)}->{_dtype_name(self.dtype)}")
+        return ", ".join(steps) or "unchanged"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The resolved mapping of a checkpoint: native key -> Entry, plus what was set aside."""
+
+    adapter: Adapter
+    entries: dict[str, Entry]
+    ignored: dict[str, str]  # HF key -> why it is not exposed
+    num_layers: int | None  # main decoder layers; larger layer indices are MTP layers
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+_NUM = re.compile(r"(\d+)")
+
+
+def natural_key(key: str) -> tuple[Any, ...]:
+    """Sort key that puts ``layers.2`` before ``layers.10``."""
+    return tuple(int(t) if t.isdigit() else t for t in _NUM.split(key))
+
+
+def resolve(adapter: Adapter, ckpt: Checkpoint, *, include_mtp: bool = False) -> Plan:
+    """Run ``adapter`` over ``ckpt``'s headers.
+
+    Raises:
+        UnclaimedKeyError: HF keys no rule claims and the adapter does not ignore.
+        MissingSourceError: a native tensor lacks one of its parts or experts.
+        ShapeMismatchError: parts of one native tensor disagree in shape or dtype.
+        ConfigError: config.json disagrees with the tensors.
+    """
+    config = ckpt.config
+    if adapter.text_config and isinstance(config.get(adapter.text_config), dict):
+        config = {**config, **config[adapter.text_config]}
+    num_layers = config_value(config, *adapter.num_layers)
+    if num_layers is not None and (type(num_layers) is not int or num_layers < 0):
+        raise ConfigError(f"{ckpt.path / 'config.json'}: {adapter.num_layers[0]} must be a non-negative integer, got {num_layers!r}")
+
+    compiled = [(ri, pi, part) for ri, rule in enumerate(adapter.rules) for pi, part in enumerate(rule.sources)]
+    # (rule index, native bindings) -> part index -> expert (or None) -> TensorInfo
+    groups: dict[tuple[int, tuple[tuple[str, str], ...]], dict[int, dict[int | None, TensorInfo]]] = {}
+    ignored: dict[str, str] = {}
+    unclaimed: list[str] = []
+    for key, info in ckpt.tensors.items():
+        for ri, pi, part in compiled:
+            values = part.pattern.match(key)
+            if values is not None:
+                expert = values.pop("expert", None)
+                group = groups.setdefault((ri, tuple(sorted(values.items()))), {})
+                group.setdefault(pi, {})[None if expert is None else int(expert)] = info
+                break
+        else:
+            if any(p.match(key) is not None for p in adapter.ignore_patterns):
+                ignored[key] = f"ignored by the {adapter.name} adapter"
+            else:
+                unclaimed.append(key)
+    if unclaimed:
+        listed = "\n".join(f"  {k}  ({ckpt.tensors[k].file.name})" for k in unclaimed[:30])
+        more = f"\n  ... {len(unclaimed) - 30} more" if len(unclaimed) > 30 else ""
+        raise UnclaimedKeyError(
+            f"{ckpt.path}: {len(unclaimed)} checkpoint key(s) match no rule of the {adapter.name} adapter:\n{listed}{more}"
+        )
+
+    entries: dict[str, Entry] = {}
+    for (ri, bindings), parts in groups.items():
+        rule = adapter.rules[ri]
+        values = dict(bindings)
+        native_key = rule.native_pattern.format(**values)
+        entry = _build_entry(native_key, rule, values, parts, ckpt)
+        layer = int(values["layer"]) if "layer" in values else None
+        if layer is not None and num_layers is not None and layer >= num_layers:
+            if not include_mtp:
+                for k in entry.hf_keys:
+                    ignored[k] = f"MTP layer {layer} (>= {adapter.num_layers[0]}={num_layers}); pass include_mtp=True to expose it"
+                continue
+            old = Pattern(adapter.layer_prefix).format(layer=layer)
+            new = Pattern(adapter.mtp_prefix).format(index=layer - num_layers)
+            entry = Entry(new + entry.key.removeprefix(old), entry.shape, entry.dtype, entry.sources, entry.rule)
+        entries[entry.key] = entry
+
+    entries = {k: entries[k] for k in sorted(entries, key=natural_key)}
+    _check_config(adapter, config, ckpt, entries)
+    return Plan(adapter, entries, ignored, num_layers)
+
+
+def _build_entry(
+    native_key: str,
+    rule: Rule,
+    values: dict[str, str],
+    parts: dict[int, dict[int | None, TensorInfo]],
+    ckpt: Checkpoint,
+) -> Entry:
+    found = [info.key for by_expert in parts.values() for info in by_expert.values()]
+    for pi, part in enumerate(rule.sources):
+        if pi not in parts:
+            wanted = part.pattern.format(**values, expert="{expert}")
+            shown = ", ".join(f"{k} ({ckpt.tensors[k].file.name})" for k in found[:4])
+            raise MissingSourceError(f"{ckpt.path}: {native_key} needs {wanted} but the checkpoint has only {shown}")
+
+    expert_sets = {pi: sorted(by_expert) for pi, by_expert in parts.items() if rule.sources[pi].per_expert}
+    if expert_sets:
+        n_experts = max(max(s) for s in expert_sets.values()) + 1
+        for pi, experts in expert_sets.items():
+            if experts != list(range(n_experts)):
+                missing = sorted(set(range(n_experts)) - set(experts))
+                wanted = [rule.sources[pi].pattern.format(**values, expert=e) for e in missing[:8]]
+                raise MissingSourceError(
+                    f"{ckpt.path}: {native_key} has experts 0..{n_experts - 1} in some parts but these are missing: {', '.join(wanted)}"
+                    + (f" ... {len(missing) - 8} more" if len(missing) > 8 else "")
+                )
+
+    # Place each source: per-expert sources stack on their None dim, parts concatenate.
+    sources: list[Source] = []
+    dtypes: dict[torch.dtype, str] = {}
+    offset = 0
+    block_shape: tuple[int, ...] | None = None
+    block_key = ""
+    for pi, part in enumerate(rule.sources):
+        by_expert = parts[pi]
+        infos = [by_expert[e] for e in sorted(by_expert, key=lambda e: -1 if e is None else e)]
+        shapes = {i.shape for i in infos}
+        if len(shapes) > 1:
+            listing = ", ".join(f"{i.key} {list(i.shape)}" for i in infos if i.shape != infos[0].shape)
+            raise ShapeMismatchError(f"{ckpt.path}: experts of {native_key} differ in shape: {infos[0].key} {list(infos[0].shape)} vs {listing}")
+        dims = part.dims if part.dims is not None else tuple(range(len(infos[0].shape)))
+        used = sorted(d for d in dims if d is not None)
+        if used != list(range(len(infos[0].shape))):
+            raise ShapeMismatchError(
+                f"{infos[0].file}, key {infos[0].key!r}: has shape {list(infos[0].shape)}, which the {rule.native!r} rule "
+                f"cannot place with dims {dims} (expected a {len(used)}-d tensor)"
+            )
+        stack_dim = dims.index(None) if None in dims else None
+        extent = [len(infos) if d is None else infos[0].shape[d] for d in dims]
+        if block_shape is not None:
+            others = [s for i, s in enumerate(extent) if i != rule.cat_dim]
+            expected = [s for i, s in enumerate(block_shape) if i != rule.cat_dim]
+            if others != expected:
+                raise ShapeMismatchError(
+                    f"{ckpt.path}: {native_key} cannot combine {block_key} {list(parts[0][next(iter(parts[0]))].shape)} "
+                    f"({parts[0][next(iter(parts[0]))].file.name}) with {infos[0].key} {list(infos[0].shape)} "
+                    f"({infos[0].file.name}): shapes disagree outside the concatenation dim"
+                )
+        else:
+            block_shape, block_key = tuple(extent), infos[0].key
+        for n, info in enumerate(infos):
+            dtypes.setdefault(info.dtype, info.key)
+            start = [0] * len(dims)
+            start[rule.cat_dim] = offset if len(rule.sources) > 1 else 0
+            if stack_dim is not None:
+                start[stack_dim] += n
+            sources.append(Source(info, tuple(start), dims))
+        offset += extent[rule.cat_dim]
+    if len(dtypes) > 1:
+        listing = ", ".join(f"{k} is {_dtype_name(d)}" for d, k in dtypes.items())
+        raise ShapeMismatchError(f"{ckpt.path}: {native_key} cannot combine sources of different dtypes: {listing}")
+    assert block_shape is not None
+    shape = list(block_shape)
+    if len(rule.sources) > 1:
+        shape[rule.cat_dim] = offset
+    return Entry(native_key, tuple(shape), rule.dtype or next(iter(dtypes)), tuple(sources), rule)
+
+
+def _check_config(adapter: Adapter, config: dict[str, Any], ckpt: Checkpoint, entries: dict[str, Entry]) -> None:
+    where = ckpt.path / "config.json"
+    for check in adapter.checks:
+        value = config_value(config, *check.fields)
+        if value is None:
+            continue
+        pattern = Pattern(check.key)
+        for entry in entries.values():
+            if pattern.match(entry.key) is not None and len(entry.shape) > check.dim and entry.shape[check.dim] != value:
+                raise ConfigError(
+                    f"{where}: {check.fields[0]}={value!r} but {entry.key} (from {', '.join(entry.hf_keys[:2])} in "
+                    f"{entry.sources[0].info.file.name}) has {entry.shape[check.dim]} on dim {check.dim}, shape {list(entry.shape)}"
+                )
+
+
+def local_box(shape: Iterable[int]) -> Box:
+    """The box covering a whole tensor."""
+    return tuple((0, s) for s in shape)

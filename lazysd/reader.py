@@ -1,0 +1,276 @@
+"""Execute a plan entry: read exactly the planned bytes and write them into a destination.
+
+:func:`Reader.fill` takes a native :class:`~lazysd.plan.Entry`, a box of it (the whole tensor,
+or one rank's shard) and a destination tensor of the box's shape. For each source block the
+box overlaps it reads the overlapping source rows with ``pread`` — straight into the
+destination when no permutation or cast is needed, else into a bounded staging buffer that is
+then copied into a (transposed) view of the destination. No full-size temporary is built,
+and each HF byte is read once.
+
+Reads run on a small thread pool ahead of the copies, but never more than
+``max_inflight_bytes`` of staging ahead: that is the memory bound of a load.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .checkpoint import Checkpoint, TensorInfo
+from .plan import Box, Entry, Source
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How reads are carried out (keyword options of :class:`~lazysd.VirtualStateDict`).
+
+    Attributes:
+        threads: reader threads; 0 reads on the calling thread.
+        chunk_bytes: target size of one read (source rows are never split).
+        max_inflight_bytes: staging memory that reads may run ahead of copies.
+    """
+
+    threads: int = 2
+    chunk_bytes: int = 8 * MiB
+    max_inflight_bytes: int = 32 * MiB
+
+
+@dataclass
+class Stats:
+    """Counters of one VirtualStateDict's reads, for reports and tests."""
+
+    tensors: int = 0  # destinations filled
+    bytes_out: int = 0  # bytes written into destinations
+    staging_live: int = 0  # staging bytes allocated now
+    staging_peak: int = 0  # most staging bytes ever allocated at once
+    seconds: float = 0.0  # time spent in fill()
+
+
+@dataclass(frozen=True)
+class _Job:
+    """Read one chunk of one source and put it in place."""
+
+    info: TensorInfo
+    runs: list[tuple[int, int]]  # (byte offset in tensor, length)
+    nbytes: int
+    src_shape: tuple[int, ...]  # shape of the chunk as read, in source order
+    dest: torch.Tensor  # destination view, native order
+    dims: tuple[int | None, ...]
+    direct: bool  # read straight into dest's memory
+
+
+def _runs(shape: tuple[int, ...], itemsize: int, box: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Byte ranges (offset, length) of a row-major tensor's sub-box, in order, merged."""
+    ndim = len(shape)
+    strides = [itemsize * math.prod(shape[i + 1 :]) for i in range(ndim)]
+    # Innermost dims that are complete make one contiguous run with the first partial dim.
+    k = ndim - 1
+    while k > 0 and box[k] == (0, shape[k]):
+        k -= 1
+    run_len = (box[k][1] - box[k][0]) * strides[k] if ndim else itemsize
+    if ndim == 0:
+        return [(0, itemsize)]
+    base = box[k][0] * strides[k]
+    starts = np.array([base], dtype=np.int64)
+    for d in range(k - 1, -1, -1):
+        idx = np.arange(box[d][0], box[d][1], dtype=np.int64) * strides[d]
+        starts = (idx[:, None] + starts[None, :]).reshape(-1)
+    if len(starts) == 1:
+        return [(int(starts[0]), run_len)]
+    merged: list[tuple[int, int]] = []
+    for s in starts.tolist():
+        if merged and merged[-1][0] + merged[-1][1] == s:
+            merged[-1] = (merged[-1][0], merged[-1][1] + run_len)
+        else:
+            merged.append((s, run_len))
+    return merged
+
+
+def _as_bytes(t: torch.Tensor) -> memoryview:
+    """Writable byte view of a contiguous CPU tensor's memory."""
+    flat = t.reshape(-1)
+    if flat.numel() == 0:
+        return memoryview(bytearray(0))
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+
+
+def copy_into(dest: torch.Tensor, src: torch.Tensor) -> None:
+    """``dest.copy_(src)``, tiled when ``src`` is a transposed view.
+
+    A transposed copy reads one array with a large stride; copying narrow strips of the
+    destination's last dim keeps both sides in cache and runs ~2x faster than one strided
+    copy of the whole tensor on CPUs.
+    """
+    if dest.dim() >= 2 and src.stride(-1) != 1 and dest.is_cpu and dest.stride(-1) == 1 and dest.shape[-1] > 16:
+        for j in range(0, dest.shape[-1], 16):
+            dest[..., j : j + 16].copy_(src[..., j : j + 16])
+    else:
+        dest.copy_(src)
+
+
+class Reader:
+    """Fills destinations from a checkpoint; owns the read statistics."""
+
+    def __init__(self, ckpt: Checkpoint, options: ReadOptions | None = None) -> None:
+        self.ckpt = ckpt
+        self.options = options or ReadOptions()
+        self.stats = Stats()
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self.progress: Callable[[Stats, Entry], None] | None = None
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    # ---- planning one fill ---------------------------------------------------------------
+    def _jobs(self, entry: Entry, box: Box, dest: torch.Tensor) -> list[_Job]:
+        jobs: list[_Job] = []
+        for src in entry.sources:
+            jobs.extend(self._source_jobs(src, box, dest))
+        return jobs
+
+    def _source_jobs(self, src: Source, box: Box, dest: torch.Tensor) -> list[_Job]:
+        ext = src.extent
+        lo = [max(b[0], s) for b, s in zip(box, src.start)]
+        hi = [min(b[1], s + e) for b, s, e in zip(box, src.start, ext)]
+        if any(l >= h for l, h in zip(lo, hi)):
+            return []
+        info = src.info
+        src_box: list[tuple[int, int]] = [(0, 1)] * len(info.shape)
+        for i, d in enumerate(src.dims):
+            if d is not None:
+                src_box[d] = (lo[i] - src.start[i], hi[i] - src.start[i])
+        view = dest[tuple(slice(l - b[0], h - b[0]) for l, h, b in zip(lo, hi, box))]
+        direct = (
+            src.identity
+            and dest.dtype == info.dtype
+            and dest.device.type == "cpu"
+            and view.is_contiguous()
+        )
+        # Chunk along the outermost source dim; rows are never split.
+        if not info.shape:
+            return [_Job(info, [(0, info.itemsize)], info.itemsize, (), view, src.dims, direct)]
+        rows = src_box[0][1] - src_box[0][0]
+        row_bytes = info.itemsize * math.prod(h - l for l, h in src_box[1:])
+        per = max(1, self.options.chunk_bytes // max(1, row_bytes))
+        native0 = src.dims.index(0)
+        jobs = []
+        for r in range(0, rows, per):
+            n = min(per, rows - r)
+            sub = [(src_box[0][0] + r, src_box[0][0] + r + n), *src_box[1:]]
+            runs = _runs(info.shape, info.itemsize, sub)
+            chunk_view = view.narrow(native0, r, n)
+            shape = tuple(h - l for l, h in sub)
+            jobs.append(_Job(info, runs, n * row_bytes, shape, chunk_view, src.dims, direct))
+        return jobs
+
+    # ---- executing -----------------------------------------------------------------------
+    def _read(self, job: _Job) -> torch.Tensor | None:
+        if job.direct:
+            self.ckpt.read_runs(job.info, job.runs, _as_bytes(job.dest))
+            return None
+        buf = torch.empty(job.src_shape, dtype=job.info.dtype, pin_memory=False)
+        self.ckpt.read_runs(job.info, job.runs, _as_bytes(buf))
+        return buf
+
+    def _place(self, job: _Job, buf: torch.Tensor) -> None:
+        perm = [d for d in job.dims if d is not None]
+        moved = buf.permute(perm)
+        for i, d in enumerate(job.dims):
+            if d is None:
+                moved = moved.unsqueeze(i)
+        if job.dest.device.type != "cpu":
+            # Ship the contiguous staging buffer, permute on the device (fast there).
+            staged = buf.pin_memory() if torch.cuda.is_available() else buf
+            moved = staged.to(job.dest.device, non_blocking=True).permute(perm)
+            for i, d in enumerate(job.dims):
+                if d is None:
+                    moved = moved.unsqueeze(i)
+            job.dest.copy_(moved)
+            return
+        copy_into(job.dest, moved)
+
+    def _staging(self, delta: int) -> None:
+        with self._lock:
+            self.stats.staging_live += delta
+            self.stats.staging_peak = max(self.stats.staging_peak, self.stats.staging_live)
+
+    def fill(self, entry: Entry, box: Box, dest: torch.Tensor) -> torch.Tensor:
+        """Write the ``box`` of native tensor ``entry`` into ``dest`` (shape of the box)."""
+        expected = tuple(h - l for l, h in box)
+        if tuple(dest.shape) != expected:
+            raise ValueError(f"{entry.key}: destination shape {list(dest.shape)} is not the requested box {list(expected)}")
+        t0 = time.perf_counter()
+        jobs = self._jobs(entry, box, dest)
+        opts = self.options
+        if opts.threads <= 0 or len(jobs) <= 1:
+            for job in jobs:
+                self._run_inline(job)
+        else:
+            self._run_pipelined(jobs)
+        with self._lock:
+            self.stats.tensors += 1
+            self.stats.bytes_out += dest.numel() * dest.element_size()
+            self.stats.seconds += time.perf_counter() - t0
+        if self.progress is not None:
+            self.progress(self.stats, entry)
+        return dest
+
+    def _run_inline(self, job: _Job) -> None:
+        cost = 0 if job.direct else job.nbytes
+        self._staging(cost)
+        try:
+            buf = self._read(job)
+            if buf is not None:
+                self._place(job, buf)
+        finally:
+            self._staging(-cost)
+
+    def _run_pipelined(self, jobs: list[_Job]) -> None:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.options.threads, thread_name_prefix="lazysd-read")
+        pending: deque[tuple[_Job, Future[torch.Tensor | None], int]] = deque()
+        inflight = 0
+        budget = self.options.max_inflight_bytes
+        todo = deque(jobs)
+        try:
+            while todo or pending:
+                # Backpressure: start reads only while their staging fits the budget
+                # (one read is always allowed, so a single large row still makes progress).
+                while todo and len(pending) < 2 * self.options.threads:
+                    cost = 0 if todo[0].direct else todo[0].nbytes
+                    if pending and inflight + cost > budget:
+                        break
+                    job = todo.popleft()
+                    inflight += cost
+                    self._staging(cost)
+                    pending.append((job, self._pool.submit(self._read, job), cost))
+                job, fut, cost = pending.popleft()
+                try:
+                    buf = fut.result()
+                    if buf is not None:
+                        self._place(job, buf)
+                    del buf
+                finally:
+                    inflight -= cost
+                    self._staging(-cost)
+        finally:
+            for _, fut, cost in pending:  # an error: let started reads finish, free their budget
+                fut.cancel()
+                try:
+                    fut.result()
+                except Exception:
+                    pass
+                self._staging(-cost)

@@ -1,0 +1,190 @@
+"""Model knowledge as data: rules that say how native tensors are built from HF tensors.
+
+A :class:`Rule` names one native tensor pattern and the HF tensors (:class:`Part`) that fill
+it. Patterns use named placeholders: ``{layer}`` and ``{expert}`` match decimal indices, any
+other ``{name}`` matches one dotted component, and ``{name:a|b|c}`` matches one of the listed
+alternatives. ``{expert}`` is special: it may appear only in parts, and the per-expert HF
+tensors it matches are stacked on the native dimension that the part's ``dims`` marks with
+``None``.
+
+``Part.dims`` says, for each native dimension, which source dimension feeds it: ``(0, 2, 1)``
+is ``transpose(1, 2)``, ``(None, 1, 0)`` is "stack over experts, then transpose". Several
+parts are concatenated along ``Rule.cat_dim`` in the order given (gate first, then up).
+
+Example — Step3p5's grouped gate/up, stored ``[E, I, D]`` twice, native ``[E, D, 2I]``::
+
+    Rule(
+        "model.layers.{layer}.moe.experts.gate_and_up_projs",
+        parts=(Part("model.layers.{layer}.moe.gate_proj.weight", dims=(0, 2, 1)),
+               Part("model.layers.{layer}.moe.up_proj.weight", dims=(0, 2, 1))),
+        cat_dim=2,
+        kind="experts",
+    )
+
+The engine that runs rules lives in :mod:`lazysd.plan`; adapters in :mod:`lazysd.adapters`
+are nothing but these dataclasses.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+
+_PLACEHOLDER = re.compile(r"\{(\w+)(?::([^{}]*))?\}")
+INDEX_NAMES = frozenset({"layer", "expert"})
+
+#: Module kinds used to group keys when inspecting checkpoints.
+KINDS = ("embedding", "attention", "norm", "mlp", "router", "experts", "shared_expert", "mtp", "head", "other")
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A key pattern with named placeholders, compiled once."""
+
+    text: str
+    regex: re.Pattern[str] = field(init=False, repr=False, compare=False)
+    names: tuple[str, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        names: list[str] = []
+        out, pos = [], 0
+        for m in _PLACEHOLDER.finditer(self.text):
+            name, choices = m.group(1), m.group(2)
+            if name in names:
+                raise ValueError(f"pattern {self.text!r}: placeholder {{{name}}} used twice")
+            names.append(name)
+            out.append(re.escape(self.text[pos : m.start()]))
+            if choices is not None:
+                body = "|".join(re.escape(c) for c in choices.split("|"))
+            elif name in INDEX_NAMES:
+                body = r"0|[1-9][0-9]*"
+            else:
+                body = r"[^.]+"
+            out.append(f"(?P<{name}>{body})")
+            pos = m.end()
+        out.append(re.escape(self.text[pos:]))
+        object.__setattr__(self, "regex", re.compile("".join(out)))
+        object.__setattr__(self, "names", tuple(names))
+
+    def match(self, key: str) -> dict[str, str] | None:
+        m = self.regex.fullmatch(key)
+        return m.groupdict() if m else None
+
+    def format(self, **values: object) -> str:
+        return _PLACEHOLDER.sub(lambda m: str(values[m.group(1)]), self.text)
+
+
+@dataclass(frozen=True)
+class Part:
+    """One HF tensor, or one per-expert family of HF tensors, feeding a native tensor.
+
+    Attributes:
+        hf: HF key pattern; may contain ``{expert}`` for per-expert checkpoints.
+        dims: for each native dimension, the source dimension it comes from; ``None``
+            marks the dimension on which per-expert tensors are stacked. ``None`` here
+            (the default) means the identity: same shape, same order.
+    """
+
+    hf: str
+    dims: tuple[int | None, ...] | None = None
+
+    @cached_property
+    def pattern(self) -> Pattern:
+        return Pattern(self.hf)
+
+    @property
+    def per_expert(self) -> bool:
+        return "expert" in self.pattern.names
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How one native key pattern is built.
+
+    Attributes:
+        native: native key pattern.
+        parts: HF sources, concatenated along ``cat_dim`` in order. Empty means the
+            native key is also the HF key and the tensor passes through unchanged.
+        cat_dim: native dimension the parts are concatenated on (when there are several).
+        dtype: a dtype the native tensor always has (e.g. fp32 router correction bias),
+            whatever the source or the user's requested cast.
+        kind: module kind, one of :data:`KINDS`, for inspection and summaries.
+    """
+
+    native: str
+    parts: tuple[Part, ...] = ()
+    cat_dim: int = 0
+    dtype: torch.dtype | None = None
+    kind: str = "other"
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"rule {self.native!r}: kind {self.kind!r} is not one of {KINDS}")
+        native = set(self.native_pattern.names)
+        if "expert" in native:
+            raise ValueError(f"rule {self.native!r}: {{expert}} belongs in parts, where it is stacked")
+        for part in self.sources:
+            extra = set(part.pattern.names) - native
+            if extra - {"expert"} or not native <= set(part.pattern.names):
+                raise ValueError(f"rule {self.native!r}: part {part.hf!r} must use exactly the native placeholders (plus {{expert}})")
+            if part.per_expert and (part.dims is None or part.dims.count(None) != 1):
+                raise ValueError(f"rule {self.native!r}: per-expert part {part.hf!r} needs dims with one None (the stacking dim)")
+
+    @cached_property
+    def native_pattern(self) -> Pattern:
+        return Pattern(self.native)
+
+    @property
+    def sources(self) -> tuple[Part, ...]:
+        """The parts, with the implicit pass-through part made explicit."""
+        return self.parts or (Part(self.native),)
+
+
+@dataclass(frozen=True)
+class ConfigCheck:
+    """A config.json field that must agree with a dimension of a native tensor.
+
+    Attributes:
+        fields: config fields to try, first present wins (dotted names reach nested objects).
+        key: native key pattern whose tensors are checked (every match).
+        dim: which dimension of those tensors must equal the config value.
+    """
+
+    fields: tuple[str, ...]
+    key: str
+    dim: int
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """Everything lazysd knows about one model family, as data.
+
+    Attributes:
+        name: short family name shown by ``lazysd inspect``.
+        model_types: config.json ``model_type`` values this adapter handles.
+        rules: tried in order; the first rule with a part matching an HF key claims it.
+        ignore: HF key patterns deliberately not exposed (claimed, never silently dropped).
+        layer_prefix: pattern of per-layer keys; used to tell MTP layers from main ones.
+        mtp_prefix: where MTP layers go when the user asks for them (``{index}`` counts
+            from 0 at the first MTP layer).
+        num_layers: config fields holding the number of main decoder layers.
+        checks: config fields that must agree with tensor shapes.
+        text_config: config field holding a nested text config (multimodal families).
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    rules: tuple[Rule, ...]
+    ignore: tuple[str, ...] = ()
+    layer_prefix: str = "model.layers.{layer}."
+    mtp_prefix: str = "mtp.layers.{index}."
+    num_layers: tuple[str, ...] = ("num_hidden_layers",)
+    checks: tuple[ConfigCheck, ...] = ()
+    text_config: str | None = None
+
+    @cached_property
+    def ignore_patterns(self) -> tuple[Pattern, ...]:
+        return tuple(Pattern(p) for p in self.ignore)

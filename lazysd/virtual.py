@@ -1,0 +1,161 @@
+"""VirtualStateDict: a read-only Mapping of native keys over an HF safetensors checkpoint."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+
+from .adapters import resolve_adapter
+from .checkpoint import Checkpoint
+from .errors import MissingKeyError
+from .lazy import LazyTensor
+from .plan import Box, Entry, Plan, local_box, resolve
+from .reader import MiB, ReadOptions, Reader, Stats
+from .rules import Adapter
+
+
+class VirtualStateDict(Mapping[str, torch.Tensor]):
+    """A checkpoint's tensors under the model's native names, read only when used.
+
+    Constructing it reads ``config.json``, the index and the safetensors headers — no tensor
+    bytes. Keys, ``len``, ``in`` and iteration (natural order: ``layers.2`` before
+    ``layers.10``) never read tensor data; values are :class:`~lazysd.lazy.LazyTensor` s that
+    know their shape and dtype and read exactly their own bytes when torch copies them.
+
+    Args:
+        path: checkpoint directory (``config.json`` + ``*.safetensors`` [+ index]).
+        mesh: optional ``DeviceMesh``: routed-expert tensors become DTensors sharded
+            ``Shard(0)`` over its expert-parallel dim, each rank reading only its experts.
+        like: a module or state dict whose DTensor parameters give the mesh and placements
+            to mirror, key by key.
+        adapter: model family (an :class:`~lazysd.rules.Adapter` or a registered name);
+            detected from config.json's ``model_type`` when omitted.
+        include_mtp: also expose multi-token-prediction layers (layer index >=
+            ``num_hidden_layers``), as ``mtp.layers.{i}.*`` with ``i`` counted from 0.
+        dtype: cast floating-point tensors to this dtype when read (tensors a rule pins,
+            like the fp32 router correction bias, keep their dtype).
+        device: device of materialized values (``load_state_dict`` writes into the
+            parameter's own device whatever this says).
+        threads: reader threads; ``max_inflight_bytes``: staging memory reads may run
+            ahead of copies; ``chunk_bytes``: target size of one read.
+        progress: a callable ``(stats, entry)`` called after each tensor, or True to print
+            a one-line progress report to stderr.
+
+    Example:
+        >>> from lazysd import VirtualStateDict
+        >>> vsd = VirtualStateDict("/ckpt/Step-3.5-Flash")            # doctest: +SKIP
+        >>> vsd["model.layers.3.moe.experts.gate_and_up_projs"].shape  # doctest: +SKIP
+        torch.Size([288, 4096, 2560])
+        >>> model.load_state_dict(vsd)                                 # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        mesh: Any = None,
+        *,
+        like: Any = None,
+        adapter: Adapter | str | None = None,
+        include_mtp: bool = False,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str = "cpu",
+        threads: int = 2,
+        max_inflight_bytes: int = 32 * MiB,
+        chunk_bytes: int = 8 * MiB,
+        progress: bool | Callable[[Stats, Entry], None] = False,
+        ep_dim: str | int | None = None,
+        replicate: bool = False,
+    ) -> None:
+        self.checkpoint = Checkpoint(path)
+        self.adapter = resolve_adapter(adapter, self.checkpoint.config, where=str(self.checkpoint.path / "config.json"))
+        self.plan: Plan = resolve(self.adapter, self.checkpoint, include_mtp=include_mtp)
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.reader = Reader(self.checkpoint, ReadOptions(threads, chunk_bytes, max_inflight_bytes))
+        if progress is True:
+            from .progress import ProgressPrinter
+
+            self.reader.progress = ProgressPrinter(sum(e.nbytes for e in self.plan.entries.values()))
+        elif callable(progress):
+            self.reader.progress = progress
+        self._layout = None
+        if mesh is not None or like is not None:
+            from .distributed import Layout
+
+            self._layout = Layout.build(self, mesh=mesh, like=like, ep_dim=ep_dim, replicate=replicate)
+
+    # ---- Mapping -------------------------------------------------------------------------
+    def __getitem__(self, key: str) -> torch.Tensor:
+        entry = self.plan.entries.get(key)
+        if entry is None:
+            raise MissingKeyError(self._missing_message(key))
+        if self._layout is not None:
+            return self._layout.value(self, entry)
+        return self.lazy(entry, local_box(entry.shape))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.plan.entries)
+
+    def __len__(self) -> int:
+        return len(self.plan.entries)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.plan.entries
+
+    # ---- metadata ------------------------------------------------------------------------
+    def entry(self, key: str) -> Entry:
+        """The plan entry of a native key: shape, dtype, HF sources, files and offsets."""
+        try:
+            return self.plan.entries[key]
+        except KeyError:
+            raise MissingKeyError(self._missing_message(key)) from None
+
+    def dtype_of(self, entry: Entry) -> torch.dtype:
+        """Dtype a native tensor has when read, after the ``dtype=`` cast."""
+        if self.dtype is None or entry.rule.dtype is not None or not entry.dtype.is_floating_point:
+            return entry.dtype
+        return self.dtype
+
+    def lazy(self, entry: Entry, box: Box) -> LazyTensor:
+        """A LazyTensor for ``box`` of ``entry``."""
+        return LazyTensor(entry, self.reader, box, dtype=self.dtype_of(entry), device=self.device)
+
+    @property
+    def stats(self) -> Stats:
+        """Read statistics: tensors filled, bytes out, staging peak, seconds."""
+        return self.reader.stats
+
+    @property
+    def bytes_read(self) -> int:
+        """Tensor bytes read from disk so far by this process (headers not counted)."""
+        return self.checkpoint.bytes_read
+
+    def _missing_message(self, key: object) -> str:
+        where = f"{self.checkpoint.path}: no native key {key!r}"
+        if isinstance(key, str):
+            if key in self.plan.ignored:
+                return f"{where} ({self.plan.ignored[key]})"
+            users = [e.key for e in self.plan.entries.values() if key in e.hf_keys]
+            if users:
+                return f"{where}; {key!r} is an HF key, read through native key {users[0]!r}"
+        return f"{where} ({len(self)} native keys; see .keys())"
+
+    # ---- lifetime ------------------------------------------------------------------------
+    def close(self) -> None:
+        """Release reader threads and file descriptors."""
+        self.reader.close()
+        self.checkpoint.close()
+
+    def __enter__(self) -> VirtualStateDict:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        from .inspect import summary_text
+
+        return summary_text(self)
