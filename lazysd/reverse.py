@@ -1,0 +1,131 @@
+"""The rules run backwards: which HF tensors a native tensor holds, and where.
+
+For a native key and shape, :func:`hf_pieces` returns one :class:`HFPiece` per HF tensor
+inside it (gate and up halves of ``gate_and_up_projs``, one piece per expert in per-expert
+families), each with the block of native coordinates it occupies. :func:`extract` cuts a
+piece out of a native tensor (or a local shard of one) and turns it back into HF layout.
+Nothing is converted until asked for, so export and HF-keyed views stay lazy.
+
+Example:
+    >>> from lazysd.adapters import known
+    >>> pieces = hf_pieces(known()["step3p5"], "model.layers.3.moe.experts.gate_and_up_projs", (4, 8, 6))
+    >>> [(p.key, p.shape) for p in pieces]
+    [('model.layers.3.moe.gate_proj.weight', (4, 3, 8)), ('model.layers.3.moe.up_proj.weight', (4, 3, 8))]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import ShapeMismatchError, UnclaimedKeyError
+from .plan import Box
+from .rules import Adapter, Pattern, Rule
+
+
+@dataclass(frozen=True)
+class HFPiece:
+    """One HF tensor inside a native tensor."""
+
+    key: str  # HF key
+    shape: tuple[int, ...]  # HF shape
+    start: tuple[int, ...]  # native coordinates where its block begins
+    dims: tuple[int | None, ...]  # native dim -> HF dim (None: the size-1 stacking dim)
+    rule: Rule
+
+    @property
+    def extent(self) -> tuple[int, ...]:
+        return tuple(1 if d is None else self.shape[d] for d in self.dims)
+
+    @property
+    def box(self) -> Box:
+        return tuple((s, s + e) for s, e in zip(self.start, self.extent))
+
+
+def match_native(adapter: Adapter, key: str, *, num_layers: int | None = None) -> tuple[Rule, dict[str, str]] | None:
+    """The rule producing native ``key`` and its placeholder values (MTP keys mapped back)."""
+    if num_layers is not None:
+        found = _mtp_index(adapter, key)
+        if found is not None:
+            index, rest = found
+            key = Pattern(adapter.layer_prefix).format(layer=num_layers + index) + rest
+    for rule in adapter.rules:
+        values = rule.native_pattern.match(key)
+        if values is not None:
+            return rule, values
+    return None
+
+
+def _mtp_index(adapter: Adapter, key: str) -> tuple[int, str] | None:
+    """``("mtp.layers.2.eh_proj.weight")`` -> ``(2, "eh_proj.weight")``."""
+    head, _, tail = adapter.mtp_prefix.partition("{index}")
+    if not key.startswith(head):
+        return None
+    rest = key[len(head) :]
+    digits = rest.split(".", 1)[0]
+    if not digits.isdigit() or not rest[len(digits) :].startswith(tail):
+        return None
+    return int(digits), rest[len(digits) + len(tail) :]
+
+
+def hf_pieces(adapter: Adapter, key: str, shape: tuple[int, ...], *, num_layers: int | None = None) -> list[HFPiece]:
+    """The HF tensors that native ``key`` of ``shape`` holds, in HF key order.
+
+    Parts concatenated on ``cat_dim`` are assumed equal-sized (gate and up always are).
+
+    Raises:
+        UnclaimedKeyError: no rule of ``adapter`` produces ``key``.
+        ShapeMismatchError: ``shape`` cannot be split as the rule says.
+    """
+    found = match_native(adapter, key, num_layers=num_layers)
+    if found is None:
+        raise UnclaimedKeyError(f"native key {key!r} matches no rule of the {adapter.name} adapter")
+    rule, values = found
+    parts = rule.sources
+    shape = tuple(shape)
+    if len(parts) > 1 and shape[rule.cat_dim] % len(parts):
+        raise ShapeMismatchError(f"{key}: dim {rule.cat_dim} of shape {list(shape)} does not split into {len(parts)} equal parts")
+    step = shape[rule.cat_dim] // len(parts) if len(parts) > 1 else None
+    pieces: list[HFPiece] = []
+    for pi, part in enumerate(parts):
+        dims = part.dims if part.dims is not None else tuple(range(len(shape)))
+        if len(dims) != len(shape):
+            raise ShapeMismatchError(f"{key}: shape {list(shape)} has {len(shape)} dims, the {rule.native!r} rule expects {len(dims)}")
+        extent = list(shape)
+        start = [0] * len(shape)
+        if step is not None:
+            extent[rule.cat_dim] = step
+            start[rule.cat_dim] = pi * step
+        hf_ndim = sum(d is not None for d in dims)
+        hf_shape = [0] * hf_ndim
+        for i, d in enumerate(dims):
+            if d is not None:
+                hf_shape[d] = extent[i]
+        if part.per_expert:
+            stack = dims.index(None)
+            for e in range(shape[stack]):
+                s = list(start)
+                s[stack] = e
+                pieces.append(HFPiece(part.pattern.format(**values, expert=e), tuple(hf_shape), tuple(s), dims, rule))
+        else:
+            pieces.append(HFPiece(part.pattern.format(**values), tuple(hf_shape), tuple(start), dims, rule))
+    return pieces
+
+
+def extract(native: torch.Tensor, piece: HFPiece, *, origin: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Piece ``piece`` of ``native`` in HF layout (a view where possible, not a copy).
+
+    Args:
+        native: the native tensor, or a local shard of it whose first element sits at
+            native coordinates ``origin``; the shard must contain the piece's block.
+    """
+    origin = origin or (0,) * native.dim()
+    index = tuple(slice(s - o, s - o + e) for s, e, o in zip(piece.start, piece.extent, origin))
+    block = native[index]
+    for i in reversed(range(len(piece.dims))):
+        if piece.dims[i] is None:
+            block = block.squeeze(i)
+    order = [d for d in piece.dims if d is not None]  # block dim j holds HF dim order[j]
+    inverse = [order.index(d) for d in range(len(order))]
+    return block.permute(inverse)
