@@ -96,6 +96,24 @@ def _runs(shape: tuple[int, ...], itemsize: int, box: list[tuple[int, int]]) -> 
     return merged
 
 
+def source_box(src: Source, box: Box) -> tuple[list[tuple[int, int]], tuple[list[int], list[int]]] | None:
+    """The sub-box of HF tensor ``src.info`` that native ``box`` needs, or None if they miss.
+
+    Returns ``(src_box, (lo, hi))``: the box in source dimension order (what is read, through
+    :func:`_runs`), and the overlap in native coordinates (where it lands). Pure: the reader
+    and the dry-run plans of :mod:`lazysd.inspect` share it, so a plan is what a read reads.
+    """
+    lo = [max(b[0], s) for b, s in zip(box, src.start)]
+    hi = [min(b[1], s + e) for b, s, e in zip(box, src.start, src.extent)]
+    if any(l >= h for l, h in zip(lo, hi)):
+        return None
+    src_box: list[tuple[int, int]] = [(0, 1)] * len(src.info.shape)
+    for i, d in enumerate(src.dims):
+        if d is not None:
+            src_box[d] = (lo[i] - src.start[i], hi[i] - src.start[i])
+    return src_box, (lo, hi)
+
+
 def _as_bytes(t: torch.Tensor) -> memoryview:
     """Writable byte view of a contiguous CPU tensor's memory."""
     flat = t.reshape(-1)
@@ -142,16 +160,11 @@ class Reader:
         return jobs
 
     def _source_jobs(self, src: Source, box: Box, dest: torch.Tensor) -> list[_Job]:
-        ext = src.extent
-        lo = [max(b[0], s) for b, s in zip(box, src.start)]
-        hi = [min(b[1], s + e) for b, s, e in zip(box, src.start, ext)]
-        if any(l >= h for l, h in zip(lo, hi)):
+        overlap = source_box(src, box)
+        if overlap is None:
             return []
+        src_box, (lo, hi) = overlap
         info = src.info
-        src_box: list[tuple[int, int]] = [(0, 1)] * len(info.shape)
-        for i, d in enumerate(src.dims):
-            if d is not None:
-                src_box[d] = (lo[i] - src.start[i], hi[i] - src.start[i])
         view = dest[tuple(slice(l - b[0], h - b[0]) for l, h, b in zip(lo, hi, box))]
         direct = (
             src.identity
