@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -15,6 +15,9 @@ from .lazy import LazyTensor
 from .plan import Box, Entry, Plan, local_box, resolve
 from .reader import MiB, ReadOptions, Reader, Stats
 from .rules import Adapter
+
+if TYPE_CHECKING:
+    from .inspect import Explanation, LoadPlan, Selection, Summary
 
 
 class VirtualStateDict(Mapping[str, torch.Tensor]):
@@ -159,3 +162,57 @@ class VirtualStateDict(Mapping[str, torch.Tensor]):
         from .inspect import summary_text
 
         return summary_text(self)
+
+    # ---- inspection (metadata only; the work is in lazysd.inspect) -----------------------
+    def _repr_html_(self) -> str:
+        from .inspect import summary_html
+
+        return summary_html(self)
+
+    def select(
+        self,
+        pattern: str | None = None,
+        *,
+        regex: str | None = None,
+        layer: int | str | Iterable[int | str] | None = None,
+        kind: str | Iterable[str] | None = None,
+    ) -> Selection:
+        """Keys matching a glob, a regex, layer(s) and/or module kind(s), as a read-only Mapping.
+
+        Example:
+            >>> vsd.select("*.experts.*", layer=3).keys()                  # doctest: +SKIP
+        """
+        from .inspect import select
+
+        return select(self, pattern, regex=regex, layer=layer, kind=kind)
+
+    def summarize(self, by: str | tuple[str, ...] = "kind") -> Summary:
+        """Keys, parameters and bytes per ``"layer"``, ``"kind"`` or both (``("layer", "kind")``)."""
+        from .inspect import summarize
+
+        return summarize(self, by=by)
+
+    def explain(self, key: str, ep: int | None = None, *, ep_shard: int = 1, fsdp: bool = False) -> Explanation:
+        """Where ``key`` comes from (HF keys, files, byte ranges, transform, dtype); with ``ep``,
+        which bytes each rank reads. Reads no tensor data.
+
+        Example:
+            >>> print(vsd.explain("model.layers.3.moe.experts.down_projs", ep=8))  # doctest: +SKIP
+        """
+        from .inspect import Layout, explain
+
+        return explain(self, key, None if ep is None else Layout(ep, ep_shard, fsdp))
+
+    def rank_plan(self, ep: int, *, ep_shard: int = 1, fsdp: bool = False, keys: Iterable[str] | None = None) -> LoadPlan:
+        """Dry-run load plan: bytes each of ``ep * ep_shard`` ranks reads, per layer, imbalance.
+
+        Routed experts are ``Shard(0)`` over ``ep`` (and ``Shard(1)`` over ``ep_shard``);
+        other tensors are replicated, or ``Shard(0)`` over all ranks with ``fsdp=True``.
+        See :mod:`lazysd.inspect`. Reads no tensor data.
+
+        Example:
+            >>> print(vsd.rank_plan(ep=4))                                   # doctest: +SKIP
+        """
+        from .inspect import Layout, rank_plan
+
+        return rank_plan(self, Layout(ep, ep_shard, fsdp), keys=keys)
