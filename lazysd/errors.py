@@ -45,6 +45,10 @@ class MissingSourceError(LazySDError, ValueError):
     """A native tensor lacks one of the HF tensors it is built from (e.g. a gate without its up)."""
 
 
+class UnsupportedFormatError(LazySDError, ValueError):
+    """Checkpoint tensors in a storage format lazysd recognizes but does not convert (e.g. MXFP4)."""
+
+
 class ShapeMismatchError(LazySDError, ValueError):
     """HF tensors that feed one native tensor have incompatible shapes or dtypes."""
 

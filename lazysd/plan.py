@@ -14,14 +14,17 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
 import torch
 
 from .checkpoint import Checkpoint, TensorInfo, config_value
-from .errors import ConfigError, MissingSourceError, ShapeMismatchError, UnclaimedKeyError
+from .errors import ConfigError, MissingSourceError, ShapeMismatchError, UnclaimedKeyError, UnsupportedFormatError
 from .rules import Adapter, Part, Pattern, Rule
+
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+FP8Mode = Literal["dequantize", "keep"]
 
 Box = tuple[tuple[int, int], ...]  # per dimension, [lo, hi)
 
@@ -33,6 +36,10 @@ class Source:
     info: TensorInfo
     start: tuple[int, ...]  # native coordinates where this source's block begins
     dims: tuple[int | None, ...]  # native dim -> source dim; None is a size-1 stacking dim
+    # FP8 inverse block scales [ceil(rows/b0), ceil(cols/b1)] that the reader multiplies in
+    # (fp8="dequantize"); None for plain tensors.
+    scale: TensorInfo | None = None
+    block: tuple[int, int] = (128, 128)  # rows x cols of source elements per scale
 
     @property
     def extent(self) -> tuple[int, ...]:
@@ -113,10 +120,55 @@ def natural_key(key: str) -> tuple[Any, ...]:
     return tuple(int(t) if t.isdigit() else t for t in _NUM.split(key))
 
 
-def resolve(adapter: Adapter, ckpt: Checkpoint, *, include_mtp: bool = False) -> Plan:
+def _scale_companions(adapter: Adapter, keys: Iterable[str]) -> dict[str, str]:
+    """FP8 weight key -> its block-scale key (``K + adapter.scale_suffix`` next to ``K``)."""
+    suffix = adapter.scale_suffix
+    if not suffix:
+        return {}
+    keys = set(keys)
+    return {k.removesuffix(suffix): k for k in keys if k.endswith(suffix) and k.removesuffix(suffix) in keys}
+
+
+def _scale_rules(adapter: Adapter) -> tuple[Rule, ...]:
+    """fp8="keep": one rule per rule, building ``<native>_scale_inv`` from the scale companions
+    with the same stacking, permutation and concatenation, block-wise."""
+    suffix = adapter.scale_suffix or ""
+    return tuple(
+        Rule(rule.native + "_scale_inv", parts=tuple(Part(p.hf + suffix, p.dims) for p in rule.sources), cat_dim=rule.cat_dim, dtype=torch.float32, kind=rule.kind)
+        for rule in adapter.rules
+    )
+
+
+def unclaimed_keys(adapter: Adapter, keys: Iterable[str]) -> list[str]:
+    """HF keys no rule of ``adapter`` claims (nor ignores, nor takes as an FP8 scale companion).
+
+    Used by detection to tell which registered family a checkpoint without a known
+    ``model_type`` belongs to.
+    """
+    keys = list(keys)
+    scales = set(_scale_companions(adapter, keys).values())
+    patterns = [part.pattern for rule in adapter.rules for part in rule.sources] + list(adapter.ignore_patterns)
+    return [k for k in keys if k not in scales and not any(p.match(k) is not None for p in patterns)]
+
+
+def resolve(
+    adapter: Adapter,
+    ckpt: Checkpoint,
+    *,
+    include_mtp: bool = False,
+    fp8: FP8Mode = "dequantize",
+    fp8_dtype: torch.dtype = torch.bfloat16,
+) -> Plan:
     """Run ``adapter`` over ``ckpt``'s headers.
 
+    FP8 weights with block-scale companions (``adapter.scale_suffix``) are planned by ``fp8``:
+    ``"dequantize"`` makes them ``fp8_dtype`` tensors whose sources carry their scales (the
+    reader multiplies only the scale blocks it reads); ``"keep"`` exposes the FP8 tensor as
+    stored plus its scales under ``<native key>_scale_inv`` (fp32), built with the same
+    stacking, permutation and concatenation as the weight, block-wise.
+
     Raises:
+        UnsupportedFormatError: keys in a format the adapter refuses (e.g. MXFP4).
         UnclaimedKeyError: HF keys no rule claims and the adapter does not ignore.
         MissingSourceError: a native tensor lacks one of its parts or experts.
         ShapeMismatchError: parts of one native tensor disagree in shape or dtype.
@@ -129,12 +181,31 @@ def resolve(adapter: Adapter, ckpt: Checkpoint, *, include_mtp: bool = False) ->
     if num_layers is not None and (type(num_layers) is not int or num_layers < 0):
         raise ConfigError(f"{ckpt.path / 'config.json'}: {adapter.num_layers[0]} must be a non-negative integer, got {num_layers!r}")
 
-    compiled = [(ri, pi, part) for ri, rule in enumerate(adapter.rules) for pi, part in enumerate(rule.sources)]
+    if fp8 not in ("dequantize", "keep"):
+        raise ValueError(f"fp8 must be 'dequantize' or 'keep', got {fp8!r}")
+    for pattern, why in adapter.refuse:
+        hits = [k for k in ckpt.tensors if Pattern(pattern).match(k) is not None]
+        if hits:
+            shown = ", ".join(f"{k} ({ckpt.tensors[k].file.name})" for k in hits[:4])
+            more = f" ... {len(hits) - 4} more" if len(hits) > 4 else ""
+            raise UnsupportedFormatError(f"{ckpt.path}: the {adapter.name} adapter does not convert {shown}{more}: {why}")
+    block = config_value(config, "quantization_config.weight_block_size") or adapter.scale_block
+    block = (int(block[0]), int(block[1]))
+    scale_of = _scale_companions(adapter, ckpt.tensors)
+    rules = adapter.rules
+    if fp8 == "keep" and scale_of:
+        rules = rules + _scale_rules(adapter)
+        scale_of = {}
+    scale_keys = set(scale_of.values())
+
+    compiled = [(ri, pi, part) for ri, rule in enumerate(rules) for pi, part in enumerate(rule.sources)]
     # (rule index, native bindings) -> part index -> expert (or None) -> TensorInfo
     groups: dict[tuple[int, tuple[tuple[str, str], ...]], dict[int, dict[int | None, TensorInfo]]] = {}
     ignored: dict[str, str] = {}
     unclaimed: list[str] = []
     for key, info in ckpt.tensors.items():
+        if key in scale_keys:
+            continue  # claimed with its weight below
         for ri, pi, part in compiled:
             values = part.pattern.match(key)
             if values is not None:
@@ -156,10 +227,12 @@ def resolve(adapter: Adapter, ckpt: Checkpoint, *, include_mtp: bool = False) ->
 
     entries: dict[str, Entry] = {}
     for (ri, bindings), parts in groups.items():
-        rule = adapter.rules[ri]
+        rule = rules[ri]
         values = dict(bindings)
         native_key = rule.native_pattern.format(**values)
         entry = _build_entry(native_key, rule, values, parts, ckpt)
+        if any(s.info.key in scale_of for s in entry.sources):
+            entry = _with_scales(entry, {k: ckpt.tensors[scale_of[k]] for k in entry.hf_keys if k in scale_of}, block, fp8_dtype, ckpt)
         layer = int(values["layer"]) if "layer" in values else None
         if layer is not None and num_layers is not None and layer >= num_layers:
             if not include_mtp:
@@ -251,6 +324,27 @@ def _build_entry(
     if len(rule.sources) > 1:
         shape[rule.cat_dim] = offset
     return Entry(native_key, tuple(shape), rule.dtype or next(iter(dtypes)), tuple(sources), rule)
+
+
+def _with_scales(entry: Entry, scales: dict[str, TensorInfo], block: tuple[int, int], dtype: torch.dtype, ckpt: Checkpoint) -> Entry:
+    """Attach each FP8 source's scale companion (validated) and make the entry ``dtype``."""
+    sources = []
+    for src in entry.sources:
+        info, scale = src.info, scales.get(src.info.key)
+        if scale is None:
+            raise ShapeMismatchError(
+                f"{ckpt.path}: {entry.key} mixes block-scaled FP8 sources ({next(iter(scales))}) with "
+                f"{info.key} ({info.file.name}), which has no scale companion"
+            )
+        expected = tuple(-(-n // b) for n, b in zip(info.shape, block))
+        if info.dtype not in FP8_DTYPES or len(info.shape) != 2 or scale.shape != expected or not scale.dtype.is_floating_point:
+            raise ShapeMismatchError(
+                f"{scale.file}, key {scale.key!r}: scales {list(scale.shape)} {scale.dtype} do not fit {info.key} "
+                f"{list(info.shape)} {info.dtype} ({info.file.name}): expected a 2-d FP8 weight and float scales "
+                f"{list(expected)} for {block[0]}x{block[1]} blocks"
+            )
+        sources.append(replace(src, scale=scale, block=block))
+    return replace(entry, sources=tuple(sources), dtype=entry.rule.dtype or dtype)
 
 
 def _check_config(adapter: Adapter, config: dict[str, Any], ckpt: Checkpoint, entries: dict[str, Entry]) -> None:

@@ -67,6 +67,9 @@ class _Job:
     dest: torch.Tensor  # destination view, native order
     dims: tuple[int | None, ...]
     direct: bool  # read straight into dest's memory
+    # FP8 chunk: (its source, the chunk's box in source coordinates); the reader reads the
+    # scale blocks covering that box and returns the chunk dequantized (fp32).
+    scaled: tuple[Source, list[tuple[int, int]]] | None = None
 
 
 def _runs(shape: tuple[int, ...], itemsize: int, box: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -168,6 +171,7 @@ class Reader:
         view = dest[tuple(slice(l - b[0], h - b[0]) for l, h, b in zip(lo, hi, box))]
         direct = (
             src.identity
+            and src.scale is None
             and dest.dtype == info.dtype
             and dest.device.type == "cpu"
             and view.is_contiguous()
@@ -176,7 +180,8 @@ class Reader:
         if not info.shape:
             return [_Job(info, [(0, info.itemsize)], info.itemsize, (), view, src.dims, direct)]
         rows = src_box[0][1] - src_box[0][0]
-        row_bytes = info.itemsize * math.prod(h - l for l, h in src_box[1:])
+        # A dequantized chunk is staged in fp32: budget its rows at that size.
+        row_bytes = (4 if src.scale is not None else info.itemsize) * math.prod(h - l for l, h in src_box[1:])
         per = max(1, self.options.chunk_bytes // max(1, row_bytes))
         native0 = src.dims.index(0)
         jobs = []
@@ -186,7 +191,8 @@ class Reader:
             runs = _runs(info.shape, info.itemsize, sub)
             chunk_view = view.narrow(native0, r, n)
             shape = tuple(h - l for l, h in sub)
-            jobs.append(_Job(info, runs, n * row_bytes, shape, chunk_view, src.dims, direct))
+            scaled = (src, sub) if src.scale is not None else None
+            jobs.append(_Job(info, runs, n * row_bytes, shape, chunk_view, src.dims, direct, scaled))
         return jobs
 
     # ---- executing -----------------------------------------------------------------------
@@ -196,7 +202,25 @@ class Reader:
             return None
         buf = torch.empty(job.src_shape, dtype=job.info.dtype, pin_memory=False)
         self.ckpt.read_runs(job.info, job.runs, _as_bytes(buf))
+        if job.scaled is not None:
+            return self._dequantize(buf, *job.scaled)
         return buf
+
+    def _dequantize(self, buf: torch.Tensor, src: Source, sub: list[tuple[int, int]]) -> torch.Tensor:
+        """``buf`` (FP8 rows/cols ``sub`` of ``src``) times its inverse block scales, in fp32.
+
+        Reads only the scale blocks that ``sub`` touches: block rows
+        ``[r0 // b0, ceil(r1 / b0))`` and likewise for columns (edges may be ragged).
+        """
+        scale, (b0, b1) = src.scale, src.block
+        assert scale is not None
+        (r0, r1), (c0, c1) = sub
+        blocks = [(r0 // b0, -(-r1 // b0)), (c0 // b1, -(-c1 // b1))]
+        s = torch.empty(tuple(h - l for l, h in blocks), dtype=scale.dtype)
+        self.ckpt.read_runs(scale, _runs(scale.shape, scale.itemsize, blocks), _as_bytes(s))
+        s = s.float().repeat_interleave(b0, 0).repeat_interleave(b1, 1)
+        s = s[r0 - blocks[0][0] * b0 : r1 - blocks[0][0] * b0, c0 - blocks[1][0] * b1 : c1 - blocks[1][0] * b1]
+        return buf.float().mul_(s)
 
     def _place(self, job: _Job, buf: torch.Tensor) -> None:
         perm = [d for d in job.dims if d is not None]

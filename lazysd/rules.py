@@ -3,7 +3,8 @@
 A :class:`Rule` names one native tensor pattern and the HF tensors (:class:`Part`) that fill
 it. Patterns use named placeholders: ``{layer}`` and ``{expert}`` match decimal indices, any
 other ``{name}`` matches one dotted component, and ``{name:a|b|c}`` matches one of the listed
-alternatives. ``{expert}`` is special: it may appear only in parts, and the per-expert HF
+alternatives, and ``{name:**}`` matches one or more dotted components (pass-through of a
+whole sub-tree, e.g. a vision tower). ``{expert}`` is special: it may appear only in parts, and the per-expert HF
 tensors it matches are stacked on the native dimension that the part's ``dims`` marks with
 ``None``.
 
@@ -57,7 +58,9 @@ class Pattern:
                 raise ValueError(f"pattern {self.text!r}: placeholder {{{name}}} used twice")
             names.append(name)
             out.append(re.escape(self.text[pos : m.start()]))
-            if choices is not None:
+            if choices == "**":
+                body = r"[^.]+(?:\.[^.]+)*"
+            elif choices is not None:
                 body = "|".join(re.escape(c) for c in choices.split("|"))
             elif name in INDEX_NAMES:
                 body = r"0|[1-9][0-9]*"
@@ -173,6 +176,15 @@ class Adapter:
         num_layers: config fields holding the number of main decoder layers.
         checks: config fields that must agree with tensor shapes.
         text_config: config field holding a nested text config (multimodal families).
+        scale_suffix: FP8 block-scale companions: an HF key ``K + scale_suffix`` next to an
+            FP8 key ``K`` holds ``K``'s inverse scales, one per ``scale_block`` block
+            (DeepSeek-V3: ``"_scale_inv"``). Companions are claimed with their weight, never
+            exposed on their own; see :func:`lazysd.plan.resolve` for ``fp8=``.
+        scale_block: default block shape of those scales (config.json's
+            ``quantization_config.weight_block_size`` wins when present).
+        refuse: ``(pattern, why)`` pairs: HF keys in a format lazysd does not convert
+            (e.g. MXFP4 ``*_blocks``); a checkpoint holding one fails with
+            :class:`~lazysd.errors.UnsupportedFormatError` naming the keys and ``why``.
     """
 
     name: str
@@ -184,6 +196,9 @@ class Adapter:
     num_layers: tuple[str, ...] = ("num_hidden_layers",)
     checks: tuple[ConfigCheck, ...] = ()
     text_config: str | None = None
+    scale_suffix: str | None = None
+    scale_block: tuple[int, int] = (128, 128)
+    refuse: tuple[tuple[str, str], ...] = ()
 
     @cached_property
     def ignore_patterns(self) -> tuple[Pattern, ...]:

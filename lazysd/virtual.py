@@ -12,7 +12,7 @@ from .adapters import resolve_adapter
 from .checkpoint import Checkpoint
 from .errors import MissingKeyError
 from .lazy import LazyTensor
-from .plan import Box, Entry, Plan, local_box, resolve
+from .plan import FP8_DTYPES, Box, Entry, Plan, local_box, resolve
 from .reader import MiB, ReadOptions, Reader, Stats
 from .rules import Adapter
 
@@ -40,6 +40,10 @@ class VirtualStateDict(Mapping[str, torch.Tensor]):
             ``num_hidden_layers``), as ``mtp.layers.{i}.*`` with ``i`` counted from 0.
         dtype: cast floating-point tensors to this dtype when read (tensors a rule pins,
             like the fp32 router correction bias, keep their dtype).
+        fp8: block-scaled FP8 weights (DeepSeek-V3 ``weight`` + ``weight_scale_inv``):
+            ``"dequantize"`` (default) reads them as ``dtype`` (bf16 when not given),
+            multiplying in only the scale blocks a read needs; ``"keep"`` exposes the FP8
+            tensor unchanged plus its fp32 scales under ``<native key>_scale_inv``.
         device: device of materialized values (``load_state_dict`` writes into the
             parameter's own device whatever this says).
         threads: reader threads; ``max_inflight_bytes``: staging memory reads may run
@@ -71,10 +75,15 @@ class VirtualStateDict(Mapping[str, torch.Tensor]):
         progress: bool | Callable[[Stats, Entry], None] = False,
         ep_dim: str | int | None = None,
         replicate: bool = False,
+        fp8: str = "dequantize",
     ) -> None:
         self.checkpoint = Checkpoint(path)
-        self.adapter = resolve_adapter(adapter, self.checkpoint.config, where=str(self.checkpoint.path / "config.json"))
-        self.plan: Plan = resolve(self.adapter, self.checkpoint, include_mtp=include_mtp)
+        self.adapter = resolve_adapter(
+            adapter, self.checkpoint.config, keys=self.checkpoint.tensors, where=str(self.checkpoint.path / "config.json")
+        )
+        self.plan: Plan = resolve(
+            self.adapter, self.checkpoint, include_mtp=include_mtp, fp8=fp8, fp8_dtype=dtype or torch.bfloat16  # type: ignore[arg-type]
+        )
         self.dtype = dtype
         self.device = torch.device(device)
         self.reader = Reader(self.checkpoint, ReadOptions(threads, chunk_bytes, max_inflight_bytes))
@@ -118,7 +127,8 @@ class VirtualStateDict(Mapping[str, torch.Tensor]):
 
     def dtype_of(self, entry: Entry) -> torch.dtype:
         """Dtype a native tensor has when read, after the ``dtype=`` cast."""
-        if self.dtype is None or entry.rule.dtype is not None or not entry.dtype.is_floating_point:
+        # FP8 kept as stored (fp8="keep") is only meaningful with its scales: never cast it.
+        if self.dtype is None or entry.rule.dtype is not None or not entry.dtype.is_floating_point or entry.dtype in FP8_DTYPES:
             return entry.dtype
         return self.dtype
 

@@ -1,20 +1,48 @@
 """Model families lazysd knows, one small data file each, and detection from config.json.
 
-Declare your own family in a few lines and pass it as ``adapter=`` or :func:`register` it::
+Registered families: ``step3p5``, ``step3p7``, ``deepseek_v3``, ``qwen3_moe``, ``glm4_moe``,
+``mixtral``, ``gpt_oss``.
 
-    from lazysd.rules import Adapter, Rule, Part
-    MY = Adapter("mymoe", ("mymoe",), rules=(Rule("{name}.weight"), ...))
+Detection (:func:`detect`): config.json's ``model_type`` picks the family; when it names no
+registered family, a nested ``text_config.model_type`` is tried; when neither does, the family
+whose rules claim every checkpoint key wins. No family, or several, is an
+:class:`~lazysd.errors.UnknownModelError` that lists the supported families and the keys no
+family claims. ``VirtualStateDict(path, adapter=...)`` skips detection.
+
+Declaring your own family takes a few lines: name the native keys and the HF tensors they are
+built from, pass the adapter as ``adapter=``, or :func:`register` it so that its
+``model_type`` is detected::
+
+    from lazysd.rules import Adapter, Part, Rule
+    L = "model.layers.{layer}"
+    MY = Adapter("mymoe", ("mymoe",), rules=(
+        Rule(L + ".moe.experts.gate_and_up_projs", cat_dim=2, kind="experts", parts=(
+            Part(L + ".moe.experts.{expert}.w_gate.weight", dims=(None, 1, 0)),  # [I, D] -> [1, D, I]
+            Part(L + ".moe.experts.{expert}.w_up.weight", dims=(None, 1, 0)))),
+        Rule(L + ".moe.experts.down_projs", kind="experts",
+             parts=(Part(L + ".moe.experts.{expert}.w_down.weight", dims=(None, 1, 0)),)),
+        Rule("{name:**}"),                  # every other key: unchanged
+    ))
     vsd = VirtualStateDict(path, adapter=MY)
+
+Rules are tried in order and the first whose part matches a key claims it, so specific rules
+come before catch-alls like ``{name:**}``. ``tests/test_families.py`` runs this recipe.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ..errors import UnknownModelError
 from ..rules import Adapter
+from .deepseek_v3 import ADAPTER as DEEPSEEK_V3
+from .glm4_moe import ADAPTER as GLM4_MOE
+from .gpt_oss import ADAPTER as GPT_OSS
+from .mixtral import ADAPTER as MIXTRAL
+from .qwen3_moe import ADAPTER as QWEN3_MOE
 from .step3p5 import ADAPTER as STEP3P5
+from .step3p7 import ADAPTER as STEP3P7
 
 _REGISTRY: dict[str, Adapter] = {}
 
@@ -41,32 +69,75 @@ def model_type_of(config: Mapping[str, Any]) -> str | None:
     return None
 
 
-def detect(config: Mapping[str, Any], *, where: str = "config.json") -> Adapter:
-    """The adapter for a checkpoint's config.json.
+def detect(config: Mapping[str, Any], keys: Iterable[str] = (), *, where: str = "config.json") -> Adapter:
+    """The adapter for a checkpoint's config.json (and, failing that, its tensor keys).
+
+    Args:
+        config: the parsed config.json.
+        keys: the checkpoint's HF keys; used only when no ``model_type`` (top level, then
+            ``text_config``) names a registered family, or when several families share it.
 
     Raises:
-        UnknownModelError: no registered adapter handles the ``model_type``.
+        UnknownModelError: no registered family fits, or several do; the message lists the
+            supported families and up to 10 keys that no family claims.
+
+    Example:
+        >>> detect({"model_type": "qwen3_moe"}).name
+        'qwen3_moe'
+        >>> detect({"model_type": "llava", "text_config": {"model_type": "mixtral"}}).name
+        'mixtral'
     """
-    model_type = model_type_of(config)
-    for adapter in _REGISTRY.values():
-        if model_type in adapter.model_types:
-            return adapter
-    supported = ", ".join(sorted(t for a in _REGISTRY.values() for t in a.model_types))
-    raise UnknownModelError(
-        f"{where}: model_type {model_type!r} is not supported (supported: {supported}); "
-        "pass adapter= to choose or declare one"
-    )
+    from ..plan import unclaimed_keys
+
+    types = [config.get("model_type"), (config.get("text_config") or {}).get("model_type") if isinstance(config.get("text_config"), Mapping) else None]
+    keys = list(keys)
+    for model_type in types:
+        found = [a for a in _REGISTRY.values() if isinstance(model_type, str) and model_type in a.model_types]
+        if len(found) > 1 and keys:
+            found = [a for a in found if not unclaimed_keys(a, keys)] or found
+        if len(found) == 1:
+            return found[0]
+        if found:
+            break
+    supported = ", ".join(f"{a.name} ({'/'.join(a.model_types)})" for a in _REGISTRY.values())
+    shown = " / ".join(repr(t) for t in types if t is not None) or "none"
+    if keys:
+        leftover = {a.name: unclaimed_keys(a, keys) for a in _REGISTRY.values()}
+        fits = [name for name, left in leftover.items() if not left]
+        if len(fits) == 1:
+            return _REGISTRY[fits[0]]
+        if fits:
+            raise UnknownModelError(
+                f"{where}: model_type {shown} is ambiguous: the keys fit several families ({', '.join(fits)}); "
+                f"pass adapter= to choose one (supported: {supported})"
+            )
+        nobody = [k for k in keys if all(k in left for left in leftover.values())]
+        listed = "".join(f"\n  {k}" for k in nobody[:10]) + (f"\n  ... {len(nobody) - 10} more" if len(nobody) > 10 else "")
+        raise UnknownModelError(
+            f"{where}: model_type {shown} is not supported and no family claims every key "
+            f"(supported: {supported}); keys no family claims:{listed or ' none (each family misses different keys)'}\n"
+            "pass adapter= to choose or declare one"
+        )
+    raise UnknownModelError(f"{where}: model_type {shown} is not supported (supported: {supported}); pass adapter= to choose or declare one")
 
 
-def resolve_adapter(adapter: Adapter | str | None, config: Mapping[str, Any], *, where: str = "config.json") -> Adapter:
-    """``adapter`` as given, by registered name, or detected from ``config``."""
+def resolve_adapter(
+    adapter: Adapter | str | None, config: Mapping[str, Any], *, keys: Iterable[str] = (), where: str = "config.json"
+) -> Adapter:
+    """``adapter`` as given, by registered name, or detected from ``config`` (and ``keys``)."""
     if isinstance(adapter, Adapter):
         return adapter
     if isinstance(adapter, str):
         if adapter not in _REGISTRY:
             raise UnknownModelError(f"adapter {adapter!r} is not registered (registered: {', '.join(sorted(_REGISTRY))})")
         return _REGISTRY[adapter]
-    return detect(config, where=where)
+    return detect(config, keys, where=where)
 
 
 register(STEP3P5)
+register(STEP3P7)
+register(DEEPSEEK_V3)
+register(QWEN3_MOE)
+register(GLM4_MOE)
+register(MIXTRAL)
+register(GPT_OSS)

@@ -1,0 +1,37 @@
+"""Rule builders shared by the per-expert families (pure data in, rules out).
+
+Shape legend: E experts, D hidden, I expert intermediate.
+"""
+
+from __future__ import annotations
+
+from ..rules import Part, Rule
+
+# One HF expert weight [out, in] -> a [1, in, out] slab of the native [E, in, out] tensor.
+STACK_T = (None, 1, 0)
+
+
+def stacked_experts(native: str, hf: str, gate: str, up: str, down: str) -> tuple[Rule, Rule]:
+    """Native grouped experts from one HF tensor per expert and projection.
+
+    ``native`` and ``hf`` are key prefixes (``hf`` contains ``{expert}``); ``gate``/``up``/
+    ``down`` are the per-expert HF names. Builds::
+
+        native.gate_and_up_projs [E, D, 2I] = stack_e cat([gate_e.T, up_e.T], -1)
+        native.down_projs        [E, I, D]  = stack_e down_e.T
+
+    Example:
+        >>> rules = stacked_experts("model.layers.{layer}.mlp.experts", "model.layers.{layer}.mlp.experts.{expert}",
+        ...                         "gate_proj.weight", "up_proj.weight", "down_proj.weight")
+        >>> rules[0].native
+        'model.layers.{layer}.mlp.experts.gate_and_up_projs'
+    """
+    return (
+        Rule(
+            native + ".gate_and_up_projs",
+            parts=(Part(f"{hf}.{gate}", dims=STACK_T), Part(f"{hf}.{up}", dims=STACK_T)),
+            cat_dim=2,
+            kind="experts",
+        ),
+        Rule(native + ".down_projs", parts=(Part(f"{hf}.{down}", dims=STACK_T),), kind="experts"),
+    )

@@ -1,0 +1,42 @@
+"""Mixtral (``mixtral``): one HF tensor per expert under ``block_sparse_moe``, w1/w3/w2 names.
+
+HF layout (projections ``[out, in]``), confirmed against transformers'
+``src/transformers/models/mixtral/modeling_mixtral.py`` (``MixtralSparseMoeBlock``: ``gate``
+= ``nn.Linear(D, E, bias=False)``; ``MixtralBlockSparseTop2MLP``: ``w1`` gate [I, D], ``w3``
+up [I, D], ``w2`` down [D, I], ``w2(silu(w1(x)) * w3(x))``)::
+
+    model.layers.L.block_sparse_moe.gate.weight                 [E, D]
+    model.layers.L.block_sparse_moe.experts.{e}.{w1,w3}.weight  [I, D];  .w2.weight [D, I]
+
+Native, as NeMo Automodel's ``nemo_automodel/components/models/mixtral/state_dict_adapter.py``
+maps it (``block_sparse_moe`` becomes ``mlp``, like every other grouped-experts family)::
+
+    model.layers.L.mlp.gate.weight                 [E, D]   = block_sparse_moe.gate.weight
+    model.layers.L.mlp.experts.gate_and_up_projs   [E, D, 2I] = stack_e cat([w1_e.T, w3_e.T], -1)
+    model.layers.L.mlp.experts.down_projs          [E, I, D]  = stack_e w2_e.T
+"""
+
+from ..rules import Adapter, ConfigCheck, Part, Rule
+from ._common import stacked_experts
+
+L = "model.layers.{layer}"
+
+RULES = (
+    Rule("model.embed_tokens.weight", kind="embedding"),
+    Rule("model.norm.weight", kind="norm"),
+    Rule("lm_head.weight", kind="head"),
+    Rule(L + ".{norm:input_layernorm|post_attention_layernorm}.weight", kind="norm"),
+    Rule(L + ".self_attn.{proj:q_proj|k_proj|v_proj|o_proj}.weight", kind="attention"),
+    *stacked_experts(L + ".mlp.experts", L + ".block_sparse_moe.experts.{expert}", "w1.weight", "w3.weight", "w2.weight"),
+    Rule(L + ".mlp.gate.weight", parts=(Part(L + ".block_sparse_moe.gate.weight"),), kind="router"),
+)
+
+CHECKS = (
+    ConfigCheck(("num_local_experts",), L + ".mlp.experts.gate_and_up_projs", 0),
+    ConfigCheck(("num_local_experts",), L + ".mlp.gate.weight", 0),
+    ConfigCheck(("intermediate_size",), L + ".mlp.experts.down_projs", 1),
+    ConfigCheck(("hidden_size",), L + ".mlp.experts.down_projs", 2),
+    ConfigCheck(("hidden_size",), "model.embed_tokens.weight", 1),
+)
+
+ADAPTER = Adapter(name="mixtral", model_types=("mixtral",), rules=RULES, checks=CHECKS)
