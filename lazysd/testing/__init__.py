@@ -1,0 +1,38 @@
+"""Test and benchmark helpers: synthetic checkpoints with real layouts and small reference models.
+
+Example:
+    >>> import tempfile
+    >>> from lazysd.testing import Step3p5Spec, make_checkpoint
+    >>> tmp = tempfile.TemporaryDirectory()  # removed when the example ends
+    >>> ckpt = make_checkpoint(tmp.name, Step3p5Spec.tiny(), layout="single")
+    >>> sorted(p.name for p in ckpt.iterdir())
+    ['config.json', 'model.safetensors']
+"""
+
+from lazysd.testing.models import HFMoE, NativeMoE, Step3p5Model
+from lazysd.testing.step3p5 import (
+    INDEX_NAME,
+    SINGLE_NAME,
+    Step3p5Spec,
+    checkpoint_nbytes,
+    config_dict,
+    hf_tensor_specs,
+    load_hf_tensors,
+    make_checkpoint,
+    native_tensor_specs,
+)
+
+__all__ = [
+    "HFMoE",
+    "INDEX_NAME",
+    "NativeMoE",
+    "SINGLE_NAME",
+    "Step3p5Model",
+    "Step3p5Spec",
+    "checkpoint_nbytes",
+    "config_dict",
+    "hf_tensor_specs",
+    "load_hf_tensors",
+    "make_checkpoint",
+    "native_tensor_specs",
+]
