@@ -1,6 +1,9 @@
 """The ``lazysd`` command (also ``python -m lazysd``).
 
     lazysd inspect PATH [--all] [--mtp]      native keys, shapes, dtypes, bytes, HF sources
+        [--match GLOB] [--layer L]           only keys matching a glob / in layer(s) L
+        [--summary]                          bytes per module kind and per layer instead of keys
+        [--ep N [--ep-shard M] [--fsdp]]     dry-run load plan: bytes each rank reads
     lazysd demo [--keep DIR]                 generate a checkpoint, load it lazily, run a forward pass
 
 Each subcommand is a function ``cmd_<name>(args) -> int`` registered in :func:`build_parser`.
@@ -19,15 +22,32 @@ from .errors import LazySDError
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .inspect import key_table, summary_lines
+    from .inspect import key_table, summarize, summary_lines
     from .virtual import VirtualStateDict
 
     with VirtualStateDict(args.path, include_mtp=args.mtp) as vsd:
+        keys = list(vsd)
+        if args.match is not None or args.layer is not None:
+            keys = list(vsd.select(args.match, layer=args.layer))
+        # Plan (and so validate the layout) before printing anything.
+        plan = None if args.ep is None else vsd.rank_plan(args.ep, ep_shard=args.ep_shard, fsdp=args.fsdp, keys=keys)
         for line in summary_lines(vsd):
             print(line)
         print()
-        for line in key_table(vsd, None if args.all else args.limit):
-            print(line)
+        if len(keys) != len(vsd):
+            print(f"{len(keys)} of {len(vsd)} keys match" + "".join(
+                f" {name}={value!r}" for name, value in (("--match", args.match), ("--layer", args.layer)) if value is not None
+            ))
+        if args.summary:
+            print(summarize(vsd, by="kind", keys=keys))
+            print()
+            print(summarize(vsd, by="layer", keys=keys))
+        else:
+            for line in key_table(vsd, None if args.all else args.limit, keys=keys):
+                print(line)
+        if plan is not None:
+            print()
+            print(plan)
         print(f"\ntensor bytes read: {vsd.bytes_read}")
     return 0
 
@@ -67,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="list every key")
     p.add_argument("--limit", type=int, default=40, help="keys to list (default 40)")
     p.add_argument("--mtp", action="store_true", help="include MTP layers")
+    p.add_argument("--match", metavar="GLOB", help="only keys matching this shell glob, e.g. '*.experts.*'")
+    p.add_argument("--layer", action="append", metavar="L", help="only keys of layer L (repeatable; '-' = outside layers, 'mtp.0')")
+    p.add_argument("--summary", action="store_true", help="bytes per module kind and per layer instead of the key list")
+    p.add_argument("--ep", type=int, metavar="N", help="dry-run load plan for N expert-parallel ranks (experts Shard(0))")
+    p.add_argument("--ep-shard", type=int, default=1, metavar="M", help="also shard experts on native dim 1 over M ranks")
+    p.add_argument("--fsdp", action="store_true", help="with --ep: non-expert tensors Shard(0) over all ranks, not replicated")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("demo", help="generate a small checkpoint, load it through a VirtualStateDict, run a forward pass")
