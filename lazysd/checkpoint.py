@@ -257,11 +257,8 @@ class Checkpoint:
                 raise CheckpointIndexError(f"{index}: expected an object with a 'weight_map' object")
             resolved: dict[str, Path] = {}
             missing: dict[str, list[str]] = {}
-            checked: dict[str, Path] = {}  # a shard is named by hundreds of keys: check it once
             for key, name in weight_map.items():
-                file = checked.get(name) if isinstance(name, str) else None
-                if file is None:
-                    file = checked[name] = self._resolve_inside(name, f"{index}, key {key!r}")
+                file = self._resolve_inside(name, f"{index}, key {key!r}")
                 if not file.is_file():
                     missing.setdefault(str(name), []).append(key)
                 resolved[key] = file
