@@ -8,6 +8,7 @@ from .errors import (
     CheckpointIndexError,
     CheckpointNotFoundError,
     ConfigError,
+    ExportError,
     FileChangedError,
     HeaderError,
     LazySDError,
@@ -20,16 +21,20 @@ from .errors import (
     UnknownModelError,
     UnsafePathError,
 )
+from .export import HFView, save_hf
 from .lazy import LazyTensor
 from .virtual import VirtualStateDict
 
 __all__ = [
     "VirtualStateDict",
     "LazyTensor",
+    "HFView",
+    "save_hf",
     "LazySDError",
     "CheckpointIndexError",
     "CheckpointNotFoundError",
     "ConfigError",
+    "ExportError",
     "FileChangedError",
     "HeaderError",
     "MissingKeyError",

@@ -65,6 +65,10 @@ class PlacementError(LazySDError, ValueError):
     """A mesh or placement request that cannot be honoured (wrong shape, no expert dim, ...)."""
 
 
+class ExportError(LazySDError, ValueError):
+    """An export that cannot be done safely: output is the source or not empty, ranks disagree, ..."""
+
+
 class MissingKeyError(LazySDError, KeyError):
     """A key that the VirtualStateDict does not have."""
 
