@@ -138,7 +138,8 @@ class LazyTensor(torch.Tensor):
             dest, src = args[0], args[1]
             if tuple(dest.shape) == tuple(src.shape) and type(dest) is not LazyTensor and not _is_dtensor(dest):
                 return src.fill_(dest)
-        if func in (torch.Tensor.detach, torch.detach) and isinstance(args[0], LazyTensor):
+        # Aliases of a LazyTensor stay lazy (nn.Parameter calls detach(), DTensor.from_local view_as()).
+        if func in (torch.Tensor.detach, torch.detach, torch.Tensor.view_as) and isinstance(args[0], LazyTensor):
             src = args[0]
             return LazyTensor(src.entry, src._reader, src.box, dtype=src.dtype, device=src.device)
         if func is torch.Tensor.module_load and isinstance(args[1], LazyTensor):
@@ -198,16 +199,27 @@ def _rebuild(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _register_parameter_hook(module: torch.nn.Module, name: str, param: Any) -> Any:
-    if isinstance(param, LazyTensor):
-        return torch.nn.Parameter(param.materialize(), requires_grad=param.requires_grad)
+def _materialized_value(value: Any) -> torch.Tensor | None:
+    """A LazyTensor, or a DTensor whose local shard is one, read into plain memory."""
+    if isinstance(value, LazyTensor):
+        return value.materialize()
+    local = getattr(value, "_local_tensor", None)
+    if isinstance(local, LazyTensor):
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(
+            local.materialize(), value.device_mesh, value.placements, run_check=False, shape=value.shape, stride=value.stride()
+        )
     return None
+
+
+def _register_parameter_hook(module: torch.nn.Module, name: str, param: Any) -> Any:
+    real = _materialized_value(param)
+    return None if real is None else torch.nn.Parameter(real, requires_grad=param.requires_grad)
 
 
 def _register_buffer_hook(module: torch.nn.Module, name: str, tensor: Any) -> Any:
-    if isinstance(tensor, LazyTensor):
-        return tensor.materialize()
-    return None
+    return _materialized_value(tensor)
 
 
 # Installed once, process-wide, on import: they act only on LazyTensors, which exist only

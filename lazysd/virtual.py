@@ -132,9 +132,24 @@ class VirtualStateDict(Mapping[str, torch.Tensor]):
             return entry.dtype
         return self.dtype
 
-    def lazy(self, entry: Entry, box: Box) -> LazyTensor:
-        """A LazyTensor for ``box`` of ``entry``."""
-        return LazyTensor(entry, self.reader, box, dtype=self.dtype_of(entry), device=self.device)
+    def lazy(self, entry: Entry, box: Box, *, device: torch.device | None = None) -> LazyTensor:
+        """A LazyTensor for ``box`` of ``entry`` (on ``device``, default the mapping's)."""
+        return LazyTensor(entry, self.reader, box, dtype=self.dtype_of(entry), device=device or self.device)
+
+    def local_box(self, key: str) -> Box:
+        """This rank's box of native ``key``: its shard under the mesh/``like=``, else the whole tensor."""
+        entry = self.entry(key)
+        return local_box(entry.shape) if self._layout is None else self._layout.box(entry)
+
+    def planned_ranges(self, keys: Iterable[str] | None = None) -> list[tuple[str, int, int]]:
+        """``(file, offset, length)`` of the bytes that reading ``keys`` (default: all) reads on this rank.
+
+        From the plan alone, no I/O: lazysd's own per-rank byte accounting, which
+        ``bytes_read`` matches after a load.
+        """
+        from .distributed import byte_ranges
+
+        return [r for key in (self if keys is None else keys) for r in byte_ranges(self.entry(key), self.local_box(key))]
 
     @property
     def stats(self) -> Stats:

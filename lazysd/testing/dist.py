@@ -1,0 +1,68 @@
+"""Run a function on several real gloo ranks (CPU processes) and collect what each returns.
+
+Example:
+    >>> run_ranks(my_check, world_size=4, args=(str(path),))   # doctest: +SKIP
+    [result_of_rank0, result_of_rank1, ...]
+
+``fn(rank, world_size, *args)`` runs in a process forked from a fork server that has
+imported torch and lazysd once (spawning would re-import torch in every rank, ~10 s each on a
+busy 2-core machine; forking the caller is unsafe once it has used OpenMP threads) with the default process
+group already initialized (gloo, file rendezvous); it must be importable at module level.
+An exception on any rank fails the call with that rank's traceback; a hang is cut off after
+``timeout`` seconds.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+import tempfile
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch.multiprocessing as mp
+
+
+def _entry(rank: int, fn: Callable[..., Any], world_size: int, rdzv: str, out_dir: str, args: tuple[Any, ...]) -> None:
+    import torch.distributed as dist
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    result: tuple[str, Any]
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=world_size)
+        try:
+            result = ("ok", fn(rank, world_size, *args))
+        finally:
+            dist.destroy_process_group()
+    except BaseException:
+        result = ("error", traceback.format_exc())
+    Path(out_dir, f"rank{rank}.pkl").write_bytes(pickle.dumps(result))
+
+
+multiprocessing.set_forkserver_preload(["torch", "torch.distributed.tensor", "lazysd", "lazysd.testing"])
+
+
+def run_ranks(fn: Callable[..., Any], world_size: int, args: tuple[Any, ...] = (), *, timeout: float = 120.0) -> list[Any]:
+    """``[fn(rank, world_size, *args) for each rank]``, each rank its own process."""
+    with tempfile.TemporaryDirectory(prefix="lazysd-ranks-") as tmp:
+        ctx = mp.start_processes(
+            _entry, args=(fn, world_size, str(Path(tmp) / "rdzv"), tmp, args), nprocs=world_size, join=False, start_method="forkserver"
+        )
+        import time
+
+        deadline = time.monotonic() + timeout
+        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.kill()
+                raise TimeoutError(f"{fn.__name__} on {world_size} ranks did not finish in {timeout} s")
+        results = []
+        for rank in range(world_size):
+            status, value = pickle.loads(Path(tmp, f"rank{rank}.pkl").read_bytes())
+            if status == "error":
+                raise AssertionError(f"rank {rank} of {world_size} failed:\n{value}")
+            results.append(value)
+        return results
