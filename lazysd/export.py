@@ -225,16 +225,18 @@ def _clip(piece: HFPiece, box: tuple[tuple[int, int], ...]) -> tuple[HFPiece, tu
     start = list(piece.start)
     shape = list(piece.shape)
     offset = [0] * len(piece.shape)
+    missed = False
     for i, ((lo, hi), (p_lo, p_hi)) in enumerate(zip(box, piece.box)):
         a, b = max(lo, p_lo), min(hi, p_hi)
         start[i] = a
         d = piece.dims[i]
         if d is None:  # stacking dim: extent 1, in or out
-            if b <= a:
-                shape = [0] * len(shape)
+            missed = missed or b <= a
             continue
         shape[d] = max(0, b - a)
         offset[d] = a - p_lo
+    if missed:
+        shape = [0] * len(shape)
     return replace(piece, shape=tuple(shape), start=tuple(start)), tuple(offset)
 
 

@@ -286,3 +286,12 @@ def test_sigkill_midway_leaves_nothing_complete_looking(src: Path, original: dic
         save_hf(vsd, out, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["model-00001-of-00001.safetensors", "model.safetensors.index.json"]
     assert_same(load_hf_tensors(out), original)
+
+
+def test_every_family_roundtrips_bitwise(tmp_path: Path) -> None:
+    families = pytest.importorskip("lazysd.testing.families")
+    for family in families.FAMILIES:
+        src = families.make_family_checkpoint(tmp_path / family, families.FamilySpec.tiny(family))
+        with VirtualStateDict(src, include_mtp=True) as vsd:
+            out = save_hf(vsd, tmp_path / f"{family}-out", config=src / "config.json")
+        assert_same(load_hf_tensors(out), load_hf_tensors(src))
