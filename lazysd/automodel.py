@@ -46,7 +46,8 @@ Where this adapter knowingly differs from the public one, and why:
    over 4 ranks: 3,3,3,1), not the public "first ``E % n`` ranks take one more" rule (3,3,2,2).
    Both agree whenever ``E`` divides evenly; when they do not, only DTensor's split gives a
    DTensor whose ``full_tensor()`` and redistributions are correct and that matches
-   parameters sharded by ``distribute_tensor``.
+   parameters sharded by ``distribute_tensor`` (a trailing rank may then hold no experts,
+   e.g. 5 over 4: 2,2,1,0).
 3. On plain tensors with an ``ep_shard`` mesh dim of size > 1, the native dim 1 is sliced to
    this rank's ``Shard(1)`` piece too (older public versions slice only experts while still
    declaring ``Shard(1)``, doubling dim 1 of the global shape). Uneven ``ep_shard`` splits are
