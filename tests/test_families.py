@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lazysd import UnknownModelError, VirtualStateDict
+from lazysd import ConfigError, ShapeMismatchError, UnknownModelError, VirtualStateDict
 from lazysd.adapters import detect
 from lazysd.cli import main
 from lazysd.errors import UnsupportedFormatError
@@ -241,3 +241,22 @@ def test_user_declared_family_in_a_few_lines(tmp_path: Path) -> None:
         assert torch.equal(gu[1], torch.cat([hf["model.layers.0.moe.experts.1.w_gate.weight"].T, hf["model.layers.0.moe.experts.1.w_up.weight"].T], -1))
     with pytest.raises(UnknownModelError, match=r"model_type 'mymoe' is not supported .*keys no family claims:\n  model.layers.0.moe.experts.0.w_gate.weight"):
         VirtualStateDict(tmp_path)
+
+
+@pytest.mark.parametrize("bad", [[0, 128], "128", [128], [128.0, 128]])
+def test_fp8_block_size_from_config_is_validated(checkpoints: dict, tmp_path: Path, bad: object) -> None:
+    src = checkpoints["deepseek_v3", True]
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"]["weight_block_size"] = bad
+    path = _without_model_type(src, tmp_path / "c", **config)
+    with pytest.raises(ConfigError, match=r"config.json: quantization_config.weight_block_size must be two positive integers"):
+        VirtualStateDict(path)
+
+
+def test_fp8_scale_of_the_wrong_shape_is_an_error(checkpoints: dict, tmp_path: Path) -> None:
+    src = checkpoints["deepseek_v3", True]
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"]["weight_block_size"] = [64, 64]  # scales were written for 128 x 128
+    path = _without_model_type(src, tmp_path / "c", **config)
+    with pytest.raises(ShapeMismatchError, match=r"key 'model.layers.0.self_attn.q_a_proj.weight_scale_inv': scales \[1, 2\]"):
+        VirtualStateDict(path)
