@@ -17,17 +17,21 @@ from .errors import (
     NoWeightsError,
     PlacementError,
     ShapeMismatchError,
+    StateDictMismatchError,
     UnclaimedKeyError,
     UnknownModelError,
     UnsafePathError,
 )
 from .export import HFView, save_hf
 from .lazy import LazyTensor
+from .load import LoadReport, load
 from .virtual import VirtualStateDict
 
 __all__ = [
     "VirtualStateDict",
     "LazyTensor",
+    "load",
+    "LoadReport",
     "HFView",
     "save_hf",
     "LazySDError",
@@ -42,6 +46,7 @@ __all__ = [
     "NoWeightsError",
     "PlacementError",
     "ShapeMismatchError",
+    "StateDictMismatchError",
     "UnclaimedKeyError",
     "UnknownModelError",
     "UnsafePathError",

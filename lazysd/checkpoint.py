@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import stat
 import threading
 import weakref
@@ -33,6 +34,7 @@ from .errors import (
     ConfigError,
     FileChangedError,
     HeaderError,
+    LazySDError,
     NoWeightsError,
     UnsafePathError,
 )
@@ -42,6 +44,10 @@ SINGLE_NAME = "model.safetensors"
 # A real header is a few MB at most (DeepSeek-V3's largest shard: ~100 KB). The cap makes a
 # file that claims a 2**60-byte header fail before anything is allocated.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+# config.json and the index are a few MB at most; a larger one is refused before it is read.
+MAX_JSON_BYTES = 64 * 1024 * 1024
+# torch sizes are int64: a larger dimension (possible in a zero-element tensor) could not be built.
+MAX_DIM = 2**63 - 1
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 DTYPES: dict[str, torch.dtype] = {
@@ -139,12 +145,22 @@ def parse_header(file: Path, fd: int, file_size: int) -> tuple[dict[str, TensorI
         raise _fail(HeaderError, file, None, f"header is not valid JSON ({e.msg} at char {e.pos})") from None
     except RecursionError:
         raise _fail(HeaderError, file, None, "header JSON is nested too deeply") from None
+    except HeaderError:
+        raise
+    except ValueError as e:  # e.g. an integer literal of more than 4300 digits
+        raise _fail(HeaderError, file, None, f"header JSON holds an unreadable value ({str(e)[:80]})") from None
     if not isinstance(header, dict):
         raise _fail(HeaderError, file, None, f"header must be a JSON object, got {type(header).__name__}")
 
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-        raise _fail(HeaderError, file, "__metadata__", "must be an object of string keys to string values")
+    # Absent or null means no metadata; anything else must be strings to strings.
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict):
+        raise _fail(HeaderError, file, "__metadata__", f"must be an object of string keys to string values, got {type(metadata).__name__}")
+    for k, v in metadata.items():
+        if not isinstance(v, str):
+            raise _fail(HeaderError, file, "__metadata__", f"value of {k!r} must be a string, got {type(v).__name__}")
 
     data_start = 8 + header_len
     data_size = file_size - data_start
@@ -155,16 +171,16 @@ def parse_header(file: Path, fd: int, file_size: int) -> tuple[dict[str, TensorI
             raise _fail(HeaderError, file, key, "entry must be an object with exactly 'dtype', 'shape' and 'data_offsets'")
         dtype_name, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
         if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
-            raise _fail(HeaderError, file, key, f"unknown dtype {dtype_name!r} (known: {', '.join(DTYPES)})")
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            raise _fail(HeaderError, file, key, f"shape must be a list of non-negative integers, got {shape!r}")
+            raise _fail(HeaderError, file, key, f"unknown dtype {_clip(dtype_name)} (known: {', '.join(DTYPES)})")
+        if not isinstance(shape, list) or not all(type(d) is int and 0 <= d <= MAX_DIM for d in shape):
+            raise _fail(HeaderError, file, key, f"shape must be a list of non-negative integers, got {_clip(shape)}")
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
             or not all(type(o) is int for o in offsets)
             or not 0 <= offsets[0] <= offsets[1] <= data_size
         ):
-            raise _fail(HeaderError, file, key, f"data_offsets {offsets!r} are not a [begin, end] range inside the {data_size}-byte data section")
+            raise _fail(HeaderError, file, key, f"data_offsets {_clip(offsets)} are not a [begin, end] range inside the {data_size}-byte data section")
         dtype = DTYPES[dtype_name]
         expected = math.prod(shape) * dtype.itemsize
         if offsets[1] - offsets[0] != expected:
@@ -224,41 +240,98 @@ class Checkpoint:
         file = self.path / "config.json"
         if not file.is_file():
             raise CheckpointNotFoundError(f"{file}: config.json not found (lazysd needs it to choose the model family)")
+        raw = self._read_small(file, ConfigError)
         try:
-            config = json.loads(file.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{file}: not valid JSON ({e})") from None
+            config = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise ConfigError(f"{file}: not valid JSON ({str(e)[:200]})") from None
         if not isinstance(config, dict):
             raise ConfigError(f"{file}: must hold a JSON object, got {type(config).__name__}")
         return config
 
-    def _resolve_inside(self, name: Any, where: str) -> Path:
+    def _roots(self) -> tuple[Path, ...]:
+        """Directories checkpoint files may resolve into (through symlinks).
+
+        The checkpoint directory itself, and for a Hugging Face hub cache snapshot
+        (``models--org--name/snapshots/<rev>``, whose files are symlinks) the repository's
+        ``blobs`` directory next to ``snapshots``.
+        """
+        real = self.path.resolve()
+        if real.parent.name == "snapshots":
+            return real, real.parent.parent / "blobs"
+        return (real,)
+
+    def _check_inside(self, file: Path, where: str) -> None:
+        """Refuse a file whose real path (symlinks followed) leaves the checkpoint directory."""
+        real = file.resolve()
+        if not any(real.is_relative_to(root) for root in self._roots()):
+            raise UnsafePathError(f"{where}: {file.name!r} resolves to {real}, outside the checkpoint directory {self.path} (symlink leading out?)")
+
+    def _read_small(self, file: Path, error: type[LazySDError]) -> bytes:
+        """Bytes of config.json or the index, size-capped, refused if it resolves outside."""
+        self._check_inside(file, str(file))
+        size = file.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise error(f"{file}: {size} bytes, over the {MAX_JSON_BYTES}-byte limit for a JSON file of a checkpoint")
+        return file.read_bytes()
+
+    def _resolve_inside(self, name: str, where: str) -> Path:
         """A file named by the index, refused unless it stays inside the checkpoint directory."""
-        if not isinstance(name, str) or not name or "\x00" in name:
+        if not name or "\x00" in name:
             raise UnsafePathError(f"{where}: file name {name!r} is not a plain file name")
         candidate = Path(name)
         if candidate.is_absolute() or ".." in candidate.parts:
             raise UnsafePathError(f"{where}: file {name!r} points outside the checkpoint directory {self.path}")
         full = self.path / candidate
-        real = full.resolve()
-        if not real.is_relative_to(self.path.resolve()):
-            raise UnsafePathError(f"{where}: file {name!r} resolves to {real}, outside the checkpoint directory {self.path}")
+        self._check_inside(full, where)
         return full
 
     def _weight_files(self) -> tuple[list[Path], dict[str, Path] | None]:
         index = self.path / INDEX_NAME
         if index.is_file():
+            twice: dict[str, list[Any]] = {}
+
+            def keep_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+                # A key listed twice in one JSON object would silently keep the last file.
+                out: dict[str, Any] = {}
+                for k, v in pairs:
+                    if k in out:
+                        twice.setdefault(k, [out[k]]).append(v)
+                    out[k] = v
+                return out
+
+            raw = self._read_small(index, CheckpointIndexError)
             try:
-                data = json.loads(index.read_text(encoding="utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise CheckpointIndexError(f"{index}: not valid JSON ({e})") from None
+                data = json.loads(raw.decode("utf-8"), object_pairs_hook=keep_duplicates)
+            except (UnicodeDecodeError, ValueError, RecursionError) as e:
+                raise CheckpointIndexError(f"{index}: not valid JSON ({str(e)[:200]})") from None
             weight_map = data.get("weight_map") if isinstance(data, dict) else None
             if not isinstance(weight_map, dict):
                 raise CheckpointIndexError(f"{index}: expected an object with a 'weight_map' object")
+            if not weight_map:
+                raise CheckpointIndexError(f"{index}: weight_map is empty (it must name every tensor of the checkpoint)")
+            repeated = {k: v for k, v in twice.items() if k in weight_map and weight_map[k] == v[-1]}
+            if repeated:
+                lines = [f"  {k}: {', '.join(_clip(f) for f in v)}" for k, v in list(repeated.items())[:20]]
+                raise CheckpointIndexError(f"{index}: weight_map lists keys more than once:\n" + "\n".join(lines) + _more(len(repeated), 20))
+            not_names = [f"  {k}: {_clip(v)}" for k, v in weight_map.items() if not isinstance(v, str)]
+            if not_names:
+                raise CheckpointIndexError(
+                    f"{index}: weight_map values must be file names (strings), got:\n" + "\n".join(not_names[:20]) + _more(len(not_names), 20)
+                )
+            pickled = [f"  {k}: {v}" for k, v in weight_map.items() if Path(v).suffix in PICKLE_SUFFIXES]
+            if pickled:
+                raise NoWeightsError(
+                    f"{index}: names pickled weight files, which lazysd never unpickles (unpickling can run "
+                    "arbitrary code):\n" + "\n".join(pickled[:20]) + _more(len(pickled), 20)
+                )
             resolved: dict[str, Path] = {}
             missing: dict[str, list[str]] = {}
+            checked: dict[str, Path] = {}  # a shard is named by hundreds of keys: check it once
             for key, name in weight_map.items():
-                file = self._resolve_inside(name, f"{index}, key {key!r}")
+                file = checked.get(name)
+                if file is None:
+                    file = checked[name] = self._resolve_inside(name, f"{index}, key {key!r}")
                 if not file.is_file():
                     missing.setdefault(str(name), []).append(key)
                 resolved[key] = file
@@ -266,6 +339,7 @@ class Checkpoint:
                 lines = [f"  {name}: {', '.join(_short(keys))}" for name, keys in sorted(missing.items())]
                 raise CheckpointNotFoundError(f"{index}: names files that do not exist, for these keys:\n" + "\n".join(lines))
             files = sorted(set(resolved.values()))
+            self._check_shard_series(index, files)
             return files, resolved
         single = self.path / SINGLE_NAME
         if single.is_file():
@@ -281,6 +355,27 @@ class Checkpoint:
             )
         raise NoWeightsError(f"{self.path}: no model.safetensors, {INDEX_NAME} or *.safetensors files found")
 
+    def _check_shard_series(self, index: Path, files: list[Path]) -> None:
+        """Every shard of a ``name-0000i-of-0000N.safetensors`` series the index uses is named.
+
+        An index that lost every key of one shard (a half-copied or hand-edited checkpoint)
+        would otherwise load without that shard's tensors, silently.
+        """
+        series: dict[tuple[str, int], set[int]] = {}
+        for file in files:
+            m = _SHARD_NAME.fullmatch(file.name)
+            if m is not None:
+                series.setdefault((m["stem"], int(m["total"])), set()).add(int(m["i"]))
+        for (stem, total), named in sorted(series.items()):
+            width = len(str(total)) if total >= 10**5 else 5
+            unnamed = [f"{stem}-{i:0{width}d}-of-{total:0{width}d}.safetensors" for i in range(1, total + 1) if i not in named]
+            if unnamed:
+                raise CheckpointIndexError(
+                    f"{index}: names shards {stem}-*-of-{total:0{width}d}.safetensors but no key in "
+                    + ", ".join(_short(unnamed))
+                    + " (a shard's keys are missing from the index)"
+                )
+
     def _read_tensors(self) -> dict[str, TensorInfo]:
         files, weight_map = self._weight_files()
         tensors: dict[str, TensorInfo] = {}
@@ -294,22 +389,24 @@ class Checkpoint:
                 tensors[key] = info
         if duplicates:
             lines = [f"  {k}: in {', '.join(v)}" for k, v in list(duplicates.items())[:20]]
-            raise CheckpointIndexError(f"{self.path}: keys stored in more than one file:\n" + "\n".join(lines))
+            raise CheckpointIndexError(f"{self.path}: keys stored in more than one file:\n" + "\n".join(lines) + _more(len(duplicates), 20))
         if weight_map is not None:
             index = self.path / INDEX_NAME
             lacking = [f"  {k}: index says {f.name}, which lacks it" for k, f in weight_map.items() if k not in tensors or tensors[k].file != f]
             unlisted = [f"  {k}: in {t.file.name} but not in the index" for k, t in tensors.items() if k not in weight_map]
             if lacking or unlisted:
                 problems = lacking + unlisted
-                more = f"\n  ... {len(problems) - 20} more" if len(problems) > 20 else ""
-                raise CheckpointIndexError(f"{index}: disagrees with the files:\n" + "\n".join(problems[:20]) + more)
+                raise CheckpointIndexError(f"{index}: disagrees with the files:\n" + "\n".join(problems[:20]) + _more(len(problems), 20))
             # Keep the index's key order: it is how the checkpoint's author listed them.
             tensors = {k: tensors[k] for k in weight_map}
         return tensors
 
     def _open(self, file: Path) -> dict[str, TensorInfo]:
+        self._check_inside(file, str(file))
         try:
-            fd = os.open(file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            # O_NONBLOCK: opening a FIFO planted under a weights name must not wait for a writer
+            # (it has no effect on the regular files that pass the check below).
+            fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError:
             raise CheckpointNotFoundError(f"{file}: weights file does not exist") from None
         self._fds[file] = fd
@@ -358,6 +455,12 @@ class Checkpoint:
             if got == 0:
                 raise FileChangedError(f"{info.file}, key {info.key!r}: file ended early (truncated after it was opened?)")
             done += got
+        # A write that landed while we read would otherwise go unnoticed: the bytes would be
+        # a mix of old and new. One fstat is cheap next to a read.
+        st = os.fstat(fd)
+        expected = self._identity[info.file]
+        if st.st_size != expected.size or st.st_mtime_ns != expected.mtime_ns:
+            raise FileChangedError(f"{info.file}, key {info.key!r}: file changed while it was being read; reopen the checkpoint")
         with self._lock:
             self.bytes_read += n
             self.read_calls += 1
@@ -395,6 +498,19 @@ def _close_fds(fds: dict[Path, int]) -> None:
         except OSError:
             pass
     fds.clear()
+
+
+def _clip(value: Any, n: int = 60) -> str:
+    """``repr(value)`` cut to ``n`` characters: header values are untrusted and may be huge."""
+    text = repr(value)
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+_SHARD_NAME = re.compile(r"(?P<stem>.+)-(?P<i>\d+)-of-(?P<total>\d+)\.safetensors")
+
+
+def _more(total: int, shown: int) -> str:
+    return f"\n  ... {total - shown} more" if total > shown else ""
 
 
 def _short(items: list[str], n: int = 8) -> list[str]:

@@ -5,6 +5,8 @@
         [--summary]                          bytes per module kind and per layer instead of keys
         [--ep N [--ep-shard M] [--fsdp]]     dry-run load plan: bytes each rank reads
     lazysd demo [--keep DIR]                 generate a checkpoint, load it lazily, run a forward pass
+    lazysd convert SRC DST                   re-shard / convert a checkpoint, streaming (see cmd_convert)
+        [--max-shard-size 5GB] [--overwrite] [--from hf|native] [--to hf|native]
 
 Each subcommand is a function ``cmd_<name>(args) -> int`` registered in :func:`build_parser`.
 """
@@ -78,6 +80,47 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    """HF -> HF (re-shard, read through the rules, so it validates too), HF -> native, native -> HF.
+
+    "native" on disk is lazysd's only native format: config.json plus safetensors files of
+    native keys (MTP layers as ``mtp.layers.{i}``), as ``--to native`` writes them.
+    """
+    import json
+
+    from .adapters import resolve_adapter
+    from .checkpoint import config_value
+    from .export import SafetensorsFiles, save_hf, save_native
+    from .virtual import VirtualStateDict
+
+    src, dst = Path(args.src), Path(args.dst)
+    options = {"max_shard_size": args.max_shard_size, "overwrite": args.overwrite, "progress": not args.quiet}
+    t0 = time.perf_counter()
+    if args.from_ == "native" and args.to == "native":
+        print("lazysd: error: --from native --to native: nothing to convert", file=sys.stderr)
+        return 2
+    if args.from_ == "hf":
+        with VirtualStateDict(src, adapter=args.adapter, include_mtp=not args.no_mtp) as vsd:
+            for key, why in list(vsd.plan.ignored.items())[:20]:
+                print(f"lazysd: not written: {key} ({why})", file=sys.stderr)
+            config = args.config or src / "config.json"
+            if args.to == "hf":
+                out = save_hf(vsd, dst, config=config, **options)
+            else:
+                out = save_native(vsd, dst, config=config, **options)
+    else:
+        files = SafetensorsFiles(src)
+        config_path = Path(args.config) if args.config else src / "config.json"
+        config = json.loads(config_path.read_text())
+        adapter = resolve_adapter(args.adapter, config, keys=(), where=str(config_path))
+        text = config.get(adapter.text_config, config) if adapter.text_config else config
+        num_layers = config_value(text, *adapter.num_layers)
+        out = save_hf(files, dst, adapter=adapter, num_layers=num_layers, config=config_path, **options)
+    names = sorted(p.name for p in out.glob("*.safetensors"))
+    print(f"wrote {len(names)} safetensors file(s) to {out} in {time.perf_counter() - t0:.2f}s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lazysd", description="Lazy native-key views of Hugging Face MoE checkpoints.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -98,6 +141,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="generate a small checkpoint, load it through a VirtualStateDict, run a forward pass")
     p.add_argument("--keep", metavar="DIR", help="write the checkpoint here instead of a temporary directory")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("convert", help="re-shard or convert a checkpoint (HF <-> native), streaming one tensor slice at a time")
+    p.add_argument("src", help="HF checkpoint directory (or, with --from native, a directory of native-key safetensors + config.json)")
+    p.add_argument("dst", help="output directory (new or empty, or --overwrite)")
+    p.add_argument("--max-shard-size", default="5GB", help="bytes per output file, e.g. 5GB (10**9), 2GiB (default 5GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace the weights in a non-empty DST")
+    p.add_argument("--from", dest="from_", choices=("hf", "native"), default="hf", help="layout of SRC (default hf)")
+    p.add_argument("--to", choices=("hf", "native"), default="hf", help="layout to write (default hf)")
+    p.add_argument("--adapter", help="model family (default: detected from config.json)")
+    p.add_argument("--config", help="config.json to use and copy (default SRC/config.json)")
+    p.add_argument("--no-mtp", action="store_true", help="leave out MTP layers (default: keep them)")
+    p.add_argument("--quiet", action="store_true", help="no progress line on stderr")
+    p.set_defaults(func=cmd_convert)
     return parser
 
 

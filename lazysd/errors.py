@@ -69,6 +69,10 @@ class ExportError(LazySDError, ValueError):
     """An export that cannot be done safely: output is the source or not empty, ranks disagree, ..."""
 
 
+class StateDictMismatchError(LazySDError, RuntimeError):
+    """``lazysd.load(..., strict=True)``: the model's keys and the checkpoint's differ."""
+
+
 class MissingKeyError(LazySDError, KeyError):
     """A key that the VirtualStateDict does not have."""
 

@@ -225,16 +225,18 @@ def _clip(piece: HFPiece, box: tuple[tuple[int, int], ...]) -> tuple[HFPiece, tu
     start = list(piece.start)
     shape = list(piece.shape)
     offset = [0] * len(piece.shape)
+    missed = False
     for i, ((lo, hi), (p_lo, p_hi)) in enumerate(zip(box, piece.box)):
         a, b = max(lo, p_lo), min(hi, p_hi)
         start[i] = a
         d = piece.dims[i]
         if d is None:  # stacking dim: extent 1, in or out
-            if b <= a:
-                shape = [0] * len(shape)
+            missed = missed or b <= a
             continue
         shape[d] = max(0, b - a)
         offset[d] = a - p_lo
+    if missed:
+        shape = [0] * len(shape)
     return replace(piece, shape=tuple(shape), start=tuple(start)), tuple(offset)
 
 
@@ -329,13 +331,17 @@ class _Progress:
     def add(self, nbytes: int, tensors: int = 0) -> None:
         self.done += nbytes
         self.tensors += tensors
+        now = time.perf_counter()
+        if now - self.last >= self.every:
+            self.last = now
+            self._print(now, final=False)
+
+    def finish(self) -> None:
+        self._print(time.perf_counter(), final=True)
+
+    def _print(self, now: float, *, final: bool) -> None:
         if self.stream is None:
             return
-        now = time.perf_counter()
-        final = self.done >= self.total
-        if now - self.last < self.every and not final:
-            return
-        self.last = now
         rate = self.done / max(now - self.start, 1e-9) / 2**20
         pct = 100.0 * self.done / self.total if self.total else 100.0
         self.stream.write(
@@ -603,6 +609,7 @@ def _export(
                 os.fsync(fd)
             finally:
                 os.close(fd)
+        report.finish()
     except BaseException as e:  # noqa: BLE001 - every rank must learn of it before anyone commits
         failed = e
     if writer.any_failed(failed is not None):

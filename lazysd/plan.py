@@ -180,6 +180,7 @@ def resolve(
     num_layers = config_value(config, *adapter.num_layers)
     if num_layers is not None and (type(num_layers) is not int or num_layers < 0):
         raise ConfigError(f"{ckpt.path / 'config.json'}: {adapter.num_layers[0]} must be a non-negative integer, got {num_layers!r}")
+    _check_layers(adapter, config, ckpt, num_layers)
 
     if fp8 not in ("dequantize", "keep"):
         raise ValueError(f"fp8 must be 'dequantize' or 'keep', got {fp8!r}")
@@ -246,6 +247,7 @@ def resolve(
 
     entries = {k: entries[k] for k in sorted(entries, key=natural_key)}
     _check_config(adapter, config, ckpt, entries)
+    _check_expert_counts(ckpt, entries)
     return Plan(adapter, entries, ignored, num_layers)
 
 
@@ -360,6 +362,66 @@ def _check_config(adapter: Adapter, config: dict[str, Any], ckpt: Checkpoint, en
                     f"{where}: {check.fields[0]}={value!r} but {entry.key} (from {', '.join(entry.hf_keys[:2])} in "
                     f"{entry.sources[0].info.file.name}) has {entry.shape[check.dim]} on dim {check.dim}, shape {list(entry.shape)}"
                 )
+
+
+#: config.json fields holding the number of MTP layers stored after the main ones.
+MTP_LAYER_FIELDS = ("num_nextn_predict_layers",)
+
+
+def _span(layers: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``'0..2, 5'``: layer lists stay short in messages."""
+    runs: list[list[int]] = []
+    for n in layers:
+        if runs and n == runs[-1][1] + 1:
+            runs[-1][1] = n
+        else:
+            runs.append([n, n])
+    text = ", ".join(str(a) if a == b else f"{a}..{b}" for a, b in runs[:12])
+    return text + (" ..." if len(runs) > 12 else "")
+
+
+def _check_layers(adapter: Adapter, config: dict[str, Any], ckpt: Checkpoint, num_layers: int | None) -> None:
+    """The layer indices in the tensors agree with config.json's layer counts.
+
+    Every main layer ``0..num_hidden_layers-1`` must be present; layers after them are MTP
+    layers, at most ``num_nextn_predict_layers`` of them (checkpoints that drop MTP layers
+    are fine). Otherwise layers would be misnamed as MTP layers, or silently missing.
+    """
+    where = ckpt.path / "config.json"
+    prefix = Pattern(adapter.layer_prefix).regex
+    present = sorted({int(m.group("layer")) for k in ckpt.tensors if (m := prefix.match(k)) is not None})
+    if not present or num_layers is None:
+        return
+    main_field = adapter.num_layers[0]
+    missing = [n for n in range(num_layers) if n not in set(present)]
+    if missing:
+        raise ConfigError(
+            f"{where}: {main_field}={num_layers} but the tensors have {len(present)} layer(s), {_span(present)}; "
+            f"missing main layers {_span(missing)}"
+        )
+    mtp_field = next((f for f in MTP_LAYER_FIELDS if config_value(config, f) is not None), None)
+    if mtp_field is None:
+        return
+    num_mtp = config_value(config, mtp_field)
+    if type(num_mtp) is not int or num_mtp < 0:
+        raise ConfigError(f"{where}: {mtp_field} must be a non-negative integer, got {num_mtp!r}")
+    beyond = [n for n in present if n >= num_layers + num_mtp]
+    if beyond:
+        raise ConfigError(
+            f"{where}: {main_field}={num_layers} + {mtp_field}={num_mtp} = {num_layers + num_mtp} layers, "
+            f"but the tensors have {len(present)} layer(s), {_span(present)} (layers {_span(beyond)} are beyond both)"
+        )
+
+
+def _check_expert_counts(ckpt: Checkpoint, entries: dict[str, Entry]) -> None:
+    """Routed-expert tensors of every layer have the same number of experts (dim 0)."""
+    counts: dict[int, list[str]] = {}
+    for entry in entries.values():
+        if entry.kind == "experts" and entry.shape:
+            counts.setdefault(entry.shape[0], []).append(entry.key)
+    if len(counts) > 1:
+        listing = "; ".join(f"{n} experts: {', '.join(keys[:3])}" + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "") for n, keys in sorted(counts.items()))
+        raise ShapeMismatchError(f"{ckpt.path}: expert counts differ between layers: {listing}")
 
 
 def local_box(shape: Iterable[int]) -> Box:

@@ -286,3 +286,35 @@ def test_sigkill_midway_leaves_nothing_complete_looking(src: Path, original: dic
         save_hf(vsd, out, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["model-00001-of-00001.safetensors", "model.safetensors.index.json"]
     assert_same(load_hf_tensors(out), original)
+
+
+def test_every_family_roundtrips_bitwise(tmp_path: Path) -> None:
+    families = pytest.importorskip("lazysd.testing.families")
+    for family in families.FAMILIES:
+        src = families.make_family_checkpoint(tmp_path / family, families.FamilySpec.tiny(family))
+        with VirtualStateDict(src, include_mtp=True) as vsd:
+            out = save_hf(vsd, tmp_path / f"{family}-out", config=src / "config.json")
+        assert_same(load_hf_tensors(out), load_hf_tensors(src))
+
+
+def test_cli_convert_directions(src: Path, original: dict[str, torch.Tensor], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lazysd.cli import main
+
+    assert main(["convert", str(src), str(tmp_path / "hf"), "--max-shard-size", "40KB"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("wrote ") and f"to {tmp_path / 'hf'}" in out
+    assert "lazysd: wrote" in err and "(100.0%), 83 tensors" in err  # progress on stderr
+    assert len(shards(tmp_path / "hf")) > 1
+    assert_same(load_hf_tensors(tmp_path / "hf"), original)
+    assert (tmp_path / "hf" / "config.json").read_bytes() == (src / "config.json").read_bytes()
+
+    assert main(["convert", str(src), str(tmp_path / "native"), "--to", "native", "--quiet"]) == 0
+    assert "model.layers.1.moe.experts.gate_and_up_projs" in load_hf_tensors(tmp_path / "native")
+    assert main(["convert", str(tmp_path / "native"), str(tmp_path / "back"), "--from", "native", "--quiet"]) == 0
+    assert_same(load_hf_tensors(tmp_path / "back"), original)
+    capsys.readouterr()
+
+    assert main(["convert", str(src), str(tmp_path / "hf"), "--quiet"]) == 2
+    assert "exists and is not empty; pass overwrite=True (--overwrite)" in capsys.readouterr().err
+    assert main(["convert", str(src), str(src), "--overwrite", "--quiet"]) == 2
+    assert "is the source checkpoint's directory" in capsys.readouterr().err

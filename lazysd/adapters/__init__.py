@@ -4,10 +4,11 @@ Registered families: ``step3p5``, ``step3p7``, ``deepseek_v3``, ``qwen3_moe``, `
 ``mixtral``, ``gpt_oss``.
 
 Detection (:func:`detect`): config.json's ``model_type`` picks the family; when it names no
-registered family, a nested ``text_config.model_type`` is tried; when neither does, the family
-whose rules claim every checkpoint key wins. No family, or several, is an
+registered family, a nested ``text_config.model_type`` is tried. A config with no
+``model_type`` at all is matched by its keys: the one family whose rules claim every
+checkpoint key wins. An unknown ``model_type``, or keys that fit no family or several, is an
 :class:`~lazysd.errors.UnknownModelError` that lists the supported families and the keys no
-family claims. ``VirtualStateDict(path, adapter=...)`` skips detection.
+family claims (or the families that fit). ``VirtualStateDict(path, adapter=...)`` skips detection.
 
 Declaring your own family takes a few lines: name the native keys and the HF tensors they are
 built from, pass the adapter as ``adapter=``, or :func:`register` it so that its
@@ -74,8 +75,8 @@ def detect(config: Mapping[str, Any], keys: Iterable[str] = (), *, where: str = 
 
     Args:
         config: the parsed config.json.
-        keys: the checkpoint's HF keys; used only when no ``model_type`` (top level, then
-            ``text_config``) names a registered family, or when several families share it.
+        keys: the checkpoint's HF keys; they decide only when config.json has no
+            ``model_type`` (or several families share it), and explain a failure.
 
     Raises:
         UnknownModelError: no registered family fits, or several do; the message lists the
@@ -100,25 +101,23 @@ def detect(config: Mapping[str, Any], keys: Iterable[str] = (), *, where: str = 
         if found:
             break
     supported = ", ".join(f"{a.name} ({'/'.join(a.model_types)})" for a in _REGISTRY.values())
-    shown = " / ".join(repr(t) for t in types if t is not None) or "none"
-    if keys:
-        leftover = {a.name: unclaimed_keys(a, keys) for a in _REGISTRY.values()}
-        fits = [name for name, left in leftover.items() if not left]
-        if len(fits) == 1:
-            return _REGISTRY[fits[0]]
-        if fits:
-            raise UnknownModelError(
-                f"{where}: model_type {shown} is ambiguous: the keys fit several families ({', '.join(fits)}); "
-                f"pass adapter= to choose one (supported: {supported})"
-            )
+    named = [t for t in types if t is not None]
+    shown = " / ".join(repr(t) for t in named)
+    leftover = {a.name: unclaimed_keys(a, keys) for a in _REGISTRY.values()} if keys else {}
+    fits = [name for name, left in leftover.items() if not left]
+    if not named and len(fits) == 1:
+        return _REGISTRY[fits[0]]  # no model_type at all: the keys decide
+    head = f"model_type {shown} is not supported" if named else "no model_type"
+    message = f"{where}: {head} (supported: {supported})"
+    if len(fits) > 1:
+        message += f"; ambiguous: the keys fit several families ({', '.join(fits)})"
+    elif fits:
+        message += f"; the keys fit {fits[0]} (pass adapter={fits[0]!r} if that is what this is)"
+    elif keys:
         nobody = [k for k in keys if all(k in left for left in leftover.values())]
         listed = "".join(f"\n  {k}" for k in nobody[:10]) + (f"\n  ... {len(nobody) - 10} more" if len(nobody) > 10 else "")
-        raise UnknownModelError(
-            f"{where}: model_type {shown} is not supported and no family claims every key "
-            f"(supported: {supported}); keys no family claims:{listed or ' none (each family misses different keys)'}\n"
-            "pass adapter= to choose or declare one"
-        )
-    raise UnknownModelError(f"{where}: model_type {shown} is not supported (supported: {supported}); pass adapter= to choose or declare one")
+        message += "; keys no family claims:" + (listed or " none (each family misses different keys)")
+    raise UnknownModelError(message + "\npass adapter= to choose or declare one")
 
 
 def resolve_adapter(

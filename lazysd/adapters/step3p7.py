@@ -25,10 +25,13 @@ from .step3p5 import RULES as STEP3P5_RULES
 PREFIX = "model.language_model."
 
 
+def _nest(key: str) -> str:
+    """``model.X`` -> ``model.language_model.X``; ``lm_head.weight`` stays at the top level."""
+    return PREFIX + key.removeprefix("model.") if key.startswith("model.") else key
+
+
 def _prefixed(rule: Rule) -> Rule:
-    keep_head = rule.native == "lm_head.weight"  # the head stays at the top level
-    add = "" if keep_head else PREFIX
-    return replace(rule, native=add + rule.native, parts=tuple(Part(add + p.hf, p.dims) for p in rule.parts))
+    return replace(rule, native=_nest(rule.native), parts=tuple(Part(_nest(p.hf), p.dims) for p in rule.parts))
 
 
 RULES = (
@@ -37,7 +40,7 @@ RULES = (
     Rule("model.vit_large_projector.{path:**}", kind="other"),
 )
 
-CHECKS = tuple(replace(c, key=PREFIX + c.key) for c in STEP3P5_CHECKS)
+CHECKS = tuple(replace(c, key=_nest(c.key)) for c in STEP3P5_CHECKS)
 
 ADAPTER = Adapter(
     name="step3p7",

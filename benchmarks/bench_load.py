@@ -1,0 +1,303 @@
+"""Load benchmark: lazysd vs the eager path, the read floor and transformers, as a table.
+
+    python benchmarks/bench_load.py [--sizes 1e9 3e9] [--runs 3] [--dir /tmp/lazysd-bench]
+
+Generates Flash-shaped Step3p5 bf16 checkpoints (``Step3p5Spec.sized``) under ``--dir`` once,
+then runs every method in its own fresh Python process, ``--runs`` rounds, the methods of a
+round back to back (so their ratios share the machine's load). Reported: median wall time of
+the load itself, and the peak resident memory above the process's state just before it
+(the allocated model, or the empty meta model): total (VmHWM, exact) and its private
+(RssAnon) and file-backed (RssFile) parts (sampled every 2 ms).
+
+Methods:
+    a   lazysd: ``model.load_state_dict(VirtualStateDict(path))`` into an allocated bf16 model
+    b   lazysd: ``load_state_dict(vsd, assign=True)`` into an already built meta model
+    c   eager: safetensors ``load_file`` per shard, convert with torch ops (cat of transposes,
+        like NeMo Automodel's Step3p5 adapter), ``load_state_dict``
+    d   floor: every tensor's bytes read once into private memory (``get_tensor().clone()``)
+    t   bare transposes: lazysd's tiled ``copy_into`` of every expert tensor, one thread,
+        from a pre-read source (the transpose share of the gap between a and d)
+    s   bare transposes with torch's single strided ``copy_`` (what t replaces)
+    e   transformers 5.x ``Step3p7TextModel.from_pretrained`` (text decoder, no lm_head)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+METHODS = {
+    "a": "lazysd load_state_dict(vsd)",
+    "b": "lazysd assign=True (meta)",
+    "c": "eager safetensors+torch",
+    "d": "floor: read bytes once",
+    "t": "bare transposes (tiled)",
+    "s": "bare transposes (torch)",
+    "e": "transformers from_pretrained",
+}
+
+
+# ---- measurement inside a worker --------------------------------------------------------
+def _status() -> dict[str, int]:
+    text = Path("/proc/self/status").read_text()
+    return {k: int(re.search(rf"{k}:\s+(\d+)", text).group(1)) * 1024 for k in ("VmHWM", "VmRSS", "RssAnon", "RssFile")}
+
+
+class _Peak:
+    """Baseline now, then peaks of RssAnon / RssFile (sampled) and VmHWM (exact, kernel)."""
+
+    def __enter__(self) -> _Peak:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        self.base = _status()
+        self.anon = self.file = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        self.t0 = time.perf_counter()
+        return self
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            s = _status()
+            self.anon, self.file = max(self.anon, s["RssAnon"]), max(self.file, s["RssFile"])
+            time.sleep(0.002)
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self.t0
+        self._stop.set()
+        self._thread.join()
+        s = _status()
+        self.result = {
+            "seconds": self.seconds,
+            "total": s["VmHWM"] - self.base["VmRSS"],
+            "anon": max(self.anon, s["RssAnon"]) - self.base["RssAnon"],
+            "file": max(self.file, s["RssFile"]) - self.base["RssFile"],
+        }
+
+
+def _spec(size: float):
+    from lazysd.testing import Step3p5Spec
+
+    return Step3p5Spec.sized(int(size))
+
+
+def _allocated_model(spec):
+    import torch
+
+    from lazysd.testing import Step3p5Model
+
+    model = Step3p5Model(spec, layout="native", dtype=torch.bfloat16, device="meta").to_empty(device="cpu")
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            t.zero_()  # resident before the measurement starts
+    return model
+
+
+def _files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    return [path / f for f in dict.fromkeys(json.loads(index.read_text())["weight_map"].values())]
+
+
+def worker(method: str, path: Path, size: float) -> dict:
+    import torch
+
+    from lazysd import VirtualStateDict
+    from lazysd.testing import Step3p5Model
+
+    spec = _spec(size)
+    if method == "a":
+        model = _allocated_model(spec)
+        with _Peak() as p:
+            vsd = VirtualStateDict(path)
+            model.load_state_dict(vsd)
+        return {**p.result, "bytes": vsd.bytes_read, "staging_peak": vsd.stats.staging_peak}
+    if method == "b":
+        model = Step3p5Model(spec, layout="native", dtype=torch.bfloat16, device="meta")
+        with _Peak() as p:
+            vsd = VirtualStateDict(path)
+            model.load_state_dict(vsd, assign=True)
+        assert all(type(t) is torch.nn.Parameter and t.device.type == "cpu" for t in model.parameters())
+        return {**p.result, "bytes": vsd.bytes_read}
+    if method == "c":
+        from safetensors.torch import load_file
+
+        model = _allocated_model(spec)
+        with _Peak() as p:
+            hf: dict[str, torch.Tensor] = {}
+            for f in _files(path):
+                hf.update(load_file(f))
+            native = {}
+            for k, v in hf.items():
+                if ".moe.gate_proj.weight" in k:
+                    up = hf[k.replace("gate_proj", "up_proj")]
+                    native[k.replace("moe.gate_proj.weight", "moe.experts.gate_and_up_projs")] = torch.cat(
+                        [v.transpose(1, 2), up.transpose(1, 2)], dim=2
+                    )
+                elif ".moe.up_proj.weight" in k:
+                    continue
+                elif ".moe.down_proj.weight" in k:
+                    native[k.replace("moe.down_proj.weight", "moe.experts.down_projs")] = v.transpose(1, 2)
+                elif k.endswith(".moe.router_bias"):
+                    native[k.replace("moe.router_bias", "moe.gate.e_score_correction_bias")] = v
+                else:
+                    native[k] = v
+            model.load_state_dict(native, strict=False)
+            nbytes = sum(v.nbytes for v in hf.values())
+            del hf, native
+        return {**p.result, "bytes": nbytes}
+    if method == "d":
+        from safetensors import safe_open
+
+        nbytes = 0
+        with _Peak() as p:
+            for f in _files(path):
+                with safe_open(f, "pt") as st:
+                    for k in st.keys():
+                        t = st.get_tensor(k).clone()  # touch: get_tensor alone reads nothing
+                        nbytes += t.nbytes
+                        del t
+        return {**p.result, "bytes": nbytes}
+    if method in ("t", "s"):
+        from lazysd.reader import copy_into
+
+        vsd = VirtualStateDict(path)
+        model = _allocated_model(spec)
+        params = dict(model.named_parameters())
+        jobs = []
+        sources: dict[tuple, torch.Tensor] = {}
+        for entry in vsd.plan.entries.values():
+            src0 = entry.sources[0]
+            if src0.identity or entry.key not in params:
+                continue
+            for src in entry.sources:
+                # One pre-read (random) source per distinct shape, reused: only the copy is timed.
+                shape = src.info.shape
+                buf = sources.setdefault(shape, torch.randn(shape).to(torch.bfloat16))
+                perm = [d for d in src.dims if d is not None]
+                moved = buf.permute(perm)
+                for i, d in enumerate(src.dims):
+                    if d is None:
+                        moved = moved.unsqueeze(i)
+                view = params[entry.key][tuple(slice(s, s + e) for s, e in zip(src.start, src.extent))]
+                jobs.append((view, moved))
+        nbytes = sum(v.numel() * v.element_size() for v, _ in jobs)
+        with _Peak() as p, torch.no_grad():
+            for view, moved in jobs:
+                if method == "t":
+                    copy_into(view, moved)
+                else:
+                    view.copy_(moved)
+        return {**p.result, "bytes": nbytes}
+    if method == "e":
+        try:
+            from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+            from transformers.models.step3p7.modeling_step3p7 import Step3p7TextModel
+            from transformers.utils import logging as hf_logging
+        except ImportError as exc:
+            return {"error": f"transformers not importable: {exc}"}
+        hf_logging.set_verbosity_error()
+        # transformers 5.x ships the Step checkpoint mapping for the "step3p7" VLM only; the
+        # text config ("step3p5") gets its MoE renames and the gate/up concatenation, without
+        # the VLM's language_model/vision prefix renames.
+        base = get_checkpoint_conversion_mapping("step3p7") or []
+        text = [t for t in base if not any(x in s for s in t.source_patterns for x in ("vision", "projector", "^model\\."))]
+        register_checkpoint_conversion_mapping("step3p5", text, overwrite=True)
+        with _Peak() as p:
+            model = Step3p7TextModel.from_pretrained(path, dtype=torch.bfloat16)
+        nbytes = sum(t.nbytes for t in model.state_dict().values())
+        return {**p.result, "bytes": nbytes}
+    raise ValueError(method)
+
+
+# ---- driver -----------------------------------------------------------------------------
+def _run_one(method: str, path: Path, size: float) -> dict:
+    cmd = [sys.executable, __file__, "--worker", method, str(path), str(size)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["exit %d" % proc.returncode])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _largest_native(path: Path) -> int:
+    from lazysd import VirtualStateDict
+
+    with VirtualStateDict(path) as vsd:
+        return max(e.nbytes for e in vsd.plan.entries.values())
+
+
+def main() -> int:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--worker", nargs=3, metavar=("METHOD", "PATH", "SIZE"), help=argparse.SUPPRESS)
+    ap.add_argument("--sizes", nargs="+", type=float, default=[1e9, 3e9])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--methods", default="abcdtse")
+    ap.add_argument("--dir", default="/tmp/lazysd-bench")
+    args = ap.parse_args()
+    if args.worker:
+        method, path, size = args.worker
+        print(json.dumps(worker(method, Path(path), float(size))))
+        return 0
+
+    from lazysd.testing import checkpoint_nbytes, make_checkpoint
+
+    MiB = 2**20
+    for size in args.sizes:
+        spec = _spec(size)
+        path = Path(args.dir) / f"{size / 1e9:g}gb"
+        if not (path / "model.safetensors.index.json").exists():
+            print(f"generating {path} ...", file=sys.stderr)
+            make_checkpoint(path, spec, layout="sharded")
+        largest = _largest_native(path)
+        bound = 1.25 * largest + 64 * MiB
+        results: dict[str, list[dict]] = {m: [] for m in args.methods}
+        for r in range(args.runs):
+            for m in args.methods:
+                results[m].append(_run_one(m, path, size))
+                print(f"  run {r + 1} {m}: {results[m][-1]}", file=sys.stderr)
+        print(
+            f"\n## {path.name}: {checkpoint_nbytes(spec) / 1e9:.2f} GB bf16, {spec.num_hidden_layers} layers x "
+            f"{spec.moe_num_experts} experts; largest native tensor {largest / MiB:.0f} MiB, "
+            f"bound 1.25x+64 MiB = {bound / MiB:.0f} MiB; medians of {args.runs} runs\n"
+        )
+        print("| method | wall s | GiB/s | peak extra MiB (VmHWM) | private (RssAnon) | file (RssFile) |")
+        print("|---|---:|---:|---:|---:|---:|")
+        med: dict[str, dict[str, float]] = {}
+        for m, runs in results.items():
+            ok = [x for x in runs if "error" not in x]
+            if not ok:
+                print(f"| ({m}) {METHODS[m]} | n/a: {runs[0]['error'][:120]} | | | | |")
+                continue
+            med[m] = {k: statistics.median(x[k] for x in ok) for k in ("seconds", "total", "anon", "file", "bytes")}
+            x = med[m]
+            print(
+                f"| ({m}) {METHODS[m]} | {x['seconds']:.2f} | {x['bytes'] / x['seconds'] / 2**30:.2f} | "
+                f"{x['total'] / MiB:.0f} | {x['anon'] / MiB:.0f} | {x['file'] / MiB:.0f} |"
+            )
+        # Ratios per round (same machine load), then their median.
+        def ratio(p: str, q: str, key: str = "seconds") -> str:
+            pairs = [(x[key], y[key]) for x, y in zip(results.get(p, []), results.get(q, [])) if "error" not in x and "error" not in y]
+            return f"{statistics.median(a / b for a, b in pairs if b):.2f}" if pairs else "n/a"
+
+        print()
+        if "a" in med:
+            print(f"- (a) peak extra {med['a']['total'] / MiB:.0f} MiB vs bound {bound / MiB:.0f} MiB: "
+                  f"{'met' if med['a']['total'] <= bound else 'NOT met'}")
+        print(f"- wall a/c = {ratio('a', 'c')} (target <= 0.5), a/d = {ratio('a', 'd')} (target <= 2), "
+              f"t/d = {ratio('t', 'd')}, s/t = {ratio('s', 't')} (tiled transpose speedup)")
+        print(f"- wall b/e = {ratio('b', 'e')} (target <= 1), private b/e = {ratio('b', 'e', 'anon')} (target <= 1)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""``lazysd.load``: load a checkpoint into a model and say what happened.
+
+``model.load_state_dict(VirtualStateDict(path))`` is the headline API and needs nothing from
+here. :func:`load` wraps it for users who also want a report (missing and unexpected keys,
+bytes read, seconds, throughput) and a strict check that fails *before* any byte is read:
+torch's own strict check runs after every tensor has been copied.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import StateDictMismatchError
+from .plan import Entry
+from .reader import Stats
+from .virtual import VirtualStateDict
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What one :func:`load` did.
+
+    Attributes:
+        missing_keys: model keys the checkpoint does not have (left untouched).
+        unexpected_keys: checkpoint keys the model does not have (never read).
+        tensors: tensors (or tensor shards) written.
+        bytes_read: checkpoint tensor bytes read from disk during the load.
+        seconds: wall time of the load.
+        staging_peak: most staging bytes held at once during the load.
+    """
+
+    missing_keys: tuple[str, ...]
+    unexpected_keys: tuple[str, ...]
+    tensors: int
+    bytes_read: int
+    seconds: float
+    staging_peak: int
+
+    @property
+    def throughput(self) -> float:
+        """Bytes read per second."""
+        return self.bytes_read / self.seconds if self.seconds > 0 else 0.0
+
+    def __str__(self) -> str:
+        return (
+            f"loaded {self.tensors} tensors, {self.bytes_read / 2**20:.1f} MiB in {self.seconds:.2f} s "
+            f"({self.throughput / 2**20:.0f} MiB/s); {len(self.missing_keys)} missing, "
+            f"{len(self.unexpected_keys)} unexpected keys"
+        )
+
+
+def load(
+    model: torch.nn.Module,
+    path_or_vsd: str | os.PathLike[str] | VirtualStateDict,
+    *,
+    strict: bool = True,
+    assign: bool = False,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    threads: int | None = None,
+    max_inflight_bytes: int | None = None,
+    progress: bool | Callable[[Stats, Entry], None] = False,
+) -> LoadReport:
+    """Load a checkpoint into ``model`` through ``model.load_state_dict`` and report on it.
+
+    Args:
+        model: the model; its parameters already allocated (``assign=False``) or on the
+            meta device (``assign=True``).
+        path_or_vsd: a checkpoint directory, or an open :class:`VirtualStateDict` (then the
+            read options below must be left out: they were chosen when it was opened).
+        strict: raise :class:`~lazysd.errors.StateDictMismatchError` if the model's keys
+            and the checkpoint's differ, before reading anything.
+        assign: replace parameters by freshly materialized ones (for meta-device models)
+            instead of copying into them; each ends as a plain ``nn.Parameter`` keeping the
+            model's ``requires_grad``, buffers stay plain tensors.
+        dtype: cast floating-point tensors to this dtype (with ``assign=True`` this sets
+            the parameters' dtype; with ``assign=False`` the parameter's dtype wins anyway).
+        device: where ``assign=True`` materializes parameters (default CPU).
+        threads: reader threads (default 2); ``max_inflight_bytes``: staging memory that
+            reads may run ahead of copies (default 32 MiB).
+        progress: True prints a one-line progress report to stderr; a callable
+            ``(stats, entry)`` is called after each tensor.
+
+    Returns:
+        A :class:`LoadReport`.
+
+    Example:
+        >>> import lazysd
+        >>> report = lazysd.load(model, "/ckpt/Step-3.5-Flash", strict=False)   # doctest: +SKIP
+        >>> print(report)                                                        # doctest: +SKIP
+        loaded 2151 tensors, 380912.4 MiB in 190.12 s (2003 MiB/s); 0 missing, 0 unexpected keys
+    """
+    options: dict[str, Any] = {
+        "dtype": dtype,
+        "device": device,
+        "threads": threads,
+        "max_inflight_bytes": max_inflight_bytes,
+        "progress": progress or None,
+    }
+    given = {k: v for k, v in options.items() if v is not None}
+    if isinstance(path_or_vsd, VirtualStateDict):
+        if given:
+            raise ValueError(
+                f"{path_or_vsd.checkpoint.path}: {', '.join(sorted(given))} cannot change an open VirtualStateDict; "
+                "pass them to VirtualStateDict(...) or give lazysd.load the checkpoint path"
+            )
+        return _load(model, path_or_vsd, strict=strict, assign=assign)
+    with VirtualStateDict(path_or_vsd, **given) as vsd:
+        return _load(model, vsd, strict=strict, assign=assign)
+
+
+def _load(model: torch.nn.Module, vsd: VirtualStateDict, *, strict: bool, assign: bool) -> LoadReport:
+    wanted = model.state_dict(keep_vars=True).keys()
+    missing = tuple(k for k in wanted if k not in vsd)
+    unexpected = tuple(k for k in vsd if k not in wanted)
+    if strict and (missing or unexpected):
+        raise StateDictMismatchError(
+            f"{vsd.checkpoint.path}: checkpoint keys do not match {type(model).__name__}'s "
+            f"(nothing was read): {len(missing)} missing {_listing(missing)}, "
+            f"{len(unexpected)} unexpected {_listing(unexpected)}; pass strict=False to load the common keys"
+        )
+    stats, ckpt = vsd.stats, vsd.checkpoint
+    tensors0, bytes0 = stats.tensors, ckpt.bytes_read
+    stats.staging_peak = stats.staging_live  # the report's peak is this load's
+    t0 = time.perf_counter()
+    # Only the keys the model asks for: nothing is even looked up for the others.
+    model.load_state_dict({k: vsd[k] for k in wanted if k in vsd}, strict=False, assign=assign)
+    return LoadReport(
+        missing_keys=missing,
+        unexpected_keys=unexpected,
+        tensors=stats.tensors - tensors0,
+        bytes_read=ckpt.bytes_read - bytes0,
+        seconds=time.perf_counter() - t0,
+        staging_peak=stats.staging_peak,
+    )
+
+
+def _listing(keys: tuple[str, ...], n: int = 5) -> str:
+    shown = list(keys[:n]) + ([f"... {len(keys) - n} more"] if len(keys) > n else [])
+    return "[" + ", ".join(shown) + "]"

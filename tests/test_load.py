@@ -1,0 +1,303 @@
+"""Loading through load_state_dict and lazysd.load: memory bound, single reads, options."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+import lazysd
+from lazysd import LazyTensor, LoadReport, StateDictMismatchError, VirtualStateDict
+from lazysd.progress import ProgressPrinter
+from lazysd.testing import Step3p5Model, Step3p5Spec, load_hf_tensors, make_checkpoint
+
+MiB = 2**20
+# Big enough that expert tensors span several 8 KiB chunks and pipelined reads overlap.
+SPEC = Step3p5Spec.tiny(moe_num_experts=16, moe_intermediate_size=32, hidden_size=64)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt"), SPEC, layout="split")
+
+
+@pytest.fixture(scope="module")
+def hf(ckpt: Path) -> dict[str, torch.Tensor]:
+    return load_hf_tensors(ckpt)
+
+
+def expected_native(hf: dict[str, torch.Tensor], spec: Step3p5Spec = SPEC) -> dict[str, torch.Tensor]:
+    """The native state dict built eagerly with torch ops (the reference conversion)."""
+    out = {}
+    for k, v in hf.items():
+        layer = k.split(".")[2] if k.startswith("model.layers.") else None
+        if layer is not None and int(layer) >= spec.num_hidden_layers:
+            continue  # MTP layers are not part of the native model
+        if k.endswith("moe.gate_proj.weight"):
+            up = hf[k.replace("gate_proj", "up_proj")]
+            out[k.replace("moe.gate_proj.weight", "moe.experts.gate_and_up_projs")] = torch.cat([v.mT, up.mT], -1)
+        elif k.endswith("moe.down_proj.weight"):
+            out[k.replace("moe.down_proj.weight", "moe.experts.down_projs")] = v.mT.contiguous()
+        elif k.endswith("moe.router_bias"):
+            out[k.replace("moe.router_bias", "moe.gate.e_score_correction_bias")] = v
+        elif not k.endswith("moe.up_proj.weight"):
+            out[k] = v
+    return out
+
+
+def hf_nbytes(vsd: VirtualStateDict, keys) -> int:
+    return sum(s.info.nbytes for k in keys for s in vsd.entry(k).sources)
+
+
+@pytest.fixture
+def count_materialize(monkeypatch: pytest.MonkeyPatch) -> Counter:
+    """Counts LazyTensor.materialize calls per native key."""
+    calls: Counter = Counter()
+    original = LazyTensor.materialize
+
+    def counting(self, **kwargs):
+        calls[self.entry.key] += 1
+        return original(self, **kwargs)
+
+    monkeypatch.setattr(LazyTensor, "materialize", counting)
+    return calls
+
+
+def record_reads(vsd: VirtualStateDict) -> list[tuple[str, int, int]]:
+    """Every pread of ``vsd`` as (HF key, byte start, length), recorded as it happens."""
+    reads: list[tuple[str, int, int]] = []
+    original = vsd.checkpoint.read_into
+
+    def recording(info, byte_start, out):
+        reads.append((info.key, byte_start, len(out)))
+        return original(info, byte_start, out)
+
+    vsd.checkpoint.read_into = recording  # type: ignore[method-assign]
+    return reads
+
+
+def assert_read_once(reads: list[tuple[str, int, int]], infos: dict) -> None:
+    """Each listed HF tensor's bytes were read exactly once: disjoint ranges that cover it."""
+    by_key: dict[str, list[tuple[int, int]]] = {}
+    for key, start, n in reads:
+        by_key.setdefault(key, []).append((start, n))
+    assert sorted(by_key) == sorted(infos)
+    for key, ranges in by_key.items():
+        pos = 0
+        for start, n in sorted(ranges):
+            assert start == pos, f"{key}: gap or overlap at byte {pos}"
+            pos += n
+        assert pos == infos[key].nbytes, key
+
+
+# ---- assign=False: copy_ into allocated parameters --------------------------------------
+def test_load_state_dict_streams_into_parameters(ckpt, hf, count_materialize) -> None:
+    model = Step3p5Model(SPEC, layout="native", dtype=torch.bfloat16)
+    with VirtualStateDict(ckpt, chunk_bytes=8 * 1024, max_inflight_bytes=32 * 1024) as vsd:
+        reads = record_reads(vsd)
+        result = model.load_state_dict(vsd)
+        assert result.missing_keys == [] and result.unexpected_keys == []
+        # No value became a full tensor: every byte went straight into a parameter.
+        assert sum(count_materialize.values()) == 0
+        assert vsd.stats.staging_peak <= 32 * 1024 + 8 * 1024
+        assert vsd.stats.staging_live == 0
+        # Each HF byte of the main layers read exactly once (gate and up once each).
+        infos = {s.info.key: s.info for e in vsd.plan.entries.values() for s in e.sources}
+        assert_read_once(reads, infos)
+        assert vsd.bytes_read == sum(i.nbytes for i in infos.values())
+    expected = expected_native(hf)
+    state = model.state_dict()
+    assert state.keys() == expected.keys()
+    for k, v in expected.items():
+        assert torch.equal(state[k], v), k
+
+
+def test_staging_stays_within_a_small_inflight_bound(ckpt, hf) -> None:
+    model = Step3p5Model(SPEC, layout="native", dtype=torch.bfloat16)
+    chunk, budget = 2048, 4096
+    with VirtualStateDict(ckpt, chunk_bytes=chunk, max_inflight_bytes=budget, threads=4) as vsd:
+        model.load_state_dict(vsd)
+        assert 0 < vsd.stats.staging_peak <= budget + chunk
+    key = "model.layers.1.moe.experts.gate_and_up_projs"
+    assert torch.equal(model.state_dict()[key], expected_native(hf)[key])
+
+
+@pytest.mark.parametrize("threads", [0, 1, 4])
+def test_thread_counts_give_identical_results(ckpt, hf, threads: int) -> None:
+    model = Step3p5Model(SPEC, layout="native", dtype=torch.bfloat16)
+    with VirtualStateDict(ckpt, threads=threads, chunk_bytes=4096) as vsd:
+        model.load_state_dict(vsd)
+    for k, v in expected_native(hf).items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_missing_model_keys_are_never_read(ckpt) -> None:
+    model = Step3p5Model(SPEC, layout="native", dtype=torch.bfloat16)
+    del model.model.layers[3]  # its MoE experts are no longer asked for
+    del model.lm_head
+    with VirtualStateDict(ckpt) as vsd:
+        reads = record_reads(vsd)
+        result = model.load_state_dict(vsd, strict=False)
+        asked = [k for k in vsd if k in model.state_dict()]
+        assert set(result.unexpected_keys) == set(vsd) - set(asked)
+        assert vsd.bytes_read == hf_nbytes(vsd, asked)
+        assert not any(".layers.3." in key or key == "lm_head.weight" for key, _, _ in reads)
+
+
+# ---- assign=True into a meta model ------------------------------------------------------
+def test_assign_into_meta_model_materializes_each_parameter_once(ckpt, hf, count_materialize) -> None:
+    model = Step3p5Model(SPEC, layout="native", dtype=torch.bfloat16, device="meta")
+    frozen = {"model.embed_tokens.weight", "model.layers.1.moe.experts.down_projs", "model.norm.weight"}
+    for name, p in model.named_parameters():
+        p.requires_grad_(name not in frozen)
+    with VirtualStateDict(ckpt) as vsd:
+        model.load_state_dict(vsd, assign=True)
+        assert vsd.bytes_read == hf_nbytes(vsd, vsd.keys())
+    state = dict(model.named_parameters())
+    assert count_materialize == Counter({k: 1 for k in model.state_dict()})
+    for name, p in state.items():
+        assert type(p) is torch.nn.Parameter and not p.is_meta, name
+        assert p.dtype == torch.bfloat16 and p.requires_grad == (name not in frozen), name
+    bias_owner = model.model.layers[1].moe.gate
+    assert "e_score_correction_bias" in bias_owner._buffers and "e_score_correction_bias" not in bias_owner._parameters
+    bias = bias_owner.e_score_correction_bias
+    assert type(bias) is torch.Tensor and bias.dtype == torch.float32
+    for k, v in expected_native(hf).items():
+        assert torch.equal(model.state_dict()[k], v), k
+    # The materialized model trains: gradients flow into the loaded parameters.
+    model(torch.tensor([[1, 2, 3]])).float().sum().backward()
+    assert model.lm_head.weight.grad is not None and model.model.embed_tokens.weight.grad is None
+
+
+@pytest.mark.parametrize("assign", [False, True])
+def test_swap_module_params_on_conversion(ckpt, hf, assign: bool) -> None:
+    model = Step3p5Model(SPEC, layout="native", dtype=torch.bfloat16, device="meta" if assign else None)
+    before = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        with VirtualStateDict(ckpt) as vsd:
+            model.load_state_dict(vsd, assign=assign)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(before)
+    for name, p in model.named_parameters():
+        assert type(p) is torch.nn.Parameter and not p.is_meta, name
+    for name, b in model.named_buffers():
+        assert type(b) is torch.Tensor, name
+    for k, v in expected_native(hf).items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
+# ---- options ----------------------------------------------------------------------------
+def test_dtype_cast_and_device(ckpt, hf) -> None:
+    model = Step3p5Model(SPEC, layout="native", dtype=torch.float32, device="meta")
+    with VirtualStateDict(ckpt, dtype=torch.float32, device="cpu") as vsd:
+        model.load_state_dict(vsd, assign=True)
+    for k, v in expected_native(hf).items():
+        got = model.state_dict()[k]
+        assert got.dtype == torch.float32 and got.device.type == "cpu", k
+        assert torch.equal(got, v.float()), k
+    # assign=False into an fp32 model: the cast happens in the copy, bitwise as torch's.
+    model32 = Step3p5Model(SPEC, layout="native", dtype=torch.float32)
+    with VirtualStateDict(ckpt) as vsd:
+        model32.load_state_dict(vsd)
+    key = "model.layers.2.moe.experts.gate_and_up_projs"
+    assert torch.equal(model32.state_dict()[key], expected_native(hf)[key].float())
+
+
+def test_progress_is_off_by_default_and_prints_when_asked(ckpt, capsys) -> None:
+    model = Step3p5Model(SPEC, layout="native", dtype=torch.bfloat16)
+    lazysd.load(model, ckpt)
+    assert capsys.readouterr().err == ""
+    report = lazysd.load(model, ckpt, progress=True)
+    err = capsys.readouterr().err
+    assert err.startswith("\rlazysd: ") and "100.0%" in err and err.endswith("MiB/s\n")
+    assert f"{report.tensors} tensors" in err
+    seen = []
+    lazysd.load(model, ckpt, progress=lambda stats, entry: seen.append(entry.key))
+    assert seen == list(model.state_dict())
+    stream = io.StringIO()
+    printer = ProgressPrinter(100, stream=stream, every=3600)
+    printer(lazysd.reader.Stats(tensors=1, bytes_out=10), None)
+    assert stream.getvalue() == ""  # rate-limited: nothing until the interval or the end
+
+
+# ---- lazysd.load ------------------------------------------------------------------------
+def test_load_reports_keys_bytes_and_time(ckpt) -> None:
+    model = Step3p5Model(SPEC, layout="native", dtype=torch.bfloat16)
+    del model.lm_head
+    with VirtualStateDict(ckpt) as vsd:
+        report = lazysd.load(model, vsd, strict=False)
+        asked = list(model.state_dict())
+        assert report.bytes_read == vsd.bytes_read == hf_nbytes(vsd, asked)
+    assert isinstance(report, LoadReport)
+    assert report.missing_keys == () and report.unexpected_keys == ("lm_head.weight",)
+    assert report.tensors == len(asked) and report.seconds > 0 and report.throughput > 0
+    assert "0 missing, 1 unexpected keys" in str(report)
+    with pytest.raises(AttributeError):
+        report.tensors = 0  # type: ignore[misc]
+
+
+def test_load_strict_fails_before_reading(ckpt) -> None:
+    model = Step3p5Model(SPEC, layout="native", dtype=torch.bfloat16)
+    del model.lm_head
+    with VirtualStateDict(ckpt) as vsd:
+        with pytest.raises(StateDictMismatchError, match=r"nothing was read.*0 missing \[\], 1 unexpected \[lm_head.weight\]") as info:
+            lazysd.load(model, vsd)
+        assert str(ckpt) in str(info.value)
+        assert vsd.bytes_read == 0
+    assert isinstance(info.value, RuntimeError)
+
+
+def test_load_assign_with_options_from_a_path(ckpt, hf) -> None:
+    model = Step3p5Model(SPEC, layout="native", dtype=torch.float32, device="meta")
+    report = lazysd.load(model, ckpt, assign=True, dtype=torch.float32, device="cpu", threads=1, max_inflight_bytes=MiB)
+    assert report.missing_keys == report.unexpected_keys == ()
+    for k, v in expected_native(hf).items():
+        assert torch.equal(model.state_dict()[k], v.float()), k
+
+
+def test_load_refuses_options_for_an_open_vsd(ckpt) -> None:
+    model = Step3p5Model(SPEC, layout="native", dtype=torch.bfloat16)
+    with VirtualStateDict(ckpt) as vsd:
+        with pytest.raises(ValueError, match=r"dtype, threads cannot change an open VirtualStateDict"):
+            lazysd.load(model, vsd, dtype=torch.float32, threads=4)
+
+
+# ---- memory, measured in a fresh process ------------------------------------------------
+def test_peak_rss_of_a_200mb_load_stays_within_the_bound(tmp_path: Path) -> None:
+    spec = Step3p5Spec.sized(200 * 10**6)
+    path = make_checkpoint(tmp_path / "ckpt", spec, layout="sharded")
+    script = textwrap.dedent(
+        f"""
+        import json, re, torch
+        from pathlib import Path
+        from lazysd import VirtualStateDict
+        from lazysd.testing import Step3p5Model, Step3p5Spec
+
+        def status():
+            text = Path("/proc/self/status").read_text()
+            return {{k: int(re.search(k + r":\\s+(\\d+)", text).group(1)) * 1024 for k in ("VmHWM", "VmRSS")}}
+
+        spec = Step3p5Spec.sized({200 * 10**6})
+        model = Step3p5Model(spec, layout="native", dtype=torch.bfloat16)  # allocated and touched
+        vsd = VirtualStateDict({str(path)!r})
+        largest = max(e.nbytes for e in vsd.plan.entries.values())
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
+        base = status()["VmRSS"]
+        model.load_state_dict(vsd)
+        print(json.dumps({{"extra": status()["VmHWM"] - base, "largest": largest, "bytes": vsd.bytes_read}}))
+        """
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=root, check=True)
+    import json
+
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["bytes"] > 150 * 10**6
+    assert got["extra"] <= 1.25 * got["largest"] + 64 * MiB, got
