@@ -191,7 +191,9 @@ def resolve(
             more = f" ... {len(hits) - 4} more" if len(hits) > 4 else ""
             raise UnsupportedFormatError(f"{ckpt.path}: the {adapter.name} adapter does not convert {shown}{more}: {why}")
     block = config_value(config, "quantization_config.weight_block_size") or adapter.scale_block
-    block = (int(block[0]), int(block[1]))
+    if not isinstance(block, (list, tuple)) or len(block) != 2 or not all(type(b) is int and b > 0 for b in block):
+        raise ConfigError(f"{ckpt.path / 'config.json'}: quantization_config.weight_block_size must be two positive integers, got {block!r}")
+    block = (block[0], block[1])
     scale_of = _scale_companions(adapter, ckpt.tensors)
     rules = adapter.rules
     if fp8 == "keep" and scale_of:
