@@ -135,16 +135,24 @@ class _MoE(nn.Module):
         w = scores.gather(-1, ids)
         return w / w.sum(-1, keepdim=True) * self.scale, ids
 
+    def _local_experts(self) -> range:
+        """Experts this rank computes (all of them unless experts are sharded)."""
+        return range(self.num_experts)
+
+    def _reduce(self, out: torch.Tensor) -> torch.Tensor:
+        """Combine the partial outputs of ranks that each computed some experts."""
+        return out
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_ND = x.reshape(-1, x.shape[-1])
         w, ids = self.routing(x_ND)
         out = torch.zeros_like(x_ND)
-        for e in range(self.num_experts):
+        for e in self._local_experts():
             tok, slot = (ids == e).nonzero(as_tuple=True)
             if tok.numel():
                 y = self._expert(e, x_ND[tok]) * w[tok, slot, None].to(x.dtype)
                 out.index_add_(0, tok, y)
-        return out.view(x.shape)
+        return self._reduce(out).view(x.shape)
 
 
 class _NativeGate(nn.Module):
@@ -182,9 +190,38 @@ class NativeMoE(_MoE):
     def _router(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.gate.weight, self.gate.e_score_correction_bias
 
+    # Expert parallelism: with experts held as DTensors sharded Shard(0) over an "ep" mesh dim,
+    # each rank runs its own experts for every token and the partial outputs are all-reduced.
+    def _ep(self) -> tuple[Any, int, int] | None:
+        w = self.experts.gate_and_up_projs
+        if not hasattr(w, "placements"):
+            return None
+        from torch.distributed.tensor import Shard
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        dims = [i for i, p in enumerate(w.placements) if p == Shard(0)]
+        shape, offset = compute_local_shape_and_global_offset(w.shape, w.device_mesh, w.placements)
+        return w.device_mesh.get_group(dims[0]), offset[0], shape[0]
+
+    def _local_experts(self) -> range:
+        ep = self._ep()
+        return range(self.num_experts) if ep is None else range(ep[1], ep[1] + ep[2])
+
+    def _reduce(self, out: torch.Tensor) -> torch.Tensor:
+        ep = self._ep()
+        if ep is not None:
+            import torch.distributed as dist
+
+            dist.all_reduce(out, group=ep[0])
+        return out
+
     def _expert(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
-        g, u = (x_ND @ self.experts.gate_and_up_projs[e]).chunk(2, dim=-1)
-        return (F.silu(g) * u) @ self.experts.down_projs[e]
+        w_gu, w_down = self.experts.gate_and_up_projs, self.experts.down_projs
+        ep = self._ep()
+        if ep is not None:  # local shard, local index
+            w_gu, w_down, e = w_gu.to_local(), w_down.to_local(), e - ep[1]
+        g, u = (x_ND @ w_gu[e]).chunk(2, dim=-1)
+        return (F.silu(g) * u) @ w_down[e]
 
 
 class HFMoE(_MoE):
