@@ -13,7 +13,6 @@ Reads run on a small thread pool ahead of the copies, but never more than
 
 from __future__ import annotations
 
-import itertools
 import math
 import mmap
 import threading
@@ -127,29 +126,18 @@ def _as_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 
 
-# Tiles of transposed copies: 128 x 64 elements stay under ATen's 32768-element grain,
-# so each tile copy runs on the calling thread (an OpenMP region per small copy stalls badly
-# when the cores are busy) with both tiles cache-resident; the reader threads copy
-# independent chunks side by side instead.
-_TILE_ROWS, _TILE_COLS = 128, 64
-
-
 def copy_into(dest: torch.Tensor, src: torch.Tensor) -> None:
-    """``dest.copy_(src)``, in cache-sized 2-D tiles when ``src`` is a transposed view.
+    """``dest.copy_(src)``, in strips of 16 destination columns when ``src`` is transposed.
 
-    A transposed copy reads one side with a large stride; one strided copy of a whole chunk
-    misses cache on every element, tiles keep both sides resident.
+    A transposed copy reads one side with a large stride; narrow strips keep both sides in
+    cache. Measured on 2 busy cores (1 GB Step3p5 load), strips beat both one strided copy
+    and 128 x 64 2-D tiles, whose per-call overhead outweighed their cache benefit.
     """
-    if dest.dim() < 2 or not dest.is_cpu or src.stride(-1) == 1 or dest.numel() <= _TILE_ROWS * _TILE_COLS:
+    if dest.dim() >= 2 and src.stride(-1) != 1 and dest.is_cpu and dest.stride(-1) == 1 and dest.shape[-1] > 16:
+        for j in range(0, dest.shape[-1], 16):
+            dest[..., j : j + 16].copy_(src[..., j : j + 16])
+    else:
         dest.copy_(src)
-        return
-    rows, cols = dest.shape[-2], dest.shape[-1]
-    for lead in itertools.product(*map(range, dest.shape[:-2])):
-        d, s = dest[lead], src[lead]
-        for i in range(0, rows, _TILE_ROWS):
-            d_i, s_i = d[i : i + _TILE_ROWS], s[i : i + _TILE_ROWS]
-            for j in range(0, cols, _TILE_COLS):
-                d_i[:, j : j + _TILE_COLS].copy_(s_i[:, j : j + _TILE_COLS])
 
 
 def _staging_buffer(nbytes: int) -> torch.Tensor:
