@@ -326,7 +326,6 @@ def test_cli_inspect_filters_and_summary(tiny: Path, capsys: pytest.CaptureFixtu
 
 # ---- plots --------------------------------------------------------------------------------
 def test_plots(tiny: Path) -> None:
-    pytest.importorskip("matplotlib")
     os.environ.setdefault("MPLBACKEND", "Agg")
     import matplotlib.pyplot as plt
 
