@@ -158,6 +158,7 @@ class Reader:
         self.options = options or ReadOptions()
         self.stats = Stats()
         self._lock = threading.Lock()
+        self._free: list[torch.Tensor] = []  # staging buffers ready for reuse
         self._pool: ThreadPoolExecutor | None = None
         self.progress: Callable[[Stats, Entry], None] | None = None
 
@@ -207,20 +208,45 @@ class Reader:
         return jobs
 
     # ---- executing -----------------------------------------------------------------------
-    def _read(self, job: _Job) -> torch.Tensor | None:
+    def _acquire(self, nbytes: int) -> torch.Tensor:
+        """A staging buffer of at least ``nbytes``, reused from earlier chunks when possible.
+
+        Reuse spares the page faults of fresh memory for every chunk, which cost as much
+        system time as the reads themselves. Buffers in use are bounded by the in-flight
+        budget; free ones are kept (a few chunks' worth) until the reader is closed.
+        """
+        with self._lock:
+            for i, buf in enumerate(self._free):
+                if buf.numel() >= nbytes:
+                    return self._free.pop(i)
+        return _staging_buffer(max(nbytes, self.options.chunk_bytes))
+
+    def _release(self, buf: torch.Tensor | None) -> None:
+        if buf is not None:
+            with self._lock:
+                self._free.append(buf)
+
+    def _read(self, job: _Job) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Read one job: ``(staged chunk or None if read in place, pool buffer to release)``."""
         if job.direct:
             self.ckpt.read_runs(job.info, job.runs, _as_bytes(job.dest))
-            return None
+            return None, None
+        base = None
         if job.dest.device.type == "cuda" and job.scaled is None:
             # Pinned, so the host-to-device copy of the staged chunk is a plain DMA.
             buf = torch.empty(job.src_shape, dtype=job.info.dtype, pin_memory=True)
         else:
             n = math.prod(job.src_shape) * job.info.itemsize
-            buf = _staging_buffer(n)[:n].view(job.info.dtype).view(job.src_shape)
-        self.ckpt.read_runs(job.info, job.runs, _as_bytes(buf))
-        if job.scaled is not None:
-            return self._dequantize(buf, *job.scaled)
-        return buf
+            base = self._acquire(n)
+            buf = base[:n].view(job.info.dtype).view(job.src_shape)
+        try:
+            self.ckpt.read_runs(job.info, job.runs, _as_bytes(buf))
+            if job.scaled is not None:
+                buf = self._dequantize(buf, *job.scaled)
+        except BaseException:
+            self._release(base)
+            raise
+        return buf, base
 
     def _dequantize(self, buf: torch.Tensor, src: Source, sub: list[tuple[int, int]]) -> torch.Tensor:
         """``buf`` (FP8 rows/cols ``sub`` of ``src``) times its inverse block scales, in fp32.
@@ -281,29 +307,28 @@ class Reader:
             self.progress(self.stats, entry)
         return dest
 
-    def _read_and_place(self, job: _Job) -> None:
-        # Both on the reader thread: chunks land in disjoint parts of the destination, so
-        # the threads' copies (which release the GIL) run side by side on separate cores.
-        # Grad mode is per thread: fills are never recorded by autograd.
-        with torch.no_grad():
-            buf = self._read(job)
-            if buf is not None:
-                self._place(job, buf)
-
     def _run_inline(self, job: _Job) -> None:
         cost = 0 if job.direct else job.nbytes
         self._staging(cost)
         try:
-            buf = self._read(job)
-            if buf is not None:
-                self._place(job, buf)
+            buf, base = self._read(job)
+            try:
+                if buf is not None:
+                    self._place(job, buf)
+            finally:
+                self._release(base)
         finally:
             self._staging(-cost)
 
     def _run_pipelined(self, jobs: list[_Job]) -> None:
+        """Reads on the pool, ahead of the copies; copies (and casts) on the calling thread.
+
+        The copies run where torch's intra-op threads can split them over the cores, while
+        the pool's preads (which release the GIL) keep the next chunks coming.
+        """
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.options.threads, thread_name_prefix="lazysd-read")
-        pending: deque[tuple[_Job, Future[None], int]] = deque()
+        pending: deque[tuple[_Job, Future[tuple[torch.Tensor | None, torch.Tensor | None]], int]] = deque()
         inflight = 0
         budget = self.options.max_inflight_bytes
         todo = deque(jobs)
@@ -318,10 +343,15 @@ class Reader:
                     job = todo.popleft()
                     inflight += cost
                     self._staging(cost)
-                    pending.append((job, self._pool.submit(self._read_and_place, job), cost))
+                    pending.append((job, self._pool.submit(self._read, job), cost))
                 job, fut, cost = pending.popleft()
                 try:
-                    fut.result()
+                    buf, base = fut.result()
+                    try:
+                        if buf is not None:
+                            self._place(job, buf)
+                    finally:
+                        self._release(base)
                 finally:
                     inflight -= cost
                     self._staging(-cost)
@@ -329,7 +359,7 @@ class Reader:
             for _, fut, cost in pending:  # an error: let started reads finish, free their budget
                 fut.cancel()
                 try:
-                    fut.result()
+                    self._release(fut.result()[1])
                 except Exception:
                     pass
                 self._staging(-cost)

@@ -289,7 +289,8 @@ def test_sigkill_midway_leaves_nothing_complete_looking(src: Path, original: dic
 
 
 def test_every_family_roundtrips_bitwise(tmp_path: Path) -> None:
-    families = pytest.importorskip("lazysd.testing.families")
+    from lazysd.testing import families
+
     for family in families.FAMILIES:
         src = families.make_family_checkpoint(tmp_path / family, families.FamilySpec.tiny(family))
         with VirtualStateDict(src, include_mtp=True) as vsd:
