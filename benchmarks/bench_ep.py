@@ -1,0 +1,79 @@
+"""Expert-parallel load benchmark: per-rank bytes read vs ideal, wall time and peak memory.
+
+    python benchmarks/bench_ep.py [--size 2e9] [--ep 1 2 4] [--dir /tmp/lazysd-bench]
+
+Generates a Flash-shaped Step3p5 bf16 checkpoint of about ``--size`` bytes once, then for each
+EP size starts that many gloo ranks on this machine (CPU processes). Each rank builds the
+native model on the meta device and runs
+``model.load_state_dict(VirtualStateDict(path, mesh), assign=True)``, so its expert
+parameters become DTensors holding only its experts. Reported per rank: bytes read (lazysd's
+count of pread bytes), the ideal (the exact byte ranges its shards need, from the plan), wall
+time of the load, and peak RSS above the process just before the load (VmHWM after
+resetting it). All ranks load at once, as they would on a cluster; on this 2-core machine
+they share the cores, so wall times at EP=4 measure contention as much as lazysd.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import time
+from pathlib import Path
+
+
+def _rss(field: str) -> int:
+    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+
+def _rank(rank: int, world: int, path: str, size: float) -> dict:
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from lazysd import VirtualStateDict
+    from lazysd.testing import Step3p5Model, Step3p5Spec
+
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
+    model = Step3p5Model(Step3p5Spec.sized(int(size)), layout="native", dtype=torch.bfloat16, device="meta")
+    vsd = VirtualStateDict(path, mesh)
+    ideal = sum(n for _, _, n in vsd.planned_ranges())
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
+    before = _rss("VmRSS")
+    t0 = time.perf_counter()
+    model.load_state_dict(vsd, assign=True)
+    seconds = time.perf_counter() - t0
+    return {"read": vsd.bytes_read, "ideal": ideal, "seconds": seconds, "peak": _rss("VmHWM") - before}
+
+
+def main() -> None:
+    from lazysd.testing import Step3p5Spec, checkpoint_nbytes, make_checkpoint
+    from lazysd.testing.dist import run_ranks
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=float, default=2e9)
+    parser.add_argument("--ep", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--dir", default="/tmp/lazysd-bench")
+    args = parser.parse_args()
+
+    spec = Step3p5Spec.sized(int(args.size))
+    path = Path(args.dir) / f"ep-{args.size:.0e}"
+    if not (path / "config.json").exists():
+        make_checkpoint(path, spec, layout="sharded")
+    total = checkpoint_nbytes(spec)
+    print(f"## {path}: {total / 2**30:.2f} GiB bf16, {spec.moe_num_experts} experts x {len(spec.moe_layers)} MoE layers; medians of {args.runs} runs\n")
+    print("| EP | rank | bytes read | ideal | read/ideal | wall s | peak RSS above start MiB |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for ep in args.ep:
+        runs = [run_ranks(_rank, ep, (str(path), args.size), timeout=900) for _ in range(args.runs)]
+        for rank in range(ep):
+            rows = [r[rank] for r in runs]
+            read, ideal = rows[0]["read"], rows[0]["ideal"]
+            assert all(r["read"] == read for r in rows)
+            wall = statistics.median(r["seconds"] for r in rows)
+            peak = statistics.median(r["peak"] for r in rows) / 2**20
+            print(f"| {ep} | {rank} | {read:,} | {ideal:,} | {read / ideal:.4f} | {wall:.2f} | {peak:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
