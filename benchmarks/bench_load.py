@@ -12,6 +12,8 @@ the load itself, and the peak resident memory above the process's state just bef
 Methods:
     a   lazysd: ``model.load_state_dict(VirtualStateDict(path))`` into an allocated bf16 model
     b   lazysd: ``load_state_dict(vsd, assign=True)`` into an already built meta model
+    m   the same with ``VirtualStateDict(path, mmap=True)``: unchanged tensors become
+        copy-on-write views of the file mapping, converted ones are read into private memory
     c   eager: safetensors ``load_file`` per shard, convert with torch ops (cat of transposes,
         like NeMo Automodel's Step3p5 adapter), ``load_state_dict``
     d   floor: every tensor's bytes read once into private memory (``get_tensor().clone()``)
@@ -38,6 +40,7 @@ from pathlib import Path
 METHODS = {
     "a": "lazysd load_state_dict(vsd)",
     "b": "lazysd assign=True (meta)",
+    "m": "lazysd assign=True, mmap=True (meta)",
     "c": "eager safetensors+torch",
     "d": "floor: read bytes once",
     "t": "bare transposes (tiled)",
@@ -120,10 +123,10 @@ def worker(method: str, path: Path, size: float) -> dict:
             vsd = VirtualStateDict(path)
             model.load_state_dict(vsd)
         return {**p.result, "bytes": vsd.bytes_read, "staging_peak": vsd.stats.staging_peak}
-    if method == "b":
+    if method in ("b", "m"):
         model = Step3p5Model(spec, layout="native", dtype=torch.bfloat16, device="meta")
         with _Peak() as p:
-            vsd = VirtualStateDict(path)
+            vsd = VirtualStateDict(path, mmap=method == "m")
             model.load_state_dict(vsd, assign=True)
         assert all(type(t) is torch.nn.Parameter and t.device.type == "cpu" for t in model.parameters())
         return {**p.result, "bytes": vsd.bytes_read}
@@ -241,7 +244,7 @@ def main() -> int:
     ap.add_argument("--worker", nargs=3, metavar=("METHOD", "PATH", "SIZE"), help=argparse.SUPPRESS)
     ap.add_argument("--sizes", nargs="+", type=float, default=[1e9, 3e9])
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--methods", default="abcdtse")
+    ap.add_argument("--methods", default="abmcdtse")
     ap.add_argument("--dir", default="/tmp/lazysd-bench")
     args = ap.parse_args()
     if args.worker:
@@ -296,6 +299,7 @@ def main() -> int:
         print(f"- wall a/c = {ratio('a', 'c')} (target <= 0.5), a/d = {ratio('a', 'd')} (target <= 2), "
               f"t/d = {ratio('t', 'd')}, s/t = {ratio('s', 't')} (tiled transpose speedup)")
         print(f"- wall b/e = {ratio('b', 'e')} (target <= 1), private b/e = {ratio('b', 'e', 'anon')} (target <= 1)")
+        print(f"- wall m/e = {ratio('m', 'e')} (target <= 1), private m/e = {ratio('m', 'e', 'anon')} (target <= 1)")
     return 0
 
 

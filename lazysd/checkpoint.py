@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import re
 import stat
@@ -224,6 +225,7 @@ class Checkpoint:
         self._fds: dict[Path, int] = {}
         self._identity: dict[Path, _FileIdentity] = {}
         self._lock = threading.Lock()
+        self._mappings: dict[Path, mmap.mmap] = {}  # only with mmap=True; tensors keep them alive
         self.bytes_read = 0
         self.read_calls = 0
         self.header_bytes = 0
@@ -471,6 +473,15 @@ class Checkpoint:
         for start, length in runs:
             self.read_into(info, start, out[pos : pos + length])
             pos += length
+
+    def mapping(self, file: Path) -> mmap.mmap:
+        """A private (copy-on-write) mapping of a whole weights file, made once, checked first."""
+        with self._lock:
+            mapped = self._mappings.get(file)
+            if mapped is None:
+                fd = self.check_unchanged(file)
+                mapped = self._mappings[file] = mmap.mmap(fd, 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            return mapped
 
     # ---- lifetime ------------------------------------------------------------------------
     def close(self) -> None:

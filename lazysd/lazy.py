@@ -81,7 +81,15 @@ class LazyTensor(torch.Tensor):
 
     # ---- user API ------------------------------------------------------------------------
     def materialize(self, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Read this tensor into a new plain tensor (on its own device/dtype unless given)."""
+        """Read this tensor into a new plain tensor (on its own device/dtype unless given).
+
+        With ``VirtualStateDict(mmap=True)``, an unchanged CPU tensor is a copy-on-write view
+        of the file mapping instead (see :meth:`lazysd.reader.Reader.mapped`).
+        """
+        if (device is None or torch.device(device) == self.device) and (dtype is None or dtype == self.dtype) and self.device.type == "cpu":
+            view = self._reader.mapped(self.entry, self.box, self.dtype)
+            if view is not None:
+                return view
         with torch._C.DisableTorchFunctionSubclass():
             out = torch.empty(tuple(self.shape), dtype=dtype or self.dtype, device=device or self.device)
         return self._reader.fill(self.entry, self.box, out)

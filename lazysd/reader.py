@@ -39,11 +39,14 @@ class ReadOptions:
         threads: reader threads; 0 reads on the calling thread.
         chunk_bytes: target size of one read (source rows are never split).
         max_inflight_bytes: staging memory that reads may run ahead of copies.
+        mmap: materialize tensors that need no conversion as copy-on-write views of the
+            file mapping instead of reading them (see :meth:`Reader.mapped`).
     """
 
     threads: int = 2
     chunk_bytes: int = 8 * MiB
     max_inflight_bytes: int = 32 * MiB
+    mmap: bool = False
 
 
 @dataclass
@@ -208,6 +211,31 @@ class Reader:
         return jobs
 
     # ---- executing -----------------------------------------------------------------------
+    def mapped(self, entry: Entry, box: Box, dtype: torch.dtype) -> torch.Tensor | None:
+        """A zero-copy view of ``box`` of ``entry`` in the file mapping, if it needs no conversion.
+
+        Only with ``ReadOptions(mmap=True)``, and only for a whole tensor that is one HF
+        tensor unchanged (same dtype, no permutation, no scales). The mapping is private
+        (copy-on-write): writing to the tensor, e.g. in training, copies the touched pages
+        into private memory and never changes the file. Pages are read when first touched,
+        so such tensors cost no read and no private memory up front — but a file truncated
+        under a mapping faults (SIGBUS) on access instead of raising FileChangedError.
+        """
+        if not self.options.mmap or len(entry.sources) != 1:
+            return None
+        src = entry.sources[0]
+        info = src.info
+        if (
+            not src.identity
+            or getattr(src, "scale", None) is not None
+            or info.dtype != dtype
+            or tuple(box) != tuple((0, n) for n in entry.shape)
+            or info.nbytes == 0
+        ):
+            return None
+        flat = torch.frombuffer(self.ckpt.mapping(info.file), dtype=torch.uint8, count=info.nbytes, offset=info.offset)
+        return flat.view(info.dtype).view(info.shape)
+
     def _acquire(self, nbytes: int) -> torch.Tensor:
         """A staging buffer of at least ``nbytes``, reused from earlier chunks when possible.
 

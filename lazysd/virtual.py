@@ -50,6 +50,15 @@ class VirtualStateDict(Mapping[str, torch.Tensor]):
             ahead of copies; ``chunk_bytes``: target size of one read.
         progress: a callable ``(stats, entry)`` called after each tensor, or True to print
             a one-line progress report to stderr.
+        ep_dim: the mesh dimension (name or index) that splits the experts; default the
+            one named "ep", or the only dimension of a 1-D mesh.
+        replicate: with a mesh, return non-expert tensors as ``Replicate`` DTensors
+            instead of plain tensors.
+        mmap: materialize tensors that need no conversion as copy-on-write views of the
+            file mapping (zero-copy, pages read on first touch) instead of reading them
+            into private memory. Makes ``assign=True`` loads much cheaper; the price is
+            that a file truncated under such a view faults (SIGBUS) instead of raising
+            :class:`~lazysd.errors.FileChangedError`. Off by default.
 
     Example:
         >>> from lazysd import VirtualStateDict
@@ -76,6 +85,7 @@ class VirtualStateDict(Mapping[str, torch.Tensor]):
         ep_dim: str | int | None = None,
         replicate: bool = False,
         fp8: str = "dequantize",
+        mmap: bool = False,
     ) -> None:
         self.checkpoint = Checkpoint(path)
         self.adapter = resolve_adapter(
@@ -86,7 +96,7 @@ class VirtualStateDict(Mapping[str, torch.Tensor]):
         )
         self.dtype = dtype
         self.device = torch.device(device)
-        self.reader = Reader(self.checkpoint, ReadOptions(threads, chunk_bytes, max_inflight_bytes))
+        self.reader = Reader(self.checkpoint, ReadOptions(threads, chunk_bytes, max_inflight_bytes, mmap))
         if progress is True:
             from .progress import ProgressPrinter
 

@@ -301,3 +301,27 @@ def test_peak_rss_of_a_200mb_load_stays_within_the_bound(tmp_path: Path) -> None
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["bytes"] > 150 * 10**6
     assert got["extra"] <= 1.25 * got["largest"] + 64 * MiB, got
+
+
+def test_mmap_assign_maps_unchanged_tensors_and_converts_the_rest(tmp_path: Path) -> None:
+    """mmap=True: unchanged tensors are copy-on-write file views, converted ones are read; same values."""
+    from lazysd.testing import Step3p5Model, Step3p5Spec, make_checkpoint
+
+    spec = Step3p5Spec.tiny()
+    path = make_checkpoint(tmp_path / "c", spec, layout="sharded")
+    expected = {k: v.materialize() for k, v in VirtualStateDict(path).items()}
+    vsd = VirtualStateDict(path, mmap=True)
+    model = Step3p5Model(spec, layout="native", device="meta")
+    model.load_state_dict(vsd, assign=True)
+    state = model.state_dict()
+    converted = {k for k in vsd if vsd.entry(k).transform != "unchanged"}
+    assert converted and all(torch.equal(state[k], expected[k]) for k in expected)
+    # Only the converted tensors were read; the rest are views that have not been read yet.
+    assert vsd.bytes_read == sum(vsd.entry(k).nbytes for k in converted)
+    # Training writes land in private pages, never in the checkpoint file.
+    key = "model.embed_tokens.weight"
+    before = (path / vsd.entry(key).sources[0].info.file.name).read_bytes()
+    with torch.no_grad():
+        dict(model.named_parameters())[key].add_(1)
+    assert (path / vsd.entry(key).sources[0].info.file.name).read_bytes() == before
+    assert all(type(p) is torch.nn.Parameter for p in model.parameters())
