@@ -215,7 +215,8 @@ class Reader:
         """A zero-copy view of ``box`` of ``entry`` in the file mapping, if it needs no conversion.
 
         Only with ``ReadOptions(mmap=True)``, and only for a whole tensor that is one HF
-        tensor unchanged (same dtype, no permutation, no scales). The mapping is private
+        tensor, same dtype, no scales — unchanged or permuted (a transposed grouped
+        ``down_projs`` is a strided view, as a non-contiguous parameter). The mapping is private
         (copy-on-write): writing to the tensor, e.g. in training, copies the touched pages
         into private memory and never changes the file. Pages are read when first touched,
         so such tensors cost no read and no private memory up front — but a file truncated
@@ -226,7 +227,7 @@ class Reader:
         src = entry.sources[0]
         info = src.info
         if (
-            not src.identity
+            None in src.dims
             or getattr(src, "scale", None) is not None
             or info.dtype != dtype
             or tuple(box) != tuple((0, n) for n in entry.shape)
@@ -234,7 +235,7 @@ class Reader:
         ):
             return None
         flat = torch.frombuffer(self.ckpt.mapping(info.file), dtype=torch.uint8, count=info.nbytes, offset=info.offset)
-        return flat.view(info.dtype).view(info.shape)
+        return flat.view(info.dtype).view(info.shape).permute(src.dims)
 
     def _acquire(self, nbytes: int) -> torch.Tensor:
         """A staging buffer of at least ``nbytes``, reused from earlier chunks when possible.
