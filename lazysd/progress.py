@@ -18,7 +18,7 @@ class ProgressPrinter:
         self.stream = stream or sys.stderr
         self.every = every
         self.start = time.perf_counter()
-        self.last = 0.0
+        self.last = self.start  # the first line comes after one interval (or at the end)
 
     def __call__(self, stats: Stats, entry: Entry) -> None:
         now = time.perf_counter()

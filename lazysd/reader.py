@@ -336,16 +336,20 @@ class Reader:
             self.progress(self.stats, entry)
         return dest
 
+    def _finish(self, job: _Job, read: tuple[torch.Tensor | None, torch.Tensor | None]) -> None:
+        """Put a read chunk in place (unless it was read in place) and free its buffer."""
+        buf, base = read
+        try:
+            if buf is not None:
+                self._place(job, buf)
+        finally:
+            self._release(base)
+
     def _run_inline(self, job: _Job) -> None:
         cost = 0 if job.direct else job.nbytes
         self._staging(cost)
         try:
-            buf, base = self._read(job)
-            try:
-                if buf is not None:
-                    self._place(job, buf)
-            finally:
-                self._release(base)
+            self._finish(job, self._read(job))
         finally:
             self._staging(-cost)
 
@@ -375,12 +379,7 @@ class Reader:
                     pending.append((job, self._pool.submit(self._read, job), cost))
                 job, fut, cost = pending.popleft()
                 try:
-                    buf, base = fut.result()
-                    try:
-                        if buf is not None:
-                            self._place(job, buf)
-                    finally:
-                        self._release(base)
+                    self._finish(job, fut.result())
                 finally:
                     inflight -= cost
                     self._staging(-cost)

@@ -21,36 +21,11 @@ from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from lazysd import HFView, VirtualStateDict, save_hf
-from lazysd.rules import Adapter, Part, Rule
 from lazysd.testing import Step3p5Spec, make_checkpoint
+from test_export import PER_EXPERT, per_expert_native  # the per-expert test family
 
 SPEC = Step3p5Spec.tiny()  # 8 experts
 EXPERT_SUFFIXES = ("moe.experts.gate_and_up_projs", "moe.experts.down_projs", "mlp.experts.gate_and_up_projs", "mlp.experts.down_projs")
-
-L = "model.layers.{layer}.mlp"
-PER_EXPERT = Adapter(
-    "per-expert-test",
-    ("per_expert_test",),
-    rules=(
-        Rule(
-            L + ".experts.gate_and_up_projs",
-            parts=(Part(L + ".experts.{expert}.gate_proj.weight", dims=(None, 1, 0)), Part(L + ".experts.{expert}.up_proj.weight", dims=(None, 1, 0))),
-            cat_dim=2,
-            kind="experts",
-        ),
-        Rule(L + ".experts.down_projs", parts=(Part(L + ".experts.{expert}.down_proj.weight", dims=(None, 1, 0)),), kind="experts"),
-        Rule(L + ".gate.weight", kind="router"),
-    ),
-)
-
-
-def per_expert_native(E: int = 5, D: int = 6, I: int = 3) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    return {
-        "model.layers.0.mlp.gate.weight": torch.randn(E, D, generator=g),
-        "model.layers.0.mlp.experts.gate_and_up_projs": torch.randn(E, D, 2 * I, generator=g).bfloat16(),
-        "model.layers.0.mlp.experts.down_projs": torch.randn(E, I, D, generator=g).bfloat16(),
-    }
 
 
 def _mesh(world: int, two_d: bool):
@@ -79,7 +54,7 @@ def _run_case(rank: int, world: int, tmp: str, case: str, two_d: bool) -> None:
         mesh, placements = _mesh(world, two_d)
         out = Path(tmp) / f"dist-{case}"
         if case == "per-expert":
-            sd = {k: _local(v, mesh, placements) if k.endswith(EXPERT_SUFFIXES) else v for k, v in per_expert_native().items()}
+            sd = {k: _local(v, mesh, placements) if k.endswith(EXPERT_SUFFIXES) else v for k, v in per_expert_native(E=5).items()}
             save_hf(sd, out, adapter=PER_EXPERT, max_shard_size=200)
             return
         with VirtualStateDict(Path(tmp) / "src", include_mtp=True) as vsd:
@@ -120,7 +95,7 @@ def tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
     make_checkpoint(tmp / "src", SPEC, layout="split")
     with VirtualStateDict(tmp / "src", include_mtp=True) as vsd:
         save_hf(vsd, tmp / "single", max_shard_size="40KB")
-    save_hf(per_expert_native(), tmp / "single-per-expert", adapter=PER_EXPERT, max_shard_size=200)
+    save_hf(per_expert_native(E=5), tmp / "single-per-expert", adapter=PER_EXPERT, max_shard_size=200)
     _start(tmp, 2, ["ep2", "per-expert"])  # one pair of ranks for both 2-rank cases
     return tmp
 
