@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -51,12 +52,13 @@ def main() -> None:
         tokens = torch.arange(12, device=device).remainder(spec.vocab_size)[None]
         with torch.no_grad():
             logits = model(tokens)
-        print(
+        line = (
             f"rank {rank}/{world}: {result}; experts {tuple(experts.to_local().shape)} of {tuple(experts.shape)} "
             f"({experts.placements}); read {vsd.bytes_read:,} bytes (plan: {sum(n for _, _, n in vsd.planned_ranges()):,}); "
-            f"next token {int(logits[0, -1].argmax())}",
-            flush=True,
+            f"next token {int(logits[0, -1].argmax())}\n"
         )
+        sys.stdout.write(line)  # one write per line, so ranks sharing a terminal do not interleave
+        sys.stdout.flush()
     dist.destroy_process_group()
 
 
