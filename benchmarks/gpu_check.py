@@ -67,7 +67,7 @@ def main() -> None:
             local = value.full_tensor() if hasattr(value, "full_tensor") else value
             assert local.is_cuda and torch.equal(local.cpu(), reference[key]), (name, key)
     print(f"checkpoint {nbytes / 2**30:.2f} GiB on {torch.cuda.get_device_name(device)}")
-    print(f"| method | seconds | host-to-device GiB/s |\n|---|---:|---:|")
+    print("| method | seconds | host-to-device GiB/s |\n|---|---:|---:|")
     print(f"| assign=True, NCCL ep mesh (DTensor experts) | {s1:.2f} | {nbytes / s1 / 2**30:.2f} |")
     print(f"| load_state_dict into CUDA params | {s2:.2f} | {nbytes / s2 / 2**30:.2f} |")
     print("bitwise equal to the CPU load: yes")

@@ -41,18 +41,17 @@ import os
 import re
 import secrets
 import shutil
-import sys
-import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import torch
 
 from .adapters import resolve_adapter
 from .errors import ExportError, MissingKeyError
 from .lazy import LazyTensor
+from .progress import ProgressPrinter
 from .reverse import HFPiece, _mtp_index, extract, hf_pieces
 from .rules import Adapter, Rule
 from .writer import NAME_TO_DTYPE, header_bytes
@@ -322,35 +321,6 @@ def _plan_files(entries: list[HFEntry], max_bytes: int) -> list[tuple[str, list[
 # ---- writing -------------------------------------------------------------------------------
 
 
-class _Progress:
-    def __init__(self, total: int, stream: TextIO | None, every: float = 0.5) -> None:
-        self.total, self.stream, self.every = total, stream, every
-        self.done = self.tensors = 0
-        self.start = self.last = time.perf_counter()
-
-    def add(self, nbytes: int, tensors: int = 0) -> None:
-        self.done += nbytes
-        self.tensors += tensors
-        now = time.perf_counter()
-        if now - self.last >= self.every:
-            self.last = now
-            self._print(now, final=False)
-
-    def finish(self) -> None:
-        self._print(time.perf_counter(), final=True)
-
-    def _print(self, now: float, *, final: bool) -> None:
-        if self.stream is None:
-            return
-        rate = self.done / max(now - self.start, 1e-9) / 2**20
-        pct = 100.0 * self.done / self.total if self.total else 100.0
-        self.stream.write(
-            f"\rlazysd: wrote {self.done / 2**30:7.2f} / {self.total / 2**30:.2f} GiB ({pct:5.1f}%), "
-            f"{self.tensors} tensors, {rate:8.1f} MiB/s" + ("\n" if final else "")
-        )
-        self.stream.flush()
-
-
 def _pwrite_all(fd: int, buf: memoryview, pos: int) -> None:
     while len(buf):
         n = os.pwrite(fd, buf[:_MAX_PWRITE], pos)
@@ -591,7 +561,9 @@ def _export(
     for _, group in files:
         head, offsets = header_bytes([(e.key, e.dtype, e.shape) for e in group], {"format": "pt"})
         layouts.append((len(head), offsets))
-    report = _Progress(total if not distributed else _share(writer, entries, natives), sys.stderr if progress and writer.rank == 0 else None)
+    # Rank 0 reports; in a distributed export it counts only the bytes it writes itself.
+    mine = total if not distributed else _share(writer, entries, natives)
+    report = ProgressPrinter(mine, verb="wrote ") if progress and writer.rank == 0 else None
     index_of = {e.key: i for i, e in enumerate(entries)}
     try:
         for ((name, group), (_, tmp), (data_start, offsets)) in zip(files, tmp_files, layouts):
@@ -603,13 +575,15 @@ def _export(
                     for hf_offset, block in _blocks(writer, natives[e.native_key], e, index_of[e.key], chunk_bytes):
                         _write_block(fd, base, e.shape, hf_offset, block)
                         wrote += block.numel() * block.element_size()
-                        report.add(block.numel() * block.element_size())
-                    if wrote:
+                        if report is not None:
+                            report.add(block.numel() * block.element_size())
+                    if wrote and report is not None:
                         report.add(0, 1)
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        report.finish()
+        if report is not None:
+            report.finish()
     except BaseException as e:  # noqa: BLE001 - every rank must learn of it before anyone commits
         failed = e
     if writer.any_failed(failed is not None):

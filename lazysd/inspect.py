@@ -459,7 +459,7 @@ class Layout:
             experts = "no routed-expert tensors"
         else:
             per = -(-num_experts // self.ep)
-            even = "" if num_experts % self.ep == 0 else f", uneven: torch.chunk gives the last ranks fewer"
+            even = "" if num_experts % self.ep == 0 else ", uneven: torch.chunk gives the last ranks fewer"
             experts = f"experts Shard(0): {num_experts} experts, {per} per rank{even}"
             if self.ep_shard > 1:
                 experts += f"; Shard(1) over ep_shard={self.ep_shard}"

@@ -18,7 +18,6 @@ import copy
 import json
 import os
 import signal
-import struct
 import tempfile
 from collections.abc import Iterator
 from datetime import timedelta

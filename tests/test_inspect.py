@@ -178,7 +178,7 @@ def test_explain_sources_and_rank_byte_ranges(split: Path) -> None:
                 assert torch.equal(data, hf[info.key][2 * r.rank : 2 * r.rank + 2].reshape(-1))
         text = str(ex)
         assert "layout: ep=4 (experts Shard(0): 8 experts, 2 per rank; other tensors replicated)" in text
-        assert f"    rank 3: box [6:8, 0:32, 0:32], 4.0 KiB (4,096 B) in 2 range(s)" in text
+        assert "    rank 3: box [6:8, 0:32, 0:32], 4.0 KiB (4,096 B) in 2 range(s)" in text
         assert ex._repr_html_().startswith("<pre class='lazysd-explain'>")
 
         router = str(vsd.explain("model.layers.1.moe.gate.e_score_correction_bias", ep=4))

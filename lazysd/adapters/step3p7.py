@@ -18,7 +18,7 @@ unchanged. Layers ``>= text_config.num_hidden_layers`` are MTP layers, exposed a
 
 from dataclasses import replace
 
-from ..rules import Adapter, ConfigCheck, Part, Rule
+from ..rules import Adapter, Part, Rule
 from .step3p5 import CHECKS as STEP3P5_CHECKS
 from .step3p5 import RULES as STEP3P5_RULES
 

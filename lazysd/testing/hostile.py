@@ -147,7 +147,6 @@ def _cases() -> list[Case]:
         b'{"model.norm.weight":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},'
         b'"model.norm.weight":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}'
     )
-    norm_only = safetensors_bytes(*_tensors((NORM, "F32", [2])))
     meta_null = json.dumps({"__metadata__": None, **header}, separators=(",", ":")).encode()
     # A pickle that, if anything ever unpickled it, would import a module that does not exist.
     pickle = b"\x80\x04\x95\x1d\x00\x00\x00\x00\x00\x00\x00\x8c\x16lazysd_never_unpickled\x94\x8c\x04boom\x94\x93\x94."
