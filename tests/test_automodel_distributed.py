@@ -1,8 +1,8 @@
 """lazysd.automodel on real DTensors: gloo ranks in separate processes, CPU only.
 
 Each rank checks its own results against the eager, single-process conversion; any failed
-assertion in a rank fails the test with that rank's traceback. Ranks are forked, not spawned:
-importing torch.distributed.tensor costs several seconds per process, paid once here.
+assertion in a rank fails the test with that rank's traceback. Ranks come from
+``lazysd.testing.dist.run_ranks`` (a fork server that imports torch once).
 """
 
 from __future__ import annotations
@@ -13,12 +13,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.distributed as dist
-import torch.distributed.tensor  # noqa: F401 - imported once, before the ranks fork
-import torch.multiprocessing as mp
 
 from lazysd import LazyTensor, PlacementError
 from lazysd.automodel import HFCheckpointView, Step3p5StateDictAdapter, _create_dtensor_from_local_or_reference, _swap_shard_placements_1_2
 from lazysd.testing import Step3p5Spec, load_hf_tensors, make_checkpoint
+from lazysd.testing.dist import run_ranks
 
 L = "model.layers.1"
 
@@ -120,27 +119,22 @@ def _check_lazy(mesh, ckpt: str) -> None:
         assert _equal(param.full_tensor(), eager[key])
 
 
-def _worker(rank: int, world: int, rdzv: str, ckpt: str) -> None:
+def _worker(rank: int, world: int, ckpt: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
-    torch.set_num_threads(1)  # forked ranks on 2 cores: no intra-op thread pools
-    dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=world)
-    try:
-        ep = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
-        _check_from_hf_plain(ep, E=5, I=3, D=4)  # uneven experts
-        _check_lazy(ep, ckpt)
-        if world == 4:
-            mesh2d = init_device_mesh("cpu", (2, 2), mesh_dim_names=("ep_shard", "ep"))
-            _check_helpers(mesh2d)
-            _check_from_hf_plain(mesh2d, E=5, I=3, D=5)  # uneven experts and uneven ep_shard
-            _check_from_hf_dtensor(mesh2d, E=6, I=3, D=5)
-            _check_lazy(mesh2d, ckpt)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    ep = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
+    _check_from_hf_plain(ep, E=5, I=3, D=4)  # uneven experts
+    _check_lazy(ep, ckpt)
+    if world == 4:
+        mesh2d = init_device_mesh("cpu", (2, 2), mesh_dim_names=("ep_shard", "ep"))
+        _check_helpers(mesh2d)
+        _check_from_hf_plain(mesh2d, E=5, I=3, D=5)  # uneven experts and uneven ep_shard
+        _check_from_hf_dtensor(mesh2d, E=6, I=3, D=5)
+        _check_lazy(mesh2d, ckpt)
+    dist.barrier()
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_automodel_adapter_on_gloo_ranks(tmp_path: Path, world: int) -> None:
     ckpt = make_checkpoint(tmp_path / "ckpt", Step3p5Spec.tiny(), layout="split")
-    mp.start_processes(_worker, args=(world, str(tmp_path / "rdzv"), str(ckpt)), nprocs=world, join=True, start_method="fork")
+    run_ranks(_worker, world, (str(ckpt),))

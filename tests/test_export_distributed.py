@@ -1,8 +1,8 @@
 """Distributed export on CPU with real gloo ranks: every rank writes only the experts it holds.
 
 Each test starts 2 or 4 processes; the output must be byte-identical to a single-process
-export of the same (full) state dict. Ranks are forked (Linux), so they inherit the imported
-torch.distributed modules instead of importing them again: seconds per test, not tens.
+export of the same (full) state dict. Ranks come from ``lazysd.testing.dist.run_ranks`` (a
+fork server that imports torch once: seconds per test, not tens).
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from lazysd import HFView, VirtualStateDict, save_hf
 from lazysd.testing import Step3p5Spec, make_checkpoint
+from lazysd.testing.dist import run_ranks
 from test_export import PER_EXPERT, per_expert_native  # the per-expert test family
 
 SPEC = Step3p5Spec.tiny()  # 8 experts
@@ -43,43 +43,39 @@ def _local(full_or_lazy: torch.Tensor, mesh, placements) -> torch.Tensor:
 
 
 def _worker(rank: int, world: int, tmp: str, cases: list[str], two_d: bool) -> None:
-    torch.set_num_threads(1)
     for case in cases:
         _run_case(rank, world, tmp, case, two_d)
+        dist.barrier()
 
 
 def _run_case(rank: int, world: int, tmp: str, case: str, two_d: bool) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rdzv-{case}", rank=rank, world_size=world)
-    try:
-        mesh, placements = _mesh(world, two_d)
-        out = Path(tmp) / f"dist-{case}"
-        if case == "per-expert":
-            sd = {k: _local(v, mesh, placements) if k.endswith(EXPERT_SUFFIXES) else v for k, v in per_expert_native(E=5).items()}
-            save_hf(sd, out, adapter=PER_EXPERT, max_shard_size=200)
-            return
-        with VirtualStateDict(Path(tmp) / "src", include_mtp=True) as vsd:
-            sd = {k: _local(vsd[k], mesh, placements) if k.endswith(EXPERT_SUFFIXES) else vsd[k] for k in vsd}
-            save_hf(sd, out, adapter="step3p5", num_layers=SPEC.num_hidden_layers, max_shard_size="40KB")
-            (Path(tmp) / f"read-{case}-{rank}.json").write_text(json.dumps(vsd.bytes_read))
+    mesh, placements = _mesh(world, two_d)
+    out = Path(tmp) / f"dist-{case}"
+    if case == "per-expert":
+        sd = {k: _local(v, mesh, placements) if k.endswith(EXPERT_SUFFIXES) else v for k, v in per_expert_native(E=5).items()}
+        save_hf(sd, out, adapter=PER_EXPERT, max_shard_size=200)
+        return
+    with VirtualStateDict(Path(tmp) / "src", include_mtp=True) as vsd:
+        sd = {k: _local(vsd[k], mesh, placements) if k.endswith(EXPERT_SUFFIXES) else vsd[k] for k in vsd}
+        save_hf(sd, out, adapter="step3p5", num_layers=SPEC.num_hidden_layers, max_shard_size="40KB")
+        (Path(tmp) / f"read-{case}-{rank}.json").write_text(json.dumps(vsd.bytes_read))
 
-            # The mapping keeps placements where they carry over, from local shards only.
-            view = HFView(sd, adapter="step3p5", num_layers=SPEC.num_hidden_layers)
-            gate, down = view["model.layers.1.moe.gate_proj.weight"], view["model.layers.1.moe.down_proj.weight"]
-            full_gau = sd["model.layers.1.moe.experts.gate_and_up_projs"]
-            I = SPEC.moe_intermediate_size
-            if two_d:
-                assert list(gate.placements) == [Shard(2), Shard(0)]  # native Shard(1) of [E, D, 2I] is HF dim 2
-                assert list(down.placements) == [Shard(2), Shard(0)]  # native Shard(1) of [E, I, D] is HF dim 2 of [E, D, I]
-            else:
-                assert list(gate.placements) == [Shard(0)]
-            assert tuple(gate.shape) == (SPEC.moe_num_experts, I, SPEC.hidden_size)
-            assert torch.equal(gate.to_local(), full_gau.to_local()[:, :, :I].transpose(1, 2))
-    finally:
-        dist.destroy_process_group()
+        # The mapping keeps placements where they carry over, from local shards only.
+        view = HFView(sd, adapter="step3p5", num_layers=SPEC.num_hidden_layers)
+        gate, down = view["model.layers.1.moe.gate_proj.weight"], view["model.layers.1.moe.down_proj.weight"]
+        full_gau = sd["model.layers.1.moe.experts.gate_and_up_projs"]
+        I = SPEC.moe_intermediate_size
+        if two_d:
+            assert list(gate.placements) == [Shard(2), Shard(0)]  # native Shard(1) of [E, D, 2I] is HF dim 2
+            assert list(down.placements) == [Shard(2), Shard(0)]  # native Shard(1) of [E, I, D] is HF dim 2 of [E, D, I]
+        else:
+            assert list(gate.placements) == [Shard(0)]
+        assert tuple(gate.shape) == (SPEC.moe_num_experts, I, SPEC.hidden_size)
+        assert torch.equal(gate.to_local(), full_gau.to_local()[:, :, :I].transpose(1, 2))
 
 
 def _start(tmp: Path, world: int, cases: list[str], two_d: bool = False) -> None:
-    mp.start_processes(_worker, args=(world, str(tmp), cases, two_d), nprocs=world, join=True, start_method="fork")
+    run_ranks(_worker, world, (str(tmp), cases, two_d))
 
 
 def assert_same_files(a: Path, b: Path) -> None:
