@@ -50,24 +50,6 @@ def mesh_device(mesh: DeviceMesh, fallback: torch.device) -> torch.device:
     return torch.device(mesh.device_type, torch.accelerator.current_device_index())
 
 
-def byte_ranges(entry: Entry, box: Box) -> list[tuple[str, int, int]]:
-    """``(file, offset, length)`` of every byte the reader reads for ``box`` of ``entry``.
-
-    Computed from the plan alone (the reader's own box -> runs logic), for per-rank
-    accounting and for checking reads against an independent measure.
-    """
-    from .reader import _runs, source_box
-
-    out = []
-    for src in entry.sources:
-        overlap = source_box(src, box)
-        if overlap is None:
-            continue
-        for start, length in _runs(src.info.shape, src.info.itemsize, overlap[0]):
-            out.append((str(src.info.file), src.info.offset + start, length))
-    return out
-
-
 def contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))
 

@@ -143,6 +143,14 @@ def copy_into(dest: torch.Tensor, src: torch.Tensor) -> None:
         dest.copy_(src)
 
 
+def _scale_blocks(src: Source, sub: list[tuple[int, int]]) -> tuple[TensorInfo, list[tuple[int, int]]]:
+    """The FP8 scale tensor of ``src`` and the block rows/columns that rows/cols ``sub`` touch."""
+    scale, (b0, b1) = src.scale, src.block
+    assert scale is not None
+    (r0, r1), (c0, c1) = sub
+    return scale, [(r0 // b0, -(-r1 // b0)), (c0 // b1, -(-c1 // b1))]
+
+
 def _staging_buffer(nbytes: int) -> torch.Tensor:
     """``nbytes`` of page-aligned staging memory that goes back to the OS when dropped.
 
@@ -171,6 +179,21 @@ class Reader:
             self._pool = None
 
     # ---- planning one fill ---------------------------------------------------------------
+    def ranges(self, entry: Entry, box: Box) -> list[tuple[str, int, int]]:
+        """``(file, offset, length)`` of every read :meth:`fill` makes for ``box`` of ``entry``.
+
+        Planned like a real fill (against a meta destination, so nothing is allocated or
+        read), FP8 scale blocks included: this is what ``bytes_read`` grows by.
+        """
+        dest = torch.empty([h - l for l, h in box], dtype=entry.dtype, device="meta")
+        out: list[tuple[str, int, int]] = []
+        for job in self._jobs(entry, box, dest):
+            out += [(str(job.info.file), job.info.offset + start, n) for start, n in job.runs]
+            if job.scaled is not None:
+                scale, blocks = _scale_blocks(*job.scaled)
+                out += [(str(scale.file), scale.offset + start, n) for start, n in _runs(scale.shape, scale.itemsize, blocks)]
+        return out
+
     def _jobs(self, entry: Entry, box: Box, dest: torch.Tensor) -> list[_Job]:
         jobs: list[_Job] = []
         for src in entry.sources:
@@ -283,10 +306,8 @@ class Reader:
         Reads only the scale blocks that ``sub`` touches: block rows
         ``[r0 // b0, ceil(r1 / b0))`` and likewise for columns (edges may be ragged).
         """
-        scale, (b0, b1) = src.scale, src.block
-        assert scale is not None
-        (r0, r1), (c0, c1) = sub
-        blocks = [(r0 // b0, -(-r1 // b0)), (c0 // b1, -(-c1 // b1))]
+        scale, blocks = _scale_blocks(src, sub)
+        (b0, b1), (r0, r1), (c0, c1) = src.block, *sub
         s = torch.empty(tuple(h - l for l, h in blocks), dtype=scale.dtype)
         self.ckpt.read_runs(scale, _runs(scale.shape, scale.itemsize, blocks), _as_bytes(s))
         s = s.float().repeat_interleave(b0, 0).repeat_interleave(b1, 1)

@@ -157,9 +157,7 @@ class VirtualStateDict(Mapping[str, torch.Tensor]):
         From the plan alone, no I/O: lazysd's own per-rank byte accounting, which
         ``bytes_read`` matches after a load.
         """
-        from .distributed import byte_ranges
-
-        return [r for key in (self if keys is None else keys) for r in byte_ranges(self.entry(key), self.local_box(key))]
+        return [r for key in (self if keys is None else keys) for r in self.reader.ranges(self.entry(key), self.local_box(key))]
 
     @property
     def stats(self) -> Stats:

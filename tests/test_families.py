@@ -78,6 +78,16 @@ def test_fp8_dequantization_matches_blockwise_reference_on_ragged_blocks(checkpo
         ref = dequantize_reference(hf["model.layers.0.self_attn.o_proj.weight"], hf["model.layers.0.self_attn.o_proj.weight_scale_inv"])
         torch.testing.assert_close(part, ref[130:150, 0:16], rtol=1e-6, atol=0)
         assert vsd.bytes_read - before == 20 * 16 * 1 + 1 * 4  # fp8 rows + one fp32 scale
+        # The plan's per-rank accounting counts exactly those reads, scales included.
+        ranges = vsd.reader.ranges(entry, box)
+        assert sum(n for _, _, n in ranges) == 20 * 16 + 4
+        assert any(f.endswith(".safetensors") and n == 4 for f, _, n in ranges)
+        # Experts [1, 3) of a stacked FP8 tensor: planned bytes == bytes read.
+        gate_up = vsd.entry("model.layers.1.mlp.experts.gate_and_up_projs")
+        box = ((1, 3), *((0, n) for n in gate_up.shape[1:]))
+        before = vsd.bytes_read
+        vsd.lazy(gate_up, box).materialize()
+        assert vsd.bytes_read - before == sum(n for _, _, n in vsd.reader.ranges(gate_up, box)) > 0
 
 
 def test_fp8_keep_exposes_fp8_and_scales_under_native_keys(checkpoints: dict) -> None:
