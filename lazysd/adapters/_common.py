@@ -7,6 +7,17 @@ from __future__ import annotations
 
 from ..rules import Part, Rule
 
+def decoder_rules(layer: str) -> tuple[Rule, ...]:
+    """What every decoder family here stores alike: embeddings, final norm, untied head and
+    the two per-layer norms (``layer`` is the per-layer key pattern, e.g. ``model.layers.{layer}``)."""
+    return (
+        Rule("model.embed_tokens.weight", kind="embedding"),
+        Rule("model.norm.weight", kind="norm"),
+        Rule("lm_head.weight", kind="head"),
+        Rule(layer + ".{norm:input_layernorm|post_attention_layernorm}.weight", kind="norm"),
+    )
+
+
 # One HF expert weight [out, in] -> a [1, in, out] slab of the native [E, in, out] tensor.
 STACK_T = (None, 1, 0)
 

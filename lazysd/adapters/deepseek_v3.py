@@ -25,15 +25,12 @@ Native: ``model.layers.L.mlp.experts.gate_and_up_projs`` [E, D, 2I] and ``.down_
 import torch
 
 from ..rules import Adapter, ConfigCheck, Rule
-from ._common import stacked_experts
+from ._common import decoder_rules, stacked_experts
 
 L = "model.layers.{layer}"
 
 RULES = (
-    Rule("model.embed_tokens.weight", kind="embedding"),
-    Rule("model.norm.weight", kind="norm"),
-    Rule("lm_head.weight", kind="head"),
-    Rule(L + ".{norm:input_layernorm|post_attention_layernorm}.weight", kind="norm"),
+    *decoder_rules(L),
     Rule(
         L + ".self_attn.{proj:q_proj|q_a_proj|q_a_layernorm|q_b_proj|kv_a_proj_with_mqa|kv_a_layernorm|kv_b_proj|o_proj}.weight",
         kind="attention",

@@ -28,14 +28,12 @@ with :class:`~lazysd.errors.UnsupportedFormatError` naming the keys; use a BF16 
 """
 
 from ..rules import Adapter, ConfigCheck, Part, Rule
+from ._common import decoder_rules
 
 L = "model.layers.{layer}"
 
 RULES = (
-    Rule("model.embed_tokens.weight", kind="embedding"),
-    Rule("model.norm.weight", kind="norm"),
-    Rule("lm_head.weight", kind="head"),
-    Rule(L + ".{norm:input_layernorm|post_attention_layernorm}.weight", kind="norm"),
+    *decoder_rules(L),
     Rule(L + ".self_attn.{proj:q_proj|k_proj|v_proj|o_proj}.{p:weight|bias}", kind="attention"),
     Rule(L + ".self_attn.sinks", kind="attention"),
     Rule(L + ".mlp.gate.{p:weight|bias}", parts=(Part(L + ".mlp.router.{p}"),), kind="router"),

@@ -17,15 +17,12 @@ maps it (``block_sparse_moe`` becomes ``mlp``, like every other grouped-experts 
 """
 
 from ..rules import Adapter, ConfigCheck, Part, Rule
-from ._common import stacked_experts
+from ._common import decoder_rules, stacked_experts
 
 L = "model.layers.{layer}"
 
 RULES = (
-    Rule("model.embed_tokens.weight", kind="embedding"),
-    Rule("model.norm.weight", kind="norm"),
-    Rule("lm_head.weight", kind="head"),
-    Rule(L + ".{norm:input_layernorm|post_attention_layernorm}.weight", kind="norm"),
+    *decoder_rules(L),
     Rule(L + ".self_attn.{proj:q_proj|k_proj|v_proj|o_proj}.weight", kind="attention"),
     *stacked_experts(L + ".mlp.experts", L + ".block_sparse_moe.experts.{expert}", "w1.weight", "w3.weight", "w2.weight"),
     Rule(L + ".mlp.gate.weight", parts=(Part(L + ".block_sparse_moe.gate.weight"),), kind="router"),

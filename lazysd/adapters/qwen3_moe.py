@@ -17,15 +17,12 @@ every other key unchanged.
 """
 
 from ..rules import Adapter, ConfigCheck, Rule
-from ._common import stacked_experts
+from ._common import decoder_rules, stacked_experts
 
 L = "model.layers.{layer}"
 
 RULES = (
-    Rule("model.embed_tokens.weight", kind="embedding"),
-    Rule("model.norm.weight", kind="norm"),
-    Rule("lm_head.weight", kind="head"),
-    Rule(L + ".{norm:input_layernorm|post_attention_layernorm}.weight", kind="norm"),
+    *decoder_rules(L),
     Rule(L + ".self_attn.{proj:q_proj|k_proj|v_proj|o_proj|q_norm|k_norm}.weight", kind="attention"),
     *stacked_experts(L + ".mlp.experts", L + ".mlp.experts.{expert}", "gate_proj.weight", "up_proj.weight", "down_proj.weight"),
     Rule(L + ".mlp.gate.weight", kind="router"),

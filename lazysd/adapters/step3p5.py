@@ -20,15 +20,13 @@ and the Step3p5 config class (``moe_num_experts``, ``moe_intermediate_size``, ``
 import torch
 
 from ..rules import Adapter, ConfigCheck, Part, Rule
+from ._common import decoder_rules
 
 L = "model.layers.{layer}"
 MT = (0, 2, 1)  # [E, out, in] -> [E, in, out]
 
 RULES = (
-    Rule("model.embed_tokens.weight", kind="embedding"),
-    Rule("model.norm.weight", kind="norm"),
-    Rule("lm_head.weight", kind="head"),
-    Rule(L + ".{norm:input_layernorm|post_attention_layernorm}.weight", kind="norm"),
+    *decoder_rules(L),
     Rule(L + ".self_attn.{proj:q_proj|k_proj|v_proj|o_proj|g_proj|q_norm|k_norm}.weight", kind="attention"),
     Rule(L + ".mlp.{proj:gate_proj|up_proj|down_proj}.weight", kind="mlp"),
     Rule(L + ".share_expert.{proj:gate_proj|up_proj|down_proj}.weight", kind="shared_expert"),
