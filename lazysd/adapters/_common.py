@@ -5,7 +5,7 @@ Shape legend: E experts, D hidden, I expert intermediate.
 
 from __future__ import annotations
 
-from ..rules import Part, Rule
+from ..rules import ConfigCheck, Part, Rule
 
 def decoder_rules(layer: str) -> tuple[Rule, ...]:
     """What every decoder family here stores alike: embeddings, final norm, untied head and
@@ -15,6 +15,21 @@ def decoder_rules(layer: str) -> tuple[Rule, ...]:
         Rule("model.norm.weight", kind="norm"),
         Rule("lm_head.weight", kind="head"),
         Rule(layer + ".{norm:input_layernorm|post_attention_layernorm}.weight", kind="norm"),
+    )
+
+
+def moe_checks(block: str, experts: str, intermediate: str) -> tuple[ConfigCheck, ...]:
+    """config.json vs tensor shapes for a MoE family whose native experts live under ``block``
+    (e.g. ``model.layers.{layer}.mlp``): expert count on the experts' and router's dim 0,
+    expert intermediate size on ``down_projs`` dim 1, hidden size on the embeddings and
+    ``down_projs`` dim 2. ``experts`` / ``intermediate`` are the family's config field names."""
+    return (
+        ConfigCheck((experts,), block + ".experts.gate_and_up_projs", 0),
+        ConfigCheck((experts,), block + ".experts.down_projs", 0),
+        ConfigCheck((experts,), block + ".gate.weight", 0),
+        ConfigCheck((intermediate,), block + ".experts.down_projs", 1),
+        ConfigCheck(("hidden_size",), "model.embed_tokens.weight", 1),
+        ConfigCheck(("hidden_size",), block + ".experts.down_projs", 2),
     )
 
 

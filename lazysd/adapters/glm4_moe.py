@@ -22,8 +22,8 @@ every other key unchanged.
 
 import torch
 
-from ..rules import Adapter, ConfigCheck, Rule
-from ._common import decoder_rules, stacked_experts
+from ..rules import Adapter, Rule
+from ._common import decoder_rules, moe_checks, stacked_experts
 
 L = "model.layers.{layer}"
 
@@ -40,12 +40,6 @@ RULES = (
     Rule(L + ".shared_head.{name:norm|head}.weight", kind="mtp"),
 )
 
-CHECKS = (
-    ConfigCheck(("n_routed_experts",), L + ".mlp.experts.gate_and_up_projs", 0),
-    ConfigCheck(("n_routed_experts",), L + ".mlp.gate.weight", 0),
-    ConfigCheck(("moe_intermediate_size",), L + ".mlp.experts.down_projs", 1),
-    ConfigCheck(("hidden_size",), L + ".mlp.experts.down_projs", 2),
-    ConfigCheck(("hidden_size",), "model.embed_tokens.weight", 1),
-)
+CHECKS = moe_checks(L + ".mlp", "n_routed_experts", "moe_intermediate_size")
 
 ADAPTER = Adapter(name="glm4_moe", model_types=("glm4_moe",), rules=RULES, checks=CHECKS)

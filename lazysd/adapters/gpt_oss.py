@@ -27,8 +27,8 @@ with :class:`~lazysd.errors.UnsupportedFormatError` naming the keys; use a BF16 
 (or dequantize once with transformers) instead.
 """
 
-from ..rules import Adapter, ConfigCheck, Part, Rule
-from ._common import decoder_rules
+from ..rules import Adapter, Part, Rule
+from ._common import decoder_rules, moe_checks
 
 L = "model.layers.{layer}"
 
@@ -42,13 +42,7 @@ RULES = (
     Rule(L + ".mlp.experts.{p:gate_up_proj_bias|down_proj_bias}", kind="experts"),
 )
 
-CHECKS = (
-    ConfigCheck(("num_local_experts",), L + ".mlp.experts.gate_and_up_projs", 0),
-    ConfigCheck(("num_local_experts",), L + ".mlp.gate.weight", 0),
-    ConfigCheck(("intermediate_size",), L + ".mlp.experts.down_projs", 1),
-    ConfigCheck(("hidden_size",), L + ".mlp.experts.down_projs", 2),
-    ConfigCheck(("hidden_size",), "model.embed_tokens.weight", 1),
-)
+CHECKS = moe_checks(L + ".mlp", "num_local_experts", "intermediate_size")
 
 MXFP4 = "MXFP4 expert weights (*_blocks / *_scales) are not dequantized by lazysd; use a BF16 checkpoint of the model"
 

@@ -16,8 +16,8 @@ maps it (``block_sparse_moe`` becomes ``mlp``, like every other grouped-experts 
     model.layers.L.mlp.experts.down_projs          [E, I, D]  = stack_e w2_e.T
 """
 
-from ..rules import Adapter, ConfigCheck, Part, Rule
-from ._common import decoder_rules, stacked_experts
+from ..rules import Adapter, Part, Rule
+from ._common import decoder_rules, moe_checks, stacked_experts
 
 L = "model.layers.{layer}"
 
@@ -28,12 +28,6 @@ RULES = (
     Rule(L + ".mlp.gate.weight", parts=(Part(L + ".block_sparse_moe.gate.weight"),), kind="router"),
 )
 
-CHECKS = (
-    ConfigCheck(("num_local_experts",), L + ".mlp.experts.gate_and_up_projs", 0),
-    ConfigCheck(("num_local_experts",), L + ".mlp.gate.weight", 0),
-    ConfigCheck(("intermediate_size",), L + ".mlp.experts.down_projs", 1),
-    ConfigCheck(("hidden_size",), L + ".mlp.experts.down_projs", 2),
-    ConfigCheck(("hidden_size",), "model.embed_tokens.weight", 1),
-)
+CHECKS = moe_checks(L + ".mlp", "num_local_experts", "intermediate_size")
 
 ADAPTER = Adapter(name="mixtral", model_types=("mixtral",), rules=RULES, checks=CHECKS)

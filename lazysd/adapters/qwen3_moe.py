@@ -16,8 +16,8 @@ Native: ``mlp.experts.gate_and_up_projs`` [E, D, 2I], ``mlp.experts.down_projs``
 every other key unchanged.
 """
 
-from ..rules import Adapter, ConfigCheck, Rule
-from ._common import decoder_rules, stacked_experts
+from ..rules import Adapter, Rule
+from ._common import decoder_rules, moe_checks, stacked_experts
 
 L = "model.layers.{layer}"
 
@@ -29,12 +29,6 @@ RULES = (
     Rule(L + ".mlp.{proj:gate_proj|up_proj|down_proj}.weight", kind="mlp"),
 )
 
-CHECKS = (
-    ConfigCheck(("num_experts",), L + ".mlp.experts.gate_and_up_projs", 0),
-    ConfigCheck(("num_experts",), L + ".mlp.gate.weight", 0),
-    ConfigCheck(("moe_intermediate_size",), L + ".mlp.experts.down_projs", 1),
-    ConfigCheck(("hidden_size",), L + ".mlp.experts.down_projs", 2),
-    ConfigCheck(("hidden_size",), "model.embed_tokens.weight", 1),
-)
+CHECKS = moe_checks(L + ".mlp", "num_experts", "moe_intermediate_size")
 
 ADAPTER = Adapter(name="qwen3_moe", model_types=("qwen3_moe",), rules=RULES, checks=CHECKS)

@@ -19,8 +19,8 @@ and the Step3p5 config class (``moe_num_experts``, ``moe_intermediate_size``, ``
 
 import torch
 
-from ..rules import Adapter, ConfigCheck, Part, Rule
-from ._common import decoder_rules
+from ..rules import Adapter, Part, Rule
+from ._common import decoder_rules, moe_checks
 
 L = "model.layers.{layer}"
 MT = (0, 2, 1)  # [E, out, in] -> [E, in, out]
@@ -45,13 +45,6 @@ RULES = (
     Rule(L + ".transformer.shared_head.{name:norm|output}.weight", kind="mtp"),
 )
 
-CHECKS = (
-    ConfigCheck(("moe_num_experts",), L + ".moe.experts.gate_and_up_projs", 0),
-    ConfigCheck(("moe_num_experts",), L + ".moe.experts.down_projs", 0),
-    ConfigCheck(("moe_num_experts",), L + ".moe.gate.weight", 0),
-    ConfigCheck(("moe_intermediate_size",), L + ".moe.experts.down_projs", 1),
-    ConfigCheck(("hidden_size",), "model.embed_tokens.weight", 1),
-    ConfigCheck(("hidden_size",), L + ".moe.experts.down_projs", 2),
-)
+CHECKS = moe_checks(L + ".moe", "moe_num_experts", "moe_intermediate_size")
 
 ADAPTER = Adapter(name="step3p5", model_types=("step3p5",), rules=RULES, checks=CHECKS)
