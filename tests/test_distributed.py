@@ -263,6 +263,8 @@ def test_example_script_under_torchrun(tmp_path: Path) -> None:
 
 def _check_family(rank: int, world: int, root: str) -> dict:
     """Every per-expert / grouped family under EP: exact shards, exact per-rank reads."""
+    import gc
+
     from torch.distributed.device_mesh import init_device_mesh
 
     from lazysd import VirtualStateDict
@@ -273,20 +275,26 @@ def _check_family(rank: int, world: int, root: str) -> dict:
     for family in families.FAMILIES:
         spec = families.FamilySpec.tiny(family)
         path = Path(root) / family
-        eager = families.eager_native(spec, load_hf_tensors(path))
+        # Private copies: tensors still viewing the safetensors mapping would pin its pages.
+        eager = families.eager_native(spec, {k: v.clone() for k, v in load_hf_tensors(path).items()})
+        gc.collect()
         vsd = VirtualStateDict(path, mesh)
         experts = [k for k in vsd if vsd.entry(k).kind == "experts"]
         assert experts, family
+        locals_ = {}
+        resident = _load_alone(rank, world, vsd.checkpoint.files, lambda: locals_.update({k: vsd[k].to_local().materialize() for k in experts}))
         for key in experts:
-            value = vsd[key]
             n = eager[key].shape[0]
             chunk = -(-n // world)
             lo, hi = min(rank * chunk, n), min((rank + 1) * chunk, n)
-            assert torch.equal(value.to_local().materialize(), eager[key][lo:hi]), (family, key)
+            assert torch.equal(locals_[key], eager[key][lo:hi]), (family, key)
+        ranges = vsd.planned_ranges(experts)
         out[family] = {
             "read": vsd.bytes_read,
-            "planned": sum(n for _, _, n in vsd.planned_ranges(experts)),
+            "planned": sum(n for _, _, n in ranges),
             "all": sum(vsd.entry(k).nbytes for k in experts),
+            "resident": sum(resident.values()),
+            "ideal_pages": sum(_ideal_pages(ranges).values()),
         }
         # Per-expert families: this rank opened only its own experts' HF tensors.
         if any(None in s.dims for k in experts for s in vsd.entry(k).sources):
@@ -305,3 +313,5 @@ def test_every_family_under_expert_parallelism(tmp_path: Path) -> None:
         per_rank = [r[family] for r in results]
         assert all(r["read"] == r["planned"] for r in per_rank), (family, per_rank)
         assert sum(r["read"] for r in per_rank) == per_rank[0]["all"], (family, per_rank)
+        # Independently of lazysd's counters: the pages cached by each rank's reads alone.
+        assert all(abs(r["resident"] - r["ideal_pages"]) <= 0.01 * r["ideal_pages"] + 1 for r in per_rank), (family, [(r["resident"], r["ideal_pages"]) for r in per_rank])
