@@ -169,7 +169,7 @@ def worker(method: str, path: Path, size: float) -> dict:
                         del t
         return {**p.result, "bytes": nbytes}
     if method in ("t", "s"):
-        from lazysd.reader import copy_into
+        from lazysd.transpose import copy_into
 
         vsd = VirtualStateDict(path)
         model = _allocated_model(spec)

@@ -22,7 +22,7 @@ import re
 import stat
 import threading
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -447,16 +447,21 @@ class Checkpoint:
 
     def read_into(self, info: TensorInfo, byte_start: int, out: memoryview) -> None:
         """Read ``len(out)`` bytes of tensor ``info`` starting ``byte_start`` bytes into it."""
-        n = len(out)
+        self.read_with(info, byte_start, len(out), lambda fd, pos: _pread_full(fd, out, pos))
+
+    def read_with(self, info: TensorInfo, byte_start: int, n: int, read: Callable[[int, int], int]) -> None:
+        """Have ``read(fd, file_offset)`` read ``n`` bytes of tensor ``info`` from ``byte_start``.
+
+        For readers that put the bytes somewhere themselves (the transposing read); the checks
+        and counting are those of every read: the range is inside the tensor, the file is the
+        one opened and unchanged before and after, and ``read`` returning fewer than ``n``
+        bytes means the file ended early.
+        """
         if byte_start < 0 or byte_start + n > info.nbytes:
             raise ValueError(f"{info.file}, key {info.key!r}: byte range {byte_start}+{n} outside the tensor's {info.nbytes} bytes")
         fd = self.check_unchanged(info.file)
-        pos, done = info.offset + byte_start, 0
-        while done < n:
-            got = os.preadv(fd, [out[done:]], pos + done)
-            if got == 0:
-                raise FileChangedError(f"{info.file}, key {info.key!r}: file ended early (truncated after it was opened?)")
-            done += got
+        if read(fd, info.offset + byte_start) < n:
+            raise FileChangedError(f"{info.file}, key {info.key!r}: file ended early (truncated after it was opened?)")
         # A write that landed while we read would otherwise go unnoticed: the bytes would be
         # a mix of old and new. One fstat is cheap next to a read.
         st = os.fstat(fd)
@@ -500,6 +505,17 @@ class Checkpoint:
     @property
     def files(self) -> list[Path]:
         return list(self._identity)
+
+
+def _pread_full(fd: int, out: memoryview, pos: int) -> int:
+    """``pread`` into all of ``out`` from ``pos``; returns the bytes read (fewer only at EOF)."""
+    done = 0
+    while done < len(out):
+        got = os.preadv(fd, [out[done:]], pos + done)
+        if got == 0:
+            break
+        done += got
+    return done
 
 
 def _close_fds(fds: dict[Path, int]) -> None:

@@ -84,14 +84,15 @@ class LazyTensor(torch.Tensor):
         """Read this tensor into a new plain tensor (on its own device/dtype unless given).
 
         With ``VirtualStateDict(mmap=True)``, an unchanged CPU tensor is a copy-on-write view
-        of the file mapping instead (see :meth:`lazysd.reader.Reader.mapped`).
+        of the file mapping instead (see :meth:`lazysd.reader.Reader.mapped`), and a converted
+        one keeps its sources' memory order (see :meth:`lazysd.reader.Reader.empty`).
         """
         if (device is None or torch.device(device) == self.device) and (dtype is None or dtype == self.dtype) and self.device.type == "cpu":
             view = self._reader.mapped(self.entry, self.box, self.dtype)
             if view is not None:
                 return view
         with torch._C.DisableTorchFunctionSubclass():
-            out = torch.empty(tuple(self.shape), dtype=dtype or self.dtype, device=device or self.device)
+            out = self._reader.empty(self.entry, self.box, dtype or self.dtype, torch.device(device or self.device))
         return self._reader.fill(self.entry, self.box, out)
 
     def fill_(self, dest: torch.Tensor) -> torch.Tensor:  # noqa: D401 - torch naming

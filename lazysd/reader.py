@@ -27,8 +27,11 @@ import torch
 
 from .checkpoint import Checkpoint, TensorInfo
 from .plan import Box, Entry, Source
+from .transpose import copy_into, fused_read_applies, read_transposed
 
 MiB = 1 << 20
+_FUSED_BLOCK = 256 << 10  # the kernel's block buffer (BLOCK_BYTES in _transpose.c)
+_DIRECT_ROW = 64 << 10  # smallest row read on its own rather than staged with its neighbours
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,11 @@ class _Job:
     src_shape: tuple[int, ...]  # shape of the chunk as read, in source order
     dest: torch.Tensor  # destination view, native order
     dims: tuple[int | None, ...]
-    direct: bool  # read straight into dest's memory
+    direct: bool  # read straight into dest (then the destination seen in source order)
+    # Read and transposed by the kernel in cache-sized blocks (dest is then the view with
+    # the new axes of dims dropped); staging is the kernel's block buffer.
+    fused: bool
+    staging: int  # staging bytes this job holds while in flight
     # FP8 chunk: (its source, the chunk's box in source coordinates); the reader reads the
     # scale blocks covering that box and returns the chunk dequantized (fp32).
     scaled: tuple[Source, list[tuple[int, int]]] | None = None
@@ -129,18 +136,27 @@ def _as_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 
 
-def copy_into(dest: torch.Tensor, src: torch.Tensor) -> None:
-    """``dest.copy_(src)``, in strips of 16 destination columns when ``src`` is transposed.
+def _inverse(perm: list[int]) -> list[int]:
+    inv = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inv[p] = i
+    return inv
 
-    A transposed copy reads one side with a large stride; narrow strips keep both sides in
-    cache. Measured on 2 busy cores (1 GB Step3p5 load), strips beat both one strided copy
-    and 128 x 64 2-D tiles, whose per-call overhead outweighed their cache benefit.
+
+def _memory_order(entry: Entry) -> list[int] | None:
+    """Native dims ordered as the sources lay them out in memory, if all sources agree.
+
+    New (stacking) axes go outermost. None where the order is the native one anyway, or
+    the sources disagree.
     """
-    if dest.dim() >= 2 and src.stride(-1) != 1 and dest.is_cpu and dest.stride(-1) == 1 and dest.shape[-1] > 16:
-        for j in range(0, dest.shape[-1], 16):
-            dest[..., j : j + 16].copy_(src[..., j : j + 16])
-    else:
-        dest.copy_(src)
+    orders = {
+        tuple(sorted(range(len(src.dims)), key=lambda i: (-1, i) if src.dims[i] is None else (src.dims[i], 0)))
+        for src in entry.sources
+    }
+    if len(orders) != 1:
+        return None
+    order = list(orders.pop())
+    return None if order == sorted(order) else order
 
 
 def _scale_blocks(src: Source, sub: list[tuple[int, int]]) -> tuple[TensorInfo, list[tuple[int, int]]]:
@@ -207,20 +223,29 @@ class Reader:
         src_box, (lo, hi) = overlap
         info = src.info
         view = dest[tuple(slice(l - b[0], h - b[0]) for l, h, b in zip(lo, hi, box))]
-        direct = (
-            src.identity
-            and src.scale is None
-            and dest.dtype == info.dtype
-            and dest.device.type == "cpu"
-            and view.is_contiguous()
-        )
-        # Chunk along the outermost source dim; rows are never split.
+        perm = [d for d in src.dims if d is not None]
+        new_axes = tuple(0 if d is None else slice(None) for d in src.dims)
+        # The destination seen in source order: where that is contiguous, the bytes can be
+        # read straight into it (unchanged tensors; halves of a tensor laid out in source
+        # order, see empty()).
+        as_source = view[new_axes].permute(_inverse(perm))
+        plain = src.scale is None and dest.dtype == info.dtype and dest.device.type == "cpu"
         if not info.shape:
-            return [_Job(info, [(0, info.itemsize)], info.itemsize, (), view, src.dims, direct)]
+            direct = plain
+            return [_Job(info, [(0, info.itemsize)], info.itemsize, (), as_source if direct else view, src.dims, direct, False, 0 if direct else info.itemsize)]
         rows = src_box[0][1] - src_box[0][0]
         # A dequantized chunk is staged in fp32: budget its rows at that size.
         row_bytes = (4 if src.scale is not None else info.itemsize) * math.prod(h - l for l, h in src_box[1:])
         per = max(1, self.options.chunk_bytes // max(1, row_bytes))
+        if plain and row_bytes >= _DIRECT_ROW and not as_source.is_contiguous() and as_source[:1].is_contiguous():
+            per = 1  # contiguous row by row only: one direct read per row beats staging
+        # The kernel's case: the last two source dims swapped, nothing else moved, no cast.
+        swapped = (
+            plain
+            and perm == [*range(len(perm) - 2), len(perm) - 1, len(perm) - 2]
+            and len(perm) in (2, 3)
+            and src_box[-1] == (0, info.shape[-1])
+        )
         native0 = src.dims.index(0)
         jobs = []
         for r in range(0, rows, per):
@@ -228,10 +253,33 @@ class Reader:
             sub = [(src_box[0][0] + r, src_box[0][0] + r + n), *src_box[1:]]
             runs = _runs(info.shape, info.itemsize, sub)
             chunk_view = view.narrow(native0, r, n)
+            chunk_source = as_source.narrow(0, r, n)
             shape = tuple(h - l for l, h in sub)
             scaled = (src, sub) if src.scale is not None else None
-            jobs.append(_Job(info, runs, n * row_bytes, shape, chunk_view, src.dims, direct, scaled))
+            if plain and chunk_source.is_contiguous():
+                job = _Job(info, runs, n * row_bytes, shape, chunk_source, src.dims, True, False, 0, scaled)
+            elif swapped and len(runs) == 1 and fused_read_applies(chunk_view[new_axes]):
+                staging = min(n * row_bytes, max(_FUSED_BLOCK, 8 * info.shape[-1] * info.itemsize))
+                job = _Job(info, runs, n * row_bytes, shape, chunk_view[new_axes], src.dims, False, True, staging, scaled)
+            else:
+                job = _Job(info, runs, n * row_bytes, shape, chunk_view, src.dims, False, False, n * row_bytes, scaled)
+            jobs.append(job)
         return jobs
+
+    def empty(self, entry: Entry, box: Box, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """An uninitialized tensor for :meth:`fill` of ``box`` of ``entry``.
+
+        Native layout (contiguous) by default. With ``ReadOptions(mmap=True)`` a CPU tensor
+        whose sources all share one permutation is laid out in the sources' memory order
+        instead, a strided tensor of the native shape: ``gate_and_up_projs`` is then
+        ``[E, 2I, D]`` memory seen as ``[E, D, 2I]``, filled by plain reads with no
+        transpose, like the mapped ``down_projs`` beside it.
+        """
+        shape = [h - l for l, h in box]
+        order = _memory_order(entry) if self.options.mmap and torch.device(device).type == "cpu" else None
+        if order is None:
+            return torch.empty(shape, dtype=dtype, device=device)
+        return torch.empty([shape[i] for i in order], dtype=dtype, device=device).permute(_inverse(order))
 
     # ---- executing -----------------------------------------------------------------------
     def mapped(self, entry: Entry, box: Box, dtype: torch.dtype) -> torch.Tensor | None:
@@ -280,6 +328,10 @@ class Reader:
 
     def _read(self, job: _Job) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Read one job: ``(staged chunk or None if read in place, pool buffer to release)``."""
+        if job.fused:
+            (start, n), dest = job.runs[0], job.dest
+            self.ckpt.read_with(job.info, start, n, lambda fd, pos: read_transposed(fd, pos, dest))
+            return None, None
         if job.direct:
             self.ckpt.read_runs(job.info, job.runs, _as_bytes(job.dest))
             return None, None
@@ -367,7 +419,7 @@ class Reader:
             self._release(base)
 
     def _run_inline(self, job: _Job) -> None:
-        cost = 0 if job.direct else job.nbytes
+        cost = job.staging
         self._staging(cost)
         try:
             self._finish(job, self._read(job))
@@ -391,7 +443,7 @@ class Reader:
                 # Backpressure: start reads only while their staging fits the budget
                 # (one read is always allowed, so a single large row still makes progress).
                 while todo and len(pending) < 2 * self.options.threads:
-                    cost = 0 if todo[0].direct else todo[0].nbytes
+                    cost = todo[0].staging
                     if pending and inflight + cost > budget:
                         break
                     job = todo.popleft()

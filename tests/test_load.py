@@ -72,13 +72,13 @@ def count_materialize(monkeypatch: pytest.MonkeyPatch) -> Counter:
 def record_reads(vsd: VirtualStateDict) -> list[tuple[str, int, int]]:
     """Every pread of ``vsd`` as (HF key, byte start, length), recorded as it happens."""
     reads: list[tuple[str, int, int]] = []
-    original = vsd.checkpoint.read_into
+    original = vsd.checkpoint.read_with  # every read goes through it, pread or transposing
 
-    def recording(info, byte_start, out):
-        reads.append((info.key, byte_start, len(out)))
-        return original(info, byte_start, out)
+    def recording(info, byte_start, n, read):
+        reads.append((info.key, byte_start, n))
+        return original(info, byte_start, n, read)
 
-    vsd.checkpoint.read_into = recording  # type: ignore[method-assign]
+    vsd.checkpoint.read_with = recording  # type: ignore[method-assign]
     return reads
 
 
@@ -303,10 +303,13 @@ def test_peak_rss_of_a_200mb_load_stays_within_the_bound(tmp_path: Path) -> None
     assert got["extra"] <= 1.25 * got["largest"] + 64 * MiB, got
 
 
-def test_mmap_assign_maps_unchanged_tensors_and_converts_the_rest(tmp_path: Path) -> None:
+def test_mmap_assign_maps_unchanged_tensors_and_converts_the_rest(tmp_path: Path, monkeypatch) -> None:
     """mmap=True: unchanged tensors are copy-on-write file views, converted ones are read; same values."""
+    import lazysd.reader
     from lazysd.testing import Step3p5Model, Step3p5Spec, make_checkpoint
 
+    # Rows (experts) of any size are read one by one straight into place, not only >= 64 KiB.
+    monkeypatch.setattr(lazysd.reader, "_DIRECT_ROW", 0)
     spec = Step3p5Spec.tiny()
     path = make_checkpoint(tmp_path / "c", spec, layout="sharded")
     expected = {k: v.materialize() for k, v in VirtualStateDict(path).items()}
@@ -322,6 +325,20 @@ def test_mmap_assign_maps_unchanged_tensors_and_converts_the_rest(tmp_path: Path
     assert vsd.bytes_read == sum(vsd.entry(k).nbytes for k in built)
     down = next(k for k in vsd if k.endswith("down_projs"))
     assert not state[down].is_contiguous() and torch.equal(state[down], expected[down])
+    # gate_and_up_projs keeps the HF memory order ([E, 2I, D] seen as [E, D, 2I]): read
+    # straight into place, no transpose, no staging.
+    gate_up = next(k for k in vsd if k.endswith("gate_and_up_projs"))
+    E, D, I2 = state[gate_up].shape
+    assert state[gate_up].stride() == (I2 * D, 1, D)
+    assert vsd.stats.staging_peak == 0
+    # Training works on such parameters: gradients and optimizer state take their layout.
+    model.float()  # (the tiny model computes in fp32)
+    params = [p for p in model.parameters() if p.is_floating_point()]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    ids = torch.randint(0, spec.vocab_size, (2, 5))
+    model(ids).float().square().mean().backward()
+    opt.step()
+    assert all(p.grad is None or p.grad.stride() == p.stride() for p in params)
     # Training writes land in private pages, never in the checkpoint file.
     key = "model.embed_tokens.weight"
     before = (path / vsd.entry(key).sources[0].info.file.name).read_bytes()
