@@ -54,6 +54,7 @@ from .lazy import LazyTensor
 from .progress import ProgressPrinter
 from .reverse import HFPiece, _mtp_index, extract, hf_pieces
 from .rules import Adapter, Rule
+from .transpose import contiguous
 from .writer import NAME_TO_DTYPE, header_bytes
 
 __all__ = ["HFView", "HFEntry", "save_hf", "save_native", "parse_size"]
@@ -204,7 +205,7 @@ class HFView(Mapping[str, torch.Tensor]):
 
 
 def _converted(block: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    block = block.contiguous()
+    block = contiguous(block)
     return block if block.dtype == dtype else block.to(dtype)
 
 

@@ -66,6 +66,7 @@ def load(
     threads: int | None = None,
     max_inflight_bytes: int | None = None,
     progress: bool | Callable[[Stats, Entry], None] = False,
+    mmap: bool | None = None,
 ) -> LoadReport:
     """Load a checkpoint into ``model`` through ``model.load_state_dict`` and report on it.
 
@@ -86,6 +87,9 @@ def load(
             reads may run ahead of copies (default 32 MiB).
         progress: True prints a one-line progress report to stderr; a callable
             ``(stats, entry)`` is called after each tensor.
+        mmap: with ``assign=True``, the fastest path: unchanged tensors become copy-on-write
+            views of the files (not read now), concatenated ones keep the HF memory order
+            (no transpose), so parameters may be strided (see ``VirtualStateDict``).
 
     Returns:
         A :class:`LoadReport`.
@@ -102,6 +106,7 @@ def load(
         "threads": threads,
         "max_inflight_bytes": max_inflight_bytes,
         "progress": progress or None,
+        "mmap": mmap,
     }
     given = {k: v for k, v in options.items() if v is not None}
     if isinstance(path_or_vsd, VirtualStateDict):

@@ -78,6 +78,15 @@ def copy_into(dest: torch.Tensor, src: torch.Tensor) -> None:
         )
 
 
+def contiguous(t: torch.Tensor) -> torch.Tensor:
+    """``t.contiguous()``, through :func:`copy_into` (the export direction: native -> HF)."""
+    if t.is_contiguous():
+        return t
+    out = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+    copy_into(out, t)
+    return out
+
+
 def read_transposed(fd: int, offset: int, dest: torch.Tensor) -> int:
     """Read a dense array from file ``fd`` at ``offset`` and write its transpose into ``dest``.
 

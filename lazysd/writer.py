@@ -28,6 +28,8 @@ from types import TracebackType
 
 import torch
 
+from .transpose import contiguous
+
 __all__ = [
     "DTYPE_TO_NAME",
     "NAME_TO_DTYPE",
@@ -209,7 +211,7 @@ class SafetensorsWriter:
             )
         # reshape(-1) first: view(uint8) refuses 0-dim tensors; both steps are views, so the only
         # possible copy is contiguous() of a non-contiguous input.
-        flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+        flat = contiguous(tensor.detach()).reshape(-1).view(torch.uint8)
         self._pwrite_all(memoryview(flat.numpy()), self._data_start + begin + byte_offset)
         with self._lock:
             self._written[key].append((byte_offset, byte_offset + nbytes))

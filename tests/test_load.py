@@ -262,6 +262,16 @@ def test_load_assign_with_options_from_a_path(ckpt, hf) -> None:
         assert torch.equal(model.state_dict()[k], v.float()), k
 
 
+def test_load_assign_mmap_reads_only_concatenations(ckpt, hf) -> None:
+    model = Step3p5Model(SPEC, layout="native", dtype=torch.bfloat16, device="meta")
+    report = lazysd.load(model, ckpt, assign=True, mmap=True)
+    state = model.state_dict()
+    gate_up = [k for k in state if k.endswith("gate_and_up_projs")]
+    assert report.bytes_read == sum(state[k].nbytes for k in gate_up)
+    for k, v in expected_native(hf).items():
+        assert torch.equal(state[k], v), k
+
+
 def test_load_refuses_options_for_an_open_vsd(ckpt) -> None:
     model = Step3p5Model(SPEC, layout="native", dtype=torch.bfloat16)
     with VirtualStateDict(ckpt) as vsd:
