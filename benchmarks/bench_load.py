@@ -17,9 +17,9 @@ Methods:
     c   eager: safetensors ``load_file`` per shard, convert with torch ops (cat of transposes,
         like NeMo Automodel's Step3p5 adapter), ``load_state_dict``
     d   floor: every tensor's bytes read once into private memory (``get_tensor().clone()``)
-    t   bare transposes: lazysd's tiled ``copy_into`` of every expert tensor, one thread,
-        from a pre-read source (the transpose share of the gap between a and d)
-    s   bare transposes with torch's single strided ``copy_`` (what t replaces)
+    t   bare transposes: lazysd's ``copy_into`` (the compiled kernel, torch's intra-op thread
+        count) of every expert tensor from a pre-read source: the transpose share of a load
+    s   bare transposes with torch's strided ``copy_`` (what the kernel replaces)
     e   transformers 5.x ``Step3p7TextModel.from_pretrained`` (text decoder, no lm_head)
 """
 
@@ -42,7 +42,7 @@ METHODS = {
     "m": "lazysd assign=True, mmap=True (meta)",
     "c": "eager safetensors+torch",
     "d": "floor: read bytes once",
-    "t": "bare transposes (tiled)",
+    "t": "bare transposes (kernel)",
     "s": "bare transposes (torch)",
     "e": "transformers from_pretrained",
 }
@@ -296,7 +296,7 @@ def main() -> int:
             print(f"- (a) peak extra {med['a']['total'] / MiB:.0f} MiB vs bound {bound / MiB:.0f} MiB: "
                   f"{'met' if med['a']['total'] <= bound else 'NOT met'}")
         print(f"- wall a/c = {ratio('a', 'c')} (target <= 0.5), a/d = {ratio('a', 'd')} (target <= 2), "
-              f"t/d = {ratio('t', 'd')}, s/t = {ratio('s', 't')} (tiled transpose speedup)")
+              f"t/d = {ratio('t', 'd')}, s/t = {ratio('s', 't')} (kernel transpose speedup)")
         print(f"- wall b/e = {ratio('b', 'e')} (target <= 1), private b/e = {ratio('b', 'e', 'anon')} (target <= 1)")
         print(f"- wall m/e = {ratio('m', 'e')} (target <= 1), private m/e = {ratio('m', 'e', 'anon')} (target <= 1)")
     return 0
