@@ -2,10 +2,12 @@
 
 :func:`Reader.fill` takes a native :class:`~lazysd.plan.Entry`, a box of it (the whole tensor,
 or one rank's shard) and a destination tensor of the box's shape. For each source block the
-box overlaps it reads the overlapping source rows with ``pread`` — straight into the
-destination when no permutation or cast is needed, else into a bounded staging buffer that is
-then copied into a (transposed) view of the destination. No full-size temporary is built,
-and each HF byte is read once.
+box overlaps it reads the overlapping source rows with ``pread`` in one of three ways:
+straight into the destination where its memory is in source order (no permutation, no cast);
+through the transpose kernel, which reads cache-sized blocks and transposes them into the
+destination (expert weights, :mod:`lazysd.transpose`); else into a bounded staging buffer
+then copied into a view of the destination (casts, FP8 dequantization, other devices). No
+full-size temporary is built, and each HF byte is read once.
 
 Reads run on a small thread pool ahead of the copies, but never more than
 ``max_inflight_bytes`` of staging ahead: that is the memory bound of a load.
@@ -231,8 +233,8 @@ class Reader:
         as_source = view[new_axes].permute(_inverse(perm))
         plain = src.scale is None and dest.dtype == info.dtype and dest.device.type == "cpu"
         if not info.shape:
-            direct = plain
-            return [_Job(info, [(0, info.itemsize)], info.itemsize, (), as_source if direct else view, src.dims, direct, False, 0 if direct else info.itemsize)]
+            target, staging = (as_source, 0) if plain else (view, info.itemsize)
+            return [_Job(info, [(0, info.itemsize)], info.itemsize, (), target, src.dims, direct=plain, fused=False, staging=staging)]
         rows = src_box[0][1] - src_box[0][0]
         # A dequantized chunk is staged in fp32: budget its rows at that size.
         row_bytes = (4 if src.scale is not None else info.itemsize) * math.prod(h - l for l, h in src_box[1:])
@@ -256,13 +258,14 @@ class Reader:
             chunk_source = as_source.narrow(0, r, n)
             shape = tuple(h - l for l, h in sub)
             scaled = (src, sub) if src.scale is not None else None
+            common = (info, runs, n * row_bytes, shape)
             if plain and chunk_source.is_contiguous():
-                job = _Job(info, runs, n * row_bytes, shape, chunk_source, src.dims, True, False, 0, scaled)
+                job = _Job(*common, chunk_source, src.dims, direct=True, fused=False, staging=0)
             elif swapped and len(runs) == 1 and fused_read_applies(chunk_view[new_axes]):
                 staging = min(n * row_bytes, max(_FUSED_BLOCK, 8 * info.shape[-1] * info.itemsize))
-                job = _Job(info, runs, n * row_bytes, shape, chunk_view[new_axes], src.dims, False, True, staging, scaled)
+                job = _Job(*common, chunk_view[new_axes], src.dims, direct=False, fused=True, staging=staging)
             else:
-                job = _Job(info, runs, n * row_bytes, shape, chunk_view, src.dims, False, False, n * row_bytes, scaled)
+                job = _Job(*common, chunk_view, src.dims, direct=False, fused=False, staging=n * row_bytes, scaled=scaled)
             jobs.append(job)
         return jobs
 
