@@ -130,6 +130,15 @@ def source_box(src: Source, box: Box) -> tuple[list[tuple[int, int]], tuple[list
     return src_box, (lo, hi)
 
 
+def to_native(block: torch.Tensor, dims: tuple[int | None, ...]) -> torch.Tensor:
+    """A block in source dimension order seen in native order (``Source.dims``): a view."""
+    moved = block.permute([d for d in dims if d is not None])
+    for i, d in enumerate(dims):
+        if d is None:
+            moved = moved.unsqueeze(i)
+    return moved
+
+
 def _as_bytes(t: torch.Tensor) -> memoryview:
     """Writable byte view of a contiguous CPU tensor's memory."""
     flat = t.reshape(-1)
@@ -370,21 +379,11 @@ class Reader:
         return buf.float().mul_(s)
 
     def _place(self, job: _Job, buf: torch.Tensor) -> None:
-        perm = [d for d in job.dims if d is not None]
-        moved = buf.permute(perm)
-        for i, d in enumerate(job.dims):
-            if d is None:
-                moved = moved.unsqueeze(i)
         if job.dest.device.type != "cpu":
             # Ship the contiguous staging buffer, permute on the device (fast there).
             staged = buf if not torch.cuda.is_available() or buf.is_pinned() else buf.pin_memory()
-            moved = staged.to(job.dest.device, non_blocking=True).permute(perm)
-            for i, d in enumerate(job.dims):
-                if d is None:
-                    moved = moved.unsqueeze(i)
-            job.dest.copy_(moved)
-            return
-        copy_into(job.dest, moved)
+            buf = staged.to(job.dest.device, non_blocking=True)
+        copy_into(job.dest, to_native(buf, job.dims))
 
     def _staging(self, delta: int) -> None:
         with self._lock:
