@@ -425,6 +425,10 @@ class Checkpoint:
         return tensors
 
     # ---- reading -------------------------------------------------------------------------
+    def _changed(self, file: Path, st: os.stat_result) -> bool:
+        expected = self._identity[file]
+        return st.st_size != expected.size or st.st_mtime_ns != expected.mtime_ns
+
     def check_unchanged(self, file: Path) -> int:
         """Raise :class:`FileChangedError` if ``file`` changed since it was opened; return its fd."""
         fd = self._fds.get(file)
@@ -432,7 +436,7 @@ class Checkpoint:
             raise FileChangedError(f"{file}: checkpoint was closed")
         expected = self._identity[file]
         st = os.fstat(fd)
-        if st.st_size != expected.size or st.st_mtime_ns != expected.mtime_ns:
+        if self._changed(file, st):
             raise FileChangedError(
                 f"{file}: changed since the checkpoint was opened (size {expected.size} -> {st.st_size}, "
                 f"mtime {expected.mtime_ns} -> {st.st_mtime_ns}); reopen the checkpoint"
@@ -447,37 +451,45 @@ class Checkpoint:
 
     def read_into(self, info: TensorInfo, byte_start: int, out: memoryview) -> None:
         """Read ``len(out)`` bytes of tensor ``info`` starting ``byte_start`` bytes into it."""
-        self.read_with(info, byte_start, len(out), lambda fd, pos: _pread_full(fd, out, pos))
-
-    def read_with(self, info: TensorInfo, byte_start: int, n: int, read: Callable[[int, int], int]) -> None:
-        """Have ``read(fd, file_offset)`` read ``n`` bytes of tensor ``info`` from ``byte_start``.
-
-        For readers that put the bytes somewhere themselves (the transposing read); the checks
-        and counting are those of every read: the range is inside the tensor, the file is the
-        one opened and unchanged before and after, and ``read`` returning fewer than ``n``
-        bytes means the file ended early.
-        """
-        if byte_start < 0 or byte_start + n > info.nbytes:
-            raise ValueError(f"{info.file}, key {info.key!r}: byte range {byte_start}+{n} outside the tensor's {info.nbytes} bytes")
-        fd = self.check_unchanged(info.file)
-        if read(fd, info.offset + byte_start) < n:
-            raise FileChangedError(f"{info.file}, key {info.key!r}: file ended early (truncated after it was opened?)")
-        # A write that landed while we read would otherwise go unnoticed: the bytes would be
-        # a mix of old and new. One fstat is cheap next to a read.
-        st = os.fstat(fd)
-        expected = self._identity[info.file]
-        if st.st_size != expected.size or st.st_mtime_ns != expected.mtime_ns:
-            raise FileChangedError(f"{info.file}, key {info.key!r}: file changed while it was being read; reopen the checkpoint")
-        with self._lock:
-            self.bytes_read += n
-            self.read_calls += 1
+        self.read_runs(info, [(byte_start, len(out))], out)
 
     def read_runs(self, info: TensorInfo, runs: list[tuple[int, int]], out: memoryview) -> None:
         """Read byte ranges ``(start, length)`` of a tensor back to back into ``out``."""
-        pos = 0
-        for start, length in runs:
-            self.read_into(info, start, out[pos : pos + length])
-            pos += length
+
+        def read(fd: int) -> int:
+            pos = 0
+            for start, length in runs:
+                got = _pread_full(fd, out[pos : pos + length], info.offset + start)
+                pos += got
+                if got < length:
+                    break
+            return pos
+
+        self.read_with(info, runs, read)
+
+    def read_with(self, info: TensorInfo, runs: list[tuple[int, int]], read: Callable[[int], int]) -> None:
+        """Have ``read(fd)`` read byte ranges ``(start, length)`` of tensor ``info``.
+
+        Every read goes through here, also those that put the bytes somewhere themselves (the
+        transposing read); ``start`` counts from the tensor's first byte, at file offset
+        ``info.offset``. The checks and counting of every read: the ranges are inside the
+        tensor, the file is the one opened and unchanged before and after, and ``read``
+        returning fewer bytes than the ranges hold means the file ended early.
+        """
+        for start, n in runs:
+            if start < 0 or start + n > info.nbytes:
+                raise ValueError(f"{info.file}, key {info.key!r}: byte range {start}+{n} outside the tensor's {info.nbytes} bytes")
+        total = sum(n for _, n in runs)
+        fd = self.check_unchanged(info.file)
+        if read(fd) < total:
+            raise FileChangedError(f"{info.file}, key {info.key!r}: file ended early (truncated after it was opened?)")
+        # A write that landed while we read would otherwise go unnoticed: the bytes would be
+        # a mix of old and new. One fstat is cheap next to a read.
+        if self._changed(info.file, os.fstat(fd)):
+            raise FileChangedError(f"{info.file}, key {info.key!r}: file changed while it was being read; reopen the checkpoint")
+        with self._lock:
+            self.bytes_read += total
+            self.read_calls += len(runs)
 
     def mapping(self, file: Path) -> mmap.mmap:
         """A private (copy-on-write) mapping of a whole weights file, made once, checked first."""

@@ -118,7 +118,9 @@ class LazyTensor(torch.Tensor):
     def _narrow(self, index: Any) -> LazyTensor | None:
         """A LazyTensor for ``self[index]`` when index is basic ints/slices on leading dims."""
         items = index if isinstance(index, tuple) else (index,)
-        if len(items) > self.dim() or not all(isinstance(i, int) or (isinstance(i, slice) and i.step in (None, 1)) for i in items):
+        # bool is an int to Python but a mask to torch (t[True] adds a dim): not narrowed here.
+        basic = all((isinstance(i, int) and not isinstance(i, bool)) or (isinstance(i, slice) and i.step in (None, 1)) for i in items)
+        if len(items) > self.dim() or not basic:
             return None
         box = list(self.box)
         squeeze = []
@@ -145,7 +147,7 @@ class LazyTensor(torch.Tensor):
         name = getattr(func, "__name__", "")
         if func is torch.Tensor.copy_ and isinstance(args[1], LazyTensor) and not isinstance(args[0], LazyTensor):
             dest, src = args[0], args[1]
-            if tuple(dest.shape) == tuple(src.shape) and type(dest) is not LazyTensor and not _is_dtensor(dest):
+            if tuple(dest.shape) == tuple(src.shape) and not _is_dtensor(dest):
                 return src.fill_(dest)
         # Aliases of a LazyTensor stay lazy (nn.Parameter calls detach(), DTensor.from_local view_as()).
         if func in (torch.Tensor.detach, torch.detach, torch.Tensor.view_as) and isinstance(args[0], LazyTensor):

@@ -25,10 +25,11 @@ class ProgressPrinter:
         self.start = time.perf_counter()
         self.last = self.start  # the first line comes after one interval (or at the end)
         self.done = self.tensors = 0
+        self.ended = False  # the final line (with its newline) was written
 
     def __call__(self, stats: Stats, entry: Entry | None) -> None:
         self.done, self.tensors = stats.bytes_out, stats.tensors
-        self._show(final=self.done >= self.total)
+        self._show(final=self.done >= self.total and not self.ended)
 
     def add(self, nbytes: int, tensors: int = 0) -> None:
         self.done += nbytes
@@ -43,6 +44,7 @@ class ProgressPrinter:
         if now - self.last < self.every and not final:
             return
         self.last = now
+        self.ended = self.ended or final
         rate = self.done / max(now - self.start, 1e-9) / 2**20
         pct = 100.0 * self.done / self.total if self.total else 100.0
         self.stream.write(

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .checkpoint import Checkpoint, TensorInfo
-from .plan import Box, Entry, Source
+from .plan import Box, Entry, Source, local_box
 from .transpose import copy_into, fused_read_applies, read_transposed
 
 MiB = 1 << 20
@@ -311,14 +311,17 @@ class Reader:
         info = src.info
         if (
             None in src.dims
-            or getattr(src, "scale", None) is not None
+            or src.scale is not None
             or info.dtype != dtype
-            or tuple(box) != tuple((0, n) for n in entry.shape)
+            or tuple(box) != local_box(entry.shape)
             or info.nbytes == 0
         ):
             return None
+        t0 = time.perf_counter()
         flat = torch.frombuffer(self.ckpt.mapping(info.file), dtype=torch.uint8, count=info.nbytes, offset=info.offset)
-        return flat.view(info.dtype).view(info.shape).permute(src.dims)
+        view = flat.view(info.dtype).view(info.shape).permute(src.dims)
+        self._done(entry, view, t0)  # counted like a filled tensor, so progress reaches its total
+        return view
 
     def _acquire(self, nbytes: int) -> torch.Tensor:
         """A staging buffer of at least ``nbytes``, reused from earlier chunks when possible.
@@ -341,8 +344,8 @@ class Reader:
     def _read(self, job: _Job) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Read one job: ``(staged chunk or None if read in place, pool buffer to release)``."""
         if job.fused:
-            (start, n), dest = job.runs[0], job.dest
-            self.ckpt.read_with(job.info, start, n, lambda fd, pos: read_transposed(fd, pos, dest))
+            offset, dest = job.info.offset + job.runs[0][0], job.dest
+            self.ckpt.read_with(job.info, job.runs, lambda fd: read_transposed(fd, offset, dest))
             return None, None
         if job.direct:
             self.ckpt.read_runs(job.info, job.runs, _as_bytes(job.dest))
@@ -403,13 +406,16 @@ class Reader:
                 self._run_inline(job)
         else:
             self._run_pipelined(jobs)
+        self._done(entry, dest, t0)
+        return dest
+
+    def _done(self, entry: Entry, out: torch.Tensor, t0: float) -> None:
         with self._lock:
             self.stats.tensors += 1
-            self.stats.bytes_out += dest.numel() * dest.element_size()
+            self.stats.bytes_out += out.numel() * out.element_size()
             self.stats.seconds += time.perf_counter() - t0
         if self.progress is not None:
             self.progress(self.stats, entry)
-        return dest
 
     def _finish(self, job: _Job, read: tuple[torch.Tensor | None, torch.Tensor | None]) -> None:
         """Put a read chunk in place (unless it was read in place) and free its buffer."""

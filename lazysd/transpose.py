@@ -31,19 +31,26 @@ def kernel_available() -> bool:
     return _transpose is not None
 
 
-def _kernel_applies(dest: torch.Tensor, src: torch.Tensor) -> bool:
+def _kernel_dest(dest: torch.Tensor) -> bool:
+    """``dest`` is something the kernel can write: CPU, rows contiguous, 1/2/4/8-byte elements."""
     return (
         _transpose is not None
+        and dest.is_cpu
         and dest.dim() >= 2
+        and dest.stride(-1) == 1
+        and dest.element_size() in (1, 2, 4, 8)
+        and dest.numel() > 0
+    )
+
+
+def _kernel_applies(dest: torch.Tensor, src: torch.Tensor) -> bool:
+    return (
+        _kernel_dest(dest)
         and dest.shape == src.shape
         and dest.dtype == src.dtype
-        and dest.is_cpu
         and src.is_cpu
-        and dest.element_size() in (1, 2, 4, 8)
-        and dest.stride(-1) == 1
         and src.stride(-2) == 1
         and src.stride(-1) != 1
-        and dest.numel() > 0
     )
 
 
@@ -105,14 +112,7 @@ def read_transposed(fd: int, offset: int, dest: torch.Tensor) -> int:
 
 def fused_read_applies(dest: torch.Tensor) -> bool:
     """True if :func:`read_transposed` can fill ``dest`` (a CPU tensor with contiguous rows)."""
-    return (
-        _transpose is not None
-        and dest.is_cpu
-        and dest.dim() in (2, 3)
-        and dest.stride(-1) == 1
-        and dest.element_size() in (1, 2, 4, 8)
-        and dest.numel() > 0
-    )
+    return _kernel_dest(dest) and dest.dim() <= 3
 
 
 def _copy_torch(dest: torch.Tensor, src: torch.Tensor) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
@@ -97,17 +98,20 @@ class VirtualStateDict(Mapping[str, torch.Tensor]):
         self.dtype = dtype
         self.device = torch.device(device)
         self.reader = Reader(self.checkpoint, ReadOptions(threads, chunk_bytes, max_inflight_bytes, mmap))
-        if progress is True:
-            from .progress import ProgressPrinter
-
-            self.reader.progress = ProgressPrinter(sum(e.nbytes for e in self.plan.entries.values()))
-        elif callable(progress):
-            self.reader.progress = progress
         self._layout = None
         if mesh is not None or like is not None:
             from .distributed import Layout
 
             self._layout = Layout.build(self, mesh=mesh, like=like, ep_dim=ep_dim, replicate=replicate)
+        if progress is True:
+            from .progress import ProgressPrinter
+
+            # In the unit the reader counts: this rank's boxes, at the dtype they are read as.
+            self.reader.progress = ProgressPrinter(
+                sum(math.prod(h - l for l, h in self.local_box(k)) * self.dtype_of(e).itemsize for k, e in self.plan.entries.items())
+            )
+        elif callable(progress):
+            self.reader.progress = progress
 
     # ---- Mapping -------------------------------------------------------------------------
     def __getitem__(self, key: str) -> torch.Tensor:

@@ -238,6 +238,7 @@ def test_lazy_values_behave_like_tensors(tiny_ckpt: Path) -> None:
     before = vsd.bytes_read
     assert torch.equal(lazy[3], full[3]) and vsd.bytes_read - before == full[3].nbytes  # one expert read
     assert torch.equal(lazy[1:3, 2], full[1:3, 2])
+    assert torch.equal(lazy[True], full[True]) and torch.equal(lazy[False, 1], full[False, 1])  # masks, not rows
     assert torch.equal(lazy, full) and torch.equal(lazy.float(), full.float())
     assert (lazy == full).all() and torch.allclose(lazy + 1, full + 1)
     assert lazy.float().dtype == torch.float32 and type(lazy.float()) is torch.Tensor

@@ -74,9 +74,9 @@ def record_reads(vsd: VirtualStateDict) -> list[tuple[str, int, int]]:
     reads: list[tuple[str, int, int]] = []
     original = vsd.checkpoint.read_with  # every read goes through it, pread or transposing
 
-    def recording(info, byte_start, n, read):
-        reads.append((info.key, byte_start, n))
-        return original(info, byte_start, n, read)
+    def recording(info, runs, read):
+        reads.extend((info.key, start, n) for start, n in runs)
+        return original(info, runs, read)
 
     vsd.checkpoint.read_with = recording  # type: ignore[method-assign]
     return reads
@@ -225,6 +225,18 @@ def test_progress_is_off_by_default_and_prints_when_asked(ckpt, capsys) -> None:
     printer = ProgressPrinter(100, stream=stream, every=3600)
     printer(lazysd.reader.Stats(tensors=1, bytes_out=10), None)
     assert stream.getvalue() == ""  # rate-limited: nothing until the interval or the end
+
+
+@pytest.mark.parametrize("options", [{"dtype": torch.float32}, {"mmap": True}], ids=["cast", "mmap"])
+def test_progress_ends_at_its_total_once(ckpt, capsys, options) -> None:
+    # The total counts what the reader counts: bytes at the dtype read as, mapped tensors too.
+    dtype = options.get("dtype", torch.bfloat16)
+    model = Step3p5Model(SPEC, layout="native", dtype=dtype, device="meta")
+    lazysd.load(model, ckpt, assign=True, progress=True, **options)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.endswith("MiB/s\n")
+    last = err.rstrip("\n").split("\r")[-1]
+    assert "(100.0%)" in last and f"{len(model.state_dict())} tensors" in last
 
 
 # ---- lazysd.load ------------------------------------------------------------------------
