@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .checkpoint import _short
 from .errors import StateDictMismatchError
 from .plan import Entry
 from .reader import Stats
@@ -146,6 +147,5 @@ def _load(model: torch.nn.Module, vsd: VirtualStateDict, *, strict: bool, assign
     )
 
 
-def _listing(keys: tuple[str, ...], n: int = 5) -> str:
-    shown = list(keys[:n]) + ([f"... {len(keys) - n} more"] if len(keys) > n else [])
-    return "[" + ", ".join(shown) + "]"
+def _listing(keys: tuple[str, ...]) -> str:
+    return "[" + ", ".join(_short(list(keys), 5)) + "]"

@@ -71,7 +71,6 @@ class _Job:
 
     info: TensorInfo
     runs: list[tuple[int, int]]  # (byte offset in tensor, length)
-    nbytes: int
     src_shape: tuple[int, ...]  # shape of the chunk as read, in source order
     dest: torch.Tensor  # destination view, native order
     dims: tuple[int | None, ...]
@@ -204,6 +203,8 @@ class Reader:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        with self._lock:
+            self._free.clear()  # spare staging buffers go back to the OS
 
     # ---- planning one fill ---------------------------------------------------------------
     def ranges(self, entry: Entry, box: Box) -> list[tuple[str, int, int]]:
@@ -243,7 +244,7 @@ class Reader:
         plain = src.scale is None and dest.dtype == info.dtype and dest.device.type == "cpu"
         if not info.shape:
             target, staging = (as_source, 0) if plain else (view, info.itemsize)
-            return [_Job(info, [(0, info.itemsize)], info.itemsize, (), target, src.dims, direct=plain, fused=False, staging=staging)]
+            return [_Job(info, [(0, info.itemsize)], (), target, src.dims, direct=plain, fused=False, staging=staging)]
         rows = src_box[0][1] - src_box[0][0]
         # A dequantized chunk is staged in fp32: budget its rows at that size.
         row_bytes = (4 if src.scale is not None else info.itemsize) * math.prod(h - l for l, h in src_box[1:])
@@ -267,7 +268,7 @@ class Reader:
             chunk_source = as_source.narrow(0, r, n)
             shape = tuple(h - l for l, h in sub)
             scaled = (src, sub) if src.scale is not None else None
-            common = (info, runs, n * row_bytes, shape)
+            common = (info, runs, shape)
             if plain and chunk_source.is_contiguous():
                 job = _Job(*common, chunk_source, src.dims, direct=True, fused=False, staging=0)
             elif swapped and len(runs) == 1 and fused_read_applies(chunk_view[new_axes]):
