@@ -11,6 +11,7 @@ the load itself, and the peak resident memory above the process's state just bef
 
 Methods:
     a   lazysd: ``model.load_state_dict(VirtualStateDict(path))`` into an allocated bf16 model
+    p   the same with ``progress=True`` (the report on stderr): its cost is p/a
     b   lazysd: ``load_state_dict(vsd, assign=True)`` into an already built meta model
     m   the same with ``VirtualStateDict(path, mmap=True)``: unchanged tensors become
         copy-on-write views of the file mapping, converted ones are read into private memory
@@ -38,6 +39,7 @@ from pathlib import Path
 
 METHODS = {
     "a": "lazysd load_state_dict(vsd)",
+    "p": "lazysd load_state_dict(vsd), progress=True",
     "b": "lazysd assign=True (meta)",
     "m": "lazysd assign=True, mmap=True (meta)",
     "c": "eager safetensors+torch",
@@ -116,10 +118,10 @@ def worker(method: str, path: Path, size: float) -> dict:
     from lazysd.testing import Step3p5Model
 
     spec = _spec(size)
-    if method == "a":
+    if method in ("a", "p"):
         model = _allocated_model(spec)
         with _Peak() as p:
-            vsd = VirtualStateDict(path)
+            vsd = VirtualStateDict(path, progress=method == "p")
             model.load_state_dict(vsd)
         return {**p.result, "bytes": vsd.bytes_read, "staging_peak": vsd.stats.staging_peak}
     if method in ("b", "m"):
@@ -243,7 +245,7 @@ def main() -> int:
     ap.add_argument("--worker", nargs=3, metavar=("METHOD", "PATH", "SIZE"), help=argparse.SUPPRESS)
     ap.add_argument("--sizes", nargs="+", type=float, default=[1e9, 3e9])
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--methods", default="abmcdtse")
+    ap.add_argument("--methods", default="apbmcdtse")
     ap.add_argument("--dir", default="/tmp/lazysd-bench")
     args = ap.parse_args()
     if args.worker:
@@ -295,6 +297,7 @@ def main() -> int:
         if "a" in med:
             print(f"- (a) peak extra {med['a']['total'] / MiB:.0f} MiB vs bound {bound / MiB:.0f} MiB: "
                   f"{'met' if med['a']['total'] <= bound else 'NOT met'}")
+        print(f"- wall p/a = {ratio('p', 'a')} (the progress report's cost)")
         print(f"- wall a/c = {ratio('a', 'c')} (target <= 0.5), a/d = {ratio('a', 'd')} (target <= 2), "
               f"t/d = {ratio('t', 'd')}, s/t = {ratio('s', 't')} (kernel transpose speedup)")
         print(f"- wall b/e = {ratio('b', 'e')} (target <= 1), private b/e = {ratio('b', 'e', 'anon')} (target <= 1)")
