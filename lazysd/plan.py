@@ -185,7 +185,8 @@ def resolve(
     if fp8 not in ("dequantize", "keep"):
         raise ValueError(f"fp8 must be 'dequantize' or 'keep', got {fp8!r}")
     for pattern, why in adapter.refuse:
-        hits = [k for k in ckpt.tensors if Pattern(pattern).match(k) is not None]
+        refused = Pattern(pattern)
+        hits = [k for k in ckpt.tensors if refused.match(k) is not None]
         if hits:
             shown = ", ".join(f"{k} ({ckpt.tensors[k].file.name})" for k in hits[:4])
             more = f" ... {len(hits) - 4} more" if len(hits) > 4 else ""
@@ -196,12 +197,16 @@ def resolve(
     block = (block[0], block[1])
     scale_of = _scale_companions(adapter, ckpt.tensors)
     rules = adapter.rules
+    kept_scales: set[str] = set()  # fp8="keep": companions, matched against the scale rules only
     if fp8 == "keep" and scale_of:
         rules = rules + _scale_rules(adapter)
+        kept_scales = set(scale_of.values())
         scale_of = {}
     scale_keys = set(scale_of.values())
 
     compiled = [(ri, pi, part) for ri, rule in enumerate(rules) for pi, part in enumerate(rule.sources)]
+    # Scale rules come after adapter.rules, so a catch-all there must not see companions first.
+    scale_compiled = [c for c in compiled if c[0] >= len(adapter.rules)]
     # (rule index, native bindings) -> part index -> expert (or None) -> TensorInfo
     groups: dict[tuple[int, tuple[tuple[str, str], ...]], dict[int, dict[int | None, TensorInfo]]] = {}
     ignored: dict[str, str] = {}
@@ -209,7 +214,7 @@ def resolve(
     for key, info in ckpt.tensors.items():
         if key in scale_keys:
             continue  # claimed with its weight below
-        for ri, pi, part in compiled:
+        for ri, pi, part in scale_compiled if key in kept_scales else compiled:
             values = part.pattern.match(key)
             if values is not None:
                 expert = values.pop("expert", None)
@@ -242,8 +247,8 @@ def resolve(
                 for k in entry.hf_keys:
                     ignored[k] = f"MTP layer {layer} (>= {adapter.num_layers[0]}={num_layers}); pass include_mtp=True to expose it"
                 continue
-            old = Pattern(adapter.layer_prefix).format(layer=layer)
-            new = Pattern(adapter.mtp_prefix).format(index=layer - num_layers)
+            old = adapter.layer_pattern.format(layer=layer)
+            new = adapter.mtp_pattern.format(index=layer - num_layers)
             entry = Entry(new + entry.key.removeprefix(old), entry.shape, entry.dtype, entry.sources, entry.rule)
         entries[entry.key] = entry
 
@@ -390,12 +395,13 @@ def _check_layers(adapter: Adapter, config: dict[str, Any], ckpt: Checkpoint, nu
     are fine). Otherwise layers would be misnamed as MTP layers, or silently missing.
     """
     where = ckpt.path / "config.json"
-    prefix = Pattern(adapter.layer_prefix).regex
-    present = sorted({int(m.group("layer")) for k in ckpt.tensors if (m := prefix.match(k)) is not None})
+    prefix = adapter.layer_pattern.regex
+    layers = {int(m.group("layer")) for k in ckpt.tensors if (m := prefix.match(k)) is not None}
+    present = sorted(layers)
     if not present or num_layers is None:
         return
     main_field = adapter.num_layers[0]
-    missing = [n for n in range(num_layers) if n not in set(present)]
+    missing = [n for n in range(num_layers) if n not in layers]
     if missing:
         raise ConfigError(
             f"{where}: {main_field}={num_layers} but the tensors have {len(present)} layer(s), {_span(present)}; "

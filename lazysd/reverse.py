@@ -21,7 +21,7 @@ import torch
 
 from .errors import ShapeMismatchError, UnclaimedKeyError
 from .plan import Box
-from .rules import Adapter, Pattern, Rule
+from .rules import Adapter, Rule
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ def match_native(adapter: Adapter, key: str, *, num_layers: int | None = None) -
         found = _mtp_index(adapter, key)
         if found is not None:
             index, rest = found
-            key = Pattern(adapter.layer_prefix).format(layer=num_layers + index) + rest
+            key = adapter.layer_pattern.format(layer=num_layers + index) + rest
     for rule in adapter.rules:
         values = rule.native_pattern.match(key)
         if values is not None:

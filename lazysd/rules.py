@@ -203,3 +203,13 @@ class Adapter:
     @cached_property
     def ignore_patterns(self) -> tuple[Pattern, ...]:
         return tuple(Pattern(p) for p in self.ignore)
+
+    @cached_property
+    def layer_pattern(self) -> Pattern:
+        """:attr:`layer_prefix`, compiled once."""
+        return Pattern(self.layer_prefix)
+
+    @cached_property
+    def mtp_pattern(self) -> Pattern:
+        """:attr:`mtp_prefix`, compiled once."""
+        return Pattern(self.mtp_prefix)

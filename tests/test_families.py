@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from lazysd import ConfigError, ShapeMismatchError, UnknownModelError, VirtualStateDict
-from lazysd.adapters import detect
+from lazysd.adapters import detect, known
+from lazysd.checkpoint import Checkpoint
 from lazysd.cli import main
 from lazysd.errors import UnsupportedFormatError
-from lazysd.plan import local_box
+from lazysd.plan import local_box, resolve
 from lazysd.rules import Adapter, Part, Rule
 from lazysd.testing import load_hf_tensors
 from lazysd.testing.families import (
@@ -270,3 +272,20 @@ def test_fp8_scale_of_the_wrong_shape_is_an_error(checkpoints: dict, tmp_path: P
     path = _without_model_type(src, tmp_path / "c", **config)
     with pytest.raises(ShapeMismatchError, match=r"key 'model.layers.0.self_attn.q_a_proj.weight_scale_inv': scales \[1, 2\]"):
         VirtualStateDict(path)
+
+
+def test_fp8_keep_scales_are_not_claimed_by_a_trailing_catch_all(tmp_path: Path) -> None:
+    # The Adapter docstring: scale companions are claimed with their weight, never on their
+    # own. A user adapter ending in a catch-all must not take them before the scale rules.
+    path = make_family_checkpoint(tmp_path / "ckpt", FamilySpec.tiny("deepseek_v3", fp8=True))
+    stock = known()["deepseek_v3"]
+    catch_all = replace(stock, name="deepseek_v3_catch_all", rules=(*stock.rules, Rule("{name:**}")))
+    with Checkpoint(path) as ckpt:
+        want = resolve(stock, ckpt, fp8="keep")
+        got = resolve(catch_all, ckpt, fp8="keep")
+    assert list(got.entries) == list(want.entries)
+    stacked = got.entries["model.layers.1.mlp.experts.gate_and_up_projs_scale_inv"]
+    assert stacked.kind == "experts" and stacked.dtype == torch.float32
+    assert stacked.shape == want.entries[stacked.key].shape
+    assert all(s.info.key.endswith("_scale_inv") for s in stacked.sources)
+    assert not [k for k in got.entries if ".experts.0." in k]  # no per-expert scale leaks out unstacked
