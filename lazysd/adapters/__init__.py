@@ -59,17 +59,6 @@ def known() -> dict[str, Adapter]:
     return dict(_REGISTRY)
 
 
-def model_type_of(config: Mapping[str, Any]) -> str | None:
-    """The config's ``model_type``, falling back to a nested ``text_config``'s."""
-    model_type = config.get("model_type")
-    if isinstance(model_type, str):
-        return model_type
-    text = config.get("text_config")
-    if isinstance(text, Mapping) and isinstance(text.get("model_type"), str):
-        return text["model_type"]
-    return None
-
-
 def detect(config: Mapping[str, Any], keys: Iterable[str] = (), *, where: str = "config.json") -> Adapter:
     """The adapter for a checkpoint's config.json (and, failing that, its tensor keys).
 
@@ -92,10 +81,17 @@ def detect(config: Mapping[str, Any], keys: Iterable[str] = (), *, where: str = 
 
     types = [config.get("model_type"), (config.get("text_config") or {}).get("model_type") if isinstance(config.get("text_config"), Mapping) else None]
     keys = list(keys)
+    left: dict[str, list[str]] = {}  # adapter name -> its unclaimed keys, computed once
+
+    def unclaimed(a: Adapter) -> list[str]:
+        if a.name not in left:
+            left[a.name] = unclaimed_keys(a, keys)
+        return left[a.name]
+
     for model_type in types:
         found = [a for a in _REGISTRY.values() if isinstance(model_type, str) and model_type in a.model_types]
         if len(found) > 1 and keys:
-            found = [a for a in found if not unclaimed_keys(a, keys)] or found
+            found = [a for a in found if not unclaimed(a)] or found
         if len(found) == 1:
             return found[0]
         if found:
@@ -103,7 +99,7 @@ def detect(config: Mapping[str, Any], keys: Iterable[str] = (), *, where: str = 
     supported = ", ".join(f"{a.name} ({'/'.join(a.model_types)})" for a in _REGISTRY.values())
     named = [t for t in types if t is not None]
     shown = " / ".join(repr(t) for t in named)
-    leftover = {a.name: unclaimed_keys(a, keys) for a in _REGISTRY.values()} if keys else {}
+    leftover = {a.name: unclaimed(a) for a in _REGISTRY.values()} if keys else {}
     fits = [name for name, left in leftover.items() if not left]
     if not named and len(fits) == 1:
         return _REGISTRY[fits[0]]  # no model_type at all: the keys decide

@@ -5,7 +5,10 @@ Shape legend: E experts, D hidden, I expert intermediate.
 
 from __future__ import annotations
 
+import torch
+
 from ..rules import ConfigCheck, Part, Rule
+
 
 def decoder_rules(layer: str) -> tuple[Rule, ...]:
     """What every decoder family here stores alike: embeddings, final norm, untied head and
@@ -61,3 +64,27 @@ def stacked_experts(native: str, hf: str, gate: str, up: str, down: str) -> tupl
         ),
         Rule(native + ".down_projs", parts=(Part(f"{hf}.{down}", dims=STACK_T),), kind="experts"),
     )
+
+
+def deepseek_moe_rules(layer: str) -> tuple[Rule, ...]:
+    """The MLP and MTP rules DeepSeek-V3 and GLM-4.5 share (``layer`` as for :func:`decoder_rules`).
+
+    Per-expert ``mlp.experts.{e}`` weights stacked into ``gate_and_up_projs``/``down_projs``,
+    the sigmoid router and its fp32 ``e_score_correction_bias``, shared experts, the dense
+    MLP of the first layers, and the extra tensors of MTP layers. Every pattern lies under
+    ``layer + ".mlp."`` or names a non-attention MTP tensor, so none can claim an attention key.
+    """
+    return (
+        *stacked_experts(layer + ".mlp.experts", layer + ".mlp.experts.{expert}", "gate_proj.weight", "up_proj.weight", "down_proj.weight"),
+        Rule(layer + ".mlp.gate.weight", kind="router"),
+        Rule(layer + ".mlp.gate.e_score_correction_bias", dtype=torch.float32, kind="router"),
+        Rule(layer + ".mlp.shared_experts.{proj:gate_proj|up_proj|down_proj}.weight", kind="shared_expert"),
+        Rule(layer + ".mlp.{proj:gate_proj|up_proj|down_proj}.weight", kind="mlp"),
+        # MTP layers (index >= num_hidden_layers) add these on top of a MoE decoder layer.
+        Rule(layer + ".{name:embed_tokens|enorm|hnorm|eh_proj}.weight", kind="mtp"),
+        Rule(layer + ".shared_head.{name:norm|head}.weight", kind="mtp"),
+    )
+
+
+#: config.json checks of the DeepSeek-style families (``model.layers.{layer}.mlp`` experts).
+DEEPSEEK_MOE_CHECKS = moe_checks("model.layers.{layer}.mlp", "n_routed_experts", "moe_intermediate_size")

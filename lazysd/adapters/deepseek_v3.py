@@ -22,10 +22,8 @@ Native: ``model.layers.L.mlp.experts.gate_and_up_projs`` [E, D, 2I] and ``.down_
 (``VirtualStateDict(path, fp8="keep")`` keeps them, with ``<native>_scale_inv`` scales).
 """
 
-import torch
-
 from ..rules import Adapter, Rule
-from ._common import decoder_rules, moe_checks, stacked_experts
+from ._common import DEEPSEEK_MOE_CHECKS, decoder_rules, deepseek_moe_rules
 
 L = "model.layers.{layer}"
 
@@ -35,17 +33,10 @@ RULES = (
         L + ".self_attn.{proj:q_proj|q_a_proj|q_a_layernorm|q_b_proj|kv_a_proj_with_mqa|kv_a_layernorm|kv_b_proj|o_proj}.weight",
         kind="attention",
     ),
-    *stacked_experts(L + ".mlp.experts", L + ".mlp.experts.{expert}", "gate_proj.weight", "up_proj.weight", "down_proj.weight"),
-    Rule(L + ".mlp.gate.weight", kind="router"),
-    Rule(L + ".mlp.gate.e_score_correction_bias", dtype=torch.float32, kind="router"),
-    Rule(L + ".mlp.shared_experts.{proj:gate_proj|up_proj|down_proj}.weight", kind="shared_expert"),
-    Rule(L + ".mlp.{proj:gate_proj|up_proj|down_proj}.weight", kind="mlp"),
-    # MTP layers (index >= num_hidden_layers) add these on top of a MoE decoder layer.
-    Rule(L + ".{name:embed_tokens|enorm|hnorm|eh_proj}.weight", kind="mtp"),
-    Rule(L + ".shared_head.{name:norm|head}.weight", kind="mtp"),
+    *deepseek_moe_rules(L),
 )
 
-CHECKS = moe_checks(L + ".mlp", "n_routed_experts", "moe_intermediate_size")
+CHECKS = DEEPSEEK_MOE_CHECKS
 
 ADAPTER = Adapter(
     name="deepseek_v3",

@@ -20,10 +20,8 @@ Native: ``mlp.experts.gate_and_up_projs`` [E, D, 2I], ``mlp.experts.down_projs``
 every other key unchanged.
 """
 
-import torch
-
 from ..rules import Adapter, Rule
-from ._common import decoder_rules, moe_checks, stacked_experts
+from ._common import DEEPSEEK_MOE_CHECKS, decoder_rules, deepseek_moe_rules
 
 L = "model.layers.{layer}"
 
@@ -31,15 +29,9 @@ RULES = (
     *decoder_rules(L),
     Rule(L + ".self_attn.{proj:q_proj|k_proj|v_proj}.{p:weight|bias}", kind="attention"),
     Rule(L + ".self_attn.{proj:o_proj|q_norm|k_norm}.weight", kind="attention"),
-    *stacked_experts(L + ".mlp.experts", L + ".mlp.experts.{expert}", "gate_proj.weight", "up_proj.weight", "down_proj.weight"),
-    Rule(L + ".mlp.gate.weight", kind="router"),
-    Rule(L + ".mlp.gate.e_score_correction_bias", dtype=torch.float32, kind="router"),
-    Rule(L + ".mlp.shared_experts.{proj:gate_proj|up_proj|down_proj}.weight", kind="shared_expert"),
-    Rule(L + ".mlp.{proj:gate_proj|up_proj|down_proj}.weight", kind="mlp"),
-    Rule(L + ".{name:embed_tokens|enorm|hnorm|eh_proj}.weight", kind="mtp"),
-    Rule(L + ".shared_head.{name:norm|head}.weight", kind="mtp"),
+    *deepseek_moe_rules(L),
 )
 
-CHECKS = moe_checks(L + ".mlp", "n_routed_experts", "moe_intermediate_size")
+CHECKS = DEEPSEEK_MOE_CHECKS
 
 ADAPTER = Adapter(name="glm4_moe", model_types=("glm4_moe",), rules=RULES, checks=CHECKS)
