@@ -70,7 +70,6 @@ Where this adapter knowingly differs from the public one, and why:
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -82,10 +81,11 @@ import torch
 
 from .adapters import known
 from .checkpoint import Checkpoint, TensorInfo
+from .distributed import Target, contiguous_stride, local_box_of, mesh_device
 from .errors import MissingKeyError, MissingSourceError, PlacementError, ShapeMismatchError
 from .lazy import LazyTensor
 from .plan import Box, Entry, Source, local_box, resolve
-from .reader import MiB, ReadOptions, Reader
+from .reader import MiB, ReadOptions, Reader, source_box, to_native
 from .reverse import extract, hf_pieces, match_native
 from .rules import Pattern, Rule
 
@@ -120,10 +120,6 @@ def _is_dtensor(t: Any) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(t, DTensor)
-
-
-def _contiguous_stride(shape: Sequence[int]) -> tuple[int, ...]:
-    return tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))
 
 
 def _swap_shard_placements_1_2(placements: tuple) -> tuple:
@@ -168,17 +164,7 @@ def _ep_layout(device_mesh: Any) -> tuple[Any, tuple]:
 
 def _rank_box(shape: Sequence[int], mesh: Any, placements: Sequence[Any]) -> Box:
     """The block of a global tensor that this rank holds under ``placements``."""
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    local, offset = compute_local_shape_and_global_offset(tuple(shape), mesh, list(placements))
-    return tuple((o, o + n) for o, n in zip(offset, local))
-
-
-def _mesh_device(mesh: Any) -> torch.device:
-    if mesh.device_type == "cpu":
-        return torch.device("cpu")
-    index = getattr(torch, mesh.device_type).current_device()
-    return torch.device(mesh.device_type, index)
+    return local_box_of(tuple(shape), Target(mesh, tuple(placements)))
 
 
 def _create_dtensor_from_local_or_reference(
@@ -260,18 +246,14 @@ def _create_dtensor_from_local_or_reference(
 def _wrap(local: torch.Tensor, mesh: Any, placements: tuple, shape: tuple[int, ...]) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
-    stride = _contiguous_stride(shape)
     if isinstance(local, LazyTensor):
-        # DTensor.from_local runs a view op on the local tensor, which would read it; the
-        # DTensor constructor takes it as is, so the read waits for the copy into a parameter.
-        from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
-
-        device = _mesh_device(mesh)
+        # from_local would move a tensor on another device with .to(), reading it; a LazyTensor
+        # is put on the mesh's device unread. Its view_as() stays lazy, so the DTensor holds it
+        # unread and the read waits for the copy into a parameter.
+        device = mesh_device(mesh, torch.device("cpu"))
         if local.device != device:
             local = LazyTensor(local.entry, local._reader, local.box, dtype=local.dtype, device=device)
-        spec = DTensorSpec(mesh, placements, tensor_meta=TensorMeta(torch.Size(shape), stride, local.dtype))
-        return DTensor(local, spec, requires_grad=False)
-    return DTensor.from_local(local, mesh, placements, run_check=False, shape=torch.Size(shape), stride=stride)
+    return DTensor.from_local(local, mesh, placements, run_check=False, shape=torch.Size(shape), stride=contiguous_stride(shape))
 
 
 # ---- in-memory plans ---------------------------------------------------------------------
@@ -305,19 +287,11 @@ def _fill_from(entry: Entry, box: Box, values: dict[str, torch.Tensor], dest: to
     Each source is sliced before it is permuted, so with a mesh only this rank's rows are copied.
     """
     for src in entry.sources:
-        lo = [max(b[0], s) for b, s in zip(box, src.start)]
-        hi = [min(b[1], s + e) for b, s, e in zip(box, src.start, src.extent)]
-        if any(l >= h for l, h in zip(lo, hi)):
+        found = source_box(src, box)
+        if found is None:
             continue
-        index = [slice(None)] * len(src.info.shape)
-        for i, d in enumerate(src.dims):
-            if d is not None:
-                index[d] = slice(lo[i] - src.start[i], hi[i] - src.start[i])
-        block = values[src.info.key][tuple(index)]
-        block = block.permute([d for d in src.dims if d is not None])
-        for i, d in enumerate(src.dims):
-            if d is None:
-                block = block.unsqueeze(i)
+        src_box, (lo, hi) = found
+        block = to_native(values[src.info.key][tuple(slice(a, b) for a, b in src_box)], src.dims)
         dest[tuple(slice(l - b[0], h - b[0]) for l, h, b in zip(lo, hi, box))].copy_(block)
     return dest
 
@@ -440,9 +414,8 @@ class Step3p5StateDictAdapter:
         if lazy:
             local: torch.Tensor = LazyTensor(entry, reader, box, dtype=self.dtype, device=torch.device("cpu"))
         else:
-            by_key = {_info(k, v).key: v for k, v in tensors.items()}
             dest = torch.empty(tuple(h - l for l, h in box), dtype=self.dtype, device=next(iter(tensors.values())).device)
-            local = _fill_from(entry, box, by_key, dest)
+            local = _fill_from(entry, box, tensors, dest)  # keyed as the sources: _info(k, v).key == k
         if submesh is None:
             return local
         return _create_dtensor_from_local_or_reference(local, None, submesh, placements_override=placements, global_shape=entry.shape)

@@ -129,6 +129,7 @@ class Layout:
             if not isinstance(state, Mapping):
                 raise PlacementError(f"like= takes a module or a state dict, got {type(like).__name__}")
             mismatched = []
+            checked = [mesh] if mesh is not None else []  # each distinct mesh is checked once
             for key, value in state.items():
                 entry = vsd.plan.entries.get(key)
                 if entry is None:
@@ -137,7 +138,9 @@ class Layout:
                     mismatched.append(f"  {key}: model {list(value.shape)}, checkpoint {list(entry.shape)}")
                 target = _dtensor_target(value)
                 if target is not None:
-                    _check_mesh(target.mesh)
+                    if not any(m is target.mesh for m in checked):
+                        _check_mesh(target.mesh)
+                        checked.append(target.mesh)
                     targets[key] = target
             if mismatched:
                 raise PlacementError(
@@ -154,16 +157,20 @@ class Layout:
 
     def box(self, entry: Entry) -> Box:
         """This rank's box of ``entry`` (the whole tensor where it is not sharded)."""
-        target = self.target(entry)
+        return self._box(entry, self.target(entry))
+
+    @staticmethod
+    def _box(entry: Entry, target: Target | None) -> Box:
         return local_box(entry.shape) if target is None else local_box_of(entry.shape, target)
 
     def value(self, vsd: VirtualStateDict, entry: Entry) -> torch.Tensor:
         from torch.distributed.tensor import DTensor
 
         target = self.target(entry)
+        box = self._box(entry, target)
         if target is None:
-            return vsd.lazy(entry, local_box(entry.shape))
-        local = vsd.lazy(entry, local_box_of(entry.shape, target), device=mesh_device(target.mesh, vsd.device))
+            return vsd.lazy(entry, box)
+        local = vsd.lazy(entry, box, device=mesh_device(target.mesh, vsd.device))
         return DTensor.from_local(
             local, target.mesh, target.placements, run_check=False, shape=torch.Size(entry.shape), stride=contiguous_stride(entry.shape)
         )
