@@ -28,6 +28,7 @@ from types import TracebackType
 
 import torch
 
+from .checkpoint import DTYPES
 from .transpose import contiguous
 
 __all__ = [
@@ -38,30 +39,21 @@ __all__ = [
     "save_file",
 ]
 
-DTYPE_TO_NAME: dict[torch.dtype, str] = {
-    torch.bool: "BOOL",
-    torch.uint8: "U8",
-    torch.int8: "I8",
-    torch.int16: "I16",
-    torch.uint16: "U16",
-    torch.int32: "I32",
-    torch.uint32: "U32",
-    torch.int64: "I64",
-    torch.uint64: "U64",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.float32: "F32",
-    torch.float64: "F64",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-    torch.float8_e8m0fnu: "F8_E8M0",
-}
-NAME_TO_DTYPE: dict[str, torch.dtype] = {name: dtype for dtype, name in DTYPE_TO_NAME.items()}
+# The one dtype table is checkpoint.DTYPES (safetensors name -> dtype); these are its two directions.
+NAME_TO_DTYPE: dict[str, torch.dtype] = dict(DTYPES)
+DTYPE_TO_NAME: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
 
 Entry = tuple[str, torch.dtype, tuple[int, ...]]
 
 # Linux caps one write at 0x7FFFF000 bytes; larger tensors are written in pieces.
 _MAX_PWRITE = 1 << 30
+
+
+def _pwrite_all(fd: int, buf: memoryview, pos: int) -> None:
+    """Write all of ``buf`` at file position ``pos`` (in pieces of at most ``_MAX_PWRITE``)."""
+    while len(buf):
+        n = os.pwrite(fd, buf[:_MAX_PWRITE], pos)
+        buf, pos = buf[n:], pos + n
 
 
 def _nbytes(dtype: torch.dtype, shape: Sequence[int]) -> int:
@@ -161,18 +153,12 @@ class SafetensorsWriter:
         self._lock = threading.Lock()
         self._fd: int | None = os.open(self.tmp_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            self._pwrite_all(memoryview(head), 0)
+            _pwrite_all(self._fd, memoryview(head), 0)
             # Size the file now: unwritten ranges are holes, so sparse files cost no disk.
             os.ftruncate(self._fd, self.size)
         except BaseException:
             self.abort()
             raise
-
-    def _pwrite_all(self, buf: memoryview, pos: int) -> None:
-        assert self._fd is not None
-        while len(buf):
-            n = os.pwrite(self._fd, buf[:_MAX_PWRITE], pos)
-            buf, pos = buf[n:], pos + n
 
     def write(self, key: str, tensor: torch.Tensor, *, byte_offset: int = 0) -> None:
         """Write ``tensor``'s raw bytes at ``key``'s offset plus ``byte_offset``.
@@ -212,7 +198,7 @@ class SafetensorsWriter:
         # reshape(-1) first: view(uint8) refuses 0-dim tensors; both steps are views, so the only
         # possible copy is contiguous() of a non-contiguous input.
         flat = contiguous(tensor.detach()).reshape(-1).view(torch.uint8)
-        self._pwrite_all(memoryview(flat.numpy()), self._data_start + begin + byte_offset)
+        _pwrite_all(self._fd, memoryview(flat.numpy()), self._data_start + begin + byte_offset)
         with self._lock:
             self._written[key].append((byte_offset, byte_offset + nbytes))
 
