@@ -49,22 +49,23 @@ from typing import Any
 import torch
 
 from .adapters import resolve_adapter
+from .checkpoint import INDEX_NAME, Checkpoint, TensorInfo
+from .distributed import Target, contiguous_stride, local_box_of
 from .errors import ExportError, MissingKeyError
-from .lazy import LazyTensor
+from .lazy import LazyTensor, _is_dtensor
 from .progress import ProgressPrinter
+from .reader import _runs
 from .reverse import HFPiece, _mtp_index, extract, hf_pieces
 from .rules import Adapter, Rule
 from .transpose import contiguous
-from .writer import NAME_TO_DTYPE, header_bytes
+from .writer import _pwrite_all, header_bytes
 
 __all__ = ["HFView", "HFEntry", "save_hf", "save_native", "parse_size"]
 
-INDEX_NAME = "model.safetensors.index.json"
 SHARD_NAME = "model-{index:05d}-of-{count:05d}.safetensors"
 # One write moves at most this many bytes of one tensor: memory stays bounded whatever a
 # tensor's size, and LazyTensor sources read only these rows.
 CHUNK_BYTES = 64 * 2**20
-_MAX_PWRITE = 1 << 30  # Linux caps one write below 2 GiB
 _TMP_MARK = ".tmp-"
 _IDENTITY = Rule("native")  # rule carried by identity pieces (native output)
 
@@ -85,10 +86,6 @@ class HFEntry:
     @property
     def nbytes(self) -> int:
         return self.dtype.itemsize * math.prod(self.shape)
-
-
-def _is_dtensor(t: Any) -> bool:
-    return type(t).__name__ == "DTensor"
 
 
 def _out_dtype(t: torch.Tensor, rule: Rule, dtype: torch.dtype | None) -> torch.dtype:
@@ -209,14 +206,6 @@ def _converted(block: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return block if block.dtype == dtype else block.to(dtype)
 
 
-def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    strides, n = [], 1
-    for d in reversed(shape):
-        strides.append(n)
-        n *= d
-    return tuple(reversed(strides))
-
-
 def _clip(piece: HFPiece, box: tuple[tuple[int, int], ...]) -> tuple[HFPiece, tuple[int, ...]]:
     """The part of ``piece`` inside native ``box``, and where that part starts in the HF tensor.
 
@@ -242,10 +231,8 @@ def _clip(piece: HFPiece, box: tuple[tuple[int, int], ...]) -> tuple[HFPiece, tu
 
 def _local_box(t: Any) -> tuple[tuple[tuple[int, int], ...], tuple[int, ...]]:
     """A DTensor's local shard as a native box, and its origin."""
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
-    return tuple((o, o + s) for o, s in zip(offset, shape)), tuple(offset)
+    box = local_box_of(tuple(t.shape), Target(t.device_mesh, tuple(t.placements)))
+    return box, tuple(lo for lo, _ in box)
 
 
 def _map_placements(piece: HFPiece, native_shape: tuple[int, ...], placements: Any) -> list[Any] | None:
@@ -278,7 +265,7 @@ def _dtensor_value(native: Any, entry: HFEntry) -> Any:
     sub, _ = _clip(entry.piece, box)
     local = _converted(extract(native.to_local(), sub, origin=origin), entry.dtype)
     return DTensor.from_local(
-        local, native.device_mesh, placements, run_check=False, shape=torch.Size(entry.shape), stride=_contiguous_strides(entry.shape)
+        local, native.device_mesh, placements, run_check=False, shape=torch.Size(entry.shape), stride=contiguous_stride(entry.shape)
     )
 
 
@@ -322,42 +309,19 @@ def _plan_files(entries: list[HFEntry], max_bytes: int) -> list[tuple[str, list[
 # ---- writing -------------------------------------------------------------------------------
 
 
-def _pwrite_all(fd: int, buf: memoryview, pos: int) -> None:
-    while len(buf):
-        n = os.pwrite(fd, buf[:_MAX_PWRITE], pos)
-        buf, pos = buf[n:], pos + n
-
-
 def _write_block(fd: int, base: int, hf_shape: tuple[int, ...], offset: tuple[int, ...], block: torch.Tensor) -> None:
     """Write contiguous ``block`` (a box of an HF tensor at ``offset``) as row-major runs.
 
     ``base`` is the file position of the HF tensor's first byte. A box spanning whole trailing
-    dims is one run (``Shard(0)`` experts); otherwise one run per index of the leading dims.
+    dims is one run (``Shard(0)`` experts); otherwise adjacent rows merge into as few runs as
+    the box allows (:func:`lazysd.reader._runs`).
     """
-    x = tuple(block.shape)
     data = memoryview(block.reshape(-1).view(torch.uint8).numpy())
-    if not hf_shape:
-        _pwrite_all(fd, data, base)
-        return
-    k = len(hf_shape) - 1
-    while k > 0 and x[k] == hf_shape[k]:
-        k -= 1
-    item = block.element_size()
-    strides = _contiguous_strides(hf_shape)
-    run = x[k] * strides[k] * item
-    lead = x[:k]
-    for n, idx in enumerate(_ndindex(lead)):
-        pos = sum((offset[i] + idx[i]) * strides[i] for i in range(k)) + offset[k] * strides[k]
-        _pwrite_all(fd, data[n * run : (n + 1) * run], base + pos * item)
-
-
-def _ndindex(shape: tuple[int, ...]) -> Iterator[tuple[int, ...]]:
-    if not shape:
-        yield ()
-        return
-    for i in range(shape[0]):
-        for rest in _ndindex(shape[1:]):
-            yield (i, *rest)
+    box = [(o, o + n) for o, n in zip(offset, block.shape)]
+    done = 0
+    for pos, n in _runs(hf_shape, block.element_size(), box):
+        _pwrite_all(fd, data[done : done + n], base + pos)
+        done += n
 
 
 @dataclass(frozen=True)
@@ -393,33 +357,41 @@ class _Writer:
         return out
 
 
-def _blocks(writer: _Writer, native: Any, entry: HFEntry, index: int, chunk_bytes: int) -> Iterator[tuple[tuple[int, ...], torch.Tensor]]:
-    """The (HF offset, contiguous HF block) pieces of ``entry`` this rank writes, in chunks.
+def _owned(writer: _Writer, native: Any, entry: HFEntry, index: int) -> tuple[HFPiece, tuple[int, ...], tuple[int, ...]] | None:
+    """The part of ``entry`` this rank writes: ``(piece, its HF offset, native origin)``, or None.
 
     Plain tensors are taken to be the same on every rank (replicated) and are written by rank
     ``index % world``. A DTensor's local shard is written by the ranks at coordinate 0 of every
-    mesh dim that does not shard it, so replicas write once.
+    mesh dim that does not shard it, so replicas write once; ranks outside its mesh write none.
+    The piece may be empty (a 0 in its shape) when the local shard misses it.
     """
-    piece, origin = entry.piece, (0,) * len(entry.piece.start)
-    if _is_dtensor(native):
-        coord = native.device_mesh.get_coordinate()
-        if coord is None:
-            return
-        for c, p in zip(coord, native.placements):
-            if p.is_partial():
-                raise ExportError(f"native key {entry.native_key!r}: Partial placement {p}; reduce it before export")
-            if p.is_shard() and type(p).__name__ != "Shard":
-                raise ExportError(f"native key {entry.native_key!r}: placement {p} is not a plain Shard; redistribute it before export")
-            if not p.is_shard() and c != 0:
-                return
-        box, origin = _local_box(native)
-        piece, hf_offset = _clip(piece, box)
-        tensor = native.to_local()
-    else:
+    if not _is_dtensor(native):
         if index % writer.world != writer.rank:
-            return
-        hf_offset = (0,) * len(piece.shape)
-        tensor = native
+            return None
+        return entry.piece, (0,) * len(entry.piece.shape), (0,) * len(entry.piece.start)
+    coord = native.device_mesh.get_coordinate()
+    if coord is None:
+        return None
+    for c, p in zip(coord, native.placements):
+        if p.is_partial():
+            raise ExportError(f"native key {entry.native_key!r}: Partial placement {p}; reduce it before export")
+        if p.is_shard() and type(p).__name__ != "Shard":
+            raise ExportError(f"native key {entry.native_key!r}: placement {p} is not a plain Shard; redistribute it before export")
+        if not p.is_shard() and c != 0:
+            return None
+    box, origin = _local_box(native)
+    piece, hf_offset = _clip(entry.piece, box)
+    return piece, hf_offset, origin
+
+
+def _blocks(writer: _Writer, native: Any, entry: HFEntry, index: int) -> Iterator[tuple[tuple[int, ...], torch.Tensor]]:
+    """The (HF offset, contiguous HF block) pieces of ``entry`` this rank writes (:func:`_owned`),
+    in chunks of at most ``CHUNK_BYTES``."""
+    owned = _owned(writer, native, entry, index)
+    if owned is None:
+        return
+    piece, hf_offset, origin = owned
+    tensor = native.to_local() if _is_dtensor(native) else native
     if 0 in piece.shape:
         return
     if not piece.shape:  # 0-dim
@@ -428,7 +400,7 @@ def _blocks(writer: _Writer, native: Any, entry: HFEntry, index: int, chunk_byte
     # Chunk along HF dim 0, i.e. native dim n0: each chunk is a box of the HF tensor.
     n0 = piece.dims.index(0)
     row = entry.dtype.itemsize * math.prod(piece.shape[1:])
-    rows = max(1, chunk_bytes // max(row, 1))
+    rows = max(1, CHUNK_BYTES // max(row, 1))
     for r in range(0, piece.shape[0], rows):
         n = min(rows, piece.shape[0] - r)
         start = list(piece.start)
@@ -501,7 +473,6 @@ def _export(
     overwrite: bool,
     progress: bool,
     distributed: bool | None,
-    chunk_bytes: int,
 ) -> Path:
     out_dir = Path(out_dir).absolute()
     max_bytes = parse_size(max_shard_size)
@@ -515,13 +486,13 @@ def _export(
     if distributed is None:
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     writer = _Writer(dist.group.WORLD, dist.get_rank(), dist.get_world_size()) if distributed else _Writer(None, 0, 1)
-    natives = {e.native_key: view.native[e.native_key] for e in view.entries.values()}
+    entries = list(view.entries.values())
+    natives = {key: view.native[key] for key in dict.fromkeys(e.native_key for e in entries)}  # each fetched once
     if not distributed:
         for key, t in natives.items():
             if _is_dtensor(t) and any(p.is_shard() or p.is_partial() for p in t.placements) and t.device_mesh.size() > 1:
                 raise ExportError(f"native key {key!r} is a sharded DTensor: call save_hf on every rank (distributed export)")
 
-    entries = list(view.entries.values())
     files = _plan_files(entries, max_bytes)
     total = sum(e.nbytes for e in entries)
     # Every rank must agree on the layout, else their bytes would land in the wrong places.
@@ -540,13 +511,13 @@ def _export(
     token = answers[0][2]
 
     tmp_files = [(name, out_dir / f".{name}{_TMP_MARK}{token}") for name, _ in files]
-    layouts: list[tuple[int, dict[str, tuple[int, int]]]] = []
+    heads: list[tuple[bytes, dict[str, tuple[int, int]]]] = []  # per file: header, key -> data offsets
     failed: BaseException | None = None
     if writer.rank == 0:
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
-            for (name, group), (_, tmp) in zip(files, tmp_files):
-                head, _ = header_bytes([(e.key, e.dtype, e.shape) for e in group], {"format": "pt"})
+            heads = _headers(files)
+            for (head, _), (_, group), (_, tmp) in zip(heads, files, tmp_files):
                 fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
                 try:
                     _pwrite_all(fd, memoryview(head), 0)
@@ -559,21 +530,21 @@ def _export(
         _cleanup(writer, tmp_files)
         raise failed if failed is not None else ExportError(f"{out_dir}: rank 0 could not create the output files")
 
-    for _, group in files:
-        head, offsets = header_bytes([(e.key, e.dtype, e.shape) for e in group], {"format": "pt"})
-        layouts.append((len(head), offsets))
-    # Rank 0 reports; in a distributed export it counts only the bytes it writes itself.
-    mine = total if not distributed else _share(writer, entries, natives)
-    report = ProgressPrinter(mine, verb="wrote ") if progress and writer.rank == 0 else None
+    if writer.rank != 0:  # rank 0 built them above; here they cannot fail, as they did not there
+        heads = _headers(files)
     index_of = {e.key: i for i, e in enumerate(entries)}
+    report: ProgressPrinter | None = None
     try:
-        for ((name, group), (_, tmp), (data_start, offsets)) in zip(files, tmp_files, layouts):
+        if progress and writer.rank == 0:
+            # Rank 0 reports; in a distributed export it counts only the bytes it writes itself.
+            report = ProgressPrinter(total if not distributed else _share(writer, entries, natives), verb="wrote ")
+        for ((_, group), (_, tmp), (head, offsets)) in zip(files, tmp_files, heads):
             fd = os.open(tmp, os.O_RDWR)
             try:
                 for e in group:
-                    base = data_start + offsets[e.key][0]
+                    base = len(head) + offsets[e.key][0]
                     wrote = 0
-                    for hf_offset, block in _blocks(writer, natives[e.native_key], e, index_of[e.key], chunk_bytes):
+                    for hf_offset, block in _blocks(writer, natives[e.native_key], e, index_of[e.key]):
                         _write_block(fd, base, e.shape, hf_offset, block)
                         wrote += block.numel() * block.element_size()
                         if report is not None:
@@ -606,17 +577,18 @@ def _export(
     return out_dir
 
 
+def _headers(files: list[tuple[str, list[HFEntry]]]) -> list[tuple[bytes, dict[str, tuple[int, int]]]]:
+    """Each file's safetensors header and its keys' data offsets."""
+    return [header_bytes([(e.key, e.dtype, e.shape) for e in group], {"format": "pt"}) for _, group in files]
+
+
 def _share(writer: _Writer, entries: list[HFEntry], natives: dict[str, Any]) -> int:
-    """Bytes this rank will write (for its progress line)."""
+    """Bytes this rank will write (for its progress line), by the rules of :func:`_owned`."""
     total = 0
     for i, e in enumerate(entries):
-        t = natives[e.native_key]
-        if _is_dtensor(t):
-            box, _ = _local_box(t)
-            sub, _ = _clip(e.piece, box)
-            total += e.dtype.itemsize * math.prod(sub.shape)
-        elif i % writer.world == writer.rank:
-            total += e.nbytes
+        owned = _owned(writer, natives[e.native_key], e, i)
+        if owned is not None:
+            total += e.dtype.itemsize * math.prod(owned[0].shape)
     return total
 
 
@@ -702,7 +674,6 @@ def save_hf(
         overwrite=overwrite,
         progress=progress,
         distributed=distributed,
-        chunk_bytes=CHUNK_BYTES,
     )
 
 
@@ -749,51 +720,50 @@ def save_native(
         overwrite=overwrite,
         progress=progress,
         distributed=False,
-        chunk_bytes=CHUNK_BYTES,
     )
 
 
 class SafetensorsFiles(Mapping[str, torch.Tensor]):
     """Tensors of a directory of safetensors files (index or not), each read when accessed.
 
-    The reader for ``lazysd convert --from native``: values are whole tensors read with the
-    ``safetensors`` library, one at a time.
+    The reader for ``lazysd convert --from native``: shapes and dtypes come from the headers
+    :class:`~lazysd.checkpoint.Checkpoint` validated; values are read with the ``safetensors``
+    library, one at a time.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         from safetensors import safe_open
 
-        from .checkpoint import Checkpoint
-
         self.path = Path(path).absolute()
         # Checkpoint validates headers and the index; it needs config.json, which
         # --from native requires anyway.
         with Checkpoint(self.path) as ckpt:
-            self._file_of = {key: info.file for key, info in ckpt.tensors.items()}
+            self._info = dict(ckpt.tensors)
             self.source_files = [self.path, *ckpt.files]
-        self._open = {f: safe_open(str(f), framework="pt") for f in dict.fromkeys(self._file_of.values())}
+        self._open = {f: safe_open(str(f), framework="pt") for f in dict.fromkeys(i.file for i in self._info.values())}
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        if key not in self._file_of:
+        if key not in self._info:
             raise MissingKeyError(f"{self.path}: no key {key!r}")
-        f = self._open[self._file_of[key]]
-        return _ShapeOnly(f, key)  # type: ignore[return-value]
+        info = self._info[key]
+        return _ShapeOnly(self._open[info.file], info)  # type: ignore[return-value]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._file_of)
+        return iter(self._info)
 
     def __len__(self) -> int:
-        return len(self._file_of)
+        return len(self._info)
 
 
 class _ShapeOnly:
     """Stands in for a tensor until a slice of it is asked for (read through safetensors)."""
 
-    def __init__(self, handle: Any, key: str) -> None:
-        self._slice = handle.get_slice(key)
-        self.key = key
-        self.shape = torch.Size(self._slice.get_shape())
-        self.dtype = NAME_TO_DTYPE[self._slice.get_dtype()]
+    def __init__(self, handle: Any, info: TensorInfo) -> None:
+        self._handle = handle
+        self._slice: Any = None
+        self.key = info.key
+        self.shape = torch.Size(info.shape)
+        self.dtype = info.dtype
 
     def is_floating_point(self) -> bool:
         return self.dtype.is_floating_point
@@ -802,4 +772,6 @@ class _ShapeOnly:
         return len(self.shape)
 
     def __getitem__(self, index: Any) -> torch.Tensor:
+        if self._slice is None:
+            self._slice = self._handle.get_slice(self.key)
         return self._slice[index]
