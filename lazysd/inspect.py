@@ -46,6 +46,7 @@ import torch
 
 from .errors import MissingKeyError, PlacementError, ShapeMismatchError
 from .plan import Box, Entry, Source
+from .plan import _dtype_name as dtype_name
 from .reader import _runs, source_box
 from .rules import KINDS
 
@@ -67,10 +68,6 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError
-
-
-def dtype_name(dtype: object) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -142,7 +139,7 @@ def key_table(vsd: VirtualStateDict, limit: int | None = 20, *, keys: Iterable[s
         e = vsd.plan.entries[key]
         dtype = vsd.dtype_of(e)
         lines.append(
-            f"{key:<{width}}  {str(list(e.shape)):<18} {dtype_name(dtype):<9} {human_bytes(e.numel * dtype.itemsize):>10}  <- {_source_text(e)}"
+            f"{key:<{width}}  {str(list(e.shape)):<18} {dtype_name(dtype):<9} {human_bytes(_native_nbytes(vsd, e)):>10}  <- {_source_text(e)}"
         )
     if limit is not None and len(keys) > limit:
         lines.append(f"... {len(keys) - limit} more")
@@ -161,7 +158,7 @@ def _html_key_rows(vsd: VirtualStateDict, keys: list[str], limit: int) -> str:
         dtype = vsd.dtype_of(e)
         rows.append(
             f"<tr><td><code>{html.escape(key)}</code></td><td>{list(e.shape)}</td><td>{dtype_name(dtype)}</td>"
-            f"<td style='text-align:right'>{human_bytes(e.numel * dtype.itemsize)}</td><td><code>{html.escape(_source_text(e))}</code></td></tr>"
+            f"<td style='text-align:right'>{human_bytes(_native_nbytes(vsd, e))}</td><td><code>{html.escape(_source_text(e))}</code></td></tr>"
         )
     more = f"<tr><td colspan='5'>... {len(keys) - limit} more</td></tr>" if len(keys) > limit else ""
     head = "<tr><th>key</th><th>shape</th><th>dtype</th><th>bytes</th><th>HF sources</th></tr>"
@@ -714,7 +711,8 @@ class LoadPlan:
         return "\n".join(self.lines())
 
     def _repr_html_(self) -> str:
-        head = html.escape(self.lines(layers=False)[0]) + "<br>" + html.escape(self.lines(layers=False)[1].strip())
+        first, second = self.lines(layers=False)[:2]
+        head = html.escape(first) + "<br>" + html.escape(second.strip())
         rows = "".join(
             f"<tr><td>{r.rank}</td><td>{'-' if r.experts is None else f'{r.experts[0]}:{r.experts[1]}'}</td>"
             f"<td style='text-align:right'>{r.nbytes:,}</td><td>{human_bytes(r.nbytes)}</td><td>{r.runs:,}</td></tr>"

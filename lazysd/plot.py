@@ -14,10 +14,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from .inspect import LoadPlan, Selection, summarize
 from .rules import KINDS
 
 if TYPE_CHECKING:
+    from .inspect import LoadPlan, Selection
     from .virtual import VirtualStateDict
 
 _GIB = 1 << 30
@@ -38,8 +38,8 @@ def _unit(largest: float) -> tuple[float, str]:
     return 1, "B"
 
 
-def _stacked(ax: Any, labels: list[str], series: Mapping[str, list[int]]) -> float:
-    """Stacked bars of ``series`` (kind -> values per label); returns the unit scale used."""
+def _stacked(ax: Any, labels: list[str], series: Mapping[str, list[int]]) -> None:
+    """Stacked bars of ``series`` (kind -> values per label), in the unit their largest total suits."""
     totals = [sum(vals[i] for vals in series.values()) for i in range(len(labels))]
     scale, unit = _unit(max(totals, default=0))
     bottom = [0.0] * len(labels)
@@ -49,7 +49,6 @@ def _stacked(ax: Any, labels: list[str], series: Mapping[str, list[int]]) -> flo
         bottom = [b + h for b, h in zip(bottom, heights)]
     ax.set_ylabel(unit)
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
-    return scale
 
 
 def plot_layer_bytes(vsd: VirtualStateDict | Selection, *, ax: Any = None) -> Any:
@@ -65,10 +64,7 @@ def plot_layer_bytes(vsd: VirtualStateDict | Selection, *, ax: Any = None) -> An
     plt = _pyplot()
     if ax is None:
         _, ax = plt.subplots(figsize=(10, 3.5))
-    if isinstance(vsd, Selection):
-        summary = summarize(vsd.vsd, by=("layer", "kind"), keys=vsd)
-    else:
-        summary = summarize(vsd, by=("layer", "kind"))
+    summary = vsd.summarize(by=("layer", "kind"))
     layers = list(dict.fromkeys(r.group[0] for r in summary.rows))
     kinds = [k for k in KINDS if any(r.group[1] == k for r in summary.rows)]
     cells = summary.as_dict()
