@@ -16,9 +16,11 @@ from lazysd.testing.step3p5 import (
     Step3p5Spec,
     checkpoint_nbytes,
     config_dict,
+    ensure_checkpoint,
     hf_tensor_specs,
     load_hf_tensors,
     make_checkpoint,
+    native_state_dict,
     native_tensor_specs,
 )
 
@@ -31,8 +33,10 @@ __all__ = [
     "Step3p5Spec",
     "checkpoint_nbytes",
     "config_dict",
+    "ensure_checkpoint",
     "hf_tensor_specs",
     "load_hf_tensors",
     "make_checkpoint",
+    "native_state_dict",
     "native_tensor_specs",
 ]

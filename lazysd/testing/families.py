@@ -40,6 +40,7 @@ from torch import nn
 from lazysd.testing.step3p5 import Step3p5Spec
 from lazysd.testing.step3p5 import config_dict as step3p5_config
 from lazysd.testing.step3p5 import hf_tensor_specs as step3p5_specs
+from lazysd.testing.step3p5 import native_state_dict
 from lazysd.writer import save_file
 
 __all__ = [
@@ -274,17 +275,17 @@ def dequantize_reference(weight: torch.Tensor, scale_inv: torch.Tensor, block: i
 
 def eager_native(spec: FamilySpec, hf: Mapping[str, torch.Tensor], *, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
     """The native state dict of the main model (no MTP layers), converted eagerly and plainly."""
+    if spec.family == "step3p7":  # Step3p5's grouped layout under model.language_model.
+        return native_state_dict(hf, spec.num_hidden_layers)
     hf = dict(hf)
     for key in [k for k in hf if k + "_scale_inv" in hf]:
         hf[key] = dequantize_reference(hf[key], hf.pop(key + "_scale_inv")).to(dtype)
     out: dict[str, torch.Tensor] = {}
     experts: dict[str, dict[str, dict[int, torch.Tensor]]] = {}
     for key, t in hf.items():
-        m = re.match(r"^(?:model\.language_model\.|model\.)layers\.(\d+)\.", key)
-        if m and spec.family != "step3p7" and int(m.group(1)) >= spec.num_hidden_layers:
+        m = re.match(r"^model\.layers\.(\d+)\.", key)
+        if m and int(m.group(1)) >= spec.num_hidden_layers:
             continue  # MTP layer
-        if m and spec.family == "step3p7" and int(m.group(1)) >= spec.num_hidden_layers:
-            continue
         pe = _PER_EXPERT.match(key)
         if pe:
             experts.setdefault(pe.group(1), {}).setdefault(_ROLE[pe.group(4)], {})[int(pe.group(3))] = t
@@ -294,21 +295,11 @@ def eager_native(spec: FamilySpec, hf: Mapping[str, torch.Tensor], *, dtype: tor
         if spec.family == "gpt_oss":
             key = key.replace(".mlp.router.", ".mlp.gate.")
             key = re.sub(r"\.mlp\.experts\.(gate_up_proj|down_proj)$", lambda m: ".mlp.experts." + {"gate_up_proj": "gate_and_up_projs", "down_proj": "down_projs"}[m.group(1)], key)
-        if spec.family == "step3p7" and key.endswith((".moe.gate_proj.weight", ".moe.up_proj.weight", ".moe.down_proj.weight", ".moe.router_bias")):
-            continue
         out[key] = t
     for prefix, roles in experts.items():
         E = len(roles["gate"])
         out[prefix + ".mlp.experts.gate_and_up_projs"] = torch.stack([torch.cat([roles["gate"][e].T, roles["up"][e].T], dim=-1) for e in range(E)])
         out[prefix + ".mlp.experts.down_projs"] = torch.stack([roles["down"][e].T for e in range(E)])
-    if spec.family == "step3p7":
-        for key in [k for k in hf if k.endswith(".moe.gate_proj.weight")]:
-            p = key.removesuffix("gate_proj.weight")
-            if int(key.split(".")[3]) >= spec.num_hidden_layers:
-                continue
-            out[p + "experts.gate_and_up_projs"] = torch.cat([hf[key].transpose(1, 2), hf[p + "up_proj.weight"].transpose(1, 2)], dim=-1)
-            out[p + "experts.down_projs"] = hf[p + "down_proj.weight"].transpose(1, 2)
-            out[p + "gate.e_score_correction_bias"] = hf[p + "router_bias"]
     return out
 
 
@@ -434,9 +425,4 @@ def moe_layers(spec: FamilySpec) -> list[int]:
     if spec.family == "step3p7":
         return list(_step_spec(spec).moe_layers or ())
     return [L for L in range(spec.num_hidden_layers) if spec.is_moe(L)]
-
-
-def expert_bytes(spec: FamilySpec) -> int:
-    """Bytes of one expert's three HF tensors (per-expert families, bf16)."""
-    return 2 * 3 * spec.hidden_size * spec.expert_width
 

@@ -22,7 +22,7 @@ import json
 import os
 import struct
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +111,6 @@ class Case:
     files: dict[str, bytes | None]
     error: str | None
     message: tuple[str, ...] = ()
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _moe(layers: dict[int, tuple[int, int, str, str]], **config: Any) -> dict[str, bytes | None]:

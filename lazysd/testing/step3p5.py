@@ -26,6 +26,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -40,9 +45,11 @@ __all__ = [
     "Step3p5Spec",
     "checkpoint_nbytes",
     "config_dict",
+    "ensure_checkpoint",
     "hf_tensor_specs",
     "load_hf_tensors",
     "make_checkpoint",
+    "native_state_dict",
     "native_tensor_specs",
 ]
 
@@ -493,3 +500,58 @@ def load_hf_tensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         out.update(load_file(file))
     return out
 
+
+
+def ensure_checkpoint(
+    path: str | os.PathLike[str], spec: Step3p5Spec, *, layout: Layout = "sharded", verbose: bool = False
+) -> Path:
+    """A sharded checkpoint at ``path``, generated only if it is not complete there already.
+
+    The index is written last, so a directory holding it is reused as it is; anything else
+    (nothing, or what an interrupted run left) is removed and generated anew. ``verbose``
+    reports a generation on stderr.
+    """
+    path = Path(path)
+    if layout == "single":
+        raise ValueError("ensure_checkpoint needs an index to tell a complete checkpoint: use 'sharded' or 'split'")
+    if (path / INDEX_NAME).exists():
+        return path
+    shutil.rmtree(path, ignore_errors=True)
+    t0 = time.perf_counter()
+    make_checkpoint(path, spec, layout=layout)
+    if verbose:
+        print(f"generated {path} ({checkpoint_nbytes(spec) / 2**30:.2f} GiB) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    return path
+
+
+def native_state_dict(hf: Mapping[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+    """FORMATS.md's native layout of Step3p5 HF tensors, converted eagerly with torch ops.
+
+    The reference conversion tests compare with: layers ``>= num_layers`` (MTP) are left out,
+    each MoE layer's ``gate_and_up_projs`` is ``cat([gate.transpose(1, 2), up.transpose(1, 2)],
+    -1)``, ``down_projs`` is ``down.transpose(1, 2)`` (a view) and ``router_bias`` becomes
+    ``gate.e_score_correction_bias``; every other key is kept as it is. Keys may carry any
+    prefix before ``layers.N.`` (Step-3.7's ``model.language_model.``).
+
+    Example:
+        >>> import tempfile
+        >>> spec = Step3p5Spec.tiny()
+        >>> hf = load_hf_tensors(make_checkpoint(tempfile.mkdtemp(), spec, layout="single"))
+        >>> native_state_dict(hf, spec.num_hidden_layers).keys() == {k for k, _, _ in native_tensor_specs(spec)}
+        True
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, t in hf.items():
+        layer = re.search(r"(?:^|\.)layers\.(\d+)\.", key)
+        if layer and int(layer.group(1)) >= num_layers:
+            continue
+        if key.endswith("moe.gate_proj.weight"):
+            p = key.removesuffix("gate_proj.weight")
+            out[p + "experts.gate_and_up_projs"] = torch.cat([t.transpose(1, 2), hf[p + "up_proj.weight"].transpose(1, 2)], dim=-1)
+        elif key.endswith("moe.down_proj.weight"):
+            out[key.removesuffix("down_proj.weight") + "experts.down_projs"] = t.transpose(1, 2)
+        elif key.endswith("moe.router_bias"):
+            out[key.removesuffix("router_bias") + "gate.e_score_correction_bias"] = t
+        elif not key.endswith("moe.up_proj.weight"):
+            out[key] = t
+    return out
