@@ -74,12 +74,12 @@ def _load_alone(rank: int, world: int, files: list[Path], load) -> dict[str, int
 
 def _ideal_pages(ranges: list[tuple[str, int, int]]) -> dict[str, int]:
     """Pages each file's planned ranges touch, the header page aside."""
-    from lazysd.testing.pagecache import pages_touched
+    from lazysd.testing.pagecache import PAGE, pages_touched
 
     by_file: dict[str, list[tuple[int, int]]] = {}
     for f, off, n in ranges:
         by_file.setdefault(f, []).append((off, n))
-    return {f: pages_touched(r) - (1 if any(o < 4096 for o, _ in r) else 0) for f, r in by_file.items()}
+    return {f: pages_touched(r) - (1 if any(o < PAGE for o, _ in r) else 0) for f, r in by_file.items()}
 
 
 def _check_ep_one(rank: int, world: int, path: str, spec_name: str, assign: bool) -> dict:
@@ -269,6 +269,7 @@ def _check_family(rank: int, world: int, root: str) -> dict:
 
     from lazysd import VirtualStateDict
     from lazysd.testing import families, load_hf_tensors
+    from lazysd.testing.measure import record_reads
 
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
     out = {}
@@ -282,11 +283,13 @@ def _check_family(rank: int, world: int, root: str) -> dict:
         experts = [k for k in vsd if vsd.entry(k).kind == "experts"]
         assert experts, family
         locals_ = {}
+        reads = record_reads(vsd)
         resident = _load_alone(rank, world, vsd.checkpoint.files, lambda: locals_.update({k: vsd[k].to_local().materialize() for k in experts}))
+        own: dict[str, tuple[int, int]] = {}  # key -> this rank's experts [lo, hi)
         for key in experts:
             n = eager[key].shape[0]
             chunk = -(-n // world)
-            lo, hi = min(rank * chunk, n), min((rank + 1) * chunk, n)
+            lo, hi = own[key] = min(rank * chunk, n), min((rank + 1) * chunk, n)
             assert torch.equal(locals_[key], eager[key][lo:hi]), (family, key)
         ranges = vsd.planned_ranges(experts)
         out[family] = {
@@ -298,8 +301,10 @@ def _check_family(rank: int, world: int, root: str) -> dict:
         }
         # Per-expert families: this rank opened only its own experts' HF tensors.
         if any(None in s.dims for k in experts for s in vsd.entry(k).sources):
-            mine = {s.info.key for k in experts for s in vsd.entry(k).sources if lo <= s.start[0] < hi}
-            assert len(mine) == sum(1 for k in experts for s in vsd.entry(k).sources if lo <= s.start[0] < hi)
+            ours = [s.info.key for k in experts for s in vsd.entry(k).sources if own[k][0] <= s.start[0] < own[k][1]]
+            mine = set(ours)
+            assert len(mine) == len(ours)
+            assert {key for key, _, _ in reads} == mine, family  # read exactly these HF tensors
     return out
 
 
