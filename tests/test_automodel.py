@@ -12,17 +12,10 @@ from lazysd import LazyTensor, MissingSourceError, ShapeMismatchError
 from lazysd.automodel import HFCheckpointView, Step3p5StateDictAdapter, _create_dtensor_from_local_or_reference, _swap_shard_placements_1_2
 from lazysd.errors import MissingKeyError
 from lazysd.testing import Step3p5Model, Step3p5Spec, load_hf_tensors, make_checkpoint
+from lazysd.testing.checks import same_bits
 
 E, I, D = 4, 3, 5  # experts, expert intermediate, hidden
 L1 = "model.layers.1"
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().reshape(-1).view(torch.uint8)
-
-
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(_bits(a), _bits(b))
 
 
 def _adapter(dtype: torch.dtype = torch.float32, **moe: object) -> Step3p5StateDictAdapter:
@@ -44,15 +37,15 @@ def test_from_hf_gate_and_up_only() -> None:
     assert list(out) == [f"{L1}.moe.experts.gate_and_up_projs"]
     fused = out[f"{L1}.moe.experts.gate_and_up_projs"]
     assert fused.shape == (E, D, 2 * I) and fused.dtype == torch.bfloat16
-    assert _same(fused, torch.cat([gate.transpose(1, 2), up.transpose(1, 2)], dim=-1).to(torch.bfloat16))
-    assert _same(fused[:, :, :I], gate.transpose(1, 2).to(torch.bfloat16))  # gate first, not interleaved
+    assert same_bits(fused, torch.cat([gate.transpose(1, 2), up.transpose(1, 2)], dim=-1).to(torch.bfloat16))
+    assert same_bits(fused[:, :, :I], gate.transpose(1, 2).to(torch.bfloat16))  # gate first, not interleaved
 
 
 def test_from_hf_down_only() -> None:
     _, _, down = _experts()
     out = _adapter().from_hf({f"{L1}.moe.down_proj.weight": down})
     assert list(out) == [f"{L1}.moe.experts.down_projs"]
-    assert _same(out[f"{L1}.moe.experts.down_projs"], down.transpose(1, 2).contiguous())
+    assert same_bits(out[f"{L1}.moe.experts.down_projs"], down.transpose(1, 2).contiguous())
     assert out[f"{L1}.moe.experts.down_projs"].shape == (E, I, D)
 
 
@@ -81,7 +74,7 @@ def test_from_hf_keeps_each_prefix(prefix: str) -> None:
     ]
     back = _adapter().to_hf(out)
     assert set(back) == set(hf)
-    assert all(_same(back[k], hf[k]) for k in hf)
+    assert all(same_bits(back[k], hf[k]) for k in hf)
 
 
 def test_from_hf_several_layers_in_any_order() -> None:
@@ -99,8 +92,8 @@ def test_from_hf_several_layers_in_any_order() -> None:
         "model.layers.1.moe.experts.gate_and_up_projs",
         "model.layers.3.moe.experts.down_projs",
     ]
-    assert _same(out["model.layers.3.moe.experts.gate_and_up_projs"], torch.cat([b[0].mT, b[1].mT], -1))
-    assert _same(out["model.layers.1.moe.experts.gate_and_up_projs"], torch.cat([a[0].mT, a[1].mT], -1))
+    assert same_bits(out["model.layers.3.moe.experts.gate_and_up_projs"], torch.cat([b[0].mT, b[1].mT], -1))
+    assert same_bits(out["model.layers.1.moe.experts.gate_and_up_projs"], torch.cat([a[0].mT, a[1].mT], -1))
 
 
 def test_from_hf_passes_other_keys_through_mtp_included() -> None:
@@ -142,9 +135,9 @@ def test_to_hf_splits_and_transposes() -> None:
     fused, down = torch.randn(E, D, 2 * I), torch.randn(E, I, D)
     hf = _adapter().to_hf({f"{L1}.moe.experts.gate_and_up_projs": fused, f"{L1}.moe.experts.down_projs": down})
     assert list(hf) == [f"{L1}.moe.gate_proj.weight", f"{L1}.moe.up_proj.weight", f"{L1}.moe.down_proj.weight"]
-    assert _same(hf[f"{L1}.moe.gate_proj.weight"], fused[:, :, :I].transpose(1, 2).contiguous())
-    assert _same(hf[f"{L1}.moe.up_proj.weight"], fused[:, :, I:].transpose(1, 2).contiguous())
-    assert _same(hf[f"{L1}.moe.down_proj.weight"], down.transpose(1, 2).contiguous())
+    assert same_bits(hf[f"{L1}.moe.gate_proj.weight"], fused[:, :, :I].transpose(1, 2).contiguous())
+    assert same_bits(hf[f"{L1}.moe.up_proj.weight"], fused[:, :, I:].transpose(1, 2).contiguous())
+    assert same_bits(hf[f"{L1}.moe.down_proj.weight"], down.transpose(1, 2).contiguous())
     assert all(v.is_contiguous() for v in hf.values())
 
 
@@ -187,7 +180,7 @@ def test_convert_single_tensor_to_hf() -> None:
     a = _adapter()
     down = torch.randn(E, I, D)
     [(key, value)] = a.convert_single_tensor_to_hf(f"{L1}.moe.experts.down_projs", down)
-    assert key == f"{L1}.moe.down_proj.weight" and _same(value, down.mT.contiguous())
+    assert key == f"{L1}.moe.down_proj.weight" and same_bits(value, down.mT.contiguous())
     other = torch.randn(3)
     assert a.convert_single_tensor_to_hf("model.layers.0.self_attn.q_norm.weight", other) == [("model.layers.0.self_attn.q_norm.weight", other)]
     assert a.convert_single_tensor_to_hf("not.a.model.key", other) == [("not.a.model.key", other)]
@@ -207,7 +200,7 @@ def test_round_trip_hf_native_hf_bitwise_on_a_full_checkpoint(tmp_path: Path) ->
     back = a.to_hf(native)
     assert set(back) == set(hf)
     for key in hf:
-        assert _same(back[key], hf[key]), key
+        assert same_bits(back[key], hf[key]), key
 
 
 def test_helpers_without_a_mesh() -> None:
@@ -237,13 +230,13 @@ def test_from_hf_of_a_lazy_view_reads_nothing_until_used(tmp_path: Path) -> None
         dest = torch.empty(8, 32, 32, dtype=torch.bfloat16)
         dest.copy_(fused)  # what load_state_dict does
         assert view.bytes_read == fused.entry.nbytes == 8 * 32 * 32 * 2
-        assert _same(dest, eager["model.layers.2.moe.experts.gate_and_up_projs"])
+        assert same_bits(dest, eager["model.layers.2.moe.experts.gate_and_up_projs"])
 
         model = Step3p5Model(spec, layout="native", dtype=torch.bfloat16)
         result = model.load_state_dict(native, strict=False)
         assert result.missing_keys == [] and all(".layers.4." in k for k in result.unexpected_keys)
         for key, value in model.state_dict().items():
-            assert _same(value, eager[key]), key
+            assert same_bits(value, eager[key]), key
 
 
 def test_hf_checkpoint_view_is_a_mapping(tmp_path: Path) -> None:
@@ -253,7 +246,7 @@ def test_hf_checkpoint_view_is_a_mapping(tmp_path: Path) -> None:
         assert set(view) == set(hf) and len(view) == len(hf) and "model.norm.weight" in view
         assert view.bytes_read == 0
         norm = view["model.norm.weight"]
-        assert isinstance(norm, LazyTensor) and _same(norm.materialize(), hf["model.norm.weight"])
+        assert isinstance(norm, LazyTensor) and same_bits(norm.materialize(), hf["model.norm.weight"])
         assert view.bytes_read == hf["model.norm.weight"].nbytes
         with pytest.raises(MissingKeyError, match=r"no HF key 'model\.nope'"):
             view["model.nope"]
@@ -269,5 +262,5 @@ def test_mixed_lazy_and_eager_parts_are_converted_eagerly(tmp_path: Path) -> Non
         fused = out["model.layers.1.moe.experts.gate_and_up_projs"]
         assert not isinstance(fused, LazyTensor)
         g, u = hf["model.layers.1.moe.gate_proj.weight"], hf["model.layers.1.moe.up_proj.weight"]
-        assert _same(fused, torch.cat([g.mT, u.mT], -1))
+        assert same_bits(fused, torch.cat([g.mT, u.mT], -1))
 

@@ -24,7 +24,7 @@ from lazysd import (
     VirtualStateDict,
 )
 from lazysd.cli import main as cli_main
-from lazysd.testing import Step3p5Model, Step3p5Spec, load_hf_tensors, make_checkpoint, native_tensor_specs
+from lazysd.testing import Step3p5Model, Step3p5Spec, load_hf_tensors, make_checkpoint, native_state_dict, native_tensor_specs
 from lazysd.testing.pagecache import PAGE, evict, resident_map, resident_pages
 from lazysd.writer import save_file
 
@@ -33,28 +33,6 @@ SPECS = {
     "wide": Step3p5Spec.tiny(moe_num_experts=12, hidden_size=48, moe_intermediate_size=24, num_hidden_layers=5, first_dense_layers=2),
     "no-mtp": Step3p5Spec.tiny(num_nextn_predict_layers=0, moe_num_experts=3),
 }
-
-
-def eager_native(hf: Mapping[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
-    """FORMATS.md's definition of the native layout, written out with torch ops."""
-    out: dict[str, torch.Tensor] = {}
-    for key, t in hf.items():
-        parts = key.split(".")
-        if parts[:2] == ["model", "layers"] and int(parts[2]) >= num_layers:
-            continue
-        prefix = ".".join(parts[:3])
-        if key.endswith("moe.gate_proj.weight"):
-            up = hf[f"{prefix}.moe.up_proj.weight"]
-            out[f"{prefix}.moe.experts.gate_and_up_projs"] = torch.cat([t.transpose(1, 2), up.transpose(1, 2)], dim=-1)
-        elif key.endswith("moe.up_proj.weight"):
-            continue
-        elif key.endswith("moe.down_proj.weight"):
-            out[f"{prefix}.moe.experts.down_projs"] = t.transpose(1, 2)
-        elif key.endswith("moe.router_bias"):
-            out[f"{prefix}.moe.gate.e_score_correction_bias"] = t.float()
-        else:
-            out[key] = t
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +49,7 @@ def test_values_equal_eager_conversion_bitwise(tmp_path: Path, name: str, layout
     spec = SPECS[name]
     path = make_checkpoint(tmp_path / "c", spec, layout=layout, seed=3)
     vsd = VirtualStateDict(path)
-    expected = eager_native(load_hf_tensors(path), spec.num_hidden_layers)
+    expected = native_state_dict(load_hf_tensors(path), spec.num_hidden_layers)
     assert list(vsd) == sorted(expected, key=lambda k: [int(t) if t.isdigit() else t for t in k.replace(".", " . ").split()])
     assert set(vsd) == {k for k, _, _ in native_tensor_specs(spec)}
     for key, want in expected.items():
@@ -187,7 +165,7 @@ def test_strict_load_into_native_model(tiny_ckpt: Path) -> None:
     model = Step3p5Model(spec, layout="native", dtype=torch.bfloat16)
     result = model.load_state_dict(vsd)
     assert not result.missing_keys and not result.unexpected_keys
-    expected = eager_native(load_hf_tensors(tiny_ckpt), spec.num_hidden_layers)
+    expected = native_state_dict(load_hf_tensors(tiny_ckpt), spec.num_hidden_layers)
     for key, value in model.state_dict().items():
         assert torch.equal(value, expected[key].to(value.dtype)), key
 
@@ -221,7 +199,7 @@ def test_assign_true_into_meta_model(tiny_ckpt: Path) -> None:
     assert all(type(b) is torch.Tensor for b in model.buffers())
     bias_key = f"model.layers.{spec.moe_layers[0]}.moe.gate.e_score_correction_bias"
     assert bias_key in dict(model.named_buffers()) and dict(model.named_buffers())[bias_key].dtype == torch.float32
-    expected = eager_native(load_hf_tensors(tiny_ckpt), spec.num_hidden_layers)
+    expected = native_state_dict(load_hf_tensors(tiny_ckpt), spec.num_hidden_layers)
     for key, value in model.state_dict().items():
         assert torch.equal(value, expected[key]), key
 

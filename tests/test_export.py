@@ -19,6 +19,7 @@ from lazysd import ExportError, HFView, UnclaimedKeyError, VirtualStateDict, sav
 from lazysd.export import parse_size, save_native
 from lazysd.rules import Adapter, Part, Rule
 from lazysd.testing import Step3p5Model, Step3p5Spec, load_hf_tensors, make_checkpoint
+from lazysd.testing.checks import assert_bitwise_equal
 
 SPEC = Step3p5Spec.tiny()
 
@@ -31,13 +32,6 @@ def src(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def original(src: Path) -> dict[str, torch.Tensor]:
     return load_hf_tensors(src)
-
-
-def assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
-    assert list(got) == list(want) or set(got) == set(want)
-    for key, t in want.items():
-        assert got[key].dtype == t.dtype, key
-        assert torch.equal(got[key], t), key
 
 
 def shards(out: Path) -> list[Path]:
@@ -54,7 +48,7 @@ def test_vsd_roundtrip_with_mtp_is_bitwise(src: Path, original: dict[str, torch.
     got: dict[str, torch.Tensor] = {}
     for f in files:
         got.update(load_file(f))
-    assert_same(got, original)
+    assert_bitwise_equal(got, original)
     assert "model.layers.4.eh_proj.weight" in got  # MTP layer, numbered back from mtp.layers.0
     assert got["model.layers.1.moe.router_bias"].dtype == torch.float32
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -74,7 +68,7 @@ def test_model_roundtrip_is_bitwise(src: Path, original: dict[str, torch.Tensor]
         model.load_state_dict(vsd)
     out = save_hf(model, tmp_path / "out", adapter="step3p5")
     main = {k: v for k, v in original.items() if not k.startswith("model.layers.4.")}
-    assert_same(load_hf_tensors(out), main)
+    assert_bitwise_equal(load_hf_tensors(out), main)
 
 
 def test_fp32_model_casts_back_but_router_bias_stays_fp32(src: Path, original: dict[str, torch.Tensor], tmp_path: Path) -> None:
@@ -85,7 +79,7 @@ def test_fp32_model_casts_back_but_router_bias_stays_fp32(src: Path, original: d
     out = save_hf(model.state_dict(), tmp_path / "out", adapter="step3p5", dtype=torch.bfloat16)
     got = load_hf_tensors(out)
     main = {k: v for k, v in original.items() if not k.startswith("model.layers.4.")}
-    assert_same(got, main)  # bf16 -> fp32 -> bf16 is lossless; the pinned fp32 bias is cast back too
+    assert_bitwise_equal(got, main)  # bf16 -> fp32 -> bf16 is lossless; the pinned fp32 bias is cast back too
 
 
 def test_hfview_keys_need_no_reads_and_values_read_only_their_piece(src: Path, original: dict[str, torch.Tensor]) -> None:
@@ -156,7 +150,7 @@ def test_existing_output_needs_overwrite(src: Path, original: dict[str, torch.Te
     assert [f.name for f in shards(out)] == ["model-00001-of-00001.safetensors"]
     assert (out / "README.md").read_text() == "keep me\n"
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "model-00001-of-00001.safetensors", "model.safetensors.index.json"]
-    assert_same(load_hf_tensors(out), original)
+    assert_bitwise_equal(load_hf_tensors(out), original)
 
 
 def test_empty_existing_directory_is_fine(src: Path, tmp_path: Path) -> None:
@@ -232,10 +226,10 @@ def test_save_native_roundtrip(src: Path, original: dict[str, torch.Tensor], tmp
     with VirtualStateDict(src, include_mtp=True) as vsd:
         native = save_native(vsd, tmp_path / "native", max_shard_size="50KB", config=src / "config.json")
         want = {k: vsd[k].materialize() for k in vsd}
-    assert_same(load_hf_tensors(native), want)
+    assert_bitwise_equal(load_hf_tensors(native), want)
     files = SafetensorsFiles(native)
     out = save_hf(files, tmp_path / "hf", adapter="step3p5", num_layers=SPEC.num_hidden_layers)
-    assert_same(load_hf_tensors(out), original)
+    assert_bitwise_equal(load_hf_tensors(out), original)
     with pytest.raises(ExportError, match="is the source checkpoint's directory"):
         save_hf(files, native, adapter="step3p5", num_layers=SPEC.num_hidden_layers, overwrite=True)
 
@@ -285,7 +279,7 @@ def test_sigkill_midway_leaves_nothing_complete_looking(src: Path, original: dic
     with VirtualStateDict(src, include_mtp=True) as vsd:
         save_hf(vsd, out, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["model-00001-of-00001.safetensors", "model.safetensors.index.json"]
-    assert_same(load_hf_tensors(out), original)
+    assert_bitwise_equal(load_hf_tensors(out), original)
 
 
 def test_every_family_roundtrips_bitwise(tmp_path: Path) -> None:
@@ -295,7 +289,7 @@ def test_every_family_roundtrips_bitwise(tmp_path: Path) -> None:
         src = families.make_family_checkpoint(tmp_path / family, families.FamilySpec.tiny(family))
         with VirtualStateDict(src, include_mtp=True) as vsd:
             out = save_hf(vsd, tmp_path / f"{family}-out", config=src / "config.json")
-        assert_same(load_hf_tensors(out), load_hf_tensors(src))
+        assert_bitwise_equal(load_hf_tensors(out), load_hf_tensors(src))
 
 
 def test_cli_convert_directions(src: Path, original: dict[str, torch.Tensor], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -306,13 +300,13 @@ def test_cli_convert_directions(src: Path, original: dict[str, torch.Tensor], tm
     assert out.startswith("wrote ") and f"to {tmp_path / 'hf'}" in out
     assert "lazysd: wrote" in err and "(100.0%), 83 tensors" in err  # progress on stderr
     assert len(shards(tmp_path / "hf")) > 1
-    assert_same(load_hf_tensors(tmp_path / "hf"), original)
+    assert_bitwise_equal(load_hf_tensors(tmp_path / "hf"), original)
     assert (tmp_path / "hf" / "config.json").read_bytes() == (src / "config.json").read_bytes()
 
     assert main(["convert", str(src), str(tmp_path / "native"), "--to", "native", "--quiet"]) == 0
     assert "model.layers.1.moe.experts.gate_and_up_projs" in load_hf_tensors(tmp_path / "native")
     assert main(["convert", str(tmp_path / "native"), str(tmp_path / "back"), "--from", "native", "--quiet"]) == 0
-    assert_same(load_hf_tensors(tmp_path / "back"), original)
+    assert_bitwise_equal(load_hf_tensors(tmp_path / "back"), original)
     capsys.readouterr()
 
     assert main(["convert", str(src), str(tmp_path / "hf"), "--quiet"]) == 2

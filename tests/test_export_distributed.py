@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import filecmp
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,8 @@ from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from lazysd import HFView, VirtualStateDict, save_hf
-from lazysd.testing import Step3p5Spec, make_checkpoint
+from lazysd.distributed import contiguous_stride
+from lazysd.testing import Step3p5Spec, checkpoint_nbytes, make_checkpoint
 from lazysd.testing.dist import run_ranks
 from test_export import PER_EXPERT, per_expert_native  # the per-expert test family
 
@@ -38,7 +38,7 @@ def _local(full_or_lazy: torch.Tensor, mesh, placements) -> torch.Tensor:
     """This rank's shard of a native expert tensor: for a LazyTensor only these bytes are read."""
     shape, offset = compute_local_shape_and_global_offset(full_or_lazy.shape, mesh, placements)
     local = full_or_lazy[tuple(slice(o, o + s) for o, s in zip(offset, shape))].contiguous()
-    stride = tuple(math.prod(full_or_lazy.shape[i + 1 :]) for i in range(full_or_lazy.dim()))
+    stride = contiguous_stride(tuple(full_or_lazy.shape))
     return DTensor.from_local(local, mesh, placements, run_check=False, shape=full_or_lazy.shape, stride=stride)
 
 
@@ -96,22 +96,18 @@ def tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp
 
 
-def _checkpoint_bytes(path: Path) -> int:
-    return json.loads((path / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
-
-
 def test_two_ep_ranks_write_byte_identical_output(tmp: Path) -> None:
     assert_same_files(tmp / "dist-ep2", tmp / "single")
     # Every byte was read by exactly one rank: nobody read (or held) another rank's experts.
     reads = [json.loads((tmp / f"read-ep2-{r}.json").read_text()) for r in range(2)]
-    assert sum(reads) == _checkpoint_bytes(tmp / "src")
+    assert sum(reads) == checkpoint_nbytes(SPEC)
 
 
 def test_four_ranks_ep_by_fsdp_shards_write_byte_identical_output(tmp: Path) -> None:
     _start(tmp, 4, ["ep2x2"], two_d=True)
     assert_same_files(tmp / "dist-ep2x2", tmp / "single")
     reads = [json.loads((tmp / f"read-ep2x2-{r}.json").read_text()) for r in range(4)]
-    assert sum(reads) == _checkpoint_bytes(tmp / "src")
+    assert sum(reads) == checkpoint_nbytes(SPEC)
 
 
 def test_per_expert_family_ranks_write_their_own_keys(tmp: Path) -> None:

@@ -18,6 +18,7 @@ from lazysd.errors import UnsupportedFormatError
 from lazysd.plan import local_box, resolve
 from lazysd.rules import Adapter, Part, Rule
 from lazysd.testing import load_hf_tensors
+from lazysd.testing.checks import same_bits
 from lazysd.testing.families import (
     FAMILIES,
     FamilySpec,
@@ -41,10 +42,6 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, boo
     return {(f, fp8): make_family_checkpoint(root / (f + ("-fp8" if fp8 else "")), FamilySpec.tiny(f, fp8=fp8)) for f, fp8 in CASES}
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().reshape(-1).view(torch.uint8)
-
-
 @pytest.mark.parametrize(("family", "fp8"), CASES, ids=IDS)
 def test_keys_shapes_values_match_eager_conversion(checkpoints: dict, family: str, fp8: bool) -> None:
     spec = FamilySpec.tiny(family, fp8=fp8)
@@ -60,7 +57,7 @@ def test_keys_shapes_values_match_eager_conversion(checkpoints: dict, family: st
             if fp8:  # both sides: fp32 product, one rounding to bf16
                 torch.testing.assert_close(got.materialize(), want, rtol=0, atol=0, msg=key)
             else:
-                assert torch.equal(_bits(got.materialize()), _bits(want)), key
+                assert same_bits(got.materialize(), want), key
 
 
 def test_fp8_dequantization_matches_blockwise_reference_on_ragged_blocks(checkpoints: dict) -> None:
@@ -101,7 +98,7 @@ def test_fp8_keep_exposes_fp8_and_scales_under_native_keys(checkpoints: dict) ->
         assert (w.dtype, tuple(w.shape)) == (torch.float8_e4m3fn, (4, 160, 160))
         assert (s.dtype, tuple(s.shape)) == (torch.float32, (4, 2, 2))  # per expert [2, 1]^T, gate and up blocks side by side
         p = "model.layers.1.mlp.experts.3."
-        assert torch.equal(_bits(w[3]), _bits(torch.cat([hf[p + "gate_proj.weight"].T, hf[p + "up_proj.weight"].T], -1)))
+        assert same_bits(w[3], torch.cat([hf[p + "gate_proj.weight"].T, hf[p + "up_proj.weight"].T], -1))
         assert torch.equal(s[3], torch.cat([hf[p + "gate_proj.weight_scale_inv"].T, hf[p + "up_proj.weight_scale_inv"].T], -1))
         assert "model.layers.0.self_attn.o_proj.weight_scale_inv" in vsd
         assert "model.layers.0.input_layernorm.weight_scale_inv" not in vsd
@@ -119,7 +116,7 @@ def test_strict_load_into_native_module(checkpoints: dict, family: str, fp8: boo
         result = model.load_state_dict(vsd, strict=True)
     assert not result.missing_keys and not result.unexpected_keys
     sd = model.state_dict()
-    assert all(torch.equal(_bits(sd[k]), _bits(ref[k])) for k in ref)
+    assert all(same_bits(sd[k], ref[k]) for k in ref)
 
 
 @pytest.mark.parametrize(("family", "fp8"), CASES, ids=IDS)

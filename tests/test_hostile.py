@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import lazysd.errors as errors
 from lazysd import VirtualStateDict
@@ -31,15 +30,12 @@ from lazysd.errors import (
     UnsafePathError,
 )
 from lazysd.rules import Adapter, Part, Rule
-from lazysd.testing import Step3p5Model, Step3p5Spec, make_checkpoint
+from lazysd.testing import Step3p5Model, Step3p5Spec, load_hf_tensors, make_checkpoint
+from lazysd.testing.checks import same_bits
 from lazysd.testing.hostile import CASES, CONFIG, EMBED, MODEL, NORM, Case, build_corpus, safetensors_bytes
 
 CORPUS = Path(__file__).parent / "corpus"
 ROOT = Path(__file__).parent.parent
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().reshape(-1).view(torch.uint8)
 
 
 def _tree(root: Path) -> dict[str, bytes]:
@@ -96,15 +92,13 @@ def test_corpus_case(case: Case, corpus_results: dict[str, dict]) -> None:
 @pytest.mark.parametrize("name", ["valid_single", "valid_sharded", "valid_metadata_null", "valid_zero_size"])
 def test_corpus_controls_load_exact_data(name: str) -> None:
     path = CORPUS / name
-    reference: dict[str, torch.Tensor] = {}
-    for f in sorted(path.glob("*.safetensors")):
-        reference.update(load_file(f))
+    reference = load_hf_tensors(path)
     with VirtualStateDict(path) as vsd:
         assert set(vsd) == set(reference)
         for key, ref in reference.items():
             got = vsd[key].materialize()
             assert got.dtype == ref.dtype and got.shape == ref.shape
-            assert torch.equal(_bits(got), _bits(ref)), key
+            assert same_bits(got, ref), key
 
 
 def test_header_length_cap_fails_before_allocating(tmp_path: Path) -> None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import io
-import subprocess
-import sys
 import textwrap
 from collections import Counter
 from pathlib import Path
@@ -15,7 +13,8 @@ import torch
 import lazysd
 from lazysd import LazyTensor, LoadReport, StateDictMismatchError, VirtualStateDict
 from lazysd.progress import ProgressPrinter
-from lazysd.testing import Step3p5Model, Step3p5Spec, load_hf_tensors, make_checkpoint
+from lazysd.testing import Step3p5Model, Step3p5Spec, load_hf_tensors, make_checkpoint, native_state_dict
+from lazysd.testing.measure import record_reads, run_fresh
 
 MiB = 2**20
 # Big enough that expert tensors span several 8 KiB chunks and pipelined reads overlap.
@@ -32,23 +31,9 @@ def hf(ckpt: Path) -> dict[str, torch.Tensor]:
     return load_hf_tensors(ckpt)
 
 
-def expected_native(hf: dict[str, torch.Tensor], spec: Step3p5Spec = SPEC) -> dict[str, torch.Tensor]:
+def expected_native(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The native state dict built eagerly with torch ops (the reference conversion)."""
-    out = {}
-    for k, v in hf.items():
-        layer = k.split(".")[2] if k.startswith("model.layers.") else None
-        if layer is not None and int(layer) >= spec.num_hidden_layers:
-            continue  # MTP layers are not part of the native model
-        if k.endswith("moe.gate_proj.weight"):
-            up = hf[k.replace("gate_proj", "up_proj")]
-            out[k.replace("moe.gate_proj.weight", "moe.experts.gate_and_up_projs")] = torch.cat([v.mT, up.mT], -1)
-        elif k.endswith("moe.down_proj.weight"):
-            out[k.replace("moe.down_proj.weight", "moe.experts.down_projs")] = v.mT.contiguous()
-        elif k.endswith("moe.router_bias"):
-            out[k.replace("moe.router_bias", "moe.gate.e_score_correction_bias")] = v
-        elif not k.endswith("moe.up_proj.weight"):
-            out[k] = v
-    return out
+    return native_state_dict(hf, SPEC.num_hidden_layers)
 
 
 def hf_nbytes(vsd: VirtualStateDict, keys) -> int:
@@ -67,19 +52,6 @@ def count_materialize(monkeypatch: pytest.MonkeyPatch) -> Counter:
 
     monkeypatch.setattr(LazyTensor, "materialize", counting)
     return calls
-
-
-def record_reads(vsd: VirtualStateDict) -> list[tuple[str, int, int]]:
-    """Every pread of ``vsd`` as (HF key, byte start, length), recorded as it happens."""
-    reads: list[tuple[str, int, int]] = []
-    original = vsd.checkpoint.read_with  # every read goes through it, pread or transposing
-
-    def recording(info, runs, read):
-        reads.extend((info.key, start, n) for start, n in runs)
-        return original(info, runs, read)
-
-    vsd.checkpoint.read_with = recording  # type: ignore[method-assign]
-    return reads
 
 
 def assert_read_once(reads: list[tuple[str, int, int]], infos: dict) -> None:
@@ -297,30 +269,22 @@ def test_peak_rss_of_a_200mb_load_stays_within_the_bound(tmp_path: Path) -> None
     path = make_checkpoint(tmp_path / "ckpt", spec, layout="sharded")
     script = textwrap.dedent(
         f"""
-        import json, re, torch
-        from pathlib import Path
+        import json, torch
         from lazysd import VirtualStateDict
         from lazysd.testing import Step3p5Model, Step3p5Spec
-
-        def status():
-            text = Path("/proc/self/status").read_text()
-            return {{k: int(re.search(k + r":\\s+(\\d+)", text).group(1)) * 1024 for k in ("VmHWM", "VmRSS")}}
+        from lazysd.testing.measure import PeakRSS
 
         spec = Step3p5Spec.sized({200 * 10**6})
         model = Step3p5Model(spec, layout="native", dtype=torch.bfloat16)  # allocated and touched
         vsd = VirtualStateDict({str(path)!r})
         largest = max(e.nbytes for e in vsd.plan.entries.values())
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
-        base = status()["VmRSS"]
-        model.load_state_dict(vsd)
-        print(json.dumps({{"extra": status()["VmHWM"] - base, "largest": largest, "bytes": vsd.bytes_read}}))
+        with PeakRSS(sample_s=None) as peak:  # VmHWM above the RSS before the load
+            model.load_state_dict(vsd)
+        print(json.dumps({{"extra": peak.total, "largest": largest, "bytes": vsd.bytes_read}}))
         """
     )
-    root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=root, check=True)
-    import json
-
-    got = json.loads(out.stdout.strip().splitlines()[-1])
+    got = run_fresh("-c", script)
+    assert "error" not in got, got
     assert got["bytes"] > 150 * 10**6
     assert got["extra"] <= 1.25 * got["largest"] + 64 * MiB, got
 

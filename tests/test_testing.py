@@ -25,22 +25,11 @@ from lazysd.testing import (
     hf_tensor_specs,
     load_hf_tensors,
     make_checkpoint,
+    native_state_dict,
     native_tensor_specs,
 )
+from lazysd.testing.checks import assert_bitwise_equal
 from lazysd.writer import DTYPE_TO_NAME, NAME_TO_DTYPE, SafetensorsWriter, header_bytes, save_file
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """The raw bytes of a tensor, for bitwise comparisons (NaN-safe, -0.0-safe)."""
-    return t.contiguous().reshape(-1).view(torch.uint8)
-
-
-def _assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert list(a) == list(b) or set(a) == set(b)
-    for key in a:
-        assert a[key].dtype == b[key].dtype, key
-        assert a[key].shape == b[key].shape, key
-        assert torch.equal(_bits(a[key]), _bits(b[key])), key
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,7 +79,7 @@ def test_save_file_round_trips_bitwise(tmp_path: Path) -> None:
     }
     path = save_file(tensors, tmp_path / "x.safetensors", metadata={"format": "pt"})
     loaded = load_file(path)
-    _assert_bitwise_equal(tensors, loaded)
+    assert_bitwise_equal(tensors, loaded)
     with safe_open(path, "pt") as f:
         assert f.metadata() == {"format": "pt"}
     assert list(tmp_path.iterdir()) == [path]  # the temporary file is gone
@@ -101,7 +90,7 @@ def test_save_file_accepts_pairs_and_keeps_order(tmp_path: Path) -> None:
     path = save_file(iter(pairs), tmp_path / "p.safetensors")
     (n,) = struct.unpack("<Q", path.read_bytes()[:8])
     assert list(json.loads(path.read_bytes()[8 : 8 + n])) == ["z", "a"]
-    _assert_bitwise_equal(dict(pairs), load_file(path))
+    assert_bitwise_equal(dict(pairs), load_file(path))
 
 
 def test_writer_fills_one_tensor_in_parts(tmp_path: Path) -> None:
@@ -307,7 +296,7 @@ def test_values_do_not_depend_on_layout(tmp_path: Path) -> None:
     single = load_hf_tensors(make_checkpoint(tmp_path / "a", spec, layout="single", seed=3))
     split = load_hf_tensors(make_checkpoint(tmp_path / "b", spec, layout="split", seed=3))
     other = load_hf_tensors(make_checkpoint(tmp_path / "c", spec, layout="single", seed=4))
-    _assert_bitwise_equal(single, split)
+    assert_bitwise_equal(single, split)
     assert not torch.equal(single["lm_head.weight"], other["lm_head.weight"])
     # Values are small, finite and vary; the fp32 router bias stays tiny.
     w = single["model.layers.1.moe.gate_proj.weight"].float()
@@ -450,18 +439,6 @@ def test_whole_models_agree_across_layouts(tmp_path: Path) -> None:
     hf = Step3p5Model(spec, layout="hf")
     hf.load_state_dict({k: v for k, v in tensors.items() if k in _hf_main(spec)}, strict=True)
     native = Step3p5Model(spec, layout="native")
-    state = {}
-    for key, t in hf.state_dict().items():
-        if key.endswith("moe.gate_proj.weight"):
-            p = key.removesuffix("gate_proj.weight")
-            up = hf.state_dict()[p + "up_proj.weight"]
-            state[p + "experts.gate_and_up_projs"] = torch.cat([t.transpose(1, 2), up.transpose(1, 2)], -1)
-        elif key.endswith("moe.down_proj.weight"):
-            state[key.removesuffix("down_proj.weight") + "experts.down_projs"] = t.transpose(1, 2)
-        elif key.endswith("moe.router_bias"):
-            state[key.removesuffix("router_bias") + "gate.e_score_correction_bias"] = t
-        elif not key.endswith("moe.up_proj.weight"):
-            state[key] = t
-    native.load_state_dict(state, strict=True)
+    native.load_state_dict(native_state_dict(hf.state_dict(), spec.num_hidden_layers), strict=True)
     ids = torch.randint(0, spec.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(native(ids), hf(ids), rtol=1e-5, atol=1e-6)

@@ -8,12 +8,8 @@ import pytest
 import torch
 
 import lazysd.transpose as tr
+from lazysd.testing.checks import same_bits, tensor_bytes
 from lazysd.transpose import copy_into, kernel_available
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """Raw bytes, so NaN payloads and -0.0 compare exactly."""
-    return t.contiguous().view(torch.uint8)
 
 
 def _random(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -45,7 +41,7 @@ def test_transposed_copy_is_bitwise(dtype: torch.dtype, shape: tuple[int, ...], 
         src = _random((*shape[:-2], shape[-1], shape[-2]), dtype)
     dest = torch.empty(shape, dtype=dtype)
     copy_into(dest, src.transpose(-1, -2))
-    assert torch.equal(_bits(dest), _bits(src.transpose(-1, -2)))
+    assert same_bits(dest, src.transpose(-1, -2))
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
@@ -62,7 +58,7 @@ def test_halves_of_a_wider_destination_across_threads(threads: int) -> None:
         copy_into(dest[:, :, I : 2 * I], up.transpose(1, 2))
     finally:
         torch.set_num_threads(old)
-    assert torch.equal(_bits(dest[:, :, : 2 * I]), _bits(torch.cat([gate.mT, up.mT], -1)))
+    assert same_bits(dest[:, :, : 2 * I], torch.cat([gate.mT, up.mT], -1))
     assert not dest[:, :, 2 * I :].view(torch.int16).any()
 
 
@@ -72,7 +68,7 @@ def test_permuted_sources_and_non_transposes_take_the_right_path() -> None:
         moved = src.permute(perm)
         dest = torch.empty(moved.shape, dtype=torch.float32)
         copy_into(dest, moved)
-        assert torch.equal(_bits(dest), _bits(moved))
+        assert same_bits(dest, moved)
     # A cast on the way (FP8 dequantization stages fp32 for a bf16 parameter) goes through torch.
     src = torch.randn(4, 6, 10)
     dest = torch.empty(4, 10, 6, dtype=torch.bfloat16)
@@ -94,13 +90,13 @@ def test_read_transposed_from_a_file(tmp_path, shape: tuple[int, ...]) -> None:
     # a wider tensor, as a gate or up half of gate_and_up_projs is.
     src = _random(shape, torch.bfloat16)
     path = tmp_path / "blob"
-    path.write_bytes(b"x" * 17 + _bits(src).numpy().tobytes() + b"tail")
+    path.write_bytes(b"x" * 17 + tensor_bytes(src) + b"tail")
     wide = torch.zeros(*shape[:-2], shape[-1], shape[-2] + 3, dtype=torch.bfloat16)
     dest = wide[..., 1 : shape[-2] + 1]
     fd = os.open(path, os.O_RDONLY)
     try:
         assert tr.read_transposed(fd, 17, dest) == src.numel() * 2
-        assert torch.equal(_bits(dest), _bits(src.transpose(-1, -2)))
+        assert same_bits(dest, src.transpose(-1, -2))
         assert not wide[..., 0].view(torch.int16).any() and not wide[..., -2:].view(torch.int16).any()
         # A file that ends early: the count says so (the caller raises FileChangedError).
         os.truncate(path, 17 + src.numel())
@@ -136,4 +132,4 @@ def test_fused_and_staged_loads_agree_bitwise(tmp_path, monkeypatch) -> None:
         calls.clear()
     assert states[0].keys() == states[1].keys()
     for k in states[0]:
-        assert torch.equal(_bits(states[0][k]), _bits(states[1][k])), k
+        assert same_bits(states[0][k], states[1][k]), k
