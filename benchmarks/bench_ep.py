@@ -16,14 +16,8 @@ they share the cores, so wall times at EP=4 measure contention as much as lazysd
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
-import time
 from pathlib import Path
-
-
-def _rss(field: str) -> int:
-    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024
 
 
 def _rank(rank: int, world: int, path: str, size: float) -> dict:
@@ -32,21 +26,19 @@ def _rank(rank: int, world: int, path: str, size: float) -> dict:
 
     from lazysd import VirtualStateDict
     from lazysd.testing import Step3p5Model, Step3p5Spec
+    from lazysd.testing.measure import PeakRSS
 
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
     model = Step3p5Model(Step3p5Spec.sized(int(size)), layout="native", dtype=torch.bfloat16, device="meta")
     vsd = VirtualStateDict(path, mesh)
     ideal = sum(n for _, _, n in vsd.planned_ranges())
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
-    before = _rss("VmRSS")
-    t0 = time.perf_counter()
-    model.load_state_dict(vsd, assign=True)
-    seconds = time.perf_counter() - t0
-    return {"read": vsd.bytes_read, "ideal": ideal, "seconds": seconds, "peak": _rss("VmHWM") - before}
+    with PeakRSS(sample_s=None) as peak:  # VmHWM above the RSS just before the load
+        model.load_state_dict(vsd, assign=True)
+    return {"read": vsd.bytes_read, "ideal": ideal, "seconds": peak.seconds, "peak": peak.total}
 
 
 def main() -> None:
-    from lazysd.testing import Step3p5Spec, checkpoint_nbytes, make_checkpoint
+    from lazysd.testing import Step3p5Spec, checkpoint_nbytes, ensure_checkpoint
     from lazysd.testing.dist import run_ranks
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -57,9 +49,7 @@ def main() -> None:
     args = parser.parse_args()
 
     spec = Step3p5Spec.sized(int(args.size))
-    path = Path(args.dir) / f"ep-{args.size:.0e}"
-    if not (path / "config.json").exists():
-        make_checkpoint(path, spec, layout="sharded")
+    path = ensure_checkpoint(Path(args.dir) / f"ep-{args.size:.0e}", spec, verbose=True)
     total = checkpoint_nbytes(spec)
     print(f"## {path}: {total / 2**30:.2f} GiB bf16, {spec.moe_num_experts} experts x {len(spec.moe_layers)} MoE layers; medians of {args.runs} runs\n")
     print("| EP | rank | bytes read | ideal | read/ideal | wall s | peak RSS above start MiB |")

@@ -28,13 +28,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
 import statistics
-import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 METHODS = {
@@ -48,44 +43,6 @@ METHODS = {
     "s": "bare transposes (torch)",
     "e": "transformers from_pretrained",
 }
-
-
-# ---- measurement inside a worker --------------------------------------------------------
-def _status() -> dict[str, int]:
-    text = Path("/proc/self/status").read_text()
-    return {k: int(re.search(rf"{k}:\s+(\d+)", text).group(1)) * 1024 for k in ("VmHWM", "VmRSS", "RssAnon", "RssFile")}
-
-
-class _Peak:
-    """Baseline now, then peaks of RssAnon / RssFile (sampled) and VmHWM (exact, kernel)."""
-
-    def __enter__(self) -> _Peak:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-        self.base = _status()
-        self.anon = self.file = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-        self.t0 = time.perf_counter()
-        return self
-
-    def _poll(self) -> None:
-        while not self._stop.is_set():
-            s = _status()
-            self.anon, self.file = max(self.anon, s["RssAnon"]), max(self.file, s["RssFile"])
-            time.sleep(0.002)
-
-    def __exit__(self, *exc: object) -> None:
-        self.seconds = time.perf_counter() - self.t0
-        self._stop.set()
-        self._thread.join()
-        s = _status()
-        self.result = {
-            "seconds": self.seconds,
-            "total": s["VmHWM"] - self.base["VmRSS"],
-            "anon": max(self.anon, s["RssAnon"]) - self.base["RssAnon"],
-            "file": max(self.file, s["RssFile"]) - self.base["RssFile"],
-        }
 
 
 def _spec(size: float):
@@ -116,44 +73,32 @@ def worker(method: str, path: Path, size: float) -> dict:
 
     from lazysd import VirtualStateDict
     from lazysd.testing import Step3p5Model
+    from lazysd.testing.measure import PeakRSS
 
     spec = _spec(size)
     if method in ("a", "p"):
         model = _allocated_model(spec)
-        with _Peak() as p:
+        with PeakRSS() as p:
             vsd = VirtualStateDict(path, progress=method == "p")
             model.load_state_dict(vsd)
         return {**p.result, "bytes": vsd.bytes_read, "staging_peak": vsd.stats.staging_peak}
     if method in ("b", "m"):
         model = Step3p5Model(spec, layout="native", dtype=torch.bfloat16, device="meta")
-        with _Peak() as p:
+        with PeakRSS() as p:
             vsd = VirtualStateDict(path, mmap=method == "m")
             model.load_state_dict(vsd, assign=True)
         assert all(type(t) is torch.nn.Parameter and t.device.type == "cpu" for t in model.parameters())
         return {**p.result, "bytes": vsd.bytes_read}
     if method == "c":
-        from safetensors.torch import load_file
+        import importlib
 
+        from lazysd.testing import load_hf_tensors, native_state_dict
+
+        importlib.import_module("safetensors.torch")  # load_hf_tensors's reader: imported before the timing
         model = _allocated_model(spec)
-        with _Peak() as p:
-            hf: dict[str, torch.Tensor] = {}
-            for f in _files(path):
-                hf.update(load_file(f))
-            native = {}
-            for k, v in hf.items():
-                if ".moe.gate_proj.weight" in k:
-                    up = hf[k.replace("gate_proj", "up_proj")]
-                    native[k.replace("moe.gate_proj.weight", "moe.experts.gate_and_up_projs")] = torch.cat(
-                        [v.transpose(1, 2), up.transpose(1, 2)], dim=2
-                    )
-                elif ".moe.up_proj.weight" in k:
-                    continue
-                elif ".moe.down_proj.weight" in k:
-                    native[k.replace("moe.down_proj.weight", "moe.experts.down_projs")] = v.transpose(1, 2)
-                elif k.endswith(".moe.router_bias"):
-                    native[k.replace("moe.router_bias", "moe.gate.e_score_correction_bias")] = v
-                else:
-                    native[k] = v
+        with PeakRSS() as p:
+            hf = load_hf_tensors(path)  # safetensors load_file per shard, in index order
+            native = native_state_dict(hf, spec.num_hidden_layers)  # cat of transposes, torch ops
             model.load_state_dict(native, strict=False)
             nbytes = sum(v.nbytes for v in hf.values())
             del hf, native
@@ -162,7 +107,7 @@ def worker(method: str, path: Path, size: float) -> dict:
         from safetensors import safe_open
 
         nbytes = 0
-        with _Peak() as p:
+        with PeakRSS() as p:
             for f in _files(path):
                 with safe_open(f, "pt") as st:
                     for k in st.keys():
@@ -194,7 +139,7 @@ def worker(method: str, path: Path, size: float) -> dict:
                 view = params[entry.key][tuple(slice(s, s + e) for s, e in zip(src.start, src.extent))]
                 jobs.append((view, moved))
         nbytes = sum(v.numel() * v.element_size() for v, _ in jobs)
-        with _Peak() as p, torch.no_grad():
+        with PeakRSS() as p, torch.no_grad():
             for view, moved in jobs:
                 if method == "t":
                     copy_into(view, moved)
@@ -215,7 +160,7 @@ def worker(method: str, path: Path, size: float) -> dict:
         base = get_checkpoint_conversion_mapping("step3p7") or []
         text = [t for t in base if not any(x in s for s in t.source_patterns for x in ("vision", "projector", "^model\\."))]
         register_checkpoint_conversion_mapping("step3p5", text, overwrite=True)
-        with _Peak() as p:
+        with PeakRSS() as p:
             model = Step3p7TextModel.from_pretrained(path, dtype=torch.bfloat16)
         nbytes = sum(t.nbytes for t in model.state_dict().values())
         return {**p.result, "bytes": nbytes}
@@ -223,15 +168,6 @@ def worker(method: str, path: Path, size: float) -> dict:
 
 
 # ---- driver -----------------------------------------------------------------------------
-def _run_one(method: str, path: Path, size: float) -> dict:
-    cmd = [sys.executable, __file__, "--worker", method, str(path), str(size)]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        return {"error": (proc.stderr.strip().splitlines() or ["exit %d" % proc.returncode])[-1]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def _largest_native(path: Path) -> int:
     from lazysd import VirtualStateDict
 
@@ -253,21 +189,19 @@ def main() -> int:
         print(json.dumps(worker(method, Path(path), float(size))))
         return 0
 
-    from lazysd.testing import checkpoint_nbytes, make_checkpoint
+    from lazysd.testing import checkpoint_nbytes, ensure_checkpoint
+    from lazysd.testing.measure import run_fresh
 
     MiB = 2**20
     for size in args.sizes:
         spec = _spec(size)
-        path = Path(args.dir) / f"{size / 1e9:g}gb"
-        if not (path / "model.safetensors.index.json").exists():
-            print(f"generating {path} ...", file=sys.stderr)
-            make_checkpoint(path, spec, layout="sharded")
+        path = ensure_checkpoint(Path(args.dir) / f"{size / 1e9:g}gb", spec, verbose=True)
         largest = _largest_native(path)
         bound = 1.25 * largest + 64 * MiB
         results: dict[str, list[dict]] = {m: [] for m in args.methods}
         for r in range(args.runs):
             for m in args.methods:
-                results[m].append(_run_one(m, path, size))
+                results[m].append(run_fresh(__file__, "--worker", m, str(path), str(size)))
                 print(f"  run {r + 1} {m}: {results[m][-1]}", file=sys.stderr)
         print(
             f"\n## {path.name}: {checkpoint_nbytes(spec) / 1e9:.2f} GB bf16, {spec.num_hidden_layers} layers x "

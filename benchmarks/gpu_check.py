@@ -32,7 +32,7 @@ def main() -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     from lazysd import VirtualStateDict
-    from lazysd.testing import Step3p5Model, Step3p5Spec, make_checkpoint
+    from lazysd.testing import Step3p5Model, Step3p5Spec, ensure_checkpoint
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29577")
@@ -42,9 +42,7 @@ def main() -> None:
     mesh = init_device_mesh("cuda", (1,), mesh_dim_names=("ep",))
 
     spec = Step3p5Spec.sized(int(args.size))
-    path = Path(args.dir) / f"gpu-{args.size:.0e}"
-    if not (path / "config.json").exists():
-        make_checkpoint(path, spec, layout="sharded")
+    path = ensure_checkpoint(Path(args.dir) / f"gpu-{args.size:.0e}", spec, verbose=True)
     with VirtualStateDict(path) as vsd:
         reference = {k: v.materialize() for k, v in vsd.items()}
     nbytes = sum(t.nbytes for t in reference.values())
