@@ -363,13 +363,13 @@ class Checkpoint:
         An index that lost every key of one shard (a half-copied or hand-edited checkpoint)
         would otherwise load without that shard's tensors, silently.
         """
-        series: dict[tuple[str, int], set[int]] = {}
+        series: dict[tuple[str, str], set[int]] = {}  # (stem, total as written) -> shard numbers
         for file in files:
             m = _SHARD_NAME.fullmatch(file.name)
             if m is not None:
-                series.setdefault((m["stem"], int(m["total"])), set()).add(int(m["i"]))
-        for (stem, total), named in sorted(series.items()):
-            width = len(str(total)) if total >= 10**5 else 5
+                series.setdefault((m["stem"], m["total"]), set()).add(int(m["i"]))
+        for (stem, written), named in sorted(series.items()):
+            total, width = int(written), len(written)  # names as the series writes them
             unnamed = [f"{stem}-{i:0{width}d}-of-{total:0{width}d}.safetensors" for i in range(1, total + 1) if i not in named]
             if unnamed:
                 raise CheckpointIndexError(

@@ -244,6 +244,18 @@ def test_index_reports_every_offending_key(tmp_path: Path) -> None:
     assert "extra.0: index says a.safetensors, which lacks it" in msg and "... 10 more" in msg
 
 
+def test_a_dropped_shard_is_named_as_its_series_writes_names(tmp_path: Path) -> None:
+    # Shard names with 2-digit numbers: the message names the missing file exactly.
+    ckpt = _valid_dir(tmp_path / "ckpt")
+    (ckpt / MODEL).rename(ckpt / "model-01-of-03.safetensors")
+    for i in (2, 3):
+        (ckpt / f"model-0{i}-of-03.safetensors").write_bytes((ckpt / "model-01-of-03.safetensors").read_bytes())
+    weight_map = {EMBED: "model-01-of-03.safetensors", NORM: "model-03-of-03.safetensors"}
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointIndexError, match=r"names shards model-\*-of-03\.safetensors but no key in model-02-of-03\.safetensors \("):
+        Checkpoint(ckpt)
+
+
 def test_pickle_is_never_loaded(tmp_path: Path) -> None:
     # Unpickling this would import a module that does not exist; a NoWeightsError proves it was not.
     ckpt = tmp_path / "ckpt"
