@@ -239,7 +239,29 @@ def _hf_case(path: str, world: int) -> int:
     return read
 
 
-def _ranks_worker(rank: int, world: int, path: str) -> dict[str, tuple[int, int] | int]:
+def _save_case(path: str, out: str, make_mesh, layout) -> int:
+    """dcp.save of DTensors placed by ``layout`` (values from the checkpoint) through HFWriter."""
+    from torch.distributed.tensor import DTensor
+
+    from lazysd.dcp import HFWriter
+    from lazysd.distributed import Target, contiguous_stride, local_box_of
+
+    mesh = make_mesh()
+    sd: dict[str, torch.Tensor] = {}
+    for key, full in _full(path).items():
+        placements = layout(key, tuple(full.shape), mesh)
+        if placements is None:
+            sd[key] = full
+            continue
+        box = local_box_of(tuple(full.shape), Target(mesh, tuple(placements)))
+        local = full[tuple(slice(lo, hi) for lo, hi in box)].clone()
+        sd[key] = DTensor.from_local(local, mesh, placements, run_check=False, shape=full.shape, stride=contiguous_stride(tuple(full.shape)))
+    writer = HFWriter(out, adapter="step3p5", config=Path(path) / "config.json", max_shard_size="40KB")
+    dcp.save(sd, storage_writer=writer)
+    return writer.bytes_written
+
+
+def _ranks_worker(rank: int, world: int, path: str, out: str) -> dict[str, tuple[int, int] | int]:
     from functools import partial
 
     from torch.distributed.device_mesh import init_device_mesh
@@ -251,15 +273,141 @@ def _ranks_worker(rank: int, world: int, path: str) -> dict[str, tuple[int, int]
         "ep_only": _load_case(path, mesh2d, lambda k, s, m: _fsdp_ep(k, s, m, expert_fsdp=False)),
         "tp": _load_case(path, mesh1d, _tp),
         "hf": _hf_case(path, world),
+        "save_fsdp_ep": _save_case(path, f"{out}/fsdp_ep", mesh2d, lambda k, s, m: _fsdp_ep(k, s, m, expert_fsdp=True)),
+        "save_tp": _save_case(path, f"{out}/tp", mesh1d, _tp),
     }
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_dcp_load_on_ranks(ckpt: Path, world: int) -> None:
-    results = run_ranks(_ranks_worker, world, (str(ckpt),), timeout=300)
+def test_dcp_on_ranks(ckpt: Path, tmp_path: Path, world: int) -> None:
+    from lazysd import save_hf
+
+    results = run_ranks(_ranks_worker, world, (str(ckpt), str(tmp_path)), timeout=300)
     total = results[0]["fsdp_ep"][1]
     # Sharded loads split the reading: together the ranks read about the checkpoint once
     # (vectors, left plain, are read by every rank), never each the whole of it.
     fsdp = [r["fsdp_ep"][0] for r in results]
     assert max(fsdp) < total * 0.75 and sum(fsdp) < total * 1.1
     assert all(r["tp"][0] < total * 0.75 for r in results)
+    # Saves: byte-identical to a single-process save_hf of the full state; each byte written
+    # once, by the rank holding it (DCP spreads replicated vectors over the ranks).
+    save_hf(_full(ckpt), tmp_path / "ref", adapter="step3p5", config=ckpt / "config.json", max_shard_size="40KB")
+    for case in ("fsdp_ep", "tp"):
+        _same_dirs(tmp_path / case, tmp_path / "ref")
+        wrote = [r[f"save_{case}"] for r in results]
+        assert sum(wrote) == total and max(wrote) < total * 0.75, (case, wrote)
+
+
+# ---- HFWriter --------------------------------------------------------------------------------
+
+
+def _same_dirs(a: Path, b: Path) -> None:
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_writer_matches_save_hf(ckpt: Path, tmp_path: Path) -> None:
+    from lazysd import save_hf
+    from lazysd.dcp import HFWriter
+
+    sd = _full(ckpt, include_mtp=True)
+    save_hf(sd, tmp_path / "ref", adapter="step3p5", config=ckpt / "config.json", max_shard_size="40KB", num_layers=SPEC.num_hidden_layers)
+    writer = HFWriter(tmp_path / "dcp", adapter="step3p5", config=ckpt / "config.json", max_shard_size="40KB")
+    dcp.save(sd, storage_writer=writer, no_dist=True)
+    _same_dirs(tmp_path / "dcp", tmp_path / "ref")
+    assert len(list((tmp_path / "dcp").glob("model-*.safetensors"))) > 2
+    assert writer.bytes_written == sum(t.nbytes for t in sd.values())
+    # ... and it reads back to the same native tensors.
+    back = _full(tmp_path / "dcp", include_mtp=True)
+    assert all(same_bits(back[k], sd[k]) for k in sd)
+
+
+def test_writer_casts_like_save_hf(ckpt: Path, tmp_path: Path) -> None:
+    from lazysd import save_hf
+    from lazysd.dcp import HFWriter
+
+    sd = _full(ckpt)
+    save_hf(sd, tmp_path / "ref", adapter="step3p5", dtype=torch.float16)
+    dcp.save(sd, storage_writer=HFWriter(tmp_path / "dcp", adapter="step3p5", dtype=torch.float16), no_dist=True)
+    _same_dirs(tmp_path / "dcp", tmp_path / "ref")
+
+
+def test_writer_refusals(ckpt: Path, tmp_path: Path) -> None:
+    from lazysd.dcp import HFWriter
+    from lazysd.errors import ExportError
+
+    sd = _full(ckpt)
+    with pytest.raises(CheckpointException, match="exists and is not empty"):
+        dcp.save(sd, storage_writer=HFWriter(ckpt, adapter="step3p5"), no_dist=True)
+    with pytest.raises(CheckpointException, match="'step' is not a tensor"):
+        dcp.save({**sd, "step": 3}, storage_writer=HFWriter(tmp_path / "a", adapter="step3p5"), no_dist=True)
+    with pytest.raises(CheckpointException, match="model.extra.weight.*matches no rule"):
+        dcp.save({**sd, "model.extra.weight": torch.ones(2)}, storage_writer=HFWriter(tmp_path / "b", adapter="step3p5"), no_dist=True)
+    with pytest.raises(ExportError, match="not a file"):
+        HFWriter(tmp_path / "c", adapter="step3p5", config=tmp_path / "missing.json")
+    assert not (tmp_path / "a").exists() or not any((tmp_path / "a").iterdir())
+    assert not (tmp_path / "b").exists() or not any((tmp_path / "b").iterdir())
+
+
+def _killed_save(rank: int, world: int, path: str, out: str, victim: int) -> None:
+    """dcp.save through HFWriter whose ``victim`` rank is SIGKILLed in the middle of writing."""
+    import os
+    import signal
+
+    from torch.distributed.checkpoint import DefaultSavePlanner
+
+    from lazysd.dcp import HFWriter
+
+    class KillMidWrite(DefaultSavePlanner):
+        written = 0
+
+        def resolve_data(self, write_item):
+            if rank == victim:
+                self.written += 1
+                if self.written > 3:  # a few items are on disk already
+                    os.kill(os.getpid(), signal.SIGKILL)
+            return super().resolve_data(write_item)
+
+    writer = HFWriter(out, adapter="step3p5", config=Path(path) / "config.json", max_shard_size="40KB")
+    dcp.save(_full(path), storage_writer=writer, planner=KillMidWrite())
+
+
+@pytest.mark.parametrize(("world", "victim"), [(1, 0), (2, 1)])
+def test_killed_save_leaves_nothing_complete(ckpt: Path, tmp_path: Path, world: int, victim: int) -> None:
+    from lazysd import LazySDError, save_hf
+    from lazysd.dcp import HFWriter
+
+    out = tmp_path / "out"
+    with pytest.raises(Exception, match="Signal 9|SIGKILL|signal"):
+        run_ranks(_killed_save, world, (str(ckpt), str(out), victim), timeout=120)
+    left = sorted(p.name for p in out.iterdir())
+    assert left and all(name.startswith(".model-") and ".tmp-" in name for name in left), left  # only hidden temporaries
+    with pytest.raises(LazySDError):
+        VirtualStateDict(out)
+    # A later save over it replaces the temporaries with a complete checkpoint.
+    sd = _full(ckpt)
+    dcp.save(sd, storage_writer=HFWriter(out, adapter="step3p5", config=ckpt / "config.json", max_shard_size="40KB", overwrite=True), no_dist=True)
+    save_hf(sd, tmp_path / "ref", adapter="step3p5", config=ckpt / "config.json", max_shard_size="40KB")
+    _same_dirs(out, tmp_path / "ref")
+
+
+def test_failed_write_removes_its_temporaries(ckpt: Path, tmp_path: Path) -> None:
+    from torch.distributed.checkpoint import DefaultSavePlanner
+
+    from lazysd.dcp import HFWriter
+
+    class FailMidWrite(DefaultSavePlanner):
+        written = 0
+
+        def resolve_data(self, write_item):
+            self.written += 1
+            if self.written > 3:
+                raise OSError(28, "No space left on device")
+            return super().resolve_data(write_item)
+
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointException, match="No space left on device"):
+        dcp.save(_full(ckpt), storage_writer=HFWriter(out, adapter="step3p5", max_shard_size="40KB"), planner=FailMidWrite(), no_dist=True)
+    assert list(out.iterdir()) == []
