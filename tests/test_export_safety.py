@@ -393,3 +393,28 @@ def test_config_without_contradictions_is_copied_byte_for_byte(src: Path, tmp_pa
     with pytest.raises(ExportError, match=r"config .*nope\.json: cannot be read"):
         save_hf({"lm_head.weight": torch.ones(2, 2)}, tmp_path / "x", adapter="step3p5", config=tmp_path / "nope.json")
     assert not (tmp_path / "x").exists()
+
+
+def test_symlinked_output_directory_is_replaced_behind_its_link(src: Path, tmp_path: Path) -> None:
+    real, link = tmp_path / "real", tmp_path / "link"
+    real.mkdir()
+    (real / "README.md").write_text("keep me\n")
+    link.symlink_to(real)
+    with VirtualStateDict(src, include_mtp=True) as vsd:
+        assert save_hf(vsd, link, overwrite=True) == link
+    assert link.is_symlink() and (real / "model.safetensors.index.json").exists()
+    assert (real / "README.md").read_text() == "keep me\n"
+    assert hidden(tmp_path) == []
+
+
+def test_writer_errors_are_lazysd_errors(tmp_path: Path) -> None:
+    from lazysd.errors import LazySDError
+    from lazysd.writer import SafetensorsWriter
+
+    writer = SafetensorsWriter(tmp_path / "a.safetensors", [("a", torch.float32, (2,))])
+    with pytest.raises(ExportError, match=r"1 key\(s\) not fully written") as info:
+        writer.commit()
+    assert isinstance(info.value, LazySDError) and isinstance(info.value, ValueError)
+    with pytest.raises(ExportError, match="already committed or aborted"):
+        writer.commit()
+    assert list(tmp_path.iterdir()) == []
