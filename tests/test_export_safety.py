@@ -12,6 +12,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -194,11 +195,12 @@ def test_a_second_export_into_the_same_directory_is_refused(src: Path, refs: dic
             capture_output=True,
             text=True,
             timeout=120,
+            check=False,
         )
         assert second.returncode != 0
         assert "lazysd.errors.ExportError" in second.stderr and "another export into this directory is running (pid" in second.stderr
         (marker.parent / (marker.name + ".go")).touch()
-        stdout, stderr = first.communicate(timeout=120)
+        _, stderr = first.communicate(timeout=120)
         assert first.returncode == 0, stderr
     finally:
         if first.poll() is None:
@@ -210,9 +212,8 @@ def test_a_second_export_into_the_same_directory_is_refused(src: Path, refs: dic
 
 def test_lock_excludes_threads_of_one_process_and_is_released(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    with ExportLock(out):
-        with pytest.raises(ExportError, match=r"another export into this directory is running \(this process"):
-            ExportLock(out).__enter__()
+    with ExportLock(out), pytest.raises(ExportError, match=r"another export into this directory is running \(this process"):
+        ExportLock(out).__enter__()
     with ExportLock(out):  # released: free again, and the lock file is gone afterwards
         pass
     assert list(tmp_path.iterdir()) == []
@@ -256,7 +257,7 @@ FSIZE_SCRIPT = textwrap.dedent(
 
 def test_file_size_limit_is_an_export_error_naming_the_file(src: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    run = subprocess.run([sys.executable, "-c", FSIZE_SCRIPT, str(src), str(out), "65536"], capture_output=True, text=True, timeout=120)
+    run = subprocess.run([sys.executable, "-c", FSIZE_SCRIPT, str(src), str(out), "65536"], capture_output=True, text=True, timeout=120, check=False)
     assert run.returncode == 0, run.stderr
     assert "model-00001-of-00001.safetensors" in run.stdout and "[Errno 27] File too large" in run.stdout, run.stdout
     assert "(a file size limit, ulimit -f, was reached)" in run.stdout
@@ -264,10 +265,10 @@ def test_file_size_limit_is_an_export_error_naming_the_file(src: Path, tmp_path:
 
 
 @pytest.fixture
-def small_tmpfs(tmp_path: Path):  # noqa: ANN201
+def small_tmpfs(tmp_path: Path):
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True).returncode:
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True, check=False).returncode:
         pytest.skip("mounting a small tmpfs needs root; the file-size-limit test covers the same path")
     try:
         yield mnt
@@ -293,10 +294,10 @@ class OtherDevice(torch.Tensor):
     """A CPU tensor that behaves as if it lived on an accelerator: no ``.numpy()``, and every
     ``.cpu()`` copy is recorded, to check that export copies one bounded slice at a time."""
 
-    copies: list[int] = []
+    copies: ClassVar[list[int]] = []
 
     @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN206
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.Tensor.numpy:
             raise TypeError("can't convert accel:0 device type tensor to numpy. Use Tensor.cpu() first")
@@ -312,7 +313,7 @@ class OtherDevice(torch.Tensor):
 
 
 def test_device_tensors_are_copied_one_bounded_slice_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import lazysd.export.save as save
+    from lazysd.export import save
 
     monkeypatch.setattr(save, "CHUNK_BYTES", 4096)  # small chunks for a small model
     model = Step3p5Model(SPEC, layout="native")
@@ -392,3 +393,28 @@ def test_config_without_contradictions_is_copied_byte_for_byte(src: Path, tmp_pa
     with pytest.raises(ExportError, match=r"config .*nope\.json: cannot be read"):
         save_hf({"lm_head.weight": torch.ones(2, 2)}, tmp_path / "x", adapter="step3p5", config=tmp_path / "nope.json")
     assert not (tmp_path / "x").exists()
+
+
+def test_symlinked_output_directory_is_replaced_behind_its_link(src: Path, tmp_path: Path) -> None:
+    real, link = tmp_path / "real", tmp_path / "link"
+    real.mkdir()
+    (real / "README.md").write_text("keep me\n")
+    link.symlink_to(real)
+    with VirtualStateDict(src, include_mtp=True) as vsd:
+        assert save_hf(vsd, link, overwrite=True) == link
+    assert link.is_symlink() and (real / "model.safetensors.index.json").exists()
+    assert (real / "README.md").read_text() == "keep me\n"
+    assert hidden(tmp_path) == []
+
+
+def test_writer_errors_are_lazysd_errors(tmp_path: Path) -> None:
+    from lazysd.errors import LazySDError
+    from lazysd.writer import SafetensorsWriter
+
+    writer = SafetensorsWriter(tmp_path / "a.safetensors", [("a", torch.float32, (2,))])
+    with pytest.raises(ExportError, match=r"1 key\(s\) not fully written") as info:
+        writer.commit()
+    assert isinstance(info.value, LazySDError) and isinstance(info.value, ValueError)
+    with pytest.raises(ExportError, match="already committed or aborted"):
+        writer.commit()
+    assert list(tmp_path.iterdir()) == []
