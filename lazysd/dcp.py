@@ -38,11 +38,9 @@ Example:
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import secrets
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -70,14 +68,12 @@ from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, W
 from torch.futures import Future
 
 from .adapters import resolve_adapter
-from .checkpoint import Checkpoint, config_value
+from .checkpoint import Checkpoint
 from .errors import ExportError, MissingKeyError, ShapeMismatchError
-from .export import _TMP_MARK, CHUNK_BYTES, HFEntry, HFView, _check_out_dir, _clip, _commit, _converted, _headers, _plan_files, _write_block, parse_size
+from .export import ExportLock, FileLayout, HFEntry, HFView, Stage, clip, fitted_config, out_dir_problem, parse_size, piece_blocks, plan_files, recover
 from .plan import FP8_DTYPES, Box, Entry, Source
 from .reader import MiB, Reader, ReadOptions, Stats
-from .reverse import extract
 from .rules import Adapter, Rule
-from .writer import _pwrite_all
 
 __all__ = ["HFReader", "HFWriter"]
 
@@ -320,27 +316,20 @@ def _box(item: ReadItem) -> Box:
 class _SaveLayout:
     """What the coordinator decides in ``prepare_global_plan``, sent to every rank.
 
-    Every rank derives the same files, headers and offsets from it (:meth:`HFWriter._files`),
+    Every rank derives the same HF entries and file layout from it (:meth:`HFWriter._job`),
     so only keys, shapes and dtypes travel, never tensors.
     """
 
-    out_dir: str
-    token: str  # names this save's temporary files
+    out_dir: str  # the real output directory (symlinks resolved): the stage is its sibling
+    token: str  # names this save's staging directory
     natives: tuple[tuple[str, tuple[int, ...], torch.dtype], ...]  # native key, shape, dtype; export order
+    world: int  # ranks taking part (DCP's plans)
 
 
 @dataclass(frozen=True)
-class _Files:
-    """One save's output files, as every rank computes them from a :class:`_SaveLayout`."""
-
-    groups: list[tuple[str, list[HFEntry]]]  # final file name -> its HF entries, in order
-    tmp: list[tuple[str, Path]]  # final file name -> temporary path
-    heads: list[tuple[bytes, dict[str, tuple[int, int]]]]  # per file: header, key -> data offsets
-    of_native: dict[str, list[tuple[int, HFEntry]]]  # native key -> (file index, HF entry)
-
-    @property
-    def total(self) -> int:
-        return sum(e.nbytes for _, group in self.groups for e in group)
+class _Job:
+    entries: dict[str, list[HFEntry]]  # native key -> its HF entries
+    layout: FileLayout
 
 
 def _box_of_write(item: WriteItem) -> Box:
@@ -352,53 +341,40 @@ def _box_of_write(item: WriteItem) -> Box:
     return tuple((0, n) for n in td.size)
 
 
-def _chunks(tensor: torch.Tensor, entry: HFEntry, piece: Any, hf_offset: tuple[int, ...], origin: tuple[int, ...]) -> Iterator[tuple[tuple[int, ...], torch.Tensor]]:
-    """``(HF offset, contiguous HF block)`` of ``piece`` (a part of ``entry`` inside ``tensor``,
-    a box of the native tensor starting at ``origin``), at most ``CHUNK_BYTES`` each."""
-    if not piece.shape:
-        yield hf_offset, _converted(extract(tensor, piece, origin=origin), entry.dtype)
-        return
-    n0 = piece.dims.index(0)  # chunks along HF dim 0 are boxes of the HF tensor
-    row = entry.dtype.itemsize * math.prod(piece.shape[1:])
-    rows = max(1, CHUNK_BYTES // max(row, 1))
-    for r in range(0, piece.shape[0], rows):
-        n = min(rows, piece.shape[0] - r)
-        start = list(piece.start)
-        start[n0] += r
-        chunk = replace(piece, shape=(n, *piece.shape[1:]), start=tuple(start))
-        yield (hf_offset[0] + r, *hf_offset[1:]), _converted(extract(tensor, chunk, origin=origin), entry.dtype)
-
-
 class HFWriter(StorageWriter):
     """A DCP ``StorageWriter`` that writes a native state dict as a Hugging Face checkpoint.
 
     ``dcp.save(model.state_dict(), storage_writer=HFWriter(out, adapter="step3p5"))`` writes
     ``model-0000i-of-0000N.safetensors`` shards (HF keys, the adapter's rules run backwards),
     ``model.safetensors.index.json`` and, given ``config``, ``config.json``: byte for byte what
-    :func:`lazysd.save_hf` writes for the same state. DCP's planner decides which rank writes
-    what (each DTensor's local shard, each replicated value once); every rank writes its
-    items' bytes straight to their offsets in the shared output files, so nothing is gathered.
+    :func:`lazysd.save_hf` writes for the same state, through the same export phases
+    (:mod:`lazysd.export`). DCP's planner decides which rank writes what (each DTensor's local
+    shard; each replicated value once); every rank writes its items' bytes straight to their
+    offsets in the shared staged files, so nothing is gathered.
 
     The phases, in DCP's order::
 
         prepare_local_plan   every rank: the output directory is usable; its keys in order
-        prepare_global_plan  coordinator: keys, shapes, dtypes -> file layout; creates
-                             hidden temporary files (header, final size)
-        write_data           every rank: pwrite its items' HF bytes, fsync
-        finish               coordinator: every byte written once? rename shards into place,
-                             config.json, then the index last
+        prepare_global_plan  coordinator: take the export lock, keys/shapes/dtypes -> file
+                             layout, create the staged files (headers, final sizes)
+        write_data           every rank: write its items' HF bytes, fsync; then every rank
+                             learns whether any failed (the coordinator aborts if so)
+        finish               coordinator: every byte written exactly once? commit (index,
+                             config.json, one atomic rename), release the lock
 
-    A save that fails or is killed leaves only hidden ``.model-*.tmp-*`` files (removed by a
-    later save into the same directory): no index, nothing that looks like a checkpoint. The
-    files are laid out from the order of the keys in the coordinator's state dict (keys only
-    other ranks hold follow), which for a model's ``state_dict()`` is ``save_hf``'s order.
+    As with ``save_hf``, the output directory always holds the old export or the new one: a
+    failed or killed ``dcp.save`` leaves only a hidden ``.<name>.lazysd-stage-*`` sibling,
+    removed by the next export into it. The files are laid out in the order of the keys in
+    the coordinator's state dict (keys only other ranks hold follow), which for a model's
+    ``state_dict()`` is ``save_hf``'s order.
 
     Args:
         path: output directory; created if missing, refused if it holds files (unless
             ``overwrite``).
         adapter: model family (an Adapter or a registered name) whose rules map native keys
             back to HF keys.
-        config: a dict written as config.json, or the path of a config.json to copy.
+        config: a dict written as config.json, or the path of a config.json to copy (fitted
+            to what is written, as ``save_hf`` fits it).
         max_shard_size: bytes per file, an int or a string like ``"5GB"``.
         dtype: cast floating-point tensors (rule-pinned dtypes such as the fp32 router bias
             keep theirs).
@@ -428,32 +404,34 @@ class HFWriter(StorageWriter):
         overwrite: bool = False,
     ) -> None:
         super().__init__()
-        self.path = Path(path).absolute()
         self.adapter = resolve_adapter(adapter, {})
         if config is not None and not isinstance(config, Mapping) and not Path(config).is_file():
             raise ExportError(f"config {config}: not a file; pass a dict or the path of a config.json")
         self.config = config
-        if num_layers is None and config is not None:
-            fields = dict(config) if isinstance(config, Mapping) else json.loads(Path(config).read_text())
-            num_layers = config_value(fields, *self.adapter.num_layers)
         self.num_layers = num_layers
-        self.max_bytes = parse_size(max_shard_size)
+        parse_size(max_shard_size)  # a bad size fails here, not in the middle of a save
+        self.max_shard_size = max_shard_size
         self.dtype = dtype
         self.overwrite = overwrite
-        self.save_id = _new_load_id()
+        self.bytes_written = 0  # tensor bytes this rank wrote in the last save
         self.is_coordinator = False
         self.rank: int | None = None
-        self.bytes_written = 0  # tensor bytes this rank wrote in the last save
-        self._layout: _SaveLayout | None = None
-        self._cached: tuple[_SaveLayout, _Files] | None = None
+        self._set_path(path)
+        # Coordinator only, from prepare_global_plan to finish:
+        self._lock: ExportLock | None = None
+        self._stage: Stage | None = None
+        self._config_bytes: bytes | None = None
+        self._cached: tuple[_SaveLayout, _Job] | None = None
+
+    def _set_path(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path).expanduser().absolute()
+        self.save_id = _new_load_id()
 
     # ---- the StorageWriter protocol ------------------------------------------------------
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         """A new save begins; ``checkpoint_id`` (a directory) replaces the output path."""
-        if checkpoint_id is not None:
-            self.path = Path(checkpoint_id).absolute()
-        self.save_id = _new_load_id()
-        self._layout = None
+        self._release()  # what a save that failed before finish() still holds
+        self._set_path(self.path if checkpoint_id is None else checkpoint_id)
         self.bytes_written = 0
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
@@ -468,13 +446,14 @@ class HFWriter(StorageWriter):
         for item in plan.items:
             if item.type == WriteItemType.BYTE_IO:
                 raise ExportError(f"{self.path}: {item.index.fqn!r} is not a tensor; an HF checkpoint holds tensors only")
-        problem = _check_out_dir(self.path, [], self.overwrite)
+        problem = out_dir_problem(self.path, [], self.overwrite)
         if problem is not None:
             raise ExportError(problem)
         return replace(plan, storage_data=list(dict.fromkeys(item.index.fqn for item in plan.items)))
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
-        """Lay out the files from every rank's keys, shapes and dtypes, and create them."""
+        """Lay out the files from every rank's keys, shapes and dtypes; lock and create the stage."""
+        self._release()
         meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         for plan in plans:
             for item in plan.items:
@@ -487,83 +466,88 @@ class HFWriter(StorageWriter):
         natives = tuple((key, *meta[key]) for key in dict.fromkeys(order) if key in meta)
         if not natives:
             raise ExportError(f"{self.path}: nothing to export, the state dict is empty")
-        layout = _SaveLayout(str(self.path), f"{os.getpid()}-{secrets.token_hex(4)}", natives)
-        files = self._files(layout)
+        real = Path(os.path.realpath(self.path))
+        layout = _SaveLayout(str(real), f"{os.getpid()}-{secrets.token_hex(4)}", natives, len(plans))
+        job = self._job(layout)  # unclaimed keys and bad shapes fail here, before anything is made
+        config = None
+        if self.config is not None:
+            entries = [e for group in job.entries.values() for e in group]
+            config = fitted_config(self.config, entries, adapter=self.adapter, num_layers=self.num_layers, dtype=self.dtype)
+        lock = ExportLock(real)
+        lock.__enter__()
+        self._lock = lock
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            for (head, _), (_, group), (_, tmp) in zip(files.heads, files.groups, files.tmp):
-                fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-                try:
-                    _pwrite_all(fd, memoryview(head), 0)
-                    os.ftruncate(fd, len(head) + sum(e.nbytes for e in group))
-                finally:
-                    os.close(fd)
+            recover(real)
+            self._stage = Stage(real, job.layout, layout.token)
+            self._stage.create()
         except BaseException:
-            _remove(files)
+            self._release()
             raise
-        self._layout = layout
+        self._config_bytes = config
         return [replace(plan, storage_data=layout) for plan in plans]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
-        """Write this rank's items into the temporary files; the future is already complete."""
+        """Write this rank's items into the staged files; the future is already complete.
+
+        After writing, the ranks agree on whether any failed (a collective over the default
+        process group when DCP runs on all of it): on a failure anywhere the coordinator
+        removes the stage and every rank raises, so nothing is committed.
+        """
         layout: _SaveLayout = plan.storage_data
-        files = self._files(layout)
-        fds: dict[int, int] = {}
+        job = self._job(layout)
+        stage = self._stage if self._stage is not None else Stage(Path(layout.out_dir), job.layout, layout.token)
         results: list[WriteResult] = []
+        failed: BaseException | None = None
         try:
             for item in plan.items:
-                key = item.index.fqn
                 box = _box_of_write(item)
                 origin = tuple(lo for lo, _ in box)
                 tensor = planner.resolve_data(item)
                 assert isinstance(tensor, torch.Tensor)
-                tensor = tensor.detach().cpu()
+                tensor = tensor.detach()
                 wrote = 0
-                for fi, entry in files.of_native[key]:
-                    piece, hf_offset = _clip(entry.piece, box)
+                for entry in job.entries[item.index.fqn]:
+                    piece, hf_offset = clip(entry.piece, box)
                     if 0 in piece.shape:
                         continue  # this shard misses the piece
-                    if fi not in fds:
-                        fds[fi] = os.open(files.tmp[fi][1], os.O_RDWR)
-                    head, offsets = files.heads[fi]
-                    base = len(head) + offsets[entry.key][0]
-                    for off, block in _chunks(tensor, entry, piece, hf_offset, origin):
-                        _write_block(fds[fi], base, entry.shape, off, block)
-                        wrote += block.numel() * block.element_size()
-                results.append(WriteResult(index=item.index, size_in_bytes=wrote, storage_data=key))
-            for fd in fds.values():
-                os.fsync(fd)
-            self.bytes_written = sum(r.size_in_bytes for r in results)
-        except BaseException:
-            # The coordinator will not commit (DCP skips finish when a rank fails); the
-            # temporaries go now, from whichever rank saw the failure.
-            _remove(files)
-            raise
-        finally:
-            for fd in fds.values():
-                os.close(fd)
+                    for offset, block in piece_blocks(tensor, entry, piece, hf_offset, origin):
+                        wrote += stage.write(entry.key, offset, block)
+                results.append(WriteResult(index=item.index, size_in_bytes=wrote, storage_data=item.index.fqn))
+            stage.flush()
+        except BaseException as e:  # noqa: BLE001 - every rank must learn of it before anyone commits
+            failed = e
+        try:
+            anyone_failed = _any_failed(layout.world, failed is not None)
+        except BaseException as e:  # noqa: BLE001 - a rank died: no agreement, so no commit
+            anyone_failed, failed = True, failed or e
+        if anyone_failed:
+            if self.is_coordinator:
+                self._release()
+            else:
+                stage.close()
+            if failed is not None:
+                raise failed
+            raise ExportError(f"{self.path}: another rank failed to write its part of the save; nothing was committed")
+        self.bytes_written = sum(r.size_in_bytes for r in results)
         fut: Future[list[WriteResult]] = Future()
         fut.set_result(results)
         return fut
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
-        """Commit: every byte written exactly once, then shards, config.json and the index last."""
-        assert self._layout is not None, "finish() without prepare_global_plan()"
-        files = self._files(self._layout)
-        written = sum(r.size_in_bytes for rank in results for r in rank)
-        if written != files.total:
-            _remove(files)
-            raise ExportError(
-                f"{self.path}: the ranks wrote {written} bytes of {files.total}; some values were "
-                f"{'written twice' if written > files.total else 'not written'} (is every rank part of every DTensor mesh?)"
-            )
-        weight_map = {e.key: name for name, group in files.groups for e in group}
-        index = {"metadata": {"total_size": files.total}, "weight_map": weight_map}
+        """Commit: every byte written exactly once, then the index and config.json, atomically."""
+        assert self._stage is not None and self._cached is not None, "finish() without prepare_global_plan()"
         try:
-            _commit(self.path, files.tmp, index, self.config, self._layout.token)
-        except BaseException:
-            _remove(files)
-            raise
+            total = self._cached[1].layout.total_size
+            written = sum(r.size_in_bytes for rank in results for r in rank)
+            if written != total:
+                raise ExportError(
+                    f"{self.path}: the ranks wrote {written} bytes of {total}; some values were "
+                    f"{'written twice' if written > total else 'not written'} (is every rank part of every DTensor mesh?)"
+                )
+            self._stage.commit(config=self._config_bytes, overwrite=self.overwrite)
+            self._stage = None
+        finally:
+            self._release()
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
@@ -577,28 +561,44 @@ class HFWriter(StorageWriter):
     def checkpoint_id(self) -> str | os.PathLike[str]:
         return self.path
 
-    # ---- layout --------------------------------------------------------------------------
-    def _files(self, layout: _SaveLayout) -> _Files:
-        """Files, headers and offsets of ``layout``: the same on every rank, as save_hf plans them."""
+    # ---- helpers -------------------------------------------------------------------------
+    def _job(self, layout: _SaveLayout) -> _Job:
+        """HF entries and file layout of ``layout``: the same on every rank, as save_hf plans them."""
         if self._cached is not None and self._cached[0] == layout:
             return self._cached[1]
         shapes = {key: torch.empty(shape, dtype=dtype, device="meta") for key, shape, dtype in layout.natives}
-        view = HFView(shapes, adapter=self.adapter, num_layers=self.num_layers, dtype=self.dtype)
-        groups = _plan_files(list(view.entries.values()), self.max_bytes)
-        out = Path(layout.out_dir)
-        tmp = [(name, out / f".{name}{_TMP_MARK}{layout.token}") for name, _ in groups]
-        of_native: dict[str, list[tuple[int, HFEntry]]] = {}
-        for fi, (_, group) in enumerate(groups):
-            for e in group:
-                of_native.setdefault(e.native_key, []).append((fi, e))
-        files = _Files(groups, tmp, _headers(groups), of_native)
-        self._cached = (layout, files)
-        return files
+        view = HFView(shapes, adapter=self.adapter, num_layers=self.num_layers if self.num_layers is not None else self._config_layers(), dtype=self.dtype)
+        entries: dict[str, list[HFEntry]] = {}
+        for e in view.entries.values():
+            entries.setdefault(e.native_key, []).append(e)
+        job = _Job(entries, plan_files([(e.key, e.dtype, e.shape) for e in view.entries.values()], self.max_shard_size))
+        self._cached = (layout, job)
+        return job
+
+    def _config_layers(self) -> int | None:
+        from .export.config import _config_layers
+
+        return None if self.config is None else _config_layers(self.config, self.adapter)
+
+    def _release(self) -> None:
+        """Coordinator: remove an uncommitted stage and release the export lock (idempotent)."""
+        if self._stage is not None:
+            self._stage.abort()
+            self._stage = None
+        if self._lock is not None:
+            self._lock.__exit__(None, None, None)
+            self._lock = None
 
     def __repr__(self) -> str:
         return f"HFWriter({str(self.path)!r}, adapter={self.adapter.name!r})"
 
 
-def _remove(files: _Files) -> None:
-    for _, tmp in files.tmp:
-        tmp.unlink(missing_ok=True)
+def _any_failed(world: int, failed: bool) -> bool:
+    """Whether any rank of the save failed: over the default group when the save spans it."""
+    import torch.distributed as dist
+
+    if world <= 1 or not dist.is_initialized() or dist.get_world_size() != world:
+        return failed
+    flag = torch.tensor([int(failed)])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())

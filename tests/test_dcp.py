@@ -347,8 +347,7 @@ def test_writer_refusals(ckpt: Path, tmp_path: Path) -> None:
         dcp.save({**sd, "model.extra.weight": torch.ones(2)}, storage_writer=HFWriter(tmp_path / "b", adapter="step3p5"), no_dist=True)
     with pytest.raises(ExportError, match="not a file"):
         HFWriter(tmp_path / "c", adapter="step3p5", config=tmp_path / "missing.json")
-    assert not (tmp_path / "a").exists() or not any((tmp_path / "a").iterdir())
-    assert not (tmp_path / "b").exists() or not any((tmp_path / "b").iterdir())
+    assert list(tmp_path.iterdir()) == []  # nothing made, no lock left behind
 
 
 def _killed_save(rank: int, world: int, path: str, out: str, victim: int) -> None:
@@ -376,21 +375,21 @@ def _killed_save(rank: int, world: int, path: str, out: str, victim: int) -> Non
 
 @pytest.mark.parametrize(("world", "victim"), [(1, 0), (2, 1)])
 def test_killed_save_leaves_nothing_complete(ckpt: Path, tmp_path: Path, world: int, victim: int) -> None:
-    from lazysd import LazySDError, save_hf
+    from lazysd import save_hf
     from lazysd.dcp import HFWriter
 
     out = tmp_path / "out"
-    with pytest.raises(Exception, match="Signal 9|SIGKILL|signal"):
+    with pytest.raises(Exception, match="SIGKILL"):
         run_ranks(_killed_save, world, (str(ckpt), str(out), victim), timeout=120)
-    left = sorted(p.name for p in out.iterdir())
-    assert left and all(name.startswith(".model-") and ".tmp-" in name for name in left), left  # only hidden temporaries
-    with pytest.raises(LazySDError):
-        VirtualStateDict(out)
-    # A later save over it replaces the temporaries with a complete checkpoint.
+    # No output directory at all: only hidden siblings (the stage, perhaps the lock file).
+    assert not out.exists()
+    assert all(p.name.startswith(".out.lazysd-") for p in tmp_path.iterdir() if p.name != "out"), sorted(p.name for p in tmp_path.iterdir())
+    # A later save into it removes the leftovers and writes a complete checkpoint.
     sd = _full(ckpt)
-    dcp.save(sd, storage_writer=HFWriter(out, adapter="step3p5", config=ckpt / "config.json", max_shard_size="40KB", overwrite=True), no_dist=True)
+    dcp.save(sd, storage_writer=HFWriter(out, adapter="step3p5", config=ckpt / "config.json", max_shard_size="40KB"), no_dist=True)
     save_hf(sd, tmp_path / "ref", adapter="step3p5", config=ckpt / "config.json", max_shard_size="40KB")
     _same_dirs(out, tmp_path / "ref")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "ref"]
 
 
 def test_failed_write_removes_its_temporaries(ckpt: Path, tmp_path: Path) -> None:
@@ -410,7 +409,7 @@ def test_failed_write_removes_its_temporaries(ckpt: Path, tmp_path: Path) -> Non
     out = tmp_path / "out"
     with pytest.raises(CheckpointException, match="No space left on device"):
         dcp.save(_full(ckpt), storage_writer=HFWriter(out, adapter="step3p5", max_shard_size="40KB"), planner=FailMidWrite(), no_dist=True)
-    assert list(out.iterdir()) == []
+    assert list(tmp_path.iterdir()) == []  # no output, no stage, no lock left behind
 
 
 def _run_recipe(rank: int, world: int, code: str, src: str, out: str) -> None:
@@ -424,7 +423,7 @@ def _run_recipe(rank: int, world: int, code: str, src: str, out: str) -> None:
     with mock.patch.object(sys, "argv", ["dcp_fsdp_ep.py", src, out]), mock.patch.object(dist, "init_process_group"), mock.patch.object(
         dist, "destroy_process_group"
     ):
-        exec(compile(code, "dcp_fsdp_ep.py", "exec"), {"__name__": "__main__"})
+        exec(compile(code, "dcp_fsdp_ep.py", "exec"), {"__name__": "__main__"})  # noqa: S102 - the README's own code
 
 
 def test_readme_recipe_runs(tmp_path: Path) -> None:
