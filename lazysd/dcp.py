@@ -40,6 +40,8 @@ from __future__ import annotations
 
 import os
 import secrets
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -225,23 +227,46 @@ class HFReader(StorageReader):
         return plans
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        """Read every item's box into its destination; the returned future is already complete."""
+        """Read every item's box into its destination; the returned future is already complete.
+
+        With ``threads`` > 1 several items are read at once, each on one thread (many small
+        reads, such as the rows of a column shard, then overlap instead of waiting in turn);
+        the planner's ``resolve_tensor``/``commit_tensor`` are called one at a time.
+        """
         assert self._reader is not None
-        try:
-            for item in plan.items:
-                if item.type == LoadItemType.BYTE_IO:
-                    raise MissingKeyError(f"{self.path}: {item.storage_index.fqn!r} is not a tensor key of this checkpoint")
-                entry = self._entry(item.storage_index.fqn)
-                box = _box(item)
+        for item in plan.items:
+            if item.type == LoadItemType.BYTE_IO:
+                raise MissingKeyError(f"{self.path}: {item.storage_index.fqn!r} is not a tensor key of this checkpoint")
+            self._entry(item.storage_index.fqn)  # every key known before any read
+        workers = min(self._read_options.threads, len(plan.items))
+        reader = self._reader if workers <= 1 else Reader(self._reader.ckpt, replace(self._read_options, threads=0))
+        planner_lock = threading.Lock()
+
+        def read(item: ReadItem) -> None:
+            entry = self._entries[item.storage_index.fqn]
+            with planner_lock:
                 dest = planner.resolve_tensor(item).detach()
-                if tuple(dest.shape) != tuple(item.lengths):
-                    raise ShapeMismatchError(
-                        f"{self.path}: {entry.key}: destination {list(dest.shape)} is not the requested region {list(item.lengths)}"
-                    )
-                self._reader.fill(entry, box, dest)
+            if tuple(dest.shape) != tuple(item.lengths):
+                raise ShapeMismatchError(
+                    f"{self.path}: {entry.key}: destination {list(dest.shape)} is not the requested region {list(item.lengths)}"
+                )
+            reader.fill(entry, _box(item), dest)
+            with planner_lock:
                 planner.commit_tensor(item, dest)
+
+        try:
+            if workers <= 1:
+                for item in plan.items:
+                    read(item)
+            else:
+                with ThreadPoolExecutor(workers, thread_name_prefix="lazysd-dcp") as pool:
+                    for done in [pool.submit(read, item) for item in plan.items]:
+                        done.result()  # the first error is raised (the others still finish)
         finally:
-            self._reader.close()  # staging buffers go back to the OS between loads
+            reader.close()  # staging buffers go back to the OS between loads
+            if reader is not self._reader:
+                self._reader.stats.tensors += reader.stats.tensors
+                self._reader.stats.bytes_out += reader.stats.bytes_out
         fut: Future[None] = Future()
         fut.set_result(None)
         return fut
