@@ -43,9 +43,10 @@ def _empty_like_checkpoint(path: str | Path, **options: object) -> dict[str, tor
 # ---- single process --------------------------------------------------------------------------
 
 
-def test_native_load_matches_virtual_state_dict(ckpt: Path) -> None:
+@pytest.mark.parametrize("threads", [0, 4])  # items read in turn / several at once
+def test_native_load_matches_virtual_state_dict(ckpt: Path, threads: int) -> None:
     sd = _empty_like_checkpoint(ckpt)
-    reader = HFReader(ckpt)
+    reader = HFReader(ckpt, threads=threads)
     dcp.load(sd, storage_reader=reader, no_dist=True)
     want = _full(ckpt)
     assert list(sd) == list(want)
