@@ -41,8 +41,9 @@ from __future__ import annotations
 import os
 import secrets
 import threading
-from concurrent.futures import ThreadPoolExecutor
+import uuid
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,7 @@ from .adapters import resolve_adapter
 from .checkpoint import Checkpoint
 from .errors import ExportError, MissingKeyError, ShapeMismatchError
 from .export import ExportLock, FileLayout, HFEntry, HFView, Stage, clip, fitted_config, out_dir_problem, parse_size, piece_blocks, plan_files, recover
+from .paths import resolve_checkpoint_path
 from .plan import FP8_DTYPES, Box, Entry, Source
 from .reader import MiB, Reader, ReadOptions, Stats
 from .rules import Adapter, Rule
@@ -88,9 +90,7 @@ def _identity_entry(info: Any) -> Entry:
     return Entry(info.key, info.shape, info.dtype, (Source(info, (0,) * n, tuple(range(n))),), _AS_STORED)
 
 
-def _new_load_id() -> str:
-    import uuid
-
+def _new_id() -> str:
     return str(uuid.uuid4())
 
 
@@ -98,15 +98,19 @@ class HFReader(StorageReader):
     """A DCP ``StorageReader`` over an HF safetensors checkpoint, reading exact byte ranges.
 
     Args:
-        path: checkpoint directory (``config.json`` + ``*.safetensors`` [+ index]); the same
-            path forms :class:`~lazysd.VirtualStateDict` takes.
+        path: checkpoint directory (``config.json`` + ``*.safetensors`` [+ index]; with
+            ``native=False`` config.json is not needed), or the other path forms
+            :class:`~lazysd.VirtualStateDict` takes (a ``model.safetensors`` file, a local
+            Hugging Face cache repository or repo id, see :mod:`lazysd.paths`).
         native: describe the checkpoint under native keys, shapes and dtypes (True, the
             default: ``dcp.load(model.state_dict(), ...)`` for a native model) or under its HF
             keys unchanged (False: a drop-in for torch's ``HuggingFaceStorageReader``).
         adapter, include_mtp, dtype, fp8: as for :class:`~lazysd.VirtualStateDict`
             (``native=True`` only; with ``native=False`` only ``dtype`` applies).
-        threads, max_inflight_bytes, chunk_bytes: reader threads, staging memory reads may
-            run ahead of copies, and the target size of one read.
+        revision: branch, tag or commit of a Hugging Face cache repository (default main).
+        threads, max_inflight_bytes, chunk_bytes: reader threads (also how many read items
+            are read at once), staging memory reads may run ahead of copies, and the target
+            size of one read.
         **options: further VirtualStateDict options (``native=True``).
 
     Each ``ReadItem`` DCP's planner hands :meth:`read_data` names one tensor and a box of it
@@ -138,12 +142,14 @@ class HFReader(StorageReader):
         include_mtp: bool = False,
         dtype: torch.dtype | None = None,
         fp8: str = "dequantize",
+        revision: str | None = None,
         threads: int = 2,
         max_inflight_bytes: int = 32 * MiB,
         chunk_bytes: int = 8 * MiB,
         **options: Any,
     ) -> None:
         super().__init__()
+        self._revision = revision
         if not native and (adapter is not None or include_mtp or fp8 != "dequantize" or options):
             given = [n for n, v in (("adapter", adapter), ("include_mtp", include_mtp), ("fp8", fp8 != "dequantize")) if v] + list(options)
             raise TypeError(f"HFReader(native=False) reads HF keys as stored; {', '.join(given)} only apply with native=True")
@@ -155,13 +161,14 @@ class HFReader(StorageReader):
         self._entries: dict[str, Entry] = {}
         self._reader: Reader | None = None
         self._open(path)
-        self.load_id = _new_load_id()
+        self.load_id = _new_id()
         self.is_coordinator = False
         self.rank: int | None = None
 
     # ---- opening -------------------------------------------------------------------------
     def _open(self, path: str | os.PathLike[str]) -> None:
         self.close()
+        path = resolve_checkpoint_path(path, revision=self._revision)
         if self.native:
             from .virtual import VirtualStateDict
 
@@ -173,7 +180,7 @@ class HFReader(StorageReader):
             self._reader = self.vsd.reader
             self._entries = self.vsd.plan.entries
         else:
-            self.checkpoint = Checkpoint(path)
+            self.checkpoint = Checkpoint(path, config_required=False)  # as torch's reader: no config.json needed
             self._reader = Reader(self.checkpoint, self._read_options)
             self._entries = {key: _identity_entry(info) for key, info in self.checkpoint.tensors.items()}
         self.path = self.checkpoint.path
@@ -189,9 +196,9 @@ class HFReader(StorageReader):
     # ---- the StorageReader protocol ------------------------------------------------------
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         """A new load begins; ``checkpoint_id`` (a checkpoint directory) replaces the path."""
-        if checkpoint_id is not None and Path(checkpoint_id).absolute() != self.path:
+        if checkpoint_id is not None and resolve_checkpoint_path(checkpoint_id, revision=self._revision) != self.path:
             self._open(checkpoint_id)
-        self.load_id = _new_load_id()
+        self.load_id = _new_id()
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         """Keys, shapes and dtypes from the headers: each tensor one chunk, the whole tensor."""
@@ -450,7 +457,7 @@ class HFWriter(StorageWriter):
 
     def _set_path(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path).expanduser().absolute()
-        self.save_id = _new_load_id()
+        self.save_id = _new_id()
 
     # ---- the StorageWriter protocol ------------------------------------------------------
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:

@@ -438,3 +438,20 @@ def test_readme_recipe_runs(tmp_path: Path) -> None:
     got, want = _full(tmp_path / "out"), _full(src)
     assert list(got) == list(want)
     assert all(same_bits(got[k], want[k]) for k in want)
+
+
+def test_native_false_needs_no_config(ckpt: Path, tmp_path: Path) -> None:
+    """Like torch's reader, native=False reads a directory of shards without config.json."""
+    import shutil
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in ckpt.iterdir():
+        if f.name != "config.json":
+            shutil.copy(f, bare / f.name)
+    meta = HFReader(bare, native=False).read_metadata().state_dict_metadata
+    sd = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()}
+    dcp.load(sd, storage_reader=HFReader(bare, native=False), no_dist=True)
+    want = {k: torch.empty_like(v) for k, v in sd.items()}
+    dcp.load(want, storage_reader=HFReader(ckpt, native=False), no_dist=True)
+    assert all(same_bits(sd[k], want[k]) for k in want)
