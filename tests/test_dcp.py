@@ -455,3 +455,20 @@ def test_native_false_needs_no_config(ckpt: Path, tmp_path: Path) -> None:
     want = {k: torch.empty_like(v) for k, v in sd.items()}
     dcp.load(want, storage_reader=HFReader(ckpt, native=False), no_dist=True)
     assert all(same_bits(sd[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("fp8", ["dequantize", "keep"])
+def test_per_expert_fp8_family_with_mtp(tmp_path: Path, fp8: str) -> None:
+    """DeepSeek-V3's FP8 release layout: experts stacked from per-expert keys, block scales
+    multiplied in (or kept beside the weights), MTP layers included; the same as the mapping."""
+    from lazysd.testing.families import FamilySpec, make_family_checkpoint
+
+    src = make_family_checkpoint(tmp_path / "ds", FamilySpec.tiny("deepseek_v3", fp8=True), seed=2)
+    options = {"include_mtp": True, "fp8": fp8}
+    want = _full(src, **options)
+    assert any(k.startswith("mtp.") for k in want) and any(".experts." in k for k in want)
+    sd = {k: torch.empty_like(v) for k, v in want.items()}
+    reader = HFReader(src, **options)
+    dcp.load(sd, storage_reader=reader, no_dist=True)
+    assert all(same_bits(sd[k], want[k]) for k in want)
+    assert reader.bytes_read == sum(n for _, _, n in reader.vsd.planned_ranges())
