@@ -228,7 +228,7 @@ class HFReader(StorageReader):
             info = entry.sources[0].info
             return (str(info.file), info.offset)
 
-        return LoadPlan(sorted(plan.items, key=where), plan.storage_data, plan.planner_data)
+        return replace(plan, items=sorted(plan.items, key=where))
 
     def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
         return plans
