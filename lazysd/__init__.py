@@ -15,12 +15,16 @@ from .errors import (
     MissingKeyError,
     MissingSourceError,
     NoWeightsError,
+    OptionError,
     PlacementError,
+    RuleError,
     ShapeMismatchError,
     StateDictMismatchError,
     UnclaimedKeyError,
     UnknownModelError,
     UnsafePathError,
+    UnsupportedFormatError,
+    WriterError,
 )
 from .export import HFView, save_hf
 from .lazy import LazyTensor
@@ -50,5 +54,9 @@ __all__ = [
     "UnclaimedKeyError",
     "UnknownModelError",
     "UnsafePathError",
+    "UnsupportedFormatError",
+    "OptionError",
+    "RuleError",
+    "WriterError",
 ]
 __version__ = "0.1.0"

@@ -78,3 +78,16 @@ class MissingKeyError(LazySDError, KeyError):
 
     def __str__(self) -> str:  # KeyError would repr() the message and add quotes
         return str(self.args[0]) if self.args else ""
+
+
+class OptionError(LazySDError, ValueError):
+    """An argument or option lazysd cannot use (an unknown mode, a bad filter, options that
+    cannot apply to an object already open)."""
+
+
+class RuleError(LazySDError, ValueError):
+    """An adapter's rules or key patterns are malformed (checked when they are defined)."""
+
+
+class WriterError(LazySDError, ValueError):
+    """A safetensors writer used out of order or given a tensor that does not fit its plan."""

@@ -54,8 +54,8 @@ from .distributed import Target, contiguous_stride, local_box_of
 from .errors import ExportError, MissingKeyError
 from .lazy import LazyTensor, _is_dtensor
 from .progress import ProgressPrinter
-from .reader import _runs
-from .reverse import HFPiece, _mtp_index, extract, hf_pieces
+from .geometry import byte_runs
+from .reverse import HFPiece, extract, hf_pieces
 from .rules import Adapter, Rule
 from .transpose import contiguous
 from .writer import _pwrite_all, header_bytes
@@ -162,7 +162,7 @@ class HFView(Mapping[str, torch.Tensor]):
         self.entries: dict[str, HFEntry] = {}
         for native_key in state_dict:
             t = state_dict[native_key]
-            if num_layers is None and _mtp_index(self.adapter, native_key) is not None:
+            if num_layers is None and self.adapter.mtp_index(native_key) is not None:
                 raise ExportError(
                     f"native key {native_key!r} is an MTP layer; pass num_layers= (the config's "
                     f"{self.adapter.num_layers[0]}) so it can be numbered back to model.layers.*"
@@ -314,12 +314,12 @@ def _write_block(fd: int, base: int, hf_shape: tuple[int, ...], offset: tuple[in
 
     ``base`` is the file position of the HF tensor's first byte. A box spanning whole trailing
     dims is one run (``Shard(0)`` experts); otherwise adjacent rows merge into as few runs as
-    the box allows (:func:`lazysd.reader._runs`).
+    the box allows (:func:`lazysd.geometry.byte_runs`).
     """
     data = memoryview(block.reshape(-1).view(torch.uint8).numpy())
     box = [(o, o + n) for o, n in zip(offset, block.shape)]
     done = 0
-    for pos, n in _runs(hf_shape, block.element_size(), box):
+    for pos, n in byte_runs(hf_shape, block.element_size(), box):
         _pwrite_all(fd, data[done : done + n], base + pos)
         done += n
 
@@ -688,7 +688,7 @@ class _NativeView(HFView):
         for key in state_dict:
             t = state_dict[key]
             shape = tuple(t.shape)
-            piece = HFPiece(key, shape, (0,) * len(shape), tuple(range(len(shape))), _IDENTITY)
+            piece = HFPiece(start=(0,) * len(shape), dims=tuple(range(len(shape))), shape=shape, key=key, rule=_IDENTITY)
             self.entries[key] = HFEntry(key, key, piece, t.dtype)
 
 
