@@ -159,6 +159,17 @@ def test_sigkill_during_replace_leaves_the_old_or_the_new_export(src: Path, refs
     assert hidden(tmp_path) == []
 
 
+def test_ctrl_c_during_replace_cleans_up_and_keeps_the_old_export(src: Path, refs: dict[str, dict[str, bytes]], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    make_old(src, out)
+    proc = start(src, out, tmp_path / "marker", "write", NEW)
+    os.kill(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "KeyboardInterrupt" in stderr
+    assert which(out, refs) == "old"
+    assert hidden(tmp_path) == []  # staging directory removed and lock released on the way out
+
+
 def test_sigkill_between_the_fallback_renames_is_rolled_back(src: Path, refs: dict[str, dict[str, bytes]], tmp_path: Path) -> None:
     """Where directories cannot be exchanged atomically (NFS), the old one is renamed aside
     first: killed right then, the output directory is absent (never mixed), and the next
