@@ -436,3 +436,16 @@ def test_writer_errors_are_lazysd_errors(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="already committed or aborted"):
         writer.commit()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_stage_write_refuses_blocks_outside_their_tensor(tmp_path: Path) -> None:
+    stage = Stage(tmp_path / "out", plan_files([("w", torch.float32, (2, 3))], "5GB"), token="t")
+    stage.create()
+    with pytest.raises(ExportError, match=r"'w': a block of shape \[2, 2\] at \[1, 0\] is not inside its shape \[2, 3\]"):
+        stage.write("w", (1, 0), torch.zeros(2, 2))
+    with pytest.raises(ExportError, match=r"'v': not a tensor of this export's layout"):
+        stage.write("v", (0,), torch.zeros(1))
+    with pytest.raises(ExportError, match=r"'w': block of dtype torch.bfloat16, the file holds torch.float32"):
+        stage.write("w", (0, 0), torch.zeros(2, 3, dtype=torch.bfloat16))
+    stage.abort()
+    assert list(tmp_path.iterdir()) == []
