@@ -449,3 +449,12 @@ def test_stage_write_refuses_blocks_outside_their_tensor(tmp_path: Path) -> None
         stage.write("w", (0, 0), torch.zeros(2, 3, dtype=torch.bfloat16))
     stage.abort()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_main_model_only_module_export_fixes_the_copied_config(src: Path, tmp_path: Path) -> None:
+    model = Step3p5Model(SPEC, layout="native")  # a main-model-only module: no MTP layers
+    out = save_hf(model, tmp_path / "out", adapter="step3p5", config=src / "config.json")
+    config = json.loads((out / "config.json").read_text())
+    assert json.loads((src / "config.json").read_text())["num_nextn_predict_layers"] == SPEC.num_nextn_predict_layers > 0
+    assert config["num_nextn_predict_layers"] == 0
+    assert max(int(k.split(".")[2]) for k in load_hf_tensors(out) if k.startswith("model.layers.")) == SPEC.num_hidden_layers - 1
