@@ -76,8 +76,10 @@ from .adapters import resolve_adapter
 from .checkpoint import Checkpoint
 from .errors import ExportError, MissingKeyError, ShapeMismatchError
 from .export import ExportLock, FileLayout, HFEntry, HFView, Stage, clip, fitted_config, out_dir_problem, parse_size, piece_blocks, plan_files, recover
+from .fp8 import FP8_DTYPES
+from .geometry import Box
 from .paths import resolve_checkpoint_path
-from .plan import FP8_DTYPES, Box, Entry, Source
+from .plan import Entry, Source
 from .reader import MiB, Reader, ReadOptions, Stats
 from .rules import Adapter, Rule
 
@@ -89,7 +91,7 @@ _AS_STORED = Rule("{key:**}")  # rule carried by the identity entries of native=
 def _identity_entry(info: Any) -> Entry:
     """An HF tensor as itself: one source, no permutation, no cast."""
     n = len(info.shape)
-    return Entry(info.key, info.shape, info.dtype, (Source(info, (0,) * n, tuple(range(n))),), _AS_STORED)
+    return Entry(info.key, info.shape, info.dtype, (Source(info=info, start=(0,) * n, dims=tuple(range(n))),), _AS_STORED)
 
 
 def _new_id() -> str:
