@@ -20,7 +20,8 @@ from lazysd.testing import Step3p5Spec, make_checkpoint
 from lazysd.testing.checks import same_bits
 from lazysd.testing.dist import run_ranks
 
-SPEC = Step3p5Spec.tiny(hidden_size=128, moe_intermediate_size=64, moe_num_experts=8, share_expert_dim=32, intermediate_size=64)
+# 6 experts: split over 4 ranks they are uneven (2, 2, 2, 0: one rank holds none).
+SPEC = Step3p5Spec.tiny(hidden_size=128, moe_intermediate_size=64, moe_num_experts=6, share_expert_dim=32, intermediate_size=64)
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 EXPERTS = ("experts.gate_and_up_projs", "experts.down_projs")
 
@@ -167,13 +168,13 @@ def _fsdp_ep(key: str, shape: tuple[int, ...], mesh, expert_fsdp: bool):
 
 def _tp(key: str, shape: tuple[int, ...], mesh):
     """Megatron-style TP on a 1-D mesh: column-parallel Shard(0), row-parallel Shard(1);
-    experts split on their output dim (gate_and_up's concat dim, down's D); vectors plain."""
+    gate_and_up split on its output (concat) dim, down_projs by experts; vectors plain."""
     from torch.distributed.tensor import Shard
 
     if key.endswith("experts.gate_and_up_projs"):
         return [Shard(2)]
     if key.endswith("experts.down_projs"):
-        return [Shard(1)]
+        return [Shard(0)]
     if key.endswith(("o_proj.weight", "down_proj.weight", "embed_tokens.weight")):
         return [Shard(1)]
     if len(shape) >= 2 and "moe.gate" not in key:
