@@ -581,9 +581,9 @@ class HFWriter(StorageWriter):
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         """Write this rank's items into the staged files; the future is already complete.
 
-        After writing, the ranks agree on whether any failed (a collective over the default
-        process group when DCP runs on all of it): on a failure anywhere the coordinator
-        removes the stage and every rank raises, so nothing is committed.
+        After writing, the ranks agree on whether any failed (:func:`_any_failed`): on a
+        failure anywhere the coordinator removes the stage and releases the export lock, and
+        every rank raises, so nothing is committed.
         """
         layout: _SaveLayout = plan.storage_data
         job = self._job(layout)
@@ -615,6 +615,8 @@ class HFWriter(StorageWriter):
         if anyone_failed:
             if self.is_coordinator:
                 self._release()
+            elif failed is not None:
+                stage.abort()  # where the ranks cannot agree, the failing one removes the stage itself
             else:
                 stage.close()
             if failed is not None:
@@ -686,11 +688,17 @@ class HFWriter(StorageWriter):
 
 
 def _any_failed(world: int, failed: bool) -> bool:
-    """Whether any rank of the save failed: over the default group when the save spans it."""
+    """Whether any rank of the save failed, where the ranks can tell each other.
+
+    DCP does not hand its process group to storage writers: the default group is used when
+    the save spans all of it, from the main thread (an ``async_save`` thread must not start
+    collectives beside the training loop's). Elsewhere each rank knows only its own failure;
+    DCP then still skips ``finish``, so nothing is committed either way.
+    """
     import torch.distributed as dist
 
-    if world <= 1 or not dist.is_initialized() or dist.get_world_size() != world:
+    if world <= 1 or not dist.is_initialized() or dist.get_world_size() != world or threading.current_thread() is not threading.main_thread():
         return failed
-    flag = torch.tensor([int(failed)])
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+    flags: list[Any] = [None] * world
+    dist.all_gather_object(flags, failed)  # an object collective: works over NCCL and gloo alike
+    return any(flags)

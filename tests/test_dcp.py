@@ -483,3 +483,28 @@ def test_per_expert_fp8_family_with_mtp(tmp_path: Path, fp8: str) -> None:
     save_hf(sd, tmp_path / "ref", adapter="deepseek_v3", config=src / "config.json", max_shard_size="100KB", num_layers=layers)
     dcp.save(sd, storage_writer=HFWriter(tmp_path / "out", adapter="deepseek_v3", config=src / "config.json", max_shard_size="100KB"), no_dist=True)
     _same_dirs(tmp_path / "out", tmp_path / "ref")
+
+
+def _failing_save(rank: int, world: int, path: str, out: str) -> str:
+    """dcp.save whose rank 1 fails while writing: every rank must raise, nothing be committed."""
+    from torch.distributed.checkpoint import DefaultSavePlanner
+
+    from lazysd.dcp import HFWriter
+
+    class FailOnRank1(DefaultSavePlanner):
+        def resolve_data(self, write_item):
+            if rank == 1:
+                raise OSError(28, "No space left on device")
+            return super().resolve_data(write_item)
+
+    try:
+        dcp.save(_full(path), storage_writer=HFWriter(out, adapter="step3p5", max_shard_size="40KB"), planner=FailOnRank1())
+    except CheckpointException as e:
+        return str(e)
+    return "saved"
+
+
+def test_failed_rank_aborts_every_rank(ckpt: Path, tmp_path: Path) -> None:
+    messages = run_ranks(_failing_save, 2, (str(ckpt), str(tmp_path / "out")), timeout=120)
+    assert all("No space left on device" in m for m in messages), messages
+    assert list(tmp_path.iterdir()) == []  # no output, no stage, no lock
