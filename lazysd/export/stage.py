@@ -60,7 +60,7 @@ import torch
 
 from ..checkpoint import INDEX_NAME
 from ..errors import ExportError
-from ..reader import _runs as _byte_runs  # geometry.byte_runs once it lands
+from ..geometry import byte_runs as _byte_runs
 from ..writer import pwrite_all
 from .layout import FileLayout, TensorSlot
 
