@@ -303,6 +303,8 @@ def test_full_disk_is_an_export_error_and_keeps_the_old_export(src: Path, small_
             save_hf(vsd, out, dtype=torch.float32, overwrite=True)  # ... not twice, and not as fp32
     assert files_of(out) == old
     assert hidden(small_tmpfs) == []
+    with pytest.raises(ExportError, match=r"mnt: is a mount point; export into a directory inside it \(e\.g\. .*mnt/model\)"):
+        save_hf({"lm_head.weight": torch.ones(2, 2)}, small_tmpfs, adapter="step3p5", overwrite=True)
 
 
 # ---- meta and device tensors -----------------------------------------------------------------
