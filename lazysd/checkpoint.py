@@ -633,7 +633,7 @@ def _clip(value: Any, n: int = 60) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
-_SHARD_NAME = re.compile(r"(?P<stem>.+)-(?P<i>\d+)-of-(?P<total>\d+)\.safetensors")
+_SHARD_NAME = re.compile(r"(?P<stem>.+)-(?P<i>[0-9]+)-of-(?P<total>[0-9]+)\.safetensors")
 
 
 def _more(total: int, shown: int) -> str:

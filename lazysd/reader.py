@@ -378,9 +378,11 @@ class Reader:
         (b0, b1), (r0, r1), (c0, c1) = src.block, *sub
         s = torch.empty(tuple(h - l for l, h in blocks), dtype=scale.dtype)
         self.ckpt.read_runs(scale, _runs(scale.shape, scale.itemsize, blocks), _as_bytes(s))
-        s = s.float().repeat_interleave(b0, 0).repeat_interleave(b1, 1)
-        s = s[r0 - blocks[0][0] * b0 : r1 - blocks[0][0] * b0, c0 - blocks[1][0] * b1 : c1 - blocks[1][0] * b1]
-        return buf.float().mul_(s)
+        # Each element's scale, picked by block index: the temporary is the chunk's own size,
+        # whatever the block size says (a [2**24, 2**24] block must not expand to 2**48).
+        rows = torch.arange(r0, r1) // b0 - blocks[0][0]
+        cols = torch.arange(c0, c1) // b1 - blocks[1][0]
+        return buf.float().mul_(s.float()[rows][:, cols])
 
     def _place(self, job: _Job, buf: torch.Tensor) -> None:
         if job.dest.device.type != "cpu":
