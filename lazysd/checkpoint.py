@@ -234,6 +234,7 @@ class Checkpoint:
         self._fds: dict[Path, int] = {}
         self._identity: dict[Path, _FileIdentity] = {}
         self._lock = threading.Lock()
+        _CHECKPOINTS.add(self)
         self._mappings: dict[Path, mmap.mmap] = {}  # only with mmap=True; tensors keep them alive
         self.bytes_read = 0
         self.read_calls = 0
@@ -584,6 +585,20 @@ class Checkpoint:
     @property
     def files(self) -> list[Path]:
         return list(self._identity)
+
+
+_CHECKPOINTS: weakref.WeakSet[Checkpoint] = weakref.WeakSet()
+
+
+def _reset_after_fork() -> None:
+    # A child made by os.fork shares the descriptors (pread needs no file position) but not
+    # the threads: a lock one of them held at the fork would stay held forever here.
+    for ckpt in list(_CHECKPOINTS):
+        ckpt._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def _too_many_files(file: Path, opened: int, e: OSError) -> LazySDError:
