@@ -70,6 +70,7 @@ def load(
     max_inflight_bytes: int | None = None,
     progress: bool | Callable[[Stats, Entry], None] = False,
     mmap: bool | None = None,
+    revision: str | None = None,
 ) -> LoadReport:
     """Load a checkpoint into ``model`` through ``model.load_state_dict`` and report on it.
 
@@ -93,6 +94,8 @@ def load(
         mmap: with ``assign=True``, the fastest path: unchanged tensors become copy-on-write
             views of the files (not read now), concatenated ones keep the HF memory order
             (no transpose), so parameters may be strided (see ``VirtualStateDict``).
+        revision: branch, tag or commit when ``path_or_vsd`` is a Hugging Face cache
+            repository or hub id (see ``VirtualStateDict``).
 
     Returns:
         A :class:`LoadReport`.
@@ -110,6 +113,7 @@ def load(
         "max_inflight_bytes": max_inflight_bytes,
         "progress": progress or None,
         "mmap": mmap,
+        "revision": revision,
     }
     given = {k: v for k, v in options.items() if v is not None}
     if isinstance(path_or_vsd, VirtualStateDict):
