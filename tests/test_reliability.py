@@ -527,7 +527,10 @@ def test_cli_version_inspect_adapter_demo_keep_and_adapter_names(tiny: Path, tmp
 
 
 def test_print_of_a_value_shows_metadata_and_reads_nothing(tiny: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    # What the README says: print() shows metadata, print(t.materialize()) the values.
+    # What the README says (it used to claim that printing a value materializes it):
+    # print() shows metadata, print(t.materialize()) the values.
+    readme = (ROOT / "README.md").read_text()
+    assert "`print(t)` show metadata only" in readme and "printing values, `torch.equal`" not in readme
     with VirtualStateDict(tiny) as vsd:
         print(vsd["model.norm.weight"])
         assert capsys.readouterr().out.startswith("LazyTensor(shape=[32], dtype=torch.bfloat16, key='model.norm.weight')")
