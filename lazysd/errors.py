@@ -81,6 +81,10 @@ class ExportError(LazySDError, ValueError):
     """An export that cannot be done safely: output is the source or not empty, ranks disagree, ..."""
 
 
+class ExportDTypeError(LazySDError, TypeError):
+    """A tensor to write has a dtype safetensors cannot store, or not the dtype declared for it."""
+
+
 class StateDictMismatchError(LazySDError, RuntimeError):
     """``lazysd.load(..., strict=True)``: the model's keys and the checkpoint's differ."""
 

@@ -278,14 +278,18 @@ def test_ctrl_c_during_convert_is_one_line_exit_130_and_no_output(medium: Path, 
         [sys.executable, "-m", "lazysd", "convert", str(medium), str(dst), "--quiet", "--max-shard-size", "20MB"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT,
     )
-    # Interrupt while shards are being written (their hidden temporary files exist).
-    _interrupt_when(proc, lambda: dst.is_dir() and any(".tmp-" in p.name for p in dst.iterdir()))
+    # Interrupt while shards are being written (in the export's hidden staging directory).
+    def writing() -> bool:
+        return any(p.name.startswith(f".{dst.name}.lazysd-stage-") and any(p.glob("*.safetensors")) for p in tmp_path.iterdir())
+
+    _interrupt_when(proc, writing)
     t0 = time.perf_counter()
     out, err = proc.communicate(timeout=30)
     assert time.perf_counter() - t0 < 20
     assert proc.returncode == 130, err
     assert err == f"lazysd: interrupted; nothing was written to {dst}\n"
-    assert not dst.exists()  # made by the run, removed empty: nothing that looks like a checkpoint
+    assert not dst.exists()  # nothing that looks like a checkpoint, and no leftovers beside it
+    assert [p.name for p in tmp_path.iterdir() if p.name != "out"] == []
 
 
 _LOAD_LOOP = """
