@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -35,7 +34,7 @@ CATCH_ALL = Adapter("catch_all", ("catch_all",), rules=(Rule("{name:**}"),))
 
 
 def _py(code: str, *args: str, timeout: float = 120, **kw: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout, env=ENV, cwd=ROOT, **kw)  # type: ignore[call-overload]
+    return subprocess.run([sys.executable, "-c", code, *args], check=False, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=ROOT, **kw)  # type: ignore[call-overload]
 
 
 @pytest.fixture(scope="module")
@@ -284,7 +283,7 @@ def test_ctrl_c_during_convert_is_one_line_exit_130_and_no_output(medium: Path, 
 
     _interrupt_when(proc, writing)
     t0 = time.perf_counter()
-    out, err = proc.communicate(timeout=30)
+    _, err = proc.communicate(timeout=30)
     assert time.perf_counter() - t0 < 20
     assert proc.returncode == 130, err
     assert err == f"lazysd: interrupted; nothing was written to {dst}\n"
@@ -513,7 +512,7 @@ def test_lazysd_load_checks_shapes_before_overwriting_anything(tiny: Path) -> No
 
 
 def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "lazysd", *args], capture_output=True, text=True, timeout=timeout, env=ENV, cwd=ROOT)
+    return subprocess.run([sys.executable, "-m", "lazysd", *args], check=False, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=ROOT)
 
 
 def test_cli_version_inspect_adapter_demo_keep_and_adapter_names(tiny: Path, tmp_path: Path) -> None:
@@ -563,6 +562,6 @@ def test_example_builds_the_model_from_the_checkpoint_config(tmp_path: Path) -> 
     spec = Step3p5Spec.tiny(moe_num_experts=6, hidden_size=48, moe_intermediate_size=24, num_hidden_layers=3)
     ckpt = make_checkpoint(tmp_path / "other", spec, layout="split")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(ROOT / "examples" / "load_expert_parallel.py"), "--ckpt", str(ckpt)]
-    out = subprocess.run(cmd, env={**ENV, "TMPDIR": str(tmp_path)}, capture_output=True, text=True, timeout=240)
+    out = subprocess.run(cmd, check=False, env={**ENV, "TMPDIR": str(tmp_path)}, capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("<All keys matched successfully>") == 2 and "experts (3, 48, 48) of (6, 48, 48)" in out.stdout
