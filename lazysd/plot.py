@@ -90,10 +90,10 @@ def plot_rank_bytes(plan: LoadPlan, *, ax: Any = None) -> Any:
     plt = _pyplot()
     if ax is None:
         # Width for the bars plus the legend beside them.
-        _, ax = plt.subplots(figsize=(max(3, 0.3 * len(plan.ranks)) + 2, 3.5), layout="constrained")
+        _, ax = plt.subplots(figsize=(max(4, 0.3 * len(plan.ranks)) + 3, 3.5), layout="constrained")
     labels = [str(r.rank) for r in plan.ranks]
     kinds = [k for k in KINDS if any(r.by_kind.get(k) for r in plan.ranks)]
     _stacked(ax, labels, {k: [r.by_kind.get(k, 0) for r in plan.ranks] for k in kinds})
     ax.set_xlabel("rank")
-    ax.set_title(f"bytes read per rank\n{plan.layout.mesh} (imbalance {plan.imbalance:.3f})", fontsize="medium")
+    ax.set_title(f"bytes read per rank, {plan.layout.mesh} (imbalance {plan.imbalance:.3f})", fontsize="medium")
     return ax
