@@ -565,3 +565,34 @@ def test_example_builds_the_model_from_the_checkpoint_config(tmp_path: Path) -> 
     out = subprocess.run(cmd, check=False, env={**ENV, "TMPDIR": str(tmp_path)}, capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("<All keys matched successfully>") == 2 and "experts (3, 48, 48) of (6, 48, 48)" in out.stdout
+
+
+def _dtensor_in_place(rank: int, world: int, path: str) -> list[str]:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
+    with VirtualStateDict(path, mesh) as vsd:
+        t = vsd["model.layers.1.moe.experts.down_projs"]
+        before = t.to_local().materialize()
+        refused = []
+        for op in (lambda: t.add_(1), lambda: t.zero_(), lambda: t.mul_(2)):
+            try:
+                op()
+            except errors.ReadOnlyTensorError:
+                refused.append("refused")
+        assert torch.equal(t.to_local().materialize(), before)
+        return refused
+
+
+def test_in_place_ops_on_dtensor_values_are_refused(tiny: Path) -> None:
+    from lazysd.testing.dist import run_ranks
+
+    assert run_ranks(_dtensor_in_place, 2, args=(str(tiny),)) == [["refused"] * 3] * 2
+
+
+def test_absurd_rank_counts_in_dry_runs_are_refused_at_once(tiny: Path) -> None:
+    # One row per rank: ep=10**9 used to loop for hours.
+    out = _cli("inspect", str(tiny), "--ep", str(10**9), timeout=60)
+    assert out.returncode == 2 and "ep=1000000000 x ep_shard=1 is 1000000000 ranks; a dry run covers at most 65536" in out.stderr
+    with VirtualStateDict(tiny) as vsd, pytest.raises(errors.PlacementError, match="a dry run covers at most"):
+        vsd.explain("model.layers.1.moe.experts.down_projs", ep=10**9)
