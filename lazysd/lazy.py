@@ -191,7 +191,13 @@ class LazyTensor(torch.Tensor):
         if func in _METADATA_FUNCS or (name == "__get__" and _property_name(func) not in _DATA_PROPERTIES) or func is torch.Tensor.requires_grad_:
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)
-        args, kwargs = tree_map(_materialized, (args, kwargs))
+        if func is torch.Tensor.to and _to_meta(args, kwargs):
+            args, kwargs = tree_map(lambda x: _stand_in(x, torch.device("meta")), (args, kwargs))
+        elif func in _SHAPE_ONLY_FUNCS:
+            # Only the shape, dtype and device are used: an uninitialized stand-in, nothing read.
+            args, kwargs = tree_map(_stand_in, (args, kwargs))
+        else:
+            args, kwargs = tree_map(_materialized, (args, kwargs))
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **kwargs)
 
@@ -263,6 +269,41 @@ def _property_name(func: Any) -> str:
 
 def _is_dtensor(t: torch.Tensor) -> bool:
     return type(t).__name__ == "DTensor"
+
+
+# Functions that use only a tensor's shape, dtype and device, never its values.
+_SHAPE_ONLY_FUNCS = {
+    torch.empty_like,
+    torch.zeros_like,
+    torch.ones_like,
+    torch.full_like,
+    torch.rand_like,
+    torch.randn_like,
+    torch.randint_like,
+    torch.Tensor.new_empty,
+    torch.Tensor.new_zeros,
+    torch.Tensor.new_ones,
+    torch.Tensor.new_full,
+}
+
+
+def _to_meta(args: tuple, kwargs: dict) -> bool:
+    """``t.to("meta")`` (or ``device="meta"``): the result holds no data, so none is read."""
+    device = kwargs.get("device", args[1] if len(args) > 1 else None)
+    if isinstance(device, torch.Tensor):
+        device = device.device
+    try:
+        return device is not None and not isinstance(device, torch.dtype) and torch.device(device).type == "meta"
+    except (RuntimeError, TypeError):
+        return False
+
+
+def _stand_in(x: Any, device: torch.device | None = None) -> Any:
+    """An uninitialized plain tensor in place of a LazyTensor (shape and dtype kept; its device unless given)."""
+    if not isinstance(x, LazyTensor):
+        return x
+    with torch._C.DisableTorchFunctionSubclass():
+        return torch.empty(x.shape, dtype=x.dtype, device=device or x.device)
 
 
 def _materialized(x: Any) -> Any:

@@ -596,3 +596,14 @@ def test_absurd_rank_counts_in_dry_runs_are_refused_at_once(tiny: Path) -> None:
     assert out.returncode == 2 and "ep=1000000000 x ep_shard=1 is 1000000000 ranks; a dry run covers at most 65536" in out.stderr
     with VirtualStateDict(tiny) as vsd, pytest.raises(errors.PlacementError, match="a dry run covers at most"):
         vsd.explain("model.layers.1.moe.experts.down_projs", ep=10**9)
+
+
+def test_shape_only_ops_read_nothing(tiny: Path) -> None:
+    # Siblings of the meta destination: results that use a value's shape, never its data.
+    with VirtualStateDict(tiny) as vsd:
+        t = vsd["model.layers.1.moe.experts.down_projs"]
+        for op in (torch.empty_like, torch.zeros_like, lambda t: torch.full_like(t, 2), lambda t: t.new_zeros(3), lambda t: t.to("meta"), lambda t: t.to(device="meta")):
+            out = op(t)
+            assert type(out) is torch.Tensor and vsd.bytes_read == 0
+        assert torch.zeros_like(t).eq(0).all() and torch.zeros_like(t).shape == t.shape and t.to("meta").is_meta
+        assert t.to(torch.float32).equal(t.materialize().float()) and vsd.bytes_read > 0
