@@ -42,7 +42,8 @@ import torch
 from torch.utils._pytree import tree_map
 
 from .errors import ReadOnlyTensorError
-from .plan import Box, Entry
+from .geometry import Box
+from .plan import Entry
 
 if TYPE_CHECKING:
     from .reader import Reader
