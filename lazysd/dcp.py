@@ -670,9 +670,9 @@ class HFWriter(StorageWriter):
         return job
 
     def _config_layers(self) -> int | None:
-        from .export.config import _config_layers
+        from .export.config import config_layers
 
-        return None if self.config is None else _config_layers(self.config, self.adapter)
+        return None if self.config is None else config_layers(self.config, self.adapter)
 
     def _release(self) -> None:
         """Coordinator: remove an uncommitted stage and release the export lock (idempotent)."""
