@@ -474,10 +474,10 @@ def test_per_expert_fp8_family_with_mtp(tmp_path: Path, fp8: str) -> None:
     assert all(same_bits(sd[k], want[k]) for k in want)
     assert reader.bytes_read == sum(n for _, _, n in reader.vsd.planned_ranges())
     # ... and written back by HFWriter exactly as save_hf writes it (FP8 and scales kept).
+    import json
+
     from lazysd import save_hf
     from lazysd.dcp import HFWriter
-
-    import json
 
     layers = json.loads((src / "config.json").read_text())["num_hidden_layers"]
     save_hf(sd, tmp_path / "ref", adapter="deepseek_v3", config=src / "config.json", max_shard_size="100KB", num_layers=layers)
