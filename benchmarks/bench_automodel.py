@@ -41,7 +41,7 @@ def _read_bytes() -> int:
     return int(text.split("read_bytes:")[1].split()[0])
 
 
-def _config(path: str):  # noqa: ANN202
+def _config(path: str):
     from transformers import PretrainedConfig
 
     d = json.loads(Path(path, "config.json").read_text())
@@ -50,7 +50,7 @@ def _config(path: str):  # noqa: ANN202
     return PretrainedConfig(**d)
 
 
-def _model(path: str, method: str, mesh):  # noqa: ANN001, ANN202
+def _model(path: str, method: str, mesh):
     import torch
     from nemo_automodel.components.models.common import BackendConfig
     from nemo_automodel.components.models.step3p5.model import Step3p5ForCausalLM
@@ -77,7 +77,7 @@ def _model(path: str, method: str, mesh):  # noqa: ANN001, ANN202
     return model
 
 
-def _turns(reader, rank: int, world: int, files: list[Path], out: dict) -> None:  # noqa: ANN001
+def _turns(reader, rank: int, world: int, files: list[Path], out: dict) -> None:
     """Make ``reader.read_data`` run one rank at a time from a cold cache, counting its bytes."""
     import torch.distributed as dist
 
@@ -85,7 +85,7 @@ def _turns(reader, rank: int, world: int, files: list[Path], out: dict) -> None:
 
     original = reader.read_data
 
-    def read_data(plan, planner):  # noqa: ANN001, ANN202
+    def read_data(plan, planner):
         result = None
         for turn in range(world):
             if turn == rank:
@@ -129,7 +129,7 @@ def _rank(rank: int, world: int, path: str, method: str, cold: bool) -> dict:
         if world > 1:  # DCP route: the ranks' reads take turns (see the module docstring)
             make_reader = checkpointer._get_storage_reader
 
-            def measured(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            def measured(*args, **kwargs):
                 reader = make_reader(*args, **kwargs)
                 _turns(reader, rank, world, files, out)
                 return reader

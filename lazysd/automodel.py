@@ -75,7 +75,7 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import torch
 
@@ -84,10 +84,12 @@ from .checkpoint import Checkpoint, TensorInfo
 from .dcp import HFReader
 from .distributed import Target, contiguous_stride, local_box_of, mesh_device
 from .errors import MissingKeyError, MissingSourceError, PlacementError, ShapeMismatchError
+from .export.view import HFEntry, HFView, clip, map_placements
+from .export.view import local_box as shard_box
 from .lazy import LazyTensor
 from .plan import Box, Entry, Source, local_box, resolve
-from .reader import MiB, ReadOptions, Reader, source_box, to_native
-from .reverse import extract, hf_pieces, match_native
+from .reader import MiB, Reader, ReadOptions, source_box, to_native
+from .reverse import extract, match_native
 from .rules import Pattern, Rule
 
 __all__ = ["HFCheckpointView", "Step3p5StateDictAdapter", "use_lazysd_reader"]
@@ -184,6 +186,27 @@ def _fill_view(view: torch.Tensor, value: Any) -> bool:
         return False
     view.copy_(value)
     return True
+
+
+def _check_split(fqn: str, rule: Rule, tensor: Any, view: HFView) -> None:
+    """Refuse a DTensor whose local shard does not split into HF shards (no collective here)."""
+    for entry in view.entries.values():
+        if map_placements(entry.piece, tuple(tensor.shape), tensor.placements) is None:
+            raise PlacementError(
+                f"{fqn} is placed {tuple(tensor.placements)}: its local shard does not split into shards of "
+                f"{entry.key} (a shard of dim {rule.cat_dim}, where gate and up are concatenated, cannot be split)"
+            )
+
+
+def _alias(native: torch.Tensor, entry: HFEntry) -> torch.Tensor:
+    """HF tensor ``entry`` as a view of ``native`` (of its local shard for a DTensor): no copy."""
+    if not _is_dtensor(native):
+        return extract(native, entry.piece)
+    placements = map_placements(entry.piece, tuple(native.shape), native.placements)
+    box, origin = shard_box(native)
+    sub, _ = clip(entry.piece, box)
+    local = extract(native.to_local(), sub, origin=origin)
+    return _create_dtensor_from_local_or_reference(local, native, placements_override=tuple(placements), global_shape=entry.shape)  # type: ignore[arg-type]
 
 
 def _rank_box(shape: Sequence[int], mesh: Any, placements: Sequence[Any]) -> Box:
@@ -376,8 +399,6 @@ class Step3p5StateDictAdapter:
     supports_write_through_checkpoint_load = True
     #: The name NeMo Automodel 0.7's Checkpointer reads for the same promise (no full copy).
     supports_low_memory_dcp_load = True
-    #: No legacy HF names are accepted on load (read by Automodel's Checkpointer).
-    checkpoint_key_aliases: dict[str, str] = {}
 
     def __init__(self, config: Any, moe_config: Any, backend: Any, dtype: torch.dtype = torch.float32) -> None:
         self.config = config
@@ -391,6 +412,11 @@ class Step3p5StateDictAdapter:
         self._native_checkpoint_load = False
 
     @property
+    def checkpoint_key_aliases(self) -> dict[str, str]:
+        """Legacy HF names accepted on load (read by Automodel's Checkpointer): none."""
+        return {}
+
+    @property
     def view_loaded_native_keys(self) -> set[str]:
         """Native keys the last :meth:`from_hf` found already loaded in place (write-through).
 
@@ -401,7 +427,7 @@ class Step3p5StateDictAdapter:
 
     def iter_checkpoint_load_parts(self, model_state_dict: Mapping[str, Any], device_mesh: Any = None) -> None:
         """None: Step3p5 checkpoints load in one DCP pass (Automodel's part-by-part hook)."""
-        return None
+        return
 
     def get_hf_state_dict_keys(self, state_dict: Mapping[str, Any]) -> list[str]:
         """The HF keys :meth:`to_hf` gives for ``state_dict``, from shapes only (no data)."""
@@ -660,11 +686,13 @@ class Step3p5StateDictAdapter:
         if not _transforms(rule):
             return [(_with_prefix(prefix, rule.parts[0].pattern.format(**values)), tensor)]
         self._check_inter(fqn, rule, tuple(tensor.shape))
-        pieces = hf_pieces(_ADAPTER, canonical, tuple(tensor.shape))
-        views = views and _writable_alias(tensor)
-        if not _is_dtensor(tensor):
-            return [(_with_prefix(prefix, p.key), extract(tensor, p) if views else extract(tensor, p).contiguous()) for p in pieces]
-        return [(_with_prefix(prefix, p.key), v) for p, v in zip(pieces, self._split_dtensor(fqn, rule, tensor, pieces, views=views))]
+        # HF keys, pieces and values from export's HFView: the rules run backwards, once.
+        view = HFView({canonical: tensor}, adapter=_ADAPTER)
+        if _is_dtensor(tensor):
+            _check_split(fqn, rule, tensor, view)
+        if views and _writable_alias(tensor):
+            return [(_with_prefix(prefix, key), _alias(tensor, entry)) for key, entry in view.entries.items()]
+        return [(_with_prefix(prefix, key), view[key]) for key in view]
 
     def _check_inter(self, fqn: str, rule: Rule, shape: tuple[int, ...]) -> None:
         inter = getattr(self.moe_config, "moe_inter_dim", None)
@@ -673,31 +701,6 @@ class Step3p5StateDictAdapter:
                 f"{fqn} has shape {list(shape)}: dim {rule.cat_dim} should be {len(rule.sources)} x "
                 f"moe_config.moe_inter_dim={inter}"
             )
-
-    def _split_dtensor(self, fqn: str, rule: Rule, tensor: Any, pieces: list, *, views: bool = False) -> list[torch.Tensor]:
-        from torch.distributed.tensor import Shard
-
-        placements = tuple(tensor.placements)
-        if len(rule.sources) > 1 and any(isinstance(p, Shard) and p.dim == rule.cat_dim for p in placements):
-            raise PlacementError(f"{fqn} is sharded on dim {rule.cat_dim} ({placements}), where gate and up are concatenated; the local shard cannot be split")
-        box = _rank_box(tensor.shape, tensor.device_mesh, placements)
-        origin = tuple(lo for lo, _ in box)
-        local = tensor.to_local()
-        out = []
-        for piece in pieces:
-            lo = [max(b[0], s) for b, s in zip(box, piece.start)]
-            hi = [min(b[1], s + e) for b, s, e in zip(box, piece.start, piece.extent)]
-            hf_local_shape = [0] * len(piece.shape)
-            for i, d in enumerate(piece.dims):
-                if d is not None:
-                    hf_local_shape[d] = max(0, hi[i] - lo[i])
-            trimmed = replace(piece, start=tuple(lo), shape=tuple(hf_local_shape))
-            hf_local = extract(local, trimmed, origin=origin)
-            if not views:
-                hf_local = hf_local.contiguous()
-            hf_placements = tuple(Shard(piece.dims[p.dim]) if isinstance(p, Shard) else p for p in placements)
-            out.append(_create_dtensor_from_local_or_reference(hf_local, tensor, placements_override=hf_placements, global_shape=piece.shape))
-        return out
 
 
 # ---- a lazy HF-keyed view of a checkpoint ------------------------------------------------
@@ -753,7 +756,7 @@ class HFCheckpointView(Mapping[str, torch.Tensor]):
         self.reader.close()
         self.checkpoint.close()
 
-    def __enter__(self) -> HFCheckpointView:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -800,7 +803,9 @@ def use_lazysd_reader(checkpointer: Any, **options: Any) -> Any:
     """
     if getattr(checkpointer, "_lazysd_reader", None) is not None:
         return checkpointer
-    from nemo_automodel.components.checkpoint.state_dict_adapter import StateDictAdapter  # the caller has Automodel
+    from nemo_automodel.components.checkpoint.state_dict_adapter import (
+        StateDictAdapter,  # the caller has Automodel
+    )
 
     StateDictAdapter.register(Step3p5StateDictAdapter)
     route: dict[str, bool | None] = {"native": None}  # set for the duration of one load_model call
