@@ -19,6 +19,22 @@ Layouts (E experts, D hidden, I expert intermediate)::
     model.layers.L.moe.router_bias      [E]      -> model.layers.L.moe.gate.e_score_correction_bias
     anything else                                -> same key, same tensor (MTP layers included)
 
+Inside NeMo Automodel's own ``Checkpointer`` the swap pays off on both of its routes:
+
+* its DCP route (several ranks): ``to_hf(..., for_checkpoint_load=True)`` returns HF-shaped
+  views of the model's parameters (of DTensor local shards too), so DCP writes checkpoint bytes
+  straight into the model, and ``from_hf`` recognises them and rebuilds nothing
+  (``supports_write_through_checkpoint_load``);
+* its single-process route: ``from_hf`` of the mapped checkpoint keeps ``down_projs`` a view,
+  as Automodel's adapter does, and never allocates more than it.
+
+:func:`use_lazysd_reader` adds the reader: one line makes the Checkpointer read through
+:class:`lazysd.dcp.HFReader`, exact byte ranges, each rank only its shards, with no memory
+beyond the model::
+
+    use_lazysd_reader(checkpointer)
+    checkpointer.load_base_model(model, device, root_dir, "/ckpt/Step-3.5-Flash")
+
 Lazy by construction: when ``from_hf`` is given lazy values (:class:`HFCheckpointView`, or any
 :class:`~lazysd.lazy.LazyTensor` of one whole stored tensor), expert tensors come back as
 LazyTensors planned over the same files, so a loader that copies them into parameters reads

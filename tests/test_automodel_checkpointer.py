@@ -47,7 +47,7 @@ def _model(path: str, method: str, mesh):
     with torch.no_grad():
         for t in model.state_dict().values():
             (t.to_local() if hasattr(t, "to_local") else t).fill_(7)  # anything not loaded shows
-    if method != "own":
+    if method in ("swap", "reader"):
         own = model.state_dict_adapter
         model.state_dict_adapter = Step3p5StateDictAdapter(own.config, own.moe_config, own.backend, dtype=own.dtype)
     return model
@@ -69,7 +69,7 @@ def _load(rank: int, world: int, path: str, method: str) -> dict:
     config = CheckpointingConfig(enabled=True, checkpoint_dir=f"{path}-unused", model_save_format="safetensors", save_consolidated=False)
     checkpointer = Checkpointer(config, dp_rank=rank, tp_rank=0, pp_rank=0, moe_mesh=mesh)
     readers: list = []
-    if method == "reader":
+    if method in ("reader", "own+reader"):
         assert use_lazysd_reader(checkpointer) is checkpointer
         assert use_lazysd_reader(checkpointer) is checkpointer  # a second call changes nothing
         make = checkpointer._get_storage_reader
@@ -82,7 +82,16 @@ def _load(rank: int, world: int, path: str, method: str) -> dict:
             got = value.to_local() if isinstance(value, DTensor) else value
             want = vsd[key].to_local() if isinstance(vsd[key], DTensor) else vsd[key]
             assert torch.equal(got, want.materialize().to(got.dtype)), key
-    out = {"view_loaded": len(model.state_dict_adapter.view_loaded_native_keys) if method != "own" else 0, "params": len(locals_before)}
+    view_loaded = getattr(model.state_dict_adapter, "view_loaded_native_keys", set()) if method in ("swap", "reader") else set()
+    out = {"view_loaded": len(view_loaded), "params": len(locals_before)}
+    if method == "own+reader":
+        # Automodel's own adapter keeps its HF keys: the drop-in reader on its DCP route; its
+        # single-process route maps the files itself and asks for no reader.
+        if world > 1:
+            assert len(readers) == 1 and isinstance(readers[0], HFReader) and not readers[0].native
+            assert readers[0].bytes_read == ideal
+        else:
+            assert readers == []
     if method == "reader":
         # The native route: one HFReader over native keys, every parameter filled in place,
         # this rank's bytes exactly.
@@ -96,24 +105,29 @@ def _load(rank: int, world: int, path: str, method: str) -> dict:
     return out
 
 
+# Registration with Automodel's StateDictAdapter (use_lazysd_reader) lasts for the process:
+# "swap" runs before it, as it would in a process that never calls use_lazysd_reader.
+METHODS = ("own", "swap", "own+reader", "reader")
+
+
+def _load_all(rank: int, world: int, path: str) -> dict:
+    return {m: _load(rank, world, path, m) for m in METHODS}
+
+
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(make_checkpoint(tmp_path_factory.mktemp("am") / "ckpt", Step3p5Spec.tiny(), layout="sharded"))
 
 
-@pytest.mark.parametrize("method", ["own", "swap", "reader"])
-def test_checkpointer_single_process_route(ckpt: str, method: str) -> None:
-    [out] = run_ranks(_load, 1, (ckpt, method), timeout=300)
-    if method == "reader":
-        assert out["view_loaded"] == out["params"]  # nothing left for Automodel to copy
-
-
-@pytest.mark.parametrize("method", ["own", "swap", "reader"])
-def test_checkpointer_dcp_route_on_two_expert_parallel_ranks(ckpt: str, method: str) -> None:
-    outs = run_ranks(_load, 2, (ckpt, method), timeout=300)
-    if method != "own":
-        # Write-through: every native key was loaded in place, none rebuilt by from_hf.
-        assert all(o["view_loaded"] == o["params"] for o in outs)
+@pytest.mark.parametrize("world", [1, 2])
+def test_checkpointer_loads_bitwise_on_both_routes(ckpt: str, world: int) -> None:
+    """world 1: Automodel's single-process route; world 2: its DCP route, experts on 2 EP ranks."""
+    for out in run_ranks(_load_all, world, (ckpt,), timeout=600):
+        # Nothing left for Automodel to copy: every native key was loaded in place (the swap on
+        # the DCP route writes through its views; the reader's native route everywhere).
+        assert out["reader"]["view_loaded"] == out["reader"]["params"]
+        if world > 1:
+            assert out["swap"]["view_loaded"] == out["swap"]["params"]
 
 
 def test_a_path_without_safetensors_keeps_automodels_reader(ckpt: str, tmp_path: Path) -> None:
