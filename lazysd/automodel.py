@@ -89,7 +89,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Self
 
@@ -101,12 +101,13 @@ from .dcp import HFReader
 from .distributed import Target, contiguous_stride, local_box_of, mesh_device
 from .errors import MissingKeyError, MissingSourceError, PlacementError, ShapeMismatchError
 from .export.view import HFEntry, HFView, clip, map_placements
-from .export.view import local_box as shard_box
+from .export.view import local_box as dtensor_box
+from .geometry import Box, full_box
 from .lazy import LazyTensor
-from .plan import Box, Entry, Source, local_box, resolve
-from .reader import MiB, Reader, ReadOptions, source_box, to_native
-from .reverse import extract, match_native
-from .rules import Pattern, Rule
+from .plan import Entry, Source, resolve
+from .reader import MiB, Reader, ReadOptions, to_native
+from .reverse import extract
+from .rules import Pattern, Rule, claim
 
 __all__ = ["HFCheckpointView", "Step3p5StateDictAdapter", "use_lazysd_reader"]
 
@@ -219,7 +220,7 @@ def _alias(native: torch.Tensor, entry: HFEntry) -> torch.Tensor:
     if not _is_dtensor(native):
         return extract(native, entry.piece)
     placements = map_placements(entry.piece, tuple(native.shape), native.placements)
-    box, origin = shard_box(native)
+    box, origin = dtensor_box(native)
     sub, _ = clip(entry.piece, box)
     local = extract(native.to_local(), sub, origin=origin)
     return _create_dtensor_from_local_or_reference(local, native, placements_override=tuple(placements), global_shape=entry.shape)  # type: ignore[arg-type]
@@ -338,21 +339,12 @@ def _global_stride(local: torch.Tensor, shape: tuple[int, ...]) -> tuple[int, ..
 
 
 # ---- in-memory plans ---------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Tensors:
-    """The Checkpoint-like object :func:`lazysd.plan.resolve` runs over: headers only."""
-
-    path: Path
-    tensors: dict[str, TensorInfo]
-    config: dict[str, Any]
-
-
 def _stored(value: Any) -> tuple[TensorInfo, Reader] | None:
     """The stored tensor and reader behind a LazyTensor of one whole tensor as stored, if any."""
     if not isinstance(value, LazyTensor) or len(value.entry.sources) != 1:
         return None
     src = value.entry.sources[0]
-    if not src.identity or src.scale is not None or tuple(value.box) != local_box(src.info.shape):
+    if not src.identity or src.scale is not None or tuple(value.box) != full_box(src.info.shape):
         return None
     return src.info, value._reader
 
@@ -371,8 +363,8 @@ def _view_of(entry: Entry, box: Box, values: dict[str, torch.Tensor]) -> torch.T
     if len(entry.sources) != 1:
         return None
     src = entry.sources[0]
-    found = source_box(src, box)
-    if found is None or tuple(zip(*found[1])) != tuple(box):
+    found = src.source_region(box)
+    if found is None or tuple(found[1]) != tuple(box):
         return None
     src_box = found[0]
     return to_native(values[src.info.key][tuple(slice(a, b) for a, b in src_box)], src.dims)
@@ -384,12 +376,12 @@ def _fill_from(entry: Entry, box: Box, values: dict[str, torch.Tensor], dest: to
     Each source is sliced before it is permuted, so with a mesh only this rank's rows are copied.
     """
     for src in entry.sources:
-        found = source_box(src, box)
+        found = src.source_region(box)
         if found is None:
             continue
-        src_box, (lo, hi) = found
+        src_box, native = found
         block = to_native(values[src.info.key][tuple(slice(a, b) for a, b in src_box)], src.dims)
-        dest[tuple(slice(l - b[0], h - b[0]) for l, h, b in zip(lo, hi, box))].copy_(block)
+        dest[tuple(slice(lo - b[0], hi - b[0]) for (lo, hi), b in zip(native, box))].copy_(block)
     return dest
 
 
@@ -515,12 +507,10 @@ class Step3p5StateDictAdapter:
         if split is None:
             return None
         prefix, canonical = split
-        for ri, rule in enumerate(_ADAPTER.rules):
-            for pi, part in enumerate(rule.sources):
-                values = part.pattern.match(canonical)
-                if values is not None and rule.parts:
-                    return prefix, ri, pi, values
-        return None
+        found = claim(_ADAPTER.rules, canonical, transforming_only=True)
+        if found is None:
+            return None
+        return prefix, found.rule, found.part, dict(found.values) | ({} if found.expert is None else {"expert": str(found.expert)})
 
     def _build(self, native_key: str, rule: Rule, values: dict[str, str], parts: dict[int, tuple[str, Any]], mesh: Any) -> Any:
         given = [k for k, _ in parts.values()]
@@ -545,14 +535,14 @@ class Step3p5StateDictAdapter:
         else:
             infos = {_canonical(k)[1]: _info(k, v) for k, v in tensors.items()}  # type: ignore[index]
             where = _IN_MEMORY
-        entry = next(iter(resolve(_ADAPTER, _Tensors(where, infos, {})).entries.values()))
+        entry = next(iter(resolve(_ADAPTER, {}, infos, where=where).entries.values()))
         entry = replace(entry, key=native_key)
         self._check_experts(entry, rule)
 
         if dtensors:
             return self._build_dtensor(entry, rule, tensors, dtensors)
         if mesh is None:
-            submesh, placements, box = None, (), local_box(entry.shape)
+            submesh, placements, box = None, (), full_box(entry.shape)
         else:
             submesh, placements = _ep_layout(mesh)
             box = _rank_box(entry.shape, submesh, placements)
@@ -695,7 +685,7 @@ class Step3p5StateDictAdapter:
         legacy = _LEGACY_ROUTER_BIAS.match(canonical)
         if legacy is not None:
             return [(_with_prefix(prefix, f"model.layers.{legacy['layer']}.moe.router_bias"), tensor)]
-        found = match_native(_ADAPTER, canonical)
+        found = _ADAPTER.native_rule(canonical)
         if found is None or not found[0].parts:
             return None
         rule, values = found
@@ -750,8 +740,8 @@ class HFCheckpointView(Mapping[str, torch.Tensor]):
         if info is None:
             raise MissingKeyError(f"{self.checkpoint.path}: no HF key {key!r} ({len(self)} keys; see .keys())")
         n = len(info.shape)
-        entry = Entry(key, info.shape, info.dtype, (Source(info, (0,) * n, tuple(range(n))),), _STORED)
-        return LazyTensor(entry, self.reader, local_box(info.shape), dtype=info.dtype, device=torch.device("cpu"))
+        entry = Entry(key, info.shape, info.dtype, (Source(info=info, start=(0,) * n, dims=tuple(range(n))),), _STORED)
+        return LazyTensor(entry, self.reader, full_box(info.shape), dtype=info.dtype, device=torch.device("cpu"))
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.checkpoint.tensors)
