@@ -148,7 +148,10 @@ def worker(method: str, path: Path, size: float) -> dict:
         return {**p.result, "bytes": nbytes}
     if method == "e":
         try:
-            from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+            from transformers.conversion_mapping import (
+                get_checkpoint_conversion_mapping,
+                register_checkpoint_conversion_mapping,
+            )
             from transformers.models.step3p7.modeling_step3p7 import Step3p7TextModel
             from transformers.utils import logging as hf_logging
         except ImportError as exc:
@@ -224,7 +227,7 @@ def main() -> int:
             )
         # Ratios per round (same machine load), then their median.
         def ratio(p: str, q: str, key: str = "seconds") -> str:
-            pairs = [(x[key], y[key]) for x, y in zip(results.get(p, []), results.get(q, [])) if "error" not in x and "error" not in y]
+            pairs = [(x[key], y[key]) for x, y in zip(results.get(p, []), results.get(q, [])) if "error" not in x and "error" not in y]  # noqa: B023 - called in this iteration
             return f"{statistics.median(a / b for a, b in pairs if b):.2f}" if pairs else "n/a"
 
         print()

@@ -73,7 +73,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -83,10 +83,10 @@ from .adapters import known
 from .checkpoint import Checkpoint, TensorInfo
 from .distributed import Target, contiguous_stride, local_box_of, mesh_device
 from .errors import MissingKeyError, MissingSourceError, PlacementError, ShapeMismatchError
-from .lazy import LazyTensor
 from .geometry import Box, full_box
+from .lazy import LazyTensor, is_dtensor
 from .plan import Entry, Source, resolve
-from .reader import MiB, ReadOptions, Reader, to_native
+from .reader import MiB, Reader, ReadOptions, to_native
 from .reverse import extract, hf_pieces
 from .rules import Pattern, Rule, claim
 
@@ -117,12 +117,6 @@ def _transforms(rule: Rule) -> bool:
 
 
 # ---- DTensor helpers ---------------------------------------------------------------------
-def _is_dtensor(t: Any) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
-
-
 def _swap_shard_placements_1_2(placements: tuple) -> tuple:
     """Swap ``Shard(1)`` and ``Shard(2)`` in DTensor placements, for a ``transpose(1, 2)``.
 
@@ -211,7 +205,7 @@ def _create_dtensor_from_local_or_reference(
     from torch.distributed.tensor import Shard
     from torch.distributed.tensor._utils import compute_global_tensor_info
 
-    if reference_dtensor is not None and _is_dtensor(reference_dtensor):
+    if reference_dtensor is not None and is_dtensor(reference_dtensor):
         mesh = reference_dtensor.device_mesh
         placements = tuple(placements_override if placements_override is not None else reference_dtensor.placements)
     elif device_mesh is not None:
@@ -229,14 +223,14 @@ def _create_dtensor_from_local_or_reference(
     else:
         shape, _ = compute_global_tensor_info(local_tensor, mesh, list(placements))
         shape = list(shape)
-        if reference_dtensor is not None and _is_dtensor(reference_dtensor):
+        if reference_dtensor is not None and is_dtensor(reference_dtensor):
             for p, q in zip(placements, reference_dtensor.placements):
                 if isinstance(p, Shard) and isinstance(q, Shard) and q.dim < reference_dtensor.ndim:
                     shape[p.dim] = reference_dtensor.shape[q.dim]
         if n_experts is not None and shape:
             shape[0] = n_experts
     expected = _rank_box(shape, mesh, placements)
-    if tuple(h - l for l, h in expected) != tuple(local_tensor.shape):
+    if tuple(hi - lo for lo, hi in expected) != tuple(local_tensor.shape):
         raise PlacementError(
             f"local shard of shape {list(local_tensor.shape)} is not this rank's block "
             f"{[list(b) for b in expected]} of global shape {shape} under placements {placements} on {mesh}"
@@ -378,7 +372,7 @@ class Step3p5StateDictAdapter:
                     "so they must be converted in the same from_hf call"
                 )
         tensors = {k: v for k, v in parts.values()}
-        dtensors = [k for k, v in tensors.items() if _is_dtensor(v)]
+        dtensors = [k for k, v in tensors.items() if is_dtensor(v)]
         stored = {k: _stored(v) for k, v in tensors.items()}
         readers = {id(s[1]) for s in stored.values() if s is not None}
         lazy = all(s is not None for s in stored.values()) and len(readers) == 1 and not dtensors
@@ -404,7 +398,7 @@ class Step3p5StateDictAdapter:
         if lazy:
             local: torch.Tensor = LazyTensor(entry, reader, box, dtype=self.dtype, device=torch.device("cpu"))
         else:
-            dest = torch.empty(tuple(h - l for l, h in box), dtype=self.dtype, device=next(iter(tensors.values())).device)
+            dest = torch.empty(tuple(hi - lo for lo, hi in box), dtype=self.dtype, device=next(iter(tensors.values())).device)
             local = _fill_from(entry, box, tensors, dest)  # keyed as the sources: _info(k, v).key == k
         if submesh is None:
             return local
@@ -517,7 +511,7 @@ class Step3p5StateDictAdapter:
             return [(_with_prefix(prefix, rule.parts[0].pattern.format(**values)), tensor)]
         self._check_inter(fqn, rule, tuple(tensor.shape))
         pieces = hf_pieces(_ADAPTER, canonical, tuple(tensor.shape))
-        if not _is_dtensor(tensor):
+        if not is_dtensor(tensor):
             return [(_with_prefix(prefix, p.key), extract(tensor, p).contiguous()) for p in pieces]
         return [(_with_prefix(prefix, p.key), v) for p, v in zip(pieces, self._split_dtensor(fqn, rule, tensor, pieces))]
 

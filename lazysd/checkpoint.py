@@ -38,6 +38,7 @@ from .errors import (
     LazySDError,
     NoWeightsError,
     UnsafePathError,
+    shortened,
 )
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -172,16 +173,16 @@ def parse_header(file: Path, fd: int, file_size: int) -> tuple[dict[str, TensorI
             raise _fail(HeaderError, file, key, "entry must be an object with exactly 'dtype', 'shape' and 'data_offsets'")
         dtype_name, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
         if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
-            raise _fail(HeaderError, file, key, f"unknown dtype {_clip(dtype_name)} (known: {', '.join(DTYPES)})")
+            raise _fail(HeaderError, file, key, f"unknown dtype {_repr_cut(dtype_name)} (known: {', '.join(DTYPES)})")
         if not isinstance(shape, list) or not all(type(d) is int and 0 <= d <= MAX_DIM for d in shape):
-            raise _fail(HeaderError, file, key, f"shape must be a list of non-negative integers, got {_clip(shape)}")
+            raise _fail(HeaderError, file, key, f"shape must be a list of non-negative integers, got {_repr_cut(shape)}")
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
             or not all(type(o) is int for o in offsets)
             or not 0 <= offsets[0] <= offsets[1] <= data_size
         ):
-            raise _fail(HeaderError, file, key, f"data_offsets {_clip(offsets)} are not a [begin, end] range inside the {data_size}-byte data section")
+            raise _fail(HeaderError, file, key, f"data_offsets {_repr_cut(offsets)} are not a [begin, end] range inside the {data_size}-byte data section")
         dtype = DTYPES[dtype_name]
         expected = math.prod(shape) * dtype.itemsize
         if offsets[1] - offsets[0] != expected:
@@ -314,9 +315,9 @@ class Checkpoint:
                 raise CheckpointIndexError(f"{index}: weight_map is empty (it must name every tensor of the checkpoint)")
             repeated = {k: v for k, v in twice.items() if k in weight_map and weight_map[k] == v[-1]}
             if repeated:
-                lines = [f"  {k}: {', '.join(_clip(f) for f in v)}" for k, v in list(repeated.items())[:20]]
+                lines = [f"  {k}: {', '.join(_repr_cut(f) for f in v)}" for k, v in list(repeated.items())[:20]]
                 raise CheckpointIndexError(f"{index}: weight_map lists keys more than once:\n" + "\n".join(lines) + _more(len(repeated), 20))
-            not_names = [f"  {k}: {_clip(v)}" for k, v in weight_map.items() if not isinstance(v, str)]
+            not_names = [f"  {k}: {_repr_cut(v)}" for k, v in weight_map.items() if not isinstance(v, str)]
             if not_names:
                 raise CheckpointIndexError(
                     f"{index}: weight_map values must be file names (strings), got:\n" + "\n".join(not_names[:20]) + _more(len(not_names), 20)
@@ -338,7 +339,7 @@ class Checkpoint:
                     missing.setdefault(str(name), []).append(key)
                 resolved[key] = file
             if missing:
-                lines = [f"  {name}: {', '.join(_short(keys))}" for name, keys in sorted(missing.items())]
+                lines = [f"  {name}: {', '.join(shortened(keys))}" for name, keys in sorted(missing.items())]
                 raise CheckpointNotFoundError(f"{index}: names files that do not exist, for these keys:\n" + "\n".join(lines))
             files = sorted(set(resolved.values()))
             self._check_shard_series(index, files)
@@ -352,7 +353,7 @@ class Checkpoint:
         pickles = sorted(p.name for p in self.path.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickles:
             raise NoWeightsError(
-                f"{self.path}: only pickled weights found ({', '.join(_short(pickles))}); lazysd never unpickles "
+                f"{self.path}: only pickled weights found ({', '.join(shortened(pickles))}); lazysd never unpickles "
                 "checkpoint files because unpickling can run arbitrary code. Convert them to safetensors first."
             )
         raise NoWeightsError(f"{self.path}: no model.safetensors, {INDEX_NAME} or *.safetensors files found")
@@ -374,7 +375,7 @@ class Checkpoint:
             if unnamed:
                 raise CheckpointIndexError(
                     f"{index}: names shards {stem}-*-of-{total:0{width}d}.safetensors but no key in "
-                    + ", ".join(_short(unnamed))
+                    + ", ".join(shortened(unnamed))
                     + " (a shard's keys are missing from the index)"
                 )
 
@@ -539,7 +540,7 @@ def _close_fds(fds: dict[Path, int]) -> None:
     fds.clear()
 
 
-def _clip(value: Any, n: int = 60) -> str:
+def _repr_cut(value: Any, n: int = 60) -> str:
     """``repr(value)`` cut to ``n`` characters: header values are untrusted and may be huge."""
     text = repr(value)
     return text if len(text) <= n else text[: n - 3] + "..."
@@ -550,10 +551,6 @@ _SHARD_NAME = re.compile(r"(?P<stem>.+)-(?P<i>\d+)-of-(?P<total>\d+)\.safetensor
 
 def _more(total: int, shown: int) -> str:
     return f"\n  ... {total - shown} more" if total > shown else ""
-
-
-def _short(items: list[str], n: int = 8) -> list[str]:
-    return items if len(items) <= n else items[:n] + [f"... {len(items) - n} more"]
 
 
 def config_value(config: Mapping[str, Any], *names: str, default: Any = None) -> Any:

@@ -9,6 +9,11 @@ Messages name the file and the key involved, say what was expected and what was 
 from __future__ import annotations
 
 
+def shortened(items: list[str], n: int = 8) -> list[str]:
+    """``items`` cut to ``n`` for a message, the rest counted: ``[..., '... 3 more']``."""
+    return items if len(items) <= n else items[:n] + [f"... {len(items) - n} more"]
+
+
 class LazySDError(Exception):
     """Base class of every error lazysd raises on purpose."""
 

@@ -52,13 +52,13 @@ from .adapters import resolve_adapter
 from .checkpoint import INDEX_NAME, Checkpoint, TensorInfo
 from .distributed import Target, contiguous_stride, local_box_of
 from .errors import ExportError, MissingKeyError
-from .lazy import LazyTensor, _is_dtensor
-from .progress import ProgressPrinter
 from .geometry import byte_runs
+from .lazy import LazyTensor, is_dtensor
+from .progress import ProgressPrinter
 from .reverse import HFPiece, extract, hf_pieces
 from .rules import Adapter, Rule
 from .transpose import contiguous
-from .writer import _pwrite_all, header_bytes
+from .writer import header_bytes, pwrite_all
 
 __all__ = ["HFView", "HFEntry", "save_hf", "save_native", "parse_size"]
 
@@ -179,7 +179,7 @@ class HFView(Mapping[str, torch.Tensor]):
         if entry is None:
             raise MissingKeyError(f"no HF key {key!r} in this view ({len(self)} keys from {len(self.native)} native keys)")
         native = self.native[entry.native_key]
-        if _is_dtensor(native):
+        if is_dtensor(native):
             return _dtensor_value(native, entry)
         return _converted(extract(native, entry.piece), entry.dtype)
 
@@ -320,7 +320,7 @@ def _write_block(fd: int, base: int, hf_shape: tuple[int, ...], offset: tuple[in
     box = [(o, o + n) for o, n in zip(offset, block.shape)]
     done = 0
     for pos, n in byte_runs(hf_shape, block.element_size(), box):
-        _pwrite_all(fd, data[done : done + n], base + pos)
+        pwrite_all(fd, data[done : done + n], base + pos)
         done += n
 
 
@@ -365,7 +365,7 @@ def _owned(writer: _Writer, native: Any, entry: HFEntry, index: int) -> tuple[HF
     mesh dim that does not shard it, so replicas write once; ranks outside its mesh write none.
     The piece may be empty (a 0 in its shape) when the local shard misses it.
     """
-    if not _is_dtensor(native):
+    if not is_dtensor(native):
         if index % writer.world != writer.rank:
             return None
         return entry.piece, (0,) * len(entry.piece.shape), (0,) * len(entry.piece.start)
@@ -391,7 +391,7 @@ def _blocks(writer: _Writer, native: Any, entry: HFEntry, index: int) -> Iterato
     if owned is None:
         return
     piece, hf_offset, origin = owned
-    tensor = native.to_local() if _is_dtensor(native) else native
+    tensor = native.to_local() if is_dtensor(native) else native
     if 0 in piece.shape:
         return
     if not piece.shape:  # 0-dim
@@ -490,14 +490,14 @@ def _export(
     natives = {key: view.native[key] for key in dict.fromkeys(e.native_key for e in entries)}  # each fetched once
     if not distributed:
         for key, t in natives.items():
-            if _is_dtensor(t) and any(p.is_shard() or p.is_partial() for p in t.placements) and t.device_mesh.size() > 1:
+            if is_dtensor(t) and any(p.is_shard() or p.is_partial() for p in t.placements) and t.device_mesh.size() > 1:
                 raise ExportError(f"native key {key!r} is a sharded DTensor: call save_hf on every rank (distributed export)")
 
     files = _plan_files(entries, max_bytes)
     total = sum(e.nbytes for e in entries)
     # Every rank must agree on the layout, else their bytes would land in the wrong places.
     digest = hashlib.sha256(
-        repr([(name, [(e.key, e.native_key, str(e.dtype), e.shape, _is_dtensor(natives[e.native_key])) for e in group]) for name, group in files]).encode()
+        repr([(name, [(e.key, e.native_key, str(e.dtype), e.shape, is_dtensor(natives[e.native_key])) for e in group]) for name, group in files]).encode()
     ).hexdigest()
     problem = _check_out_dir(out_dir, _source_files(view.native), overwrite)
     token = f"{os.getpid()}-{secrets.token_hex(4)}"
@@ -520,7 +520,7 @@ def _export(
             for (head, _), (_, group), (_, tmp) in zip(heads, files, tmp_files):
                 fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
                 try:
-                    _pwrite_all(fd, memoryview(head), 0)
+                    pwrite_all(fd, memoryview(head), 0)
                     os.ftruncate(fd, len(head) + sum(e.nbytes for e in group))
                 finally:
                     os.close(fd)

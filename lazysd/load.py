@@ -16,8 +16,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import _short
-from .errors import OptionError, StateDictMismatchError
+from .errors import OptionError, StateDictMismatchError, shortened
 from .plan import Entry
 from .reader import Stats
 from .virtual import VirtualStateDict
@@ -148,4 +147,4 @@ def _load(model: torch.nn.Module, vsd: VirtualStateDict, *, strict: bool, assign
 
 
 def _listing(keys: tuple[str, ...]) -> str:
-    return "[" + ", ".join(_short(list(keys), 5)) + "]"
+    return "[" + ", ".join(shortened(list(keys), 5)) + "]"

@@ -302,7 +302,7 @@ class Reader:
 
     def fill(self, entry: Entry, box: Box, dest: torch.Tensor) -> torch.Tensor:
         """Write the ``box`` of native tensor ``entry`` into ``dest`` (shape of the box)."""
-        expected = tuple(h - l for l, h in box)
+        expected = tuple(hi - lo for lo, hi in box)
         if tuple(dest.shape) != expected:
             raise ShapeMismatchError(f"{entry.key}: destination shape {list(dest.shape)} is not the requested box {list(expected)}")
         t0 = time.perf_counter()

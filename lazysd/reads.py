@@ -199,7 +199,7 @@ def _chunks(src: Source, box: Box, dest: torch.Tensor, cpu: bool, chunk_bytes: i
         return
     rows = src_box[0][1] - src_box[0][0]
     # A dequantized chunk is staged in fp32: budget its rows at that size.
-    row_bytes = (4 if src.scale is not None else info.itemsize) * math.prod(h - l for l, h in src_box[1:])
+    row_bytes = (4 if src.scale is not None else info.itemsize) * math.prod(hi - lo for lo, hi in src_box[1:])
     per = max(1, chunk_bytes // max(1, row_bytes))
     if plain and row_bytes >= DIRECT_ROW and not as_source.is_contiguous() and as_source[:1].is_contiguous():
         per = 1  # contiguous row by row only: one direct read per row beats staging

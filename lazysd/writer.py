@@ -43,13 +43,13 @@ __all__ = [
 NAME_TO_DTYPE: dict[str, torch.dtype] = dict(DTYPES)
 DTYPE_TO_NAME: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
 
-Entry = tuple[str, torch.dtype, tuple[int, ...]]
+TensorSpec = tuple[str, torch.dtype, tuple[int, ...]]  # (key, dtype, shape) of one tensor in a file
 
 # Linux caps one write at 0x7FFFF000 bytes; larger tensors are written in pieces.
 _MAX_PWRITE = 1 << 30
 
 
-def _pwrite_all(fd: int, buf: memoryview, pos: int) -> None:
+def pwrite_all(fd: int, buf: memoryview, pos: int) -> None:
     """Write all of ``buf`` at file position ``pos`` (in pieces of at most ``_MAX_PWRITE``)."""
     while len(buf):
         n = os.pwrite(fd, buf[:_MAX_PWRITE], pos)
@@ -64,7 +64,7 @@ def _nbytes(dtype: torch.dtype, shape: Sequence[int]) -> int:
 
 
 def header_bytes(
-    entries: Sequence[Entry], metadata: dict[str, str] | None = None
+    entries: Sequence[TensorSpec], metadata: dict[str, str] | None = None
 ) -> tuple[bytes, dict[str, tuple[int, int]]]:
     """Build a safetensors header for tensors laid out back to back in ``entries`` order.
 
@@ -136,7 +136,7 @@ class SafetensorsWriter:
     def __init__(
         self,
         path: str | os.PathLike[str],
-        entries: Sequence[Entry],
+        entries: Sequence[TensorSpec],
         *,
         metadata: dict[str, str] | None = None,
         sparse: bool = False,
@@ -153,7 +153,7 @@ class SafetensorsWriter:
         self._lock = threading.Lock()
         self._fd: int | None = os.open(self.tmp_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            _pwrite_all(self._fd, memoryview(head), 0)
+            pwrite_all(self._fd, memoryview(head), 0)
             # Size the file now: unwritten ranges are holes, so sparse files cost no disk.
             os.ftruncate(self._fd, self.size)
         except BaseException:
@@ -198,7 +198,7 @@ class SafetensorsWriter:
         # reshape(-1) first: view(uint8) refuses 0-dim tensors; both steps are views, so the only
         # possible copy is contiguous() of a non-contiguous input.
         flat = contiguous(tensor.detach()).reshape(-1).view(torch.uint8)
-        _pwrite_all(self._fd, memoryview(flat.numpy()), self._data_start + begin + byte_offset)
+        pwrite_all(self._fd, memoryview(flat.numpy()), self._data_start + begin + byte_offset)
         with self._lock:
             self._written[key].append((byte_offset, byte_offset + nbytes))
 

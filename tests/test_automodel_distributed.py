@@ -15,7 +15,12 @@ import torch
 import torch.distributed as dist
 
 from lazysd import LazyTensor, PlacementError
-from lazysd.automodel import HFCheckpointView, Step3p5StateDictAdapter, _create_dtensor_from_local_or_reference, _swap_shard_placements_1_2
+from lazysd.automodel import (
+    HFCheckpointView,
+    Step3p5StateDictAdapter,
+    _create_dtensor_from_local_or_reference,
+    _swap_shard_placements_1_2,
+)
 from lazysd.testing import Step3p5Spec, load_hf_tensors, make_checkpoint
 from lazysd.testing.dist import run_ranks
 

@@ -48,7 +48,7 @@ def _shard_model(model: torch.nn.Module, mesh, plan) -> None:  # noqa: ANN001
         if placements is None:
             continue
         box = local_box_of(tuple(param.shape), Target(mesh, placements))
-        local = torch.full([h - l for l, h in box], -1.0, dtype=param.dtype)
+        local = torch.full([hi - lo for lo, hi in box], -1.0, dtype=param.dtype)
         dt = DTensor.from_local(local, mesh, placements, run_check=False, shape=param.shape, stride=contiguous_stride(tuple(param.shape)))
         module_name, _, name = key.rpartition(".")
         setattr(model.get_submodule(module_name), name, torch.nn.Parameter(dt, requires_grad=param.requires_grad))
@@ -189,7 +189,7 @@ def _check_2d_like(rank: int, world: int, path: str) -> dict:
             continue
         assert isinstance(got, DTensor) and tuple(got.placements) == placements, key
         box = local_box_of(tuple(want.shape), Target(mesh, placements))
-        assert torch.equal(got.to_local(), want[tuple(slice(l, h) for l, h in box)]), key
+        assert torch.equal(got.to_local(), want[tuple(slice(lo, hi) for lo, hi in box)]), key
         assert torch.equal(got.full_tensor(), want), key
     return {
         "bytes_read": vsd.bytes_read,
@@ -284,7 +284,7 @@ def _check_family(rank: int, world: int, root: str) -> dict:
         assert experts, family
         locals_ = {}
         reads = record_reads(vsd)
-        resident = _load_alone(rank, world, vsd.checkpoint.files, lambda: locals_.update({k: vsd[k].to_local().materialize() for k in experts}))
+        resident = _load_alone(rank, world, vsd.checkpoint.files, lambda: locals_.update({k: vsd[k].to_local().materialize() for k in experts}))  # noqa: B023 - called in this iteration
         own: dict[str, tuple[int, int]] = {}  # key -> this rank's experts [lo, hi)
         for key in experts:
             n = eager[key].shape[0]
