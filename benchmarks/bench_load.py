@@ -73,7 +73,7 @@ def worker(method: str, path: Path, size: float) -> dict:
 
     from lazysd import VirtualStateDict
     from lazysd.testing import Step3p5Model
-    from lazysd.testing.measure import PeakRSS
+    from tests.support.measure import PeakRSS
 
     spec = _spec(size)
     if method in ("a", "p"):
@@ -179,7 +179,7 @@ def _largest_native(path: Path) -> int:
 
 
 def main() -> int:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # lazysd and tests.support from this checkout
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", nargs=3, metavar=("METHOD", "PATH", "SIZE"), help=argparse.SUPPRESS)
     ap.add_argument("--sizes", nargs="+", type=float, default=[1e9, 3e9])
@@ -193,7 +193,7 @@ def main() -> int:
         return 0
 
     from lazysd.testing import checkpoint_nbytes, ensure_checkpoint
-    from lazysd.testing.measure import run_fresh
+    from tests.support.measure import run_fresh
 
     MiB = 2**20
     for size in args.sizes:

@@ -30,7 +30,7 @@ import torch
 from .checkpoint import Checkpoint
 from .errors import ShapeMismatchError
 from .fp8 import dequantize
-from .geometry import Box, box_shape, full_box
+from .geometry import Box, box_shape, full_box, inverse_permutation
 from .plan import Entry
 from .reads import Destination, MiB, ReadItem, plan_reads
 from .transpose import copy_into, read_transposed
@@ -82,7 +82,7 @@ def _bind(item: ReadItem, dest: torch.Tensor) -> _Job:
     view = view[tuple(0 if d is None else slice(None) for d in item.dims)]
     if item.method == "fused":
         return _Job(item, view)
-    return _Job(item, view.permute(_inverse([d for d in item.dims if d is not None])))
+    return _Job(item, view.permute(inverse_permutation([d for d in item.dims if d is not None])))
 
 
 def to_native(block: torch.Tensor, dims: tuple[int | None, ...]) -> torch.Tensor:
@@ -100,13 +100,6 @@ def _as_bytes(t: torch.Tensor) -> memoryview:
     if flat.numel() == 0:
         return memoryview(bytearray(0))
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")
-
-
-def _inverse(perm: list[int]) -> list[int]:
-    inv = [0] * len(perm)
-    for i, p in enumerate(perm):
-        inv[p] = i
-    return inv
 
 
 def _memory_order(entry: Entry) -> list[int] | None:
@@ -185,7 +178,7 @@ class Reader:
         order = self._order(entry, device)
         if order is None:
             return torch.empty(shape, dtype=dtype, device=device)
-        return torch.empty([shape[i] for i in order], dtype=dtype, device=device).permute(_inverse(order))
+        return torch.empty([shape[i] for i in order], dtype=dtype, device=device).permute(inverse_permutation(order))
 
     def destination(self, entry: Entry, box: Box, dtype: torch.dtype, device: torch.device | str) -> Destination:
         """The :class:`~lazysd.reads.Destination` that :meth:`empty` would allocate: for plans

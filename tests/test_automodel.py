@@ -17,7 +17,7 @@ from lazysd.automodel import (
 )
 from lazysd.errors import MissingKeyError
 from lazysd.testing import Step3p5Model, Step3p5Spec, load_hf_tensors, make_checkpoint
-from lazysd.testing.checks import same_bits
+from tests.support.checks import same_bits
 
 E, I, D = 4, 3, 5  # experts, expert intermediate, hidden
 L1 = "model.layers.1"

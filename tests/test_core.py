@@ -32,8 +32,8 @@ from lazysd.testing import (
     native_state_dict,
     native_tensor_specs,
 )
-from lazysd.testing.pagecache import PAGE, evict, resident_map, resident_pages
 from lazysd.writer import save_file
+from tests.support.pagecache import PAGE, evict, resident_map, resident_pages
 
 SPECS = {
     "tiny": Step3p5Spec.tiny(),

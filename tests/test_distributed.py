@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lazysd.testing import Step3p5Spec, make_checkpoint
-from lazysd.testing.dist import run_ranks
+from tests.support.dist import run_ranks
 
 # Experts of several 4 KiB pages each, so a rank's share is page-aligned-ish and measurable.
 SPEC = Step3p5Spec.tiny(hidden_size=128, moe_intermediate_size=64, moe_num_experts=8, share_expert_dim=32, intermediate_size=64)
@@ -58,7 +58,7 @@ def _load_alone(rank: int, world: int, files: list[Path], load) -> dict[str, int
     """Ranks take turns: empty page cache, this rank's load, count its cached data pages."""
     import torch.distributed as dist
 
-    from lazysd.testing.pagecache import evict, resident_map
+    from tests.support.pagecache import evict, resident_map
 
     resident: dict[str, int] = {}
     for turn in range(world):
@@ -74,7 +74,7 @@ def _load_alone(rank: int, world: int, files: list[Path], load) -> dict[str, int
 
 def _ideal_pages(ranges: list[tuple[str, int, int]]) -> dict[str, int]:
     """Pages each file's planned ranges touch, the header page aside."""
-    from lazysd.testing.pagecache import PAGE, pages_touched
+    from tests.support.pagecache import PAGE, pages_touched
 
     by_file: dict[str, list[tuple[int, int]]] = {}
     for f, off, n in ranges:
@@ -269,7 +269,7 @@ def _check_family(rank: int, world: int, root: str) -> dict:
 
     from lazysd import VirtualStateDict
     from lazysd.testing import families, load_hf_tensors
-    from lazysd.testing.measure import record_reads
+    from tests.support.measure import record_reads
 
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
     out = {}

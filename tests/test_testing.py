@@ -28,8 +28,8 @@ from lazysd.testing import (
     native_state_dict,
     native_tensor_specs,
 )
-from lazysd.testing.checks import assert_bitwise_equal
 from lazysd.writer import DTYPE_TO_NAME, NAME_TO_DTYPE, SafetensorsWriter, header_bytes, save_file
+from tests.support.checks import assert_bitwise_equal
 
 # ---------------------------------------------------------------------------------------------
 # writer
