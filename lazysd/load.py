@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from .checkpoint import _short
-from .errors import OptionError, StateDictMismatchError
-from .plan import FP8_DTYPES, Entry
+from .errors import OptionError, StateDictMismatchError, shortened
+from .fp8 import FP8_DTYPES
+from .plan import Entry
 from .progress import ProgressPrinter
 from .reader import Stats
 from .virtual import VirtualStateDict
@@ -175,7 +175,7 @@ def _check_values(model: torch.nn.Module, vsd: VirtualStateDict, wanted: Any, *,
     if problems:
         raise StateDictMismatchError(
             f"{vsd.checkpoint.path}: {len(problems)} tensor(s) do not fit {type(model).__name__} (nothing was read):\n  "
-            + "\n  ".join(_short(problems, 20))
+            + "\n  ".join(shortened(problems, 20))
         )
 
 
@@ -211,4 +211,4 @@ def _cast_problem(src: torch.dtype, dst: torch.dtype) -> str | None:
 
 
 def _listing(keys: tuple[str, ...]) -> str:
-    return "[" + ", ".join(_short(list(keys), 5)) + "]"
+    return "[" + ", ".join(shortened(list(keys), 5)) + "]"
