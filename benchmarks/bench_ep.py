@@ -54,7 +54,10 @@ def main() -> None:
     spec = Step3p5Spec.sized(int(args.size))
     path = ensure_checkpoint(Path(args.dir) / f"ep-{args.size:.0e}", spec, verbose=True)
     total = checkpoint_nbytes(spec)
-    print(f"## {path}: {total / 2**30:.2f} GiB bf16, {spec.moe_num_experts} experts x {len(spec.moe_layers)} MoE layers; medians of {args.runs} runs\n")
+    print(
+        f"## {path}: {total / 2**30:.2f} GiB bf16, {spec.moe_num_experts} experts x {len(spec.moe_layers)} "
+        f"MoE layers; medians of {args.runs} runs\n"
+    )
     print("| EP | rank | bytes read | ideal | read/ideal | wall s | peak RSS above start MiB |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for ep in args.ep:

@@ -49,7 +49,12 @@ class BlockScales:
         """What makes these scales unfit for ``weight``, or None when they fit."""
         expected = tuple(-(-n // b) for n, b in zip(weight.shape, self.block))
         scale = self.info
-        if weight.dtype not in FP8_DTYPES or len(weight.shape) != 2 or scale.shape != expected or not scale.dtype.is_floating_point:
+        if (
+            weight.dtype not in FP8_DTYPES
+            or len(weight.shape) != 2
+            or scale.shape != expected
+            or not scale.dtype.is_floating_point
+        ):
             return (
                 f"scales {list(scale.shape)} {scale.dtype} do not fit {weight.key} {list(weight.shape)} {weight.dtype} "
                 f"({weight.file.name}): expected a 2-d FP8 weight and float scales {list(expected)} for "
@@ -58,7 +63,9 @@ class BlockScales:
         return None
 
 
-def dequantize(data: torch.Tensor, sub: Box, scales: torch.Tensor, scale_box: Box, block: tuple[int, int]) -> torch.Tensor:
+def dequantize(
+    data: torch.Tensor, sub: Box, scales: torch.Tensor, scale_box: Box, block: tuple[int, int]
+) -> torch.Tensor:
     """FP8 rows/cols ``sub`` of a weight times their inverse block scales, in fp32.
 
     Args:

@@ -193,7 +193,9 @@ def shard_dim(placement: Any) -> int | None:
     return None
 
 
-def shard_box(shape: Sequence[int], mesh_shape: Sequence[int], coordinate: Sequence[int], placements: Sequence[Any]) -> Box:
+def shard_box(
+    shape: Sequence[int], mesh_shape: Sequence[int], coordinate: Sequence[int], placements: Sequence[Any]
+) -> Box:
     """The box of a tensor of ``shape`` that the mesh rank at ``coordinate`` holds.
 
     ``placements`` has one entry per mesh dim: ``Shard(d)`` (or the int ``d``) splits tensor

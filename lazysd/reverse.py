@@ -52,13 +52,17 @@ def hf_pieces(adapter: Adapter, key: str, shape: tuple[int, ...], *, num_layers:
     parts = rule.sources
     shape = tuple(shape)
     if len(parts) > 1 and shape[rule.cat_dim] % len(parts):
-        raise ShapeMismatchError(f"{key}: dim {rule.cat_dim} of shape {list(shape)} does not split into {len(parts)} equal parts")
+        raise ShapeMismatchError(
+            f"{key}: dim {rule.cat_dim} of shape {list(shape)} does not split into {len(parts)} equal parts"
+        )
     step = shape[rule.cat_dim] // len(parts) if len(parts) > 1 else None
     pieces: list[HFPiece] = []
     for pi, part in enumerate(parts):
         dims = part.dims if part.dims is not None else tuple(range(len(shape)))
         if len(dims) != len(shape):
-            raise ShapeMismatchError(f"{key}: shape {list(shape)} has {len(shape)} dims, the {rule.native!r} rule expects {len(dims)}")
+            raise ShapeMismatchError(
+                f"{key}: shape {list(shape)} has {len(shape)} dims, the {rule.native!r} rule expects {len(dims)}"
+            )
         extent = list(shape)
         start = [0] * len(shape)
         if step is not None:
@@ -74,9 +78,21 @@ def hf_pieces(adapter: Adapter, key: str, shape: tuple[int, ...], *, num_layers:
             for e in range(shape[stack]):
                 s = list(start)
                 s[stack] = e
-                pieces.append(HFPiece(start=tuple(s), dims=dims, shape=tuple(hf_shape), key=part.pattern.format(**values, expert=e), rule=rule))
+                pieces.append(
+                    HFPiece(
+                        start=tuple(s),
+                        dims=dims,
+                        shape=tuple(hf_shape),
+                        key=part.pattern.format(**values, expert=e),
+                        rule=rule,
+                    )
+                )
         else:
-            pieces.append(HFPiece(start=tuple(start), dims=dims, shape=tuple(hf_shape), key=part.pattern.format(**values), rule=rule))
+            pieces.append(
+                HFPiece(
+                    start=tuple(start), dims=dims, shape=tuple(hf_shape), key=part.pattern.format(**values), rule=rule
+                )
+            )
     return pieces
 
 

@@ -138,9 +138,13 @@ class Rule:
         for part in self.sources:
             extra = set(part.pattern.names) - native
             if extra - {"expert"} or not native <= set(part.pattern.names):
-                raise RuleError(f"rule {self.native!r}: part {part.hf!r} must use exactly the native placeholders (plus {{expert}})")
+                raise RuleError(
+                    f"rule {self.native!r}: part {part.hf!r} must use exactly the native placeholders (plus {{expert}})"
+                )
             if part.per_expert and (part.dims is None or part.dims.count(None) != 1):
-                raise RuleError(f"rule {self.native!r}: per-expert part {part.hf!r} needs dims with one None (the stacking dim)")
+                raise RuleError(
+                    f"rule {self.native!r}: per-expert part {part.hf!r} needs dims with one None (the stacking dim)"
+                )
 
     @cached_property
     def native_pattern(self) -> Pattern:
@@ -265,7 +269,13 @@ class Adapter:
         companions with the same stacking, permutation and concatenation, block-wise."""
         suffix = self.scale_suffix or ""
         return tuple(
-            Rule(rule.native + "_scale_inv", parts=tuple(Part(p.hf + suffix, p.dims) for p in rule.sources), cat_dim=rule.cat_dim, dtype=torch.float32, kind=rule.kind)
+            Rule(
+                rule.native + "_scale_inv",
+                parts=tuple(Part(p.hf + suffix, p.dims) for p in rule.sources),
+                cat_dim=rule.cat_dim,
+                dtype=torch.float32,
+                kind=rule.kind,
+            )
             for rule in self.rules
         )
 

@@ -11,8 +11,12 @@ from lazysd.testing import Step3p5Spec, make_checkpoint
 from tests.support.dist import run_ranks
 
 # Experts of several 4 KiB pages each, so a rank's share is page-aligned-ish and measurable.
-SPEC = Step3p5Spec.tiny(hidden_size=128, moe_intermediate_size=64, moe_num_experts=8, share_expert_dim=32, intermediate_size=64)
-UNEVEN = Step3p5Spec.tiny(hidden_size=128, moe_intermediate_size=64, moe_num_experts=6, share_expert_dim=32, intermediate_size=64)
+SPEC = Step3p5Spec.tiny(
+    hidden_size=128, moe_intermediate_size=64, moe_num_experts=8, share_expert_dim=32, intermediate_size=64
+)
+UNEVEN = Step3p5Spec.tiny(
+    hidden_size=128, moe_intermediate_size=64, moe_num_experts=6, share_expert_dim=32, intermediate_size=64
+)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +53,9 @@ def _shard_model(model: torch.nn.Module, mesh, plan) -> None:  # noqa: ANN001
             continue
         box = local_box_of(tuple(param.shape), Target(mesh, placements))
         local = torch.full([hi - lo for lo, hi in box], -1.0, dtype=param.dtype)
-        dt = DTensor.from_local(local, mesh, placements, run_check=False, shape=param.shape, stride=contiguous_stride(tuple(param.shape)))
+        dt = DTensor.from_local(
+            local, mesh, placements, run_check=False, shape=param.shape, stride=contiguous_stride(tuple(param.shape))
+        )
         module_name, _, name = key.rpartition(".")
         setattr(model.get_submodule(module_name), name, torch.nn.Parameter(dt, requires_grad=param.requires_grad))
 
@@ -220,7 +226,11 @@ def _check_errors(rank: int, world: int, path: str) -> str:
     with pytest.raises(PlacementError) as info:
         VirtualStateDict(path, mesh)
     messages.append(str(info.value))
-    model = _native_model(Step3p5Spec.tiny(hidden_size=128, moe_intermediate_size=64, moe_num_experts=4, share_expert_dim=32, intermediate_size=64))
+    model = _native_model(
+        Step3p5Spec.tiny(
+            hidden_size=128, moe_intermediate_size=64, moe_num_experts=4, share_expert_dim=32, intermediate_size=64
+        )
+    )
     with pytest.raises(PlacementError) as info:
         VirtualStateDict(path, like=model)
     messages.append(str(info.value))
@@ -253,11 +263,20 @@ def test_example_script_under_torchrun(tmp_path: Path) -> None:
 
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root), "TMPDIR": str(tmp_path)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(root / "examples" / "load_expert_parallel.py")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        str(root / "examples" / "load_expert_parallel.py"),
+    ]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = sorted(re.findall(r"rank \d/2: [^\n]*?next token \d+", out.stdout))
-    assert len(lines) == 2 and all("<All keys matched successfully>" in line and "experts (4, 128, 128) of (8, 128, 128)" in line for line in lines)
+    assert len(lines) == 2 and all(
+        "<All keys matched successfully>" in line and "experts (4, 128, 128) of (8, 128, 128)" in line for line in lines
+    )
     assert len({line.rsplit("next token", 1)[1] for line in lines}) == 1
 
 
@@ -284,7 +303,12 @@ def _check_family(rank: int, world: int, root: str) -> dict:
         assert experts, family
         locals_ = {}
         reads = record_reads(vsd)
-        resident = _load_alone(rank, world, vsd.checkpoint.files, lambda: locals_.update({k: vsd[k].to_local().materialize() for k in experts}))  # noqa: B023 - called in this iteration
+        resident = _load_alone(
+            rank,
+            world,
+            vsd.checkpoint.files,
+            lambda: locals_.update({k: vsd[k].to_local().materialize() for k in experts}),  # noqa: B023 - called now
+        )
         own: dict[str, tuple[int, int]] = {}  # key -> this rank's experts [lo, hi)
         for key in experts:
             n = eager[key].shape[0]
@@ -319,4 +343,7 @@ def test_every_family_under_expert_parallelism(tmp_path: Path) -> None:
         assert all(r["read"] == r["planned"] for r in per_rank), (family, per_rank)
         assert sum(r["read"] for r in per_rank) == per_rank[0]["all"], (family, per_rank)
         # Independently of lazysd's counters: the pages cached by each rank's reads alone.
-        assert all(abs(r["resident"] - r["ideal_pages"]) <= 0.01 * r["ideal_pages"] + 1 for r in per_rank), (family, [(r["resident"], r["ideal_pages"]) for r in per_rank])
+        assert all(abs(r["resident"] - r["ideal_pages"]) <= 0.01 * r["ideal_pages"] + 1 for r in per_rank), (
+            family,
+            [(r["resident"], r["ideal_pages"]) for r in per_rank],
+        )

@@ -84,7 +84,11 @@ def _base() -> tuple[dict[str, Any], bytes]:
     data = b""
     for key, t in BASE_TENSORS.items():
         raw = _bits(t)
-        header[key] = {"dtype": NAME_OF[t.dtype], "shape": list(t.shape), "data_offsets": [len(data), len(data) + len(raw)]}
+        header[key] = {
+            "dtype": NAME_OF[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [len(data), len(data) + len(raw)],
+        }
         data += raw
     return header, data
 
@@ -94,6 +98,7 @@ BASE_FILE = safetensors_bytes(BASE_HEADER, BASE_DATA)
 KEYS = list(BASE_TENSORS)
 FIELDS = ["dtype", "shape", "data_offsets"]
 CONFIG = json.dumps({"model_type": "step3p5"})
+
 
 @pytest.fixture(scope="module")
 def workdir() -> Iterator[Path]:
@@ -129,7 +134,12 @@ def _check_file(d: Path) -> None:
                 assert (info.dtype, info.shape) == (ref.dtype, tuple(ref.shape)), key
                 assert bytes(out) == _bits(ref), key
                 base = BASE_HEADER.get(key)
-                if base is not None and (DTYPES.get(base["dtype"]), tuple(base["shape"])) == (info.dtype, info.shape) and info.offset == len(raw) - len(BASE_DATA) + base["data_offsets"][0] and raw.endswith(BASE_DATA):
+                if (
+                    base is not None
+                    and (DTYPES.get(base["dtype"]), tuple(base["shape"])) == (info.dtype, info.shape)
+                    and info.offset == len(raw) - len(BASE_DATA) + base["data_offsets"][0]
+                    and raw.endswith(BASE_DATA)
+                ):
                     assert bytes(out) == _bits(BASE_TENSORS[key]), key
         # The whole stack (plan, reader, lazy values) agrees with the reference reader too.
         try:
@@ -199,11 +209,15 @@ def _apply(header: dict[str, Any], m: tuple) -> None:
 @_settings(1200)
 @given(
     mutations=st.lists(mutation, min_size=1, max_size=3),
-    length_delta=st.one_of(st.just(0), st.just(0), st.integers(-16, 16), st.integers(0, 2**64 - 1).map(lambda v: ("abs", v))),
+    length_delta=st.one_of(
+        st.just(0), st.just(0), st.integers(-16, 16), st.integers(0, 2**64 - 1).map(lambda v: ("abs", v))
+    ),
     data_cut=st.one_of(st.just(None), st.just(None), st.integers(0, len(BASE_DATA) + 8)),
     shuffle=st.randoms(use_true_random=False),
 )
-def test_fuzz_header_json(workdir: Path, mutations: list[tuple], length_delta: Any, data_cut: int | None, shuffle: Any) -> None:
+def test_fuzz_header_json(
+    workdir: Path, mutations: list[tuple], length_delta: Any, data_cut: int | None, shuffle: Any
+) -> None:
     RAN["json"] = RAN.get("json", 0) + 1
     header = copy.deepcopy(BASE_HEADER)
     for m in mutations:
@@ -225,7 +239,11 @@ def test_fuzz_header_json(workdir: Path, mutations: list[tuple], length_delta: A
 
 byte_op = st.one_of(
     st.tuples(st.just("set"), st.integers(0, len(BASE_FILE) - 1), st.integers(0, 255)),
-    st.tuples(st.just("set_header"), st.integers(0, len(BASE_FILE) - len(BASE_DATA) - 1), st.sampled_from(b'{}[]",:0123456789- \xff\x00e.')),
+    st.tuples(
+        st.just("set_header"),
+        st.integers(0, len(BASE_FILE) - len(BASE_DATA) - 1),
+        st.sampled_from(b'{}[]",:0123456789- \xff\x00e.'),
+    ),
     st.tuples(st.just("insert"), st.integers(0, len(BASE_FILE)), st.binary(min_size=1, max_size=8)),
     st.tuples(st.just("delete"), st.integers(0, len(BASE_FILE)), st.integers(1, 8)),
     st.tuples(st.just("truncate"), st.integers(0, len(BASE_FILE))),
@@ -275,15 +293,25 @@ def _shard_names(index: dict[str, Any]) -> list[str]:
 
 names = st.one_of(
     st.tuples(st.just("shard"), st.sampled_from(["", "", "./", "../"]), st.integers(0, 200)),  # see name() below
-    st.sampled_from(["missing.safetensors", "/etc/passwd", "", "sub/../x.safetensors", "pytorch_model.bin", "config.json", "."]),
+    st.sampled_from(
+        ["missing.safetensors", "/etc/passwd", "", "sub/../x.safetensors", "pytorch_model.bin", "config.json", "."]
+    ),
     junk,
 )
 
 index_op = st.one_of(
     st.tuples(st.just("drop"), st.integers(0, 200)),
     st.tuples(st.just("value"), st.integers(0, 200), names),
-    st.tuples(st.just("rename"), st.integers(0, 200), st.sampled_from(["x", "model.norm.weight", "lm_head.weight", "model.layers.1.moe.up_proj.weight"])),
-    st.tuples(st.just("add"), st.sampled_from(["x.weight", "model.layers.9.input_layernorm.weight", "model.layers.1.moe.gate_proj.weight"]), names),
+    st.tuples(
+        st.just("rename"),
+        st.integers(0, 200),
+        st.sampled_from(["x", "model.norm.weight", "lm_head.weight", "model.layers.1.moe.up_proj.weight"]),
+    ),
+    st.tuples(
+        st.just("add"),
+        st.sampled_from(["x.weight", "model.layers.9.input_layernorm.weight", "model.layers.1.moe.gate_proj.weight"]),
+        names,
+    ),
     st.tuples(st.just("weight_map"), junk),
     st.tuples(st.just("root"), junk),
     st.tuples(st.just("duplicate"), st.integers(0, 200), names),

@@ -69,11 +69,14 @@ HTML = (
     "<tr><td>experts</td><td>6</td><td>36,864</td><td>72.0 KiB</td><td>53.5%</td></tr>"
     "<tr><td>shared_expert</td><td>9</td><td>4,608</td><td>9.0 KiB</td><td>6.7%</td></tr>"
     "<tr><td>head</td><td>1</td><td>2,048</td><td>4.0 KiB</td><td>3.0%</td></tr></tbody></table></details>"
-    "<table><thead><tr><th>key</th><th>shape</th><th>dtype</th><th>bytes</th><th>HF sources</th></tr></thead><tbody>"
-    "<tr><td><code>lm_head.weight</code></td><td>[64, 32]</td><td>bfloat16</td><td style='text-align:right'>4.0 KiB</td>"
+    "<table><thead><tr><th>key</th><th>shape</th><th>dtype</th><th>bytes</th><th>HF sources</th></tr></thead>"
+    "<tbody><tr><td><code>lm_head.weight</code></td><td>[64, 32]</td><td>bfloat16</td>"
+    "<td style='text-align:right'>4.0 KiB</td>"
     "<td><code>(same key)</code></td></tr>"
-    "<tr><td><code>model.embed_tokens.weight</code></td><td>[64, 32]</td><td>bfloat16</td><td style='text-align:right'>4.0 KiB</td>"
-    "<td><code>(same key)</code></td></tr><tr><td colspan='5'>... 61 more</td></tr></tbody></table></div>"
+    "<tr><td><code>model.embed_tokens.weight</code></td><td>[64, 32]</td><td>bfloat16</td>"
+    "<td style='text-align:right'>4.0 KiB</td>"
+    "<td><code>(same key)</code></td></tr><tr><td colspan='5'>... 61 more</td></tr>"
+    "</tbody></table></div>"
 )
 
 
@@ -114,7 +117,9 @@ def test_lazy_value_repr_reads_nothing(tiny: Path) -> None:
 
 # ---- select / summarize -------------------------------------------------------------------
 def test_layer_labels() -> None:
-    assert [layer_of(k) for k in ("model.layers.12.mlp.up_proj.weight", "mtp.layers.0.enorm.weight", "model.norm.weight")] == [
+    assert [
+        layer_of(k) for k in ("model.layers.12.mlp.up_proj.weight", "mtp.layers.0.enorm.weight", "model.norm.weight")
+    ] == [
         "12",
         "mtp.0",
         "-",
@@ -162,7 +167,12 @@ def test_explain_sources_and_rank_byte_ranges(split: Path) -> None:
         ex = vsd.explain(GATE_UP, ep=4)
         gate, up = (vsd.checkpoint.tensors[f"model.layers.1.moe.{p}_proj.weight"] for p in ("gate", "up"))
         assert gate.file != up.file
-        assert (ex.kind, ex.shape, ex.dtype, ex.transform) == ("experts", (8, 32, 32), torch.bfloat16, "permute(0, 2, 1), cat 2 parts on dim 2")
+        assert (ex.kind, ex.shape, ex.dtype, ex.transform) == (
+            "experts",
+            (8, 32, 32),
+            torch.bfloat16,
+            "permute(0, 2, 1), cat 2 parts on dim 2",
+        )
         assert [(s.hf_key, s.file, s.start, s.end, s.native_block) for s in ex.sources] == [
             (gate.key, gate.file, gate.offset, gate.offset + 8192, ((0, 8), (0, 32), (0, 16))),
             (up.key, up.file, up.offset, up.offset + 8192, ((0, 8), (0, 32), (16, 32))),
@@ -171,7 +181,7 @@ def test_explain_sources_and_rank_byte_ranges(split: Path) -> None:
         for r in ex.ranks:
             assert r.nbytes == 4096 and r.runs == 2
             for read, info in zip(r.reads, (gate, up)):
-                (start, end), = read.ranges()
+                ((start, end),) = read.ranges()
                 assert (start, end) == (info.offset + r.rank * 2048, info.offset + (r.rank + 1) * 2048)
                 with open(info.file, "rb") as f:  # the bytes named are that rank's experts
                     f.seek(start)
@@ -208,7 +218,10 @@ def test_run_count_matches_runs() -> None:
 
 
 # ---- dry-run plans ------------------------------------------------------------------------
-@pytest.mark.parametrize(("ep", "ep_shard", "fsdp"), [(1, 1, False), (4, 1, False), (3, 1, False), (5, 1, False), (2, 2, False), (3, 2, True)])
+@pytest.mark.parametrize(
+    ("ep", "ep_shard", "fsdp"),
+    [(1, 1, False), (4, 1, False), (3, 1, False), (5, 1, False), (2, 2, False), (3, 2, True)],
+)
 def test_plan_equals_bytes_read(split: Path, ep: int, ep_shard: int, fsdp: bool) -> None:
     """Each rank's planned bytes and ranges are what materializing its boxes reads; boxes tile each tensor."""
     with VirtualStateDict(split, threads=0) as vsd:
@@ -234,7 +247,9 @@ def test_plan_equals_bytes_read(split: Path, ep: int, ep_shard: int, fsdp: bool)
             sharded = e.kind == "experts" or (fsdp and e.shape)
             assert bool((covered[key] == (1 if sharded else ep * ep_shard)).all()), key
         assert plan.total_bytes == sum(r.nbytes for r in plan.ranks)
-        assert plan.checkpoint_bytes == sum(i.nbytes for k, i in vsd.checkpoint.tensors.items() if k not in vsd.plan.ignored)
+        assert plan.checkpoint_bytes == sum(
+            i.nbytes for k, i in vsd.checkpoint.tensors.items() if k not in vsd.plan.ignored
+        )
 
 
 def test_plan_numbers_uneven_and_2d(tiny: Path) -> None:
@@ -243,7 +258,11 @@ def test_plan_numbers_uneven_and_2d(tiny: Path) -> None:
         plan = vsd.rank_plan(3)
         assert [r.experts for r in plan.ranks] == [(0, 3), (3, 6), (6, 8)]
         per_expert = 3 * (24 * 1024) // 8  # 3 MoE layers, 24 KiB of experts per layer
-        assert [r.nbytes for r in plan.ranks] == [replicated + 3 * per_expert, replicated + 3 * per_expert, replicated + 2 * per_expert]
+        assert [r.nbytes for r in plan.ranks] == [
+            replicated + 3 * per_expert,
+            replicated + 3 * per_expert,
+            replicated + 2 * per_expert,
+        ]
         assert plan.imbalance == pytest.approx(max(r.nbytes for r in plan.ranks) * 3 / plan.total_bytes)
         assert vsd.rank_plan(5).ranks[4].experts == (8, 8) and vsd.rank_plan(5).ranks[4].by_kind["experts"] == 0
         two_d = vsd.rank_plan(2, ep_shard=2)
@@ -309,17 +328,25 @@ def test_cli_inspect_ep(tiny: Path) -> None:
     rc, out = _cli("inspect", str(tiny), "--ep", "4", "--limit", "2")
     assert rc == 0
     head, plan = out.split("\n\ndry-run", 1)
-    assert head.endswith("model.embed_tokens.weight  [64, 32]           bfloat16     4.0 KiB  <- (same key)\n... 61 more")
+    assert head.endswith(
+        "model.embed_tokens.weight  [64, 32]           bfloat16     4.0 KiB  <- (same key)\n... 61 more"
+    )
     assert "dry-run" + plan == CLI_PLAN
 
 
 def test_cli_inspect_filters_and_summary(tiny: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rc, out = _cli("inspect", str(tiny), "--match", "*moe*", "--layer", "1", "--layer", "2", "--summary")
     assert rc == 0
-    assert "8 of 63 keys match --match='*moe*' --layer=['1', '2']\nkind     keys  parameters     bytes  share\nrouter      4" in out
+    assert (
+        "8 of 63 keys match --match='*moe*' --layer=['1', '2']\n"
+        "kind     keys  parameters     bytes  share\nrouter      4" in out
+    )
     assert "\nlayer  keys  parameters     bytes  share\n1         4      12,552  24.5 KiB  50.0%\n" in out
     rc, out = _cli("inspect", str(tiny), "--layer", "1", "--ep", "2", "--ep-shard", "2")
-    assert "dry-run load plan: ep=2 x ep_shard=2 (experts Shard(0): 8 experts, 4 per rank; Shard(1) over ep_shard=2;" in out
+    assert (
+        "dry-run load plan: ep=2 x ep_shard=2 (experts Shard(0): 8 experts, 4 per rank; Shard(1) over ep_shard=2;"
+        in out
+    )
     assert "  16 keys checked from headers" in out
     assert main(["inspect", str(tiny), "--ep", "0"]) == 2
     assert capsys.readouterr().err == "lazysd: error: ep must be a positive integer, got 0\n"
@@ -335,7 +362,9 @@ def test_plots(tiny: Path) -> None:
     with VirtualStateDict(tiny) as vsd:
         ax = plot_layer_bytes(vsd)
         heights = sum(p.get_height() for p in ax.patches)
-        assert ax.get_ylabel() == "KiB" and heights * 1024 == pytest.approx(sum(e.nbytes for e in vsd.plan.entries.values()))
+        assert ax.get_ylabel() == "KiB" and heights * 1024 == pytest.approx(
+            sum(e.nbytes for e in vsd.plan.entries.values())
+        )
         assert [t.get_text() for t in ax.get_xticklabels()] == ["-", "0", "1", "2", "3"]
         plan = vsd.rank_plan(3)
         ax = plot_rank_bytes(plan)

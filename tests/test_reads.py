@@ -56,8 +56,13 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 LAYOUTS = [(1, 1, False), (4, 1, False), (3, 2, False), (2, 2, True)]
 
 
-@pytest.mark.parametrize(("name", "dtype", "chunk"), [("flash", None, 8 << 20), ("flash", torch.float32, 4096), ("fp8", None, 8 << 20), ("fp8", None, 16384)])
-def test_dry_run_counts_are_the_reads(checkpoints: dict[str, Path], name: str, dtype: torch.dtype | None, chunk: int) -> None:
+@pytest.mark.parametrize(
+    ("name", "dtype", "chunk"),
+    [("flash", None, 8 << 20), ("flash", torch.float32, 4096), ("fp8", None, 8 << 20), ("fp8", None, 16384)],
+)
+def test_dry_run_counts_are_the_reads(
+    checkpoints: dict[str, Path], name: str, dtype: torch.dtype | None, chunk: int
+) -> None:
     """Per rank of each layout: planned bytes, runs and ranges == what materializing its boxes reads."""
     with VirtualStateDict(checkpoints[name], threads=0, dtype=dtype, chunk_bytes=chunk, include_mtp=True) as vsd:
         reads = record_reads(vsd)
@@ -109,11 +114,17 @@ def test_items_tile_the_box_and_totals_count_them(checkpoints: dict[str, Path]) 
                     covered = torch.zeros(box_shape(box), dtype=torch.int32)
                     for item in items:
                         covered[tuple(slice(lo, hi) for lo, hi in item.dest_box)] += 1
-                        assert box_shape(item.dest_box) == tuple(1 if d is None else box_shape(item.source_box)[d] for d in item.dims)
+                        assert box_shape(item.dest_box) == tuple(
+                            1 if d is None else box_shape(item.source_box)[d] for d in item.dims
+                        )
                         assert item.method == "staged" or dest.device == "cpu"
                     assert bool((covered == 1).all()), key
                     t = read_totals(entry, box, dest, chunk_bytes=4096)
-                    assert (t.items, t.nbytes, t.runs) == (len(items), sum(i.nbytes for i in items), sum(i.run_count for i in items))
+                    assert (t.items, t.nbytes, t.runs) == (
+                        len(items),
+                        sum(i.nbytes for i in items),
+                        sum(i.run_count for i in items),
+                    )
                     assert t.dest_bytes == covered.numel() * dest.dtype.itemsize
 
 

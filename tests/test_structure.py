@@ -92,7 +92,12 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_no_import_cycle_among_lazysd_modules() -> None:
     graph, _ = _imports(_modules())
-    assert graph["lazysd.virtual"] >= {"lazysd.reader", "lazysd.distributed", "lazysd.inspect", "lazysd.dryrun"}  # the scan sees imports
+    assert graph["lazysd.virtual"] >= {
+        "lazysd.reader",
+        "lazysd.distributed",
+        "lazysd.inspect",
+        "lazysd.dryrun",
+    }  # the scan sees imports
     assert _cycles(graph) == []
 
 
@@ -105,7 +110,14 @@ def test_core_modules_do_not_reach_up() -> None:
     """The core (geometry, reads, reader, plan, rules) never imports the modules built on it."""
     graph, _ = _imports(_modules())
     upper = {"lazysd.virtual", "lazysd.inspect", "lazysd.dryrun", "lazysd.export", "lazysd.automodel", "lazysd.load"}
-    for core in ("lazysd.geometry", "lazysd.reads", "lazysd.reader", "lazysd.plan", "lazysd.rules", "lazysd.distributed"):
+    for core in (
+        "lazysd.geometry",
+        "lazysd.reads",
+        "lazysd.reader",
+        "lazysd.plan",
+        "lazysd.rules",
+        "lazysd.distributed",
+    ):
         seen, todo = set(), [core]
         while todo:
             for dep in graph[todo.pop()]:

@@ -77,7 +77,10 @@ def detect(config: Mapping[str, Any], keys: Iterable[str] = (), *, where: str = 
         >>> detect({"model_type": "llava", "text_config": {"model_type": "mixtral"}}).name
         'mixtral'
     """
-    types = [config.get("model_type"), (config.get("text_config") or {}).get("model_type") if isinstance(config.get("text_config"), Mapping) else None]
+    types = [
+        config.get("model_type"),
+        (config.get("text_config") or {}).get("model_type") if isinstance(config.get("text_config"), Mapping) else None,
+    ]
     keys = list(keys)
     left: dict[str, list[str]] = {}  # adapter name -> its unclaimed keys, computed once
 
@@ -109,7 +112,9 @@ def detect(config: Mapping[str, Any], keys: Iterable[str] = (), *, where: str = 
         message += f"; the keys fit {fits[0]} (pass adapter={fits[0]!r} if that is what this is)"
     elif keys:
         nobody = [k for k in keys if all(k in left for left in leftover.values())]
-        listed = "".join(f"\n  {k}" for k in nobody[:10]) + (f"\n  ... {len(nobody) - 10} more" if len(nobody) > 10 else "")
+        listed = "".join(f"\n  {k}" for k in nobody[:10]) + (
+            f"\n  ... {len(nobody) - 10} more" if len(nobody) > 10 else ""
+        )
         message += "; keys no family claims:" + (listed or " none (each family misses different keys)")
     raise UnknownModelError(message + "\npass adapter= to choose or declare one")
 
@@ -122,7 +127,9 @@ def resolve_adapter(
         return adapter
     if isinstance(adapter, str):
         if adapter not in _REGISTRY:
-            raise UnknownModelError(f"adapter {adapter!r} is not registered (registered: {', '.join(sorted(_REGISTRY))})")
+            raise UnknownModelError(
+                f"adapter {adapter!r} is not registered (registered: {', '.join(sorted(_REGISTRY))})"
+            )
         return _REGISTRY[adapter]
     return detect(config, keys, where=where)
 

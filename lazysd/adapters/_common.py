@@ -75,7 +75,13 @@ def deepseek_moe_rules(layer: str) -> tuple[Rule, ...]:
     ``layer + ".mlp."`` or names a non-attention MTP tensor, so none can claim an attention key.
     """
     return (
-        *stacked_experts(layer + ".mlp.experts", layer + ".mlp.experts.{expert}", "gate_proj.weight", "up_proj.weight", "down_proj.weight"),
+        *stacked_experts(
+            layer + ".mlp.experts",
+            layer + ".mlp.experts.{expert}",
+            "gate_proj.weight",
+            "up_proj.weight",
+            "down_proj.weight",
+        ),
         Rule(layer + ".mlp.gate.weight", kind="router"),
         Rule(layer + ".mlp.gate.e_score_correction_bias", dtype=torch.float32, kind="router"),
         Rule(layer + ".mlp.shared_experts.{proj:gate_proj|up_proj|down_proj}.weight", kind="shared_expert"),

@@ -30,7 +30,8 @@ L = "model.layers.{layer}"
 RULES = (
     *decoder_rules(L),
     Rule(
-        L + ".self_attn.{proj:q_proj|q_a_proj|q_a_layernorm|q_b_proj|kv_a_proj_with_mqa|kv_a_layernorm|kv_b_proj|o_proj}.weight",
+        L + ".self_attn.{proj:q_proj|q_a_proj|q_a_layernorm|q_b_proj"
+        "|kv_a_proj_with_mqa|kv_a_layernorm|kv_b_proj|o_proj}.weight",
         kind="attention",
     ),
     *deepseek_moe_rules(L),

@@ -24,7 +24,9 @@ L = "model.layers.{layer}"
 RULES = (
     *decoder_rules(L),
     Rule(L + ".self_attn.{proj:q_proj|k_proj|v_proj|o_proj}.weight", kind="attention"),
-    *stacked_experts(L + ".mlp.experts", L + ".block_sparse_moe.experts.{expert}", "w1.weight", "w3.weight", "w2.weight"),
+    *stacked_experts(
+        L + ".mlp.experts", L + ".block_sparse_moe.experts.{expert}", "w1.weight", "w3.weight", "w2.weight"
+    ),
     Rule(L + ".mlp.gate.weight", parts=(Part(L + ".block_sparse_moe.gate.weight"),), kind="router"),
 )
 

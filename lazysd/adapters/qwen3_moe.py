@@ -24,7 +24,9 @@ L = "model.layers.{layer}"
 RULES = (
     *decoder_rules(L),
     Rule(L + ".self_attn.{proj:q_proj|k_proj|v_proj|o_proj|q_norm|k_norm}.weight", kind="attention"),
-    *stacked_experts(L + ".mlp.experts", L + ".mlp.experts.{expert}", "gate_proj.weight", "up_proj.weight", "down_proj.weight"),
+    *stacked_experts(
+        L + ".mlp.experts", L + ".mlp.experts.{expert}", "gate_proj.weight", "up_proj.weight", "down_proj.weight"
+    ),
     Rule(L + ".mlp.gate.weight", kind="router"),
     Rule(L + ".mlp.{proj:gate_proj|up_proj|down_proj}.weight", kind="mlp"),
 )

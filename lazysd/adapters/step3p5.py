@@ -31,7 +31,12 @@ RULES = (
     Rule(L + ".mlp.{proj:gate_proj|up_proj|down_proj}.weight", kind="mlp"),
     Rule(L + ".share_expert.{proj:gate_proj|up_proj|down_proj}.weight", kind="shared_expert"),
     Rule(L + ".moe.gate.weight", kind="router"),
-    Rule(L + ".moe.gate.e_score_correction_bias", parts=(Part(L + ".moe.router_bias"),), dtype=torch.float32, kind="router"),
+    Rule(
+        L + ".moe.gate.e_score_correction_bias",
+        parts=(Part(L + ".moe.router_bias"),),
+        dtype=torch.float32,
+        kind="router",
+    ),
     Rule(
         L + ".moe.experts.gate_and_up_projs",
         parts=(Part(L + ".moe.gate_proj.weight", dims=MT), Part(L + ".moe.up_proj.weight", dims=MT)),

@@ -33,7 +33,18 @@ __all__ = ["SHARD_NAME", "FileLayout", "ShardFile", "TensorSlot", "parse_size", 
 SHARD_NAME = "model-{index:05d}-of-{count:05d}.safetensors"
 FILE_METADATA = {"format": "pt"}  # what transformers' save_pretrained writes
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(size: int | str) -> int:
@@ -48,7 +59,9 @@ def parse_size(size: int | str) -> int:
     else:
         m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([A-Za-z]*)\s*", str(size)[:100])
         if not m or m.group(2).upper() not in _UNITS:
-            raise ExportError(f"max_shard_size {str(size)[:100]!r} is not a size; use bytes or e.g. '5GB', '500MB', '2GiB'")
+            raise ExportError(
+                f"max_shard_size {str(size)[:100]!r} is not a size; use bytes or e.g. '5GB', '500MB', '2GiB'"
+            )
         value = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
     if value <= 0:
         raise ExportError(f"max_shard_size must be positive, got {str(size)[:100]!r}")
@@ -140,5 +153,7 @@ def plan_files(entries: Iterable[tuple[str, torch.dtype, tuple[int, ...]]], max_
             if key in slots:
                 raise ExportError(f"tensor key {key[:200]!r} is given twice")
             slots[key] = TensorSlot(key, dtype, shape, name, len(head) + offsets[key][0])
-        files.append(ShardFile(name, head, tuple(k for k, _, _ in group), len(head) + sum(slots[k].nbytes for k, _, _ in group)))
+        files.append(
+            ShardFile(name, head, tuple(k for k, _, _ in group), len(head) + sum(slots[k].nbytes for k, _, _ in group))
+        )
     return FileLayout(tuple(files), slots)

@@ -58,7 +58,9 @@ __all__ = [
 FAMILIES = ("deepseek_v3", "qwen3_moe", "glm4_moe", "mixtral", "gpt_oss", "step3p7")
 Spec = tuple[str, torch.dtype, tuple[int, ...]]
 BLOCK = 128
-_PER_EXPERT = re.compile(r"^(.*)\.(mlp|block_sparse_moe)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$")
+_PER_EXPERT = re.compile(
+    r"^(.*)\.(mlp|block_sparse_moe)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$"
+)
 _ROLE = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
 
 
@@ -94,7 +96,14 @@ class FamilySpec:
     @classmethod
     def tiny(cls, family: str, *, fp8: bool = False) -> FamilySpec:
         if fp8:  # 160 = 128 + 32 and 80 < 128: every FP8 weight has ragged edge blocks
-            return cls(family=family, fp8=True, hidden_size=160, moe_intermediate_size=80, intermediate_size=144, shared_intermediate_size=80)
+            return cls(
+                family=family,
+                fp8=True,
+                hidden_size=160,
+                moe_intermediate_size=80,
+                intermediate_size=144,
+                shared_intermediate_size=80,
+            )
         return cls(family=family)
 
     @property
@@ -116,48 +125,105 @@ def _step_spec(spec: FamilySpec) -> Step3p5Spec:
 def config_dict(spec: FamilySpec) -> dict[str, object]:
     """config.json of the family with its real field names."""
     D, E, n = spec.hidden_size, spec.num_experts, spec.num_hidden_layers
-    base: dict[str, object] = {"hidden_size": D, "vocab_size": spec.vocab_size, "num_hidden_layers": n, "torch_dtype": "bfloat16"}
+    base: dict[str, object] = {
+        "hidden_size": D,
+        "vocab_size": spec.vocab_size,
+        "num_hidden_layers": n,
+        "torch_dtype": "bfloat16",
+    }
     f = spec.family
     if f == "deepseek_v3":
         base |= {
-            "model_type": f, "architectures": ["DeepseekV3ForCausalLM"], "n_routed_experts": E, "num_experts_per_tok": spec.top_k,
-            "moe_intermediate_size": spec.moe_intermediate_size, "intermediate_size": spec.intermediate_size, "n_shared_experts": 1,
-            "first_k_dense_replace": spec.first_dense, "num_nextn_predict_layers": 1, "q_lora_rank": 16, "kv_lora_rank": 16,
-            "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8, "num_attention_heads": spec.heads,
-            "scoring_func": "sigmoid", "topk_method": "noaux_tc", "norm_topk_prob": True,
+            "model_type": f,
+            "architectures": ["DeepseekV3ForCausalLM"],
+            "n_routed_experts": E,
+            "num_experts_per_tok": spec.top_k,
+            "moe_intermediate_size": spec.moe_intermediate_size,
+            "intermediate_size": spec.intermediate_size,
+            "n_shared_experts": 1,
+            "first_k_dense_replace": spec.first_dense,
+            "num_nextn_predict_layers": 1,
+            "q_lora_rank": 16,
+            "kv_lora_rank": 16,
+            "qk_nope_head_dim": 8,
+            "qk_rope_head_dim": 4,
+            "v_head_dim": 8,
+            "num_attention_heads": spec.heads,
+            "scoring_func": "sigmoid",
+            "topk_method": "noaux_tc",
+            "norm_topk_prob": True,
         }
         if spec.fp8:
-            base["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [BLOCK, BLOCK]}
+            base["quantization_config"] = {
+                "quant_method": "fp8",
+                "fmt": "e4m3",
+                "activation_scheme": "dynamic",
+                "weight_block_size": [BLOCK, BLOCK],
+            }
     elif f == "qwen3_moe":
         base |= {
-            "model_type": f, "architectures": ["Qwen3MoeForCausalLM"], "num_experts": E, "num_experts_per_tok": spec.top_k,
-            "moe_intermediate_size": spec.moe_intermediate_size, "intermediate_size": spec.intermediate_size,
-            "mlp_only_layers": list(range(spec.first_dense)), "decoder_sparse_step": 1, "norm_topk_prob": True,
-            "num_attention_heads": spec.heads, "num_key_value_heads": 1, "head_dim": spec.head_dim,
+            "model_type": f,
+            "architectures": ["Qwen3MoeForCausalLM"],
+            "num_experts": E,
+            "num_experts_per_tok": spec.top_k,
+            "moe_intermediate_size": spec.moe_intermediate_size,
+            "intermediate_size": spec.intermediate_size,
+            "mlp_only_layers": list(range(spec.first_dense)),
+            "decoder_sparse_step": 1,
+            "norm_topk_prob": True,
+            "num_attention_heads": spec.heads,
+            "num_key_value_heads": 1,
+            "head_dim": spec.head_dim,
         }
     elif f == "glm4_moe":
         base |= {
-            "model_type": f, "architectures": ["Glm4MoeForCausalLM"], "n_routed_experts": E, "num_experts_per_tok": spec.top_k,
-            "moe_intermediate_size": spec.moe_intermediate_size, "intermediate_size": spec.intermediate_size, "n_shared_experts": 1,
-            "first_k_dense_replace": spec.first_dense, "num_nextn_predict_layers": 1, "attention_bias": True, "use_qk_norm": False,
-            "num_attention_heads": spec.heads, "num_key_value_heads": 1, "head_dim": spec.head_dim, "norm_topk_prob": True,
+            "model_type": f,
+            "architectures": ["Glm4MoeForCausalLM"],
+            "n_routed_experts": E,
+            "num_experts_per_tok": spec.top_k,
+            "moe_intermediate_size": spec.moe_intermediate_size,
+            "intermediate_size": spec.intermediate_size,
+            "n_shared_experts": 1,
+            "first_k_dense_replace": spec.first_dense,
+            "num_nextn_predict_layers": 1,
+            "attention_bias": True,
+            "use_qk_norm": False,
+            "num_attention_heads": spec.heads,
+            "num_key_value_heads": 1,
+            "head_dim": spec.head_dim,
+            "norm_topk_prob": True,
         }
     elif f == "mixtral":
         base |= {
-            "model_type": f, "architectures": ["MixtralForCausalLM"], "num_local_experts": E, "num_experts_per_tok": spec.top_k,
-            "intermediate_size": spec.intermediate_size, "num_attention_heads": spec.heads, "num_key_value_heads": 1,
+            "model_type": f,
+            "architectures": ["MixtralForCausalLM"],
+            "num_local_experts": E,
+            "num_experts_per_tok": spec.top_k,
+            "intermediate_size": spec.intermediate_size,
+            "num_attention_heads": spec.heads,
+            "num_key_value_heads": 1,
         }
     elif f == "gpt_oss":
         base |= {
-            "model_type": f, "architectures": ["GptOssForCausalLM"], "num_local_experts": E, "num_experts_per_tok": spec.top_k,
-            "experts_per_token": spec.top_k, "intermediate_size": spec.intermediate_size, "swiglu_limit": 7.0,
-            "num_attention_heads": spec.heads, "num_key_value_heads": 1, "head_dim": spec.head_dim,
+            "model_type": f,
+            "architectures": ["GptOssForCausalLM"],
+            "num_local_experts": E,
+            "num_experts_per_tok": spec.top_k,
+            "experts_per_token": spec.top_k,
+            "intermediate_size": spec.intermediate_size,
+            "swiglu_limit": 7.0,
+            "num_attention_heads": spec.heads,
+            "num_key_value_heads": 1,
+            "head_dim": spec.head_dim,
         }
     else:  # step3p7: Step3p5 text config nested under text_config
         text = step3p5_config(_step_spec(spec))
         return {
-            "model_type": "step3p7", "architectures": ["Step3p7ForConditionalGeneration"], "text_config": text,
-            "vision_config": {"width": 8, "layers": 1}, "projector_bias": False,
+            "model_type": "step3p7",
+            "architectures": ["Step3p7ForConditionalGeneration"],
+            "text_config": text,
+            "vision_config": {"width": 8, "layers": 1},
+            "projector_bias": False,
         }
     return base
 
@@ -166,14 +232,25 @@ def _attention(spec: FamilySpec, p: str) -> list[Spec]:
     bf, D, h, hd = torch.bfloat16, spec.hidden_size, spec.heads, spec.head_dim
     if spec.family == "deepseek_v3":
         return [
-            (p + "self_attn.q_a_proj.weight", bf, (16, D)), (p + "self_attn.q_a_layernorm.weight", bf, (16,)),
-            (p + "self_attn.q_b_proj.weight", bf, (h * 12, 16)), (p + "self_attn.kv_a_proj_with_mqa.weight", bf, (16 + 4, D)),
-            (p + "self_attn.kv_a_layernorm.weight", bf, (16,)), (p + "self_attn.kv_b_proj.weight", bf, (h * 16, 16)),
+            (p + "self_attn.q_a_proj.weight", bf, (16, D)),
+            (p + "self_attn.q_a_layernorm.weight", bf, (16,)),
+            (p + "self_attn.q_b_proj.weight", bf, (h * 12, 16)),
+            (p + "self_attn.kv_a_proj_with_mqa.weight", bf, (16 + 4, D)),
+            (p + "self_attn.kv_a_layernorm.weight", bf, (16,)),
+            (p + "self_attn.kv_b_proj.weight", bf, (h * 16, 16)),
             (p + "self_attn.o_proj.weight", bf, (D, h * 8)),
         ]
-    out = [(p + "self_attn.q_proj.weight", bf, (h * hd, D)), (p + "self_attn.k_proj.weight", bf, (hd, D)), (p + "self_attn.v_proj.weight", bf, (hd, D))]
+    out = [
+        (p + "self_attn.q_proj.weight", bf, (h * hd, D)),
+        (p + "self_attn.k_proj.weight", bf, (hd, D)),
+        (p + "self_attn.v_proj.weight", bf, (hd, D)),
+    ]
     if spec.family in ("glm4_moe", "gpt_oss"):
-        out += [(p + "self_attn.q_proj.bias", bf, (h * hd,)), (p + "self_attn.k_proj.bias", bf, (hd,)), (p + "self_attn.v_proj.bias", bf, (hd,))]
+        out += [
+            (p + "self_attn.q_proj.bias", bf, (h * hd,)),
+            (p + "self_attn.k_proj.bias", bf, (hd,)),
+            (p + "self_attn.v_proj.bias", bf, (hd,)),
+        ]
     out.append((p + "self_attn.o_proj.weight", bf, (D, h * hd)))
     if spec.family == "gpt_oss":
         out += [(p + "self_attn.o_proj.bias", bf, (D,)), (p + "self_attn.sinks", bf, (h,))]
@@ -183,33 +260,60 @@ def _attention(spec: FamilySpec, p: str) -> list[Spec]:
 
 
 def _mlp(spec: FamilySpec, p: str, layer: int) -> list[Spec]:
-    bf, D, E, I, S, Fd = torch.bfloat16, spec.hidden_size, spec.num_experts, spec.expert_width, spec.shared_intermediate_size, spec.intermediate_size
+    bf, D, E, I, S, Fd = (
+        torch.bfloat16,
+        spec.hidden_size,
+        spec.num_experts,
+        spec.expert_width,
+        spec.shared_intermediate_size,
+        spec.intermediate_size,
+    )
     f = spec.family
     if not spec.is_moe(layer):
-        return [(p + "mlp.gate_proj.weight", bf, (Fd, D)), (p + "mlp.up_proj.weight", bf, (Fd, D)), (p + "mlp.down_proj.weight", bf, (D, Fd))]
+        return [
+            (p + "mlp.gate_proj.weight", bf, (Fd, D)),
+            (p + "mlp.up_proj.weight", bf, (Fd, D)),
+            (p + "mlp.down_proj.weight", bf, (D, Fd)),
+        ]
     if f == "gpt_oss":
         return [
-            (p + "mlp.router.weight", bf, (E, D)), (p + "mlp.router.bias", bf, (E,)),
-            (p + "mlp.experts.gate_up_proj", bf, (E, D, 2 * I)), (p + "mlp.experts.gate_up_proj_bias", bf, (E, 2 * I)),
-            (p + "mlp.experts.down_proj", bf, (E, I, D)), (p + "mlp.experts.down_proj_bias", bf, (E, D)),
+            (p + "mlp.router.weight", bf, (E, D)),
+            (p + "mlp.router.bias", bf, (E,)),
+            (p + "mlp.experts.gate_up_proj", bf, (E, D, 2 * I)),
+            (p + "mlp.experts.gate_up_proj_bias", bf, (E, 2 * I)),
+            (p + "mlp.experts.down_proj", bf, (E, I, D)),
+            (p + "mlp.experts.down_proj_bias", bf, (E, D)),
         ]
-    moe, names = ("block_sparse_moe", ("w1", "w3", "w2")) if f == "mixtral" else ("mlp", ("gate_proj", "up_proj", "down_proj"))
+    moe, names = (
+        ("block_sparse_moe", ("w1", "w3", "w2")) if f == "mixtral" else ("mlp", ("gate_proj", "up_proj", "down_proj"))
+    )
     out = [(p + moe + ".gate.weight", bf, (E, D))]
     if f in ("deepseek_v3", "glm4_moe"):
         out.append((p + moe + ".gate.e_score_correction_bias", torch.float32, (E,)))
     for e in range(E):
         q = f"{p}{moe}.experts.{e}."
-        out += [(q + names[0] + ".weight", bf, (I, D)), (q + names[1] + ".weight", bf, (I, D)), (q + names[2] + ".weight", bf, (D, I))]
+        out += [
+            (q + names[0] + ".weight", bf, (I, D)),
+            (q + names[1] + ".weight", bf, (I, D)),
+            (q + names[2] + ".weight", bf, (D, I)),
+        ]
     if f in ("deepseek_v3", "glm4_moe"):
         q = p + "mlp.shared_experts."
-        out += [(q + "gate_proj.weight", bf, (S, D)), (q + "up_proj.weight", bf, (S, D)), (q + "down_proj.weight", bf, (D, S))]
+        out += [
+            (q + "gate_proj.weight", bf, (S, D)),
+            (q + "up_proj.weight", bf, (S, D)),
+            (q + "down_proj.weight", bf, (D, S)),
+        ]
     return out
 
 
 def hf_tensor_specs(spec: FamilySpec) -> list[Spec]:
     """Every HF key with dtype and shape, in file order (before FP8 quantization)."""
     if spec.family == "step3p7":
-        out = [(k if k == "lm_head.weight" else "model.language_model." + k.removeprefix("model."), d, s) for k, d, s in step3p5_specs(_step_spec(spec))]
+        out = [
+            (k if k == "lm_head.weight" else "model.language_model." + k.removeprefix("model."), d, s)
+            for k, d, s in step3p5_specs(_step_spec(spec))
+        ]
         bf = torch.bfloat16
         return out + [
             ("model.vision_model.conv1.weight", bf, (8, 3, 2, 2)),
@@ -222,11 +326,20 @@ def hf_tensor_specs(spec: FamilySpec) -> list[Spec]:
     layers = spec.num_hidden_layers + (1 if spec.has_mtp else 0)
     for L in range(layers):
         p = f"model.layers.{L}."
-        out += [(p + "input_layernorm.weight", bf, (D,)), *_attention(spec, p), (p + "post_attention_layernorm.weight", bf, (D,)), *_mlp(spec, p, L)]
+        out += [
+            (p + "input_layernorm.weight", bf, (D,)),
+            *_attention(spec, p),
+            (p + "post_attention_layernorm.weight", bf, (D,)),
+            *_mlp(spec, p, L),
+        ]
         if L >= spec.num_hidden_layers:  # MTP layer
             out += [
-                (p + "embed_tokens.weight", bf, (V, D)), (p + "enorm.weight", bf, (D,)), (p + "hnorm.weight", bf, (D,)),
-                (p + "eh_proj.weight", bf, (D, 2 * D)), (p + "shared_head.norm.weight", bf, (D,)), (p + "shared_head.head.weight", bf, (V, D)),
+                (p + "embed_tokens.weight", bf, (V, D)),
+                (p + "enorm.weight", bf, (D,)),
+                (p + "hnorm.weight", bf, (D,)),
+                (p + "eh_proj.weight", bf, (D, 2 * D)),
+                (p + "shared_head.norm.weight", bf, (D,)),
+                (p + "shared_head.head.weight", bf, (V, D)),
             ]
     return out + [("model.norm.weight", bf, (D,)), ("lm_head.weight", bf, (V, D))]
 
@@ -259,7 +372,9 @@ def make_family_checkpoint(path: str | os.PathLike[str], spec: FamilySpec, *, se
         save_file({k: tensors[k] for k in part}, path / name, metadata={"format": "pt"})
         weight_map |= dict.fromkeys(part, name)
     total = sum(t.numel() * t.element_size() for t in tensors.values())
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
     return path
 
 
@@ -272,7 +387,9 @@ def dequantize_reference(weight: torch.Tensor, scale_inv: torch.Tensor, block: i
     return out
 
 
-def eager_native(spec: FamilySpec, hf: Mapping[str, torch.Tensor], *, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+def eager_native(
+    spec: FamilySpec, hf: Mapping[str, torch.Tensor], *, dtype: torch.dtype = torch.bfloat16
+) -> dict[str, torch.Tensor]:
     """The native state dict of the main model (no MTP layers), converted eagerly and plainly."""
     if spec.family == "step3p7":  # Step3p5's grouped layout under model.language_model.
         return native_state_dict(hf, spec.num_hidden_layers)
@@ -293,11 +410,19 @@ def eager_native(spec: FamilySpec, hf: Mapping[str, torch.Tensor], *, dtype: tor
             key = key.replace(".block_sparse_moe.gate.weight", ".mlp.gate.weight")
         if spec.family == "gpt_oss":
             key = key.replace(".mlp.router.", ".mlp.gate.")
-            key = re.sub(r"\.mlp\.experts\.(gate_up_proj|down_proj)$", lambda m: ".mlp.experts." + {"gate_up_proj": "gate_and_up_projs", "down_proj": "down_projs"}[m.group(1)], key)
+            key = re.sub(
+                r"\.mlp\.experts\.(gate_up_proj|down_proj)$",
+                lambda m: (
+                    ".mlp.experts." + {"gate_up_proj": "gate_and_up_projs", "down_proj": "down_projs"}[m.group(1)]
+                ),
+                key,
+            )
         out[key] = t
     for prefix, roles in experts.items():
         E = len(roles["gate"])
-        out[prefix + ".mlp.experts.gate_and_up_projs"] = torch.stack([torch.cat([roles["gate"][e].T, roles["up"][e].T], dim=-1) for e in range(E)])
+        out[prefix + ".mlp.experts.gate_and_up_projs"] = torch.stack(
+            [torch.cat([roles["gate"][e].T, roles["up"][e].T], dim=-1) for e in range(E)]
+        )
         out[prefix + ".mlp.experts.down_projs"] = torch.stack([roles["down"][e].T for e in range(E)])
     return out
 
@@ -328,7 +453,9 @@ class ParamTree(nn.Module):
 # ---- reference MoE layers ----------------------------------------------------------------
 
 
-def _route(spec: FamilySpec, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _route(
+    spec: FamilySpec, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per token: (weights [N, k], expert ids [N, k]) with the family's router."""
     logits = F.linear(x.float(), weight.float())
     if spec.family in ("deepseek_v3", "glm4_moe", "step3p7"):  # sigmoid scores, bias picks experts only
@@ -349,7 +476,9 @@ def _gpt_oss_glu(gate_up: torch.Tensor, limit: float = 7.0, alpha: float = 1.702
     return (up + 1) * (gate * torch.sigmoid(gate * alpha))
 
 
-def _combine(spec: FamilySpec, x: torch.Tensor, router: tuple[torch.Tensor, torch.Tensor | None], expert) -> torch.Tensor:  # noqa: ANN001
+def _combine(
+    spec: FamilySpec, x: torch.Tensor, router: tuple[torch.Tensor, torch.Tensor | None], expert
+) -> torch.Tensor:  # noqa: ANN001
     w, ids = _route(spec, x, *router)
     out = torch.zeros_like(x)
     for e in range(spec.num_experts):
@@ -360,10 +489,17 @@ def _combine(spec: FamilySpec, x: torch.Tensor, router: tuple[torch.Tensor, torc
 
 
 def _shared(sd: Mapping[str, torch.Tensor], p: str, x: torch.Tensor) -> torch.Tensor:
-    q = p + "shared_experts." if p + "shared_experts.gate_proj.weight" in sd else p.removesuffix("moe.") + "share_expert."
+    q = (
+        p + "shared_experts."
+        if p + "shared_experts.gate_proj.weight" in sd
+        else p.removesuffix("moe.") + "share_expert."
+    )
     if q + "gate_proj.weight" not in sd:
         return torch.zeros_like(x)
-    return F.linear(F.silu(F.linear(x, sd[q + "gate_proj.weight"])) * F.linear(x, sd[q + "up_proj.weight"]), sd[q + "down_proj.weight"])
+    return F.linear(
+        F.silu(F.linear(x, sd[q + "gate_proj.weight"])) * F.linear(x, sd[q + "up_proj.weight"]),
+        sd[q + "down_proj.weight"],
+    )
 
 
 def hf_moe(spec: FamilySpec, hf: Mapping[str, torch.Tensor], layer: int, x: torch.Tensor) -> torch.Tensor:
@@ -373,7 +509,11 @@ def hf_moe(spec: FamilySpec, hf: Mapping[str, torch.Tensor], layer: int, x: torc
     if f == "step3p7":
         p = f"model.language_model.layers.{layer}.moe."
         router = (hf[p + "gate.weight"], hf[p + "router_bias"])
-        expert = lambda e, t: F.linear(F.silu(F.linear(t, hf[p + "gate_proj.weight"][e])) * F.linear(t, hf[p + "up_proj.weight"][e]), hf[p + "down_proj.weight"][e])  # noqa: E731
+
+        def expert(e: int, t: torch.Tensor) -> torch.Tensor:
+            gate, up = F.linear(t, hf[p + "gate_proj.weight"][e]), F.linear(t, hf[p + "up_proj.weight"][e])
+            return F.linear(F.silu(gate) * up, hf[p + "down_proj.weight"][e])
+
         return _combine(spec, x, router, expert) + _shared(hf, p, x)
     if f == "gpt_oss":
         p = f"model.layers.{layer}.mlp."
@@ -392,7 +532,9 @@ def hf_moe(spec: FamilySpec, hf: Mapping[str, torch.Tensor], layer: int, x: torc
 
     def expert(e: int, t: torch.Tensor) -> torch.Tensor:
         q = ex.format(e)
-        return F.linear(F.silu(F.linear(t, hf[q + g + ".weight"])) * F.linear(t, hf[q + u + ".weight"]), hf[q + d + ".weight"])
+        return F.linear(
+            F.silu(F.linear(t, hf[q + g + ".weight"])) * F.linear(t, hf[q + u + ".weight"]), hf[q + d + ".weight"]
+        )
 
     return _combine(spec, x, router, expert) + _shared(hf, p, x)
 
@@ -424,4 +566,3 @@ def moe_layers(spec: FamilySpec) -> list[int]:
     if spec.family == "step3p7":
         return list(_step_spec(spec).moe_layers or ())
     return [L for L in range(spec.num_hidden_layers) if spec.is_moe(L)]
-

@@ -48,11 +48,17 @@ def _entry(rank: int, fn: Callable[..., Any], world_size: int, rdzv: str, out_di
 multiprocessing.set_forkserver_preload(["torch", "torch.distributed.tensor", "lazysd", "lazysd.testing"])
 
 
-def run_ranks(fn: Callable[..., Any], world_size: int, args: tuple[Any, ...] = (), *, timeout: float = 120.0) -> list[Any]:
+def run_ranks(
+    fn: Callable[..., Any], world_size: int, args: tuple[Any, ...] = (), *, timeout: float = 120.0
+) -> list[Any]:
     """``[fn(rank, world_size, *args) for each rank]``, each rank its own process."""
     with tempfile.TemporaryDirectory(prefix="lazysd-ranks-") as tmp:
         ctx = mp.start_processes(
-            _entry, args=(fn, world_size, str(Path(tmp) / "rdzv"), tmp, args), nprocs=world_size, join=False, start_method="forkserver"
+            _entry,
+            args=(fn, world_size, str(Path(tmp) / "rdzv"), tmp, args),
+            nprocs=world_size,
+            join=False,
+            start_method="forkserver",
         )
         import time
 
