@@ -21,7 +21,8 @@ Methods:
     t   bare transposes: lazysd's ``copy_into`` (the compiled kernel, torch's intra-op thread
         count) of every expert tensor from a pre-read source: the transpose share of a load
     s   bare transposes with torch's strided ``copy_`` (what the kernel replaces)
-    e   transformers 5.x ``Step3p7TextModel.from_pretrained`` (text decoder, no lm_head)
+    e   transformers 5.x ``Step3p7TextModel.from_pretrained`` (text decoder, no lm_head), then
+        every parameter page touched (its mmap-backed tensors are read only then)
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ def worker(method: str, path: Path, size: float) -> dict:
         with PeakRSS() as p:
             vsd = VirtualStateDict(path, mmap=method == "m")
             model.load_state_dict(vsd, assign=True)
+            touch_pages(model.state_dict().values())  # as for (e): mmap=True views are read here
         assert all(type(t) is torch.nn.Parameter and t.device.type == "cpu" for t in model.parameters())
         return {**p.result, "bytes": vsd.bytes_read}
     if method == "c":
@@ -148,23 +150,51 @@ def worker(method: str, path: Path, size: float) -> dict:
         return {**p.result, "bytes": nbytes}
     if method == "e":
         try:
-            from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
-            from transformers.models.step3p7.modeling_step3p7 import Step3p7TextModel
-            from transformers.utils import logging as hf_logging
+            from_pretrained = _from_pretrained()
         except ImportError as exc:
             return {"error": f"transformers not importable: {exc}"}
-        hf_logging.set_verbosity_error()
-        # transformers 5.x ships the Step checkpoint mapping for the "step3p7" VLM only; the
-        # text config ("step3p5") gets its MoE renames and the gate/up concatenation, without
-        # the VLM's language_model/vision prefix renames.
-        base = get_checkpoint_conversion_mapping("step3p7") or []
-        text = [t for t in base if not any(x in s for s in t.source_patterns for x in ("vision", "projector", "^model\\."))]
-        register_checkpoint_conversion_mapping("step3p5", text, overwrite=True)
         with PeakRSS() as p:
-            model = Step3p7TextModel.from_pretrained(path, dtype=torch.bfloat16)
+            model = from_pretrained(path)
+            # Parameters transformers leaves as views of its file mappings are read when first
+            # touched: touch every page, so the load ends with every byte in memory, as lazysd's.
+            touch_pages(model.state_dict().values())
         nbytes = sum(t.nbytes for t in model.state_dict().values())
         return {**p.result, "bytes": nbytes}
     raise ValueError(method)
+
+
+def _from_pretrained():  # noqa: ANN202
+    """``path -> Step3p7TextModel.from_pretrained(path)`` (bf16), or ImportError without transformers."""
+    import torch
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+    from transformers.models.step3p7.modeling_step3p7 import Step3p7TextModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    # transformers 5.x ships the Step checkpoint mapping for the "step3p7" VLM only; the
+    # text config ("step3p5") gets its MoE renames and the gate/up concatenation, without
+    # the VLM's language_model/vision prefix renames.
+    base = get_checkpoint_conversion_mapping("step3p7") or []
+    text = [t for t in base if not any(x in s for s in t.source_patterns for x in ("vision", "projector", "^model\\."))]
+    register_checkpoint_conversion_mapping("step3p5", text, overwrite=True)
+    return lambda path: Step3p7TextModel.from_pretrained(path, dtype=torch.bfloat16)
+
+
+def touch_pages(tensors) -> int:  # noqa: ANN001
+    """Read one byte of every page of each tensor; returns their bytes.
+
+    A tensor backed by a file mapping is then resident (its pages read), like one read into
+    private memory: what a load must end with before training touches it anyway.
+    """
+    import torch
+
+    n = 0
+    for t in tensors:
+        if t.numel():
+            flat = t.detach().reshape(-1).view(torch.uint8)
+            flat[::4096].sum()
+            n += t.nbytes
+    return n
 
 
 # ---- driver -----------------------------------------------------------------------------

@@ -22,17 +22,18 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
+from . import tuning
 from .checkpoint import Checkpoint, TensorInfo
+from .memory import populate
 from .plan import Box, Entry, Source, local_box
 from .transpose import copy_into, fused_read_applies, read_transposed
 
 MiB = 1 << 20
-_FUSED_BLOCK = 256 << 10  # the kernel's block buffer (BLOCK_BYTES in _transpose.c)
 _DIRECT_ROW = 64 << 10  # smallest row read on its own rather than staged with its neighbours
 
 
@@ -41,17 +42,30 @@ class ReadOptions:
     """How reads are carried out (keyword options of :class:`~lazysd.VirtualStateDict`).
 
     Attributes:
-        threads: reader threads; 0 reads on the calling thread.
-        chunk_bytes: target size of one read (source rows are never split).
+        threads: reader threads; 0 reads on the calling thread; None: chosen from the
+            cores this process may use and the storage (:func:`lazysd.tuning.default_threads`).
+        chunk_bytes: target size of one read (source rows are never split); None: chosen
+            from the storage (:func:`lazysd.tuning.default_chunk_bytes`).
         max_inflight_bytes: staging memory that reads may run ahead of copies.
         mmap: materialize tensors that need no conversion as copy-on-write views of the
             file mapping instead of reading them (see :meth:`Reader.mapped`).
+        direct: read bulk ranges that are not in the page cache with ``O_DIRECT``
+            (:mod:`lazysd.pread`); False: plain ``pread`` only.
     """
 
-    threads: int = 2
-    chunk_bytes: int = 8 * MiB
+    threads: int | None = None
+    chunk_bytes: int | None = None
     max_inflight_bytes: int = 32 * MiB
     mmap: bool = False
+    direct: bool = True
+
+    def resolved(self, path: str | None = None) -> ReadOptions:
+        """These options with the machine's defaults filled in for ``threads``/``chunk_bytes``."""
+        return replace(
+            self,
+            threads=tuning.default_threads(path) if self.threads is None else self.threads,
+            chunk_bytes=tuning.default_chunk_bytes(path) if self.chunk_bytes is None else self.chunk_bytes,
+        )
 
 
 @dataclass
@@ -192,7 +206,8 @@ class Reader:
 
     def __init__(self, ckpt: Checkpoint, options: ReadOptions | None = None) -> None:
         self.ckpt = ckpt
-        self.options = options or ReadOptions()
+        self.options = (options or ReadOptions()).resolved(str(ckpt.path))
+        ckpt.direct = self.options.direct
         self.stats = Stats()
         self._lock = threading.Lock()
         self._free: list[torch.Tensor] = []  # staging buffers ready for reuse
@@ -272,7 +287,9 @@ class Reader:
             if plain and chunk_source.is_contiguous():
                 job = _Job(*common, chunk_source, src.dims, direct=True, fused=False, staging=0)
             elif swapped and len(runs) == 1 and fused_read_applies(chunk_view[new_axes]):
-                staging = min(n * row_bytes, max(_FUSED_BLOCK, 8 * info.shape[-1] * info.itemsize))
+                # A warm chunk needs only the kernel's block buffer, a cold one is read whole
+                # into staging first (see _read): budget for the latter.
+                staging = n * row_bytes
                 job = _Job(*common, chunk_view[new_axes], src.dims, direct=False, fused=True, staging=staging)
             else:
                 job = _Job(*common, chunk_view, src.dims, direct=False, fused=False, staging=n * row_bytes, scaled=scaled)
@@ -342,11 +359,30 @@ class Reader:
             with self._lock:
                 self._free.append(buf)
 
-    def _read(self, job: _Job) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Read one job: ``(staged chunk or None if read in place, pool buffer to release)``."""
+    def _read(self, job: _Job, fresh: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Read one job: ``(staged chunk or None if read in place, pool buffer to release)``.
+
+        ``fresh``: the destination is new memory; its pages are mapped in one call first
+        (:func:`lazysd.memory.populate`), here on the read threads, while other chunks are read.
+        """
+        if fresh and job.dest.device.type == "cpu":
+            populate(job.dest)
         if job.fused:
-            offset, dest = job.info.offset + job.runs[0][0], job.dest
-            self.ckpt.read_with(job.info, job.runs, lambda fd: read_transposed(fd, offset, dest))
+            (start, n), dest = job.runs[0], job.dest
+            offset = job.info.offset + start
+            if self.ckpt.range_reader(job.info.file).cached(offset, n):
+                # Warm: the kernel reads cache-sized blocks and transposes each while in cache.
+                self.ckpt.read_with(job.info, job.runs, lambda fd: read_transposed(fd, offset, dest))
+                return None, None
+            # Cold: one bulk read (direct I/O) into staging keeps the storage busy; the
+            # transpose from there costs little next to the read.
+            base = self._acquire(n)
+            try:
+                buf = base[:n].view(job.info.dtype).view(job.src_shape)
+                self.ckpt.read_runs(job.info, job.runs, _as_bytes(buf))
+                copy_into(dest, buf.transpose(-1, -2))
+            finally:
+                self._release(base)
             return None, None
         if job.direct:
             self.ckpt.read_runs(job.info, job.runs, _as_bytes(job.dest))
@@ -394,8 +430,11 @@ class Reader:
             self.stats.staging_live += delta
             self.stats.staging_peak = max(self.stats.staging_peak, self.stats.staging_live)
 
-    def fill(self, entry: Entry, box: Box, dest: torch.Tensor) -> torch.Tensor:
-        """Write the ``box`` of native tensor ``entry`` into ``dest`` (shape of the box)."""
+    def fill(self, entry: Entry, box: Box, dest: torch.Tensor, *, fresh: bool = False) -> torch.Tensor:
+        """Write the ``box`` of native tensor ``entry`` into ``dest`` (shape of the box).
+
+        ``fresh``: ``dest`` was just allocated (its pages are pre-faulted in bulk as it is filled).
+        """
         expected = tuple(h - l for l, h in box)
         if tuple(dest.shape) != expected:
             raise ValueError(f"{entry.key}: destination shape {list(dest.shape)} is not the requested box {list(expected)}")
@@ -404,9 +443,9 @@ class Reader:
         opts = self.options
         if opts.threads <= 0 or len(jobs) <= 1:
             for job in jobs:
-                self._run_inline(job)
+                self._run_inline(job, fresh)
         else:
-            self._run_pipelined(jobs)
+            self._run_pipelined(jobs, fresh)
         self._done(entry, dest, t0)
         return dest
 
@@ -427,15 +466,15 @@ class Reader:
         finally:
             self._release(base)
 
-    def _run_inline(self, job: _Job) -> None:
+    def _run_inline(self, job: _Job, fresh: bool) -> None:
         cost = job.staging
         self._staging(cost)
         try:
-            self._finish(job, self._read(job))
+            self._finish(job, self._read(job, fresh))
         finally:
             self._staging(-cost)
 
-    def _run_pipelined(self, jobs: list[_Job]) -> None:
+    def _run_pipelined(self, jobs: list[_Job], fresh: bool) -> None:
         """Reads on the pool, ahead of the copies; copies (and casts) on the calling thread.
 
         The copies run where torch's intra-op threads can split them over the cores, while
@@ -458,7 +497,7 @@ class Reader:
                     job = todo.popleft()
                     inflight += cost
                     self._staging(cost)
-                    pending.append((job, self._pool.submit(self._read, job), cost))
+                    pending.append((job, self._pool.submit(self._read, job, fresh), cost))
                 job, fut, cost = pending.popleft()
                 try:
                     self._finish(job, fut.result())

@@ -48,7 +48,9 @@ class VirtualStateDict(Mapping[str, torch.Tensor]):
         device: device of materialized values (``load_state_dict`` writes into the
             parameter's own device whatever this says).
         threads: reader threads; ``max_inflight_bytes``: staging memory reads may run
-            ahead of copies; ``chunk_bytes``: target size of one read.
+            ahead of copies; ``chunk_bytes``: target size of one read. ``threads`` and
+            ``chunk_bytes`` default to values chosen for this machine and the checkpoint's
+            storage (:mod:`lazysd.tuning`: as many threads as cores the process may use).
         progress: a callable ``(stats, entry)`` called after each tensor, or True to print
             a one-line progress report to stderr.
         ep_dim: the mesh dimension (name or index) that splits the experts; default the
@@ -60,6 +62,10 @@ class VirtualStateDict(Mapping[str, torch.Tensor]):
             into private memory. Makes ``assign=True`` loads much cheaper; the price is
             that a file truncated under such a view faults (SIGBUS) instead of raising
             :class:`~lazysd.errors.FileChangedError`. Off by default.
+        direct: read bulk ranges that are not in the page cache with ``O_DIRECT``, in large
+            requests that keep the storage busy and leave the page cache alone
+            (:mod:`lazysd.pread`); warm bytes always come from the page cache. False: plain
+            ``pread`` only.
 
     Example:
         >>> from lazysd import VirtualStateDict
@@ -79,14 +85,15 @@ class VirtualStateDict(Mapping[str, torch.Tensor]):
         include_mtp: bool = False,
         dtype: torch.dtype | None = None,
         device: torch.device | str = "cpu",
-        threads: int = 2,
+        threads: int | None = None,
         max_inflight_bytes: int = 32 * MiB,
-        chunk_bytes: int = 8 * MiB,
+        chunk_bytes: int | None = None,
         progress: bool | Callable[[Stats, Entry], None] = False,
         ep_dim: str | int | None = None,
         replicate: bool = False,
         fp8: str = "dequantize",
         mmap: bool = False,
+        direct: bool = True,
     ) -> None:
         self.checkpoint = Checkpoint(path)
         self.adapter = resolve_adapter(
@@ -97,7 +104,7 @@ class VirtualStateDict(Mapping[str, torch.Tensor]):
         )
         self.dtype = dtype
         self.device = torch.device(device)
-        self.reader = Reader(self.checkpoint, ReadOptions(threads, chunk_bytes, max_inflight_bytes, mmap))
+        self.reader = Reader(self.checkpoint, ReadOptions(threads, chunk_bytes, max_inflight_bytes, mmap, direct))
         self._layout = None
         if mesh is not None or like is not None:
             from .distributed import Layout
