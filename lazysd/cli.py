@@ -90,7 +90,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     from .adapters import resolve_adapter
     from .checkpoint import config_value
-    from .export import SafetensorsFiles, save_hf, save_native
+    from .export import NATIVE, save_hf, save_native
     from .virtual import VirtualStateDict
 
     src, dst = Path(args.src), Path(args.dst)
@@ -109,13 +109,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
             else:
                 out = save_native(vsd, dst, config=config, **options)
     else:
-        files = SafetensorsFiles(src)
         config_path = Path(args.config) if args.config else src / "config.json"
         config = json.loads(config_path.read_text())
         adapter = resolve_adapter(args.adapter, config, keys=(), where=str(config_path))
         text = config.get(adapter.text_config, config) if adapter.text_config else config
         num_layers = config_value(text, *adapter.num_layers)
-        out = save_hf(files, dst, adapter=adapter, num_layers=num_layers, config=config_path, **options)
+        with VirtualStateDict(src, adapter=NATIVE) as files:  # native keys, read slice by slice
+            out = save_hf(files, dst, adapter=adapter, num_layers=num_layers, config=config_path, **options)
     names = sorted(p.name for p in out.glob("*.safetensors"))
     print(f"wrote {len(names)} safetensors file(s) to {out} in {time.perf_counter() - t0:.2f}s")
     return 0
