@@ -13,8 +13,8 @@ Methods:
     a   lazysd: ``model.load_state_dict(VirtualStateDict(path))`` into an allocated bf16 model
     p   the same with ``progress=True`` (the report on stderr): its cost is p/a
     b   lazysd: ``load_state_dict(vsd, assign=True)`` into an already built meta model
-    B   the same with bulk pre-faulting and huge pages off (``lazysd.memory.enabled = False``,
-        the portable path): fresh memory faulted page by page during the reads
+    B   the same with bulk pre-faulting off (``lazysd.memory.enabled = False``, the portable
+        path): fresh memory faulted page by page during the reads
     m   the same with ``VirtualStateDict(path, mmap=True)``: unchanged tensors become
         copy-on-write views of the file mapping, converted ones are read into private memory
     c   eager: safetensors ``load_file`` per shard, convert with torch ops (cat of transposes,
@@ -272,7 +272,7 @@ def main() -> int:
         print(f"- wall a/c = {ratio('a', 'c')} (target <= 0.5), a/d = {ratio('a', 'd')} (target <= 2), "
               f"t/d = {ratio('t', 'd')}, s/t = {ratio('s', 't')} (kernel transpose speedup)")
         print(f"- wall b/e = {ratio('b', 'e')} (target <= 1), private b/e = {ratio('b', 'e', 'anon')} (target <= 1)")
-        print(f"- wall b/B = {ratio('b', 'B')} (bulk pre-faulting + huge pages vs page-by-page faults)")
+        print(f"- wall b/B = {ratio('b', 'B')} (bulk pre-faulting vs page-by-page faults)")
         print(f"- wall m/e = {ratio('m', 'e')} (target <= 1), private m/e = {ratio('m', 'e', 'anon')} (target <= 1)")
     return 0
 

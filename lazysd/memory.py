@@ -2,12 +2,20 @@
 
 A tensor that ``assign=True`` materializes is fresh memory: the first write to each 4 KiB
 page traps into the kernel, which zeroes and maps it. Faulted one page at a time from inside
-``pread`` that costs as much as the read itself (measured on the 2-core build VM, 1 GiB of
-bf16: ~0.4-0.6 s of faults next to ~0.1 s of copying). ``madvise(MADV_POPULATE_WRITE)``
-(Linux 5.14+) maps a whole range in one call, without a trap per page; the reader calls
-:func:`populate` on each chunk's destination on its read threads, so pages of one chunk are
-mapped while other chunks are read. Where the call is missing (other systems, older
-kernels) :func:`populate` does nothing and pages fault as before: same bytes, only slower.
+``pread`` and the transpose kernel that costs as much as the copy itself (measured on the
+2-core build VM, 1 GiB of bf16: ~0.4-0.6 s of faults next to ~0.1 s of copying).
+``madvise(MADV_POPULATE_WRITE)`` (Linux 5.14+) maps a whole range in one call, without a
+trap per page; the reader calls :func:`populate` once per fresh tensor before its reads.
+Where the call is missing (other systems, older kernels) :func:`populate` does nothing and
+pages fault as before: same bytes, only slower.
+
+What was measured and left out (``assign=True`` of a 0.9 GiB Step3p5 checkpoint, fresh
+processes, interleaved rounds on the busy 2-core VM): one call per fresh tensor 2.99-3.03 s
+where page-by-page faults took 3.34 s in the same rounds; one call per 8 MiB chunk on the
+read threads was slower than no call at all (5.0-11 s: the calls contend with the reads for
+the two cores); transparent huge pages (``MADV_HUGEPAGE``) doubled the time (direct
+compaction on a machine whose memory is fragmented by other processes), although the
+transpose kernel alone ran ~1.35x faster into huge pages.
 
 Example:
     >>> t = torch.empty(1 << 20, dtype=torch.uint8)
@@ -25,12 +33,7 @@ import sys
 import torch
 
 PAGE = mmap.PAGESIZE
-MADV_HUGEPAGE = 14  # linux/mman.h
 MADV_POPULATE_WRITE = 23  # linux/mman.h, since 5.14
-#: Tensors from this size on are given transparent huge pages where the kernel offers them
-#: on request. Always their own mapping (glibc's mmap threshold is at most 32 MiB), so the
-#: advice covers that mapping whole and never splits a heap region.
-HUGE_MIN = 64 << 20
 #: Smallest span worth a call: below it, the few page faults cost less than the syscall.
 MIN_BYTES = 256 << 10
 
@@ -52,36 +55,6 @@ _MADVISE = _madvise()
 #: False once the kernel refused MADV_POPULATE_WRITE (then populate() is a no-op); tests
 #: set it to False to run the portable path.
 enabled = _MADVISE is not None
-
-
-def _thp_on_request() -> bool:
-    """True where transparent huge pages are given to regions that ask (mode ``madvise``)."""
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as fh:
-            return "[madvise]" in fh.read()
-    except OSError:
-        return False
-
-
-huge = _MADVISE is not None and _thp_on_request()
-
-
-def advise_huge(t: torch.Tensor) -> bool:
-    """Ask for transparent huge pages for fresh CPU tensor ``t`` (at least :data:`HUGE_MIN`).
-
-    A native expert tensor is written through a transpose that touches a new 4 KiB page
-    every few cache lines; with 2 MiB pages the TLB misses of that walk mostly go away
-    (measured on the 2-core build VM: the fused read-and-transpose ~1.35x faster), and
-    pre-faulting maps 512x fewer pages. Only the tensor's own pages are advised, so no
-    memory is added. Returns True if the advice was given.
-    """
-    if not (huge and enabled) or t.device.type != "cpu" or t.numel() * t.element_size() < HUGE_MIN:
-        return False
-    assert _MADVISE is not None
-    addr, nbytes = span(t)
-    lo = addr // PAGE * PAGE
-    hi = -(-(addr + nbytes) // PAGE) * PAGE
-    return _MADVISE(lo, hi - lo, MADV_HUGEPAGE) == 0
 
 
 def span(t: torch.Tensor) -> tuple[int, int]:

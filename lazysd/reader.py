@@ -29,7 +29,7 @@ import torch
 
 from . import tuning
 from .checkpoint import Checkpoint, TensorInfo
-from .memory import advise_huge, populate
+from .memory import populate
 from .plan import Box, Entry, Source, local_box
 from .transpose import copy_into, fused_read_applies, read_transposed
 
@@ -311,7 +311,6 @@ class Reader:
             out = torch.empty(shape, dtype=dtype, device=device)
         else:
             out = torch.empty([shape[i] for i in order], dtype=dtype, device=device).permute(_inverse(order))
-        advise_huge(out)
         return out
 
     # ---- executing -----------------------------------------------------------------------
@@ -362,14 +361,8 @@ class Reader:
             with self._lock:
                 self._free.append(buf)
 
-    def _read(self, job: _Job, fresh: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Read one job: ``(staged chunk or None if read in place, pool buffer to release)``.
-
-        ``fresh``: the destination is new memory; its pages are mapped in one call first
-        (:func:`lazysd.memory.populate`), here on the read threads, while other chunks are read.
-        """
-        if fresh and job.dest.device.type == "cpu":
-            populate(job.dest)
+    def _read(self, job: _Job) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Read one job: ``(staged chunk or None if read in place, pool buffer to release)``."""
         if job.fused:
             (start, n), dest = job.runs[0], job.dest
             offset = job.info.offset + start
@@ -436,19 +429,21 @@ class Reader:
     def fill(self, entry: Entry, box: Box, dest: torch.Tensor, *, fresh: bool = False) -> torch.Tensor:
         """Write the ``box`` of native tensor ``entry`` into ``dest`` (shape of the box).
 
-        ``fresh``: ``dest`` was just allocated (its pages are pre-faulted in bulk as it is filled).
+        ``fresh``: ``dest`` was just allocated: its pages are mapped in one call before the reads.
         """
         expected = tuple(h - l for l, h in box)
         if tuple(dest.shape) != expected:
             raise ValueError(f"{entry.key}: destination shape {list(dest.shape)} is not the requested box {list(expected)}")
         t0 = time.perf_counter()
+        if fresh:
+            populate(dest)  # one call maps every page, instead of a fault per page during the reads
         jobs = self._jobs(entry, box, dest)
         opts = self.options
         if opts.threads <= 0 or len(jobs) <= 1:
             for job in jobs:
-                self._run_inline(job, fresh)
+                self._run_inline(job)
         else:
-            self._run_pipelined(jobs, fresh)
+            self._run_pipelined(jobs)
         self._done(entry, dest, t0)
         return dest
 
@@ -469,15 +464,15 @@ class Reader:
         finally:
             self._release(base)
 
-    def _run_inline(self, job: _Job, fresh: bool) -> None:
+    def _run_inline(self, job: _Job) -> None:
         cost = job.staging
         self._staging(cost)
         try:
-            self._finish(job, self._read(job, fresh))
+            self._finish(job, self._read(job))
         finally:
             self._staging(-cost)
 
-    def _run_pipelined(self, jobs: list[_Job], fresh: bool) -> None:
+    def _run_pipelined(self, jobs: list[_Job]) -> None:
         """Reads on the pool, ahead of the copies; copies (and casts) on the calling thread.
 
         The copies run where torch's intra-op threads can split them over the cores, while
@@ -500,7 +495,7 @@ class Reader:
                     job = todo.popleft()
                     inflight += cost
                     self._staging(cost)
-                    pending.append((job, self._pool.submit(self._read, job, fresh), cost))
+                    pending.append((job, self._pool.submit(self._read, job), cost))
                 job, fut, cost = pending.popleft()
                 try:
                     self._finish(job, fut.result())

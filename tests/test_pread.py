@@ -243,10 +243,3 @@ def test_unknown_mount_table_means_local(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(tuning, "filesystem_type", lambda p, mounts=None: None)
     assert tuning.storage_kind("/x") == "local"
 
-
-def test_huge_page_advice_only_for_large_fresh_tensors() -> None:
-    big = torch.empty(memory.HUGE_MIN // 4, dtype=torch.float32)
-    assert memory.advise_huge(big) == memory.huge
-    big.fill_(1.5)
-    assert memory.populate(big) == memory.enabled and bool((big == 1.5).all())
-    assert memory.advise_huge(torch.empty(1 << 20)) is False  # small: may share a heap region
