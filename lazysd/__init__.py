@@ -15,14 +15,18 @@ from .errors import (
     MissingKeyError,
     MissingSourceError,
     NoWeightsError,
+    OptionError,
     PlacementError,
     ReadOnlyTensorError,
+    RuleError,
     ShapeMismatchError,
     StateDictMismatchError,
     UnclaimedKeyError,
     UnknownModelError,
     TooManyFilesError,
     UnsafePathError,
+    UnsupportedFormatError,
+    WriterError,
 )
 from .export import HFView, save_hf
 from .lazy import LazyTensor
@@ -54,5 +58,9 @@ __all__ = [
     "UnsafePathError",
     "ReadOnlyTensorError",
     "TooManyFilesError",
+    "UnsupportedFormatError",
+    "OptionError",
+    "RuleError",
+    "WriterError",
 ]
 __version__ = "0.1.0"
