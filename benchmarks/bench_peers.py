@@ -46,6 +46,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 LAZYSD = ("lazysd", "lazysd-hf", "lazysd-buffered")
 PEERS = ("st-load_file", "st-clone", "st-prealloc", "runai", "fastsafetensors", "transformers")
+# Peers whose results are private copies. load_file returns views of its file mappings (the
+# shared page cache, copy-on-write; touching them maps pages, it copies nothing), and
+# transformers keeps unchanged parameters as such views too.
+PRIVATE_PEERS = ("st-clone", "st-prealloc", "runai", "fastsafetensors")
 # The import each peer needs: absent -> skipped with a line saying so.
 PEER_MODULES = {
     "st-load_file": "safetensors",
@@ -179,10 +183,9 @@ def worker(method: str) -> dict:
     if method == "lazysd-hf":
         from lazysd.automodel import HFCheckpointView
 
-        with PeakRSS() as p:
-            with HFCheckpointView(PATH) as hf, torch.no_grad():
-                for k, t in dests.items():
-                    t.copy_(hf[k])
+        with PeakRSS() as p, HFCheckpointView(PATH) as hf, torch.no_grad():
+            for k, t in dests.items():
+                t.copy_(hf[k])
         return {**p.result, "bytes": hf.bytes_read, "threads": hf.reader.options.threads}
     if method == "st-prealloc":
         from safetensors import safe_open
@@ -196,11 +199,10 @@ def worker(method: str) -> dict:
     if method == "runai":
         from runai_model_streamer import SafetensorsStreamer
 
-        with PeakRSS() as p:
-            with SafetensorsStreamer() as streamer:
-                streamer.stream_files([str(f) for f in files])
-                for k, t in streamer.get_tensors():
-                    dests[k].copy_(t)
+        with PeakRSS() as p, SafetensorsStreamer() as streamer:
+            streamer.stream_files([str(f) for f in files])
+            for k, t in streamer.get_tensors():
+                dests[k].copy_(t)
         return {**p.result, "bytes": nbytes}
     if method == "fastsafetensors":
         from fastsafetensors import SafeTensorsFileLoader, SingleGroup
@@ -246,6 +248,20 @@ def _cold(files: list[Path]) -> None:
         evict(f)
 
 
+def _parse_log(log: Path) -> list[tuple[float, int, str, str, dict]]:
+    """``(size, round, mode, method, result)`` of each run line of a run's stderr log."""
+    import ast
+
+    out = []
+    for line in log.read_text().splitlines():
+        head, sep, body = line.strip().partition(": ")
+        words = head.split()
+        if not sep or len(words) != 5 or words[0] != "run":
+            continue
+        out.append((float(words[4]), int(words[1]), words[2], words[3], ast.literal_eval(body.replace("null", "None"))))
+    return out
+
+
 def _gib_s(x: dict) -> float:
     return x["bytes"] / x["seconds"] / 2**30
 
@@ -261,6 +277,7 @@ def main() -> int:
     ap.add_argument("--methods", nargs="+", default=["lazysd", "lazysd-hf", *PEERS], help="lazysd, peers (floors are always run)")
     ap.add_argument("--floor-threads", nargs="+", type=int, default=None, help="extra floor thread counts (default 4 8)")
     ap.add_argument("--dir", default="/tmp/lazysd-bench")
+    ap.add_argument("--replay", metavar="LOG", help="print the tables of an earlier run from its stderr log (complete rounds only)")
     args = ap.parse_args()
     if args.worker:
         method, PATH, SIZE = args.worker[0], Path(args.worker[1]), float(args.worker[2])
@@ -282,6 +299,10 @@ def main() -> int:
         else:
             methods.append(m)
     methods += floors
+    replayed = _parse_log(Path(args.replay)) if args.replay else None
+    if replayed is not None:
+        methods = list(dict.fromkeys(m for _, _, _, m, _ in replayed))
+        floors = [m for m in methods if m.startswith("floor:")]
     for size in args.sizes:
         spec = Step3p5Spec.sized(int(size))
         path = ensure_checkpoint(Path(args.dir) / f"{size / 1e9:g}gb", spec, verbose=True)
@@ -290,14 +311,18 @@ def main() -> int:
             largest = max(e.nbytes for e in vsd.plan.entries.values())
         bound = 1.25 * largest + 64 * MiB
         results = {(mode, m): [] for mode in args.modes for m in methods}
-        for r in range(args.runs):
+        if replayed is not None:
+            for _, r, mode, m, x in [e for e in replayed if e[0] == size]:
+                results[mode, m].append(x)
+            args.runs = min(len(v) for v in results.values())
+        for r in range(args.runs if replayed is None else 0):
             order = methods[r % len(methods) :] + methods[: r % len(methods)]  # rotate: no fixed position
             for mode in args.modes:
                 for m in order:
                     (_cold if mode == "cold" else _warm)(files)
                     x = run_fresh(__file__, "--worker", m, str(path), str(size))
                     results[mode, m].append(x)
-                    print(f"  run {r + 1} {mode} {m}: {x}", file=sys.stderr)
+                    print(f"  run {r + 1} {mode} {m} {size:g}: {json.dumps(x)}", file=sys.stderr)
         print(
             f"\n## {path.name}: {checkpoint_nbytes(spec) / 2**30:.2f} GiB bf16 ({len(files)} files); largest native "
             f"tensor {largest / MiB:.0f} MiB, memory bound 1.25x+64 MiB = {bound / MiB:.0f} MiB; lazysd threads={threads}; "
@@ -310,7 +335,7 @@ def main() -> int:
 
 def _table(mode: str, methods: list[str], floors: list[str], results: dict, bound: float) -> None:
     MiB = 2**20
-    rounds = len(next(iter(results.values())))
+    rounds = min(len(v) for v in results.values())
 
     def ok(m: str, r: int) -> dict | None:
         x = results[mode, m][r]
@@ -328,17 +353,19 @@ def _table(mode: str, methods: list[str], floors: list[str], results: dict, boun
 
     peers = [m for m in methods if m in PEERS]
     print(f"### {mode}\n")
-    print(f"| method | wall s | GiB/s | peak extra MiB | x {floors[0]} | x best floor | x best peer |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    private = [m for m in peers if m in PRIVATE_PEERS]
+    print(f"| method | wall s | GiB/s | peak extra MiB | x {floors[0]} | x best floor | x best peer | x best private-copy peer |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for m in methods:
         runs = [x for x in results[mode, m] if "error" not in x]
         if not runs:
-            print(f"| {m} | failed: {results[mode, m][0]['error'][:100]} | | | | | |")
+            why = results[mode, m][0]["error"][:100] if results[mode, m] else "no run"
+            print(f"| {m} | failed: {why} | | | | | | |")
             continue
         wall = statistics.median(x["seconds"] for x in runs)
         rate = statistics.median(_gib_s(x) for x in runs)
         peak = statistics.median(x["total"] for x in runs) / MiB
-        print(f"| {m} | {wall:.2f} | {rate:.2f} | {peak:.0f} | {ratio(m, floors[:1])} | {ratio(m, floors)} | {ratio(m, peers)} |")
+        print(f"| {m} | {wall:.2f} | {rate:.2f} | {peak:.0f} | {ratio(m, floors[:1])} | {ratio(m, floors)} | {ratio(m, peers)} | {ratio(m, private)} |")
     for m in LAZYSD:
         if (mode, m) in results and any("error" not in x for x in results[mode, m]):
             peak = statistics.median(x["total"] for x in results[mode, m] if "error" not in x)

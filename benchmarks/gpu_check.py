@@ -131,7 +131,7 @@ def main() -> int:
         if cuda:
             torch.cuda.synchronize()
 
-    def timed(fn) -> float:  # noqa: ANN001
+    def timed(fn) -> float:
         sync()
         t0 = time.perf_counter()
         fn()

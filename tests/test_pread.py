@@ -12,7 +12,13 @@ import torch
 from lazysd import VirtualStateDict, memory, pread, tuning
 from lazysd.pread import RangeReader
 from lazysd.reader import ReadOptions
-from lazysd.testing import Step3p5Model, Step3p5Spec, load_hf_tensors, make_checkpoint, native_state_dict
+from lazysd.testing import (
+    Step3p5Model,
+    Step3p5Spec,
+    load_hf_tensors,
+    make_checkpoint,
+    native_state_dict,
+)
 from lazysd.testing.checks import assert_bitwise_equal
 from lazysd.testing.pagecache import evict, resident_pages
 
@@ -116,7 +122,7 @@ def test_buffered_fallback_when_direct_io_is_refused(blob, monkeypatch: pytest.M
     path, data = blob
     real = os.preadv
 
-    def refusing(fd, buffers, offset, flags=0):  # noqa: ANN001, ANN202
+    def refusing(fd, buffers, offset, flags=0):
         if fd == reader._direct_fd:
             raise OSError(22, "Invalid argument")
         return real(fd, buffers, offset, flags)
