@@ -312,7 +312,7 @@ def main() -> int:
         bound = 1.25 * largest + 64 * MiB
         results = {(mode, m): [] for mode in args.modes for m in methods}
         if replayed is not None:
-            for _, r, mode, m, x in [e for e in replayed if e[0] == size]:
+            for _, r, mode, m, x in [e for e in replayed if e[0] == size and e[2] in args.modes]:
                 results[mode, m].append(x)
             args.runs = min(len(v) for v in results.values())
         for r in range(args.runs if replayed is None else 0):

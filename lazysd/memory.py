@@ -5,17 +5,19 @@ page traps into the kernel, which zeroes and maps it. Faulted one page at a time
 ``pread`` and the transpose kernel that costs as much as the copy itself (measured on the
 2-core build VM, 1 GiB of bf16: ~0.4-0.6 s of faults next to ~0.1 s of copying).
 ``madvise(MADV_POPULATE_WRITE)`` (Linux 5.14+) maps a whole range in one call, without a
-trap per page; the reader calls :func:`populate` once per fresh tensor before its reads.
-Where the call is missing (other systems, older kernels) :func:`populate` does nothing and
-pages fault as before: same bytes, only slower.
+trap per page; with :data:`enabled` set, the reader calls :func:`populate` once per fresh
+tensor before its reads. Where the call is missing (other systems, older kernels)
+:func:`populate` does nothing and pages fault as before: same bytes.
 
-What was measured and left out (``assign=True`` of a 0.9 GiB Step3p5 checkpoint, fresh
-processes, interleaved rounds on the busy 2-core VM): one call per fresh tensor 2.99-3.03 s
-where page-by-page faults took 3.34 s in the same rounds; one call per 8 MiB chunk on the
-read threads was slower than no call at all (5.0-11 s: the calls contend with the reads for
-the two cores); transparent huge pages (``MADV_HUGEPAGE``) doubled the time (direct
-compaction on a machine whose memory is fragmented by other processes), although the
-transpose kernel alone ran ~1.35x faster into huge pages.
+Why it is off by default (``assign=True`` of a 0.9 GiB Step3p5 checkpoint, fresh processes,
+interleaved rounds on the 2-core VM while other work ran on it): one call per fresh tensor
+against page-by-page faults gave per-round wall ratios of 0.91, 1.78, 1.78
+(``bench_load.py`` b/B) in one run and 1.10, 0.13, 0.90 in another: no consistent gain. The
+call zeroes every page on the calling thread, where faults taken inside the reads are spread
+over the reader threads. One call per 8 MiB chunk on the read threads, and transparent huge
+pages (``MADV_HUGEPAGE``: direct compaction on a machine whose memory other processes
+fragment), were slower still, although the transpose kernel alone ran ~1.35x faster into
+huge pages.
 
 Example:
     >>> t = torch.empty(1 << 20, dtype=torch.uint8)
@@ -52,9 +54,12 @@ def _madvise() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
 
 
 _MADVISE = _madvise()
-#: False once the kernel refused MADV_POPULATE_WRITE (then populate() is a no-op); tests
-#: set it to False to run the portable path.
-enabled = _MADVISE is not None
+#: Whether this kernel has MADV_POPULATE_WRITE (False once it refused the call).
+supported = _MADVISE is not None
+#: Pre-fault fresh ``assign=True`` destinations: off by default, because it did not measure
+#: faster on the 2-core build VM (see the module docstring); ``lazysd.memory.enabled = True``
+#: opts in (``benchmarks/bench_load.py`` method B measures it against the default).
+enabled = False
 
 
 def span(t: torch.Tensor) -> tuple[int, int]:
@@ -71,8 +76,8 @@ def populate(t: torch.Tensor) -> bool:
     Only pages wholly inside the span are touched (the ragged ends fault as usual), and a
     populated page keeps its contents: calling it on memory already in use is harmless.
     """
-    global enabled
-    if not enabled or t.device.type != "cpu":
+    global supported
+    if not (enabled and supported) or t.device.type != "cpu":
         return False
     addr, nbytes = span(t)
     lo = -(-addr // PAGE) * PAGE
@@ -83,6 +88,6 @@ def populate(t: torch.Tensor) -> bool:
     if _MADVISE(lo, hi - lo, MADV_POPULATE_WRITE) != 0:
         err = ctypes.get_errno()
         if err in (22, 38, 95):  # EINVAL/ENOSYS/EOPNOTSUPP: this kernel lacks it; stop asking
-            enabled = False
+            supported = False
         return False
     return True
