@@ -53,7 +53,9 @@ def _placed(shape: tuple[int, ...], dtype: Any, mesh: Any, placements: list[Any]
         return torch.zeros(shape, dtype=dtype)  # touched now, so the peak below is the reader's own
     box = local_box_of(shape, Target(mesh, tuple(placements)))
     local = torch.zeros([h - l for l, h in box], dtype=dtype)
-    return DTensor.from_local(local, mesh, placements, run_check=False, shape=torch.Size(shape), stride=contiguous_stride(shape))
+    return DTensor.from_local(
+        local, mesh, placements, run_check=False, shape=torch.Size(shape), stride=contiguous_stride(shape)
+    )
 
 
 def _placements(key: str, shape: tuple[int, ...], layout: str) -> list[Any] | None:
@@ -115,8 +117,13 @@ def _rank(rank: int, world: int, path: str, size: float, which: str, layout: str
 
     mesh = init_device_mesh("cpu", (2, world // 2) if world > 1 else (1, 1), mesh_dim_names=("dp", "ep"))
     native = which == "lazysd native"
-    model = Step3p5Model(Step3p5Spec.sized(int(size)), layout="native" if native else "hf", dtype=torch.bfloat16, device="meta")
-    sd = {k: _placed(tuple(v.shape), v.dtype, mesh, _placements(k, tuple(v.shape), layout)) for k, v in model.state_dict().items()}
+    model = Step3p5Model(
+        Step3p5Spec.sized(int(size)), layout="native" if native else "hf", dtype=torch.bfloat16, device="meta"
+    )
+    sd = {
+        k: _placed(tuple(v.shape), v.dtype, mesh, _placements(k, tuple(v.shape), layout))
+        for k, v in model.state_dict().items()
+    }
     ideal = sum(getattr(t, "_local_tensor", t).nbytes for t in sd.values())
     inner: StorageReader = {
         "torch": lambda: HuggingFaceStorageReader(path),
@@ -151,16 +158,24 @@ def main() -> None:
     spec = Step3p5Spec.sized(int(args.size))
     path = ensure_checkpoint(Path(args.dir) / f"dcp-{args.size:.0e}", spec, verbose=True)
     total = checkpoint_nbytes(spec)
-    print(f"## {path}: {total / 2**30:.2f} GiB bf16, {spec.moe_num_experts} experts x {len(spec.moe_layers)} MoE layers; medians of {args.runs} runs\n")
-    print("| world | experts | reader | rank | bytes from disk | ideal | disk/ideal | read_data s | vs torch | peak RSS above state dict MiB |")
+    print(
+        f"## {path}: {total / 2**30:.2f} GiB bf16, {spec.moe_num_experts} experts x {len(spec.moe_layers)} MoE layers; medians of {args.runs} runs\n"
+    )
+    print(
+        "| world | experts | reader | rank | bytes from disk | ideal | disk/ideal | read_data s | vs torch | peak RSS above state dict MiB |"
+    )
     print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for world in args.world:
         for layout in args.layout:
             medians: dict[str, list[dict[str, float]]] = {}
             for which in READERS:
-                runs = [run_ranks(_rank, world, (str(path), args.size, which, layout), timeout=1800) for _ in range(args.runs)]
+                runs = [
+                    run_ranks(_rank, world, (str(path), args.size, which, layout), timeout=1800)
+                    for _ in range(args.runs)
+                ]
                 medians[which] = [
-                    {k: statistics.median(r[rank][k] for r in runs) for k in ("pages", "ideal", "read_s", "peak")} for rank in range(world)
+                    {k: statistics.median(r[rank][k] for r in runs) for k in ("pages", "ideal", "read_s", "peak")}
+                    for rank in range(world)
                 ]
                 counted = [r[0]["counted"] for r in runs]
                 assert len(set(counted)) == 1, counted  # lazysd reads the same bytes every run
@@ -171,6 +186,7 @@ def main() -> None:
                         f"| {world} | {layout} | {which} | {rank} | {m['pages']:,.0f} | {m['ideal']:,.0f} | "
                         f"{m['pages'] / m['ideal']:.4f} | {m['read_s']:.2f} | {ratio:.2f}x | {m['peak'] / 2**20:.0f} |"
                     )
+
 
 if __name__ == "__main__":
     main()

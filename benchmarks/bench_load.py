@@ -262,18 +262,24 @@ def main() -> int:
                 f"| ({m}) {METHODS[m]} | {x['seconds']:.2f} | {x['bytes'] / x['seconds'] / 2**30:.2f} | "
                 f"{x['total'] / MiB:.0f} | {x['anon'] / MiB:.0f} | {x['file'] / MiB:.0f} |"
             )
+
         # Ratios per round (same machine load), then their median.
         def ratio(p: str, q: str, key: str = "seconds") -> str:
-            pairs = [(x[key], y[key]) for x, y in zip(results.get(p, []), results.get(q, [])) if "error" not in x and "error" not in y]  # noqa: B023 - called in this iteration
+            rounds = zip(results.get(p, []), results.get(q, []))  # noqa: B023 - called in this iteration
+            pairs = [(x[key], y[key]) for x, y in rounds if "error" not in x and "error" not in y]
             return f"{statistics.median(a / b for a, b in pairs if b):.2f}" if pairs else "n/a"
 
         print()
         if "a" in med:
-            print(f"- (a) peak extra {med['a']['total'] / MiB:.0f} MiB vs bound {bound / MiB:.0f} MiB: "
-                  f"{'met' if med['a']['total'] <= bound else 'NOT met'}")
+            print(
+                f"- (a) peak extra {med['a']['total'] / MiB:.0f} MiB vs bound {bound / MiB:.0f} MiB: "
+                f"{'met' if med['a']['total'] <= bound else 'NOT met'}"
+            )
         print(f"- wall p/a = {ratio('p', 'a')} (the progress report's cost)")
-        print(f"- wall a/c = {ratio('a', 'c')} (target <= 0.5), a/d = {ratio('a', 'd')} (target <= 2), "
-              f"t/d = {ratio('t', 'd')}, s/t = {ratio('s', 't')} (kernel transpose speedup)")
+        print(
+            f"- wall a/c = {ratio('a', 'c')} (target <= 0.5), a/d = {ratio('a', 'd')} (target <= 2), "
+            f"t/d = {ratio('t', 'd')}, s/t = {ratio('s', 't')} (kernel transpose speedup)"
+        )
         print(f"- wall b/e = {ratio('b', 'e')} (target <= 1), private b/e = {ratio('b', 'e', 'anon')} (target <= 1)")
         print(f"- wall b/B = {ratio('b', 'B')} (page-by-page faults vs bulk pre-faulting)")
         print(f"- wall m/e = {ratio('m', 'e')} (target <= 1), private m/e = {ratio('m', 'e', 'anon')} (target <= 1)")

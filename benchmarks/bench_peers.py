@@ -276,10 +276,16 @@ def main() -> int:
     ap.add_argument("--sizes", nargs="+", type=float, default=[1e9, 3e9])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--modes", nargs="+", choices=["cold", "warm"], default=["cold", "warm"])
-    ap.add_argument("--methods", nargs="+", default=["lazysd", "lazysd-hf", *PEERS], help="lazysd, peers (floors are always run)")
-    ap.add_argument("--floor-threads", nargs="+", type=int, default=None, help="extra floor thread counts (default 4 8)")
+    ap.add_argument(
+        "--methods", nargs="+", default=["lazysd", "lazysd-hf", *PEERS], help="lazysd, peers (floors are always run)"
+    )
+    ap.add_argument(
+        "--floor-threads", nargs="+", type=int, default=None, help="extra floor thread counts (default 4 8)"
+    )
     ap.add_argument("--dir", default="/tmp/lazysd-bench")
-    ap.add_argument("--replay", metavar="LOG", help="print the tables of an earlier run from its stderr log (complete rounds only)")
+    ap.add_argument(
+        "--replay", metavar="LOG", help="print the tables of an earlier run from its stderr log (complete rounds only)"
+    )
     args = ap.parse_args()
     if args.worker:
         method, PATH, SIZE = args.worker[0], Path(args.worker[1]), float(args.worker[2])
@@ -356,7 +362,9 @@ def _table(mode: str, methods: list[str], floors: list[str], results: dict, boun
     peers = [m for m in methods if m in PEERS]
     print(f"### {mode}\n")
     private = [m for m in peers if m in PRIVATE_PEERS]
-    print(f"| method | wall s | GiB/s | peak extra MiB | x {floors[0]} | x best floor | x best peer | x best private-copy peer |")
+    print(
+        f"| method | wall s | GiB/s | peak extra MiB | x {floors[0]} | x best floor | x best peer | x best private-copy peer |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for m in methods:
         runs = [x for x in results[mode, m] if "error" not in x]
@@ -367,11 +375,15 @@ def _table(mode: str, methods: list[str], floors: list[str], results: dict, boun
         wall = statistics.median(x["seconds"] for x in runs)
         rate = statistics.median(_gib_s(x) for x in runs)
         peak = statistics.median(x["total"] for x in runs) / MiB
-        print(f"| {m} | {wall:.2f} | {rate:.2f} | {peak:.0f} | {ratio(m, floors[:1])} | {ratio(m, floors)} | {ratio(m, peers)} | {ratio(m, private)} |")
+        print(
+            f"| {m} | {wall:.2f} | {rate:.2f} | {peak:.0f} | {ratio(m, floors[:1])} | {ratio(m, floors)} | {ratio(m, peers)} | {ratio(m, private)} |"
+        )
     for m in LAZYSD:
         if (mode, m) in results and any("error" not in x for x in results[mode, m]):
             peak = statistics.median(x["total"] for x in results[mode, m] if "error" not in x)
-            print(f"\n- {m}: peak extra {peak / MiB:.0f} MiB, bound {bound / MiB:.0f} MiB: {'met' if peak <= bound else 'NOT met'}")
+            print(
+                f"\n- {m}: peak extra {peak / MiB:.0f} MiB, bound {bound / MiB:.0f} MiB: {'met' if peak <= bound else 'NOT met'}"
+            )
     print()
 
 

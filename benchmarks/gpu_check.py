@@ -65,7 +65,11 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bitwise equality of a (CUDA) tensor and a CPU tensor."""
     a = a.detach().cpu().contiguous()
     b = b.contiguous()
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8))
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8))
+    )
 
 
 def _pinned_h2d(device: torch.device, nbytes: int = 256 << 20, repeat: int = 8) -> float:
@@ -123,7 +127,9 @@ def main() -> int:
         hf_reference.update({k: v.clone() for k, v in load_file(f).items()})
     hf_bytes = sum(t.nbytes for t in hf_reference.values())
     gpu = torch.cuda.get_device_name(device) if cuda else f"{platform.processor() or platform.machine()} CPU (dry run)"
-    print(f"checkpoint {hf_bytes / 2**30:.2f} GiB ({native_bytes / 2**30:.2f} GiB native) on {gpu}, torch {torch.__version__}, lazysd threads={threads}")
+    print(
+        f"checkpoint {hf_bytes / 2**30:.2f} GiB ({native_bytes / 2**30:.2f} GiB native) on {gpu}, torch {torch.__version__}, lazysd threads={threads}"
+    )
     h2d = _pinned_h2d(device) if cuda else float("nan")
     print(f"pinned host-to-device copies alone: {h2d:.2f} GiB/s")
 
@@ -224,24 +230,44 @@ def main() -> int:
         export = {"seconds": s, "gib_s": native_bytes / s / 2**30, "bitwise": ok}
         shutil.rmtree(out_dir, ignore_errors=True)
 
-    print(f"\n{time.strftime('%Y-%m-%d')}, {gpu}, torch {torch.__version__}, checkpoint {hf_bytes / 2**30:.2f} GiB; "
-          f"pinned host-to-device alone {h2d:.2f} GiB/s\n")
+    print(
+        f"\n{time.strftime('%Y-%m-%d')}, {gpu}, torch {torch.__version__}, checkpoint {hf_bytes / 2**30:.2f} GiB; "
+        f"pinned host-to-device alone {h2d:.2f} GiB/s\n"
+    )
     print("| mode | method | seconds | GiB/s | x pinned H2D | bitwise |\n|---|---|---:|---:|---:|---|")
     for r in rows:
         if "error" in r:
             print(f"| {r['mode']} | {r['method']} | failed: {r['error'][:80]} | | | |")
         else:
-            print(f"| {r['mode']} | {r['method']} | {r['seconds']:.2f} | {r['gib_s']:.2f} | {r['x_h2d']:.2f} | {'yes' if r['bitwise'] else 'NO'} |")
+            print(
+                f"| {r['mode']} | {r['method']} | {r['seconds']:.2f} | {r['gib_s']:.2f} | {r['x_h2d']:.2f} | {'yes' if r['bitwise'] else 'NO'} |"
+            )
     if export:
-        print(f"| - | save_hf of the CUDA model, round trip | {export['seconds']:.2f} | {export['gib_s']:.2f} | | {'yes' if export['bitwise'] else 'NO'} |")
+        print(
+            f"| - | save_hf of the CUDA model, round trip | {export['seconds']:.2f} | {export['gib_s']:.2f} | | {'yes' if export['bitwise'] else 'NO'} |"
+        )
     if args.out:
-        Path(args.out).write_text(json.dumps({
-            "date": time.strftime("%Y-%m-%d"), "gpu": gpu, "torch": torch.__version__, "python": platform.python_version(),
-            "checkpoint_bytes": hf_bytes, "native_bytes": native_bytes, "threads": threads, "pinned_h2d_gib_s": h2d,
-            "rows": rows, "export": export,
-        }, indent=1))
+        Path(args.out).write_text(
+            json.dumps(
+                {
+                    "date": time.strftime("%Y-%m-%d"),
+                    "gpu": gpu,
+                    "torch": torch.__version__,
+                    "python": platform.python_version(),
+                    "checkpoint_bytes": hf_bytes,
+                    "native_bytes": native_bytes,
+                    "threads": threads,
+                    "pinned_h2d_gib_s": h2d,
+                    "rows": rows,
+                    "export": export,
+                },
+                indent=1,
+            )
+        )
     dist.destroy_process_group()
-    failed = [r for r in rows if not r.get("bitwise", True) and "lazysd" in r["method"]] or (export and not export["bitwise"])
+    failed = [r for r in rows if not r.get("bitwise", True) and "lazysd" in r["method"]] or (
+        export and not export["bitwise"]
+    )
     return 1 if failed else 0
 
 

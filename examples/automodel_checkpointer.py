@@ -72,7 +72,11 @@ def main() -> None:
     own = model.state_dict_adapter
     model.state_dict_adapter = Step3p5StateDictAdapter(own.config, own.moe_config, own.backend, dtype=own.dtype)
 
-    config = CheckpointingConfig(enabled=True, checkpoint_dir=os.path.join(tempfile.gettempdir(), "lazysd-automodel-out"), save_consolidated=False)
+    config = CheckpointingConfig(
+        enabled=True,
+        checkpoint_dir=os.path.join(tempfile.gettempdir(), "lazysd-automodel-out"),
+        save_consolidated=False,
+    )
     checkpointer = Checkpointer(config, dp_rank=rank, tp_rank=0, pp_rank=0, moe_mesh=ep)
     use_lazysd_reader(checkpointer)  # the one line
     checkpointer.load_base_model(model, torch.device("cpu"), root_dir=tempfile.gettempdir(), model_name=path)

@@ -48,7 +48,9 @@ def main() -> None:
             raise SystemExit(f"{path}: a {family} checkpoint; this example builds the Step3p5 reference model only")
         spec = Step3p5Spec.from_config(config, where=str(path / "config.json"))
         if spec.moe_num_experts % world:
-            raise SystemExit(f"{path}: {spec.moe_num_experts} experts do not split over {world} ranks; use a world size that divides it")
+            raise SystemExit(
+                f"{path}: {spec.moe_num_experts} experts do not split over {world} ranks; use a world size that divides it"
+            )
     else:
         spec = Step3p5Spec.tiny(moe_num_experts=4 * world, hidden_size=128, moe_intermediate_size=64)
         path = Path(tempfile.gettempdir()) / f"lazysd-example-ep{world}"

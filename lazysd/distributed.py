@@ -100,7 +100,9 @@ def _check_mesh(mesh: DeviceMesh) -> None:
     if max(ranks) >= world:
         raise PlacementError(f"the mesh names ranks {ranks} but the process group has only {world} ranks")
     if mesh.get_coordinate() is None:
-        raise PlacementError(f"rank {dist.get_rank()} is not part of the mesh (ranks {ranks}); every loading rank must be")
+        raise PlacementError(
+            f"rank {dist.get_rank()} is not part of the mesh (ranks {ranks}); every loading rank must be"
+        )
 
 
 def _dtensor_target(value: Any) -> Target | None:
@@ -126,7 +128,14 @@ class Targets:
 
     @classmethod
     def build(
-        cls, entries: Mapping[str, Entry], where: str, *, mesh: Any, like: Any, ep_dim: str | int | None, replicate: bool
+        cls,
+        entries: Mapping[str, Entry],
+        where: str,
+        *,
+        mesh: Any,
+        like: Any,
+        ep_dim: str | int | None,
+        replicate: bool,
     ) -> Targets:
         """Targets from a mesh (experts ``Shard(0)`` over its EP dim) and/or ``like=``.
 
@@ -161,7 +170,10 @@ class Targets:
                         checked.append(target.mesh)
                     targets[key] = target
             if mismatched:
-                raise PlacementError(f"{where}: like= model parameters disagree with the checkpoint's native shapes:\n" + "\n".join(mismatched))
+                raise PlacementError(
+                    f"{where}: like= model parameters disagree with the checkpoint's native shapes:\n"
+                    + "\n".join(mismatched)
+                )
         return cls(targets, default, rest)
 
     def target(self, entry: Entry) -> Target | None:
@@ -185,4 +197,6 @@ def as_dtensor(local: torch.Tensor, target: Target, shape: tuple[int, ...]) -> t
     """
     from torch.distributed.tensor import DTensor
 
-    return DTensor.from_local(local, target.mesh, target.placements, run_check=False, shape=torch.Size(shape), stride=contiguous_stride(shape))
+    return DTensor.from_local(
+        local, target.mesh, target.placements, run_check=False, shape=torch.Size(shape), stride=contiguous_stride(shape)
+    )

@@ -80,7 +80,14 @@ class LazyTensor(torch.Tensor):
 
     @staticmethod
     def __new__(
-        cls, entry: Entry, reader: Reader, box: Box, *, dtype: torch.dtype, device: torch.device, requires_grad: bool = False
+        cls,
+        entry: Entry,
+        reader: Reader,
+        box: Box,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+        requires_grad: bool = False,
     ) -> LazyTensor:
         shape = tuple(hi - lo for lo, hi in box)
         self = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=device, requires_grad=requires_grad)
@@ -91,14 +98,20 @@ class LazyTensor(torch.Tensor):
         pass
 
     # ---- user API ------------------------------------------------------------------------
-    def materialize(self, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def materialize(
+        self, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
         """Read this tensor into a new plain tensor (on its own device/dtype unless given).
 
         With ``VirtualStateDict(mmap=True)``, an unchanged CPU tensor is a copy-on-write view
         of the file mapping instead (see :meth:`lazysd.reader.Reader.mapped`), and a converted
         one keeps its sources' memory order (see :meth:`lazysd.reader.Reader.empty`).
         """
-        if (device is None or torch.device(device) == self.device) and (dtype is None or dtype == self.dtype) and self.device.type == "cpu":
+        if (
+            (device is None or torch.device(device) == self.device)
+            and (dtype is None or dtype == self.dtype)
+            and self.device.type == "cpu"
+        ):
             view = self._reader.mapped(self.entry, self.box, self.dtype)
             if view is not None:
                 return view
@@ -137,7 +150,10 @@ class LazyTensor(torch.Tensor):
         """A LazyTensor for ``self[index]`` when index is basic ints/slices on leading dims."""
         items = index if isinstance(index, tuple) else (index,)
         # bool is an int to Python but a mask to torch (t[True] adds a dim): not narrowed here.
-        basic = all((isinstance(i, int) and not isinstance(i, bool)) or (isinstance(i, slice) and i.step in (None, 1)) for i in items)
+        basic = all(
+            (isinstance(i, int) and not isinstance(i, bool)) or (isinstance(i, slice) and i.step in (None, 1))
+            for i in items
+        )
         if len(items) > self.dim() or not basic:
             return None
         box = list(self.box)
@@ -189,7 +205,11 @@ class LazyTensor(torch.Tensor):
                 return out
         if func in (torch.Tensor.__repr__, torch.Tensor.__format__):
             return args[0].__repr__()
-        if func in _METADATA_FUNCS or (name == "__get__" and _property_name(func) not in _DATA_PROPERTIES) or func is torch.Tensor.requires_grad_:
+        if (
+            func in _METADATA_FUNCS
+            or (name == "__get__" and _property_name(func) not in _DATA_PROPERTIES)
+            or func is torch.Tensor.requires_grad_
+        ):
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)
         if func is torch.Tensor.to and _to_meta(args, kwargs):
@@ -206,7 +226,11 @@ class LazyTensor(torch.Tensor):
     def __torch_dispatch__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         # Reached below __torch_function__, e.g. from inside a DTensor op on local shards.
         kwargs = kwargs or {}
-        if func is torch.ops.aten.copy_.default and isinstance(args[1], LazyTensor) and not isinstance(args[0], LazyTensor):
+        if (
+            func is torch.ops.aten.copy_.default
+            and isinstance(args[1], LazyTensor)
+            and not isinstance(args[0], LazyTensor)
+        ):
             if tuple(args[0].shape) == tuple(args[1].shape):
                 return args[1].read_into(args[0])
         _refuse_mutation(func, args, kwargs)
@@ -223,7 +247,22 @@ class LazyTensor(torch.Tensor):
 _IN_PLACE_ALLOWED = {"requires_grad_", "retain_grad", "share_memory_"}
 _IN_PLACE_DUNDERS = {
     f"__{op}__"
-    for op in ("setitem", "iadd", "isub", "imul", "imatmul", "itruediv", "ifloordiv", "imod", "ipow", "ilshift", "irshift", "iand", "ixor", "ior")
+    for op in (
+        "setitem",
+        "iadd",
+        "isub",
+        "imul",
+        "imatmul",
+        "itruediv",
+        "ifloordiv",
+        "imod",
+        "ipow",
+        "ilshift",
+        "irshift",
+        "iand",
+        "ixor",
+        "ior",
+    )
 }
 
 
@@ -321,7 +360,12 @@ def _materialized_value(value: Any) -> torch.Tensor | None:
         from torch.distributed.tensor import DTensor
 
         return DTensor.from_local(
-            local.materialize(), value.device_mesh, value.placements, run_check=False, shape=value.shape, stride=value.stride()
+            local.materialize(),
+            value.device_mesh,
+            value.placements,
+            run_check=False,
+            shape=value.shape,
+            stride=value.stride(),
         )
     return None
 

@@ -109,7 +109,9 @@ def resolve_checkpoint_path(path: str | os.PathLike[str], *, revision: str | Non
 
 def _no_revision(where: Path, revision: str | None) -> None:
     if revision is not None:
-        raise CheckpointNotFoundError(f"{where}: revision={revision!r} applies only to a Hugging Face cache repository or hub id")
+        raise CheckpointNotFoundError(
+            f"{where}: revision={revision!r} applies only to a Hugging Face cache repository or hub id"
+        )
 
 
 def _is_repo_root(path: Path) -> bool:
@@ -126,7 +128,9 @@ def _snapshot(repo: Path, revision: str | None) -> Path:
         commit = ref.read_text(errors="replace").strip()
         target = snapshots / commit
         if not _COMMIT.fullmatch(commit) or not target.is_dir():
-            raise CheckpointNotFoundError(f"{ref}: points to commit {commit[:60]!r}, which has no folder in {snapshots}")
+            raise CheckpointNotFoundError(
+                f"{ref}: points to commit {commit[:60]!r}, which has no folder in {snapshots}"
+            )
         return target.absolute()
     if _COMMIT.fullmatch(rev) and (snapshots / rev).is_dir():
         return (snapshots / rev).absolute()

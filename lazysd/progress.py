@@ -86,7 +86,9 @@ class ProgressPrinter:
         rate = self.done / max(now - self.start, 1e-9) / 2**20
         pct = 100.0 * self.done / self.total if self.total else 100.0
         # A unit that shows something on small loads too (not "0.00 / 0.00 GiB").
-        shift, unit = next((b, u) for b, u in ((30, "GiB"), (20, "MiB"), (10, "KiB"), (0, "B")) if self.total >= 1 << b or b == 0)
+        shift, unit = next(
+            (b, u) for b, u in ((30, "GiB"), (20, "MiB"), (10, "KiB"), (0, "B")) if self.total >= 1 << b or b == 0
+        )
         self.stream.write(
             f"\rlazysd: {self.verb}{self.done / 2**shift:7.2f} / {self.total / 2**shift:.2f} {unit} ({pct:5.1f}%), "
             f"{self.tensors} tensors, {rate:8.1f} MiB/s" + ("\n" if final else "")

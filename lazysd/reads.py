@@ -167,7 +167,9 @@ class ReadTotals:
     dest_bytes: int  # bytes written into the destination
 
 
-def _chunks(src: Source, box: Box, dest: torch.Tensor, cpu: bool, chunk_bytes: int) -> Iterator[tuple[Box, Box, Method, int]]:
+def _chunks(
+    src: Source, box: Box, dest: torch.Tensor, cpu: bool, chunk_bytes: int
+) -> Iterator[tuple[Box, Box, Method, int]]:
     """``(source sub-box, destination region, method, staging)`` of each read of ``src``.
 
     ``dest`` is a meta tensor with the destination's shape, dtype and strides: the view
@@ -215,7 +217,11 @@ def _chunks(src: Source, box: Box, dest: torch.Tensor, cpu: bool, chunk_bytes: i
             chunk_view = view.narrow(native0, 0, n)[new_axes]
             if plain and as_source.narrow(0, 0, n).is_contiguous():
                 how = ("direct", 0)
-            elif swapped and run_count(info.shape, sub) == 1 and fused_read_fits(chunk_view.shape, chunk_view.stride(), chunk_view.element_size()):
+            elif (
+                swapped
+                and run_count(info.shape, sub) == 1
+                and fused_read_fits(chunk_view.shape, chunk_view.stride(), chunk_view.element_size())
+            ):
                 # Warm, the kernel needs only its block buffer; cold, the reader stages the
                 # whole chunk for one bulk read (lazysd.reader): budgeted for the latter.
                 how = ("fused", n * row_bytes)

@@ -119,15 +119,23 @@ def test_from_hf_passes_other_keys_through_mtp_included() -> None:
 
 def test_from_hf_unpaired_gate_or_up_is_an_error() -> None:
     gate, up, _ = _experts()
-    with pytest.raises(MissingSourceError, match=r"hf_state_dict: model\.layers\.1\.moe\.gate_proj\.weight has no matching model\.layers\.1\.moe\.up_proj\.weight"):
+    with pytest.raises(
+        MissingSourceError,
+        match=r"hf_state_dict: model\.layers\.1\.moe\.gate_proj\.weight has no matching model\.layers\.1\.moe\.up_proj\.weight",
+    ):
         _adapter().from_hf({f"{L1}.moe.gate_proj.weight": gate})
-    with pytest.raises(MissingSourceError, match=r"layers\.2\.moe\.up_proj\.weight has no matching layers\.2\.moe\.gate_proj\.weight"):
+    with pytest.raises(
+        MissingSourceError, match=r"layers\.2\.moe\.up_proj\.weight has no matching layers\.2\.moe\.gate_proj\.weight"
+    ):
         _adapter().from_hf({"layers.2.moe.up_proj.weight": up})
 
 
 def test_from_hf_checks_shapes_and_expert_count() -> None:
     gate, up, down = _experts()
-    with pytest.raises(ShapeMismatchError, match=r"model\.layers\.1\.moe\.down_proj\.weight has 4 experts .*moe_config\.n_routed_experts is 8"):
+    with pytest.raises(
+        ShapeMismatchError,
+        match=r"model\.layers\.1\.moe\.down_proj\.weight has 4 experts .*moe_config\.n_routed_experts is 8",
+    ):
         _adapter(n_routed_experts=8).from_hf({f"{L1}.moe.down_proj.weight": down})
     with pytest.raises(ShapeMismatchError, match=r"gate_and_up_projs cannot combine"):
         _adapter().from_hf({f"{L1}.moe.gate_proj.weight": gate, f"{L1}.moe.up_proj.weight": up[:, :, :2]})
@@ -149,7 +157,11 @@ def test_to_hf_splits_and_transposes() -> None:
 def test_to_hf_router_bias_and_legacy_gate_bias() -> None:
     bias, legacy, weight = torch.randn(E), torch.randn(E), torch.randn(E, D)
     hf = _adapter().to_hf(
-        {f"{L1}.moe.gate.e_score_correction_bias": bias, "model.layers.2.moe.gate.bias": legacy, f"{L1}.moe.gate.weight": weight}
+        {
+            f"{L1}.moe.gate.e_score_correction_bias": bias,
+            "model.layers.2.moe.gate.bias": legacy,
+            f"{L1}.moe.gate.weight": weight,
+        }
     )
     assert list(hf) == [f"{L1}.moe.router_bias", "model.layers.2.moe.router_bias", f"{L1}.moe.gate.weight"]
     assert hf[f"{L1}.moe.router_bias"] is bias and hf["model.layers.2.moe.router_bias"] is legacy
@@ -177,7 +189,10 @@ def test_to_hf_exclude_key_regex_matches_output_keys_from_the_start() -> None:
 
 
 def test_to_hf_checks_moe_inter_dim() -> None:
-    with pytest.raises(ShapeMismatchError, match=r"gate_and_up_projs has shape \[4, 5, 6\]: dim 2 should be 2 x moe_config.moe_inter_dim=4"):
+    with pytest.raises(
+        ShapeMismatchError,
+        match=r"gate_and_up_projs has shape \[4, 5, 6\]: dim 2 should be 2 x moe_config.moe_inter_dim=4",
+    ):
         _adapter(moe_inter_dim=4).to_hf({f"{L1}.moe.experts.gate_and_up_projs": torch.randn(E, D, 2 * I)})
 
 
@@ -187,10 +202,17 @@ def test_convert_single_tensor_to_hf() -> None:
     [(key, value)] = a.convert_single_tensor_to_hf(f"{L1}.moe.experts.down_projs", down)
     assert key == f"{L1}.moe.down_proj.weight" and same_bits(value, down.mT.contiguous())
     other = torch.randn(3)
-    assert a.convert_single_tensor_to_hf("model.layers.0.self_attn.q_norm.weight", other) == [("model.layers.0.self_attn.q_norm.weight", other)]
+    assert a.convert_single_tensor_to_hf("model.layers.0.self_attn.q_norm.weight", other) == [
+        ("model.layers.0.self_attn.q_norm.weight", other)
+    ]
     assert a.convert_single_tensor_to_hf("not.a.model.key", other) == [("not.a.model.key", other)]
     assert a.convert_single_tensor_to_hf("not.a.model.key", other, exclude_key_regex=r"not\.") == []
-    keys = [k for k, _ in a.convert_single_tensor_to_hf(f"{L1}.moe.experts.gate_and_up_projs", torch.randn(E, D, 2 * I), exclude_key_regex=".*gate_proj")]
+    keys = [
+        k
+        for k, _ in a.convert_single_tensor_to_hf(
+            f"{L1}.moe.experts.gate_and_up_projs", torch.randn(E, D, 2 * I), exclude_key_regex=".*gate_proj"
+        )
+    ]
     assert keys == [f"{L1}.moe.up_proj.weight"]
     assert a._convert_native_to_hf("model.norm.weight", other) is None
     assert a._convert_native_to_hf(f"{L1}.moe.gate.weight", other) is None
@@ -262,13 +284,15 @@ def test_mixed_lazy_and_eager_parts_are_converted_eagerly(tmp_path: Path) -> Non
     path = make_checkpoint(tmp_path / "ckpt", Step3p5Spec.tiny(), layout="single")
     hf = load_hf_tensors(path)
     with HFCheckpointView(path) as view:
-        mixed = {"model.layers.1.moe.gate_proj.weight": view["model.layers.1.moe.gate_proj.weight"], "model.layers.1.moe.up_proj.weight": hf["model.layers.1.moe.up_proj.weight"]}
+        mixed = {
+            "model.layers.1.moe.gate_proj.weight": view["model.layers.1.moe.gate_proj.weight"],
+            "model.layers.1.moe.up_proj.weight": hf["model.layers.1.moe.up_proj.weight"],
+        }
         out = _adapter(torch.bfloat16, n_routed_experts=8).from_hf(mixed)
         fused = out["model.layers.1.moe.experts.gate_and_up_projs"]
         assert not isinstance(fused, LazyTensor)
         g, u = hf["model.layers.1.moe.gate_proj.weight"], hf["model.layers.1.moe.up_proj.weight"]
         assert same_bits(fused, torch.cat([g.mT, u.mT], -1))
-
 
 
 # ---- memory kept as Automodel keeps it; write-through loading ------------------------------
@@ -291,11 +315,24 @@ def test_from_hf_keeps_down_projs_a_view_and_allocates_only_the_fused_tensor() -
 
 def test_to_hf_for_checkpoint_load_returns_views_of_the_native_tensors() -> None:
     fused, down, norm = torch.randn(E, D, 2 * I), torch.randn(E, I, D), torch.randn(D)
-    native = {f"{L1}.moe.experts.gate_and_up_projs": fused, f"{L1}.moe.experts.down_projs": down, "model.norm.weight": norm}
+    native = {
+        f"{L1}.moe.experts.gate_and_up_projs": fused,
+        f"{L1}.moe.experts.down_projs": down,
+        "model.norm.weight": norm,
+    }
     a = _adapter()
     hf = a.to_hf(native, exclude_key_regex=r".*_extra_state.*", for_checkpoint_load=True)
-    assert list(hf) == [f"{L1}.moe.gate_proj.weight", f"{L1}.moe.up_proj.weight", f"{L1}.moe.down_proj.weight", "model.norm.weight"]
-    gate, up, hf_down = hf[f"{L1}.moe.gate_proj.weight"], hf[f"{L1}.moe.up_proj.weight"], hf[f"{L1}.moe.down_proj.weight"]
+    assert list(hf) == [
+        f"{L1}.moe.gate_proj.weight",
+        f"{L1}.moe.up_proj.weight",
+        f"{L1}.moe.down_proj.weight",
+        "model.norm.weight",
+    ]
+    gate, up, hf_down = (
+        hf[f"{L1}.moe.gate_proj.weight"],
+        hf[f"{L1}.moe.up_proj.weight"],
+        hf[f"{L1}.moe.down_proj.weight"],
+    )
     assert gate.shape == up.shape == (E, I, D) and hf_down.shape == (E, D, I)
     assert all(_shares(v, fused) for v in (gate, up)) and _shares(hf_down, down) and hf["model.norm.weight"] is norm
     assert same_bits(gate, fused[:, :, :I].mT) and same_bits(up, fused[:, :, I:].mT) and same_bits(hf_down, down.mT)
@@ -310,7 +347,9 @@ def test_to_hf_for_checkpoint_load_returns_views_of_the_native_tensors() -> None
     again = a.from_hf(hf)
     assert set(again) == set(native) and a.view_loaded_native_keys == set()
     # Saving (the default) still gives contiguous copies.
-    assert all(v.is_contiguous() and not _shares(v, fused) for k, v in a.to_hf(native).items() if "gate" in k or "up" in k)
+    assert all(
+        v.is_contiguous() and not _shares(v, fused) for k, v in a.to_hf(native).items() if "gate" in k or "up" in k
+    )
 
 
 def test_a_value_put_in_place_of_a_view_is_copied_into_the_model() -> None:

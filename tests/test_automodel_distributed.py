@@ -28,7 +28,9 @@ L = "model.layers.1"
 
 
 def _adapter(n_experts: int, inter: int, dtype: torch.dtype = torch.float32) -> Step3p5StateDictAdapter:
-    return Step3p5StateDictAdapter(SimpleNamespace(), SimpleNamespace(n_routed_experts=n_experts, moe_inter_dim=inter), None, dtype=dtype)
+    return Step3p5StateDictAdapter(
+        SimpleNamespace(), SimpleNamespace(n_routed_experts=n_experts, moe_inter_dim=inter), None, dtype=dtype
+    )
 
 
 def _hf(E: int, I: int, D: int) -> dict[str, torch.Tensor]:
@@ -62,7 +64,9 @@ def _check_helpers(mesh2d) -> None:
         _create_dtensor_from_local_or_reference(local_t, dt)
 
     # No reference: mesh placements, explicit global expert count for an uneven split.
-    mine = _create_dtensor_from_local_or_reference(dt.to_local(), None, mesh2d, dist.get_rank(), n_experts=5, global_shape=(5, 3, 4))
+    mine = _create_dtensor_from_local_or_reference(
+        dt.to_local(), None, mesh2d, dist.get_rank(), n_experts=5, global_shape=(5, 3, 4)
+    )
     assert mine.placements == (Shard(1), Shard(0)) and _equal(mine.full_tensor(), w)
 
 
@@ -103,7 +107,10 @@ def _check_from_hf_dtensor(mesh2d, E: int, I: int, D: int) -> None:
         assert _equal(value.full_tensor(), hf[key]), key
     # A shard on the HF dim that becomes the gate|up dim cannot be concatenated locally.
     bad = {k: distribute_tensor(v, mesh2d, [Shard(1), Shard(0)]) for k, v in hf.items() if "down" not in k}
-    with pytest.raises(PlacementError, match=r"model\.layers\.1\.moe\.gate_proj\.weight is sharded on dim 1, which becomes the gate\|up dim 2"):
+    with pytest.raises(
+        PlacementError,
+        match=r"model\.layers\.1\.moe\.gate_proj\.weight is sharded on dim 1, which becomes the gate\|up dim 2",
+    ):
         _adapter(E, I).from_hf(bad)
 
 
@@ -117,7 +124,9 @@ def _check_lazy(mesh, ckpt: str) -> None:
         value = out[key]
         assert isinstance(value._local_tensor, LazyTensor)  # still unread inside the DTensor
         assert view.bytes_read == 0
-        param = distribute_tensor(torch.zeros(eager[key].shape, dtype=torch.bfloat16), value.device_mesh, value.placements)
+        param = distribute_tensor(
+            torch.zeros(eager[key].shape, dtype=torch.bfloat16), value.device_mesh, value.placements
+        )
         param.copy_(value)
         local = param.to_local()
         assert view.bytes_read == local.numel() * local.element_size() > 0  # this rank's block, once
@@ -136,7 +145,8 @@ def _check_write_through(mesh, ckpt: str, placements: tuple, reader: str) -> Non
     with VirtualStateDict(ckpt) as vsd:
         want = {k: v.materialize() for k, v in vsd.items()}
     native = {
-        k: distribute_tensor(torch.zeros_like(v), mesh, placements) if ".experts." in k else torch.zeros_like(v) for k, v in want.items()
+        k: distribute_tensor(torch.zeros_like(v), mesh, placements) if ".experts." in k else torch.zeros_like(v)
+        for k, v in want.items()
     }
     locals_before = {k: (v.to_local() if isinstance(v, DTensor) else v).data_ptr() for k, v in native.items()}
     a = _adapter(8, 16, torch.bfloat16)
@@ -169,7 +179,9 @@ def _worker(rank: int, world: int, ckpt: str) -> None:
 
     fused = distribute_tensor(torch.zeros(4, 5, 6), ep, [Shard(2)])
     for load in (False, True):
-        with pytest.raises(PlacementError, match=r"gate_and_up_projs is placed \(Shard\(dim=2\),\): its local shard does not split"):
+        with pytest.raises(
+            PlacementError, match=r"gate_and_up_projs is placed \(Shard\(dim=2\),\): its local shard does not split"
+        ):
             _adapter(4, 3).to_hf({f"{L}.moe.experts.gate_and_up_projs": fused}, for_checkpoint_load=load)
     _check_write_through(ep, ckpt, (Shard(0),), "torch")
     _check_write_through(ep, ckpt, (Shard(0),), "lazysd")

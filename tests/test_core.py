@@ -37,7 +37,9 @@ from tests.support.pagecache import PAGE, evict, resident_map, resident_pages
 
 SPECS = {
     "tiny": Step3p5Spec.tiny(),
-    "wide": Step3p5Spec.tiny(moe_num_experts=12, hidden_size=48, moe_intermediate_size=24, num_hidden_layers=5, first_dense_layers=2),
+    "wide": Step3p5Spec.tiny(
+        moe_num_experts=12, hidden_size=48, moe_intermediate_size=24, num_hidden_layers=5, first_dense_layers=2
+    ),
     "no-mtp": Step3p5Spec.tiny(num_nextn_predict_layers=0, moe_num_experts=3),
 }
 
@@ -57,7 +59,9 @@ def test_values_equal_eager_conversion_bitwise(tmp_path: Path, name: str, layout
     path = make_checkpoint(tmp_path / "c", spec, layout=layout, seed=3)
     vsd = VirtualStateDict(path)
     expected = native_state_dict(load_hf_tensors(path), spec.num_hidden_layers)
-    assert list(vsd) == sorted(expected, key=lambda k: [int(t) if t.isdigit() else t for t in k.replace(".", " . ").split()])
+    assert list(vsd) == sorted(
+        expected, key=lambda k: [int(t) if t.isdigit() else t for t in k.replace(".", " . ").split()]
+    )
     assert set(vsd) == {k for k, _, _ in native_tensor_specs(spec)}
     for key, want in expected.items():
         got = vsd[key]
@@ -233,7 +237,12 @@ def test_lazy_values_behave_like_tensors(tiny_ckpt: Path) -> None:
 # ---- errors ------------------------------------------------------------------------------
 
 
-def _rewrite(path: Path, drop: set[str] = frozenset(), extra: dict[str, torch.Tensor] | None = None, reshape: dict[str, torch.Tensor] | None = None) -> None:
+def _rewrite(
+    path: Path,
+    drop: set[str] = frozenset(),
+    extra: dict[str, torch.Tensor] | None = None,
+    reshape: dict[str, torch.Tensor] | None = None,
+) -> None:
     """Rewrite a single-file checkpoint without some keys / with extra or replaced ones."""
     tensors = load_hf_tensors(path)
     tensors = {k: (reshape or {}).get(k, v) for k, v in tensors.items() if k not in drop}
@@ -251,7 +260,9 @@ def test_error_no_safetensors(tmp_path: Path) -> None:
     with pytest.raises(NoWeightsError, match="no model.safetensors"):
         VirtualStateDict(tmp_path)
     (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
-    with pytest.raises(NoWeightsError, match=r"only pickled weights found \(pytorch_model.bin\); lazysd never unpickles"):
+    with pytest.raises(
+        NoWeightsError, match=r"only pickled weights found \(pytorch_model.bin\); lazysd never unpickles"
+    ):
         VirtualStateDict(tmp_path)
 
 
@@ -266,7 +277,10 @@ def test_error_index_names_missing_file_and_missing_key(tmp_path: Path) -> None:
     index = json.loads((path / "model.safetensors.index.json").read_text())
     index["weight_map"]["model.layers.0.self_attn.zz_proj.weight"] = next(iter(index["weight_map"].values()))
     (path / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(CheckpointIndexError, match=r"model.layers.0.self_attn.zz_proj.weight: index says model-\d+-of-\d+.safetensors, which lacks it"):
+    with pytest.raises(
+        CheckpointIndexError,
+        match=r"model.layers.0.self_attn.zz_proj.weight: index says model-\d+-of-\d+.safetensors, which lacks it",
+    ):
         VirtualStateDict(path)
 
 
@@ -286,7 +300,10 @@ def test_error_mismatched_gate_up_shapes(tmp_path: Path) -> None:
     spec = SPECS["tiny"]
     bad = torch.zeros(spec.moe_num_experts, spec.moe_intermediate_size, spec.hidden_size + 1, dtype=torch.bfloat16)
     _rewrite(path, reshape={"model.layers.2.moe.up_proj.weight": bad})
-    with pytest.raises(ShapeMismatchError, match=r"model.layers.2.moe.experts.gate_and_up_projs cannot combine model.layers.2.moe.gate_proj.weight \[8, 16, 32\] \(model.safetensors\) with model.layers.2.moe.up_proj.weight \[8, 16, 33\]"):
+    with pytest.raises(
+        ShapeMismatchError,
+        match=r"model.layers.2.moe.experts.gate_and_up_projs cannot combine model.layers.2.moe.gate_proj.weight \[8, 16, 32\] \(model.safetensors\) with model.layers.2.moe.up_proj.weight \[8, 16, 33\]",
+    ):
         VirtualStateDict(path)
 
 
@@ -294,7 +311,9 @@ def test_error_unknown_model_type_and_override(tmp_path: Path) -> None:
     path = make_checkpoint(tmp_path / "c", SPECS["tiny"], layout="single")
     config = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**config, "model_type": "llama9"}))
-    with pytest.raises(UnknownModelError, match=r"config.json: model_type 'llama9' is not supported \(supported: .*step3p5"):
+    with pytest.raises(
+        UnknownModelError, match=r"config.json: model_type 'llama9' is not supported \(supported: .*step3p5"
+    ):
         VirtualStateDict(path)
     assert len(VirtualStateDict(path, adapter="step3p5")) > 0
     with pytest.raises(UnknownModelError, match="adapter 'nope' is not registered"):
@@ -328,7 +347,9 @@ def test_cli_inspect_reads_no_tensor_data(tiny_ckpt: Path, capsys: pytest.Captur
     assert cli_main(["inspect", str(tiny_ckpt), "--all"]) == 0
     out = capsys.readouterr().out
     assert "family='step3p5'" in out
-    assert "model.layers.1.moe.experts.gate_and_up_projs" in out and "model.layers.1.moe.gate_proj.weight + 1 more" in out
+    assert (
+        "model.layers.1.moe.experts.gate_and_up_projs" in out and "model.layers.1.moe.gate_proj.weight + 1 more" in out
+    )
     assert out.rstrip().endswith("tensor bytes read: 0")
 
 
@@ -344,5 +365,7 @@ def test_python_dash_m(tiny_ckpt: Path) -> None:
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "lazysd", "inspect", str(tiny_ckpt)], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "lazysd", "inspect", str(tiny_ckpt)], capture_output=True, text=True, check=True
+    ).stdout
     assert "native keys" in out

@@ -21,7 +21,9 @@ from tests.support.checks import same_bits
 from tests.support.dist import run_ranks
 
 # 6 experts: split over 4 ranks they are uneven (2, 2, 2, 0: one rank holds none).
-SPEC = Step3p5Spec.tiny(hidden_size=128, moe_intermediate_size=64, moe_num_experts=6, share_expert_dim=32, intermediate_size=64)
+SPEC = Step3p5Spec.tiny(
+    hidden_size=128, moe_intermediate_size=64, moe_num_experts=6, share_expert_dim=32, intermediate_size=64
+)
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 EXPERTS = ("experts.gate_and_up_projs", "experts.down_projs")
 
@@ -59,7 +61,11 @@ def test_native_load_matches_virtual_state_dict(ckpt: Path, threads: int) -> Non
 def test_native_load_casts_and_partial(ckpt: Path) -> None:
     """dtype= describes the cast tensors; a partial state dict reads only its keys' bytes."""
     want = _full(ckpt, dtype=torch.float32)
-    keys = ["model.layers.1.moe.experts.down_projs", "model.layers.1.moe.gate.e_score_correction_bias", "model.embed_tokens.weight"]
+    keys = [
+        "model.layers.1.moe.experts.down_projs",
+        "model.layers.1.moe.gate.e_score_correction_bias",
+        "model.embed_tokens.weight",
+    ]
     sd = {k: torch.empty(want[k].shape, dtype=want[k].dtype) for k in keys}
     reader = HFReader(ckpt, dtype=torch.float32)
     meta = reader.read_metadata()
@@ -126,7 +132,10 @@ def test_native_false_matches_torch_reader(ckpt: Path) -> None:
 
     meta = HFReader(ckpt, native=False).read_metadata()
     keys = list(meta.state_dict_metadata)
-    ours = {k: torch.empty(meta.state_dict_metadata[k].size, dtype=meta.state_dict_metadata[k].properties.dtype) for k in keys}
+    ours = {
+        k: torch.empty(meta.state_dict_metadata[k].size, dtype=meta.state_dict_metadata[k].properties.dtype)
+        for k in keys
+    }
     theirs = {k: torch.empty_like(v) for k, v in ours.items()}
     reader = HFReader(ckpt, native=False)
     dcp.load(ours, storage_reader=reader, no_dist=True)
@@ -151,7 +160,9 @@ def _placed(shape: tuple[int, ...], dtype: torch.dtype, mesh, placements) -> tor
 
     box = local_box_of(shape, Target(mesh, tuple(placements)))
     local = torch.full([h - l for l, h in box], -7, dtype=dtype)
-    return DTensor.from_local(local, mesh, placements, run_check=False, shape=torch.Size(shape), stride=contiguous_stride(shape))
+    return DTensor.from_local(
+        local, mesh, placements, run_check=False, shape=torch.Size(shape), stride=contiguous_stride(shape)
+    )
 
 
 def _fsdp_ep(key: str, shape: tuple[int, ...], mesh, expert_fsdp: bool):
@@ -193,7 +204,11 @@ def _load_case(path: str, make_mesh, layout) -> tuple[int, int]:
         sd: dict[str, torch.Tensor] = {}
         for key, e in vsd.plan.entries.items():
             placements = layout(key, e.shape, mesh)
-            sd[key] = torch.full(e.shape, -7, dtype=e.dtype) if placements is None else _placed(e.shape, e.dtype, mesh, placements)
+            sd[key] = (
+                torch.full(e.shape, -7, dtype=e.dtype)
+                if placements is None
+                else _placed(e.shape, e.dtype, mesh, placements)
+            )
     with HFReader(path) as reader:
         dcp.load(sd, storage_reader=reader)
         read = reader.bytes_read
@@ -223,7 +238,9 @@ def _hf_case(path: str, world: int) -> int:
 
     def fresh() -> dict[str, torch.Tensor]:
         return {
-            k: _placed(tuple(m.size), m.properties.dtype, mesh, [Shard(0)]) if len(m.size) >= 2 else torch.full(m.size, -7, dtype=m.properties.dtype)
+            k: _placed(tuple(m.size), m.properties.dtype, mesh, [Shard(0)])
+            if len(m.size) >= 2
+            else torch.full(m.size, -7, dtype=m.properties.dtype)
             for k, m in meta.items()
         }
 
@@ -257,7 +274,9 @@ def _save_case(path: str, out: str, make_mesh, layout) -> int:
             continue
         box = local_box_of(tuple(full.shape), Target(mesh, tuple(placements)))
         local = full[tuple(slice(lo, hi) for lo, hi in box)].clone()
-        sd[key] = DTensor.from_local(local, mesh, placements, run_check=False, shape=full.shape, stride=contiguous_stride(tuple(full.shape)))
+        sd[key] = DTensor.from_local(
+            local, mesh, placements, run_check=False, shape=full.shape, stride=contiguous_stride(tuple(full.shape))
+        )
     writer = HFWriter(out, adapter="step3p5", config=Path(path) / "config.json", max_shard_size="40KB")
     dcp.save(sd, storage_writer=writer)
     return writer.bytes_written
@@ -315,7 +334,14 @@ def test_writer_matches_save_hf(ckpt: Path, tmp_path: Path) -> None:
     from lazysd.dcp import HFWriter
 
     sd = _full(ckpt, include_mtp=True)
-    save_hf(sd, tmp_path / "ref", adapter="step3p5", config=ckpt / "config.json", max_shard_size="40KB", num_layers=SPEC.num_hidden_layers)
+    save_hf(
+        sd,
+        tmp_path / "ref",
+        adapter="step3p5",
+        config=ckpt / "config.json",
+        max_shard_size="40KB",
+        num_layers=SPEC.num_hidden_layers,
+    )
     writer = HFWriter(tmp_path / "dcp", adapter="step3p5", config=ckpt / "config.json", max_shard_size="40KB")
     dcp.save(sd, storage_writer=writer, no_dist=True)
     _same_dirs(tmp_path / "dcp", tmp_path / "ref")
@@ -346,7 +372,11 @@ def test_writer_refusals(ckpt: Path, tmp_path: Path) -> None:
     with pytest.raises(CheckpointException, match="'step' is not a tensor"):
         dcp.save({**sd, "step": 3}, storage_writer=HFWriter(tmp_path / "a", adapter="step3p5"), no_dist=True)
     with pytest.raises(CheckpointException, match="model.extra.weight.*matches no rule"):
-        dcp.save({**sd, "model.extra.weight": torch.ones(2)}, storage_writer=HFWriter(tmp_path / "b", adapter="step3p5"), no_dist=True)
+        dcp.save(
+            {**sd, "model.extra.weight": torch.ones(2)},
+            storage_writer=HFWriter(tmp_path / "b", adapter="step3p5"),
+            no_dist=True,
+        )
     with pytest.raises(ExportError, match="not a file"):
         HFWriter(tmp_path / "c", adapter="step3p5", config=tmp_path / "missing.json")
     assert list(tmp_path.iterdir()) == []  # nothing made, no lock left behind
@@ -385,10 +415,16 @@ def test_killed_save_leaves_nothing_complete(ckpt: Path, tmp_path: Path, world: 
         run_ranks(_killed_save, world, (str(ckpt), str(out), victim), timeout=120)
     # No output directory at all: only hidden siblings (the stage, perhaps the lock file).
     assert not out.exists()
-    assert all(p.name.startswith(".out.lazysd-") for p in tmp_path.iterdir() if p.name != "out"), sorted(p.name for p in tmp_path.iterdir())
+    assert all(p.name.startswith(".out.lazysd-") for p in tmp_path.iterdir() if p.name != "out"), sorted(
+        p.name for p in tmp_path.iterdir()
+    )
     # A later save into it removes the leftovers and writes a complete checkpoint.
     sd = _full(ckpt)
-    dcp.save(sd, storage_writer=HFWriter(out, adapter="step3p5", config=ckpt / "config.json", max_shard_size="40KB"), no_dist=True)
+    dcp.save(
+        sd,
+        storage_writer=HFWriter(out, adapter="step3p5", config=ckpt / "config.json", max_shard_size="40KB"),
+        no_dist=True,
+    )
     save_hf(sd, tmp_path / "ref", adapter="step3p5", config=ckpt / "config.json", max_shard_size="40KB")
     _same_dirs(out, tmp_path / "ref")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "ref"]
@@ -410,7 +446,12 @@ def test_failed_write_removes_its_temporaries(ckpt: Path, tmp_path: Path) -> Non
 
     out = tmp_path / "out"
     with pytest.raises(CheckpointException, match="No space left on device"):
-        dcp.save(_full(ckpt), storage_writer=HFWriter(out, adapter="step3p5", max_shard_size="40KB"), planner=FailMidWrite(), no_dist=True)
+        dcp.save(
+            _full(ckpt),
+            storage_writer=HFWriter(out, adapter="step3p5", max_shard_size="40KB"),
+            planner=FailMidWrite(),
+            no_dist=True,
+        )
     assert list(tmp_path.iterdir()) == []  # no output, no stage, no lock left behind
 
 
@@ -422,8 +463,10 @@ def _run_recipe(rank: int, world: int, code: str, src: str, out: str) -> None:
 
     import torch.distributed as dist
 
-    with mock.patch.object(sys, "argv", ["dcp_fsdp_ep.py", src, out]), mock.patch.object(dist, "init_process_group"), mock.patch.object(
-        dist, "destroy_process_group"
+    with (
+        mock.patch.object(sys, "argv", ["dcp_fsdp_ep.py", src, out]),
+        mock.patch.object(dist, "init_process_group"),
+        mock.patch.object(dist, "destroy_process_group"),
     ):
         exec(compile(code, "dcp_fsdp_ep.py", "exec"), {"__name__": "__main__"})  # noqa: S102 - the README's own code
 
@@ -480,8 +523,21 @@ def test_per_expert_fp8_family_with_mtp(tmp_path: Path, fp8: str) -> None:
     from lazysd.dcp import HFWriter
 
     layers = json.loads((src / "config.json").read_text())["num_hidden_layers"]
-    save_hf(sd, tmp_path / "ref", adapter="deepseek_v3", config=src / "config.json", max_shard_size="100KB", num_layers=layers)
-    dcp.save(sd, storage_writer=HFWriter(tmp_path / "out", adapter="deepseek_v3", config=src / "config.json", max_shard_size="100KB"), no_dist=True)
+    save_hf(
+        sd,
+        tmp_path / "ref",
+        adapter="deepseek_v3",
+        config=src / "config.json",
+        max_shard_size="100KB",
+        num_layers=layers,
+    )
+    dcp.save(
+        sd,
+        storage_writer=HFWriter(
+            tmp_path / "out", adapter="deepseek_v3", config=src / "config.json", max_shard_size="100KB"
+        ),
+        no_dist=True,
+    )
     _same_dirs(tmp_path / "out", tmp_path / "ref")
 
 
@@ -498,7 +554,9 @@ def _failing_save(rank: int, world: int, path: str, out: str) -> str:
             return super().resolve_data(write_item)
 
     try:
-        dcp.save(_full(path), storage_writer=HFWriter(out, adapter="step3p5", max_shard_size="40KB"), planner=FailOnRank1())
+        dcp.save(
+            _full(path), storage_writer=HFWriter(out, adapter="step3p5", max_shard_size="40KB"), planner=FailOnRank1()
+        )
     except CheckpointException as e:
         return str(e)
     return "saved"

@@ -37,7 +37,9 @@ def test_vsd_roundtrip_with_mtp_is_bitwise(src: Path, original: dict[str, torch.
         out = save_hf(vsd, tmp_path / "out", max_shard_size="40KB", config=src / "config.json")
     files = shards(out)
     assert len(files) > 1
-    assert [f.name for f in files] == [f"model-{i:05d}-of-{len(files):05d}.safetensors" for i in range(1, len(files) + 1)]
+    assert [f.name for f in files] == [
+        f"model-{i:05d}-of-{len(files):05d}.safetensors" for i in range(1, len(files) + 1)
+    ]
     # The plain safetensors library reads every shard; together they are the original checkpoint.
     got: dict[str, torch.Tensor] = {}
     for f in files:
@@ -65,24 +67,33 @@ def test_model_roundtrip_is_bitwise(src: Path, original: dict[str, torch.Tensor]
     assert_bitwise_equal(load_hf_tensors(out), main)
 
 
-def test_fp32_model_casts_back_but_router_bias_stays_fp32(src: Path, original: dict[str, torch.Tensor], tmp_path: Path) -> None:
+def test_fp32_model_casts_back_but_router_bias_stays_fp32(
+    src: Path, original: dict[str, torch.Tensor], tmp_path: Path
+) -> None:
     model = Step3p5Model(SPEC, layout="native")  # fp32 parameters, fp32 bias buffers
     with VirtualStateDict(src) as vsd:
         model.load_state_dict(vsd)
-    model.model.layers[1].moe.gate.e_score_correction_bias.data = model.model.layers[1].moe.gate.e_score_correction_bias.data.double()
+    model.model.layers[1].moe.gate.e_score_correction_bias.data = model.model.layers[
+        1
+    ].moe.gate.e_score_correction_bias.data.double()
     out = save_hf(model.state_dict(), tmp_path / "out", adapter="step3p5", dtype=torch.bfloat16)
     got = load_hf_tensors(out)
     main = {k: v for k, v in original.items() if not k.startswith("model.layers.4.")}
     assert_bitwise_equal(got, main)  # bf16 -> fp32 -> bf16 is lossless; the pinned fp32 bias is cast back too
 
 
-def test_hfview_keys_need_no_reads_and_values_read_only_their_piece(src: Path, original: dict[str, torch.Tensor]) -> None:
+def test_hfview_keys_need_no_reads_and_values_read_only_their_piece(
+    src: Path, original: dict[str, torch.Tensor]
+) -> None:
     with VirtualStateDict(src, include_mtp=True) as vsd:
         view = HFView(vsd)
         assert vsd.bytes_read == 0
         assert set(view) == set(original)
         assert len(view) == len(original)
-        assert view.entries["model.layers.2.moe.up_proj.weight"].native_key == "model.layers.2.moe.experts.gate_and_up_projs"
+        assert (
+            view.entries["model.layers.2.moe.up_proj.weight"].native_key
+            == "model.layers.2.moe.experts.gate_and_up_projs"
+        )
         up = view["model.layers.2.moe.up_proj.weight"]
         assert up.is_contiguous()
         assert torch.equal(up, original["model.layers.2.moe.up_proj.weight"])
@@ -143,7 +154,11 @@ def test_existing_output_needs_overwrite(src: Path, original: dict[str, torch.Te
     assert n_before > 1
     assert [f.name for f in shards(out)] == ["model-00001-of-00001.safetensors"]
     assert (out / "README.md").read_text() == "keep me\n"
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "model-00001-of-00001.safetensors", "model.safetensors.index.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",
+        "model-00001-of-00001.safetensors",
+        "model.safetensors.index.json",
+    ]
     assert_bitwise_equal(load_hf_tensors(out), original)
 
 
@@ -156,13 +171,17 @@ def test_empty_existing_directory_is_fine(src: Path, tmp_path: Path) -> None:
 
 def test_meta_tensors_are_refused_before_anything_is_written(tmp_path: Path) -> None:
     sd = {"model.embed_tokens.weight": torch.ones(4, 2), "lm_head.weight": torch.empty(4, 2, device="meta")}
-    with pytest.raises(ExportError, match=r"native key 'lm_head.weight' is on the meta device: it has a shape but no data"):
+    with pytest.raises(
+        ExportError, match=r"native key 'lm_head.weight' is on the meta device: it has a shape but no data"
+    ):
         save_hf(sd, tmp_path / "out", adapter="step3p5")
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no output, no staging directory, no lock
 
 
 def test_unclaimed_and_mtp_keys_are_explained(tmp_path: Path) -> None:
-    with pytest.raises(UnclaimedKeyError, match="native key 'model.rotary.inv_freq' matches no rule of the step3p5 adapter"):
+    with pytest.raises(
+        UnclaimedKeyError, match="native key 'model.rotary.inv_freq' matches no rule of the step3p5 adapter"
+    ):
         HFView({"model.rotary.inv_freq": torch.ones(2)}, adapter="step3p5")
     with pytest.raises(ExportError, match=r"'mtp.layers.0.eh_proj.weight' is an MTP layer; pass num_layers="):
         HFView({"mtp.layers.0.eh_proj.weight": torch.ones(2, 4)}, adapter="step3p5")
@@ -180,11 +199,18 @@ PER_EXPERT = Adapter(
     rules=(
         Rule(
             L + ".experts.gate_and_up_projs",
-            parts=(Part(L + ".experts.{expert}.gate_proj.weight", dims=(None, 1, 0)), Part(L + ".experts.{expert}.up_proj.weight", dims=(None, 1, 0))),
+            parts=(
+                Part(L + ".experts.{expert}.gate_proj.weight", dims=(None, 1, 0)),
+                Part(L + ".experts.{expert}.up_proj.weight", dims=(None, 1, 0)),
+            ),
             cat_dim=2,
             kind="experts",
         ),
-        Rule(L + ".experts.down_projs", parts=(Part(L + ".experts.{expert}.down_proj.weight", dims=(None, 1, 0)),), kind="experts"),
+        Rule(
+            L + ".experts.down_projs",
+            parts=(Part(L + ".experts.{expert}.down_proj.weight", dims=(None, 1, 0)),),
+            kind="experts",
+        ),
         Rule(L + ".gate.weight", kind="router"),
     ),
 )
@@ -234,7 +260,9 @@ def test_every_family_roundtrips_bitwise(tmp_path: Path) -> None:
         assert_bitwise_equal(load_hf_tensors(out), load_hf_tensors(src))
 
 
-def test_cli_convert_directions(src: Path, original: dict[str, torch.Tensor], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_convert_directions(
+    src: Path, original: dict[str, torch.Tensor], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from lazysd.cli import main
 
     assert main(["convert", str(src), str(tmp_path / "hf"), "--max-shard-size", "40KB"]) == 0

@@ -25,7 +25,12 @@ from tests.support.dist import run_ranks
 from tests.test_export import PER_EXPERT, per_expert_native  # the per-expert test family
 
 SPEC = Step3p5Spec.tiny()  # 8 experts
-EXPERT_SUFFIXES = ("moe.experts.gate_and_up_projs", "moe.experts.down_projs", "mlp.experts.gate_and_up_projs", "mlp.experts.down_projs")
+EXPERT_SUFFIXES = (
+    "moe.experts.gate_and_up_projs",
+    "moe.experts.down_projs",
+    "mlp.experts.gate_and_up_projs",
+    "mlp.experts.down_projs",
+)
 
 
 def _mesh(world: int, two_d: bool):
@@ -55,7 +60,10 @@ def _run_case(rank: int, world: int, tmp: str, case: str, two_d: bool) -> None:
         _failing_case(rank, Path(tmp), case, mesh, placements)
         return
     if case == "per-expert":
-        sd = {k: _local(v, mesh, placements) if k.endswith(EXPERT_SUFFIXES) else v for k, v in per_expert_native(E=5).items()}
+        sd = {
+            k: _local(v, mesh, placements) if k.endswith(EXPERT_SUFFIXES) else v
+            for k, v in per_expert_native(E=5).items()
+        }
         save_hf(sd, out, adapter=PER_EXPERT, max_shard_size=200)
         return
     with VirtualStateDict(Path(tmp) / "src", include_mtp=True) as vsd:
@@ -70,7 +78,10 @@ def _run_case(rank: int, world: int, tmp: str, case: str, two_d: bool) -> None:
         I = SPEC.moe_intermediate_size
         if two_d:
             assert list(gate.placements) == [Shard(2), Shard(0)]  # native Shard(1) of [E, D, 2I] is HF dim 2
-            assert list(down.placements) == [Shard(2), Shard(0)]  # native Shard(1) of [E, I, D] is HF dim 2 of [E, D, I]
+            assert list(down.placements) == [
+                Shard(2),
+                Shard(0),
+            ]  # native Shard(1) of [E, I, D] is HF dim 2 of [E, D, I]
         else:
             assert list(gate.placements) == [Shard(0)]
         assert tuple(gate.shape) == (SPEC.moe_num_experts, I, SPEC.hidden_size)
@@ -85,7 +96,9 @@ def _failing_case(rank: int, tmp: Path, case: str, mesh, placements) -> None:
     from lazysd.errors import ExportError
     from lazysd.export import Stage
 
-    sd = {k: _local(v, mesh, placements) if k.endswith(EXPERT_SUFFIXES) else v for k, v in per_expert_native(E=5).items()}
+    sd = {
+        k: _local(v, mesh, placements) if k.endswith(EXPERT_SUFFIXES) else v for k, v in per_expert_native(E=5).items()
+    }
     write = Stage.write
     if case == "meta" and rank == 1:
         sd["model.layers.0.mlp.gate.weight"] = torch.empty(5, 6, device="meta")
@@ -151,12 +164,19 @@ def test_per_expert_family_ranks_write_their_own_keys(tmp: Path) -> None:
 
 def test_a_rank_failing_to_write_aborts_every_rank_and_stages_nothing(tmp: Path) -> None:
     assert (tmp / "fail-write-1.txt").read_text() == "OSError: [Errno 28] No space left on device"
-    assert (tmp / "fail-write-0.txt").read_text().endswith("another rank failed to write its part of the export; nothing was committed")
+    assert (
+        (tmp / "fail-write-0.txt")
+        .read_text()
+        .endswith("another rank failed to write its part of the export; nothing was committed")
+    )
     assert not (tmp / "dist-fail-write").exists()
     assert not [p.name for p in tmp.iterdir() if p.name.startswith(".")]
 
 
 def test_a_meta_tensor_on_one_rank_is_reported_by_every_rank(tmp: Path) -> None:
     for rank in range(2):
-        assert "native key 'model.layers.0.mlp.gate.weight' is on the meta device" in (tmp / f"meta-{rank}.txt").read_text()
+        assert (
+            "native key 'model.layers.0.mlp.gate.weight' is on the meta device"
+            in (tmp / f"meta-{rank}.txt").read_text()
+        )
     assert not (tmp / "dist-meta").exists()

@@ -162,8 +162,12 @@ def make_old(src: Path, out: Path) -> None:
     (out / "README.md").write_text("keep me\n")
 
 
-@pytest.mark.parametrize(("point", "left"), [("write", "old"), ("carry", "old"), ("switch", "old"), ("exchanged", "new")])
-def test_sigkill_during_replace_leaves_the_old_or_the_new_export(src: Path, refs: dict[str, dict[str, bytes]], tmp_path: Path, point: str, left: str) -> None:
+@pytest.mark.parametrize(
+    ("point", "left"), [("write", "old"), ("carry", "old"), ("switch", "old"), ("exchanged", "new")]
+)
+def test_sigkill_during_replace_leaves_the_old_or_the_new_export(
+    src: Path, refs: dict[str, dict[str, bytes]], tmp_path: Path, point: str, left: str
+) -> None:
     out = tmp_path / "out"
     make_old(src, out)
     kill(start(src, out, tmp_path / "marker", point, NEW))
@@ -176,7 +180,9 @@ def test_sigkill_during_replace_leaves_the_old_or_the_new_export(src: Path, refs
     assert hidden(tmp_path) == []
 
 
-def test_ctrl_c_during_replace_cleans_up_and_keeps_the_old_export(src: Path, refs: dict[str, dict[str, bytes]], tmp_path: Path) -> None:
+def test_ctrl_c_during_replace_cleans_up_and_keeps_the_old_export(
+    src: Path, refs: dict[str, dict[str, bytes]], tmp_path: Path
+) -> None:
     out = tmp_path / "out"
     make_old(src, out)
     child = start(src, out, tmp_path / "marker", "write", NEW)
@@ -186,7 +192,9 @@ def test_ctrl_c_during_replace_cleans_up_and_keeps_the_old_export(src: Path, ref
     assert hidden(tmp_path) == []  # staging directory removed and lock released on the way out
 
 
-def test_sigkill_between_the_fallback_renames_is_rolled_back(src: Path, refs: dict[str, dict[str, bytes]], tmp_path: Path) -> None:
+def test_sigkill_between_the_fallback_renames_is_rolled_back(
+    src: Path, refs: dict[str, dict[str, bytes]], tmp_path: Path
+) -> None:
     """Where directories cannot be exchanged atomically (NFS), the old one is renamed aside
     first: killed right then, the output directory is absent (never mixed), and the next
     export into it (or :func:`recover` under the lock) puts the old one back."""
@@ -213,7 +221,9 @@ def test_fresh_export_killed_while_writing_leaves_no_output(src: Path, tmp_path:
     assert hidden(tmp_path) == [] and (out / "model.safetensors.index.json").exists()
 
 
-def test_a_second_export_into_the_same_directory_is_refused(src: Path, refs: dict[str, dict[str, bytes]], tmp_path: Path) -> None:
+def test_a_second_export_into_the_same_directory_is_refused(
+    src: Path, refs: dict[str, dict[str, bytes]], tmp_path: Path
+) -> None:
     out, marker = tmp_path / "out", tmp_path / "marker"
     first = start(src, out, marker, "write", NEW)  # holds the directory, paused mid-write
     try:
@@ -231,7 +241,10 @@ def test_a_second_export_into_the_same_directory_is_refused(src: Path, refs: dic
 
 def test_lock_excludes_threads_of_one_process_and_is_released(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    with ExportLock(out), pytest.raises(ExportError, match=r"another export into this directory is running \(this process"):
+    with (
+        ExportLock(out),
+        pytest.raises(ExportError, match=r"another export into this directory is running \(this process"),
+    ):
         ExportLock(out).__enter__()
     with ExportLock(out):  # released: free again, and the lock file is gone afterwards
         pass
@@ -256,6 +269,7 @@ def test_stages_racing_into_a_new_directory_commit_once(tmp_path: Path) -> None:
 
 
 # ---- full disks ------------------------------------------------------------------------------
+
 
 def _fsize_child(src: str, out: str, limit: int, result: str) -> None:
     import resource
@@ -286,7 +300,12 @@ def test_file_size_limit_is_an_export_error_naming_the_file(src: Path, tmp_path:
 def small_tmpfs(tmp_path: Path):
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True, check=False).returncode:
+    if (
+        os.geteuid() != 0
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True, check=False
+        ).returncode
+    ):
         pytest.skip("mounting a small tmpfs needs root; the file-size-limit test covers the same path")
     try:
         yield mnt
@@ -299,11 +318,16 @@ def test_full_disk_is_an_export_error_and_keeps_the_old_export(src: Path, small_
     with VirtualStateDict(src, include_mtp=True) as vsd:
         save_hf(vsd, out, max_shard_size="40KB", dtype=torch.bfloat16)  # fits once ...
         old = files_of(out)
-        with pytest.raises(ExportError, match=r"model-00001-of-00001\.safetensors.*\[Errno 28\] No space left on device \(the disk or quota is full\)"):
+        with pytest.raises(
+            ExportError,
+            match=r"model-00001-of-00001\.safetensors.*\[Errno 28\] No space left on device \(the disk or quota is full\)",
+        ):
             save_hf(vsd, out, dtype=torch.float32, overwrite=True)  # ... not twice, and not as fp32
     assert files_of(out) == old
     assert hidden(small_tmpfs) == []
-    with pytest.raises(ExportError, match=r"mnt: is a mount point; export into a directory inside it \(e\.g\. .*mnt/model\)"):
+    with pytest.raises(
+        ExportError, match=r"mnt: is a mount point; export into a directory inside it \(e\.g\. .*mnt/model\)"
+    ):
         save_hf({"lm_head.weight": torch.ones(2, 2)}, small_tmpfs, adapter="step3p5", overwrite=True)
 
 
@@ -367,7 +391,9 @@ def test_chunk_boxes_bound_every_slice() -> None:
 def fp8_src(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from lazysd.testing import families
 
-    return families.make_family_checkpoint(tmp_path_factory.mktemp("fp8") / "dsv3", families.FamilySpec.tiny("deepseek_v3", fp8=True))
+    return families.make_family_checkpoint(
+        tmp_path_factory.mktemp("fp8") / "dsv3", families.FamilySpec.tiny("deepseek_v3", fp8=True)
+    )
 
 
 def test_dequantized_fp8_export_drops_quantization_config(fp8_src: Path, tmp_path: Path) -> None:
@@ -443,7 +469,9 @@ def test_writer_errors_are_lazysd_errors(tmp_path: Path) -> None:
 def test_stage_write_refuses_blocks_outside_their_tensor(tmp_path: Path) -> None:
     stage = Stage(tmp_path / "out", plan_files([("w", torch.float32, (2, 3))], "5GB"), token="t")
     stage.create()
-    with pytest.raises(ExportError, match=r"'w': a block of shape \[2, 2\] at \[1, 0\] is not inside its shape \[2, 3\]"):
+    with pytest.raises(
+        ExportError, match=r"'w': a block of shape \[2, 2\] at \[1, 0\] is not inside its shape \[2, 3\]"
+    ):
         stage.write("w", (1, 0), torch.zeros(2, 2))
     with pytest.raises(ExportError, match=r"'v': not a tensor of this export's layout"):
         stage.write("v", (0,), torch.zeros(1))
@@ -457,6 +485,11 @@ def test_main_model_only_module_export_fixes_the_copied_config(src: Path, tmp_pa
     model = Step3p5Model(SPEC, layout="native")  # a main-model-only module: no MTP layers
     out = save_hf(model, tmp_path / "out", adapter="step3p5", config=src / "config.json")
     config = json.loads((out / "config.json").read_text())
-    assert json.loads((src / "config.json").read_text())["num_nextn_predict_layers"] == SPEC.num_nextn_predict_layers > 0
+    assert (
+        json.loads((src / "config.json").read_text())["num_nextn_predict_layers"] == SPEC.num_nextn_predict_layers > 0
+    )
     assert config["num_nextn_predict_layers"] == 0
-    assert max(int(k.split(".")[2]) for k in load_hf_tensors(out) if k.startswith("model.layers.")) == SPEC.num_hidden_layers - 1
+    assert (
+        max(int(k.split(".")[2]) for k in load_hf_tensors(out) if k.startswith("model.layers."))
+        == SPEC.num_hidden_layers - 1
+    )

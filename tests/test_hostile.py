@@ -64,10 +64,16 @@ def corpus_results() -> dict[str, dict]:
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run(
         [sys.executable, "-m", "tests.support.hostile", str(CORPUS)],
-        capture_output=True, text=True, timeout=240, env=env, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+        cwd=ROOT,
     )
     # A negative return code is a signal (SIGSEGV, SIGBUS): the last line names the case before.
-    assert proc.returncode == 0, f"corpus runner died with {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+    assert proc.returncode == 0, (
+        f"corpus runner died with {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+    )
     results = {}
     for line in proc.stdout.splitlines():
         r = json.loads(line)
@@ -89,7 +95,17 @@ def test_corpus_case(case: Case, corpus_results: dict[str, dict]) -> None:
     assert str(CORPUS / case.name) in got["message"] or case.error == "UnknownModelError", got["message"]
 
 
-@pytest.mark.parametrize("name", ["valid_single", "valid_sharded", "valid_metadata_null", "valid_zero_size", "valid_zero_dim", "valid_non_ascii_digit"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "valid_single",
+        "valid_sharded",
+        "valid_metadata_null",
+        "valid_zero_size",
+        "valid_zero_dim",
+        "valid_non_ascii_digit",
+    ],
+)
 def test_corpus_controls_load_exact_data(name: str) -> None:
     path = CORPUS / name
     reference = load_hf_tensors(path)
@@ -132,7 +148,11 @@ def test_symlinked_weights_leading_out_are_refused(tmp_path: Path) -> None:
     with pytest.raises(UnsafePathError) as e:
         VirtualStateDict(ckpt)
     msg = str(e.value)
-    assert f"{ckpt / MODEL}" in msg and f"resolves to {outside / MODEL}" in msg and "outside the checkpoint directory" in msg
+    assert (
+        f"{ckpt / MODEL}" in msg
+        and f"resolves to {outside / MODEL}" in msg
+        and "outside the checkpoint directory" in msg
+    )
 
 
 def test_index_entry_symlinked_out_is_refused(tmp_path: Path) -> None:
@@ -141,7 +161,9 @@ def test_index_entry_symlinked_out_is_refused(tmp_path: Path) -> None:
     ckpt.mkdir()
     (ckpt / "config.json").write_text(json.dumps(CONFIG))
     (ckpt / "a.safetensors").symlink_to(outside / MODEL)
-    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {EMBED: "a.safetensors", NORM: "a.safetensors"}}))
+    (ckpt / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {EMBED: "a.safetensors", NORM: "a.safetensors"}})
+    )
     with pytest.raises(UnsafePathError) as e:
         Checkpoint(ckpt)
     msg = str(e.value)
@@ -154,7 +176,9 @@ def test_symlinked_config_leading_out_is_refused(tmp_path: Path) -> None:
     ckpt.mkdir()
     (ckpt / "config.json").symlink_to(outside / "config.json")
     (ckpt / MODEL).write_bytes((outside / MODEL).read_bytes())
-    with pytest.raises(UnsafePathError, match="config.json.*resolves to .*outside/config.json, outside the checkpoint directory"):
+    with pytest.raises(
+        UnsafePathError, match="config.json.*resolves to .*outside/config.json, outside the checkpoint directory"
+    ):
         Checkpoint(ckpt)
 
 
@@ -208,12 +232,21 @@ def test_fifo_under_a_weights_name_does_not_hang(tmp_path: Path, indexed: bool) 
     os.mkfifo(ckpt / MODEL)
     if indexed:
         (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {NORM: MODEL}}))
-    proc = subprocess.run([sys.executable, "-c", _FIFO_SCRIPT, str(ckpt)], capture_output=True, text=True, timeout=120, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.run(
+        [sys.executable, "-c", _FIFO_SCRIPT, str(ckpt)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert proc.returncode == 0, proc.stderr
     # Said for what it is, not "does not exist" nor skipped as if absent.
     if indexed:
-        assert proc.stdout.startswith("CheckpointIndexError") and "names paths that are not regular weights files" in proc.stdout
+        assert (
+            proc.stdout.startswith("CheckpointIndexError")
+            and "names paths that are not regular weights files" in proc.stdout
+        )
     else:
         assert proc.stdout.startswith("CheckpointNotFoundError") and str(ckpt) in proc.stdout
     assert f"'{MODEL}': a FIFO (named pipe)" in proc.stdout
@@ -254,7 +287,10 @@ def test_a_dropped_shard_is_named_as_its_series_writes_names(tmp_path: Path) -> 
         (ckpt / f"model-0{i}-of-03.safetensors").write_bytes((ckpt / "model-01-of-03.safetensors").read_bytes())
     weight_map = {EMBED: "model-01-of-03.safetensors", NORM: "model-03-of-03.safetensors"}
     (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    with pytest.raises(CheckpointIndexError, match=r"names shards model-\*-of-03\.safetensors but no key in model-02-of-03\.safetensors \("):
+    with pytest.raises(
+        CheckpointIndexError,
+        match=r"names shards model-\*-of-03\.safetensors but no key in model-02-of-03\.safetensors \(",
+    ):
         Checkpoint(ckpt)
 
 
@@ -265,7 +301,10 @@ def test_pickle_is_never_loaded(tmp_path: Path) -> None:
     (ckpt / "config.json").write_text(json.dumps(CONFIG))
     (ckpt / "pytorch_model.bin").write_bytes((CORPUS / "pickles_only" / "pytorch_model.bin").read_bytes())
     (ckpt / "model.pt").write_bytes(b"junk")
-    with pytest.raises(errors.NoWeightsError, match=r"only pickled weights found \(model.pt, pytorch_model.bin\); lazysd never unpickles"):
+    with pytest.raises(
+        errors.NoWeightsError,
+        match=r"only pickled weights found \(model.pt, pytorch_model.bin\); lazysd never unpickles",
+    ):
         VirtualStateDict(ckpt)
     assert "lazysd_never_unpickled" not in sys.modules
 
@@ -279,7 +318,10 @@ PER_EXPERT = Adapter(
     rules=(
         Rule(
             "layers.{layer}.experts.gate_and_up",
-            parts=(Part("layers.{layer}.experts.{expert}.gate.weight", dims=(None, 1, 0)), Part("layers.{layer}.experts.{expert}.up.weight", dims=(None, 1, 0))),
+            parts=(
+                Part("layers.{layer}.experts.{expert}.gate.weight", dims=(None, 1, 0)),
+                Part("layers.{layer}.experts.{expert}.up.weight", dims=(None, 1, 0)),
+            ),
             cat_dim=2,
             kind="experts",
         ),
@@ -306,15 +348,27 @@ def test_per_expert_family_missing_expert(tmp_path: Path) -> None:
     with pytest.raises(MissingSourceError) as e:
         VirtualStateDict(path, adapter=PER_EXPERT)
     msg = str(e.value)
-    assert str(path) in msg and "layers.0.experts.gate_and_up" in msg and "experts 0..3" in msg and "layers.0.experts.2.up.weight" in msg
+    assert (
+        str(path) in msg
+        and "layers.0.experts.gate_and_up" in msg
+        and "experts 0..3" in msg
+        and "layers.0.experts.2.up.weight" in msg
+    )
 
 
 def test_per_expert_family_experts_of_different_shapes(tmp_path: Path) -> None:
-    path = _per_expert(tmp_path, {"gate": [0, 1], "up": [0, 1]}, shape_of=lambda key: [1, 2] if key == "layers.0.experts.1.up.weight" else [2, 2])
+    path = _per_expert(
+        tmp_path,
+        {"gate": [0, 1], "up": [0, 1]},
+        shape_of=lambda key: [1, 2] if key == "layers.0.experts.1.up.weight" else [2, 2],
+    )
     with pytest.raises(ShapeMismatchError) as e:
         VirtualStateDict(path, adapter=PER_EXPERT)
     msg = str(e.value)
-    assert "experts of layers.0.experts.gate_and_up differ in shape" in msg and "layers.0.experts.1.up.weight [1, 2]" in msg
+    assert (
+        "experts of layers.0.experts.gate_and_up differ in shape" in msg
+        and "layers.0.experts.1.up.weight [1, 2]" in msg
+    )
 
 
 def test_per_expert_family_loads_when_complete(tmp_path: Path) -> None:

@@ -231,7 +231,9 @@ def test_load_strict_fails_before_reading(ckpt) -> None:
     model = Step3p5Model(SPEC, layout="native", dtype=torch.bfloat16)
     del model.lm_head
     with VirtualStateDict(ckpt) as vsd:
-        with pytest.raises(StateDictMismatchError, match=r"nothing was read.*0 missing \[\], 1 unexpected \[lm_head.weight\]") as info:
+        with pytest.raises(
+            StateDictMismatchError, match=r"nothing was read.*0 missing \[\], 1 unexpected \[lm_head.weight\]"
+        ) as info:
             lazysd.load(model, vsd)
         assert str(ckpt) in str(info.value)
         assert vsd.bytes_read == 0

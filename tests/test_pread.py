@@ -50,14 +50,20 @@ def _evict_all(path: Path) -> list[Path]:
 # ---- RangeReader -------------------------------------------------------------------------
 @pytest.fixture
 def blob(tmp_path: Path) -> tuple[Path, bytes]:
-    data = torch.randint(0, 256, (9 * MiB + 123,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).numpy().tobytes()
+    data = (
+        torch.randint(0, 256, (9 * MiB + 123,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        .numpy()
+        .tobytes()
+    )
     path = tmp_path / "blob.bin"
     path.write_bytes(data)
     return path, data
 
 
 @pytest.mark.parametrize("direct", [True, False])
-@pytest.mark.parametrize(("pos", "n"), [(0, 9 * MiB + 123), (4097, 5 * MiB + 3), (7, 100), (9 * MiB, 123), (9 * MiB - 5, 4096)])
+@pytest.mark.parametrize(
+    ("pos", "n"), [(0, 9 * MiB + 123), (4097, 5 * MiB + 3), (7, 100), (9 * MiB, 123), (9 * MiB - 5, 4096)]
+)
 def test_range_reader_reads_exact_bytes_cold_and_warm(blob, direct: bool, pos: int, n: int) -> None:
     path, data = blob
     fd = os.open(path, os.O_RDONLY)
@@ -157,7 +163,9 @@ def test_cold_load_is_bitwise_equal_and_reads_each_byte_once(ckpt, expected, dir
 
 
 @pytest.mark.parametrize("prefault", [True, False])
-def test_assign_prefaults_fresh_memory_when_enabled(ckpt, expected, prefault: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_assign_prefaults_fresh_memory_when_enabled(
+    ckpt, expected, prefault: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls: list[bool] = []
     real = memory.populate
     monkeypatch.setattr(memory, "enabled", prefault)
@@ -251,4 +259,3 @@ def test_unknown_mount_table_means_local(monkeypatch: pytest.MonkeyPatch) -> Non
     assert tuning.filesystem_type("/x", mounts="") is None
     monkeypatch.setattr(tuning, "filesystem_type", lambda p, mounts=None: None)
     assert tuning.storage_kind("/x") == "local"
-

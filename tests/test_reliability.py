@@ -34,7 +34,16 @@ CATCH_ALL = Adapter("catch_all", ("catch_all",), rules=(Rule("{name:**}"),))
 
 
 def _py(code: str, *args: str, timeout: float = 120, **kw: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", code, *args], check=False, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=ROOT, **kw)  # type: ignore[call-overload]
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=ENV,
+        cwd=ROOT,
+        **kw,
+    )  # type: ignore[call-overload]
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +111,9 @@ def test_fp8_weight_without_its_scale_is_an_error(fp8_ckpt: Path, tmp_path: Path
     with pytest.raises(errors.MissingSourceError) as e:
         VirtualStateDict(tmp_path / "c")
     msg = str(e.value)
-    assert str(tmp_path / "c" / MODEL) in msg and repr(bare) in msg and "without its scales" in msg and 'fp8="keep"' in msg
+    assert (
+        str(tmp_path / "c" / MODEL) in msg and repr(bare) in msg and "without its scales" in msg and 'fp8="keep"' in msg
+    )
     # fp8="keep": visible as such, the weight as stored and no scales next to it.
     with VirtualStateDict(tmp_path / "c", fp8="keep") as vsd:
         native = next(k for k in vsd if vsd.entry(k).hf_keys == (bare,))
@@ -159,8 +170,16 @@ print(json.dumps({{"exact": bool(torch.equal(got, w.float() * 0.5)), "peak": pea
 
 def test_huge_expert_index_costs_the_keys_present(tmp_path: Path) -> None:
     # An expert numbered 10**12 in a key: the missing experts are counted, not listed.
-    tensors = {f"model.layers.0.mlp.experts.{e}.{p}_proj.weight": torch.zeros(2, 2) for e in (0, 10**12) for p in ("gate", "up", "down")}
-    ckpt = _plain(tmp_path / "c", {**tensors, "model.embed_tokens.weight": torch.zeros(2, 2)}, {"model_type": "qwen3_moe", "num_hidden_layers": 1})
+    tensors = {
+        f"model.layers.0.mlp.experts.{e}.{p}_proj.weight": torch.zeros(2, 2)
+        for e in (0, 10**12)
+        for p in ("gate", "up", "down")
+    }
+    ckpt = _plain(
+        tmp_path / "c",
+        {**tensors, "model.embed_tokens.weight": torch.zeros(2, 2)},
+        {"model_type": "qwen3_moe", "num_hidden_layers": 1},
+    )
     t0 = time.perf_counter()
     with pytest.raises(errors.MissingSourceError) as e:
         VirtualStateDict(ckpt)
@@ -191,7 +210,9 @@ def test_in_place_ops_on_lazy_values_are_refused(tmp_path: Path, op: str) -> Non
     ckpt = _plain(tmp_path / "c", {"w": torch.arange(4, dtype=torch.float32)})
     with VirtualStateDict(ckpt, adapter=CATCH_ALL) as vsd:
         t = vsd["w"]
-        with pytest.raises(errors.ReadOnlyTensorError, match=r"'w': .* would modify a lazy value of a read-only mapping"):
+        with pytest.raises(
+            errors.ReadOnlyTensorError, match=r"'w': .* would modify a lazy value of a read-only mapping"
+        ):
             _IN_PLACE[op](t)
         assert t.materialize().equal(torch.arange(4, dtype=torch.float32))
         # Out-of-place ops and a materialized copy work as on any tensor.
@@ -275,11 +296,18 @@ def test_ctrl_c_during_convert_is_one_line_exit_130_and_no_output(medium: Path, 
     dst = tmp_path / "out"
     proc = subprocess.Popen(
         [sys.executable, "-m", "lazysd", "convert", str(medium), str(dst), "--quiet", "--max-shard-size", "20MB"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+        cwd=ROOT,
     )
+
     # Interrupt while shards are being written (in the export's hidden staging directory).
     def writing() -> bool:
-        return any(p.name.startswith(f".{dst.name}.lazysd-stage-") and any(p.glob("*.safetensors")) for p in tmp_path.iterdir())
+        return any(
+            p.name.startswith(f".{dst.name}.lazysd-stage-") and any(p.glob("*.safetensors")) for p in tmp_path.iterdir()
+        )
 
     _interrupt_when(proc, writing)
     t0 = time.perf_counter()
@@ -307,7 +335,14 @@ except KeyboardInterrupt:
 
 
 def test_ctrl_c_during_a_load_stops_promptly(medium: Path) -> None:
-    proc = subprocess.Popen([sys.executable, "-c", _LOAD_LOOP, str(medium)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _LOAD_LOOP, str(medium)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+        cwd=ROOT,
+    )
     assert proc.stdout is not None
     assert proc.stdout.readline() == "loading\n"
     time.sleep(0.5)
@@ -423,7 +458,9 @@ def test_single_file_path_tilde_and_shard_file(tmp_path: Path, monkeypatch: pyte
     with VirtualStateDict("~/c", adapter=CATCH_ALL) as vsd:
         assert vsd.checkpoint.path == ckpt
     (ckpt / MODEL).rename(ckpt / "model-00001-of-00001.safetensors")
-    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "model-00001-of-00001.safetensors"}}))
+    (ckpt / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"w": "model-00001-of-00001.safetensors"}})
+    )
     with pytest.raises(errors.CheckpointNotFoundError, match=rf"is one weights file; .* pass {ckpt}$"):
         VirtualStateDict(ckpt / "model-00001-of-00001.safetensors", adapter=CATCH_ALL)
 
@@ -465,7 +502,9 @@ def test_hub_cache_repo_root_repo_id_and_revision(tmp_path: Path, monkeypatch: p
         assert value("org/name") == 2.0 and value("org/name", revision="v1") == 1.0
     with pytest.raises(errors.CheckpointNotFoundError, match=r"no snapshot for revision 'v2' \(refs: main, v1"):
         value("org/name", revision="v2")
-    with pytest.raises(errors.CheckpointNotFoundError, match="not in the local Hugging Face cache .* downloads nothing"):
+    with pytest.raises(
+        errors.CheckpointNotFoundError, match="not in the local Hugging Face cache .* downloads nothing"
+    ):
         value("org/other")
 
 
@@ -487,7 +526,9 @@ def test_progress_on_a_small_load_ends_at_every_tensor(tiny: Path) -> None:
     with VirtualStateDict(tiny) as vsd:
         from lazysd.progress import ProgressPrinter
 
-        printer = vsd.reader.progress = ProgressPrinter(0, stream=stream, sizes={k: vsd[k].numel() * vsd[k].element_size() for k in vsd})
+        printer = vsd.reader.progress = ProgressPrinter(
+            0, stream=stream, sizes={k: vsd[k].numel() * vsd[k].element_size() for k in vsd}
+        )
         model = Step3p5Model(Step3p5Spec.tiny(), layout="native").float()  # a dtype other than the checkpoint's
         model.load_state_dict(vsd)
         model.load_state_dict(vsd)  # a second load reports again
@@ -503,7 +544,9 @@ def test_lazysd_load_checks_shapes_before_overwriting_anything(tiny: Path) -> No
     wrong = "model.layers.1.moe.experts.down_projs"
     parent, leaf = wrong.rsplit(".", 1)
     shape = list(model.get_parameter(wrong).shape)
-    model.get_submodule(parent).register_parameter(leaf, torch.nn.Parameter(torch.zeros(shape[0] + 1, *shape[1:], dtype=torch.bfloat16)))
+    model.get_submodule(parent).register_parameter(
+        leaf, torch.nn.Parameter(torch.zeros(shape[0] + 1, *shape[1:], dtype=torch.bfloat16))
+    )
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(errors.StateDictMismatchError) as e:
         lazysd.load(model, tiny)
@@ -512,7 +555,15 @@ def test_lazysd_load_checks_shapes_before_overwriting_anything(tiny: Path) -> No
 
 
 def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "lazysd", *args], check=False, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "lazysd", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=ENV,
+        cwd=ROOT,
+    )
 
 
 def test_cli_version_inspect_adapter_demo_keep_and_adapter_names(tiny: Path, tmp_path: Path) -> None:
@@ -521,12 +572,21 @@ def test_cli_version_inspect_adapter_demo_keep_and_adapter_names(tiny: Path, tmp
     out = _cli("inspect", str(tiny), "--adapter", "step3p5", "--limit", "2")
     assert out.returncode == 0 and "family='step3p5'" in out.stdout
     out = _cli("convert", str(tiny), str(tmp_path / "x"), "--adapter", "nope")
-    assert out.returncode == 2 and "invalid choice: 'nope'" in out.stderr and "deepseek_v3" in out.stderr and "step3p5" in out.stderr
+    assert (
+        out.returncode == 2
+        and "invalid choice: 'nope'" in out.stderr
+        and "deepseek_v3" in out.stderr
+        and "step3p5" in out.stderr
+    )
     assert "deepseek_v3" in _cli("convert", "--help").stdout
     keep = tmp_path / "demo"
     assert _cli("demo", "--keep", str(keep)).returncode == 0
     out = _cli("demo", "--keep", str(keep))
-    assert out.returncode == 2 and out.stderr.startswith(f"lazysd: error: {keep} exists and is not an empty directory") and "Traceback" not in out.stderr
+    assert (
+        out.returncode == 2
+        and out.stderr.startswith(f"lazysd: error: {keep} exists and is not an empty directory")
+        and "Traceback" not in out.stderr
+    )
 
 
 def test_print_of_a_value_shows_metadata_and_reads_nothing(tiny: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -536,7 +596,9 @@ def test_print_of_a_value_shows_metadata_and_reads_nothing(tiny: Path, capsys: p
     assert "`print(t)` show metadata only" in readme and "printing values, `torch.equal`" not in readme
     with VirtualStateDict(tiny) as vsd:
         print(vsd["model.norm.weight"])
-        assert capsys.readouterr().out.startswith("LazyTensor(shape=[32], dtype=torch.bfloat16, key='model.norm.weight')")
+        assert capsys.readouterr().out.startswith(
+            "LazyTensor(shape=[32], dtype=torch.bfloat16, key='model.norm.weight')"
+        )
         assert vsd.bytes_read == 0
         print(vsd["model.norm.weight"].materialize())
         assert capsys.readouterr().out.startswith("tensor([")
@@ -561,10 +623,23 @@ def test_plots_saved_outside_jupyter_keep_legend_and_labels(tiny: Path, tmp_path
 def test_example_builds_the_model_from_the_checkpoint_config(tmp_path: Path) -> None:
     spec = Step3p5Spec.tiny(moe_num_experts=6, hidden_size=48, moe_intermediate_size=24, num_hidden_layers=3)
     ckpt = make_checkpoint(tmp_path / "other", spec, layout="split")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(ROOT / "examples" / "load_expert_parallel.py"), "--ckpt", str(ckpt)]
-    out = subprocess.run(cmd, check=False, env={**ENV, "TMPDIR": str(tmp_path)}, capture_output=True, text=True, timeout=240)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        str(ROOT / "examples" / "load_expert_parallel.py"),
+        "--ckpt",
+        str(ckpt),
+    ]
+    out = subprocess.run(
+        cmd, check=False, env={**ENV, "TMPDIR": str(tmp_path)}, capture_output=True, text=True, timeout=240
+    )
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.count("<All keys matched successfully>") == 2 and "experts (3, 48, 48) of (6, 48, 48)" in out.stdout
+    assert (
+        out.stdout.count("<All keys matched successfully>") == 2 and "experts (3, 48, 48) of (6, 48, 48)" in out.stdout
+    )
 
 
 def _dtensor_in_place(rank: int, world: int, path: str) -> list[str]:
@@ -593,7 +668,10 @@ def test_in_place_ops_on_dtensor_values_are_refused(tiny: Path) -> None:
 def test_absurd_rank_counts_in_dry_runs_are_refused_at_once(tiny: Path) -> None:
     # One row per rank: ep=10**9 used to loop for hours.
     out = _cli("inspect", str(tiny), "--ep", str(10**9), timeout=60)
-    assert out.returncode == 2 and "ep=1000000000 x ep_shard=1 is 1000000000 ranks; a dry run covers at most 65536" in out.stderr
+    assert (
+        out.returncode == 2
+        and "ep=1000000000 x ep_shard=1 is 1000000000 ranks; a dry run covers at most 65536" in out.stderr
+    )
     with VirtualStateDict(tiny) as vsd, pytest.raises(errors.PlacementError, match="a dry run covers at most"):
         vsd.explain("model.layers.1.moe.experts.down_projs", ep=10**9)
 
@@ -602,7 +680,14 @@ def test_shape_only_ops_read_nothing(tiny: Path) -> None:
     # Siblings of the meta destination: results that use a value's shape, never its data.
     with VirtualStateDict(tiny) as vsd:
         t = vsd["model.layers.1.moe.experts.down_projs"]
-        for op in (torch.empty_like, torch.zeros_like, lambda t: torch.full_like(t, 2), lambda t: t.new_zeros(3), lambda t: t.to("meta"), lambda t: t.to(device="meta")):
+        for op in (
+            torch.empty_like,
+            torch.zeros_like,
+            lambda t: torch.full_like(t, 2),
+            lambda t: t.new_zeros(3),
+            lambda t: t.to("meta"),
+            lambda t: t.to(device="meta"),
+        ):
             out = op(t)
             assert type(out) is torch.Tensor and vsd.bytes_read == 0
         assert torch.zeros_like(t).eq(0).all() and torch.zeros_like(t).shape == t.shape and t.to("meta").is_meta

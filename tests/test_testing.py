@@ -160,7 +160,13 @@ def test_sparse_writer_costs_no_disk(tmp_path: Path) -> None:
 
 def _expected_hf_shapes(spec: Step3p5Spec) -> dict[str, tuple[int, ...]]:
     """The Step3p5 release's HF key list, spelled out independently of the generator."""
-    D, hd, E, I, S = spec.hidden_size, spec.head_dim, spec.moe_num_experts, spec.moe_intermediate_size, spec.share_expert_dim
+    D, hd, E, I, S = (
+        spec.hidden_size,
+        spec.head_dim,
+        spec.moe_num_experts,
+        spec.moe_intermediate_size,
+        spec.share_expert_dim,
+    )
     kv, V, F = spec.num_attention_groups, spec.vocab_size, spec.intermediate_size
     out = {"model.embed_tokens.weight": (V, D), "lm_head.weight": (V, D), "model.norm.weight": (D,)}
     for L in range(spec.num_hidden_layers + spec.num_nextn_predict_layers):
@@ -189,7 +195,11 @@ def _expected_hf_shapes(spec: Step3p5Spec) -> dict[str, tuple[int, ...]]:
                 p + "share_expert.down_proj.weight": (D, S),
             }
         else:
-            out |= {p + "mlp.gate_proj.weight": (F, D), p + "mlp.up_proj.weight": (F, D), p + "mlp.down_proj.weight": (D, F)}
+            out |= {
+                p + "mlp.gate_proj.weight": (F, D),
+                p + "mlp.up_proj.weight": (F, D),
+                p + "mlp.down_proj.weight": (D, F),
+            }
         if L >= spec.num_hidden_layers:
             out |= {
                 p + "enorm.weight": (D,),
@@ -228,10 +238,19 @@ def test_config_dict() -> None:
     assert cfg["attention_other_setting"]["num_attention_heads"] == 96
     assert "num_key_value_heads" not in cfg
     expected = {
-        "num_hidden_layers": 45, "num_nextn_predict_layers": 3, "moe_num_experts": 288, "moe_top_k": 8,
-        "moe_intermediate_size": 1280, "share_expert_dim": 1280, "hidden_size": 4096,
-        "intermediate_size": 11264, "num_attention_heads": 64, "num_attention_groups": 8,
-        "head_dim": 128, "torch_dtype": "bfloat16", "tie_word_embeddings": False,
+        "num_hidden_layers": 45,
+        "num_nextn_predict_layers": 3,
+        "moe_num_experts": 288,
+        "moe_top_k": 8,
+        "moe_intermediate_size": 1280,
+        "share_expert_dim": 1280,
+        "hidden_size": 4096,
+        "intermediate_size": 11264,
+        "num_attention_heads": 64,
+        "num_attention_groups": 8,
+        "head_dim": 128,
+        "torch_dtype": "bfloat16",
+        "tie_word_embeddings": False,
     }
     assert {k: cfg[k] for k in expected} == expected
     assert cfg["layer_types"][:5] == ["full_attention"] + ["sliding_attention"] * 3 + ["full_attention"]
@@ -366,8 +385,12 @@ def test_native_model_keys() -> None:
     }
     hf, native = _hf_main(spec), set(sd)
     moe = [f"model.layers.{L}.moe." for L in spec.moe_layers or ()]
-    assert native - hf == {p + s for p in moe for s in ("experts.gate_and_up_projs", "experts.down_projs", "gate.e_score_correction_bias")}
-    assert hf - native == {p + s for p in moe for s in ("gate_proj.weight", "up_proj.weight", "down_proj.weight", "router_bias")}
+    assert native - hf == {
+        p + s for p in moe for s in ("experts.gate_and_up_projs", "experts.down_projs", "gate.e_score_correction_bias")
+    }
+    assert hf - native == {
+        p + s for p in moe for s in ("gate_proj.weight", "up_proj.weight", "down_proj.weight", "router_bias")
+    }
     bias = "model.layers.1.moe.gate.e_score_correction_bias"
     assert bias in dict(model.named_buffers()) and bias not in dict(model.named_parameters())
     assert all(p.requires_grad for p in model.parameters())

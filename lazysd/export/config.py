@@ -72,7 +72,9 @@ def export_config(
             raw = path.read_bytes()
             data = json.loads(raw)
         except OSError as e:
-            raise ExportError(f"config {path}: cannot be read ({e.strerror or e}); pass a dict or the path of a config.json") from None
+            raise ExportError(
+                f"config {path}: cannot be read ({e.strerror or e}); pass a dict or the path of a config.json"
+            ) from None
         except ValueError as e:
             raise ExportError(f"config {path}: not valid JSON ({e})") from None
         if not isinstance(data, dict):
@@ -83,7 +85,14 @@ def export_config(
     return (json.dumps(data, indent=2) + "\n").encode()
 
 
-def _fit(data: dict[str, Any], dtypes: set[torch.dtype], layers: set[int], num_layers: int | None, text_config: str | None, dtype: torch.dtype | None) -> bool:
+def _fit(
+    data: dict[str, Any],
+    dtypes: set[torch.dtype],
+    layers: set[int],
+    num_layers: int | None,
+    text_config: str | None,
+    dtype: torch.dtype | None,
+) -> bool:
     """Change ``data`` in place to describe the export; whether anything changed."""
     text = data.get(text_config) if text_config else None
     nodes = [data] + ([text] if isinstance(text, dict) else [])
@@ -111,7 +120,12 @@ def _fit(data: dict[str, Any], dtypes: set[torch.dtype], layers: set[int], num_l
 
 
 def fitted_config(
-    config: Mapping[str, Any] | str | os.PathLike[str], entries: Iterable[HFEntry], *, adapter: Adapter, num_layers: int | None, dtype: torch.dtype | None
+    config: Mapping[str, Any] | str | os.PathLike[str],
+    entries: Iterable[HFEntry],
+    *,
+    adapter: Adapter,
+    num_layers: int | None,
+    dtype: torch.dtype | None,
 ) -> bytes:
     """:func:`export_config` for the HF entries of a view: their dtypes and layer indices.
 
@@ -122,7 +136,14 @@ def fitted_config(
         num_layers = config_layers(config, adapter)
     layer_re = adapter.layer_pattern.regex
     layers = {int(m.group("layer")) for e in entries if (m := layer_re.match(e.key)) is not None}
-    return export_config(config, dtypes={e.dtype for e in entries}, layers=layers, num_layers=num_layers, text_config=adapter.text_config, dtype=dtype)
+    return export_config(
+        config,
+        dtypes={e.dtype for e in entries},
+        layers=layers,
+        num_layers=num_layers,
+        text_config=adapter.text_config,
+        dtype=dtype,
+    )
 
 
 def config_layers(config: Mapping[str, Any] | str | os.PathLike[str], adapter: Adapter) -> int | None:

@@ -79,7 +79,9 @@ def io_error(what: str, path: Path | str, e: OSError) -> ExportError:
     reason = e.strerror or str(e)
     hint = " (the disk or quota is full)" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
     hint = hint or (" (a file size limit, ulimit -f, was reached)" if e.errno == errno.EFBIG else "")
-    return ExportError(f"{path}: {what} failed: [Errno {e.errno}] {reason}{hint}; nothing was changed in the output directory")
+    return ExportError(
+        f"{path}: {what} failed: [Errno {e.errno}] {reason}{hint}; nothing was changed in the output directory"
+    )
 
 
 def stage_path(out_dir: Path, token: str) -> Path:
@@ -128,7 +130,10 @@ class ExportLock:
                         raise self._busy(holder) from None
                     if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                         # A filesystem without locks: the atomic commit alone keeps exports whole.
-                        warnings.warn(f"{self.path}: the filesystem cannot lock ({e.strerror}); concurrent exports into {self.out_dir} are not excluded", stacklevel=3)
+                        warnings.warn(
+                            f"{self.path}: the filesystem cannot lock ({e.strerror}); concurrent exports into {self.out_dir} are not excluded",
+                            stacklevel=3,
+                        )
                         return self
                     raise io_error("locking", self.path, e) from e
                 try:
@@ -150,7 +155,9 @@ class ExportLock:
             "wait for it to finish or export elsewhere"
         )
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if self._fd is None:
             return
         with _held_lock:
@@ -244,10 +251,14 @@ class Stage:
             raise ExportError(f"{key[:200]!r}: not a tensor of this export's layout")
         if block.dtype != slot.dtype:
             raise ExportError(f"{key[:200]!r}: block of dtype {block.dtype}, the file holds {slot.dtype}")
-        if len(offset) != len(slot.shape) or block.dim() != len(slot.shape) or any(
-            o < 0 or o + n > s for o, n, s in zip(offset, block.shape, slot.shape)
+        if (
+            len(offset) != len(slot.shape)
+            or block.dim() != len(slot.shape)
+            or any(o < 0 or o + n > s for o, n, s in zip(offset, block.shape, slot.shape))
         ):
-            raise ExportError(f"{key[:200]!r}: a block of shape {list(block.shape)} at {list(offset)} is not inside its shape {list(slot.shape)}")
+            raise ExportError(
+                f"{key[:200]!r}: a block of shape {list(block.shape)} at {list(offset)} is not inside its shape {list(slot.shape)}"
+            )
         if block.device.type != "cpu":
             block = block.cpu()
         fd = self._fd(slot)
@@ -317,10 +328,14 @@ class Stage:
             _fsync_dir(self.path)
             leftover = _switch(self.path, self.out_dir, replace=bool(old))
         except FileExistsError:
-            raise ExportError(f"{self.out_dir}: another export created this directory meanwhile; nothing was changed") from None
+            raise ExportError(
+                f"{self.out_dir}: another export created this directory meanwhile; nothing was changed"
+            ) from None
         except OSError as e:
             if e.errno == errno.ENOTEMPTY:
-                raise ExportError(f"{self.out_dir}: another export created this directory meanwhile; nothing was changed") from None
+                raise ExportError(
+                    f"{self.out_dir}: another export created this directory meanwhile; nothing was changed"
+                ) from None
             raise io_error("putting the export in place", self.out_dir, e) from e
         if leftover is not None:
             shutil.rmtree(leftover, ignore_errors=True)

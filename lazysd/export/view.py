@@ -35,7 +35,11 @@ NATIVE = Adapter("native", (), rules=(Rule("{key:**}"),), layer_prefix="\0{layer
 #: Native keys of FP8 block scales kept by ``VirtualStateDict(..., fp8="keep")``.
 SCALE_SUFFIX = "_scale_inv"
 
-_FP8 = frozenset(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz") if hasattr(torch, n))
+_FP8 = frozenset(
+    getattr(torch, n)
+    for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+    if hasattr(torch, n)
+)
 
 
 def is_dtensor(t: Any) -> bool:
@@ -152,7 +156,9 @@ class HFView(Mapping[str, torch.Tensor]):
         if adapter is None:
             adapter = getattr(state_dict, "adapter", None)
             if adapter is None:
-                raise ExportError("HFView/save_hf: pass adapter= (e.g. adapter='step3p5') to say how native keys map to HF keys")
+                raise ExportError(
+                    "HFView/save_hf: pass adapter= (e.g. adapter='step3p5') to say how native keys map to HF keys"
+                )
         self.adapter = adapter if adapter is NATIVE else resolve_adapter(adapter, {})
         if num_layers is None and plan is not None and self.adapter is not NATIVE:
             num_layers = plan.num_layers
@@ -186,7 +192,9 @@ class HFView(Mapping[str, torch.Tensor]):
     def __getitem__(self, key: str) -> torch.Tensor:
         entry = self.entries.get(key)
         if entry is None:
-            raise MissingKeyError(f"no HF key {key[:200]!r} in this view ({len(self)} keys from {len(self.native)} native keys)")
+            raise MissingKeyError(
+                f"no HF key {key[:200]!r} in this view ({len(self)} keys from {len(self.native)} native keys)"
+            )
         native = self.native[entry.native_key]
         if is_dtensor(native):
             return _dtensor_value(native, entry)
@@ -254,5 +262,10 @@ def _dtensor_value(native: Any, entry: HFEntry) -> Any:
     sub, _ = clip(entry.piece, box)
     local = converted(extract(native.to_local(), sub, origin=origin), entry.dtype)
     return DTensor.from_local(
-        local, native.device_mesh, placements, run_check=False, shape=torch.Size(entry.shape), stride=contiguous_stride(entry.shape)
+        local,
+        native.device_mesh,
+        placements,
+        run_check=False,
+        shape=torch.Size(entry.shape),
+        stride=contiguous_stride(entry.shape),
     )
