@@ -12,17 +12,13 @@ Example:
     ['config.json', 'model.safetensors']
 """
 
+from lazysd.testing.checkpoints import INDEX_NAME, SINGLE_NAME, ensure_checkpoint, load_hf_tensors, make_checkpoint
 from lazysd.testing.models import HFMoE, NativeMoE, Step3p5Model
 from lazysd.testing.step3p5 import (
-    INDEX_NAME,
-    SINGLE_NAME,
     Step3p5Spec,
     checkpoint_nbytes,
     config_dict,
-    ensure_checkpoint,
     hf_tensor_specs,
-    load_hf_tensors,
-    make_checkpoint,
     native_state_dict,
     native_tensor_specs,
 )
