@@ -124,108 +124,130 @@ def _step_spec(spec: FamilySpec) -> Step3p5Spec:
 
 def config_dict(spec: FamilySpec) -> dict[str, object]:
     """config.json of the family with its real field names."""
-    D, E, n = spec.hidden_size, spec.num_experts, spec.num_hidden_layers
-    base: dict[str, object] = {
-        "hidden_size": D,
-        "vocab_size": spec.vocab_size,
-        "num_hidden_layers": n,
-        "torch_dtype": "bfloat16",
-    }
-    f = spec.family
-    if f == "deepseek_v3":
-        base |= {
-            "model_type": f,
-            "architectures": ["DeepseekV3ForCausalLM"],
-            "n_routed_experts": E,
-            "num_experts_per_tok": spec.top_k,
-            "moe_intermediate_size": spec.moe_intermediate_size,
-            "intermediate_size": spec.intermediate_size,
-            "n_shared_experts": 1,
-            "first_k_dense_replace": spec.first_dense,
-            "num_nextn_predict_layers": 1,
-            "q_lora_rank": 16,
-            "kv_lora_rank": 16,
-            "qk_nope_head_dim": 8,
-            "qk_rope_head_dim": 4,
-            "v_head_dim": 8,
-            "num_attention_heads": spec.heads,
-            "scoring_func": "sigmoid",
-            "topk_method": "noaux_tc",
-            "norm_topk_prob": True,
-        }
-        if spec.fp8:
-            base["quantization_config"] = {
-                "quant_method": "fp8",
-                "fmt": "e4m3",
-                "activation_scheme": "dynamic",
-                "weight_block_size": [BLOCK, BLOCK],
-            }
-    elif f == "qwen3_moe":
-        base |= {
-            "model_type": f,
-            "architectures": ["Qwen3MoeForCausalLM"],
-            "num_experts": E,
-            "num_experts_per_tok": spec.top_k,
-            "moe_intermediate_size": spec.moe_intermediate_size,
-            "intermediate_size": spec.intermediate_size,
-            "mlp_only_layers": list(range(spec.first_dense)),
-            "decoder_sparse_step": 1,
-            "norm_topk_prob": True,
-            "num_attention_heads": spec.heads,
-            "num_key_value_heads": 1,
-            "head_dim": spec.head_dim,
-        }
-    elif f == "glm4_moe":
-        base |= {
-            "model_type": f,
-            "architectures": ["Glm4MoeForCausalLM"],
-            "n_routed_experts": E,
-            "num_experts_per_tok": spec.top_k,
-            "moe_intermediate_size": spec.moe_intermediate_size,
-            "intermediate_size": spec.intermediate_size,
-            "n_shared_experts": 1,
-            "first_k_dense_replace": spec.first_dense,
-            "num_nextn_predict_layers": 1,
-            "attention_bias": True,
-            "use_qk_norm": False,
-            "num_attention_heads": spec.heads,
-            "num_key_value_heads": 1,
-            "head_dim": spec.head_dim,
-            "norm_topk_prob": True,
-        }
-    elif f == "mixtral":
-        base |= {
-            "model_type": f,
-            "architectures": ["MixtralForCausalLM"],
-            "num_local_experts": E,
-            "num_experts_per_tok": spec.top_k,
-            "intermediate_size": spec.intermediate_size,
-            "num_attention_heads": spec.heads,
-            "num_key_value_heads": 1,
-        }
-    elif f == "gpt_oss":
-        base |= {
-            "model_type": f,
-            "architectures": ["GptOssForCausalLM"],
-            "num_local_experts": E,
-            "num_experts_per_tok": spec.top_k,
-            "experts_per_token": spec.top_k,
-            "intermediate_size": spec.intermediate_size,
-            "swiglu_limit": 7.0,
-            "num_attention_heads": spec.heads,
-            "num_key_value_heads": 1,
-            "head_dim": spec.head_dim,
-        }
-    else:  # step3p7: Step3p5 text config nested under text_config
-        text = step3p5_config(_step_spec(spec))
+    if spec.family == "step3p7":  # Step3p5 text config nested under text_config
         return {
             "model_type": "step3p7",
             "architectures": ["Step3p7ForConditionalGeneration"],
-            "text_config": text,
+            "text_config": step3p5_config(_step_spec(spec)),
             "vision_config": {"width": 8, "layers": 1},
             "projector_bias": False,
         }
-    return base
+    base: dict[str, object] = {
+        "hidden_size": spec.hidden_size,
+        "vocab_size": spec.vocab_size,
+        "num_hidden_layers": spec.num_hidden_layers,
+        "torch_dtype": "bfloat16",
+    }
+    return base | _CONFIGS[spec.family](spec)
+
+
+def _deepseek_v3_config(spec: FamilySpec) -> dict[str, object]:
+    E = spec.num_experts
+    config: dict[str, object] = {
+        "model_type": "deepseek_v3",
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "n_routed_experts": E,
+        "num_experts_per_tok": spec.top_k,
+        "moe_intermediate_size": spec.moe_intermediate_size,
+        "intermediate_size": spec.intermediate_size,
+        "n_shared_experts": 1,
+        "first_k_dense_replace": spec.first_dense,
+        "num_nextn_predict_layers": 1,
+        "q_lora_rank": 16,
+        "kv_lora_rank": 16,
+        "qk_nope_head_dim": 8,
+        "qk_rope_head_dim": 4,
+        "v_head_dim": 8,
+        "num_attention_heads": spec.heads,
+        "scoring_func": "sigmoid",
+        "topk_method": "noaux_tc",
+        "norm_topk_prob": True,
+    }
+    if spec.fp8:
+        config["quantization_config"] = {
+            "quant_method": "fp8",
+            "fmt": "e4m3",
+            "activation_scheme": "dynamic",
+            "weight_block_size": [BLOCK, BLOCK],
+        }
+    return config
+
+
+def _qwen3_moe_config(spec: FamilySpec) -> dict[str, object]:
+    E = spec.num_experts
+    return {
+        "model_type": "qwen3_moe",
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "num_experts": E,
+        "num_experts_per_tok": spec.top_k,
+        "moe_intermediate_size": spec.moe_intermediate_size,
+        "intermediate_size": spec.intermediate_size,
+        "mlp_only_layers": list(range(spec.first_dense)),
+        "decoder_sparse_step": 1,
+        "norm_topk_prob": True,
+        "num_attention_heads": spec.heads,
+        "num_key_value_heads": 1,
+        "head_dim": spec.head_dim,
+    }
+
+
+def _glm4_moe_config(spec: FamilySpec) -> dict[str, object]:
+    E = spec.num_experts
+    return {
+        "model_type": "glm4_moe",
+        "architectures": ["Glm4MoeForCausalLM"],
+        "n_routed_experts": E,
+        "num_experts_per_tok": spec.top_k,
+        "moe_intermediate_size": spec.moe_intermediate_size,
+        "intermediate_size": spec.intermediate_size,
+        "n_shared_experts": 1,
+        "first_k_dense_replace": spec.first_dense,
+        "num_nextn_predict_layers": 1,
+        "attention_bias": True,
+        "use_qk_norm": False,
+        "num_attention_heads": spec.heads,
+        "num_key_value_heads": 1,
+        "head_dim": spec.head_dim,
+        "norm_topk_prob": True,
+    }
+
+
+def _mixtral_config(spec: FamilySpec) -> dict[str, object]:
+    E = spec.num_experts
+    return {
+        "model_type": "mixtral",
+        "architectures": ["MixtralForCausalLM"],
+        "num_local_experts": E,
+        "num_experts_per_tok": spec.top_k,
+        "intermediate_size": spec.intermediate_size,
+        "num_attention_heads": spec.heads,
+        "num_key_value_heads": 1,
+    }
+
+
+def _gpt_oss_config(spec: FamilySpec) -> dict[str, object]:
+    E = spec.num_experts
+    return {
+        "model_type": "gpt_oss",
+        "architectures": ["GptOssForCausalLM"],
+        "num_local_experts": E,
+        "num_experts_per_tok": spec.top_k,
+        "experts_per_token": spec.top_k,
+        "intermediate_size": spec.intermediate_size,
+        "swiglu_limit": 7.0,
+        "num_attention_heads": spec.heads,
+        "num_key_value_heads": 1,
+        "head_dim": spec.head_dim,
+    }
+
+
+_CONFIGS = {
+    "deepseek_v3": _deepseek_v3_config,
+    "qwen3_moe": _qwen3_moe_config,
+    "glm4_moe": _glm4_moe_config,
+    "mixtral": _mixtral_config,
+    "gpt_oss": _gpt_oss_config,
+}
 
 
 def _attention(spec: FamilySpec, p: str) -> list[Spec]:
