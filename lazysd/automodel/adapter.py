@@ -21,6 +21,7 @@ from ..plan import Entry, resolve
 from ..reader import Reader, to_native
 from ..reverse import extract
 from ..rules import Pattern, Rule, claim
+from ..transpose import copy_into
 from .dtensors import create_dtensor_from_local_or_reference, ep_layout, is_dtensor, rank_box
 
 __all__ = ["Step3p5StateDictAdapter"]
@@ -128,9 +129,10 @@ def _view_of(entry: Entry, box: Box, values: dict[str, torch.Tensor]) -> torch.T
 
 
 def _fill_from(entry: Entry, box: Box, values: dict[str, torch.Tensor], dest: torch.Tensor) -> torch.Tensor:
-    """Copy the ``box`` of ``entry`` out of in-memory sources into ``dest`` (torch ops).
+    """Copy the ``box`` of ``entry`` out of in-memory sources into ``dest``.
 
     Each source is sliced before it is permuted, so with a mesh only this rank's rows are copied.
+    Transposed blocks go through lazysd's transpose kernel (several times torch's strided copy).
     """
     for src in entry.sources:
         found = src.source_region(box)
@@ -138,7 +140,7 @@ def _fill_from(entry: Entry, box: Box, values: dict[str, torch.Tensor], dest: to
             continue
         src_box, native = found
         block = to_native(values[src.info.key][tuple(slice(a, b) for a, b in src_box)], src.dims)
-        dest[tuple(slice(lo - b[0], hi - b[0]) for (lo, hi), b in zip(native, box))].copy_(block)
+        copy_into(dest[tuple(slice(lo - b[0], hi - b[0]) for (lo, hi), b in zip(native, box))], block)
     return dest
 
 
