@@ -45,8 +45,8 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -75,13 +75,28 @@ from torch.futures import Future
 from .adapters import resolve_adapter
 from .checkpoint import Checkpoint
 from .errors import ExportError, MissingKeyError, ShapeMismatchError
-from .export import ExportLock, FileLayout, HFEntry, HFView, Stage, clip, fitted_config, out_dir_problem, parse_size, piece_blocks, plan_files, recover
+from .export import (
+    ExportLock,
+    FileLayout,
+    HFEntry,
+    HFView,
+    Stage,
+    clip,
+    fitted_config,
+    out_dir_problem,
+    parse_size,
+    piece_blocks,
+    plan_files,
+    recover,
+)
+from .export.config import config_layers
 from .fp8 import FP8_DTYPES
 from .geometry import Box
 from .paths import resolve_checkpoint_path
 from .plan import Entry, Source
 from .reader import MiB, Reader, ReadOptions, Stats
 from .rules import Adapter, Rule
+from .virtual import VirtualStateDict
 
 __all__ = ["HFReader", "HFWriter"]
 
@@ -174,8 +189,6 @@ class HFReader(StorageReader):
         self.close()
         path = resolve_checkpoint_path(path, revision=self._revision)
         if self.native:
-            from .virtual import VirtualStateDict
-
             opts = self._read_options
             self.vsd = VirtualStateDict(
                 path, threads=opts.threads, max_inflight_bytes=opts.max_inflight_bytes, chunk_bytes=opts.chunk_bytes, **self._args
@@ -398,7 +411,7 @@ def _pages(runs: list[tuple[int, int]]) -> int:
 
 
 def _box(item: ReadItem) -> Box:
-    return tuple((o, o + n) for o, n in zip(item.storage_offsets, item.lengths))
+    return tuple((o, o + n) for o, n in zip(item.storage_offsets, item.lengths, strict=True))
 
 
 # ---- writing -------------------------------------------------------------------------------
@@ -429,7 +442,7 @@ def _box_of_write(item: WriteItem) -> Box:
     td = item.tensor_data
     assert td is not None
     if item.type == WriteItemType.SHARD:
-        return tuple((o, o + n) for o, n in zip(td.chunk.offsets, td.chunk.sizes))
+        return tuple((o, o + n) for o, n in zip(td.chunk.offsets, td.chunk.sizes, strict=True))
     return tuple((0, n) for n in td.size)
 
 
@@ -670,9 +683,7 @@ class HFWriter(StorageWriter):
         return job
 
     def _config_layers(self) -> int | None:
-        from .export.config import _config_layers
-
-        return None if self.config is None else _config_layers(self.config, self.adapter)
+        return None if self.config is None else config_layers(self.config, self.adapter)
 
     def _release(self) -> None:
         """Coordinator: remove an uncommitted stage and release the export lock (idempotent)."""

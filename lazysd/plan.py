@@ -29,8 +29,9 @@ from .errors import (
     ShapeMismatchError,
     UnclaimedKeyError,
     UnsupportedFormatError,
+    cut,
 )
-from .fp8 import BlockScales
+from .fp8 import FP8_DTYPES, BlockScales
 from .geometry import Block
 from .rules import Adapter, Pattern, Rule, claim
 
@@ -117,12 +118,21 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-_NUM = re.compile(r"(\d+)")
+# ASCII digits only: str.isdigit() and \d also accept "²" or "٣", which int() refuses or
+# reads as another number.
+_NUM = re.compile(r"([0-9]+)")
 
 
 def natural_key(key: str) -> tuple[Any, ...]:
-    """Sort key that puts ``layers.2`` before ``layers.10``."""
-    return tuple(int(t) if t.isdigit() else t for t in _NUM.split(key))
+    """Sort key that puts ``layers.2`` before ``layers.10``.
+
+    Numbers and text alternate in the tuple (text at even positions), so any two keys compare.
+
+    Example:
+        >>> sorted(["a.10", "a.2", "a.1\u00b2"], key=natural_key)
+        ['a.1²', 'a.2', 'a.10']
+    """
+    return tuple(int(t) if i % 2 else t for i, t in enumerate(_NUM.split(key)))
 
 
 def resolve(
@@ -171,52 +181,15 @@ def resolve(
 
     if fp8 not in ("dequantize", "keep"):
         raise OptionError(f"fp8 must be 'dequantize' or 'keep', got {fp8!r}")
-    for pattern, why in adapter.refuse:
-        refused = Pattern(pattern)
-        hits = [k for k in headers if refused.match(k) is not None]
-        if hits:
-            shown = ", ".join(f"{k} ({headers[k].file.name})" for k in hits[:4])
-            more = f" ... {len(hits) - 4} more" if len(hits) > 4 else ""
-            raise UnsupportedFormatError(f"{where}: the {adapter.name} adapter does not convert {shown}{more}: {why}")
-    block = config_value(config, "quantization_config.weight_block_size") or adapter.scale_block
-    if not isinstance(block, (list, tuple)) or len(block) != 2 or not all(type(b) is int and b > 0 for b in block):
-        raise ConfigError(f"{where / 'config.json'}: quantization_config.weight_block_size must be two positive integers, got {block!r}")
-    block = (block[0], block[1])
+    _check_refused(adapter, where, headers)
+    block = _scale_block(adapter, config, where)
     scale_of = adapter.scale_companions(headers)
     rules = adapter.rules
-    kept_scales: set[str] = set()  # fp8="keep": companions, matched against the scale rules only
     if fp8 == "keep" and scale_of:
         rules = rules + adapter.scale_rules
-        kept_scales = set(scale_of.values())
+    groups, ignored = _group_keys(adapter, where, headers, scale_of, keep_scales=fp8 == "keep")
+    if fp8 == "keep":
         scale_of = {}
-    scale_keys = set(scale_of.values())
-
-    # (rule index, native bindings) -> part index -> expert (or None) -> TensorInfo
-    groups: dict[tuple[int, tuple[tuple[str, str], ...]], dict[int, dict[int | None, TensorInfo]]] = {}
-    ignored: dict[str, str] = {}
-    unclaimed: list[str] = []
-    for key, info in headers.items():
-        if key in scale_keys:
-            continue  # claimed with its weight below
-        if key in kept_scales:
-            # Scale rules come after adapter.rules, so a catch-all there must not see companions first.
-            found = claim(adapter.scale_rules, key)
-            found = found and replace(found, rule=found.rule + len(adapter.rules))
-        else:
-            found = claim(adapter.rules, key)
-        if found is not None:
-            group = groups.setdefault((found.rule, found.values), {})
-            group.setdefault(found.part, {})[found.expert] = info
-        elif adapter.ignores(key):
-            ignored[key] = f"ignored by the {adapter.name} adapter"
-        else:
-            unclaimed.append(key)
-    if unclaimed:
-        listed = "\n".join(f"  {k}  ({headers[k].file.name})" for k in unclaimed[:30])
-        more = f"\n  ... {len(unclaimed) - 30} more" if len(unclaimed) > 30 else ""
-        raise UnclaimedKeyError(
-            f"{where}: {len(unclaimed)} checkpoint key(s) match no rule of the {adapter.name} adapter:\n{listed}{more}"
-        )
 
     entries: dict[str, Entry] = {}
     for (ri, bindings), parts in groups.items():
@@ -226,6 +199,8 @@ def resolve(
         entry = _build_entry(native_key, rule, values, parts, where, headers)
         if any(s.info.key in scale_of for s in entry.sources):
             entry = _with_scales(entry, {k: headers[scale_of[k]] for k in entry.hf_keys if k in scale_of}, block, fp8_dtype, where)
+        elif fp8 == "dequantize":
+            _check_scaled(entry, adapter)
         layer = int(values["layer"]) if "layer" in values else None
         if layer is not None and num_layers is not None and layer >= num_layers:
             if not include_mtp:
@@ -243,13 +218,74 @@ def resolve(
     return Plan(adapter, entries, ignored, num_layers)
 
 
-def _build_entry(
+# (rule index, native bindings) -> part index -> expert (or None) -> TensorInfo
+Groups = dict[tuple[int, tuple[tuple[str, str], ...]], dict[int, dict[int | None, TensorInfo]]]
+
+
+def _group_keys(
+    adapter: Adapter, where: Path, headers: Mapping[str, TensorInfo], scale_of: dict[str, str], *, keep_scales: bool
+) -> tuple[Groups, dict[str, str]]:
+    """Claim every HF key: grouped by the native tensor it builds, or ignored, else an error.
+
+    FP8 scale companions are claimed with their weight (``fp8="dequantize"``) or, with
+    ``keep_scales``, by the adapter's scale rules only (indices after ``adapter.rules``): a
+    catch-all rule at the end of ``adapter.rules`` must not see companions first.
+    """
+    groups: Groups = {}
+    ignored: dict[str, str] = {}
+    unclaimed: list[str] = []
+    companions = set(scale_of.values())
+    for key, info in headers.items():
+        if key in companions and not keep_scales:
+            continue  # claimed with its weight
+        if key in companions:
+            found = claim(adapter.scale_rules, key)
+            found = found and replace(found, rule=found.rule + len(adapter.rules))
+        else:
+            found = claim(adapter.rules, key)
+        if found is not None:
+            group = groups.setdefault((found.rule, found.values), {})
+            group.setdefault(found.part, {})[found.expert] = info
+        elif adapter.ignores(key):
+            ignored[key] = f"ignored by the {adapter.name} adapter"
+        else:
+            unclaimed.append(key)
+    if unclaimed:
+        listed = "\n".join(f"  {k}  ({headers[k].file.name})" for k in unclaimed[:30])
+        more = f"\n  ... {len(unclaimed) - 30} more" if len(unclaimed) > 30 else ""
+        raise UnclaimedKeyError(
+            f"{where}: {len(unclaimed)} checkpoint key(s) match no rule of the {adapter.name} adapter:\n{listed}{more}"
+        )
+    return groups, ignored
+
+
+def _check_refused(adapter: Adapter, where: Path, headers: Mapping[str, TensorInfo]) -> None:
+    for pattern, why in adapter.refuse:
+        refused = Pattern(pattern)
+        hits = [k for k in headers if refused.match(k) is not None]
+        if hits:
+            shown = ", ".join(f"{k} ({headers[k].file.name})" for k in hits[:4])
+            more = f" ... {len(hits) - 4} more" if len(hits) > 4 else ""
+            raise UnsupportedFormatError(f"{where}: the {adapter.name} adapter does not convert {shown}{more}: {why}")
+
+
+def _scale_block(adapter: Adapter, config: Mapping[str, Any], where: Path) -> tuple[int, int]:
+    """FP8 scale block shape: config.json's ``quantization_config.weight_block_size``, else the adapter's."""
+    block = config_value(config, "quantization_config.weight_block_size") or adapter.scale_block
+    if not isinstance(block, (list, tuple)) or len(block) != 2 or not all(type(b) is int and b > 0 for b in block):
+        raise ConfigError(f"{where / 'config.json'}: quantization_config.weight_block_size must be two positive integers, got {block!r}")
+    return (block[0], block[1])
+
+
+def _check_parts(
     native_key: str,
     rule: Rule,
     values: dict[str, str],
     parts: dict[int, dict[int | None, TensorInfo]],
-    where: Path, headers: Mapping[str, TensorInfo],
-) -> Entry:
+    where: Path,
+    headers: Mapping[str, TensorInfo],
+) -> None:
+    """Every part of ``rule`` is present, and per-expert parts have the same experts 0..n-1."""
     found = [info.key for by_expert in parts.values() for info in by_expert.values()]
     for pi, part in enumerate(rule.sources):
         if pi not in parts:
@@ -261,13 +297,27 @@ def _build_entry(
     if expert_sets:
         n_experts = max(max(s) for s in expert_sets.values()) + 1
         for pi, experts in expert_sets.items():
-            if experts != list(range(n_experts)):
-                missing = sorted(set(range(n_experts)) - set(experts))
-                wanted = [rule.sources[pi].pattern.format(**values, expert=e) for e in missing[:8]]
+            # Sorted distinct indices >= 0 are exactly 0..n-1 iff there are n of them; the
+            # missing ones are listed from the gaps, bounded by the keys present (an expert
+            # index in a key may be 10**12).
+            if len(experts) != n_experts:
+                n_missing = n_experts - len(experts)
+                missing = [e for a, b in _gaps(experts, n_experts)[:8] for e in range(a, min(b, a + 7) + 1)][:8]
+                wanted = [cut(rule.sources[pi].pattern.format(**values, expert=e)) for e in missing]
                 raise MissingSourceError(
                     f"{where}: {native_key} has experts 0..{n_experts - 1} in some parts but these are missing: {', '.join(wanted)}"
-                    + (f" ... {len(missing) - 8} more" if len(missing) > 8 else "")
+                    + (f" ... {n_missing - len(missing)} more" if n_missing > len(missing) else "")
                 )
+
+
+def _build_entry(
+    native_key: str,
+    rule: Rule,
+    values: dict[str, str],
+    parts: dict[int, dict[int | None, TensorInfo]],
+    where: Path, headers: Mapping[str, TensorInfo],
+) -> Entry:
+    _check_parts(native_key, rule, values, parts, where, headers)
 
     # Place each source: per-expert sources stack on their None dim, parts concatenate.
     sources: list[Source] = []
@@ -302,14 +352,22 @@ def _build_entry(
                 )
         else:
             block_shape, block_key = tuple(extent), infos[0].key
+        concat = len(rule.sources) > 1
+        if concat and rule.cat_dim >= len(dims):
+            raise ShapeMismatchError(
+                f"{infos[0].file}, key {cut(infos[0].key)!r}: has shape {list(infos[0].shape)}, which the {rule.native!r} rule "
+                f"cannot concatenate on dim {rule.cat_dim}"
+            )
         for n, info in enumerate(infos):
             dtypes.setdefault(info.dtype, info.key)
-            start = [0] * len(dims)
-            start[rule.cat_dim] = offset if len(rule.sources) > 1 else 0
+            start = [0] * len(dims)  # empty for a 0-dim (scalar) tensor
+            if concat:
+                start[rule.cat_dim] = offset
             if stack_dim is not None:
                 start[stack_dim] += n
             sources.append(Source(info=info, start=tuple(start), dims=dims))
-        offset += extent[rule.cat_dim]
+        if concat:
+            offset += extent[rule.cat_dim]
     if len(dtypes) > 1:
         listing = ", ".join(f"{k} is {dtype_name(d)}" for d, k in dtypes.items())
         raise ShapeMismatchError(f"{where}: {native_key} cannot combine sources of different dtypes: {listing}")
@@ -318,6 +376,19 @@ def _build_entry(
     if len(rule.sources) > 1:
         shape[rule.cat_dim] = offset
     return Entry(native_key, tuple(shape), rule.dtype or next(iter(dtypes)), tuple(sources), rule)
+
+
+def _check_scaled(entry: Entry, adapter: Adapter) -> None:
+    """An FP8 tensor read with fp8="dequantize" must have its scales: without them its values
+    are off by the scale (~100x for DeepSeek-V3), and a cast into a bf16 parameter would not say so."""
+    bare = next((s.info for s in entry.sources if s.info.dtype in FP8_DTYPES), None)
+    if bare is None:
+        return
+    companion = f"{cut(bare.key)}{adapter.scale_suffix}" if adapter.scale_suffix else "a block-scale companion"
+    raise MissingSourceError(
+        f"{bare.file}, key {cut(bare.key)!r}: FP8 {dtype_name(bare.dtype)} weight without its scales ({companion!r} "
+        f"is not in the checkpoint), so it cannot be dequantized; pass fp8=\"keep\" to read the FP8 values as stored"
+    )
 
 
 def _with_scales(entry: Entry, scales: dict[str, TensorInfo], block: tuple[int, int], dtype: torch.dtype, where: Path) -> Entry:
@@ -365,8 +436,27 @@ def _span(layers: list[int]) -> str:
             runs[-1][1] = n
         else:
             runs.append([n, n])
+    return _span_runs([(a, b) for a, b in runs])
+
+
+def _span_runs(runs: list[tuple[int, int]]) -> str:
+    """Inclusive runs ``[(0, 2), (5, 5)]`` -> ``'0..2, 5'``."""
     text = ", ".join(str(a) if a == b else f"{a}..{b}" for a, b in runs[:12])
     return text + (" ..." if len(runs) > 12 else "")
+
+
+def _gaps(present: list[int], n: int) -> list[tuple[int, int]]:
+    """Inclusive runs of ``0..n-1`` missing from sorted ``present``, in O(len(present))."""
+    gaps, expect = [], 0
+    for layer in present:
+        if layer >= n:
+            break
+        if layer > expect:
+            gaps.append((expect, layer - 1))
+        expect = layer + 1
+    if expect < n:
+        gaps.append((expect, n - 1))
+    return gaps
 
 
 def _check_layers(adapter: Adapter, config: Mapping[str, Any], where: Path, headers: Mapping[str, TensorInfo], num_layers: int | None) -> None:
@@ -383,11 +473,12 @@ def _check_layers(adapter: Adapter, config: Mapping[str, Any], where: Path, head
     if not present or num_layers is None:
         return
     main_field = adapter.num_layers[0]
-    missing = [n for n in range(num_layers) if n not in layers]
-    if missing:
+    # Work bounded by the layers present, not by the config's number (it may be 10**18).
+    gaps = _gaps(present, num_layers)
+    if gaps:
         raise ConfigError(
             f"{where}: {main_field}={num_layers} but the tensors have {len(present)} layer(s), {_span(present)}; "
-            f"missing main layers {_span(missing)}"
+            f"missing main layers {_span_runs(gaps)}"
         )
     mtp_field = next((f for f in MTP_LAYER_FIELDS if config_value(config, f) is not None), None)
     if mtp_field is None:

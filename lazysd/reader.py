@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import math
 import mmap
+import os
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
@@ -30,8 +32,9 @@ import torch
 from .checkpoint import Checkpoint
 from .errors import ShapeMismatchError
 from .fp8 import dequantize
-from .geometry import Box, box_shape, full_box
+from .geometry import Box, box_shape, full_box, inverse_permutation
 from .plan import Entry
+from .pool import ReadPool
 from .reads import Destination, MiB, ReadItem, plan_reads
 from .transpose import copy_into, read_transposed
 
@@ -82,7 +85,7 @@ def _bind(item: ReadItem, dest: torch.Tensor) -> _Job:
     view = view[tuple(0 if d is None else slice(None) for d in item.dims)]
     if item.method == "fused":
         return _Job(item, view)
-    return _Job(item, view.permute(_inverse([d for d in item.dims if d is not None])))
+    return _Job(item, view.permute(inverse_permutation([d for d in item.dims if d is not None])))
 
 
 def to_native(block: torch.Tensor, dims: tuple[int | None, ...]) -> torch.Tensor:
@@ -100,13 +103,6 @@ def _as_bytes(t: torch.Tensor) -> memoryview:
     if flat.numel() == 0:
         return memoryview(bytearray(0))
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")
-
-
-def _inverse(perm: list[int]) -> list[int]:
-    inv = [0] * len(perm)
-    for i, p in enumerate(perm):
-        inv[p] = i
-    return inv
 
 
 def _memory_order(entry: Entry) -> list[int] | None:
@@ -135,6 +131,18 @@ def _staging_buffer(nbytes: int) -> torch.Tensor:
     return torch.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=torch.uint8)
 
 
+_READERS: weakref.WeakSet[Reader] = weakref.WeakSet()
+
+
+def _reset_after_fork() -> None:
+    for reader in list(_READERS):
+        reader._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
+
+
 class Reader:
     """Fills destinations from a checkpoint; owns the read statistics."""
 
@@ -144,8 +152,14 @@ class Reader:
         self.stats = Stats()
         self._lock = threading.Lock()
         self._free: list[torch.Tensor] = []  # staging buffers ready for reuse
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: ReadPool | None = None
         self.progress: Callable[[Stats, Entry], None] | None = None
+        _READERS.add(self)
+
+    def _after_fork(self) -> None:
+        """In a child made by ``os.fork``: a lock a parent thread held at the fork would
+        never be released here (that thread does not exist); the pool restarts itself."""
+        self._lock = threading.Lock()
 
     def close(self) -> None:
         if self._pool is not None:
@@ -185,7 +199,7 @@ class Reader:
         order = self._order(entry, device)
         if order is None:
             return torch.empty(shape, dtype=dtype, device=device)
-        return torch.empty([shape[i] for i in order], dtype=dtype, device=device).permute(_inverse(order))
+        return torch.empty([shape[i] for i in order], dtype=dtype, device=device).permute(inverse_permutation(order))
 
     def destination(self, entry: Entry, box: Box, dtype: torch.dtype, device: torch.device | str) -> Destination:
         """The :class:`~lazysd.reads.Destination` that :meth:`empty` would allocate: for plans
@@ -302,7 +316,7 @@ class Reader:
 
     def fill(self, entry: Entry, box: Box, dest: torch.Tensor) -> torch.Tensor:
         """Write the ``box`` of native tensor ``entry`` into ``dest`` (shape of the box)."""
-        expected = tuple(h - l for l, h in box)
+        expected = tuple(hi - lo for lo, hi in box)
         if tuple(dest.shape) != expected:
             raise ShapeMismatchError(f"{entry.key}: destination shape {list(dest.shape)} is not the requested box {list(expected)}")
         t0 = time.perf_counter()
@@ -348,7 +362,7 @@ class Reader:
         the pool's preads (which release the GIL) keep the next chunks coming.
         """
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.options.threads, thread_name_prefix="lazysd-read")
+            self._pool = ReadPool(self.options.threads)
         pending: deque[tuple[_Job, Future[tuple[torch.Tensor | None, torch.Tensor | None]], int]] = deque()
         inflight = 0
         budget = self.options.max_inflight_bytes
@@ -372,8 +386,12 @@ class Reader:
                     inflight -= cost
                     self._staging(-cost)
         finally:
-            for _, fut, cost in pending:  # an error: let started reads finish, free their budget
+            # An error or an interrupt: cancel reads not started, let started ones finish
+            # (one bounded read each) and free their budget. A second Ctrl-C here leaves at
+            # once; the workers are daemon threads that never block the interpreter's exit.
+            for _, fut, _cost in pending:
                 fut.cancel()
+            for _, fut, cost in pending:
                 try:
                     self._release(fut.result()[1])
                 except Exception:

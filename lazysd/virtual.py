@@ -64,8 +64,25 @@ class VirtualStateDict(Mapping[str, torch.Tensor]):
         mmap: materialize tensors that need no conversion as copy-on-write views of the
             file mapping (zero-copy, pages read on first touch) instead of reading them
             into private memory. Makes ``assign=True`` loads much cheaper; the price is
-            that a file truncated under such a view faults (SIGBUS) instead of raising
-            :class:`~lazysd.errors.FileChangedError`. Off by default.
+            that such views stay tied to the files: a file truncated under one faults
+            (SIGBUS) instead of raising :class:`~lazysd.errors.FileChangedError`, and a
+            file rewritten in place (same inode: ``cp`` over it, ``rsync --inplace``,
+            a writer opening it ``r+b``) changes the values of the loaded parameters in
+            the pages not yet written to (a private mapping isolates your writes from
+            the file, not the file's later writes from you). Replace checkpoint files by
+            rename (a new inode), as ``save_hf`` and ``huggingface_hub`` do, while a model
+            loaded with ``mmap=True`` is in use. Off by default.
+        revision: with a Hugging Face cache repository or hub id as ``path``: the branch,
+            tag or commit (default ``main``).
+
+    Paths: ``path`` may be a directory, ``~/...``, the ``model.safetensors`` file of a
+    single-file checkpoint, a Hugging Face hub cache repository (``models--org--name``) or a
+    hub id (``org/name``) looked up in the local cache (offline, nothing is downloaded; see
+    :mod:`lazysd.paths`). With ``adapter=`` given, ``config.json`` is optional.
+
+    Values refuse in-place operations (:class:`~lazysd.errors.ReadOnlyTensorError`): call
+    ``.materialize()`` for a tensor of your own. Processes forked after use (e.g.
+    ``DataLoader(num_workers>0)``) get their own reader threads.
 
     Example:
         >>> from lazysd import VirtualStateDict
@@ -93,28 +110,36 @@ class VirtualStateDict(Mapping[str, torch.Tensor]):
         replicate: bool = False,
         fp8: str = "dequantize",
         mmap: bool = False,
+        revision: str | None = None,
     ) -> None:
-        self.checkpoint = Checkpoint(path)
-        self.adapter = resolve_adapter(
-            adapter, self.checkpoint.config, keys=self.checkpoint.tensors, where=str(self.checkpoint.path / "config.json")
-        )
-        ckpt = self.checkpoint
-        self.plan: Plan = resolve(
-            self.adapter, ckpt.config, ckpt.tensors, where=ckpt.path, include_mtp=include_mtp, fp8=fp8, fp8_dtype=dtype or torch.bfloat16  # type: ignore[arg-type]
-        )
-        self.dtype = dtype
-        self.device = torch.device(device)
+        self.checkpoint = Checkpoint(path, revision=revision, config_required=adapter is None)
         self.reader = Reader(self.checkpoint, ReadOptions(threads, chunk_bytes, max_inflight_bytes, mmap))
-        self._targets: Targets | None = None
-        if mesh is not None or like is not None:
-            where = str(self.checkpoint.path)
-            self._targets = Targets.build(self.plan.entries, where, mesh=mesh, like=like, ep_dim=ep_dim, replicate=replicate)
-        if progress is True:
-            # In the unit the reader counts (bytes written into destinations), from the read
-            # plans of this rank's boxes.
-            self.reader.progress = ProgressPrinter(sum(self._totals(k).dest_bytes for k in self.plan.entries))
-        elif callable(progress):
-            self.reader.progress = progress
+        try:
+            self.adapter = resolve_adapter(
+                adapter, self.checkpoint.config, keys=self.checkpoint.tensors, where=str(self.checkpoint.path / "config.json")
+            )
+            ckpt = self.checkpoint
+            self.plan: Plan = resolve(
+                self.adapter, ckpt.config, ckpt.tensors, where=ckpt.path, include_mtp=include_mtp, fp8=fp8, fp8_dtype=dtype or torch.bfloat16  # type: ignore[arg-type]
+            )
+            self.dtype = dtype
+            self.device = torch.device(device)
+            self._targets: Targets | None = None
+            if mesh is not None or like is not None:
+                where = str(self.checkpoint.path)
+                self._targets = Targets.build(self.plan.entries, where, mesh=mesh, like=like, ep_dim=ep_dim, replicate=replicate)
+            if progress is True:
+                # Per key, in the unit the reader counts (bytes written into destinations),
+                # from the read plans of this rank's boxes: each key counted once per load.
+                self.reader.progress = ProgressPrinter(0, sizes={k: self._totals(k).dest_bytes for k in self.plan.entries})
+            elif callable(progress):
+                self.reader.progress = progress
+        except BaseException:
+            # Not left to the garbage collector: the exception's traceback keeps this frame
+            # (and so the descriptors) alive for as long as it is referenced (Jupyter keeps
+            # the last one).
+            self.close()
+            raise
 
     # ---- Mapping -------------------------------------------------------------------------
     def __getitem__(self, key: str) -> torch.Tensor:

@@ -16,13 +16,13 @@ from ..errors import MissingSourceError, PlacementError, ShapeMismatchError
 from ..export.view import HFEntry, HFView, clip, map_placements
 from ..export.view import local_box as dtensor_box
 from ..geometry import Box, full_box
-from ..lazy import LazyTensor
+from ..lazy import LazyTensor, is_dtensor
 from ..plan import Entry, resolve
 from ..reader import Reader, to_native
 from ..reverse import extract
 from ..rules import Pattern, Rule, claim
 from ..transpose import copy_into
-from .dtensors import create_dtensor_from_local_or_reference, ep_layout, is_dtensor, rank_box
+from .dtensors import create_dtensor_from_local_or_reference, ep_layout, rank_box
 
 __all__ = ["Step3p5StateDictAdapter"]
 
@@ -314,7 +314,7 @@ class Step3p5StateDictAdapter:
             if local is not None:
                 local = local.to(self.dtype)  # a view when the dtype is kept, as Automodel's transpose
             else:
-                dest = torch.empty(tuple(h - l for l, h in box), dtype=self.dtype, device=next(iter(tensors.values())).device)
+                dest = torch.empty(tuple(hi - lo for lo, hi in box), dtype=self.dtype, device=next(iter(tensors.values())).device)
                 local = _fill_from(entry, box, tensors, dest)
         if submesh is None:
             return local

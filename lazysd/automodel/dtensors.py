@@ -14,15 +14,9 @@ import torch
 from ..distributed import Target, contiguous_stride, local_box_of, mesh_device
 from ..errors import PlacementError
 from ..geometry import Box
-from ..lazy import LazyTensor
+from ..lazy import LazyTensor, is_dtensor
 
-__all__ = ["create_dtensor_from_local_or_reference", "ep_layout", "is_dtensor", "rank_box", "swap_shard_placements_1_2", "wrap_local"]
-
-
-def is_dtensor(t: Any) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
+__all__ = ["create_dtensor_from_local_or_reference", "ep_layout", "rank_box", "swap_shard_placements_1_2", "wrap_local"]
 
 
 def swap_shard_placements_1_2(placements: tuple) -> tuple:
@@ -139,7 +133,7 @@ def create_dtensor_from_local_or_reference(
         if n_experts is not None and shape:
             shape[0] = n_experts
     expected = rank_box(shape, mesh, placements)
-    if tuple(h - l for l, h in expected) != tuple(local_tensor.shape):
+    if tuple(hi - lo for lo, hi in expected) != tuple(local_tensor.shape):
         raise PlacementError(
             f"local shard of shape {list(local_tensor.shape)} is not this rank's block "
             f"{[list(b) for b in expected]} of global shape {shape} under placements {placements} on {mesh}"
