@@ -61,7 +61,14 @@ def _model(path: str, method: str, mesh):
 
     import lazysd.automodel
 
-    backend = BackendConfig(attn="sdpa", linear="torch", rms_norm="torch", experts="torch", dispatcher="torch", enable_hf_state_dict_adapter=True)
+    backend = BackendConfig(
+        attn="sdpa",
+        linear="torch",
+        rms_norm="torch",
+        experts="torch",
+        dispatcher="torch",
+        enable_hf_state_dict_adapter=True,
+    )
     with torch.device("meta"):
         model = Step3p5ForCausalLM(_config(path), backend=backend)
     if mesh is not None:
@@ -75,7 +82,9 @@ def _model(path: str, method: str, mesh):
             (t.to_local() if hasattr(t, "to_local") else t).zero_()
     if method != "own":  # what the one-import swap changes: the adapter the model holds
         own = model.state_dict_adapter
-        model.state_dict_adapter = lazysd.automodel.Step3p5StateDictAdapter(own.config, own.moe_config, own.backend, dtype=own.dtype)
+        model.state_dict_adapter = lazysd.automodel.Step3p5StateDictAdapter(
+            own.config, own.moe_config, own.backend, dtype=own.dtype
+        )
     return model
 
 
@@ -121,7 +130,12 @@ def _rank(rank: int, world: int, path: str, method: str, cold: bool) -> dict:
     logging.disable(logging.WARNING)
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",)) if world > 1 else None
     model = _model(path, method, mesh)
-    config = CheckpointingConfig(enabled=True, checkpoint_dir="/tmp/lazysd-bench-automodel-unused", model_save_format="safetensors", save_consolidated=False)
+    config = CheckpointingConfig(
+        enabled=True,
+        checkpoint_dir="/tmp/lazysd-bench-automodel-unused",
+        model_save_format="safetensors",
+        save_consolidated=False,
+    )
     checkpointer = Checkpointer(config, dp_rank=rank, tp_rank=0, pp_rank=0, moe_mesh=mesh)
     if method == "reader":
         use_lazysd_reader(checkpointer)
@@ -181,8 +195,14 @@ def main() -> None:
     spec = Step3p5Spec.sized(int(args.size))
     path = str(ensure_checkpoint(Path(args.dir) / f"automodel-{args.size:.2g}", spec, verbose=True))
     total = checkpoint_nbytes(spec)
-    print(f"## {path}: {total / 2**30:.2f} GiB bf16, {spec.moe_num_experts} experts; medians of {args.runs} warm runs, bytes from one cold run\n")
-    print("| EP | method | wall s | vs own | peak above model MiB (worst rank) | read/ideal (worst rank) | bytes read / ideal, rank 0 |")
+    print(
+        f"## {path}: {total / 2**30:.2f} GiB bf16, {spec.moe_num_experts} experts; medians of {args.runs} warm runs, "
+        "bytes from one cold run\n"
+    )
+    print(
+        "| EP | method | wall s | vs own | peak above model MiB (worst rank) | read/ideal (worst rank) | bytes read / "
+        "ideal, rank 0 |"
+    )
     print("|---:|---|---:|---:|---:|---:|---:|")
     for ep in args.ep:
         warm: dict[str, list[list[dict]]] = {m: [] for m in args.methods}
@@ -196,7 +216,10 @@ def main() -> None:
             ratio = max(r["read"] / r["ideal"] for r in cold)
             base = wall.get("own")
             vs = f"{wall[m] / base:.2f}x" if base else "-"
-            print(f"| {ep} | {METHODS[m]} | {wall[m]:.2f} | {vs} | {peak:.0f} | {ratio:.4f} | {cold[0]['read']:,} / {cold[0]['ideal']:,} |")
+            print(
+                f"| {ep} | {METHODS[m]} | {wall[m]:.2f} | {vs} | {peak:.0f} | {ratio:.4f} | {cold[0]['read']:,} / "
+                f"{cold[0]['ideal']:,} |"
+            )
         sys.stdout.flush()
 
 

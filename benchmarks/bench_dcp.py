@@ -159,10 +159,12 @@ def main() -> None:
     path = ensure_checkpoint(Path(args.dir) / f"dcp-{args.size:.0e}", spec, verbose=True)
     total = checkpoint_nbytes(spec)
     print(
-        f"## {path}: {total / 2**30:.2f} GiB bf16, {spec.moe_num_experts} experts x {len(spec.moe_layers)} MoE layers; medians of {args.runs} runs\n"
+        f"## {path}: {total / 2**30:.2f} GiB bf16, {spec.moe_num_experts} experts x {len(spec.moe_layers)} MoE layers; "
+        f"medians of {args.runs} runs\n"
     )
     print(
-        "| world | experts | reader | rank | bytes from disk | ideal | disk/ideal | read_data s | vs torch | peak RSS above state dict MiB |"
+        "| world | experts | reader | rank | bytes from disk | ideal | disk/ideal | read_data s | vs torch | peak RSS "
+        "above state dict MiB |"
     )
     print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for world in args.world:

@@ -333,7 +333,8 @@ def main() -> int:
                     print(f"  run {r + 1} {mode} {m} {size:g}: {json.dumps(x)}", file=sys.stderr)
         print(
             f"\n## {path.name}: {checkpoint_nbytes(spec) / 2**30:.2f} GiB bf16 ({len(files)} files); largest native "
-            f"tensor {largest / MiB:.0f} MiB, memory bound 1.25x+64 MiB = {bound / MiB:.0f} MiB; lazysd threads={threads}; "
+            f"tensor {largest / MiB:.0f} MiB, memory bound 1.25x+64 MiB = {bound / MiB:.0f} MiB; lazysd "
+            f"threads={threads}; "
             f"medians of {args.runs} rounds, ratios per round (same machine load) then their median\n"
         )
         for mode in args.modes:
@@ -363,7 +364,8 @@ def _table(mode: str, methods: list[str], floors: list[str], results: dict, boun
     print(f"### {mode}\n")
     private = [m for m in peers if m in PRIVATE_PEERS]
     print(
-        f"| method | wall s | GiB/s | peak extra MiB | x {floors[0]} | x best floor | x best peer | x best private-copy peer |"
+        f"| method | wall s | GiB/s | peak extra MiB | x {floors[0]} | x best floor | x best peer | x best "
+        "private-copy peer |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for m in methods:
@@ -376,13 +378,15 @@ def _table(mode: str, methods: list[str], floors: list[str], results: dict, boun
         rate = statistics.median(_gib_s(x) for x in runs)
         peak = statistics.median(x["total"] for x in runs) / MiB
         print(
-            f"| {m} | {wall:.2f} | {rate:.2f} | {peak:.0f} | {ratio(m, floors[:1])} | {ratio(m, floors)} | {ratio(m, peers)} | {ratio(m, private)} |"
+            f"| {m} | {wall:.2f} | {rate:.2f} | {peak:.0f} | {ratio(m, floors[:1])} | {ratio(m, floors)} | "
+            f"{ratio(m, peers)} | {ratio(m, private)} |"
         )
     for m in LAZYSD:
         if (mode, m) in results and any("error" not in x for x in results[mode, m]):
             peak = statistics.median(x["total"] for x in results[mode, m] if "error" not in x)
             print(
-                f"\n- {m}: peak extra {peak / MiB:.0f} MiB, bound {bound / MiB:.0f} MiB: {'met' if peak <= bound else 'NOT met'}"
+                f"\n- {m}: peak extra {peak / MiB:.0f} MiB, bound {bound / MiB:.0f} MiB: "
+                f"{'met' if peak <= bound else 'NOT met'}"
             )
     print()
 

@@ -128,7 +128,8 @@ def main() -> int:
     hf_bytes = sum(t.nbytes for t in hf_reference.values())
     gpu = torch.cuda.get_device_name(device) if cuda else f"{platform.processor() or platform.machine()} CPU (dry run)"
     print(
-        f"checkpoint {hf_bytes / 2**30:.2f} GiB ({native_bytes / 2**30:.2f} GiB native) on {gpu}, torch {torch.__version__}, lazysd threads={threads}"
+        f"checkpoint {hf_bytes / 2**30:.2f} GiB ({native_bytes / 2**30:.2f} GiB native) on {gpu}, torch "
+        f"{torch.__version__}, lazysd threads={threads}"
     )
     h2d = _pinned_h2d(device) if cuda else float("nan")
     print(f"pinned host-to-device copies alone: {h2d:.2f} GiB/s")
@@ -240,11 +241,13 @@ def main() -> int:
             print(f"| {r['mode']} | {r['method']} | failed: {r['error'][:80]} | | | |")
         else:
             print(
-                f"| {r['mode']} | {r['method']} | {r['seconds']:.2f} | {r['gib_s']:.2f} | {r['x_h2d']:.2f} | {'yes' if r['bitwise'] else 'NO'} |"
+                f"| {r['mode']} | {r['method']} | {r['seconds']:.2f} | {r['gib_s']:.2f} | {r['x_h2d']:.2f} | "
+                f"{'yes' if r['bitwise'] else 'NO'} |"
             )
     if export:
         print(
-            f"| - | save_hf of the CUDA model, round trip | {export['seconds']:.2f} | {export['gib_s']:.2f} | | {'yes' if export['bitwise'] else 'NO'} |"
+            f"| - | save_hf of the CUDA model, round trip | {export['seconds']:.2f} | {export['gib_s']:.2f} | | "
+            f"{'yes' if export['bitwise'] else 'NO'} |"
         )
     if args.out:
         Path(args.out).write_text(

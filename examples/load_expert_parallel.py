@@ -49,7 +49,8 @@ def main() -> None:
         spec = Step3p5Spec.from_config(config, where=str(path / "config.json"))
         if spec.moe_num_experts % world:
             raise SystemExit(
-                f"{path}: {spec.moe_num_experts} experts do not split over {world} ranks; use a world size that divides it"
+                f"{path}: {spec.moe_num_experts} experts do not split over {world} ranks; use a world size that "
+                "divides it"
             )
     else:
         spec = Step3p5Spec.tiny(moe_num_experts=4 * world, hidden_size=128, moe_intermediate_size=64)
@@ -67,7 +68,8 @@ def main() -> None:
             logits = model(tokens)
         line = (
             f"rank {rank}/{world}: {result}; experts {tuple(experts.to_local().shape)} of {tuple(experts.shape)} "
-            f"({experts.placements}); read {vsd.bytes_read:,} bytes (plan: {sum(n for _, _, n in vsd.planned_ranges()):,}); "
+            f"({experts.placements}); read {vsd.bytes_read:,} bytes (plan: "
+            f"{sum(n for _, _, n in vsd.planned_ranges()):,}); "
             f"next token {int(logits[0, -1].argmax())}\n"
         )
         sys.stdout.write(line)  # one write per line, so ranks sharing a terminal do not interleave

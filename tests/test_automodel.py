@@ -121,7 +121,8 @@ def test_from_hf_unpaired_gate_or_up_is_an_error() -> None:
     gate, up, _ = _experts()
     with pytest.raises(
         MissingSourceError,
-        match=r"hf_state_dict: model\.layers\.1\.moe\.gate_proj\.weight has no matching model\.layers\.1\.moe\.up_proj\.weight",
+        match=r"hf_state_dict: model\.layers\.1\.moe\.gate_proj\.weight has no matching "
+        r"model\.layers\.1\.moe\.up_proj\.weight",
     ):
         _adapter().from_hf({f"{L1}.moe.gate_proj.weight": gate})
     with pytest.raises(

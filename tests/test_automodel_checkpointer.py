@@ -36,7 +36,14 @@ def _model(path: str, method: str, mesh):
     d = json.loads(Path(path, "config.json").read_text())
     d["layer_types"] = d["layer_types"][: d["num_hidden_layers"]]
     d["rope_parameters"] = {"rope_theta": d["rope_theta"], "rope_type": "default"}
-    backend = BackendConfig(attn="sdpa", linear="torch", rms_norm="torch", experts="torch", dispatcher="torch", enable_hf_state_dict_adapter=True)
+    backend = BackendConfig(
+        attn="sdpa",
+        linear="torch",
+        rms_norm="torch",
+        experts="torch",
+        dispatcher="torch",
+        enable_hf_state_dict_adapter=True,
+    )
     with torch.device("meta"):
         model = Step3p5ForCausalLM(PretrainedConfig(**d), backend=backend)
     if mesh is not None:
@@ -66,7 +73,9 @@ def _load(rank: int, world: int, path: str, method: str) -> dict:
 
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",)) if world > 1 else None
     model = _model(path, method, mesh)
-    config = CheckpointingConfig(enabled=True, checkpoint_dir=f"{path}-unused", model_save_format="safetensors", save_consolidated=False)
+    config = CheckpointingConfig(
+        enabled=True, checkpoint_dir=f"{path}-unused", model_save_format="safetensors", save_consolidated=False
+    )
     checkpointer = Checkpointer(config, dp_rank=rank, tp_rank=0, pp_rank=0, moe_mesh=mesh)
     readers: list = []
     if method in ("reader", "own+reader"):
@@ -74,7 +83,9 @@ def _load(rank: int, world: int, path: str, method: str) -> dict:
         assert use_lazysd_reader(checkpointer) is checkpointer  # a second call changes nothing
         make = checkpointer._get_storage_reader
         checkpointer._get_storage_reader = lambda *a, **k: readers.append(make(*a, **k)) or readers[-1]
-    locals_before = {k: (v.to_local() if isinstance(v, DTensor) else v).data_ptr() for k, v in model.state_dict().items()}
+    locals_before = {
+        k: (v.to_local() if isinstance(v, DTensor) else v).data_ptr() for k, v in model.state_dict().items()
+    }
     checkpointer.load_base_model(model, torch.device("cpu"), "/nonexistent", path)
     with VirtualStateDict(path, mesh) as vsd:
         ideal = sum(n for _, _, n in vsd.planned_ranges())
@@ -82,7 +93,9 @@ def _load(rank: int, world: int, path: str, method: str) -> dict:
             got = value.to_local() if isinstance(value, DTensor) else value
             want = vsd[key].to_local() if isinstance(vsd[key], DTensor) else vsd[key]
             assert torch.equal(got, want.materialize().to(got.dtype)), key
-    view_loaded = getattr(model.state_dict_adapter, "view_loaded_native_keys", set()) if method in ("swap", "reader") else set()
+    view_loaded = (
+        getattr(model.state_dict_adapter, "view_loaded_native_keys", set()) if method in ("swap", "reader") else set()
+    )
     out = {"view_loaded": len(view_loaded), "params": len(locals_before)}
     if method == "own+reader":
         # Automodel's own adapter keeps its HF keys: the drop-in reader on its DCP route; its
@@ -137,7 +150,9 @@ def test_a_path_without_safetensors_keeps_automodels_reader(ckpt: str, tmp_path:
     from lazysd.automodel import use_lazysd_reader
     from lazysd.dcp import HFReader
 
-    checkpointer = Checkpointer(CheckpointingConfig(enabled=True, checkpoint_dir=str(tmp_path)), dp_rank=0, tp_rank=0, pp_rank=0)
+    checkpointer = Checkpointer(
+        CheckpointingConfig(enabled=True, checkpoint_dir=str(tmp_path)), dp_rank=0, tp_rank=0, pp_rank=0
+    )
     use_lazysd_reader(checkpointer)
     # Outside a load_model call, or with a key_mapping, Automodel's own reader is used.
     assert not isinstance(checkpointer._get_storage_reader(ckpt, None, is_init_step=True), HFReader)

@@ -302,7 +302,8 @@ def test_error_mismatched_gate_up_shapes(tmp_path: Path) -> None:
     _rewrite(path, reshape={"model.layers.2.moe.up_proj.weight": bad})
     with pytest.raises(
         ShapeMismatchError,
-        match=r"model.layers.2.moe.experts.gate_and_up_projs cannot combine model.layers.2.moe.gate_proj.weight \[8, 16, 32\] \(model.safetensors\) with model.layers.2.moe.up_proj.weight \[8, 16, 33\]",
+        match=r"model.layers.2.moe.experts.gate_and_up_projs cannot combine model.layers.2.moe.gate_proj.weight "
+        r"\[8, 16, 32\] \(model.safetensors\) with model.layers.2.moe.up_proj.weight \[8, 16, 33\]",
     ):
         VirtualStateDict(path)
 

@@ -320,7 +320,8 @@ def test_full_disk_is_an_export_error_and_keeps_the_old_export(src: Path, small_
         old = files_of(out)
         with pytest.raises(
             ExportError,
-            match=r"model-00001-of-00001\.safetensors.*\[Errno 28\] No space left on device \(the disk or quota is full\)",
+            match=r"model-00001-of-00001\.safetensors.*\[Errno 28\] "
+            r"No space left on device \(the disk or quota is full\)",
         ):
             save_hf(vsd, out, dtype=torch.float32, overwrite=True)  # ... not twice, and not as fp32
     assert files_of(out) == old

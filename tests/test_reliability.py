@@ -156,7 +156,9 @@ w = (torch.randn(256, 320) * 4).to(torch.float8_e4m3fn)
 s = torch.tensor([[0.5]])
 save_file({{"model.layers.0.mlp.gate_proj.weight": w, "model.layers.0.mlp.gate_proj.weight_scale_inv": s,
             "model.embed_tokens.weight": torch.zeros(4, 320, dtype=torch.bfloat16)}}, path + "/model.safetensors")
-json.dump({{"model_type": "deepseek_v3", "num_hidden_layers": 1, "quantization_config": {{"weight_block_size": [{block}, {block}]}}}}, open(path + "/config.json", "w"))
+quant = {{"weight_block_size": [{block}, {block}]}}
+config = {{"model_type": "deepseek_v3", "num_hidden_layers": 1, "quantization_config": quant}}
+json.dump(config, open(path + "/config.json", "w"))
 with VirtualStateDict(path, dtype=torch.float32) as vsd, PeakRSS(sample_s=None) as peak:
     got = vsd["model.layers.0.mlp.gate_proj.weight"].materialize()
 print(json.dumps({{"exact": bool(torch.equal(got, w.float() * 0.5)), "peak": peak.total}}))

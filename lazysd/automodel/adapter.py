@@ -1,4 +1,7 @@
-"""``Step3p5StateDictAdapter``: NeMo Automodel's Step3p5 adapter API, run by lazysd's rules (see :mod:`lazysd.automodel`)."""
+"""``Step3p5StateDictAdapter``: NeMo Automodel's Step3p5 adapter API, run by lazysd's rules.
+
+See :mod:`lazysd.automodel`.
+"""
 
 from __future__ import annotations
 
@@ -49,7 +52,6 @@ def _transforms(rule: Rule) -> bool:
     return len(rule.parts) > 1 or any(p.dims is not None for p in rule.parts)
 
 
-
 # ---- write-through loading ---------------------------------------------------------------
 def _writable_alias(value: Any) -> bool:
     """Whether ``value`` is real tensor memory a DCP load can write into (not a LazyTensor)."""
@@ -92,8 +94,9 @@ def _alias(native: torch.Tensor, entry: HFEntry) -> torch.Tensor:
     box, origin = dtensor_box(native)
     sub, _ = clip(entry.piece, box)
     local = extract(native.to_local(), sub, origin=origin)
-    return create_dtensor_from_local_or_reference(local, native, placements_override=tuple(placements), global_shape=entry.shape)  # type: ignore[arg-type]
-
+    return create_dtensor_from_local_or_reference(
+        local, native, placements_override=tuple(placements), global_shape=entry.shape
+    )  # type: ignore[arg-type]
 
 
 # ---- in-memory plans ---------------------------------------------------------------------
@@ -142,7 +145,6 @@ def _fill_from(entry: Entry, box: Box, values: dict[str, torch.Tensor], dest: to
         block = to_native(values[src.info.key][tuple(slice(a, b) for a, b in src_box)], src.dims)
         copy_into(dest[tuple(slice(lo - b[0], hi - b[0]) for (lo, hi), b in zip(native, box))], block)
     return dest
-
 
 
 # ---- the adapter -------------------------------------------------------------------------
@@ -200,7 +202,10 @@ class Step3p5StateDictAdapter:
 
     def get_hf_state_dict_keys(self, state_dict: Mapping[str, Any]) -> list[str]:
         """The HF keys :meth:`to_hf` gives for ``state_dict``, from shapes only (no data)."""
-        meta = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") if isinstance(v, torch.Tensor) else v for k, v in state_dict.items()}
+        meta = {
+            k: torch.empty(v.shape, dtype=v.dtype, device="meta") if isinstance(v, torch.Tensor) else v
+            for k, v in state_dict.items()
+        }
         return list(self.to_hf(meta, exclude_key_regex=r".*_extra_state.*"))
 
     # ---- HF -> native --------------------------------------------------------------------
@@ -271,9 +276,16 @@ class Step3p5StateDictAdapter:
         found = claim(_ADAPTER.rules, canonical, transforming_only=True)
         if found is None:
             return None
-        return prefix, found.rule, found.part, dict(found.values) | ({} if found.expert is None else {"expert": str(found.expert)})
+        return (
+            prefix,
+            found.rule,
+            found.part,
+            dict(found.values) | ({} if found.expert is None else {"expert": str(found.expert)}),
+        )
 
-    def _build(self, native_key: str, rule: Rule, values: dict[str, str], parts: dict[int, tuple[str, Any]], mesh: Any) -> Any:
+    def _build(
+        self, native_key: str, rule: Rule, values: dict[str, str], parts: dict[int, tuple[str, Any]], mesh: Any
+    ) -> Any:
         given = [k for k, _ in parts.values()]
         prefix = _canonical(given[0])[0]  # type: ignore[index]
         for pi, part in enumerate(rule.sources):
@@ -314,11 +326,15 @@ class Step3p5StateDictAdapter:
             if local is not None:
                 local = local.to(self.dtype)  # a view when the dtype is kept, as Automodel's transpose
             else:
-                dest = torch.empty(tuple(hi - lo for lo, hi in box), dtype=self.dtype, device=next(iter(tensors.values())).device)
+                dest = torch.empty(
+                    tuple(hi - lo for lo, hi in box), dtype=self.dtype, device=next(iter(tensors.values())).device
+                )
                 local = _fill_from(entry, box, tensors, dest)
         if submesh is None:
             return local
-        return create_dtensor_from_local_or_reference(local, None, submesh, placements_override=placements, global_shape=entry.shape)
+        return create_dtensor_from_local_or_reference(
+            local, None, submesh, placements_override=placements, global_shape=entry.shape
+        )
 
     def _check_experts(self, entry: Entry, rule: Rule) -> None:
         n = getattr(self.moe_config, "n_routed_experts", None)
@@ -334,7 +350,9 @@ class Step3p5StateDictAdapter:
 
         if len(dtensors) != len(tensors):
             plain = [k for k in tensors if k not in dtensors]
-            raise PlacementError(f"hf_state_dict: {dtensors[0]} is a DTensor but {plain[0]} is not; {entry.key} needs both alike")
+            raise PlacementError(
+                f"hf_state_dict: {dtensors[0]} is a DTensor but {plain[0]} is not; {entry.key} needs both alike"
+            )
         ref = tensors[dtensors[0]]
         for k in dtensors[1:]:
             t = tensors[k]
@@ -358,11 +376,15 @@ class Step3p5StateDictAdapter:
                 native_placements.append(p)
         # No part is sharded on the cat dim, so each local shard covers the same native
         # rows of every part: permuting and concatenating the local shards is exact.
-        blocks = [tensors[src.info.key].to_local().permute([d for d in src.dims if d is not None]) for src in entry.sources]
+        blocks = [
+            tensors[src.info.key].to_local().permute([d for d in src.dims if d is not None]) for src in entry.sources
+        ]
         # One part stays a view of its local shard (down_projs), as in Automodel's adapter.
         local = torch.cat(blocks, dim=rule.cat_dim) if len(blocks) > 1 else blocks[0]
         local = local.to(self.dtype)
-        return create_dtensor_from_local_or_reference(local, ref, placements_override=tuple(native_placements), global_shape=entry.shape)
+        return create_dtensor_from_local_or_reference(
+            local, ref, placements_override=tuple(native_placements), global_shape=entry.shape
+        )
 
     # ---- native -> HF --------------------------------------------------------------------
     def to_hf(
@@ -402,7 +424,12 @@ class Step3p5StateDictAdapter:
                 pairs = [] if exclude_key_regex and re.match(exclude_key_regex, fqn) else [(fqn, tensor)]
             else:
                 pairs = self.convert_single_tensor_to_hf(
-                    fqn, tensor, exclude_key_regex=exclude_key_regex, quantization=quantization, for_checkpoint_load=for_checkpoint_load, **kwargs
+                    fqn,
+                    tensor,
+                    exclude_key_regex=exclude_key_regex,
+                    quantization=quantization,
+                    for_checkpoint_load=for_checkpoint_load,
+                    **kwargs,
                 )
             for key, value in pairs:
                 hf[key] = value
@@ -418,7 +445,8 @@ class Step3p5StateDictAdapter:
         aliasing ``tensor`` instead of contiguous copies (see :meth:`to_hf`).
 
         Example:
-            >>> [k for k, _ in adapter.convert_single_tensor_to_hf("model.layers.3.moe.experts.gate_and_up_projs", w)]  # doctest: +SKIP
+            >>> key = "model.layers.3.moe.experts.gate_and_up_projs"
+            >>> [k for k, _ in adapter.convert_single_tensor_to_hf(key, w)]  # doctest: +SKIP
             ['model.layers.3.moe.gate_proj.weight', 'model.layers.3.moe.up_proj.weight']
         """
         exclude = kwargs.get("exclude_key_regex")
@@ -429,7 +457,9 @@ class Step3p5StateDictAdapter:
             result = [(k, v) for k, v in result if not re.match(exclude, k)]
         return result
 
-    def _convert_native_to_hf(self, fqn: str, tensor: torch.Tensor, *, views: bool = False) -> list[tuple[str, torch.Tensor]] | None:
+    def _convert_native_to_hf(
+        self, fqn: str, tensor: torch.Tensor, *, views: bool = False
+    ) -> list[tuple[str, torch.Tensor]] | None:
         """HF pairs for native expert tensors and the router bias; None for other keys.
 
         ``gate_and_up_projs`` ``[E, D, 2I]`` -> ``gate_proj``, ``up_proj`` ``[E, I, D]``;

@@ -72,7 +72,11 @@ def use_lazysd_reader(checkpointer: Any, **options: Any) -> Any:
         native = route["native"]
         if native is None or key_mapping is not None or not HFReader.validate_checkpoint_id(model_path):
             return get_reader(model_path, key_mapping, *args, **kwargs)
-        return HFReader(model_path, adapter="step3p5", **options) if native else HFReader(model_path, native=False, **options)
+        return (
+            HFReader(model_path, adapter="step3p5", **options)
+            if native
+            else HFReader(model_path, native=False, **options)
+        )
 
     checkpointer.load_model = lazysd_load_model
     checkpointer._get_storage_reader = lazysd_storage_reader

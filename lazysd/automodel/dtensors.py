@@ -59,7 +59,6 @@ def ep_layout(device_mesh: Any) -> tuple[Any, tuple]:
     return mesh, tuple(kinds[n] for n in used)
 
 
-
 def rank_box(shape: Sequence[int], mesh: Any, placements: Sequence[Any]) -> Box:
     """The block of a global tensor that this rank holds under ``placements``."""
     return local_box_of(tuple(shape), Target(mesh, tuple(placements)))
@@ -151,7 +150,9 @@ def wrap_local(local: torch.Tensor, mesh: Any, placements: tuple, shape: tuple[i
         device = mesh_device(mesh, torch.device("cpu"))
         if local.device != device:
             local = LazyTensor(local.entry, local._reader, local.box, dtype=local.dtype, device=device)
-    return DTensor.from_local(local, mesh, placements, run_check=False, shape=torch.Size(shape), stride=global_stride(local, shape))
+    return DTensor.from_local(
+        local, mesh, placements, run_check=False, shape=torch.Size(shape), stride=global_stride(local, shape)
+    )
 
 
 def global_stride(local: torch.Tensor, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -170,4 +171,3 @@ def global_stride(local: torch.Tensor, shape: tuple[int, ...]) -> tuple[int, ...
         stride[d] = step
         step *= shape[d]
     return tuple(stride)
-

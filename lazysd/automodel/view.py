@@ -41,7 +41,12 @@ class HFCheckpointView(Mapping[str, torch.Tensor]):
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], *, threads: int | None = None, chunk_bytes: int | None = None, max_inflight_bytes: int = 32 * MiB
+        self,
+        path: str | os.PathLike[str],
+        *,
+        threads: int | None = None,
+        chunk_bytes: int | None = None,
+        max_inflight_bytes: int = 32 * MiB,
     ) -> None:
         self.checkpoint = Checkpoint(path)
         self.reader = Reader(self.checkpoint, ReadOptions(threads, chunk_bytes, max_inflight_bytes))

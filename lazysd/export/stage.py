@@ -131,7 +131,8 @@ class ExportLock:
                     if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                         # A filesystem without locks: the atomic commit alone keeps exports whole.
                         warnings.warn(
-                            f"{self.path}: the filesystem cannot lock ({e.strerror}); concurrent exports into {self.out_dir} are not excluded",
+                            f"{self.path}: the filesystem cannot lock ({e.strerror}); concurrent exports into "
+                            f"{self.out_dir} are not excluded",
                             stacklevel=3,
                         )
                         return self
@@ -151,7 +152,8 @@ class ExportLock:
 
     def _busy(self, holder: str) -> ExportError:
         return ExportError(
-            f"{self.out_dir}: another export into this directory is running ({holder or 'holder unknown'}, lock {self.path}); "
+            f"{self.out_dir}: another export into this directory is running ({holder or 'holder unknown'}, lock "
+            f"{self.path}); "
             "wait for it to finish or export elsewhere"
         )
 
@@ -257,7 +259,8 @@ class Stage:
             or any(o < 0 or o + n > s for o, n, s in zip(offset, block.shape, slot.shape))
         ):
             raise ExportError(
-                f"{key[:200]!r}: a block of shape {list(block.shape)} at {list(offset)} is not inside its shape {list(slot.shape)}"
+                f"{key[:200]!r}: a block of shape {list(block.shape)} at {list(offset)} is not inside its shape "
+                f"{list(slot.shape)}"
             )
         if block.device.type != "cpu":
             block = block.cpu()

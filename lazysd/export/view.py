@@ -180,7 +180,8 @@ class HFView(Mapping[str, torch.Tensor]):
             for piece in pieces:
                 if piece.key in self.entries:
                     raise ExportError(
-                        f"HF key {piece.key!r} comes from both native key {self.entries[piece.key].native_key!r} and {native_key!r}"
+                        f"HF key {piece.key!r} comes from both native key {self.entries[piece.key].native_key!r} and "
+                        f"{native_key!r}"
                     )
                 self.entries[piece.key] = HFEntry(piece.key, native_key, piece, _out_dtype(t, piece.rule, dtype))
 
@@ -215,7 +216,8 @@ class HFView(Mapping[str, torch.Tensor]):
         return sum(e.nbytes for e in self.entries.values())
 
     def __repr__(self) -> str:
-        return f"HFView({self.adapter.name}, {len(self)} HF keys over {len(self.native)} native keys, {self.nbytes / 2**30:.2f} GiB)"
+        keys = f"{len(self)} HF keys over {len(self.native)} native keys"
+        return f"HFView({self.adapter.name}, {keys}, {self.nbytes / 2**30:.2f} GiB)"
 
 
 def converted(block: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -428,7 +428,8 @@ def _cases() -> list[Case]:
             {
                 "a.safetensors": shard1,
                 "b.safetensors": shard2,
-                INDEX: b'{"weight_map":{"model.norm.weight":"a.safetensors","model.embed_tokens.weight":"a.safetensors","model.norm.weight":"b.safetensors"}}',
+                INDEX: b'{"weight_map":{"model.norm.weight":"a.safetensors",'
+                b'"model.embed_tokens.weight":"a.safetensors","model.norm.weight":"b.safetensors"}}',
             },
             "CheckpointIndexError",
             (INDEX, NORM, "a.safetensors", "b.safetensors", "more than once"),
