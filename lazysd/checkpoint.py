@@ -116,15 +116,24 @@ def parse_header(file: Path, fd: int, file_size: int) -> tuple[dict[str, TensorI
     is made here, before any tensor byte is trusted: sizes, offsets inside the data section,
     no overlaps and no holes, element counts matching ``dtype x shape``.
     """
+    header_len = header_length(file, os.pread(fd, 8, 0), file_size)
+    return parse_header_bytes(file, os.pread(fd, header_len, 8), header_len, file_size)
+
+
+def header_length(file: Any, prefix: bytes, file_size: int) -> int:
+    """The header length a file's 8-byte prefix states, checked against the file's size."""
     if file_size < 8:
         raise _fail(HeaderError, file, None, f"file is {file_size} bytes, too short for a safetensors header (8-byte length prefix)")
-    prefix = os.pread(fd, 8, 0)
     header_len = int.from_bytes(prefix, "little")
     if header_len > MAX_HEADER_BYTES:
         raise _fail(HeaderError, file, None, f"header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte limit")
     if header_len > file_size - 8:
         raise _fail(HeaderError, file, None, f"header length {header_len} runs past the end of the {file_size}-byte file (truncated?)")
-    raw = os.pread(fd, header_len, 8)
+    return header_len
+
+
+def parse_header_bytes(file: Any, raw: bytes, header_len: int, file_size: int) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """:func:`parse_header` on header bytes already read (``raw``: the ``header_len`` bytes after the prefix)."""
     if len(raw) != header_len:
         raise _fail(FileChangedError, file, None, f"short read of the header ({len(raw)} of {header_len} bytes)")
     try:
@@ -216,6 +225,8 @@ class Checkpoint:
         bytes_read: tensor bytes read so far through this object (headers not counted).
     """
 
+    local = True  # files on this machine (descriptors, mmap); see lazysd.storage for remote ones
+
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path).absolute()
         if not self.path.is_dir():
@@ -240,7 +251,7 @@ class Checkpoint:
     # ---- opening -------------------------------------------------------------------------
     def _read_config(self) -> dict[str, Any]:
         file = self.path / "config.json"
-        if not file.is_file():
+        if not self._is_file(file):
             raise CheckpointNotFoundError(f"{file}: config.json not found (lazysd needs it to choose the model family)")
         raw = self._read_small(file, ConfigError)
         try:
@@ -290,7 +301,7 @@ class Checkpoint:
 
     def _weight_files(self) -> tuple[list[Path], dict[str, Path] | None]:
         index = self.path / INDEX_NAME
-        if index.is_file():
+        if self._is_file(index):
             twice: dict[str, list[Any]] = {}
 
             def keep_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -334,7 +345,7 @@ class Checkpoint:
                 file = checked.get(name)
                 if file is None:
                     file = checked[name] = self._resolve_inside(name, f"{index}, key {key!r}")
-                if not file.is_file():
+                if not self._is_file(file):
                     missing.setdefault(str(name), []).append(key)
                 resolved[key] = file
             if missing:
@@ -344,18 +355,25 @@ class Checkpoint:
             self._check_shard_series(index, files)
             return files, resolved
         single = self.path / SINGLE_NAME
-        if single.is_file():
+        if self._is_file(single):
             return [single], None
-        shards = sorted(p for p in self.path.glob("*.safetensors") if p.is_file())
+        shards = sorted(p for p in self._listing() if p.suffix == ".safetensors" and self._is_file(p))
         if shards:
             return shards, None
-        pickles = sorted(p.name for p in self.path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        pickles = sorted(p.name for p in self._listing() if p.suffix in PICKLE_SUFFIXES)
         if pickles:
             raise NoWeightsError(
                 f"{self.path}: only pickled weights found ({', '.join(_short(pickles))}); lazysd never unpickles "
                 "checkpoint files because unpickling can run arbitrary code. Convert them to safetensors first."
             )
         raise NoWeightsError(f"{self.path}: no model.safetensors, {INDEX_NAME} or *.safetensors files found")
+
+    # Where a checkpoint's files are found: overridden for remote storage (lazysd.storage).
+    def _is_file(self, file: Path) -> bool:
+        return file.is_file()
+
+    def _listing(self) -> list[Path]:
+        return list(self.path.iterdir())
 
     def _check_shard_series(self, index: Path, files: list[Path]) -> None:
         """Every shard of a ``name-0000i-of-0000N.safetensors`` series the index uses is named.

@@ -78,3 +78,11 @@ class MissingKeyError(LazySDError, KeyError):
 
     def __str__(self) -> str:  # KeyError would repr() the message and add quotes
         return str(self.args[0]) if self.args else ""
+
+
+class RemoteAccessError(LazySDError, PermissionError):
+    """A remote checkpoint refused access (401/403, no credentials); the message names URL and key."""
+
+
+class RemoteReadError(LazySDError, OSError):
+    """A remote read failed: unreachable endpoint, retries exhausted, a server not honouring ranges."""

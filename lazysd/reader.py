@@ -254,6 +254,7 @@ class Reader:
         # The kernel's case: the last two source dims swapped, nothing else moved, no cast.
         swapped = (
             plain
+            and self.ckpt.local  # the kernel reads through a file descriptor
             and perm == [*range(len(perm) - 2), len(perm) - 1, len(perm) - 2]
             and len(perm) in (2, 3)
             and src_box[-1] == (0, info.shape[-1])

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .adapters import resolve_adapter
-from .checkpoint import Checkpoint
+from .storage import RemoteOptions, open_checkpoint
 from .errors import MissingKeyError
 from .lazy import LazyTensor
 from .plan import FP8_DTYPES, Box, Entry, Plan, local_box, resolve
@@ -59,7 +59,17 @@ class VirtualStateDict(Mapping[str, torch.Tensor]):
             file mapping (zero-copy, pages read on first touch) instead of reading them
             into private memory. Makes ``assign=True`` loads much cheaper; the price is
             that a file truncated under such a view faults (SIGBUS) instead of raising
-            :class:`~lazysd.errors.FileChangedError`. Off by default.
+            :class:`~lazysd.errors.FileChangedError`. Off by default (local files only).
+        storage_options: for a URL path (``s3://``, ``gs://``, ``https://``, ``hf://``),
+            keyword arguments of its fsspec filesystem: credentials, ``endpoint_url``, ...
+            (see :mod:`lazysd.storage.remote`; needs ``pip install lazysd[remote]``).
+        remote: True reads a Hub repo id (``"org/name"``) from the Hub by ranged GETs,
+            like ``"hf://org/name"``; a :class:`~lazysd.storage.RemoteOptions` also tunes
+            the requests (in flight, coalescing gap, retries, timeouts).
+        revision: branch, tag or commit of a Hub repo id.
+        share: with a process group, ``"node"`` (default) lets :func:`lazysd.load` read
+            each tensor that several ranks of a node need once on that node and send it to
+            the others (see :mod:`lazysd.share`); None reads everything on every rank.
 
     Example:
         >>> from lazysd import VirtualStateDict
@@ -87,8 +97,22 @@ class VirtualStateDict(Mapping[str, torch.Tensor]):
         replicate: bool = False,
         fp8: str = "dequantize",
         mmap: bool = False,
+        storage_options: dict[str, Any] | None = None,
+        remote: bool | RemoteOptions = False,
+        revision: str | None = None,
+        share: str | None = "node",
     ) -> None:
-        self.checkpoint = Checkpoint(path)
+        self.checkpoint = open_checkpoint(path, storage_options=storage_options, remote=remote, revision=revision)
+        if not self.checkpoint.local:
+            if mmap:
+                self.checkpoint.close()
+                raise ValueError(f"{self.checkpoint.path}: mmap=True maps local files only; a remote checkpoint is read into memory")
+            # Latency, not the CPU, bounds remote reads: keep more requests in flight.
+            threads = max(threads, 8)
+        if share not in ("node", None):
+            self.checkpoint.close()
+            raise ValueError(f"share must be 'node' or None, got {share!r}")
+        self.share = share
         self.adapter = resolve_adapter(
             adapter, self.checkpoint.config, keys=self.checkpoint.tensors, where=str(self.checkpoint.path / "config.json")
         )

@@ -1,0 +1,88 @@
+"""Where checkpoint bytes come from: local files, or remote objects through fsspec.
+
+A checkpoint path is local unless it is a URL (``s3://``, ``gs://``, ``https://``,
+``hf://`` ...; any ``scheme://`` that fsspec knows) or a Hub repo id with ``remote=True``.
+Local paths go to :class:`lazysd.checkpoint.Checkpoint` and import nothing remote; URLs go
+to :class:`lazysd.storage.remote.RemoteCheckpoint`, which needs the ``remote`` extra
+(``pip install lazysd[remote]``: fsspec, s3fs, huggingface_hub, aiohttp).
+
+Both expose the same small interface to the rest of lazysd: ``config``, ``tensors``
+(key -> :class:`~lazysd.checkpoint.TensorInfo`), ``read_runs(info, runs, out)`` (exact
+byte ranges of one tensor into caller memory), ``files``, ``bytes_read``, ``read_calls``
+(one per storage request), ``close()``.
+
+Example:
+    >>> ckpt = open_checkpoint("s3://bucket/Step-3.5-Flash/", storage_options={"anon": True})  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import TYPE_CHECKING, Any
+
+from .ranges import RemoteOptions, coalesce
+
+if TYPE_CHECKING:
+    from ..checkpoint import Checkpoint
+
+__all__ = ["RemoteOptions", "coalesce", "is_remote", "open_checkpoint", "scrub_url"]
+
+_URL = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://")
+# A Hub repo id: "org/name" (no scheme, not an existing local path).
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def is_remote(path: object) -> bool:
+    """True for a URL lazysd reads through fsspec (``file://`` and plain paths are local)."""
+    if not isinstance(path, str):
+        return False
+    m = _URL.match(path)
+    return m is not None and m["scheme"].lower() not in ("file", "local")
+
+
+def scrub_url(url: str) -> str:
+    """``url`` without credentials: user info and the query string (signatures, tokens) dropped.
+
+    Example:
+        >>> scrub_url("https://user:secret@host/ckpt/?X-Amz-Signature=abc")
+        'https://host/ckpt/'
+    """
+    m = _URL.match(url)
+    if m is None:
+        return url
+    rest = url[m.end() :]
+    host, sep, path = rest.partition("/")
+    host = host.rpartition("@")[2]
+    path = path.split("?", 1)[0].split("#", 1)[0]
+    return f"{m['scheme']}://{host}{sep}{path}"
+
+
+def open_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    storage_options: dict[str, Any] | None = None,
+    remote: bool | RemoteOptions = False,
+    revision: str | None = None,
+) -> Checkpoint:
+    """The checkpoint at ``path``: a local :class:`~lazysd.checkpoint.Checkpoint` or a remote one.
+
+    Args:
+        path: a local directory, a URL (``s3://bucket/prefix/``, ``https://host/dir/``,
+            ``hf://org/repo@rev`` ...), or with ``remote=True`` a Hub repo id ``org/name``.
+        storage_options: passed to the fsspec filesystem (credentials, endpoint, ...).
+        remote: True (or :class:`RemoteOptions` to tune requests) reads a repo id from the Hub.
+        revision: branch, tag or commit of a Hub repo id.
+    """
+    if remote and isinstance(path, str) and not is_remote(path) and _REPO_ID.match(path) and not os.path.exists(path):
+        path = f"hf://{path}" + (f"@{revision}" if revision else "")
+    if is_remote(path):
+        from .remote import RemoteCheckpoint
+
+        options = remote if isinstance(remote, RemoteOptions) else RemoteOptions()
+        return RemoteCheckpoint(str(path), storage_options=storage_options, options=options)
+    if storage_options:
+        raise ValueError(f"{path}: storage_options apply to remote checkpoints (s3://, https://, hf:// ...), not to a local path")
+    from ..checkpoint import Checkpoint
+
+    return Checkpoint(path)
