@@ -34,6 +34,10 @@ class LoadReport:
         bytes_read: checkpoint tensor bytes read from disk during the load.
         seconds: wall time of the load.
         staging_peak: most staging bytes held at once during the load.
+        bytes_received: tensor bytes this rank received from other ranks of its node
+            instead of reading them (``share="node"``, see :mod:`lazysd.share`).
+        requests: storage requests made during the load (ranged GETs for a remote
+            checkpoint, ``pread`` calls for a local one).
     """
 
     missing_keys: tuple[str, ...]
@@ -42,6 +46,8 @@ class LoadReport:
     bytes_read: int
     seconds: float
     staging_peak: int
+    bytes_received: int = 0
+    requests: int = 0
 
     @property
     def throughput(self) -> float:
@@ -49,8 +55,9 @@ class LoadReport:
         return self.bytes_read / self.seconds if self.seconds > 0 else 0.0
 
     def __str__(self) -> str:
+        received = f", {self.bytes_received / 2**20:.1f} MiB received from the node" if self.bytes_received else ""
         return (
-            f"loaded {self.tensors} tensors, {self.bytes_read / 2**20:.1f} MiB in {self.seconds:.2f} s "
+            f"loaded {self.tensors} tensors, {self.bytes_read / 2**20:.1f} MiB read in {self.requests} requests{received} in {self.seconds:.2f} s "
             f"({self.throughput / 2**20:.0f} MiB/s); {len(self.missing_keys)} missing, "
             f"{len(self.unexpected_keys)} unexpected keys"
         )
@@ -68,6 +75,8 @@ def load(
     max_inflight_bytes: int | None = None,
     progress: bool | Callable[[Stats, Entry], None] = False,
     mmap: bool | None = None,
+    storage_options: dict[str, Any] | None = None,
+    share: str | None = "node",
 ) -> LoadReport:
     """Load a checkpoint into ``model`` through ``model.load_state_dict`` and report on it.
 
@@ -91,6 +100,11 @@ def load(
         mmap: with ``assign=True``, the fastest path: unchanged tensors become copy-on-write
             views of the files (not read now), concatenated ones keep the HF memory order
             (no transpose), so parameters may be strided (see ``VirtualStateDict``).
+        storage_options: for a URL (``s3://``, ``https://``, ``hf://`` ...), options of
+            its fsspec filesystem (credentials, endpoint).
+        share: with a process group, ``"node"`` (default) reads each tensor that several
+            ranks of a node need once on the node and sends it to the others
+            (:mod:`lazysd.share`); None reads everything on every rank.
 
     Returns:
         A :class:`LoadReport`.
@@ -108,6 +122,7 @@ def load(
         "max_inflight_bytes": max_inflight_bytes,
         "progress": progress or None,
         "mmap": mmap,
+        "storage_options": storage_options,
     }
     given = {k: v for k, v in options.items() if v is not None}
     if isinstance(path_or_vsd, VirtualStateDict):
@@ -117,7 +132,7 @@ def load(
                 "pass them to VirtualStateDict(...) or give lazysd.load the checkpoint path"
             )
         return _load(model, path_or_vsd, strict=strict, assign=assign)
-    with VirtualStateDict(path_or_vsd, **given) as vsd:
+    with VirtualStateDict(path_or_vsd, share=share, **given) as vsd:
         return _load(model, vsd, strict=strict, assign=assign)
 
 
@@ -132,19 +147,48 @@ def _load(model: torch.nn.Module, vsd: VirtualStateDict, *, strict: bool, assign
             f"{len(unexpected)} unexpected {_listing(unexpected)}; pass strict=False to load the common keys"
         )
     stats, ckpt = vsd.stats, vsd.checkpoint
-    tensors0, bytes0 = stats.tensors, ckpt.bytes_read
+    tensors0, bytes0, requests0 = stats.tensors, ckpt.bytes_read, ckpt.read_calls
     stats.staging_peak = stats.staging_live  # the report's peak is this load's
     t0 = time.perf_counter()
     # Only the keys the model asks for: nothing is even looked up for the others.
-    model.load_state_dict({k: vsd[k] for k in wanted if k in vsd}, strict=False, assign=assign)
+    values = {k: vsd[k] for k in wanted if k in vsd}
+    received = received_tensors = 0
+    if vsd.share == "node" and _distributed():
+        from .share import share_node
+
+        shared = share_node(vsd, values, model.state_dict(keep_vars=True), assign=assign)
+        received, received_tensors = shared.bytes_received, shared.tensors_received
+        for key, dest in shared.filled.items():
+            if assign:
+                values[key] = _like(values[key], dest)
+            else:
+                del values[key]  # already in the parameter
+    model.load_state_dict(values, strict=False, assign=assign)
     return LoadReport(
         missing_keys=missing,
         unexpected_keys=unexpected,
-        tensors=stats.tensors - tensors0,
+        tensors=stats.tensors - tensors0 + received_tensors,
         bytes_read=ckpt.bytes_read - bytes0,
         seconds=time.perf_counter() - t0,
         staging_peak=stats.staging_peak,
+        bytes_received=received,
+        requests=ckpt.read_calls - requests0,
     )
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _like(value: Any, local: torch.Tensor) -> torch.Tensor:
+    """``local`` as ``value`` is: a DTensor with the same mesh and placements, or plain."""
+    if hasattr(value, "_local_tensor"):
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(local, value.device_mesh, value.placements, run_check=False, shape=value.shape, stride=value.stride())
+    return local
 
 
 def _listing(keys: tuple[str, ...]) -> str:

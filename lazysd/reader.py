@@ -222,6 +222,23 @@ class Reader:
                 out += [(str(scale.file), scale.offset + start, n) for start, n in _runs(scale.shape, scale.itemsize, blocks)]
         return out
 
+    def request_count(self, entry: Entry, box: Box) -> int:
+        """Storage requests :meth:`fill` makes for ``box`` of ``entry``: one per byte run
+        locally (a ``pread`` each), coalesced ranged GETs for a remote checkpoint."""
+        dest = torch.empty([h - l for l, h in box], dtype=entry.dtype, device="meta")
+        reads: list[tuple[TensorInfo, list[tuple[int, int]]]] = []
+        for job in self._jobs(entry, box, dest):
+            reads.append((job.info, job.runs))
+            if job.scaled is not None:
+                scale, blocks = _scale_blocks(*job.scaled)
+                reads.append((scale, _runs(scale.shape, scale.itemsize, blocks)))
+        if self.ckpt.local:
+            return sum(len(runs) for _, runs in reads)
+        from .storage import coalesce
+
+        options = self.ckpt.store.options  # type: ignore[attr-defined]
+        return sum(len(coalesce([(info.offset + s, n) for s, n in runs if n], options)) for info, runs in reads)
+
     def _jobs(self, entry: Entry, box: Box, dest: torch.Tensor) -> list[_Job]:
         jobs: list[_Job] = []
         for src in entry.sources:

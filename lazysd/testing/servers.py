@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import threading
@@ -185,6 +186,8 @@ class RangeHTTPServer(_Server):
                 self._handle(head=False)
 
             def _handle(self, *, head: bool) -> None:
+                if self.path == "/__stats__":  # for clients in other processes (ranks)
+                    return self._reply(200, json.dumps(meter.stats()).encode(), {"Content-Type": "application/json"}, head=head)
                 tag = meter.tag(self.headers)
                 faults = meter.faults
                 if faults.latency:
@@ -278,6 +281,10 @@ class MotoS3Server(_Server):
             tag = meter.tag(headers)
             path = environ.get("PATH_INFO", "")
             method = environ.get("REQUEST_METHOD", "")
+            if path == "/__stats__":  # for clients in other processes (ranks)
+                body = json.dumps(meter.stats()).encode()
+                start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+                return [body]
             faults = meter.faults
             if method in ("GET", "HEAD") and "." in path.rsplit("/", 1)[-1]:  # object reads only
                 if faults.latency:
@@ -376,3 +383,11 @@ class _Paced:
 def http_storage_options(tag: str | None = None) -> dict[str, Any]:
     """fsspec HTTP options tagging a client for :meth:`RangeHTTPServer.stats`."""
     return {} if tag is None else {"client_kwargs": {"headers": {"X-Lazysd-Tag": tag}}}
+
+
+def server_stats(base_url: str) -> dict[str, dict[str, int]]:
+    """A server's counters fetched over HTTP (``{base_url}/__stats__``), from any process."""
+    from urllib.request import urlopen
+
+    with urlopen(f"{base_url}/__stats__", timeout=10) as r:
+        return json.loads(r.read())
