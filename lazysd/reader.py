@@ -459,8 +459,9 @@ class Reader:
         The copies run where torch's intra-op threads can split them over the cores, while
         the pool's preads (which release the GIL) keep the next chunks coming.
         """
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.options.threads, thread_name_prefix="lazysd-read")
+        with self._lock:  # fills may run on several threads at once (remote loads)
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.options.threads, thread_name_prefix="lazysd-read")
         pending: deque[tuple[_Job, Future[tuple[torch.Tensor | None, torch.Tensor | None]], int]] = deque()
         inflight = 0
         budget = self.options.max_inflight_bytes

@@ -325,7 +325,7 @@ def _tagged(kind: str, options: dict, tag: str) -> dict:
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_ranks_read_exactly_their_plan_at_the_server(root: Path, http: RangeHTTPServer, s3: MotoS3Server, world: int) -> None:
     urls = {"http": (f"{http.url}/step/", {}, http.url), "s3": ("s3://ckpts/step/", s3.storage_options(), s3.endpoint_url)}
-    results = run_ranks(_check_ranks, world, (str(root / "step"), urls))
+    results = run_ranks(_check_ranks, world, (str(root / "step"), urls), timeout=300)
     for rank, per_kind in enumerate(results):
         for kind, r in per_kind.items():
             assert r["planned"] <= r["served"] <= r["planned"] * 1.01, (rank, kind, r)
@@ -376,11 +376,18 @@ def _load_shared(rank: int, world: int, url: str, options: dict, stats_url: str,
     return {"served": served, "read": report.bytes_read, "received": report.bytes_received, "need": need, "boxes": boxes, "state": state}
 
 
-@pytest.mark.parametrize("ep", [False, True], ids=["replicated", "ep4"])
-def test_four_ranks_of_a_node_read_the_union(root: Path, http: RangeHTTPServer, ep: bool) -> None:
-    url = f"{http.url}/step/"
-    on = run_ranks(_load_shared, 4, (url, {}, http.url, "node", ep))
-    off = run_ranks(_load_shared, 4, (url, {}, http.url, None, ep))
+def _load_shared_all(rank: int, world: int, url: str, stats_url: str) -> dict:
+    return {(share, ep): _load_shared(rank, world, url, {}, stats_url, share, ep) for ep in (False, True) for share in ("node", None)}
+
+
+def test_four_ranks_of_a_node_read_the_union(root: Path, http: RangeHTTPServer) -> None:
+    """Replicated (every rank needs everything) and EP=4 (experts split, the rest replicated)."""
+    results = run_ranks(_load_shared_all, 4, (f"{http.url}/step/", http.url), timeout=300)
+    for ep in (False, True):
+        _check_union([r[("node", ep)] for r in results], [r[(None, ep)] for r in results])
+
+
+def _check_union(on: list[dict], off: list[dict]) -> None:
     union: dict[tuple, int] = {}
     for r in on:
         for k, n in r["need"].items():
