@@ -16,10 +16,12 @@ from .errors import (
     MissingSourceError,
     NoWeightsError,
     PlacementError,
+    ReadOnlyTensorError,
     ShapeMismatchError,
     StateDictMismatchError,
     UnclaimedKeyError,
     UnknownModelError,
+    TooManyFilesError,
     UnsafePathError,
 )
 from .export import HFView, save_hf
@@ -50,5 +52,7 @@ __all__ = [
     "UnclaimedKeyError",
     "UnknownModelError",
     "UnsafePathError",
+    "ReadOnlyTensorError",
+    "TooManyFilesError",
 ]
 __version__ = "0.1.0"

@@ -80,12 +80,17 @@ from typing import Any
 import torch
 
 from .adapters import known
-from .checkpoint import Checkpoint, TensorInfo
+from .checkpoint import TensorInfo
 from .distributed import Target, contiguous_stride, local_box_of, mesh_device
-from .errors import MissingKeyError, MissingSourceError, PlacementError, ShapeMismatchError
+from .errors import (
+    MissingKeyError,
+    MissingSourceError,
+    PlacementError,
+    ShapeMismatchError,
+)
 from .lazy import LazyTensor
 from .plan import Box, Entry, Source, local_box, resolve
-from .reader import MiB, ReadOptions, Reader, source_box, to_native
+from .reader import MiB, Reader, ReadOptions, source_box, to_native
 from .reverse import extract, hf_pieces, match_native
 from .rules import Pattern, Rule
 
@@ -160,6 +165,29 @@ def _ep_layout(device_mesh: Any) -> tuple[Any, tuple]:
     used = tuple(n for n in names if n == "ep" or (fsdp and n in ("ep_shard", "ep_replicate")))
     mesh = device_mesh if used == names else device_mesh[used]
     return mesh, tuple(kinds[n] for n in used)
+
+
+def _writable_alias(value: Any) -> bool:
+    """Whether ``value`` is real tensor memory a DCP load can write into (not a LazyTensor)."""
+    if not isinstance(value, torch.Tensor):
+        return False
+    local = value._local_tensor if _is_dtensor(value) else value
+    return not isinstance(local, LazyTensor)
+
+
+def _fill_view(view: torch.Tensor, value: Any) -> bool:
+    """Whether ``value`` is now in ``view`` (a write-through value ``to_hf`` handed out).
+
+    The load wrote straight into ``view`` when ``value`` is it; a value put in its place (a
+    loader that allocated its own destination) is copied into it, so nothing is rebuilt. A
+    value of another shape or kind is left to the ordinary conversion.
+    """
+    if value is view:
+        return True
+    if not isinstance(value, torch.Tensor) or _is_dtensor(value) != _is_dtensor(view) or value.shape != view.shape:
+        return False
+    view.copy_(value)
+    return True
 
 
 def _rank_box(shape: Sequence[int], mesh: Any, placements: Sequence[Any]) -> Box:
@@ -253,7 +281,25 @@ def _wrap(local: torch.Tensor, mesh: Any, placements: tuple, shape: tuple[int, .
         device = mesh_device(mesh, torch.device("cpu"))
         if local.device != device:
             local = LazyTensor(local.entry, local._reader, local.box, dtype=local.dtype, device=device)
-    return DTensor.from_local(local, mesh, placements, run_check=False, shape=torch.Size(shape), stride=contiguous_stride(shape))
+    return DTensor.from_local(local, mesh, placements, run_check=False, shape=torch.Size(shape), stride=_global_stride(local, shape))
+
+
+def _global_stride(local: torch.Tensor, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A global stride laid out in the local block's memory order.
+
+    A contiguous block gives the contiguous stride; a transposed view of a parameter (a
+    write-through ``to_hf`` value, ``down_projs`` from ``from_hf``) gives the same transpose of
+    the global tensor, as ``DTensor.from_local`` would infer for an even split.
+    """
+    if isinstance(local, LazyTensor) or local.is_contiguous():
+        return contiguous_stride(shape)
+    order = sorted(range(len(shape)), key=lambda d: (-local.stride(d), d))  # outermost first
+    stride = [0] * len(shape)
+    step = 1
+    for d in reversed(order):
+        stride[d] = step
+        step *= shape[d]
+    return tuple(stride)
 
 
 # ---- in-memory plans ---------------------------------------------------------------------
@@ -279,6 +325,22 @@ def _stored(value: Any) -> tuple[TensorInfo, Reader] | None:
 def _info(key: str, value: Any) -> TensorInfo:
     """Header of an in-memory tensor (global shape for a DTensor)."""
     return TensorInfo(key, _IN_MEMORY / key, value.dtype, tuple(value.shape), 0)
+
+
+def _view_of(entry: Entry, box: Box, values: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The ``box`` of a one-source ``entry`` as a view of its in-memory source, else None.
+
+    ``down_projs`` is ``down_proj`` sliced to this rank's rows and transposed: no copy is
+    needed, and NeMo Automodel's adapter makes none either.
+    """
+    if len(entry.sources) != 1:
+        return None
+    src = entry.sources[0]
+    found = source_box(src, box)
+    if found is None or tuple(zip(*found[1])) != tuple(box):
+        return None
+    src_box = found[0]
+    return to_native(values[src.info.key][tuple(slice(a, b) for a, b in src_box)], src.dims)
 
 
 def _fill_from(entry: Entry, box: Box, values: dict[str, torch.Tensor], dest: torch.Tensor) -> torch.Tensor:
@@ -313,11 +375,42 @@ class Step3p5StateDictAdapter:
         >>> hf = adapter.to_hf(model.state_dict())                                                # doctest: +SKIP
     """
 
+    #: ``to_hf(..., for_checkpoint_load=True)`` returns views of the model's tensors that a DCP
+    #: load writes straight into; ``from_hf`` recognises them and rebuilds nothing.
+    supports_write_through_checkpoint_load = True
+    #: The name NeMo Automodel 0.7's Checkpointer reads for the same promise (no full copy).
+    supports_low_memory_dcp_load = True
+    #: No legacy HF names are accepted on load (read by Automodel's Checkpointer).
+    checkpoint_key_aliases: dict[str, str] = {}
+
     def __init__(self, config: Any, moe_config: Any, backend: Any, dtype: torch.dtype = torch.float32) -> None:
         self.config = config
         self.moe_config = moe_config
         self.backend = backend
         self.dtype = dtype
+        # HF key -> (value aliasing the model, native key) that to_hf handed out for a load.
+        self._load_views: dict[str, tuple[torch.Tensor, str]] = {}
+        self._view_loaded: set[str] = set()
+        # Set by use_lazysd_reader around a Checkpointer load whose reader serves native keys.
+        self._native_checkpoint_load = False
+
+    @property
+    def view_loaded_native_keys(self) -> set[str]:
+        """Native keys the last :meth:`from_hf` found already loaded in place (write-through).
+
+        They are left out of its result: the model holds their data. Automodel's Checkpointer
+        counts them as loaded when it compares the result with the model's keys.
+        """
+        return set(self._view_loaded)
+
+    def iter_checkpoint_load_parts(self, model_state_dict: Mapping[str, Any], device_mesh: Any = None) -> None:
+        """None: Step3p5 checkpoints load in one DCP pass (Automodel's part-by-part hook)."""
+        return
+
+    def get_hf_state_dict_keys(self, state_dict: Mapping[str, Any]) -> list[str]:
+        """The HF keys :meth:`to_hf` gives for ``state_dict``, from shapes only (no data)."""
+        meta = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") if isinstance(v, torch.Tensor) else v for k, v in state_dict.items()}
+        return list(self.to_hf(meta, exclude_key_regex=r".*_extra_state.*"))
 
     # ---- HF -> native --------------------------------------------------------------------
     def from_hf(self, hf_state_dict: Mapping[str, Any], device_mesh: Any = None, **kwargs: Any) -> dict[str, Any]:
@@ -327,6 +420,14 @@ class Step3p5StateDictAdapter:
         ``down_projs`` ``[E, I, D]``, both cast to ``dtype``; ``router_bias`` is renamed
         ``gate.e_score_correction_bias``; every other key passes through unchanged. Keys may
         carry ``model.``, ``model.language_model.`` or no prefix; the output keeps it.
+
+        Memory as in Automodel's adapter, never more: ``down_projs`` of a plain tensor or a
+        DTensor is a transposed view of ``down_proj`` (rows sliced to this rank's experts
+        with a mesh), copied only to change dtype; ``gate_and_up_projs`` is one new tensor.
+        Keys whose values :meth:`to_hf` handed out with ``for_checkpoint_load=True`` (and a
+        DCP load then filled in place) are recognised: their native keys are left out of the
+        result and listed in :attr:`view_loaded_native_keys`, nothing is rebuilt (a value put
+        in place of a handed-out view is copied into it, the model's memory).
 
         Args:
             hf_state_dict: HF keys to plain tensors, DTensors (e.g. from a DCP load: they
@@ -345,7 +446,13 @@ class Step3p5StateDictAdapter:
         out: dict[str, Any] = {}
         # (prefix, rule index, placeholder values) -> part index -> (HF key, value)
         groups: dict[tuple[str, int, tuple[tuple[str, str], ...]], dict[int, tuple[str, Any]]] = {}
+        self._view_loaded = set()
         for key, value in hf_state_dict.items():
+            handed = self._load_views.pop(key, None)
+            if handed is not None and _fill_view(handed[0], value):
+                # A to_hf(for_checkpoint_load=True) key: the load wrote through its view into the model.
+                self._view_loaded.add(handed[1])
+                continue
             found = self._claim(key)
             if found is None:
                 out[key] = value
@@ -414,8 +521,12 @@ class Step3p5StateDictAdapter:
         if lazy:
             local: torch.Tensor = LazyTensor(entry, reader, box, dtype=self.dtype, device=torch.device("cpu"))
         else:
-            dest = torch.empty(tuple(h - l for l, h in box), dtype=self.dtype, device=next(iter(tensors.values())).device)
-            local = _fill_from(entry, box, tensors, dest)  # keyed as the sources: _info(k, v).key == k
+            local = _view_of(entry, box, tensors)  # keyed as the sources: _info(k, v).key == k
+            if local is not None:
+                local = local.to(self.dtype)  # a view when the dtype is kept, as Automodel's transpose
+            else:
+                dest = torch.empty(tuple(h - l for l, h in box), dtype=self.dtype, device=next(iter(tensors.values())).device)
+                local = _fill_from(entry, box, tensors, dest)
         if submesh is None:
             return local
         return _create_dtensor_from_local_or_reference(local, None, submesh, placements_override=placements, global_shape=entry.shape)
@@ -459,7 +570,8 @@ class Step3p5StateDictAdapter:
         # No part is sharded on the cat dim, so each local shard covers the same native
         # rows of every part: permuting and concatenating the local shards is exact.
         blocks = [tensors[src.info.key].to_local().permute([d for d in src.dims if d is not None]) for src in entry.sources]
-        local = torch.cat(blocks, dim=rule.cat_dim) if len(blocks) > 1 else blocks[0].contiguous()
+        # One part stays a view of its local shard (down_projs), as in Automodel's adapter.
+        local = torch.cat(blocks, dim=rule.cat_dim) if len(blocks) > 1 else blocks[0]
         local = local.to(self.dtype)
         return _create_dtensor_from_local_or_reference(local, ref, placements_override=tuple(native_placements), global_shape=entry.shape)
 
@@ -469,48 +581,74 @@ class Step3p5StateDictAdapter:
         state_dict: Mapping[str, Any],
         exclude_key_regex: str | None = None,
         quantization: bool = False,
+        *,
+        for_checkpoint_load: bool = False,
         **kwargs: Any,
     ) -> dict[str, Any]:
         """Convert a native state dict (plain tensors, DTensors or LazyTensors) to HF keys.
 
         Output keys matching ``exclude_key_regex`` (``re.match``, i.e. anchored at the start)
         are left out. ``quantization`` is accepted and ignored: Step3p5 has no quantized
-        export. HF expert tensors are contiguous; DTensors stay DTensors on the same mesh.
+        export. DTensors stay DTensors on the same mesh.
+
+        For saving (the default) HF expert tensors are contiguous copies. With
+        ``for_checkpoint_load=True`` (what NeMo Automodel's Checkpointer passes before a DCP
+        load) every value aliases the tensor it came from: ``gate_proj``/``up_proj`` are
+        transposed views of the two halves of ``gate_and_up_projs``, ``down_proj`` a transposed
+        view of ``down_projs`` (for DTensors, of the local shard, wrapped as an HF-shaped DTensor
+        with the shard dims moved through the transpose), other keys the native tensor itself.
+        A DCP load into the result writes checkpoint bytes straight into the parameters, and
+        :meth:`from_hf` then recognises those values and rebuilds nothing.
 
         Example:
             >>> hf = adapter.to_hf(model.state_dict(), exclude_key_regex=r".*_extra_state")  # doctest: +SKIP
+            >>> sd = adapter.to_hf(model.state_dict(), for_checkpoint_load=True)            # doctest: +SKIP
+            >>> dcp.load(sd, storage_reader=HuggingFaceStorageReader(path))  # fills the model  # doctest: +SKIP
+            >>> adapter.from_hf(sd)                 # {}: everything was loaded in place      # doctest: +SKIP
         """
         hf: dict[str, Any] = {}
         for fqn, tensor in state_dict.items():
-            for key, value in self.convert_single_tensor_to_hf(fqn, tensor, exclude_key_regex=exclude_key_regex, quantization=quantization, **kwargs):
+            if for_checkpoint_load and self._native_checkpoint_load:
+                # lazysd's native DCP route (use_lazysd_reader): the reader serves native keys.
+                pairs = [] if exclude_key_regex and re.match(exclude_key_regex, fqn) else [(fqn, tensor)]
+            else:
+                pairs = self.convert_single_tensor_to_hf(
+                    fqn, tensor, exclude_key_regex=exclude_key_regex, quantization=quantization, for_checkpoint_load=for_checkpoint_load, **kwargs
+                )
+            for key, value in pairs:
                 hf[key] = value
+                if for_checkpoint_load and _writable_alias(value):
+                    self._load_views[key] = (value, fqn)
         return hf
 
     def convert_single_tensor_to_hf(self, fqn: str, tensor: Any, **kwargs: Any) -> list[tuple[str, Any]]:
         """Convert one native tensor to its ``(HF key, tensor)`` pairs.
 
         Keys no rule transforms come back unchanged. ``exclude_key_regex`` (keyword) drops
-        output keys it ``re.match``-es.
+        output keys it ``re.match``-es; ``for_checkpoint_load=True`` (keyword) gives views
+        aliasing ``tensor`` instead of contiguous copies (see :meth:`to_hf`).
 
         Example:
             >>> [k for k, _ in adapter.convert_single_tensor_to_hf("model.layers.3.moe.experts.gate_and_up_projs", w)]  # doctest: +SKIP
             ['model.layers.3.moe.gate_proj.weight', 'model.layers.3.moe.up_proj.weight']
         """
         exclude = kwargs.get("exclude_key_regex")
-        result = self._convert_native_to_hf(fqn, tensor)
+        result = self._convert_native_to_hf(fqn, tensor, views=bool(kwargs.get("for_checkpoint_load")))
         if result is None:
             result = [(fqn, tensor)]
         if exclude:
             result = [(k, v) for k, v in result if not re.match(exclude, k)]
         return result
 
-    def _convert_native_to_hf(self, fqn: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]] | None:
+    def _convert_native_to_hf(self, fqn: str, tensor: torch.Tensor, *, views: bool = False) -> list[tuple[str, torch.Tensor]] | None:
         """HF pairs for native expert tensors and the router bias; None for other keys.
 
         ``gate_and_up_projs`` ``[E, D, 2I]`` -> ``gate_proj``, ``up_proj`` ``[E, I, D]``;
         ``down_projs`` ``[E, I, D]`` -> ``down_proj`` ``[E, D, I]``;
         ``gate.e_score_correction_bias`` and legacy ``gate.bias`` -> ``router_bias``.
-        DTensors stay DTensors with their shard dims moved through the transpose.
+        DTensors stay DTensors with their shard dims moved through the transpose. With
+        ``views``, expert values are views of ``tensor`` (of its local shard for a DTensor)
+        rather than contiguous copies; a LazyTensor is always converted to a copy.
         """
         split = _canonical(fqn)
         if split is None:
@@ -527,9 +665,10 @@ class Step3p5StateDictAdapter:
             return [(_with_prefix(prefix, rule.parts[0].pattern.format(**values)), tensor)]
         self._check_inter(fqn, rule, tuple(tensor.shape))
         pieces = hf_pieces(_ADAPTER, canonical, tuple(tensor.shape))
+        views = views and _writable_alias(tensor)
         if not _is_dtensor(tensor):
-            return [(_with_prefix(prefix, p.key), extract(tensor, p).contiguous()) for p in pieces]
-        return [(_with_prefix(prefix, p.key), v) for p, v in zip(pieces, self._split_dtensor(fqn, rule, tensor, pieces))]
+            return [(_with_prefix(prefix, p.key), extract(tensor, p) if views else extract(tensor, p).contiguous()) for p in pieces]
+        return [(_with_prefix(prefix, p.key), v) for p, v in zip(pieces, self._split_dtensor(fqn, rule, tensor, pieces, views=views))]
 
     def _check_inter(self, fqn: str, rule: Rule, shape: tuple[int, ...]) -> None:
         inter = getattr(self.moe_config, "moe_inter_dim", None)
@@ -539,7 +678,7 @@ class Step3p5StateDictAdapter:
                 f"moe_config.moe_inter_dim={inter}"
             )
 
-    def _split_dtensor(self, fqn: str, rule: Rule, tensor: Any, pieces: list) -> list[torch.Tensor]:
+    def _split_dtensor(self, fqn: str, rule: Rule, tensor: Any, pieces: list, *, views: bool = False) -> list[torch.Tensor]:
         from torch.distributed.tensor import Shard
 
         placements = tuple(tensor.placements)
@@ -557,7 +696,9 @@ class Step3p5StateDictAdapter:
                 if d is not None:
                     hf_local_shape[d] = max(0, hi[i] - lo[i])
             trimmed = replace(piece, start=tuple(lo), shape=tuple(hf_local_shape))
-            hf_local = extract(local, trimmed, origin=origin).contiguous()
+            hf_local = extract(local, trimmed, origin=origin)
+            if not views:
+                hf_local = hf_local.contiguous()
             hf_placements = tuple(Shard(piece.dims[p.dim]) if isinstance(p, Shard) else p for p in placements)
             out.append(_create_dtensor_from_local_or_reference(hf_local, tensor, placements_override=hf_placements, global_shape=piece.shape))
         return out
@@ -572,7 +713,9 @@ class HFCheckpointView(Mapping[str, torch.Tensor]):
     its experts. Opening reads config.json and headers only.
 
     Args:
-        path: checkpoint directory (``config.json`` + ``*.safetensors`` [+ index]).
+        path: checkpoint directory (``config.json`` + ``*.safetensors`` [+ index]), or a URL
+            (``s3://``, ``https://``, ``hf://`` ...; ``storage_options`` as for
+            :class:`~lazysd.VirtualStateDict`).
         threads, chunk_bytes, max_inflight_bytes: read options, as for
             :class:`~lazysd.VirtualStateDict`.
 
@@ -584,9 +727,19 @@ class HFCheckpointView(Mapping[str, torch.Tensor]):
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], *, threads: int = 2, chunk_bytes: int = 8 * MiB, max_inflight_bytes: int = 32 * MiB
+        self,
+        path: str | os.PathLike[str],
+        *,
+        threads: int = 2,
+        chunk_bytes: int = 8 * MiB,
+        max_inflight_bytes: int = 32 * MiB,
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
-        self.checkpoint = Checkpoint(path)
+        from .storage import open_checkpoint
+
+        self.checkpoint = open_checkpoint(path, storage_options=storage_options)
+        if not self.checkpoint.local:
+            threads = max(threads, 8)  # latency-bound: more requests in flight
         self.reader = Reader(self.checkpoint, ReadOptions(threads, chunk_bytes, max_inflight_bytes))
 
     def __getitem__(self, key: str) -> torch.Tensor:

@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import mmap
@@ -37,8 +38,10 @@ from .errors import (
     HeaderError,
     LazySDError,
     NoWeightsError,
+    TooManyFilesError,
     UnsafePathError,
 )
+from .paths import kind_of, resolve_checkpoint_path
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -102,6 +105,9 @@ class _FileIdentity:
     ino: int
     size: int
     mtime_ns: int
+    # Any write or metadata change sets ctime to "now", and no user call can set it back:
+    # the signal that catches a same-size rewrite whose mtime was restored (cp -p, rsync -t).
+    ctime_ns: int
 
 
 def _fail(exc: type[Exception], file: Path, key: str | None, what: str) -> Exception:
@@ -217,7 +223,12 @@ class Checkpoint:
 
     Args:
         path: directory with ``config.json`` and ``model.safetensors`` or sharded
-            ``*.safetensors`` files with ``model.safetensors.index.json``.
+            ``*.safetensors`` files with ``model.safetensors.index.json``; or any form
+            :func:`lazysd.paths.resolve_checkpoint_path` accepts (``~``, a single
+            ``model.safetensors`` file, a Hugging Face cache repository or repo id).
+        revision: branch, tag or commit of a Hugging Face cache repository (default main).
+        config_required: False when the caller does not need config.json to choose the
+            model family (an adapter was given): a missing one then reads as ``{}``.
 
     Attributes:
         config: the parsed config.json.
@@ -227,11 +238,9 @@ class Checkpoint:
 
     local = True  # files on this machine (descriptors, mmap); see lazysd.storage for remote ones
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path).absolute()
-        if not self.path.is_dir():
-            raise CheckpointNotFoundError(f"{self.path}: checkpoint directory does not exist")
-        self.config = self._read_config()
+    def __init__(self, path: str | os.PathLike[str], *, revision: str | None = None, config_required: bool = True) -> None:
+        self.path = resolve_checkpoint_path(path, revision=revision)
+        self.config = self._read_config(config_required)
         self.metadata: dict[str, dict[str, str]] = {}
         self._fds: dict[Path, int] = {}
         self._identity: dict[Path, _FileIdentity] = {}
@@ -249,10 +258,17 @@ class Checkpoint:
             raise
 
     # ---- opening -------------------------------------------------------------------------
-    def _read_config(self) -> dict[str, Any]:
+    def _read_config(self, required: bool) -> dict[str, Any]:
         file = self.path / "config.json"
-        if not self._is_file(file):
-            raise CheckpointNotFoundError(f"{file}: config.json not found (lazysd needs it to choose the model family)")
+        what = self._kind(file)
+        if what == "missing" and not required:
+            return {}
+        if what == "missing":
+            raise CheckpointNotFoundError(
+                f"{file}: config.json not found (lazysd needs it to choose the model family; pass adapter= to name the family instead)"
+            )
+        if what is not None:
+            raise ConfigError(f"{file}: is {what}, not a regular file")
         raw = self._read_small(file, ConfigError)
         try:
             config = json.loads(raw.decode("utf-8"))
@@ -276,7 +292,10 @@ class Checkpoint:
 
     def _check_inside(self, file: Path, where: str) -> None:
         """Refuse a file whose real path (symlinks followed) leaves the checkpoint directory."""
-        real = file.resolve()
+        try:
+            real = file.resolve(strict=False)
+        except (RuntimeError, OSError):  # a symlink loop (RuntimeError before Python 3.13)
+            raise CheckpointNotFoundError(f"{where}: {file.name!r} is a symlink loop") from None
         if not any(real.is_relative_to(root) for root in self._roots()):
             raise UnsafePathError(f"{where}: {file.name!r} resolves to {real}, outside the checkpoint directory {self.path} (symlink leading out?)")
 
@@ -301,7 +320,11 @@ class Checkpoint:
 
     def _weight_files(self) -> tuple[list[Path], dict[str, Path] | None]:
         index = self.path / INDEX_NAME
-        if self._is_file(index):
+        index_kind = self._kind(index)
+        if index_kind not in (None, "missing"):
+            # Not silently skipped: the directory would then be read as whatever shards it holds.
+            raise CheckpointIndexError(f"{index}: is {index_kind}, not a regular file")
+        if index_kind is None:
             twice: dict[str, list[Any]] = {}
 
             def keep_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -340,25 +363,41 @@ class Checkpoint:
                 )
             resolved: dict[str, Path] = {}
             missing: dict[str, list[str]] = {}
+            odd: dict[str, str] = {}  # name -> what it is instead of a regular file
             checked: dict[str, Path] = {}  # a shard is named by hundreds of keys: check it once
             for key, name in weight_map.items():
                 file = checked.get(name)
                 if file is None:
-                    file = checked[name] = self._resolve_inside(name, f"{index}, key {key!r}")
-                if not self._is_file(file):
-                    missing.setdefault(str(name), []).append(key)
+                    file = checked[name] = self._resolve_inside(name, f"{index}, key {_clip(key)}")
+                    what = self._kind(file)
+                    if what not in (None, "missing"):
+                        odd[name] = what
+                if name not in odd and not self._is_file(file):
+                    missing.setdefault(str(name), []).append(_cut(key))
                 resolved[key] = file
+            if odd:
+                lines = [f"  {_clip(name)}: {what}" for name, what in sorted(odd.items())[:20]]
+                raise CheckpointIndexError(f"{index}: names paths that are not regular weights files:\n" + "\n".join(lines) + _more(len(odd), 20))
             if missing:
-                lines = [f"  {name}: {', '.join(_short(keys))}" for name, keys in sorted(missing.items())]
-                raise CheckpointNotFoundError(f"{index}: names files that do not exist, for these keys:\n" + "\n".join(lines))
+                lines = [f"  {_cut(name)}: {', '.join(_short(keys))}" for name, keys in sorted(missing.items())[:20]]
+                raise CheckpointNotFoundError(
+                    f"{index}: names files that do not exist, for these keys:\n" + "\n".join(lines) + _more(len(missing), 20)
+                )
             files = sorted(set(resolved.values()))
-            self._check_shard_series(index, files)
+            self._check_shard_series(index, files, indexed=True)
             return files, resolved
         single = self.path / SINGLE_NAME
         if self._is_file(single):
             return [single], None
-        shards = sorted(p for p in self._listing() if p.suffix == ".safetensors" and self._is_file(p))
+        shards = sorted(p for p in self._listing() if p.suffix == ".safetensors" and not p.name.startswith("."))
+        odd = [(p.name, what) for p in shards if (what := self._kind(p)) is not None]
+        if odd:
+            lines = [f"  {_clip(name)}: {what}" for name, what in odd[:20]]
+            raise CheckpointNotFoundError(f"{self.path}: weights names that are not regular files:\n" + "\n".join(lines) + _more(len(odd), 20))
         if shards:
+            # Without an index the file names are all there is to go by: a numbered series
+            # must be complete, and be the only one (two series are two checkpoints mixed).
+            self._check_shard_series(self.path, shards, indexed=False)
             return shards, None
         pickles = sorted(p.name for p in self._listing() if p.suffix in PICKLE_SUFFIXES)
         if pickles:
@@ -369,17 +408,23 @@ class Checkpoint:
         raise NoWeightsError(f"{self.path}: no model.safetensors, {INDEX_NAME} or *.safetensors files found")
 
     # Where a checkpoint's files are found: overridden for remote storage (lazysd.storage).
+    def _kind(self, file: Path) -> str | None:
+        """None for a regular file, else what it is ("missing", "a directory", ...)."""
+        return kind_of(file)
+
     def _is_file(self, file: Path) -> bool:
         return file.is_file()
 
     def _listing(self) -> list[Path]:
         return list(self.path.iterdir())
 
-    def _check_shard_series(self, index: Path, files: list[Path]) -> None:
-        """Every shard of a ``name-0000i-of-0000N.safetensors`` series the index uses is named.
+    def _check_shard_series(self, where: Path, files: list[Path], *, indexed: bool) -> None:
+        """Every shard of a ``name-0000i-of-0000N.safetensors`` series in use is there.
 
-        An index that lost every key of one shard (a half-copied or hand-edited checkpoint)
-        would otherwise load without that shard's tensors, silently.
+        With an index: every shard of a series the index uses is named by it (an index that
+        lost every key of one shard, half-copied or hand-edited, would otherwise load
+        without that shard's tensors, silently). Without one: every shard of the series is
+        in the directory, and the directory holds one series only.
         """
         series: dict[tuple[str, str], set[int]] = {}  # (stem, total as written) -> shard numbers
         for file in files:
@@ -388,13 +433,32 @@ class Checkpoint:
                 series.setdefault((m["stem"], m["total"]), set()).add(int(m["i"]))
         for (stem, written), named in sorted(series.items()):
             total, width = int(written), len(written)  # names as the series writes them
-            unnamed = [f"{stem}-{i:0{width}d}-of-{total:0{width}d}.safetensors" for i in range(1, total + 1) if i not in named]
-            if unnamed:
-                raise CheckpointIndexError(
-                    f"{index}: names shards {stem}-*-of-{total:0{width}d}.safetensors but no key in "
-                    + ", ".join(_short(unnamed))
-                    + " (a shard's keys are missing from the index)"
+            # Bounded by the shards present, never by the total a file name claims.
+            absent = len(set(range(1, total + 1)) - named) if total <= len(named) + 1000 else total - len(named)
+            if absent or any(i < 1 or i > total for i in named):
+                unnamed = (f"{stem}-{i:0{width}d}-of-{total:0{width}d}.safetensors" for i in range(1, total + 1) if i not in named)
+                shown = [next(unnamed) for _ in range(min(absent, 8))] + ([f"... {absent - 8} more"] if absent > 8 else [])
+                beyond = sorted(i for i in named if i < 1 or i > total)
+                problem = (
+                    f"shard number(s) {', '.join(map(str, beyond[:8]))} outside 1..{total}"
+                    if beyond
+                    else ("no key in " if indexed else "missing: ") + ", ".join(shown)
                 )
+                if indexed:
+                    raise CheckpointIndexError(
+                        f"{where}: names shards {_cut(stem)}-*-of-{total:0{width}d}.safetensors but {problem}"
+                        + ("" if beyond else " (a shard's keys are missing from the index)")
+                    )
+                raise CheckpointNotFoundError(
+                    f"{where}: has shards {_cut(stem)}-*-of-{total:0{width}d}.safetensors and no {INDEX_NAME}; "
+                    f"the series is incomplete, {problem} (a half-copied or half-downloaded checkpoint?)"
+                )
+        if not indexed and len(series) > 1:
+            names = [f"{_cut(stem)}-*-of-{written}.safetensors" for stem, written in sorted(series)]
+            raise CheckpointNotFoundError(
+                f"{where}: holds {len(series)} shard series ({', '.join(names[:4])}) and no {INDEX_NAME}, "
+                "so which files form the checkpoint is unknown (leftovers of an earlier checkpoint?); remove the stale ones"
+            )
 
     def _read_tensors(self) -> dict[str, TensorInfo]:
         files, weight_map = self._weight_files()
@@ -429,11 +493,15 @@ class Checkpoint:
             fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError:
             raise CheckpointNotFoundError(f"{file}: weights file does not exist") from None
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE):
+                raise _too_many_files(file, len(self._fds), e) from None
+            raise
         self._fds[file] = fd
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise HeaderError(f"{file}: not a regular file")
-        self._identity[file] = _FileIdentity(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        self._identity[file] = _FileIdentity(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         # Reads are exact ranges; kernel readahead would pull in other ranks' experts.
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
@@ -445,7 +513,7 @@ class Checkpoint:
     # ---- reading -------------------------------------------------------------------------
     def _changed(self, file: Path, st: os.stat_result) -> bool:
         expected = self._identity[file]
-        return st.st_size != expected.size or st.st_mtime_ns != expected.mtime_ns
+        return (st.st_size, st.st_mtime_ns, st.st_ctime_ns) != (expected.size, expected.mtime_ns, expected.ctime_ns)
 
     def check_unchanged(self, file: Path) -> int:
         """Raise :class:`FileChangedError` if ``file`` changed since it was opened; return its fd."""
@@ -453,18 +521,21 @@ class Checkpoint:
         if fd is None:
             raise FileChangedError(f"{file}: checkpoint was closed")
         expected = self._identity[file]
-        st = os.fstat(fd)
-        if self._changed(file, st):
-            raise FileChangedError(
-                f"{file}: changed since the checkpoint was opened (size {expected.size} -> {st.st_size}, "
-                f"mtime {expected.mtime_ns} -> {st.st_mtime_ns}); reopen the checkpoint"
-            )
+        # The name first: a file deleted or replaced also changes the old inode's ctime
+        # (its link count), and "replaced" is the more useful thing to say.
         try:
             now = os.stat(file)
         except FileNotFoundError:
             raise FileChangedError(f"{file}: was deleted or renamed since the checkpoint was opened") from None
         if (now.st_dev, now.st_ino) != (expected.dev, expected.ino):
             raise FileChangedError(f"{file}: was replaced by another file since the checkpoint was opened; reopen the checkpoint")
+        st = os.fstat(fd)
+        if self._changed(file, st):
+            raise FileChangedError(
+                f"{file}: changed since the checkpoint was opened (size {expected.size} -> {st.st_size}, "
+                f"mtime {expected.mtime_ns} -> {st.st_mtime_ns}, ctime {expected.ctime_ns} -> {st.st_ctime_ns}); "
+                "reopen the checkpoint"
+            )
         return fd
 
     def read_into(self, info: TensorInfo, byte_start: int, out: memoryview) -> None:
@@ -537,6 +608,22 @@ class Checkpoint:
         return list(self._identity)
 
 
+def _too_many_files(file: Path, opened: int, e: OSError) -> LazySDError:
+    """The open-file limit reached while opening shards: name the limit and the fix."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        limit = f"RLIMIT_NOFILE is {soft} (hard limit {hard})"
+    except (ImportError, OSError, ValueError):
+        limit = "the open-file limit is reached"
+    return TooManyFilesError(
+        f"{file}: cannot open another weights file ({e.strerror}) after {opened} of this checkpoint: {limit}. "
+        "lazysd keeps one descriptor per shard while a checkpoint is open; raise the limit (`ulimit -n`, or "
+        "resource.setrlimit(resource.RLIMIT_NOFILE, ...)) above the shard count plus what the process already holds"
+    )
+
+
 def _pread_full(fd: int, out: memoryview, pos: int) -> int:
     """``pread`` into all of ``out`` from ``pos``; returns the bytes read (fewer only at EOF)."""
     done = 0
@@ -555,6 +642,11 @@ def _close_fds(fds: dict[Path, int]) -> None:
         except OSError:
             pass
     fds.clear()
+
+
+def _cut(text: str, n: int = 200) -> str:
+    """A key or file name from a checkpoint, cut to ``n`` characters for a message."""
+    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 def _clip(value: Any, n: int = 60) -> str:

@@ -1,6 +1,8 @@
 """The ``lazysd`` command (also ``python -m lazysd``).
 
     lazysd inspect PATH [--all] [--mtp]      native keys, shapes, dtypes, bytes, HF sources
+                                             (PATH may be s3://, gs://, https://, hf:// ...;
+                                             --storage-option KEY=VALUE for its filesystem)
         [--match GLOB] [--layer L]           only keys matching a glob / in layer(s) L
         [--summary]                          bytes per module kind and per layer instead of keys
         [--ep N [--ep-shard M] [--fsdp]]     dry-run load plan: bytes each rank reads
@@ -27,7 +29,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .inspect import key_table, summarize, summary_lines
     from .virtual import VirtualStateDict
 
-    with VirtualStateDict(args.path, include_mtp=args.mtp) as vsd:
+    with VirtualStateDict(args.path, include_mtp=args.mtp, storage_options=_storage_options(args.storage_option)) as vsd:
         keys = list(vsd)
         if args.match is not None or args.layer is not None:
             keys = list(vsd.select(args.match, layer=args.layer))
@@ -52,6 +54,24 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             print(plan)
         print(f"\ntensor bytes read: {vsd.bytes_read}")
     return 0
+
+
+def _storage_options(pairs: list[str] | None) -> dict[str, object] | None:
+    """``KEY=VALUE`` pairs; a VALUE that parses as JSON (true, 3, {...}) is taken as such."""
+    import json
+
+    if not pairs:
+        return None
+    out: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise LazySDError(f"--storage-option takes KEY=VALUE, got {pair.split('=')[0]!r}...")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -90,7 +110,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     from .adapters import resolve_adapter
     from .checkpoint import config_value
-    from .export import SafetensorsFiles, save_hf, save_native
+    from .export import NATIVE, save_hf, save_native
     from .virtual import VirtualStateDict
 
     src, dst = Path(args.src), Path(args.dst)
@@ -109,13 +129,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
             else:
                 out = save_native(vsd, dst, config=config, **options)
     else:
-        files = SafetensorsFiles(src)
         config_path = Path(args.config) if args.config else src / "config.json"
         config = json.loads(config_path.read_text())
         adapter = resolve_adapter(args.adapter, config, keys=(), where=str(config_path))
         text = config.get(adapter.text_config, config) if adapter.text_config else config
         num_layers = config_value(text, *adapter.num_layers)
-        out = save_hf(files, dst, adapter=adapter, num_layers=num_layers, config=config_path, **options)
+        with VirtualStateDict(src, adapter=NATIVE) as files:  # native keys, read slice by slice
+            out = save_hf(files, dst, adapter=adapter, num_layers=num_layers, config=config_path, **options)
     names = sorted(p.name for p in out.glob("*.safetensors"))
     print(f"wrote {len(names)} safetensors file(s) to {out} in {time.perf_counter() - t0:.2f}s")
     return 0
@@ -136,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ep", type=int, metavar="N", help="dry-run load plan for N expert-parallel ranks (experts Shard(0))")
     p.add_argument("--ep-shard", type=int, default=1, metavar="M", help="also shard experts on native dim 1 over M ranks")
     p.add_argument("--fsdp", action="store_true", help="with --ep: non-expert tensors Shard(0) over all ranks, not replicated")
+    p.add_argument(
+        "--storage-option", action="append", metavar="KEY=VALUE",
+        help="for a URL (s3://, gs://, https://, hf://): an fsspec storage option, e.g. anon=true or endpoint_url=http://... (repeatable)",
+    )
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("demo", help="generate a small checkpoint, load it through a VirtualStateDict, run a forward pass")

@@ -9,8 +9,20 @@ Messages name the file and the key involved, say what was expected and what was 
 from __future__ import annotations
 
 
+#: The longest message a lazysd error keeps. Messages quote keys, file names and values
+#: from checkpoints, which may be huge (a 1 MB key): each is clipped where it is quoted, and
+#: this bounds what is left (the middle is cut, the head and the tail are kept).
+MAX_MESSAGE_CHARS = 8000
+
+
 class LazySDError(Exception):
     """Base class of every error lazysd raises on purpose."""
+
+    def __init__(self, *args: object) -> None:
+        if len(args) == 1 and isinstance(args[0], str) and len(args[0]) > MAX_MESSAGE_CHARS:
+            text, half = args[0], MAX_MESSAGE_CHARS // 2
+            args = (f"{text[:half]} ... [{len(text) - 2 * half} characters cut] ... {text[-half:]}",)
+        super().__init__(*args)
 
 
 class CheckpointNotFoundError(LazySDError, FileNotFoundError):
@@ -69,6 +81,10 @@ class ExportError(LazySDError, ValueError):
     """An export that cannot be done safely: output is the source or not empty, ranks disagree, ..."""
 
 
+class ExportDTypeError(LazySDError, TypeError):
+    """A tensor to write has a dtype safetensors cannot store, or not the dtype declared for it."""
+
+
 class StateDictMismatchError(LazySDError, RuntimeError):
     """``lazysd.load(..., strict=True)``: the model's keys and the checkpoint's differ."""
 
@@ -78,6 +94,14 @@ class MissingKeyError(LazySDError, KeyError):
 
     def __str__(self) -> str:  # KeyError would repr() the message and add quotes
         return str(self.args[0]) if self.args else ""
+
+
+class TooManyFilesError(LazySDError, OSError):
+    """The checkpoint has more weights files than the process may hold open (``RLIMIT_NOFILE``)."""
+
+
+class ReadOnlyTensorError(LazySDError, RuntimeError):
+    """An in-place operation on a lazy value of a read-only mapping (it would change a throw-away copy)."""
 
 
 class RemoteAccessError(LazySDError, PermissionError):

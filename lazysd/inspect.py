@@ -139,7 +139,7 @@ def key_table(vsd: VirtualStateDict, limit: int | None = 20, *, keys: Iterable[s
         e = vsd.plan.entries[key]
         dtype = vsd.dtype_of(e)
         lines.append(
-            f"{key:<{width}}  {str(list(e.shape)):<18} {dtype_name(dtype):<9} {human_bytes(_native_nbytes(vsd, e)):>10}  <- {_source_text(e)}"
+            f"{key:<{width}}  {list(e.shape)!s:<18} {dtype_name(dtype):<9} {human_bytes(_native_nbytes(vsd, e)):>10}  <- {_source_text(e)}"
         )
     if limit is not None and len(keys) > limit:
         lines.append(f"... {len(keys) - limit} more")

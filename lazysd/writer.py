@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import struct
 import threading
 from collections.abc import Iterable, Mapping, Sequence
@@ -29,6 +30,7 @@ from types import TracebackType
 import torch
 
 from .checkpoint import DTYPES
+from .errors import ExportDTypeError, ExportError, MissingKeyError
 from .transpose import contiguous
 
 __all__ = [
@@ -36,6 +38,7 @@ __all__ = [
     "NAME_TO_DTYPE",
     "SafetensorsWriter",
     "header_bytes",
+    "pwrite_all",
     "save_file",
 ]
 
@@ -49,7 +52,7 @@ Entry = tuple[str, torch.dtype, tuple[int, ...]]
 _MAX_PWRITE = 1 << 30
 
 
-def _pwrite_all(fd: int, buf: memoryview, pos: int) -> None:
+def pwrite_all(fd: int, buf: memoryview, pos: int) -> None:
     """Write all of ``buf`` at file position ``pos`` (in pieces of at most ``_MAX_PWRITE``)."""
     while len(buf):
         n = os.pwrite(fd, buf[:_MAX_PWRITE], pos)
@@ -85,15 +88,15 @@ def header_bytes(
     header: dict[str, object] = {}
     if metadata is not None:
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-            raise TypeError(f"safetensors metadata must map str to str, got {metadata!r}")
+            raise ExportDTypeError(f"safetensors metadata must map str to str, got {metadata!r}")
         header["__metadata__"] = dict(metadata)
     offsets: dict[str, tuple[int, int]] = {}
     pos = 0
     for key, dtype, shape in entries:
         if key == "__metadata__" or key in offsets:
-            raise ValueError(f"tensor key {key!r} is reserved or given twice")
+            raise ExportError(f"tensor key {key!r} is reserved or given twice")
         if dtype not in DTYPE_TO_NAME:
-            raise TypeError(
+            raise ExportDTypeError(
                 f"tensor {key!r}: dtype {dtype} has no safetensors name; "
                 f"supported: {sorted(DTYPE_TO_NAME.values())}"
             )
@@ -110,7 +113,7 @@ def header_bytes(
 class SafetensorsWriter:
     """Write one safetensors file tensor by tensor, atomically.
 
-    Data goes to ``.{name}.tmp-{pid}`` next to ``path``; :meth:`commit` fsyncs it and renames it
+    Data goes to ``.{name}.tmp-{pid}-{random}`` next to ``path``; :meth:`commit` fsyncs it and renames it
     onto ``path``, :meth:`abort` deletes it. Used as a context manager it commits on success and
     aborts on an exception. :meth:`write` is thread-safe (``pwrite`` shares no file position),
     so several threads may fill different parts of one tensor via ``byte_offset``.
@@ -147,13 +150,14 @@ class SafetensorsWriter:
         head, self._offsets = header_bytes(entries, metadata)
         self._data_start = len(head)
         self.size = len(head) + (max((e for _, e in self._offsets.values()), default=0))
-        self.tmp_path = self.path.parent / f".{self.path.name}.tmp-{os.getpid()}"
+        # pid and a random part: two writers of one path (threads, processes) never share a temporary.
+        self.tmp_path = self.path.parent / f".{self.path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
         # key -> byte ranges written so far (relative to the key's start); checked at commit.
         self._written: dict[str, list[tuple[int, int]]] = {key: [] for key in self._offsets}
         self._lock = threading.Lock()
-        self._fd: int | None = os.open(self.tmp_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._fd: int | None = os.open(self.tmp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            _pwrite_all(self._fd, memoryview(head), 0)
+            pwrite_all(self._fd, memoryview(head), 0)
             # Size the file now: unwritten ranges are holes, so sparse files cost no disk.
             os.ftruncate(self._fd, self.size)
         except BaseException:
@@ -163,7 +167,8 @@ class SafetensorsWriter:
     def write(self, key: str, tensor: torch.Tensor, *, byte_offset: int = 0) -> None:
         """Write ``tensor``'s raw bytes at ``key``'s offset plus ``byte_offset``.
 
-        The tensor must be on the CPU with the key's dtype. A write at offset 0 of the key's full
+        The tensor must have the key's dtype; one on another device (a GPU) is copied to
+        the CPU first, whole. A write at offset 0 of the key's full
         byte size must also have the key's shape; partial writes (slices of rows, say) only need
         to fit inside the key's range.
 
@@ -176,29 +181,29 @@ class SafetensorsWriter:
             ...     w.write("w", torch.ones(2, 2), byte_offset=16)    # rows 2..3
         """
         if self._fd is None:
-            raise ValueError(f"{self.path}: writer is already committed or aborted")
+            raise ExportError(f"{self.path}: writer is already committed or aborted")
         if key not in self._offsets:
-            raise KeyError(f"{self.path}: key {key!r} is not among the writer's entries")
+            raise MissingKeyError(f"{self.path}: key {key!r} is not among the writer's entries")
         dtype, shape = self._entries[key]
         begin, end = self._offsets[key]
         if tensor.dtype != dtype:
-            raise TypeError(f"{self.path}: key {key!r} expects dtype {dtype}, got {tensor.dtype}")
-        if tensor.device.type != "cpu":
-            raise ValueError(f"{self.path}: key {key!r}: tensor is on {tensor.device}, not the CPU")
+            raise ExportDTypeError(f"{self.path}: key {key!r} expects dtype {dtype}, got {tensor.dtype}")
+        if tensor.device.type == "meta":
+            raise ExportError(f"{self.path}: key {key!r}: tensor is on the meta device (it holds no data)")
         nbytes = tensor.numel() * tensor.element_size()
         if byte_offset < 0 or byte_offset + nbytes > end - begin:
-            raise ValueError(
+            raise ExportError(
                 f"{self.path}: key {key!r}: {nbytes} bytes at byte_offset {byte_offset} do not fit "
                 f"its {end - begin} bytes"
             )
         if byte_offset == 0 and nbytes == end - begin and tuple(tensor.shape) != shape:
-            raise ValueError(
+            raise ExportError(
                 f"{self.path}: key {key!r} expects shape {shape}, got {tuple(tensor.shape)}"
             )
         # reshape(-1) first: view(uint8) refuses 0-dim tensors; both steps are views, so the only
         # possible copy is contiguous() of a non-contiguous input.
-        flat = contiguous(tensor.detach()).reshape(-1).view(torch.uint8)
-        _pwrite_all(self._fd, memoryview(flat.numpy()), self._data_start + begin + byte_offset)
+        flat = contiguous(tensor.detach().cpu()).reshape(-1).view(torch.uint8)
+        pwrite_all(self._fd, memoryview(flat.numpy()), self._data_start + begin + byte_offset)
         with self._lock:
             self._written[key].append((byte_offset, byte_offset + nbytes))
 
@@ -218,13 +223,14 @@ class SafetensorsWriter:
         """Fsync the temporary file and rename it onto ``path``; returns ``path``.
 
         Unless ``sparse``, every byte of every key must have been written, else the temporary
-        file is removed and ``ValueError`` names the incomplete keys.
+        file is removed and :class:`~lazysd.errors.ExportError` (a ``ValueError``) names the
+        incomplete keys.
         """
         if self._fd is None:
-            raise ValueError(f"{self.path}: writer is already committed or aborted")
+            raise ExportError(f"{self.path}: writer is already committed or aborted")
         if not self.sparse and (missing := self._missing()):
             self.abort()
-            raise ValueError(
+            raise ExportError(
                 f"{self.path}: {len(missing)} key(s) not fully written, e.g. {missing[:3]}; "
                 "write them or pass sparse=True"
             )

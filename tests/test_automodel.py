@@ -264,3 +264,86 @@ def test_mixed_lazy_and_eager_parts_are_converted_eagerly(tmp_path: Path) -> Non
         g, u = hf["model.layers.1.moe.gate_proj.weight"], hf["model.layers.1.moe.up_proj.weight"]
         assert same_bits(fused, torch.cat([g.mT, u.mT], -1))
 
+
+
+# ---- memory kept as Automodel keeps it; write-through loading ------------------------------
+def _shares(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def test_from_hf_keeps_down_projs_a_view_and_allocates_only_the_fused_tensor() -> None:
+    gate, up, down = _experts()
+    hf = {f"{L1}.moe.gate_proj.weight": gate, f"{L1}.moe.up_proj.weight": up, f"{L1}.moe.down_proj.weight": down}
+    out = _adapter().from_hf(hf)
+    native_down = out[f"{L1}.moe.experts.down_projs"]
+    assert _shares(native_down, down) and native_down.stride() == down.mT.stride()  # a transposed view, as Automodel's
+    fused = out[f"{L1}.moe.experts.gate_and_up_projs"]
+    assert not _shares(fused, gate) and not _shares(fused, up) and fused.is_contiguous()
+    # A dtype change copies, as Automodel's .to(dtype) does.
+    cast = _adapter(torch.bfloat16).from_hf({f"{L1}.moe.down_proj.weight": down})[f"{L1}.moe.experts.down_projs"]
+    assert not _shares(cast, down) and same_bits(cast, down.mT.to(torch.bfloat16))
+
+
+def test_to_hf_for_checkpoint_load_returns_views_of_the_native_tensors() -> None:
+    fused, down, norm = torch.randn(E, D, 2 * I), torch.randn(E, I, D), torch.randn(D)
+    native = {f"{L1}.moe.experts.gate_and_up_projs": fused, f"{L1}.moe.experts.down_projs": down, "model.norm.weight": norm}
+    a = _adapter()
+    hf = a.to_hf(native, exclude_key_regex=r".*_extra_state.*", for_checkpoint_load=True)
+    assert list(hf) == [f"{L1}.moe.gate_proj.weight", f"{L1}.moe.up_proj.weight", f"{L1}.moe.down_proj.weight", "model.norm.weight"]
+    gate, up, hf_down = hf[f"{L1}.moe.gate_proj.weight"], hf[f"{L1}.moe.up_proj.weight"], hf[f"{L1}.moe.down_proj.weight"]
+    assert gate.shape == up.shape == (E, I, D) and hf_down.shape == (E, D, I)
+    assert all(_shares(v, fused) for v in (gate, up)) and _shares(hf_down, down) and hf["model.norm.weight"] is norm
+    assert same_bits(gate, fused[:, :, :I].mT) and same_bits(up, fused[:, :, I:].mT) and same_bits(hf_down, down.mT)
+    # Writing the HF values writes the native tensors: what a DCP load does.
+    g, u, d = torch.randn(E, I, D), torch.randn(E, I, D), torch.randn(E, D, I)
+    gate.copy_(g), up.copy_(u), hf_down.copy_(d)
+    assert same_bits(fused, torch.cat([g.mT, u.mT], -1)) and same_bits(down, d.mT)
+    # from_hf recognises every value it handed out: nothing rebuilt, every native key loaded.
+    assert a.from_hf(hf) == {}
+    assert a.view_loaded_native_keys == set(native)
+    # Handed out once: the same dict again is converted as plain tensors.
+    again = a.from_hf(hf)
+    assert set(again) == set(native) and a.view_loaded_native_keys == set()
+    # Saving (the default) still gives contiguous copies.
+    assert all(v.is_contiguous() and not _shares(v, fused) for k, v in a.to_hf(native).items() if "gate" in k or "up" in k)
+
+
+def test_a_value_put_in_place_of_a_view_is_copied_into_the_model() -> None:
+    fused = torch.randn(E, D, 2 * I)
+    a = _adapter()
+    hf = a.to_hf({f"{L1}.moe.experts.gate_and_up_projs": fused}, for_checkpoint_load=True)
+    g = torch.randn(E, I, D)
+    hf[f"{L1}.moe.gate_proj.weight"] = g  # e.g. a loader that allocated its own destination
+    hf[f"{L1}.moe.up_proj.weight"].copy_(torch.ones(E, I, D))
+    assert a.from_hf(hf) == {} and a.view_loaded_native_keys == {f"{L1}.moe.experts.gate_and_up_projs"}
+    assert same_bits(fused, torch.cat([g.mT, torch.ones(E, D, I)], -1))
+    # A value of another shape is no load destination: it is converted as given.
+    hf = a.to_hf({f"{L1}.moe.experts.down_projs": torch.randn(E, I, D)}, for_checkpoint_load=True)
+    other = torch.randn(E, D + 1, I)
+    out = a.from_hf({f"{L1}.moe.down_proj.weight": other})
+    assert list(out) == [f"{L1}.moe.experts.down_projs"] and same_bits(out[f"{L1}.moe.experts.down_projs"], other.mT)
+
+
+def test_write_through_dcp_load_with_torchs_hf_reader_fills_the_model_in_place(tmp_path: Path) -> None:
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    from lazysd import VirtualStateDict
+
+    spec = Step3p5Spec.tiny()
+    path = make_checkpoint(tmp_path / "ckpt", spec, layout="sharded")
+    model = Step3p5Model(spec, layout="native", dtype=torch.bfloat16)
+    before = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    a = _adapter(torch.bfloat16, n_routed_experts=8, moe_inter_dim=16)
+    hf = a.to_hf(model.state_dict(), for_checkpoint_load=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "assuming ... a single process"
+        dcp.load(hf, storage_reader=HuggingFaceStorageReader(str(path)))
+    assert a.from_hf(hf) == {} and a.view_loaded_native_keys == set(before)
+    after = model.state_dict()
+    assert {k: v.data_ptr() for k, v in after.items()} == before
+    with VirtualStateDict(path) as vsd:
+        for key, value in after.items():
+            assert same_bits(value, vsd[key].materialize()), key

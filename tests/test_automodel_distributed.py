@@ -119,18 +119,57 @@ def _check_lazy(mesh, ckpt: str) -> None:
         assert _equal(param.full_tensor(), eager[key])
 
 
+def _check_write_through(mesh, ckpt: str, placements: tuple, reader: str) -> None:
+    """A DCP load into to_hf(for_checkpoint_load=True) of DTensor experts fills their local shards in place."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    from lazysd import VirtualStateDict
+    from lazysd.dcp import HFReader
+
+    with VirtualStateDict(ckpt) as vsd:
+        want = {k: v.materialize() for k, v in vsd.items()}
+    native = {
+        k: distribute_tensor(torch.zeros_like(v), mesh, placements) if ".experts." in k else torch.zeros_like(v) for k, v in want.items()
+    }
+    locals_before = {k: (v.to_local() if isinstance(v, DTensor) else v).data_ptr() for k, v in native.items()}
+    a = _adapter(8, 16, torch.bfloat16)
+    hf = a.to_hf(native, for_checkpoint_load=True)
+    down = hf["model.layers.2.moe.down_proj.weight"]
+    assert isinstance(down, DTensor) and down.shape == (8, 32, 16)
+    native_down = native["model.layers.2.moe.experts.down_projs"].to_local()
+    assert down.to_local().untyped_storage().data_ptr() == native_down.untyped_storage().data_ptr()  # a view, no copy
+    storage_reader = HuggingFaceStorageReader(ckpt) if reader == "torch" else HFReader(ckpt, native=False)
+    dcp.load(hf, storage_reader=storage_reader)
+    assert a.from_hf(hf, device_mesh=mesh) == {} and a.view_loaded_native_keys == set(native)
+    for key, value in native.items():
+        local = value.to_local() if isinstance(value, DTensor) else value
+        assert local.data_ptr() == locals_before[key], key
+        full = value.full_tensor() if isinstance(value, DTensor) else value
+        assert _equal(full, want[key]), key
+    if reader == "lazysd":  # exactly this rank's bytes: its experts, every other tensor whole
+        ideal = sum(v.to_local().nbytes if isinstance(v, DTensor) else v.nbytes for v in native.values())
+        assert storage_reader.bytes_read == ideal
+
+
 def _worker(rank: int, world: int, ckpt: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     ep = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
     _check_from_hf_plain(ep, E=5, I=3, D=4)  # uneven experts
     _check_lazy(ep, ckpt)
+    from torch.distributed.tensor import Shard
+
+    _check_write_through(ep, ckpt, (Shard(0),), "torch")
+    _check_write_through(ep, ckpt, (Shard(0),), "lazysd")
     if world == 4:
         mesh2d = init_device_mesh("cpu", (2, 2), mesh_dim_names=("ep_shard", "ep"))
         _check_helpers(mesh2d)
         _check_from_hf_plain(mesh2d, E=5, I=3, D=5)  # uneven experts and uneven ep_shard
         _check_from_hf_dtensor(mesh2d, E=6, I=3, D=5)
         _check_lazy(mesh2d, ckpt)
+        _check_write_through(mesh2d, ckpt, (Shard(1), Shard(0)), "lazysd")  # FSDP-over-EP: dim 1 on ep_shard
     dist.barrier()
 
 

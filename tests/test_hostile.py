@@ -211,10 +211,12 @@ def test_fifo_under_a_weights_name_does_not_hang(tmp_path: Path, indexed: bool) 
     proc = subprocess.run([sys.executable, "-c", _FIFO_SCRIPT, str(ckpt)], capture_output=True, text=True, timeout=120, cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr
-    if indexed:  # not a regular file: the index names a file that does not exist as such
-        assert proc.stdout.startswith("CheckpointNotFoundError") and MODEL in proc.stdout and NORM in proc.stdout
+    # Said for what it is, not "does not exist" nor skipped as if absent.
+    if indexed:
+        assert proc.stdout.startswith("CheckpointIndexError") and "names paths that are not regular weights files" in proc.stdout
     else:
-        assert proc.stdout.startswith("NoWeightsError") and str(ckpt) in proc.stdout
+        assert proc.stdout.startswith("CheckpointNotFoundError") and str(ckpt) in proc.stdout
+    assert f"'{MODEL}': a FIFO (named pipe)" in proc.stdout
 
 
 def test_fifo_opened_directly_is_refused_without_blocking(tmp_path: Path) -> None:

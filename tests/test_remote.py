@@ -19,14 +19,19 @@ import torch
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")
 
-from lazysd import CheckpointNotFoundError, FileChangedError, VirtualStateDict  # noqa: E402
-from lazysd.errors import RemoteAccessError, RemoteReadError  # noqa: E402
-from lazysd.storage import RemoteOptions, coalesce, scrub_url  # noqa: E402
-from lazysd.testing import Step3p5Spec, make_checkpoint  # noqa: E402
-from lazysd.testing.checks import same_bits  # noqa: E402
-from lazysd.testing.dist import run_ranks  # noqa: E402
-from lazysd.testing.families import FAMILIES, FamilySpec, make_family_checkpoint  # noqa: E402
-from lazysd.testing.servers import MotoS3Server, RangeHTTPServer, http_storage_options, server_stats  # noqa: E402
+from lazysd import CheckpointNotFoundError, FileChangedError, VirtualStateDict
+from lazysd.errors import RemoteAccessError, RemoteReadError
+from lazysd.storage import RemoteOptions, coalesce, scrub_url
+from lazysd.testing import Step3p5Spec, make_checkpoint
+from lazysd.testing.checks import same_bits
+from lazysd.testing.dist import run_ranks
+from lazysd.testing.families import FAMILIES, FamilySpec, make_family_checkpoint
+from lazysd.testing.servers import (
+    MotoS3Server,
+    RangeHTTPServer,
+    http_storage_options,
+    server_stats,
+)
 
 # Experts of a few KiB each, so per-rank byte counts are meaningful.
 SPEC = Step3p5Spec.tiny(hidden_size=128, moe_intermediate_size=64, moe_num_experts=8, share_expert_dim=32, intermediate_size=64)
@@ -46,13 +51,13 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def http(root: Path):  # noqa: ANN201
+def http(root: Path):
     with RangeHTTPServer(root) as server:
         yield server
 
 
 @pytest.fixture(scope="module")
-def s3(root: Path):  # noqa: ANN201
+def s3(root: Path):
     with MotoS3Server() as server:
         for d in sorted(root.iterdir()):
             server.upload(d, "ckpts", d.name)
@@ -66,7 +71,7 @@ def _clean_faults(request: pytest.FixtureRequest) -> None:
             request.getfixturevalue(name).reset()
 
 
-def _url(kind: str, server, name: str) -> tuple[str, dict]:  # noqa: ANN001
+def _url(kind: str, server, name: str) -> tuple[str, dict]:
     """The URL and options of checkpoint ``name`` on ``server``; counters and faults cleared."""
     server.reset()
     if kind == "http":
@@ -334,7 +339,7 @@ def test_ranks_read_exactly_their_plan_at_the_server(root: Path, http: RangeHTTP
         assert results[0]["s3"]["planned"] < results[0]["s3"]["planned"] * world
 
 
-def _shard_experts(model: torch.nn.Module, mesh, placements) -> None:  # noqa: ANN001
+def _shard_experts(model: torch.nn.Module, mesh, placements) -> None:
     """Expert parameters become (empty) DTensors with ``placements``."""
     from torch.distributed.tensor import DTensor
 

@@ -64,6 +64,7 @@ def open_checkpoint(
     storage_options: dict[str, Any] | None = None,
     remote: bool | RemoteOptions = False,
     revision: str | None = None,
+    config_required: bool = True,
 ) -> Checkpoint:
     """The checkpoint at ``path``: a local :class:`~lazysd.checkpoint.Checkpoint` or a remote one.
 
@@ -73,6 +74,7 @@ def open_checkpoint(
         storage_options: passed to the fsspec filesystem (credentials, endpoint, ...).
         remote: True (or :class:`RemoteOptions` to tune requests) reads a repo id from the Hub.
         revision: branch, tag or commit of a Hub repo id.
+        config_required: False lets a checkpoint without config.json open (config ``{}``).
     """
     if remote and isinstance(path, str) and not is_remote(path) and _REPO_ID.match(path) and not os.path.exists(path):
         path = f"hf://{path}" + (f"@{revision}" if revision else "")
@@ -80,9 +82,9 @@ def open_checkpoint(
         from .remote import RemoteCheckpoint
 
         options = remote if isinstance(remote, RemoteOptions) else RemoteOptions()
-        return RemoteCheckpoint(str(path), storage_options=storage_options, options=options)
+        return RemoteCheckpoint(str(path), storage_options=storage_options, options=options, config_required=config_required)
     if storage_options:
         raise ValueError(f"{path}: storage_options apply to remote checkpoints (s3://, https://, hf:// ...), not to a local path")
     from ..checkpoint import Checkpoint
 
-    return Checkpoint(path)
+    return Checkpoint(path, revision=revision, config_required=config_required)

@@ -519,7 +519,9 @@ class RemoteCheckpoint(Checkpoint):
 
     local = False
 
-    def __init__(self, url: str, *, storage_options: dict[str, Any] | None = None, options: RemoteOptions | None = None) -> None:
+    def __init__(
+        self, url: str, *, storage_options: dict[str, Any] | None = None, options: RemoteOptions | None = None, config_required: bool = True
+    ) -> None:
         self.store = RemoteStore(url, storage_options, options or RemoteOptions())
         self.path = RemotePath(self.store.display)  # type: ignore[assignment]
         self.metadata: dict[str, dict[str, str]] = {}
@@ -537,7 +539,7 @@ class RemoteCheckpoint(Checkpoint):
         self._small: dict[str, bytes | None] = {}
         self._index_keys: dict[str, list[str]] = {}
         try:
-            self.config = self._read_config()
+            self.config = self._read_config(config_required)
             self.tensors = self._read_tensors()
         except BaseException:
             self.close()
@@ -554,6 +556,9 @@ class RemoteCheckpoint(Checkpoint):
     # ---- where files are -----------------------------------------------------------------
     def _check_inside(self, file: Any, where: str) -> None:
         """Objects have no symlinks; names were checked by ``_resolve_inside``."""
+
+    def _kind(self, file: Any) -> str | None:
+        return None if self._is_file(file) else "missing"
 
     def _is_file(self, file: Any) -> bool:
         if self._names is not None:

@@ -238,18 +238,19 @@ class RangeHTTPServer(_Server):
                     self.send_header(k, v)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
+                # Counted before sending: a client that has its answer must find it counted.
                 if meter.take(faults.drop, self.path):
                     half = data[: len(data) // 2]
+                    meter.count(tag, len(half))
                     self.wfile.write(half)
                     self.wfile.flush()
-                    meter.count(tag, len(half))
                     self.close_connection = True
                     self.connection.shutdown(2)
                     return
+                meter.count(tag, len(data))
                 for chunk in _chunks(data):
                     meter.pace(len(chunk))
                     self.wfile.write(chunk)
-                meter.count(tag, len(data))
 
         server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         server.daemon_threads = True
