@@ -362,15 +362,10 @@ class RemoteStore:
             return None
         try:
             entries = self.fs.ls(self.root, detail=True)
-        except FileNotFoundError:
-            return {}
-        except PermissionError:
-            raise RemoteAccessError(f"{self.display}: access denied listing the checkpoint directory; check the credentials") from None
-        except Exception as e:
-            failure = _classify_exception(e)
-            if failure.kind == "denied":
-                raise RemoteAccessError(f"{self.display}: access denied listing the checkpoint directory; check the credentials") from None
-            raise RemoteReadError(f"{self.display}: could not list the checkpoint directory ({self.scrub(failure.detail)})") from None
+        except Exception:
+            # Listing may be denied where reading is not (a bucket policy granting GetObject
+            # only) or unsupported: the index names the files, so go on without it.
+            return None
         out: dict[str, int] = {}
         for entry in entries:
             if entry.get("type") == "file":

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 _TAG = re.compile(r"lazysd-tag/([\w.-]+)")
 
@@ -164,7 +165,9 @@ class RangeHTTPServer(_Server):
                 pass
 
             def _file(self) -> Path | None:
-                rel = self.path.split("?", 1)[0].lstrip("/")
+                # Some clients (the AWS C++ SDK) send the absolute form "http://host/path".
+                rel = urlsplit(self.path).path if "://" in self.path else self.path.split("?", 1)[0]
+                rel = unquote(rel).lstrip("/")
                 target = (root_path / rel).resolve()
                 if not target.is_relative_to(root_path.resolve()) or not target.is_file():
                     return None
