@@ -235,16 +235,30 @@ class _HTTPBackend(_Backend):
 
 
 class _FsspecBackend(_Backend):
-    """Any other fsspec filesystem: ``info`` for size and identity, ``cat_file`` for ranges."""
+    """Any other fsspec filesystem: ``info`` for size and identity, exact ranges through ``open``.
+
+    Files are opened unbuffered (``cache_type="none"``) with their size known, so a read of
+    ``[start, end)`` fetches exactly that range (fsspec's default read-ahead cache would fetch
+    a block more).
+    """
+
+    def __init__(self, fs: Any, options: RemoteOptions) -> None:
+        super().__init__(fs, options)
+        self._sizes: dict[str, int] = {}
 
     def get(self, path: str, start: int, end: int, etag: str | None) -> tuple[bytes, int, str | None]:
         try:
-            info = self.fs.info(path) if etag is None else None
-            if info is not None:
-                size = int(info.get("size") or 0)
-                body = self.fs.cat_file(path, start=start, end=min(end, size)) if size > start else b""
-                return body, size, _etag_of(info)
-            return self.fs.cat_file(path, start=start, end=end), -1, etag
+            size = self._sizes.get(path)
+            if size is None or etag is None:
+                info = self.fs.info(path)
+                size = self._sizes[path] = int(info.get("size") or 0)
+                etag = _etag_of(info)
+            end = min(end, size)
+            if end <= start:
+                return b"", size, etag
+            with self.fs.open(path, "rb", cache_type="none", size=size) as f:
+                f.seek(start)
+                return f.read(end - start), size, etag
         except FileNotFoundError:
             raise _Failure("missing", "not found") from None
         except PermissionError:
@@ -331,7 +345,16 @@ class RemoteStore:
         except Exception as e:
             raise LazySDError(f"{self.display}: could not set up the {self.protocol}:// filesystem ({self.scrub(str(e))[:300]})") from None
         self.backend = backend(self.fs, options)
-        self.root = self._root(url)
+        try:
+            self.root = self._root(url)
+        except Exception as e:
+            failure = _classify_exception(e)
+            text = self.scrub(str(e))
+            if isinstance(e, FileNotFoundError) or "404" in text or "NotFound" in type(e).__name__:
+                raise CheckpointNotFoundError(f"{self.display}: repository or revision not found") from None
+            if failure.kind == "denied" or isinstance(e, PermissionError) or re.search(r"\b40[13]\b", text):
+                raise RemoteAccessError(f"{self.display}: access denied; check the token or credentials") from None
+            raise RemoteReadError(f"{self.display}: could not resolve ({failure.detail}: {text[:200]})") from None
         self._slots = threading.BoundedSemaphore(options.max_requests)
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()

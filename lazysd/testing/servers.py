@@ -395,3 +395,97 @@ def server_stats(base_url: str) -> dict[str, dict[str, int]]:
 
     with urlopen(f"{base_url}/__stats__", timeout=10) as r:
         return json.loads(r.read())
+
+
+class FakeHubServer(RangeHTTPServer):
+    """The part of the Hugging Face Hub's HTTP API that ``HfFileSystem`` reads through.
+
+    ``repos`` maps repo ids (``"org/name"``) to local checkpoint directories, each served as
+    one commit (its sha given by :attr:`sha`) that branch ``main`` points to: repo info
+    (``/api/models/{id}/revision/{rev}``), file listings (``/tree/``), ``paths-info`` and
+    ranged ``/{id}/resolve/{rev}/{file}``. Point ``HfFileSystem(endpoint=url)`` (or
+    ``HF_ENDPOINT``) at :attr:`url`.
+    """
+
+    sha = "0123456789abcdef0123456789abcdef01234567"
+
+    def __init__(self, repos: dict[str, str | os.PathLike[str]]) -> None:
+        import hashlib
+
+        files = {rid: {p.name: p for p in sorted(Path(d).iterdir()) if p.is_file()} for rid, d in repos.items()}
+        sha = self.sha
+
+        def entry(rid: str, name: str) -> dict[str, Any]:
+            path = files[rid][name]
+            return {"type": "file", "path": name, "size": path.stat().st_size, "oid": hashlib.sha1(name.encode()).hexdigest()}
+
+        def api(handler: BaseHTTPRequestHandler, method: str) -> bool:
+            """Answer an API call; False for a plain (resolve) GET."""
+            path = urlsplit(handler.path).path
+            m = re.fullmatch(r"/api/models/(?P<rid>[^/]+/[^/]+)(?:/(?P<what>revision|tree|paths-info)/(?P<rev>[^/]+)(?:/(?P<sub>.*))?)?", path)
+            if m is None:
+                return False
+            rid, what, rev = m["rid"], m["what"] or "revision", unquote(m["rev"] or "main")
+            if rid not in files or rev not in ("main", sha):
+                body, code = json.dumps({"error": "Repository Not Found"}).encode(), 404
+            elif what == "revision":
+                body = json.dumps({"id": rid, "modelId": rid, "sha": sha, "siblings": [{"rfilename": n} for n in files[rid]]}).encode()
+                code = 200
+            elif what == "tree":
+                body, code = json.dumps([entry(rid, n) for n in files[rid]]).encode(), 200
+            else:  # paths-info: form or JSON body naming paths
+                length = int(handler.headers.get("Content-Length") or 0)
+                raw = handler.rfile.read(length).decode() if length else ""
+                from urllib.parse import parse_qs
+
+                try:
+                    wanted = json.loads(raw).get("paths", [])
+                except ValueError:
+                    wanted = parse_qs(raw).get("paths", [])
+                body, code = json.dumps([entry(rid, n) for n in wanted if n in files[rid]]).encode(), 200
+            handler.send_response(code)
+            handler.send_header("Content-Type", "application/json")
+            handler.send_header("Content-Length", str(len(body)))
+            handler.end_headers()
+            if method != "HEAD":
+                handler.wfile.write(body)
+            return True
+
+        # Resolve URLs map onto a directory tree: root/{org}/{name}/resolve/{rev}/{file}.
+        import tempfile
+
+        self._tmp = tempfile.TemporaryDirectory(prefix="lazysd-fakehub-")
+        root = Path(self._tmp.name)
+        for rid, names in files.items():
+            for rev in ("main", sha):
+                d = root / rid / "resolve" / rev
+                d.mkdir(parents=True, exist_ok=True)
+                for name, src in names.items():
+                    os.link(src, d / name) if _same_device(src, d) else (d / name).write_bytes(src.read_bytes())
+        super().__init__(root)
+        handler_cls = self._server.RequestHandlerClass
+        plain_get, plain_head = handler_cls.do_GET, handler_cls.do_HEAD
+
+        def do_GET(handler: BaseHTTPRequestHandler) -> None:
+            if not api(handler, "GET"):
+                plain_get(handler)
+
+        def do_HEAD(handler: BaseHTTPRequestHandler) -> None:
+            if not api(handler, "HEAD"):
+                plain_head(handler)
+
+        def do_POST(handler: BaseHTTPRequestHandler) -> None:
+            if not api(handler, "POST"):
+                handler.send_response(404)
+                handler.send_header("Content-Length", "0")
+                handler.end_headers()
+
+        handler_cls.do_GET, handler_cls.do_HEAD, handler_cls.do_POST = do_GET, do_HEAD, do_POST  # type: ignore[method-assign]
+
+    def stop(self) -> None:
+        super().stop()
+        self._tmp.cleanup()
+
+
+def _same_device(a: Path, b: Path) -> bool:
+    return a.stat().st_dev == b.stat().st_dev
