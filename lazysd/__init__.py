@@ -24,6 +24,7 @@ from .errors import (
     TooManyFilesError,
     UnsafePathError,
 )
+from .errors import RemoteAccessError, RemoteReadError
 from .export import HFView, save_hf
 from .lazy import LazyTensor
 from .load import LoadReport, load
@@ -54,5 +55,7 @@ __all__ = [
     "UnsafePathError",
     "ReadOnlyTensorError",
     "TooManyFilesError",
+    "RemoteAccessError",
+    "RemoteReadError",
 ]
 __version__ = "0.1.0"

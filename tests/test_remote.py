@@ -381,15 +381,36 @@ def _load_shared(rank: int, world: int, url: str, options: dict, stats_url: str,
     return {"served": served, "read": report.bytes_read, "received": report.bytes_received, "need": need, "boxes": boxes, "state": state}
 
 
-def _load_shared_all(rank: int, world: int, url: str, stats_url: str) -> dict:
-    return {(share, ep): _load_shared(rank, world, url, {}, stats_url, share, ep) for ep in (False, True) for share in ("node", None)}
+def _load_shared_local(rank: int, world: int, path: str, share: str | None) -> dict:
+    import lazysd
+    from lazysd.testing import Step3p5Model
+
+    model = Step3p5Model(SPEC, layout="native", dtype=torch.bfloat16)
+    with VirtualStateDict(path, share=share) as vsd:
+        report = lazysd.load(model, vsd)
+        need = {k: sum(n for _, _, n in vsd.planned_ranges([k])) for k in vsd}
+    return {"read": report.bytes_read, "received": report.bytes_received, "need": need, "state": model.state_dict()}
+
+
+def _load_shared_all(rank: int, world: int, url: str, stats_url: str, local: str) -> dict:
+    out = {(share, ep): _load_shared(rank, world, url, {}, stats_url, share, ep) for ep in (False, True) for share in ("node", None)}
+    out.update({(share, "local"): _load_shared_local(rank, world, local, share) for share in ("node", None)})
+    return out
 
 
 def test_four_ranks_of_a_node_read_the_union(root: Path, http: RangeHTTPServer) -> None:
-    """Replicated (every rank needs everything) and EP=4 (experts split, the rest replicated)."""
-    results = run_ranks(_load_shared_all, 4, (f"{http.url}/step/", http.url), timeout=300)
+    """Replicated (every rank needs everything) and EP=4 (experts split, the rest replicated),
+    from a remote checkpoint (bytes counted at the server) and a local one (lazysd's counts)."""
+    results = run_ranks(_load_shared_all, 4, (f"{http.url}/step/", http.url, str(root / "step")), timeout=300)
     for ep in (False, True):
         _check_union([r[("node", ep)] for r in results], [r[(None, ep)] for r in results])
+    on, off = [r[("node", "local")] for r in results], [r[(None, "local")] for r in results]
+    union = sum(on[0]["need"].values())  # replicated: every rank needs the same
+    assert sum(r["read"] for r in on) == union  # 1.00x on the node
+    assert sum(r["read"] for r in off) == 4 * union
+    assert sum(r["received"] for r in on) == 3 * union
+    for a, b in zip(on, off):
+        assert all(same_bits(a["state"][k], b["state"][k]) for k in a["state"])
 
 
 def _check_union(on: list[dict], off: list[dict]) -> None:

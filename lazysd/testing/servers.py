@@ -146,6 +146,14 @@ class _Server:
         self.stop()
 
 
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        import sys
+
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):  # clients hanging up are normal
+            super().handle_error(request, client_address)
+
+
 class RangeHTTPServer(_Server):
     """Files under ``root`` over HTTP/1.1 with single ``Range``, ``ETag`` and ``If-Match``.
 
@@ -255,7 +263,7 @@ class RangeHTTPServer(_Server):
                     meter.pace(len(chunk))
                     self.wfile.write(chunk)
 
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        server = _QuietServer(("127.0.0.1", 0), Handler)
         server.daemon_threads = True
         self.url = f"http://127.0.0.1:{server.server_address[1]}"
         self._serve(server)
