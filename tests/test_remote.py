@@ -327,7 +327,8 @@ def _tagged(kind: str, options: dict, tag: str) -> dict:
     return {**options, "config_kwargs": {"user_agent_extra": f"lazysd-tag/{tag}"}}
 
 
-@pytest.mark.parametrize("world", [1, 2, 4])
+# One rank is test_remote_load_is_bitwise_local (same checks, no process group needed).
+@pytest.mark.parametrize("world", [2, 4])
 def test_ranks_read_exactly_their_plan_at_the_server(root: Path, http: RangeHTTPServer, s3: MotoS3Server, world: int) -> None:
     urls = {"http": (f"{http.url}/step/", {}, http.url), "s3": ("s3://ckpts/step/", s3.storage_options(), s3.endpoint_url)}
     results = run_ranks(_check_ranks, world, (str(root / "step"), urls), timeout=300)
@@ -335,8 +336,9 @@ def test_ranks_read_exactly_their_plan_at_the_server(root: Path, http: RangeHTTP
         for kind, r in per_kind.items():
             assert r["planned"] <= r["served"] <= r["planned"] * 1.01, (rank, kind, r)
             assert r["requests"] == r["client_requests"], (rank, kind, r)
-    if world > 1:  # experts split: each rank reads less than the whole
-        assert results[0]["s3"]["planned"] < results[0]["s3"]["planned"] * world
+    # experts split: a rank plans less than the whole checkpoint, and the ranks together cover it
+    whole = sum(n for _, _, n in VirtualStateDict(root / "step").planned_ranges())
+    assert all(r["s3"]["planned"] < whole for r in results)
 
 
 def _shard_experts(model: torch.nn.Module, mesh, placements) -> None:
