@@ -500,3 +500,11 @@ def test_hf_checkpoint_view_reads_a_remote_checkpoint(root: Path, s3: MotoS3Serv
     assert set(view) == set(want)
     key = next(iter(want))
     assert same_bits(view[key].materialize(), want[key])
+
+
+def test_reads_after_close_fail_like_local(http: RangeHTTPServer) -> None:
+    vsd = VirtualStateDict(f"{http.url}/step/", storage_options=http_storage_options("t"))
+    value = vsd["model.norm.weight"]
+    vsd.close()
+    with pytest.raises(FileChangedError, match="checkpoint was closed"):
+        value.materialize()

@@ -410,7 +410,11 @@ class RemoteStore:
                     self.requests += 1
                     self.bytes_requested += end - start
                 try:
-                    return self.backend.get(path, start, end, etag)
+                    body, total, got_etag = self.backend.get(path, start, end, etag)
+                    if total >= 0 and len(body) != max(0, min(end, total) - start):
+                        # A body cut short without a transport error: a dropped connection.
+                        raise _Failure("transient", f"short body ({len(body)} of {min(end, total) - start} bytes)")
+                    return body, total, got_etag
                 except Exception as e:
                     failure = _classify_exception(e)
             elapsed = time.monotonic() - t0
@@ -458,8 +462,8 @@ class RemoteStore:
             raise FileChangedError(
                 f"{where}: object changed since the checkpoint was opened (size {identity.size} -> {total}); reopen the checkpoint"
             )
-        if len(body) != request.end - request.start:
-            raise FileChangedError(f"{where}: short read ({len(body)} of {request.end - request.start} bytes) from an object of unchanged size")
+        if len(body) != request.end - request.start:  # the object ends before the range: it shrank
+            raise FileChangedError(f"{where}: object ended early ({len(body)} of {request.end - request.start} bytes); reopen the checkpoint")
         view = memoryview(body)
         for out_offset, offset, n in request.pieces:
             out[out_offset : out_offset + n] = view[offset - request.start : offset - request.start + n]
@@ -548,6 +552,7 @@ class RemoteCheckpoint(Checkpoint):
         self._lock = threading.Lock()
         self._mappings: dict[Any, Any] = {}
         self._checked: set[str] = set()
+        self._closed = False
         self.bytes_read = 0
         self.read_calls = 0
         self.header_bytes = 0
@@ -646,7 +651,7 @@ class RemoteCheckpoint(Checkpoint):
             if start < 0 or start + n > info.nbytes:
                 raise ValueError(f"{info.file}, key {info.key!r}: byte range {start}+{n} outside the tensor's {info.nbytes} bytes")
         file: Any = info.file
-        identity = self._identity.get(file)
+        identity = None if self._closed else self._identity.get(file)
         if identity is None:
             raise FileChangedError(f"{file}, key {info.key!r}: checkpoint was closed")
         where = f"{file}, key {info.key!r}"
@@ -669,4 +674,6 @@ class RemoteCheckpoint(Checkpoint):
         raise ValueError(f"{file}: mmap=True maps local files only; a remote checkpoint is read into memory")
 
     def close(self) -> None:
+        """Stop the request threads. Further reads raise :class:`FileChangedError`, as locally."""
+        self._closed = True
         self.store.close()
