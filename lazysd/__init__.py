@@ -15,14 +15,18 @@ from .errors import (
     MissingKeyError,
     MissingSourceError,
     NoWeightsError,
+    OptionError,
     PlacementError,
     ReadOnlyTensorError,
+    RuleError,
     ShapeMismatchError,
     StateDictMismatchError,
     UnclaimedKeyError,
     UnknownModelError,
     TooManyFilesError,
     UnsafePathError,
+    UnsupportedFormatError,
+    WriterError,
 )
 from .errors import RemoteAccessError, RemoteReadError
 from .export import HFView, save_hf
@@ -55,6 +59,10 @@ __all__ = [
     "UnsafePathError",
     "ReadOnlyTensorError",
     "TooManyFilesError",
+    "UnsupportedFormatError",
+    "OptionError",
+    "RuleError",
+    "WriterError",
     "RemoteAccessError",
     "RemoteReadError",
 ]

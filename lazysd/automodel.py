@@ -82,17 +82,13 @@ import torch
 from .adapters import known
 from .checkpoint import TensorInfo
 from .distributed import Target, contiguous_stride, local_box_of, mesh_device
-from .errors import (
-    MissingKeyError,
-    MissingSourceError,
-    PlacementError,
-    ShapeMismatchError,
-)
+from .errors import MissingKeyError, MissingSourceError, PlacementError, ShapeMismatchError
 from .lazy import LazyTensor
-from .plan import Box, Entry, Source, local_box, resolve
-from .reader import MiB, Reader, ReadOptions, source_box, to_native
-from .reverse import extract, hf_pieces, match_native
-from .rules import Pattern, Rule
+from .geometry import Box, full_box
+from .plan import Entry, Source, resolve
+from .reader import MiB, ReadOptions, Reader, to_native
+from .reverse import extract, hf_pieces
+from .rules import Pattern, Rule, claim
 
 __all__ = ["HFCheckpointView", "Step3p5StateDictAdapter"]
 
@@ -303,21 +299,12 @@ def _global_stride(local: torch.Tensor, shape: tuple[int, ...]) -> tuple[int, ..
 
 
 # ---- in-memory plans ---------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Tensors:
-    """The Checkpoint-like object :func:`lazysd.plan.resolve` runs over: headers only."""
-
-    path: Path
-    tensors: dict[str, TensorInfo]
-    config: dict[str, Any]
-
-
 def _stored(value: Any) -> tuple[TensorInfo, Reader] | None:
     """The stored tensor and reader behind a LazyTensor of one whole tensor as stored, if any."""
     if not isinstance(value, LazyTensor) or len(value.entry.sources) != 1:
         return None
     src = value.entry.sources[0]
-    if not src.identity or src.scale is not None or tuple(value.box) != local_box(src.info.shape):
+    if not src.identity or src.scale is not None or tuple(value.box) != full_box(src.info.shape):
         return None
     return src.info, value._reader
 
@@ -336,8 +323,8 @@ def _view_of(entry: Entry, box: Box, values: dict[str, torch.Tensor]) -> torch.T
     if len(entry.sources) != 1:
         return None
     src = entry.sources[0]
-    found = source_box(src, box)
-    if found is None or tuple(zip(*found[1])) != tuple(box):
+    found = src.source_region(box)
+    if found is None or tuple(found[1]) != tuple(box):
         return None
     src_box = found[0]
     return to_native(values[src.info.key][tuple(slice(a, b) for a, b in src_box)], src.dims)
@@ -349,12 +336,12 @@ def _fill_from(entry: Entry, box: Box, values: dict[str, torch.Tensor], dest: to
     Each source is sliced before it is permuted, so with a mesh only this rank's rows are copied.
     """
     for src in entry.sources:
-        found = source_box(src, box)
+        found = src.source_region(box)
         if found is None:
             continue
-        src_box, (lo, hi) = found
+        src_box, native = found
         block = to_native(values[src.info.key][tuple(slice(a, b) for a, b in src_box)], src.dims)
-        dest[tuple(slice(l - b[0], h - b[0]) for l, h, b in zip(lo, hi, box))].copy_(block)
+        dest[tuple(slice(lo - b[0], hi - b[0]) for (lo, hi), b in zip(native, box))].copy_(block)
     return dest
 
 
@@ -405,7 +392,7 @@ class Step3p5StateDictAdapter:
 
     def iter_checkpoint_load_parts(self, model_state_dict: Mapping[str, Any], device_mesh: Any = None) -> None:
         """None: Step3p5 checkpoints load in one DCP pass (Automodel's part-by-part hook)."""
-        return
+        return None
 
     def get_hf_state_dict_keys(self, state_dict: Mapping[str, Any]) -> list[str]:
         """The HF keys :meth:`to_hf` gives for ``state_dict``, from shapes only (no data)."""
@@ -477,12 +464,10 @@ class Step3p5StateDictAdapter:
         if split is None:
             return None
         prefix, canonical = split
-        for ri, rule in enumerate(_ADAPTER.rules):
-            for pi, part in enumerate(rule.sources):
-                values = part.pattern.match(canonical)
-                if values is not None and rule.parts:
-                    return prefix, ri, pi, values
-        return None
+        found = claim(_ADAPTER.rules, canonical, transforming_only=True)
+        if found is None:
+            return None
+        return prefix, found.rule, found.part, dict(found.values) | ({} if found.expert is None else {"expert": str(found.expert)})
 
     def _build(self, native_key: str, rule: Rule, values: dict[str, str], parts: dict[int, tuple[str, Any]], mesh: Any) -> Any:
         given = [k for k, _ in parts.values()]
@@ -507,14 +492,14 @@ class Step3p5StateDictAdapter:
         else:
             infos = {_canonical(k)[1]: _info(k, v) for k, v in tensors.items()}  # type: ignore[index]
             where = _IN_MEMORY
-        entry = next(iter(resolve(_ADAPTER, _Tensors(where, infos, {})).entries.values()))
+        entry = next(iter(resolve(_ADAPTER, {}, infos, where=where).entries.values()))
         entry = replace(entry, key=native_key)
         self._check_experts(entry, rule)
 
         if dtensors:
             return self._build_dtensor(entry, rule, tensors, dtensors)
         if mesh is None:
-            submesh, placements, box = None, (), local_box(entry.shape)
+            submesh, placements, box = None, (), full_box(entry.shape)
         else:
             submesh, placements = _ep_layout(mesh)
             box = _rank_box(entry.shape, submesh, placements)
@@ -657,7 +642,7 @@ class Step3p5StateDictAdapter:
         legacy = _LEGACY_ROUTER_BIAS.match(canonical)
         if legacy is not None:
             return [(_with_prefix(prefix, f"model.layers.{legacy['layer']}.moe.router_bias"), tensor)]
-        found = match_native(_ADAPTER, canonical)
+        found = _ADAPTER.native_rule(canonical)
         if found is None or not found[0].parts:
             return None
         rule, values = found
@@ -747,8 +732,8 @@ class HFCheckpointView(Mapping[str, torch.Tensor]):
         if info is None:
             raise MissingKeyError(f"{self.checkpoint.path}: no HF key {key!r} ({len(self)} keys; see .keys())")
         n = len(info.shape)
-        entry = Entry(key, info.shape, info.dtype, (Source(info, (0,) * n, tuple(range(n))),), _STORED)
-        return LazyTensor(entry, self.reader, local_box(info.shape), dtype=info.dtype, device=torch.device("cpu"))
+        entry = Entry(key, info.shape, info.dtype, (Source(info=info, start=(0,) * n, dims=tuple(range(n))),), _STORED)
+        return LazyTensor(entry, self.reader, full_box(info.shape), dtype=info.dtype, device=torch.device("cpu"))
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.checkpoint.tensors)

@@ -63,7 +63,9 @@ from torch.futures import Future
 
 from .checkpoint import Checkpoint
 from .errors import MissingKeyError, ShapeMismatchError
-from .plan import FP8_DTYPES, Box, Entry, Source
+from .fp8 import FP8_DTYPES
+from .geometry import Box
+from .plan import Entry, Source
 from .reader import MiB, Reader, ReadOptions, Stats
 from .rules import Rule
 from .storage import is_remote, open_checkpoint
@@ -76,7 +78,7 @@ _AS_STORED = Rule("{key:**}")  # rule carried by the identity entries of native=
 def _identity_entry(info: Any) -> Entry:
     """An HF tensor as itself: one source, no permutation, no cast."""
     n = len(info.shape)
-    return Entry(info.key, info.shape, info.dtype, (Source(info, (0,) * n, tuple(range(n))),), _AS_STORED)
+    return Entry(info.key, info.shape, info.dtype, (Source(info=info, start=(0,) * n, dims=tuple(range(n))),), _AS_STORED)
 
 
 def _new_load_id() -> str:

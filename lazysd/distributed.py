@@ -27,12 +27,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .errors import PlacementError
-from .plan import Box, Entry, local_box
+from .geometry import Box, full_box, shard_box
+from .plan import Entry
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
-
-    from .virtual import VirtualStateDict
 
 
 @dataclass(frozen=True)
@@ -55,7 +54,15 @@ def contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def local_box_of(shape: tuple[int, ...], target: Target) -> Box:
-    """This rank's box of a tensor of ``shape`` under ``target``, by DTensor's own rules."""
+    """This rank's box of a tensor of ``shape`` under ``target``, by DTensor's Shard rule.
+
+    ``Shard``/``Replicate`` placements go through :func:`lazysd.geometry.shard_box`; other
+    placement types (e.g. ``_StridedShard``) through DTensor's own function.
+    """
+    if all(type(p).__name__ in ("Shard", "Replicate") for p in target.placements):
+        coordinate = target.mesh.get_coordinate()
+        if coordinate is not None:
+            return shard_box(shape, tuple(target.mesh.shape), coordinate, target.placements)
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     local_shape, offset = compute_local_shape_and_global_offset(shape, target.mesh, list(target.placements))
@@ -104,8 +111,13 @@ def _dtensor_target(value: Any) -> Target | None:
     return None
 
 
-class Layout:
-    """Per-key targets of one VirtualStateDict (see the module docstring)."""
+class Targets:
+    """Per-key targets of one state dict (see the module docstring).
+
+    Built from the plan's entries alone; :meth:`place` answers, for one entry, this rank's
+    box and the target to wrap it in. Building values is the caller's job, so this module
+    never calls back into :class:`~lazysd.VirtualStateDict`.
+    """
 
     def __init__(self, targets: dict[str, Target], default: Target | None, replicate_rest: Target | None) -> None:
         self.targets = targets
@@ -113,7 +125,13 @@ class Layout:
         self.replicate_rest = replicate_rest  # for everything else, when replicate=True
 
     @classmethod
-    def build(cls, vsd: VirtualStateDict, *, mesh: Any, like: Any, ep_dim: str | int | None, replicate: bool) -> Layout:
+    def build(
+        cls, entries: Mapping[str, Entry], where: str, *, mesh: Any, like: Any, ep_dim: str | int | None, replicate: bool
+    ) -> Targets:
+        """Targets from a mesh (experts ``Shard(0)`` over its EP dim) and/or ``like=``.
+
+        ``where`` names the checkpoint in error messages.
+        """
         from torch.distributed.tensor import Replicate, Shard
 
         targets: dict[str, Target] = {}
@@ -131,7 +149,7 @@ class Layout:
             mismatched = []
             checked = [mesh] if mesh is not None else []  # each distinct mesh is checked once
             for key, value in state.items():
-                entry = vsd.plan.entries.get(key)
+                entry = entries.get(key)
                 if entry is None:
                     continue
                 if tuple(value.shape) != entry.shape:
@@ -143,34 +161,28 @@ class Layout:
                         checked.append(target.mesh)
                     targets[key] = target
             if mismatched:
-                raise PlacementError(
-                    f"{vsd.checkpoint.path}: like= model parameters disagree with the checkpoint's native shapes:\n" + "\n".join(mismatched)
-                )
+                raise PlacementError(f"{where}: like= model parameters disagree with the checkpoint's native shapes:\n" + "\n".join(mismatched))
         return cls(targets, default, rest)
 
     def target(self, entry: Entry) -> Target | None:
+        """Where ``entry`` goes; None for a plain (whole, unwrapped) tensor."""
         if entry.key in self.targets:
             return self.targets[entry.key]
         if self.default is not None and entry.kind == "experts":
             return self.default
         return self.replicate_rest
 
-    def box(self, entry: Entry) -> Box:
-        """This rank's box of ``entry`` (the whole tensor where it is not sharded)."""
-        return self._box(entry, self.target(entry))
-
-    @staticmethod
-    def _box(entry: Entry, target: Target | None) -> Box:
-        return local_box(entry.shape) if target is None else local_box_of(entry.shape, target)
-
-    def value(self, vsd: VirtualStateDict, entry: Entry) -> torch.Tensor:
-        from torch.distributed.tensor import DTensor
-
+    def place(self, entry: Entry) -> tuple[Box, Target | None]:
+        """This rank's box of ``entry`` (the whole tensor where it is not sharded) and its target."""
         target = self.target(entry)
-        box = self._box(entry, target)
-        if target is None:
-            return vsd.lazy(entry, box)
-        local = vsd.lazy(entry, box, device=mesh_device(target.mesh, vsd.device))
-        return DTensor.from_local(
-            local, target.mesh, target.placements, run_check=False, shape=torch.Size(entry.shape), stride=contiguous_stride(entry.shape)
-        )
+        return (full_box(entry.shape) if target is None else local_box_of(entry.shape, target)), target
+
+
+def as_dtensor(local: torch.Tensor, target: Target, shape: tuple[int, ...]) -> torch.Tensor:
+    """``local`` (this rank's box) as a DTensor of global ``shape`` under ``target``.
+
+    The global shape and stride are given, never inferred, so uneven shards are right.
+    """
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local, target.mesh, target.placements, run_check=False, shape=torch.Size(shape), stride=contiguous_stride(shape))

@@ -104,6 +104,19 @@ class ReadOnlyTensorError(LazySDError, RuntimeError):
     """An in-place operation on a lazy value of a read-only mapping (it would change a throw-away copy)."""
 
 
+class OptionError(LazySDError, ValueError):
+    """An argument or option lazysd cannot use (an unknown mode, a bad filter, options that
+    cannot apply to an object already open)."""
+
+
+class RuleError(LazySDError, ValueError):
+    """An adapter's rules or key patterns are malformed (checked when they are defined)."""
+
+
+class WriterError(LazySDError, ValueError):
+    """A safetensors writer used out of order or given a tensor that does not fit its plan."""
+
+
 class RemoteAccessError(LazySDError, PermissionError):
     """A remote checkpoint refused access (401/403, no credentials); the message names URL and key."""
 

@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils._pytree import tree_map
 
-from .plan import Box, Entry
+from .geometry import Box
+from .plan import Entry
 
 if TYPE_CHECKING:
     from .reader import Reader

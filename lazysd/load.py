@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .checkpoint import _short
-from .errors import StateDictMismatchError
+from .errors import OptionError, StateDictMismatchError
 from .plan import Entry
 from .reader import Stats
 from .virtual import VirtualStateDict
@@ -127,7 +127,7 @@ def load(
     given = {k: v for k, v in options.items() if v is not None}
     if isinstance(path_or_vsd, VirtualStateDict):
         if given:
-            raise ValueError(
+            raise OptionError(
                 f"{path_or_vsd.checkpoint.path}: {', '.join(sorted(given))} cannot change an open VirtualStateDict; "
                 "pass them to VirtualStateDict(...) or give lazysd.load the checkpoint path"
             )

@@ -12,43 +12,47 @@ Shape legend for comments: E experts, D hidden, I expert intermediate.
 from __future__ import annotations
 
 import math
+import os
 import re
-from collections.abc import Iterable
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from .checkpoint import Checkpoint, TensorInfo, config_value
-from .errors import ConfigError, MissingSourceError, ShapeMismatchError, UnclaimedKeyError, UnsupportedFormatError
-from .rules import Adapter, Part, Pattern, Rule
+from .checkpoint import TensorInfo, config_value
+from .errors import (
+    ConfigError,
+    MissingSourceError,
+    OptionError,
+    ShapeMismatchError,
+    UnclaimedKeyError,
+    UnsupportedFormatError,
+)
+from .fp8 import BlockScales
+from .geometry import Block
+from .rules import Adapter, Pattern, Rule, claim
 
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 FP8Mode = Literal["dequantize", "keep"]
-
-Box = tuple[tuple[int, int], ...]  # per dimension, [lo, hi)
 
 
 @dataclass(frozen=True)
-class Source:
-    """One HF tensor placed into a native tensor."""
+class Source(Block):
+    """One HF tensor placed into a native tensor: a :class:`~lazysd.geometry.Block` whose
+    shape is the HF tensor's.
 
+    Built with keywords: ``Source(info=..., start=..., dims=...)``.
+    """
+
+    shape: tuple[int, ...] = field(init=False)  # = info.shape
     info: TensorInfo
-    start: tuple[int, ...]  # native coordinates where this source's block begins
-    dims: tuple[int | None, ...]  # native dim -> source dim; None is a size-1 stacking dim
-    # FP8 inverse block scales [ceil(rows/b0), ceil(cols/b1)] that the reader multiplies in
-    # (fp8="dequantize"); None for plain tensors.
-    scale: TensorInfo | None = None
-    block: tuple[int, int] = (128, 128)  # rows x cols of source elements per scale
+    # FP8 inverse block scales that the reader multiplies in while reading (fp8="dequantize");
+    # None for plain tensors.
+    scale: BlockScales | None = None
 
-    @property
-    def extent(self) -> tuple[int, ...]:
-        """Size of the block this source fills, in native dimension order."""
-        return tuple(1 if d is None else self.info.shape[d] for d in self.dims)
-
-    @property
-    def identity(self) -> bool:
-        return self.dims == tuple(range(len(self.info.shape)))
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", self.info.shape)
 
 
 @dataclass(frozen=True)
@@ -94,7 +98,7 @@ class Entry:
         if len(self.rule.sources) > 1:
             steps.append(f"cat {len(self.rule.sources)} parts on dim {self.rule.cat_dim}")
         if self.dtype != self.source_dtype:
-            steps.append(f"cast {_dtype_name(self.source_dtype)}->{_dtype_name(self.dtype)}")
+            steps.append(f"cast {dtype_name(self.source_dtype)}->{dtype_name(self.dtype)}")
         return ", ".join(steps) or "unchanged"
 
 
@@ -108,7 +112,8 @@ class Plan:
     num_layers: int | None  # main decoder layers; larger layer indices are MTP layers
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``'bfloat16'``."""
     return str(dtype).removeprefix("torch.")
 
 
@@ -120,52 +125,34 @@ def natural_key(key: str) -> tuple[Any, ...]:
     return tuple(int(t) if t.isdigit() else t for t in _NUM.split(key))
 
 
-def _scale_companions(adapter: Adapter, keys: Iterable[str]) -> dict[str, str]:
-    """FP8 weight key -> its block-scale key (``K + adapter.scale_suffix`` next to ``K``)."""
-    suffix = adapter.scale_suffix
-    if not suffix:
-        return {}
-    keys = set(keys)
-    return {k.removesuffix(suffix): k for k in keys if k.endswith(suffix) and k.removesuffix(suffix) in keys}
-
-
-def _scale_rules(adapter: Adapter) -> tuple[Rule, ...]:
-    """fp8="keep": one rule per rule, building ``<native>_scale_inv`` from the scale companions
-    with the same stacking, permutation and concatenation, block-wise."""
-    suffix = adapter.scale_suffix or ""
-    return tuple(
-        Rule(rule.native + "_scale_inv", parts=tuple(Part(p.hf + suffix, p.dims) for p in rule.sources), cat_dim=rule.cat_dim, dtype=torch.float32, kind=rule.kind)
-        for rule in adapter.rules
-    )
-
-
-def unclaimed_keys(adapter: Adapter, keys: Iterable[str]) -> list[str]:
-    """HF keys no rule of ``adapter`` claims (nor ignores, nor takes as an FP8 scale companion).
-
-    Used by detection to tell which registered family a checkpoint without a known
-    ``model_type`` belongs to.
-    """
-    keys = list(keys)
-    scales = set(_scale_companions(adapter, keys).values())
-    patterns = [part.pattern for rule in adapter.rules for part in rule.sources] + list(adapter.ignore_patterns)
-    return [k for k in keys if k not in scales and not any(p.match(k) is not None for p in patterns)]
-
-
 def resolve(
     adapter: Adapter,
-    ckpt: Checkpoint,
+    config: Mapping[str, Any],
+    headers: Mapping[str, TensorInfo],
     *,
+    where: str | os.PathLike[str] = "<memory>",
     include_mtp: bool = False,
     fp8: FP8Mode = "dequantize",
     fp8_dtype: torch.dtype = torch.bfloat16,
 ) -> Plan:
-    """Run ``adapter`` over ``ckpt``'s headers.
+    """Run ``adapter`` over HF tensor headers and their config.
 
-    FP8 weights with block-scale companions (``adapter.scale_suffix``) are planned by ``fp8``:
-    ``"dequantize"`` makes them ``fp8_dtype`` tensors whose sources carry their scales (the
-    reader multiplies only the scale blocks it reads); ``"keep"`` exposes the FP8 tensor as
-    stored plus its scales under ``<native key>_scale_inv`` (fp32), built with the same
-    stacking, permutation and concatenation as the weight, block-wise.
+    Any HF-keyed source can be resolved: a :class:`~lazysd.checkpoint.Checkpoint`
+    (``resolve(adapter, ckpt.config, ckpt.tensors, where=ckpt.path)``), in-memory tensors
+    described by :class:`~lazysd.checkpoint.TensorInfo` s, a remote store's headers.
+
+    Args:
+        adapter: the model family's rules.
+        config: the model's config.json contents.
+        headers: HF key -> where and what that tensor is (dtype, shape, file, offset).
+        where: names the source in error messages (a checkpoint directory).
+        include_mtp: expose MTP layers (layer index >= the main layer count).
+        fp8: block-scaled FP8 weights with companions (``adapter.scale_suffix``):
+            ``"dequantize"`` makes them ``fp8_dtype`` tensors whose sources carry their scales
+            (the reader multiplies only the scale blocks it reads); ``"keep"`` exposes the FP8
+            tensor as stored plus its scales under ``<native key>_scale_inv`` (fp32), built
+            with the same stacking, permutation and concatenation as the weight, block-wise.
+        fp8_dtype: the dtype of dequantized FP8 weights.
 
     Raises:
         UnsupportedFormatError: keys in a format the adapter refuses (e.g. MXFP4).
@@ -174,63 +161,62 @@ def resolve(
         ShapeMismatchError: parts of one native tensor disagree in shape or dtype.
         ConfigError: config.json disagrees with the tensors.
     """
-    config = ckpt.config
+    if isinstance(where, (str, os.PathLike)):  # a remote checkpoint's path is its own path-like object
+        where = Path(where)
     if adapter.text_config and isinstance(config.get(adapter.text_config), dict):
         config = {**config, **config[adapter.text_config]}
     num_layers = config_value(config, *adapter.num_layers)
     if num_layers is not None and (type(num_layers) is not int or num_layers < 0):
-        raise ConfigError(f"{ckpt.path / 'config.json'}: {adapter.num_layers[0]} must be a non-negative integer, got {num_layers!r}")
-    _check_layers(adapter, config, ckpt, num_layers)
+        raise ConfigError(f"{where / 'config.json'}: {adapter.num_layers[0]} must be a non-negative integer, got {num_layers!r}")
+    _check_layers(adapter, config, where, headers, num_layers)
 
     if fp8 not in ("dequantize", "keep"):
-        raise ValueError(f"fp8 must be 'dequantize' or 'keep', got {fp8!r}")
+        raise OptionError(f"fp8 must be 'dequantize' or 'keep', got {fp8!r}")
     for pattern, why in adapter.refuse:
         refused = Pattern(pattern)
-        hits = [k for k in ckpt.tensors if refused.match(k) is not None]
+        hits = [k for k in headers if refused.match(k) is not None]
         if hits:
-            shown = ", ".join(f"{k} ({ckpt.tensors[k].file.name})" for k in hits[:4])
+            shown = ", ".join(f"{k} ({headers[k].file.name})" for k in hits[:4])
             more = f" ... {len(hits) - 4} more" if len(hits) > 4 else ""
-            raise UnsupportedFormatError(f"{ckpt.path}: the {adapter.name} adapter does not convert {shown}{more}: {why}")
+            raise UnsupportedFormatError(f"{where}: the {adapter.name} adapter does not convert {shown}{more}: {why}")
     block = config_value(config, "quantization_config.weight_block_size") or adapter.scale_block
     if not isinstance(block, (list, tuple)) or len(block) != 2 or not all(type(b) is int and b > 0 for b in block):
-        raise ConfigError(f"{ckpt.path / 'config.json'}: quantization_config.weight_block_size must be two positive integers, got {block!r}")
+        raise ConfigError(f"{where / 'config.json'}: quantization_config.weight_block_size must be two positive integers, got {block!r}")
     block = (block[0], block[1])
-    scale_of = _scale_companions(adapter, ckpt.tensors)
+    scale_of = adapter.scale_companions(headers)
     rules = adapter.rules
     kept_scales: set[str] = set()  # fp8="keep": companions, matched against the scale rules only
     if fp8 == "keep" and scale_of:
-        rules = rules + _scale_rules(adapter)
+        rules = rules + adapter.scale_rules
         kept_scales = set(scale_of.values())
         scale_of = {}
     scale_keys = set(scale_of.values())
 
-    compiled = [(ri, pi, part) for ri, rule in enumerate(rules) for pi, part in enumerate(rule.sources)]
-    # Scale rules come after adapter.rules, so a catch-all there must not see companions first.
-    scale_compiled = [c for c in compiled if c[0] >= len(adapter.rules)]
     # (rule index, native bindings) -> part index -> expert (or None) -> TensorInfo
     groups: dict[tuple[int, tuple[tuple[str, str], ...]], dict[int, dict[int | None, TensorInfo]]] = {}
     ignored: dict[str, str] = {}
     unclaimed: list[str] = []
-    for key, info in ckpt.tensors.items():
+    for key, info in headers.items():
         if key in scale_keys:
             continue  # claimed with its weight below
-        for ri, pi, part in scale_compiled if key in kept_scales else compiled:
-            values = part.pattern.match(key)
-            if values is not None:
-                expert = values.pop("expert", None)
-                group = groups.setdefault((ri, tuple(sorted(values.items()))), {})
-                group.setdefault(pi, {})[None if expert is None else int(expert)] = info
-                break
+        if key in kept_scales:
+            # Scale rules come after adapter.rules, so a catch-all there must not see companions first.
+            found = claim(adapter.scale_rules, key)
+            found = found and replace(found, rule=found.rule + len(adapter.rules))
         else:
-            if any(p.match(key) is not None for p in adapter.ignore_patterns):
-                ignored[key] = f"ignored by the {adapter.name} adapter"
-            else:
-                unclaimed.append(key)
+            found = claim(adapter.rules, key)
+        if found is not None:
+            group = groups.setdefault((found.rule, found.values), {})
+            group.setdefault(found.part, {})[found.expert] = info
+        elif adapter.ignores(key):
+            ignored[key] = f"ignored by the {adapter.name} adapter"
+        else:
+            unclaimed.append(key)
     if unclaimed:
-        listed = "\n".join(f"  {k}  ({ckpt.tensors[k].file.name})" for k in unclaimed[:30])
+        listed = "\n".join(f"  {k}  ({headers[k].file.name})" for k in unclaimed[:30])
         more = f"\n  ... {len(unclaimed) - 30} more" if len(unclaimed) > 30 else ""
         raise UnclaimedKeyError(
-            f"{ckpt.path}: {len(unclaimed)} checkpoint key(s) match no rule of the {adapter.name} adapter:\n{listed}{more}"
+            f"{where}: {len(unclaimed)} checkpoint key(s) match no rule of the {adapter.name} adapter:\n{listed}{more}"
         )
 
     entries: dict[str, Entry] = {}
@@ -238,9 +224,9 @@ def resolve(
         rule = rules[ri]
         values = dict(bindings)
         native_key = rule.native_pattern.format(**values)
-        entry = _build_entry(native_key, rule, values, parts, ckpt)
+        entry = _build_entry(native_key, rule, values, parts, where, headers)
         if any(s.info.key in scale_of for s in entry.sources):
-            entry = _with_scales(entry, {k: ckpt.tensors[scale_of[k]] for k in entry.hf_keys if k in scale_of}, block, fp8_dtype, ckpt)
+            entry = _with_scales(entry, {k: headers[scale_of[k]] for k in entry.hf_keys if k in scale_of}, block, fp8_dtype, where)
         layer = int(values["layer"]) if "layer" in values else None
         if layer is not None and num_layers is not None and layer >= num_layers:
             if not include_mtp:
@@ -253,8 +239,8 @@ def resolve(
         entries[entry.key] = entry
 
     entries = {k: entries[k] for k in sorted(entries, key=natural_key)}
-    _check_config(adapter, config, ckpt, entries)
-    _check_expert_counts(ckpt, entries)
+    _check_config(adapter, config, where, entries)
+    _check_expert_counts(where, entries)
     return Plan(adapter, entries, ignored, num_layers)
 
 
@@ -263,14 +249,14 @@ def _build_entry(
     rule: Rule,
     values: dict[str, str],
     parts: dict[int, dict[int | None, TensorInfo]],
-    ckpt: Checkpoint,
+    where: Path, headers: Mapping[str, TensorInfo],
 ) -> Entry:
     found = [info.key for by_expert in parts.values() for info in by_expert.values()]
     for pi, part in enumerate(rule.sources):
         if pi not in parts:
             wanted = part.pattern.format(**values, expert="{expert}")
-            shown = ", ".join(f"{k} ({ckpt.tensors[k].file.name})" for k in found[:4])
-            raise MissingSourceError(f"{ckpt.path}: {native_key} needs {wanted} but the checkpoint has only {shown}")
+            shown = ", ".join(f"{k} ({headers[k].file.name})" for k in found[:4])
+            raise MissingSourceError(f"{where}: {native_key} needs {wanted} but the checkpoint has only {shown}")
 
     expert_sets = {pi: sorted(by_expert) for pi, by_expert in parts.items() if rule.sources[pi].per_expert}
     if expert_sets:
@@ -280,7 +266,7 @@ def _build_entry(
                 missing = sorted(set(range(n_experts)) - set(experts))
                 wanted = [rule.sources[pi].pattern.format(**values, expert=e) for e in missing[:8]]
                 raise MissingSourceError(
-                    f"{ckpt.path}: {native_key} has experts 0..{n_experts - 1} in some parts but these are missing: {', '.join(wanted)}"
+                    f"{where}: {native_key} has experts 0..{n_experts - 1} in some parts but these are missing: {', '.join(wanted)}"
                     + (f" ... {len(missing) - 8} more" if len(missing) > 8 else "")
                 )
 
@@ -296,7 +282,7 @@ def _build_entry(
         shapes = {i.shape for i in infos}
         if len(shapes) > 1:
             listing = ", ".join(f"{i.key} {list(i.shape)}" for i in infos if i.shape != infos[0].shape)
-            raise ShapeMismatchError(f"{ckpt.path}: experts of {native_key} differ in shape: {infos[0].key} {list(infos[0].shape)} vs {listing}")
+            raise ShapeMismatchError(f"{where}: experts of {native_key} differ in shape: {infos[0].key} {list(infos[0].shape)} vs {listing}")
         dims = part.dims if part.dims is not None else tuple(range(len(infos[0].shape)))
         used = sorted(d for d in dims if d is not None)
         if used != list(range(len(infos[0].shape))):
@@ -311,7 +297,7 @@ def _build_entry(
             expected = [s for i, s in enumerate(block_shape) if i != rule.cat_dim]
             if others != expected:
                 raise ShapeMismatchError(
-                    f"{ckpt.path}: {native_key} cannot combine {block_key} {list(parts[0][next(iter(parts[0]))].shape)} "
+                    f"{where}: {native_key} cannot combine {block_key} {list(parts[0][next(iter(parts[0]))].shape)} "
                     f"({parts[0][next(iter(parts[0]))].file.name}) with {infos[0].key} {list(infos[0].shape)} "
                     f"({infos[0].file.name}): shapes disagree outside the concatenation dim"
                 )
@@ -323,11 +309,11 @@ def _build_entry(
             start[rule.cat_dim] = offset if len(rule.sources) > 1 else 0
             if stack_dim is not None:
                 start[stack_dim] += n
-            sources.append(Source(info, tuple(start), dims))
+            sources.append(Source(info=info, start=tuple(start), dims=dims))
         offset += extent[rule.cat_dim]
     if len(dtypes) > 1:
-        listing = ", ".join(f"{k} is {_dtype_name(d)}" for d, k in dtypes.items())
-        raise ShapeMismatchError(f"{ckpt.path}: {native_key} cannot combine sources of different dtypes: {listing}")
+        listing = ", ".join(f"{k} is {dtype_name(d)}" for d, k in dtypes.items())
+        raise ShapeMismatchError(f"{where}: {native_key} cannot combine sources of different dtypes: {listing}")
     assert block_shape is not None
     shape = list(block_shape)
     if len(rule.sources) > 1:
@@ -335,29 +321,26 @@ def _build_entry(
     return Entry(native_key, tuple(shape), rule.dtype or next(iter(dtypes)), tuple(sources), rule)
 
 
-def _with_scales(entry: Entry, scales: dict[str, TensorInfo], block: tuple[int, int], dtype: torch.dtype, ckpt: Checkpoint) -> Entry:
+def _with_scales(entry: Entry, scales: dict[str, TensorInfo], block: tuple[int, int], dtype: torch.dtype, where: Path) -> Entry:
     """Attach each FP8 source's scale companion (validated) and make the entry ``dtype``."""
     sources = []
     for src in entry.sources:
         info, scale = src.info, scales.get(src.info.key)
         if scale is None:
             raise ShapeMismatchError(
-                f"{ckpt.path}: {entry.key} mixes block-scaled FP8 sources ({next(iter(scales))}) with "
+                f"{where}: {entry.key} mixes block-scaled FP8 sources ({next(iter(scales))}) with "
                 f"{info.key} ({info.file.name}), which has no scale companion"
             )
-        expected = tuple(-(-n // b) for n, b in zip(info.shape, block))
-        if info.dtype not in FP8_DTYPES or len(info.shape) != 2 or scale.shape != expected or not scale.dtype.is_floating_point:
-            raise ShapeMismatchError(
-                f"{scale.file}, key {scale.key!r}: scales {list(scale.shape)} {scale.dtype} do not fit {info.key} "
-                f"{list(info.shape)} {info.dtype} ({info.file.name}): expected a 2-d FP8 weight and float scales "
-                f"{list(expected)} for {block[0]}x{block[1]} blocks"
-            )
-        sources.append(replace(src, scale=scale, block=block))
+        decode = BlockScales(scale, block)
+        wrong = decode.mismatch(info)
+        if wrong is not None:
+            raise ShapeMismatchError(f"{scale.file}, key {scale.key!r}: {wrong}")
+        sources.append(replace(src, scale=decode))
     return replace(entry, sources=tuple(sources), dtype=entry.rule.dtype or dtype)
 
 
-def _check_config(adapter: Adapter, config: dict[str, Any], ckpt: Checkpoint, entries: dict[str, Entry]) -> None:
-    where = ckpt.path / "config.json"
+def _check_config(adapter: Adapter, config: Mapping[str, Any], where: Path, entries: dict[str, Entry]) -> None:
+    where = where / "config.json"
     for check in adapter.checks:
         value = config_value(config, *check.fields)
         if value is None:
@@ -387,16 +370,16 @@ def _span(layers: list[int]) -> str:
     return text + (" ..." if len(runs) > 12 else "")
 
 
-def _check_layers(adapter: Adapter, config: dict[str, Any], ckpt: Checkpoint, num_layers: int | None) -> None:
+def _check_layers(adapter: Adapter, config: Mapping[str, Any], where: Path, headers: Mapping[str, TensorInfo], num_layers: int | None) -> None:
     """The layer indices in the tensors agree with config.json's layer counts.
 
     Every main layer ``0..num_hidden_layers-1`` must be present; layers after them are MTP
     layers, at most ``num_nextn_predict_layers`` of them (checkpoints that drop MTP layers
     are fine). Otherwise layers would be misnamed as MTP layers, or silently missing.
     """
-    where = ckpt.path / "config.json"
+    where = where / "config.json"
     prefix = adapter.layer_pattern.regex
-    layers = {int(m.group("layer")) for k in ckpt.tensors if (m := prefix.match(k)) is not None}
+    layers = {int(m.group("layer")) for k in headers if (m := prefix.match(k)) is not None}
     present = sorted(layers)
     if not present or num_layers is None:
         return
@@ -421,7 +404,7 @@ def _check_layers(adapter: Adapter, config: dict[str, Any], ckpt: Checkpoint, nu
         )
 
 
-def _check_expert_counts(ckpt: Checkpoint, entries: dict[str, Entry]) -> None:
+def _check_expert_counts(where: Path, entries: dict[str, Entry]) -> None:
     """Routed-expert tensors of every layer have the same number of experts (dim 0)."""
     counts: dict[int, list[str]] = {}
     for entry in entries.values():
@@ -429,9 +412,5 @@ def _check_expert_counts(ckpt: Checkpoint, entries: dict[str, Entry]) -> None:
             counts.setdefault(entry.shape[0], []).append(entry.key)
     if len(counts) > 1:
         listing = "; ".join(f"{n} experts: {', '.join(keys[:3])}" + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "") for n, keys in sorted(counts.items()))
-        raise ShapeMismatchError(f"{ckpt.path}: expert counts differ between layers: {listing}")
+        raise ShapeMismatchError(f"{where}: expert counts differ between layers: {listing}")
 
-
-def local_box(shape: Iterable[int]) -> Box:
-    """The box covering a whole tensor."""
-    return tuple((0, s) for s in shape)

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 from .rules import KINDS
 
 if TYPE_CHECKING:
-    from .inspect import LoadPlan, Selection
+    from .dryrun import LoadPlan
+    from .inspect import Selection
     from .virtual import VirtualStateDict
 
 _GIB = 1 << 30

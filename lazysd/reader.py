@@ -1,8 +1,9 @@
-"""Execute a plan entry: read exactly the planned bytes and write them into a destination.
+"""Carry out read plans: read exactly the planned bytes and write them into a destination.
 
 :func:`Reader.fill` takes a native :class:`~lazysd.plan.Entry`, a box of it (the whole tensor,
-or one rank's shard) and a destination tensor of the box's shape. For each source block the
-box overlaps it reads the overlapping source rows with ``pread`` in one of three ways:
+or one rank's shard) and a destination tensor of the box's shape, asks
+:func:`lazysd.reads.plan_reads` for the read items (what to read, from where, into which
+region: decided there, pure) and executes each item with ``pread`` in one of three ways:
 straight into the destination where its memory is in source order (no permutation, no cast);
 through the transpose kernel, which reads cache-sized blocks and transposes them into the
 destination (expert weights, :mod:`lazysd.transpose`); else into a bounded staging buffer
@@ -22,18 +23,17 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-import numpy as np
 import torch
 
-from .checkpoint import Checkpoint, TensorInfo
-from .plan import Box, Entry, Source, local_box
-from .transpose import copy_into, fused_read_applies, read_transposed
-
-MiB = 1 << 20
-_FUSED_BLOCK = 256 << 10  # the kernel's block buffer (BLOCK_BYTES in _transpose.c)
-_DIRECT_ROW = 64 << 10  # smallest row read on its own rather than staged with its neighbours
+from .checkpoint import Checkpoint
+from .errors import ShapeMismatchError
+from .fp8 import dequantize
+from .geometry import Box, box_shape, full_box
+from .plan import Entry
+from .reads import Destination, MiB, ReadItem, plan_reads
+from .transpose import copy_into, read_transposed
 
 
 @dataclass(frozen=True)
@@ -67,66 +67,22 @@ class Stats:
 
 @dataclass(frozen=True)
 class _Job:
-    """Read one chunk of one source and put it in place."""
+    """A read item bound to the view of the destination its method writes."""
 
-    info: TensorInfo
-    runs: list[tuple[int, int]]  # (byte offset in tensor, length)
-    src_shape: tuple[int, ...]  # shape of the chunk as read, in source order
-    dest: torch.Tensor  # destination view, native order
-    dims: tuple[int | None, ...]
-    direct: bool  # read straight into dest (then the destination seen in source order)
-    # Read and transposed by the kernel in cache-sized blocks (dest is then the view with
-    # the new axes of dims dropped); staging is the kernel's block buffer.
-    fused: bool
-    staging: int  # staging bytes this job holds while in flight
-    # FP8 chunk: (its source, the chunk's box in source coordinates); the reader reads the
-    # scale blocks covering that box and returns the chunk dequantized (fp32).
-    scaled: tuple[Source, list[tuple[int, int]]] | None = None
+    item: ReadItem
+    # direct: the destination region seen in source order (contiguous); fused: the region
+    # with the new axes of dims dropped (the kernel transposes into it); staged: the region.
+    dest: torch.Tensor
 
 
-def _runs(shape: tuple[int, ...], itemsize: int, box: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Byte ranges (offset, length) of a row-major tensor's sub-box, in order, merged."""
-    ndim = len(shape)
-    strides = [itemsize * math.prod(shape[i + 1 :]) for i in range(ndim)]
-    # Innermost dims that are complete make one contiguous run with the first partial dim.
-    k = ndim - 1
-    while k > 0 and box[k] == (0, shape[k]):
-        k -= 1
-    run_len = (box[k][1] - box[k][0]) * strides[k] if ndim else itemsize
-    if ndim == 0:
-        return [(0, itemsize)]
-    base = box[k][0] * strides[k]
-    starts = np.array([base], dtype=np.int64)
-    for d in range(k - 1, -1, -1):
-        idx = np.arange(box[d][0], box[d][1], dtype=np.int64) * strides[d]
-        starts = (idx[:, None] + starts[None, :]).reshape(-1)
-    if len(starts) == 1:
-        return [(int(starts[0]), run_len)]
-    merged: list[tuple[int, int]] = []
-    for s in starts.tolist():
-        if merged and merged[-1][0] + merged[-1][1] == s:
-            merged[-1] = (merged[-1][0], merged[-1][1] + run_len)
-        else:
-            merged.append((s, run_len))
-    return merged
-
-
-def source_box(src: Source, box: Box) -> tuple[list[tuple[int, int]], tuple[list[int], list[int]]] | None:
-    """The sub-box of HF tensor ``src.info`` that native ``box`` needs, or None if they miss.
-
-    Returns ``(src_box, (lo, hi))``: the box in source dimension order (what is read, through
-    :func:`_runs`), and the overlap in native coordinates (where it lands). Pure: the reader
-    and the dry-run plans of :mod:`lazysd.inspect` share it, so a plan is what a read reads.
-    """
-    lo = [max(b[0], s) for b, s in zip(box, src.start)]
-    hi = [min(b[1], s + e) for b, s, e in zip(box, src.start, src.extent)]
-    if any(l >= h for l, h in zip(lo, hi)):
-        return None
-    src_box: list[tuple[int, int]] = [(0, 1)] * len(src.info.shape)
-    for i, d in enumerate(src.dims):
-        if d is not None:
-            src_box[d] = (lo[i] - src.start[i], hi[i] - src.start[i])
-    return src_box, (lo, hi)
+def _bind(item: ReadItem, dest: torch.Tensor) -> _Job:
+    view = dest[tuple(slice(lo, hi) for lo, hi in item.dest_box)]
+    if item.method == "staged":
+        return _Job(item, view)
+    view = view[tuple(0 if d is None else slice(None) for d in item.dims)]
+    if item.method == "fused":
+        return _Job(item, view)
+    return _Job(item, view.permute(_inverse([d for d in item.dims if d is not None])))
 
 
 def to_native(block: torch.Tensor, dims: tuple[int | None, ...]) -> torch.Tensor:
@@ -169,14 +125,6 @@ def _memory_order(entry: Entry) -> list[int] | None:
     return None if order == sorted(order) else order
 
 
-def _scale_blocks(src: Source, sub: list[tuple[int, int]]) -> tuple[TensorInfo, list[tuple[int, int]]]:
-    """The FP8 scale tensor of ``src`` and the block rows/columns that rows/cols ``sub`` touch."""
-    scale, (b0, b1) = src.scale, src.block
-    assert scale is not None
-    (r0, r1), (c0, c1) = sub
-    return scale, [(r0 // b0, -(-r1 // b0)), (c0 // b1, -(-c1 // b1))]
-
-
 def _staging_buffer(nbytes: int) -> torch.Tensor:
     """``nbytes`` of page-aligned staging memory that goes back to the OS when dropped.
 
@@ -207,31 +155,24 @@ class Reader:
             self._free.clear()  # spare staging buffers go back to the OS
 
     # ---- planning one fill ---------------------------------------------------------------
-    def ranges(self, entry: Entry, box: Box) -> list[tuple[str, int, int]]:
-        """``(file, offset, length)`` of every read :meth:`fill` makes for ``box`` of ``entry``.
+    def plan(self, entry: Entry, box: Box, dest: Destination | None = None) -> tuple[ReadItem, ...]:
+        """The read items of filling ``box`` of ``entry`` into ``dest`` (default: a contiguous
+        CPU tensor of the entry's dtype), chunked by this reader's options."""
+        items = plan_reads(entry, box, dest or Destination(entry.dtype), chunk_bytes=self.options.chunk_bytes)
+        if not self.ckpt.local:
+            # The transpose kernel reads through a file descriptor: remote bytes are staged
+            # (the same runs, into a bounded buffer) and transposed by the copy instead.
+            items = tuple(replace(i, method="staged", staging=i.data_bytes) if i.method == "fused" else i for i in items)
+        return items
 
-        Planned like a real fill (against a meta destination, so nothing is allocated or
-        read), FP8 scale blocks included: this is what ``bytes_read`` grows by.
-        """
-        dest = torch.empty([h - l for l, h in box], dtype=entry.dtype, device="meta")
-        out: list[tuple[str, int, int]] = []
-        for job in self._jobs(entry, box, dest):
-            out += [(str(job.info.file), job.info.offset + start, n) for start, n in job.runs]
-            if job.scaled is not None:
-                scale, blocks = _scale_blocks(*job.scaled)
-                out += [(str(scale.file), scale.offset + start, n) for start, n in _runs(scale.shape, scale.itemsize, blocks)]
-        return out
-
-    def request_count(self, entry: Entry, box: Box) -> int:
+    def request_count(self, entry: Entry, box: Box, dest: Destination | None = None) -> int:
         """Storage requests :meth:`fill` makes for ``box`` of ``entry``: one per byte run
-        locally (a ``pread`` each), coalesced ranged GETs for a remote checkpoint."""
-        dest = torch.empty([h - l for l, h in box], dtype=entry.dtype, device="meta")
-        reads: list[tuple[TensorInfo, list[tuple[int, int]]]] = []
-        for job in self._jobs(entry, box, dest):
-            reads.append((job.info, job.runs))
-            if job.scaled is not None:
-                scale, blocks = _scale_blocks(*job.scaled)
-                reads.append((scale, _runs(scale.shape, scale.itemsize, blocks)))
+        locally (a ``pread`` each), the coalesced ranged GETs for a remote checkpoint."""
+        reads = []
+        for item in self.plan(entry, box, dest):
+            reads.append((item.source, item.runs))
+            if item.scale is not None:
+                reads.append((item.scale.source, item.scale.runs))
         if self.ckpt.local:
             return sum(len(runs) for _, runs in reads)
         from .storage import coalesce
@@ -239,63 +180,17 @@ class Reader:
         options = self.ckpt.store.options  # type: ignore[attr-defined]
         return sum(len(coalesce([(info.offset + s, n) for s, n in runs if n], options)) for info, runs in reads)
 
-    def _jobs(self, entry: Entry, box: Box, dest: torch.Tensor) -> list[_Job]:
-        jobs: list[_Job] = []
-        for src in entry.sources:
-            jobs.extend(self._source_jobs(src, box, dest))
-        return jobs
+    def ranges(self, entry: Entry, box: Box, dest: Destination | None = None) -> list[tuple[str, int, int]]:
+        """``(file, offset, length)`` of every read :meth:`fill` makes for ``box`` of ``entry``.
 
-    def _source_jobs(self, src: Source, box: Box, dest: torch.Tensor) -> list[_Job]:
-        overlap = source_box(src, box)
-        if overlap is None:
-            return []
-        src_box, (lo, hi) = overlap
-        info = src.info
-        view = dest[tuple(slice(l - b[0], h - b[0]) for l, h, b in zip(lo, hi, box))]
-        perm = [d for d in src.dims if d is not None]
-        new_axes = tuple(0 if d is None else slice(None) for d in src.dims)
-        # The destination seen in source order: where that is contiguous, the bytes can be
-        # read straight into it (unchanged tensors; halves of a tensor laid out in source
-        # order, see empty()).
-        as_source = view[new_axes].permute(_inverse(perm))
-        plain = src.scale is None and dest.dtype == info.dtype and dest.device.type == "cpu"
-        if not info.shape:
-            target, staging = (as_source, 0) if plain else (view, info.itemsize)
-            return [_Job(info, [(0, info.itemsize)], (), target, src.dims, direct=plain, fused=False, staging=staging)]
-        rows = src_box[0][1] - src_box[0][0]
-        # A dequantized chunk is staged in fp32: budget its rows at that size.
-        row_bytes = (4 if src.scale is not None else info.itemsize) * math.prod(h - l for l, h in src_box[1:])
-        per = max(1, self.options.chunk_bytes // max(1, row_bytes))
-        if plain and row_bytes >= _DIRECT_ROW and not as_source.is_contiguous() and as_source[:1].is_contiguous():
-            per = 1  # contiguous row by row only: one direct read per row beats staging
-        # The kernel's case: the last two source dims swapped, nothing else moved, no cast.
-        swapped = (
-            plain
-            and self.ckpt.local  # the kernel reads through a file descriptor
-            and perm == [*range(len(perm) - 2), len(perm) - 1, len(perm) - 2]
-            and len(perm) in (2, 3)
-            and src_box[-1] == (0, info.shape[-1])
-        )
-        native0 = src.dims.index(0)
-        jobs = []
-        for r in range(0, rows, per):
-            n = min(per, rows - r)
-            sub = [(src_box[0][0] + r, src_box[0][0] + r + n), *src_box[1:]]
-            runs = _runs(info.shape, info.itemsize, sub)
-            chunk_view = view.narrow(native0, r, n)
-            chunk_source = as_source.narrow(0, r, n)
-            shape = tuple(h - l for l, h in sub)
-            scaled = (src, sub) if src.scale is not None else None
-            common = (info, runs, shape)
-            if plain and chunk_source.is_contiguous():
-                job = _Job(*common, chunk_source, src.dims, direct=True, fused=False, staging=0)
-            elif swapped and len(runs) == 1 and fused_read_applies(chunk_view[new_axes]):
-                staging = min(n * row_bytes, max(_FUSED_BLOCK, 8 * info.shape[-1] * info.itemsize))
-                job = _Job(*common, chunk_view[new_axes], src.dims, direct=False, fused=True, staging=staging)
-            else:
-                job = _Job(*common, chunk_view, src.dims, direct=False, fused=False, staging=n * row_bytes, scaled=scaled)
-            jobs.append(job)
-        return jobs
+        From the read items (:meth:`plan`), FP8 scale blocks included: this is what
+        ``bytes_read`` grows by when ``dest`` describes the destination filled.
+        """
+        return [r for item in self.plan(entry, box, dest) for r in item.ranges()]
+
+    def _order(self, entry: Entry, device: torch.device | str) -> list[int] | None:
+        """The memory order :meth:`empty` lays ``entry`` out in, None for native order."""
+        return _memory_order(entry) if self.options.mmap and torch.device(device).type == "cpu" else None
 
     def empty(self, entry: Entry, box: Box, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """An uninitialized tensor for :meth:`fill` of ``box`` of ``entry``.
@@ -306,11 +201,26 @@ class Reader:
         ``[E, 2I, D]`` memory seen as ``[E, D, 2I]``, filled by plain reads with no
         transpose, like the mapped ``down_projs`` beside it.
         """
-        shape = [h - l for l, h in box]
-        order = _memory_order(entry) if self.options.mmap and torch.device(device).type == "cpu" else None
+        shape = list(box_shape(box))
+        order = self._order(entry, device)
         if order is None:
             return torch.empty(shape, dtype=dtype, device=device)
         return torch.empty([shape[i] for i in order], dtype=dtype, device=device).permute(_inverse(order))
+
+    def destination(self, entry: Entry, box: Box, dtype: torch.dtype, device: torch.device | str) -> Destination:
+        """The :class:`~lazysd.reads.Destination` that :meth:`empty` would allocate: for plans
+        of what materializing ``box`` reads, made without allocating it."""
+        order = self._order(entry, device)
+        stride = None
+        if order is not None:
+            shape = box_shape(box)
+            mem = [shape[i] for i in order]
+            mem_stride = [math.prod(mem[j + 1 :]) for j in range(len(mem))]
+            native = [0] * len(shape)
+            for j, i in enumerate(order):
+                native[i] = mem_stride[j]
+            stride = tuple(native)
+        return Destination(dtype, torch.device(device).type, stride)
 
     # ---- executing -----------------------------------------------------------------------
     def mapped(self, entry: Entry, box: Box, dtype: torch.dtype) -> torch.Tensor | None:
@@ -332,7 +242,7 @@ class Reader:
             None in src.dims
             or src.scale is not None
             or info.dtype != dtype
-            or tuple(box) != local_box(entry.shape)
+            or tuple(box) != full_box(entry.shape)
             or info.nbytes == 0
         ):
             return None
@@ -362,50 +272,48 @@ class Reader:
 
     def _read(self, job: _Job) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Read one job: ``(staged chunk or None if read in place, pool buffer to release)``."""
-        if job.fused:
-            offset, dest = job.info.offset + job.runs[0][0], job.dest
-            self.ckpt.read_with(job.info, job.runs, lambda fd: read_transposed(fd, offset, dest))
+        item = job.item
+        info = item.source
+        if item.method == "fused":
+            runs = item.runs
+            offset, dest = info.offset + runs[0][0], job.dest
+            self.ckpt.read_with(info, runs, lambda fd: read_transposed(fd, offset, dest))
             return None, None
-        if job.direct:
-            self.ckpt.read_runs(job.info, job.runs, _as_bytes(job.dest))
+        if item.method == "direct":
+            self.ckpt.read_runs(info, item.runs, _as_bytes(job.dest))
             return None, None
         base = None
-        if job.dest.device.type == "cuda" and job.scaled is None:
+        shape = box_shape(item.source_box)
+        if job.dest.device.type == "cuda" and item.scale is None:
             # Pinned, so the host-to-device copy of the staged chunk is a plain DMA.
-            buf = torch.empty(job.src_shape, dtype=job.info.dtype, pin_memory=True)
+            buf = torch.empty(shape, dtype=info.dtype, pin_memory=True)
         else:
-            n = math.prod(job.src_shape) * job.info.itemsize
+            n = math.prod(shape) * info.itemsize
             base = self._acquire(n)
-            buf = base[:n].view(job.info.dtype).view(job.src_shape)
+            buf = base[:n].view(info.dtype).view(shape)
         try:
-            self.ckpt.read_runs(job.info, job.runs, _as_bytes(buf))
-            if job.scaled is not None:
-                buf = self._dequantize(buf, *job.scaled)
+            self.ckpt.read_runs(info, item.runs, _as_bytes(buf))
+            if item.scale is not None:
+                buf = self._dequantize(buf, item)
         except BaseException:
             self._release(base)
             raise
         return buf, base
 
-    def _dequantize(self, buf: torch.Tensor, src: Source, sub: list[tuple[int, int]]) -> torch.Tensor:
-        """``buf`` (FP8 rows/cols ``sub`` of ``src``) times its inverse block scales, in fp32.
-
-        Reads only the scale blocks that ``sub`` touches: block rows
-        ``[r0 // b0, ceil(r1 / b0))`` and likewise for columns (edges may be ragged).
-        """
-        scale, blocks = _scale_blocks(src, sub)
-        (b0, b1), (r0, r1), (c0, c1) = src.block, *sub
-        s = torch.empty(tuple(h - l for l, h in blocks), dtype=scale.dtype)
-        self.ckpt.read_runs(scale, _runs(scale.shape, scale.itemsize, blocks), _as_bytes(s))
-        s = s.float().repeat_interleave(b0, 0).repeat_interleave(b1, 1)
-        s = s[r0 - blocks[0][0] * b0 : r1 - blocks[0][0] * b0, c0 - blocks[1][0] * b1 : c1 - blocks[1][0] * b1]
-        return buf.float().mul_(s)
+    def _dequantize(self, buf: torch.Tensor, item: ReadItem) -> torch.Tensor:
+        """``buf`` (the FP8 rows/cols of ``item``) decoded with the scale blocks the item names."""
+        scale = item.scale
+        assert scale is not None
+        s = torch.empty(box_shape(scale.box), dtype=scale.source.dtype)
+        self.ckpt.read_runs(scale.source, scale.runs, _as_bytes(s))
+        return dequantize(buf, item.source_box, s, scale.box, scale.block)
 
     def _place(self, job: _Job, buf: torch.Tensor) -> None:
         if job.dest.device.type != "cpu":
             # Ship the contiguous staging buffer, permute on the device (fast there).
             staged = buf if not torch.cuda.is_available() or buf.is_pinned() else buf.pin_memory()
             buf = staged.to(job.dest.device, non_blocking=True)
-        copy_into(job.dest, to_native(buf, job.dims))
+        copy_into(job.dest, to_native(buf, job.item.dims))
 
     def _staging(self, delta: int) -> None:
         with self._lock:
@@ -416,9 +324,9 @@ class Reader:
         """Write the ``box`` of native tensor ``entry`` into ``dest`` (shape of the box)."""
         expected = tuple(h - l for l, h in box)
         if tuple(dest.shape) != expected:
-            raise ValueError(f"{entry.key}: destination shape {list(dest.shape)} is not the requested box {list(expected)}")
+            raise ShapeMismatchError(f"{entry.key}: destination shape {list(dest.shape)} is not the requested box {list(expected)}")
         t0 = time.perf_counter()
-        jobs = self._jobs(entry, box, dest)
+        jobs = [_bind(item, dest) for item in self.plan(entry, box, Destination.of(dest))]
         opts = self.options
         if opts.threads <= 0 or len(jobs) <= 1:
             for job in jobs:
@@ -446,7 +354,7 @@ class Reader:
             self._release(base)
 
     def _run_inline(self, job: _Job) -> None:
-        cost = job.staging
+        cost = job.item.staging
         self._staging(cost)
         try:
             self._finish(job, self._read(job))
@@ -471,7 +379,7 @@ class Reader:
                 # Backpressure: start reads only while their staging fits the budget
                 # (one read is always allowed, so a single large row still makes progress).
                 while todo and len(pending) < 2 * self.options.threads:
-                    cost = todo[0].staging
+                    cost = todo[0].item.staging
                     if pending and inflight + cost > budget:
                         break
                     job = todo.popleft()

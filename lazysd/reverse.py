@@ -20,53 +20,20 @@ from dataclasses import dataclass
 import torch
 
 from .errors import ShapeMismatchError, UnclaimedKeyError
-from .plan import Box
+from .geometry import Block
 from .rules import Adapter, Rule
 
 
 @dataclass(frozen=True)
-class HFPiece:
-    """One HF tensor inside a native tensor."""
+class HFPiece(Block):
+    """One HF tensor inside a native tensor: a :class:`~lazysd.geometry.Block` (``shape`` is
+    the HF shape) with its HF key and the rule that places it.
+
+    Built with keywords: ``HFPiece(start=..., dims=..., shape=..., key=..., rule=...)``.
+    """
 
     key: str  # HF key
-    shape: tuple[int, ...]  # HF shape
-    start: tuple[int, ...]  # native coordinates where its block begins
-    dims: tuple[int | None, ...]  # native dim -> HF dim (None: the size-1 stacking dim)
     rule: Rule
-
-    @property
-    def extent(self) -> tuple[int, ...]:
-        return tuple(1 if d is None else self.shape[d] for d in self.dims)
-
-    @property
-    def box(self) -> Box:
-        return tuple((s, s + e) for s, e in zip(self.start, self.extent))
-
-
-def match_native(adapter: Adapter, key: str, *, num_layers: int | None = None) -> tuple[Rule, dict[str, str]] | None:
-    """The rule producing native ``key`` and its placeholder values (MTP keys mapped back)."""
-    if num_layers is not None:
-        found = _mtp_index(adapter, key)
-        if found is not None:
-            index, rest = found
-            key = adapter.layer_pattern.format(layer=num_layers + index) + rest
-    for rule in adapter.rules:
-        values = rule.native_pattern.match(key)
-        if values is not None:
-            return rule, values
-    return None
-
-
-def _mtp_index(adapter: Adapter, key: str) -> tuple[int, str] | None:
-    """``("mtp.layers.2.eh_proj.weight")`` -> ``(2, "eh_proj.weight")``."""
-    head, _, tail = adapter.mtp_prefix.partition("{index}")
-    if not key.startswith(head):
-        return None
-    rest = key[len(head) :]
-    digits = rest.split(".", 1)[0]
-    if not digits.isdigit() or not rest[len(digits) :].startswith(tail):
-        return None
-    return int(digits), rest[len(digits) + len(tail) :]
 
 
 def hf_pieces(adapter: Adapter, key: str, shape: tuple[int, ...], *, num_layers: int | None = None) -> list[HFPiece]:
@@ -78,7 +45,7 @@ def hf_pieces(adapter: Adapter, key: str, shape: tuple[int, ...], *, num_layers:
         UnclaimedKeyError: no rule of ``adapter`` produces ``key``.
         ShapeMismatchError: ``shape`` cannot be split as the rule says.
     """
-    found = match_native(adapter, key, num_layers=num_layers)
+    found = adapter.native_rule(key, num_layers=num_layers)
     if found is None:
         raise UnclaimedKeyError(f"native key {key!r} matches no rule of the {adapter.name} adapter")
     rule, values = found
@@ -107,9 +74,9 @@ def hf_pieces(adapter: Adapter, key: str, shape: tuple[int, ...], *, num_layers:
             for e in range(shape[stack]):
                 s = list(start)
                 s[stack] = e
-                pieces.append(HFPiece(part.pattern.format(**values, expert=e), tuple(hf_shape), tuple(s), dims, rule))
+                pieces.append(HFPiece(start=tuple(s), dims=dims, shape=tuple(hf_shape), key=part.pattern.format(**values, expert=e), rule=rule))
         else:
-            pieces.append(HFPiece(part.pattern.format(**values), tuple(hf_shape), tuple(start), dims, rule))
+            pieces.append(HFPiece(start=tuple(start), dims=dims, shape=tuple(hf_shape), key=part.pattern.format(**values), rule=rule))
     return pieces
 
 

@@ -22,17 +22,23 @@ Example — Step3p5's grouped gate/up, stored ``[E, I, D]`` twice, native ``[E, 
         kind="experts",
     )
 
-The engine that runs rules lives in :mod:`lazysd.plan`; adapters in :mod:`lazysd.adapters`
-are nothing but these dataclasses.
+Matching lives here with the rules: :func:`claim` says which part of which rule an HF key
+is, :meth:`Adapter.unclaimed` lists the keys no rule claims (detection), and
+:meth:`Adapter.native_rule` runs a native key backwards to its rule (export). The engine that
+turns claimed keys into plan entries lives in :mod:`lazysd.plan`; adapters in
+:mod:`lazysd.adapters` are nothing but these dataclasses.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
+
+from .errors import RuleError
 
 _PLACEHOLDER = re.compile(r"\{(\w+)(?::([^{}]*))?\}")
 INDEX_NAMES = frozenset({"layer", "expert"})
@@ -55,7 +61,7 @@ class Pattern:
         for m in _PLACEHOLDER.finditer(self.text):
             name, choices = m.group(1), m.group(2)
             if name in names:
-                raise ValueError(f"pattern {self.text!r}: placeholder {{{name}}} used twice")
+                raise RuleError(f"pattern {self.text!r}: placeholder {{{name}}} used twice")
             names.append(name)
             out.append(re.escape(self.text[pos : m.start()]))
             if choices == "**":
@@ -125,16 +131,16 @@ class Rule:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ValueError(f"rule {self.native!r}: kind {self.kind!r} is not one of {KINDS}")
+            raise RuleError(f"rule {self.native!r}: kind {self.kind!r} is not one of {KINDS}")
         native = set(self.native_pattern.names)
         if "expert" in native:
-            raise ValueError(f"rule {self.native!r}: {{expert}} belongs in parts, where it is stacked")
+            raise RuleError(f"rule {self.native!r}: {{expert}} belongs in parts, where it is stacked")
         for part in self.sources:
             extra = set(part.pattern.names) - native
             if extra - {"expert"} or not native <= set(part.pattern.names):
-                raise ValueError(f"rule {self.native!r}: part {part.hf!r} must use exactly the native placeholders (plus {{expert}})")
+                raise RuleError(f"rule {self.native!r}: part {part.hf!r} must use exactly the native placeholders (plus {{expert}})")
             if part.per_expert and (part.dims is None or part.dims.count(None) != 1):
-                raise ValueError(f"rule {self.native!r}: per-expert part {part.hf!r} needs dims with one None (the stacking dim)")
+                raise RuleError(f"rule {self.native!r}: per-expert part {part.hf!r} needs dims with one None (the stacking dim)")
 
     @cached_property
     def native_pattern(self) -> Pattern:
@@ -144,6 +150,45 @@ class Rule:
     def sources(self) -> tuple[Part, ...]:
         """The parts, with the implicit pass-through part made explicit."""
         return self.parts or (Part(self.native),)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Which part of which rule an HF key is.
+
+    Attributes:
+        rule: index of the rule in the rules tried.
+        part: index of the part in that rule's :attr:`Rule.sources`.
+        values: the native placeholders' values, sorted by name (``{expert}`` excluded):
+            keys with equal ``(rule, values)`` build one native tensor.
+        expert: the ``{expert}`` index of a per-expert part, else None.
+    """
+
+    rule: int
+    part: int
+    values: tuple[tuple[str, str], ...]
+    expert: int | None
+
+
+def claim(rules: Sequence[Rule], key: str, *, transforming_only: bool = False) -> Claim | None:
+    """The first part of ``rules`` (in order) whose pattern matches HF ``key``, or None.
+
+    With ``transforming_only``, pass-through rules (no explicit parts) are skipped.
+
+    Example:
+        >>> rules = (Rule("x.{layer}.w", parts=(Part("x.{layer}.e.{expert}.w", dims=(None, 0)),), kind="experts"),)
+        >>> claim(rules, "x.3.e.7.w")
+        Claim(rule=0, part=0, values=(('layer', '3'),), expert=7)
+    """
+    for ri, rule in enumerate(rules):
+        if transforming_only and not rule.parts:
+            continue
+        for pi, part in enumerate(rule.sources):
+            values = part.pattern.match(key)
+            if values is not None:
+                expert = values.pop("expert", None)
+                return Claim(ri, pi, tuple(sorted(values.items())), None if expert is None else int(expert))
+    return None
 
 
 @dataclass(frozen=True)
@@ -213,3 +258,64 @@ class Adapter:
     def mtp_pattern(self) -> Pattern:
         """:attr:`mtp_prefix`, compiled once."""
         return Pattern(self.mtp_prefix)
+
+    @cached_property
+    def scale_rules(self) -> tuple[Rule, ...]:
+        """``fp8="keep"``: one rule per rule, building ``<native>_scale_inv`` from the scale
+        companions with the same stacking, permutation and concatenation, block-wise."""
+        suffix = self.scale_suffix or ""
+        return tuple(
+            Rule(rule.native + "_scale_inv", parts=tuple(Part(p.hf + suffix, p.dims) for p in rule.sources), cat_dim=rule.cat_dim, dtype=torch.float32, kind=rule.kind)
+            for rule in self.rules
+        )
+
+    def ignores(self, key: str) -> bool:
+        """Whether HF ``key`` is deliberately not exposed (:attr:`ignore`)."""
+        return any(p.match(key) is not None for p in self.ignore_patterns)
+
+    def scale_companions(self, keys: Iterable[str]) -> dict[str, str]:
+        """FP8 weight key -> its block-scale key (``K + scale_suffix`` next to ``K``)."""
+        suffix = self.scale_suffix
+        if not suffix:
+            return {}
+        keys = set(keys)
+        return {k.removesuffix(suffix): k for k in keys if k.endswith(suffix) and k.removesuffix(suffix) in keys}
+
+    def unclaimed(self, keys: Iterable[str]) -> list[str]:
+        """HF keys no rule claims (nor :attr:`ignore`, nor takes as an FP8 scale companion).
+
+        Used by detection to tell which registered family a checkpoint without a known
+        ``model_type`` belongs to.
+        """
+        keys = list(keys)
+        scales = set(self.scale_companions(keys).values())
+        return [k for k in keys if k not in scales and claim(self.rules, k) is None and not self.ignores(k)]
+
+    def mtp_index(self, key: str) -> tuple[int, str] | None:
+        """``"mtp.layers.2.eh_proj.weight"`` -> ``(2, "eh_proj.weight")``: an exposed MTP key
+        (:attr:`mtp_prefix`) split into its MTP index and the rest; None for other keys."""
+        head, _, tail = self.mtp_prefix.partition("{index}")
+        if not key.startswith(head):
+            return None
+        rest = key[len(head) :]
+        digits = rest.split(".", 1)[0]
+        if not digits.isdigit() or not rest[len(digits) :].startswith(tail):
+            return None
+        return int(digits), rest[len(digits) + len(tail) :]
+
+    def native_rule(self, key: str, *, num_layers: int | None = None) -> tuple[Rule, dict[str, str]] | None:
+        """The rule producing native ``key`` and its placeholder values, or None.
+
+        With ``num_layers`` (main decoder layers), exposed MTP keys are mapped back to their
+        layer first (``mtp.layers.0.*`` -> layer ``num_layers``).
+        """
+        if num_layers is not None:
+            found = self.mtp_index(key)
+            if found is not None:
+                index, rest = found
+                key = self.layer_pattern.format(layer=num_layers + index) + rest
+        for rule in self.rules:
+            values = rule.native_pattern.match(key)
+            if values is not None:
+                return rule, values
+        return None

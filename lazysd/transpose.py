@@ -14,6 +14,7 @@ on one thread and 5.6-8 GB/s on two; a plain memcpy runs at 8-11 GB/s.
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 
@@ -112,7 +113,21 @@ def read_transposed(fd: int, offset: int, dest: torch.Tensor) -> int:
 
 def fused_read_applies(dest: torch.Tensor) -> bool:
     """True if :func:`read_transposed` can fill ``dest`` (a CPU tensor with contiguous rows)."""
-    return _kernel_dest(dest) and dest.dim() <= 3
+    return dest.is_cpu and fused_read_fits(dest.shape, dest.stride(), dest.element_size())
+
+
+def fused_read_fits(shape: tuple[int, ...], stride: tuple[int, ...], itemsize: int) -> bool:
+    """True if :func:`read_transposed` can fill a CPU tensor of this shape, stride and item size.
+
+    Plain values, so read plans decide it for destinations they do not hold.
+    """
+    return (
+        _transpose is not None
+        and 2 <= len(shape) <= 3
+        and stride[-1] == 1
+        and itemsize in (1, 2, 4, 8)
+        and math.prod(shape) > 0
+    )
 
 
 def _copy_torch(dest: torch.Tensor, src: torch.Tensor) -> None:

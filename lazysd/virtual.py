@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from . import dryrun, inspect
 from .adapters import resolve_adapter
 from .storage import RemoteOptions, open_checkpoint
-from .errors import MissingKeyError
+from .distributed import Targets, as_dtensor, mesh_device
+from .errors import MissingKeyError, OptionError
+from .fp8 import FP8_DTYPES
+from .geometry import Box, full_box
 from .lazy import LazyTensor
-from .plan import FP8_DTYPES, Box, Entry, Plan, local_box, resolve
-from .reader import MiB, ReadOptions, Reader, Stats
+from .plan import Entry, Plan, resolve
+from .progress import ProgressPrinter
+from .reader import MiB, Reader, ReadOptions, Stats
+from .reads import Destination, ReadItem, ReadTotals, read_totals
 from .rules import Adapter
 
 if TYPE_CHECKING:
-    from .inspect import Explanation, LoadPlan, Selection, Summary
+    from .dryrun import Explanation, LoadPlan
+    from .inspect import Selection, Summary
 
 
 class VirtualStateDict(Mapping[str, torch.Tensor]):
@@ -66,7 +72,8 @@ class VirtualStateDict(Mapping[str, torch.Tensor]):
         remote: True reads a Hub repo id (``"org/name"``) from the Hub by ranged GETs,
             like ``"hf://org/name"``; a :class:`~lazysd.storage.RemoteOptions` also tunes
             the requests (in flight, coalescing gap, retries, timeouts).
-        revision: branch, tag or commit of a Hub repo id.
+        revision: branch, tag or commit of a Hub repo id (local cache or, with
+            ``remote=True``, the Hub).
         share: with a process group, ``"node"`` (default) lets :func:`lazysd.load` read
             each tensor that several ranks of a node need once on that node and send it to
             the others (see :mod:`lazysd.share`); None reads everything on every rank.
@@ -102,38 +109,34 @@ class VirtualStateDict(Mapping[str, torch.Tensor]):
         revision: str | None = None,
         share: str | None = "node",
     ) -> None:
+        if share not in ("node", None):
+            raise OptionError(f"share must be 'node' or None, got {share!r}")
+        self.share = share
         self.checkpoint = open_checkpoint(path, storage_options=storage_options, remote=remote, revision=revision)
         if not self.checkpoint.local:
             if mmap:
                 self.checkpoint.close()
-                raise ValueError(f"{self.checkpoint.path}: mmap=True maps local files only; a remote checkpoint is read into memory")
+                raise OptionError(f"{self.checkpoint.path}: mmap=True maps local files only; a remote checkpoint is read into memory")
             # Latency, not the CPU, bounds remote reads: keep more requests in flight.
             threads = max(threads, 8)
-        if share not in ("node", None):
-            self.checkpoint.close()
-            raise ValueError(f"share must be 'node' or None, got {share!r}")
-        self.share = share
         self.adapter = resolve_adapter(
             adapter, self.checkpoint.config, keys=self.checkpoint.tensors, where=str(self.checkpoint.path / "config.json")
         )
+        ckpt = self.checkpoint
         self.plan: Plan = resolve(
-            self.adapter, self.checkpoint, include_mtp=include_mtp, fp8=fp8, fp8_dtype=dtype or torch.bfloat16  # type: ignore[arg-type]
+            self.adapter, ckpt.config, ckpt.tensors, where=ckpt.path, include_mtp=include_mtp, fp8=fp8, fp8_dtype=dtype or torch.bfloat16  # type: ignore[arg-type]
         )
         self.dtype = dtype
         self.device = torch.device(device)
         self.reader = Reader(self.checkpoint, ReadOptions(threads, chunk_bytes, max_inflight_bytes, mmap))
-        self._layout = None
+        self._targets: Targets | None = None
         if mesh is not None or like is not None:
-            from .distributed import Layout
-
-            self._layout = Layout.build(self, mesh=mesh, like=like, ep_dim=ep_dim, replicate=replicate)
+            where = str(self.checkpoint.path)
+            self._targets = Targets.build(self.plan.entries, where, mesh=mesh, like=like, ep_dim=ep_dim, replicate=replicate)
         if progress is True:
-            from .progress import ProgressPrinter
-
-            # In the unit the reader counts: this rank's boxes, at the dtype they are read as.
-            self.reader.progress = ProgressPrinter(
-                sum(math.prod(h - l for l, h in self.local_box(k)) * self.dtype_of(e).itemsize for k, e in self.plan.entries.items())
-            )
+            # In the unit the reader counts (bytes written into destinations), from the read
+            # plans of this rank's boxes.
+            self.reader.progress = ProgressPrinter(sum(self._totals(k).dest_bytes for k in self.plan.entries))
         elif callable(progress):
             self.reader.progress = progress
 
@@ -142,9 +145,12 @@ class VirtualStateDict(Mapping[str, torch.Tensor]):
         entry = self.plan.entries.get(key)
         if entry is None:
             raise MissingKeyError(self._missing_message(key))
-        if self._layout is not None:
-            return self._layout.value(self, entry)
-        return self.lazy(entry, local_box(entry.shape))
+        if self._targets is None:
+            return self.lazy(entry, full_box(entry.shape))
+        box, target = self._targets.place(entry)
+        if target is None:
+            return self.lazy(entry, box)
+        return as_dtensor(self.lazy(entry, box, device=mesh_device(target.mesh, self.device)), target, entry.shape)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.plan.entries)
@@ -177,15 +183,33 @@ class VirtualStateDict(Mapping[str, torch.Tensor]):
     def local_box(self, key: str) -> Box:
         """This rank's box of native ``key``: its shard under the mesh/``like=``, else the whole tensor."""
         entry = self.entry(key)
-        return local_box(entry.shape) if self._layout is None else self._layout.box(entry)
+        return full_box(entry.shape) if self._targets is None else self._targets.place(entry)[0]
+
+    def read_items(self, key: str) -> tuple[ReadItem, ...]:
+        """The read items of native ``key`` on this rank (:mod:`lazysd.reads`): which bytes of
+        which file go into which region, when its value is materialized. No I/O.
+
+        Example:
+            >>> [(i.source.key, i.source_box) for i in vsd.read_items("model.norm.weight")]  # doctest: +SKIP
+            [('model.norm.weight', ((0, 4096),))]
+        """
+        entry, box = self.entry(key), self.local_box(key)
+        return self.reader.plan(entry, box, self._destination(entry, box))
 
     def planned_ranges(self, keys: Iterable[str] | None = None) -> list[tuple[str, int, int]]:
         """``(file, offset, length)`` of the bytes that reading ``keys`` (default: all) reads on this rank.
 
-        From the plan alone, no I/O: lazysd's own per-rank byte accounting, which
-        ``bytes_read`` matches after a load.
+        From the read items alone (:meth:`read_items`), no I/O: lazysd's own per-rank byte
+        accounting, which ``bytes_read`` matches after materializing the values.
         """
-        return [r for key in (self if keys is None else keys) for r in self.reader.ranges(self.entry(key), self.local_box(key))]
+        return [r for key in (self if keys is None else keys) for item in self.read_items(key) for r in item.ranges()]
+
+    def _destination(self, entry: Entry, box: Box) -> Destination:
+        return self.reader.destination(entry, box, self.dtype_of(entry), self.device)
+
+    def _totals(self, key: str) -> ReadTotals:
+        entry, box = self.entry(key), self.local_box(key)
+        return read_totals(entry, box, self._destination(entry, box), chunk_bytes=self.reader.options.chunk_bytes)
 
     @property
     def stats(self) -> Stats:
@@ -220,15 +244,11 @@ class VirtualStateDict(Mapping[str, torch.Tensor]):
         self.close()
 
     def __repr__(self) -> str:
-        from .inspect import summary_text
-
-        return summary_text(self)
+        return inspect.summary_text(self)
 
     # ---- inspection (metadata only; the work is in lazysd.inspect) -----------------------
     def _repr_html_(self) -> str:
-        from .inspect import summary_html
-
-        return summary_html(self)
+        return inspect.summary_html(self)
 
     def select(
         self,
@@ -243,15 +263,11 @@ class VirtualStateDict(Mapping[str, torch.Tensor]):
         Example:
             >>> vsd.select("*.experts.*", layer=3).keys()                  # doctest: +SKIP
         """
-        from .inspect import select
-
-        return select(self, pattern, regex=regex, layer=layer, kind=kind)
+        return inspect.select(self, pattern, regex=regex, layer=layer, kind=kind)
 
     def summarize(self, by: str | tuple[str, ...] = "kind") -> Summary:
         """Keys, parameters and bytes per ``"layer"``, ``"kind"`` or both (``("layer", "kind")``)."""
-        from .inspect import summarize
-
-        return summarize(self, by=by)
+        return inspect.summarize(self, by=by)
 
     def explain(self, key: str, ep: int | None = None, *, ep_shard: int = 1, fsdp: bool = False) -> Explanation:
         """Where ``key`` comes from (HF keys, files, byte ranges, transform, dtype); with ``ep``,
@@ -260,20 +276,16 @@ class VirtualStateDict(Mapping[str, torch.Tensor]):
         Example:
             >>> print(vsd.explain("model.layers.3.moe.experts.down_projs", ep=8))  # doctest: +SKIP
         """
-        from .inspect import Layout, explain
-
-        return explain(self, key, None if ep is None else Layout(ep, ep_shard, fsdp))
+        return dryrun.explain(self, key, None if ep is None else dryrun.EPLayout(ep, ep_shard, fsdp))
 
     def rank_plan(self, ep: int, *, ep_shard: int = 1, fsdp: bool = False, keys: Iterable[str] | None = None) -> LoadPlan:
         """Dry-run load plan: bytes each of ``ep * ep_shard`` ranks reads, per layer, imbalance.
 
         Routed experts are ``Shard(0)`` over ``ep`` (and ``Shard(1)`` over ``ep_shard``);
         other tensors are replicated, or ``Shard(0)`` over all ranks with ``fsdp=True``.
-        See :mod:`lazysd.inspect`. Reads no tensor data.
+        See :mod:`lazysd.dryrun`. Reads no tensor data.
 
         Example:
             >>> print(vsd.rank_plan(ep=4))                                   # doctest: +SKIP
         """
-        from .inspect import Layout, rank_plan
-
-        return rank_plan(self, Layout(ep, ep_shard, fsdp), keys=keys)
+        return dryrun.rank_plan(self, dryrun.EPLayout(ep, ep_shard, fsdp), keys=keys)

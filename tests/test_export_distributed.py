@@ -51,6 +51,9 @@ def _worker(rank: int, world: int, tmp: str, cases: list[str], two_d: bool) -> N
 def _run_case(rank: int, world: int, tmp: str, case: str, two_d: bool) -> None:
     mesh, placements = _mesh(world, two_d)
     out = Path(tmp) / f"dist-{case}"
+    if case in ("fail-write", "meta"):
+        _failing_case(rank, Path(tmp), case, mesh, placements)
+        return
     if case == "per-expert":
         sd = {k: _local(v, mesh, placements) if k.endswith(EXPERT_SUFFIXES) else v for k, v in per_expert_native(E=5).items()}
         save_hf(sd, out, adapter=PER_EXPERT, max_shard_size=200)
@@ -74,6 +77,36 @@ def _run_case(rank: int, world: int, tmp: str, case: str, two_d: bool) -> None:
         assert torch.equal(gate.to_local(), full_gau.to_local()[:, :, :I].transpose(1, 2))
 
 
+def _failing_case(rank: int, tmp: Path, case: str, mesh, placements) -> None:
+    """One rank fails (a full disk while writing, or a meta tensor): every rank must raise,
+    and nothing may be left in place or staged."""
+    import errno
+
+    from lazysd.errors import ExportError
+    from lazysd.export import Stage
+
+    sd = {k: _local(v, mesh, placements) if k.endswith(EXPERT_SUFFIXES) else v for k, v in per_expert_native(E=5).items()}
+    write = Stage.write
+    if case == "meta" and rank == 1:
+        sd["model.layers.0.mlp.gate.weight"] = torch.empty(5, 6, device="meta")
+    if case == "fail-write" and rank == 1:
+
+        def full(self, *args, **kwargs):  # noqa: ANN001, ANN202
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        Stage.write = full
+    try:
+        save_hf(sd, tmp / f"dist-{case}", adapter=PER_EXPERT, max_shard_size=200)
+        outcome = "exported"
+    except ExportError as e:
+        outcome = str(e)
+    except OSError as e:
+        outcome = f"OSError: {e}"
+    finally:
+        Stage.write = write
+    (tmp / f"{case}-{rank}.txt").write_text(outcome)
+
+
 def _start(tmp: Path, world: int, cases: list[str], two_d: bool = False) -> None:
     run_ranks(_worker, world, (str(tmp), cases, two_d))
 
@@ -92,7 +125,7 @@ def tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with VirtualStateDict(tmp / "src", include_mtp=True) as vsd:
         save_hf(vsd, tmp / "single", max_shard_size="40KB")
     save_hf(per_expert_native(E=5), tmp / "single-per-expert", adapter=PER_EXPERT, max_shard_size=200)
-    _start(tmp, 2, ["ep2", "per-expert"])  # one pair of ranks for both 2-rank cases
+    _start(tmp, 2, ["ep2", "per-expert", "fail-write", "meta"])  # one pair of ranks for the 2-rank cases
     return tmp
 
 
@@ -114,3 +147,16 @@ def test_per_expert_family_ranks_write_their_own_keys(tmp: Path) -> None:
     # 5 experts over 2 ranks: 3 + 2, each expert's keys written by the rank holding it.
     assert_same_files(tmp / "dist-per-expert", tmp / "single-per-expert")
     assert len(list((tmp / "single-per-expert").glob("model-*.safetensors"))) > 1
+
+
+def test_a_rank_failing_to_write_aborts_every_rank_and_stages_nothing(tmp: Path) -> None:
+    assert (tmp / "fail-write-1.txt").read_text() == "OSError: [Errno 28] No space left on device"
+    assert (tmp / "fail-write-0.txt").read_text().endswith("another rank failed to write its part of the export; nothing was committed")
+    assert not (tmp / "dist-fail-write").exists()
+    assert not [p.name for p in tmp.iterdir() if p.name.startswith(".")]
+
+
+def test_a_meta_tensor_on_one_rank_is_reported_by_every_rank(tmp: Path) -> None:
+    for rank in range(2):
+        assert "native key 'model.layers.0.mlp.gate.weight' is on the meta device" in (tmp / f"meta-{rank}.txt").read_text()
+    assert not (tmp / "dist-meta").exists()

@@ -5,13 +5,13 @@ processes, paused at a named phase by wrapping that phase's function in the chil
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -25,56 +25,95 @@ from lazysd.testing.checks import assert_bitwise_equal
 
 SPEC = Step3p5Spec.tiny()
 
-# The child exports src -> out and, at phase POINT, touches MARKER and waits for MARKER.go.
-PAUSE_SCRIPT = textwrap.dedent(
-    """
-    import json, pathlib, sys, time
-    import torch
-    import lazysd.export.stage as stage
-    from lazysd import VirtualStateDict, save_hf
+# Children forked from a server that imported torch and lazysd once (as lazysd.testing.dist's
+# ranks are): a kill test costs a fork, not a fresh interpreter importing torch.
+multiprocessing.set_forkserver_preload(["torch", "torch.distributed.tensor", "lazysd", "lazysd.testing", "pytest"])
+CTX = multiprocessing.get_context("forkserver")
 
-    src, out, marker, point, opts = sys.argv[1:6]
-    opts = json.loads(opts)
 
-    def pause():
-        pathlib.Path(marker).touch()
-        go = pathlib.Path(marker + ".go")
-        for _ in range(1200):
-            if go.exists():
-                return
-            time.sleep(0.05)
-        sys.exit("never released")
+def _pause(marker: str) -> None:
+    Path(marker).touch()
+    go = Path(marker + ".go")
+    for _ in range(2400):
+        if go.exists():
+            return
+        time.sleep(0.05)
+    raise SystemExit("never released")
 
-    def wrap(owner, name, *, nth=1, before=False):
-        orig, calls = getattr(owner, name), [0]
-        def wrapped(*args, **kwargs):
-            calls[0] += 1
-            if before and calls[0] == nth:
-                pause()
-            result = orig(*args, **kwargs)
-            if not before and calls[0] == nth:
-                pause()
-            return result
-        setattr(owner, name, wrapped)
 
-    if point == "write":          # halfway through writing the staged shards
-        wrap(stage.Stage, "write", nth=40)
-    elif point == "carry":        # overwrite: one kept file linked into the stage, the rest not yet
-        wrap(stage, "_link_or_copy")
-    elif point == "switch":       # stage complete, index written, not yet switched in
-        wrap(stage, "_switch", before=True)
-    elif point == "exchanged":    # switched in; the old contents not yet removed
-        wrap(stage, "_exchange_entries")
-    elif point == "aside":        # no atomic exchange here: old renamed aside, stage not yet in
+def _wrap(owner: object, name: str, marker: str, *, nth: int = 1, before: bool = False) -> None:
+    orig, calls = getattr(owner, name), [0]
+
+    def wrapped(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls[0] += 1
+        if before and calls[0] == nth:
+            _pause(marker)
+        result = orig(*args, **kwargs)
+        if not before and calls[0] == nth:
+            _pause(marker)
+        return result
+
+    setattr(owner, name, wrapped)
+
+
+def _child(src: str, out: str, marker: str, point: str, opts: dict[str, object]) -> None:
+    """Export src -> out; at phase ``point`` touch ``marker`` and wait for ``marker.go``.
+    Writes how it ended to ``marker.result``."""
+    from lazysd.export import stage
+
+    if point == "write":  # halfway through writing the staged shards
+        _wrap(stage.Stage, "write", marker, nth=40)
+    elif point == "carry":  # overwrite: one kept file linked into the stage, the rest not yet
+        _wrap(stage, "_link_or_copy", marker)
+    elif point == "switch":  # stage complete, index written, not yet switched in
+        _wrap(stage, "_switch", marker, before=True)
+    elif point == "exchanged":  # switched in; the old contents not yet removed
+        _wrap(stage, "_exchange_entries", marker)
+    elif point == "aside":  # no atomic exchange here: old renamed aside, stage not yet in
         stage._exchange_entries = lambda a, b: False
-        wrap(stage, "_rename_aside")
-    if "dtype" in opts:
-        opts["dtype"] = getattr(torch, opts["dtype"])
-    with VirtualStateDict(src, include_mtp=True) as vsd:
-        save_hf(vsd, out, **opts)
-    print("exported", flush=True)
-    """
-)
+        _wrap(stage, "_rename_aside", marker)
+    opts = {k: (getattr(torch, v) if k == "dtype" else v) for k, v in opts.items()}
+    try:
+        with VirtualStateDict(src, include_mtp=True) as vsd:
+            save_hf(vsd, out, **opts)  # type: ignore[arg-type]
+        outcome = "exported"
+    except BaseException as e:  # noqa: BLE001 - reported to the test
+        outcome = f"{type(e).__name__}: {e}"
+    Path(marker + ".result").write_text(outcome)
+
+
+class Child:
+    """An export in its own process, paused at ``point``."""
+
+    def __init__(self, src: Path, out: Path, marker: Path, point: str, opts: dict[str, object]) -> None:
+        self.marker = marker
+        self.proc = CTX.Process(target=_child, args=(str(src), str(out), str(marker), point, opts))
+        self.proc.start()
+        deadline = time.monotonic() + 60
+        while not marker.exists():
+            assert self.proc.is_alive(), f"the export ended before reaching {point!r}: {self.result()}"
+            assert time.monotonic() < deadline, f"no pause at {point!r}"
+            time.sleep(0.02)
+
+    def signal(self, sig: int) -> None:
+        os.kill(self.proc.pid, sig)
+
+    def release(self) -> None:
+        Path(str(self.marker) + ".go").touch()
+
+    def result(self) -> str:
+        self.proc.join(60)
+        path = Path(str(self.marker) + ".result")
+        return path.read_text() if path.exists() else f"no result, exit code {self.proc.exitcode}"
+
+
+def start(src: Path, out: Path, marker: Path, point: str, opts: dict[str, object]) -> Child:
+    return Child(src, out, marker, point, opts)
+
+
+def kill(child: Child) -> None:
+    child.signal(signal.SIGKILL)
+    child.proc.join(10)
 
 
 @pytest.fixture(scope="module")
@@ -113,27 +152,6 @@ def which(out: Path, refs: dict[str, dict[str, bytes]]) -> str:
     raise AssertionError(f"{out} is neither the old nor the new export: {sorted(got)}")
 
 
-def start(src: Path, out: Path, marker: Path, point: str, opts: dict[str, object]) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-c", PAUSE_SCRIPT, str(src), str(out), str(marker), point, json.dumps(opts)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 60
-    while not marker.exists():
-        if proc.poll() is not None:
-            raise AssertionError(f"the export ended before reaching {point!r}: {proc.communicate()}")
-        assert time.monotonic() < deadline, f"no pause at {point!r}"
-        time.sleep(0.02)
-    return proc
-
-
-def kill(proc: subprocess.Popen[str]) -> None:
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(10)
-
-
 def hidden(parent: Path) -> list[str]:
     return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
 
@@ -156,6 +174,16 @@ def test_sigkill_during_replace_leaves_the_old_or_the_new_export(src: Path, refs
         save_hf(vsd, out, dtype=torch.float32, overwrite=True)
     assert which(out, refs) == "new"
     assert hidden(tmp_path) == []
+
+
+def test_ctrl_c_during_replace_cleans_up_and_keeps_the_old_export(src: Path, refs: dict[str, dict[str, bytes]], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    make_old(src, out)
+    child = start(src, out, tmp_path / "marker", "write", NEW)
+    child.signal(signal.SIGINT)
+    assert child.result() == "KeyboardInterrupt: "
+    assert which(out, refs) == "old"
+    assert hidden(tmp_path) == []  # staging directory removed and lock released on the way out
 
 
 def test_sigkill_between_the_fallback_renames_is_rolled_back(src: Path, refs: dict[str, dict[str, bytes]], tmp_path: Path) -> None:
@@ -189,20 +217,13 @@ def test_a_second_export_into_the_same_directory_is_refused(src: Path, refs: dic
     out, marker = tmp_path / "out", tmp_path / "marker"
     first = start(src, out, marker, "write", NEW)  # holds the directory, paused mid-write
     try:
-        second = subprocess.run(
-            [sys.executable, "-c", PAUSE_SCRIPT, str(src), str(out), str(tmp_path / "m2"), "none", json.dumps(OLD | {"overwrite": True})],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert second.returncode != 0
-        assert "lazysd.errors.ExportError" in second.stderr and "another export into this directory is running (pid" in second.stderr
-        (marker.parent / (marker.name + ".go")).touch()
-        stdout, stderr = first.communicate(timeout=120)
-        assert first.returncode == 0, stderr
+        with VirtualStateDict(src, include_mtp=True) as vsd:
+            with pytest.raises(ExportError, match=rf"{out}: another export into this directory is running \(pid {first.proc.pid} on "):
+                save_hf(vsd, out, overwrite=True)
+        first.release()
+        assert first.result() == "exported"
     finally:
-        if first.poll() is None:
-            first.kill()
+        first.proc.kill()
     got = files_of(out)
     assert got == {k: v for k, v in refs["new"].items() if k != "README.md"}
     assert hidden(tmp_path) == []
@@ -210,9 +231,8 @@ def test_a_second_export_into_the_same_directory_is_refused(src: Path, refs: dic
 
 def test_lock_excludes_threads_of_one_process_and_is_released(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    with ExportLock(out):
-        with pytest.raises(ExportError, match=r"another export into this directory is running \(this process"):
-            ExportLock(out).__enter__()
+    with ExportLock(out), pytest.raises(ExportError, match=r"another export into this directory is running \(this process"):
+        ExportLock(out).__enter__()
     with ExportLock(out):  # released: free again, and the lock file is gone afterwards
         pass
     assert list(tmp_path.iterdir()) == []
@@ -237,37 +257,36 @@ def test_stages_racing_into_a_new_directory_commit_once(tmp_path: Path) -> None:
 
 # ---- full disks ------------------------------------------------------------------------------
 
-FSIZE_SCRIPT = textwrap.dedent(
-    """
-    import resource, signal, sys
-    from lazysd import VirtualStateDict, save_hf
-    from lazysd.errors import ExportError
-    src, out, limit = sys.argv[1], sys.argv[2], int(sys.argv[3])
+def _fsize_child(src: str, out: str, limit: int, result: str) -> None:
+    import resource
+
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # so the limit is an EFBIG error, not a kill
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    with VirtualStateDict(src, include_mtp=True) as vsd:
-        try:
+    try:
+        with VirtualStateDict(src, include_mtp=True) as vsd:
             save_hf(vsd, out)
-        except ExportError as e:
-            print(e)
-    """
-)
+        outcome = "exported"
+    except ExportError as e:
+        outcome = str(e)
+    Path(result).write_text(outcome)
 
 
 def test_file_size_limit_is_an_export_error_naming_the_file(src: Path, tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    run = subprocess.run([sys.executable, "-c", FSIZE_SCRIPT, str(src), str(out), "65536"], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr
-    assert "model-00001-of-00001.safetensors" in run.stdout and "[Errno 27] File too large" in run.stdout, run.stdout
-    assert "(a file size limit, ulimit -f, was reached)" in run.stdout
+    out, result = tmp_path / "out", tmp_path / "result"
+    child = CTX.Process(target=_fsize_child, args=(str(src), str(out), 65536, str(result)))
+    child.start()
+    child.join(60)
+    message = result.read_text()
+    assert "model-00001-of-00001.safetensors" in message and "[Errno 27] File too large" in message, message
+    assert "(a file size limit, ulimit -f, was reached)" in message
     assert not out.exists() and hidden(tmp_path) == []
 
 
 @pytest.fixture
-def small_tmpfs(tmp_path: Path):  # noqa: ANN201
+def small_tmpfs(tmp_path: Path):
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True).returncode:
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True, check=False).returncode:
         pytest.skip("mounting a small tmpfs needs root; the file-size-limit test covers the same path")
     try:
         yield mnt
@@ -293,10 +312,10 @@ class OtherDevice(torch.Tensor):
     """A CPU tensor that behaves as if it lived on an accelerator: no ``.numpy()``, and every
     ``.cpu()`` copy is recorded, to check that export copies one bounded slice at a time."""
 
-    copies: list[int] = []
+    copies: ClassVar[list[int]] = []
 
     @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN206
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.Tensor.numpy:
             raise TypeError("can't convert accel:0 device type tensor to numpy. Use Tensor.cpu() first")
@@ -312,7 +331,7 @@ class OtherDevice(torch.Tensor):
 
 
 def test_device_tensors_are_copied_one_bounded_slice_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import lazysd.export.save as save
+    from lazysd.export import save
 
     monkeypatch.setattr(save, "CHUNK_BYTES", 4096)  # small chunks for a small model
     model = Step3p5Model(SPEC, layout="native")
@@ -392,3 +411,50 @@ def test_config_without_contradictions_is_copied_byte_for_byte(src: Path, tmp_pa
     with pytest.raises(ExportError, match=r"config .*nope\.json: cannot be read"):
         save_hf({"lm_head.weight": torch.ones(2, 2)}, tmp_path / "x", adapter="step3p5", config=tmp_path / "nope.json")
     assert not (tmp_path / "x").exists()
+
+
+def test_symlinked_output_directory_is_replaced_behind_its_link(src: Path, tmp_path: Path) -> None:
+    real, link = tmp_path / "real", tmp_path / "link"
+    real.mkdir()
+    (real / "README.md").write_text("keep me\n")
+    link.symlink_to(real)
+    with VirtualStateDict(src, include_mtp=True) as vsd:
+        assert save_hf(vsd, link, overwrite=True) == link
+    assert link.is_symlink() and (real / "model.safetensors.index.json").exists()
+    assert (real / "README.md").read_text() == "keep me\n"
+    assert hidden(tmp_path) == []
+
+
+def test_writer_errors_are_lazysd_errors(tmp_path: Path) -> None:
+    from lazysd.errors import LazySDError
+    from lazysd.writer import SafetensorsWriter
+
+    writer = SafetensorsWriter(tmp_path / "a.safetensors", [("a", torch.float32, (2,))])
+    with pytest.raises(ExportError, match=r"1 key\(s\) not fully written") as info:
+        writer.commit()
+    assert isinstance(info.value, LazySDError) and isinstance(info.value, ValueError)
+    with pytest.raises(ExportError, match="already committed or aborted"):
+        writer.commit()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stage_write_refuses_blocks_outside_their_tensor(tmp_path: Path) -> None:
+    stage = Stage(tmp_path / "out", plan_files([("w", torch.float32, (2, 3))], "5GB"), token="t")
+    stage.create()
+    with pytest.raises(ExportError, match=r"'w': a block of shape \[2, 2\] at \[1, 0\] is not inside its shape \[2, 3\]"):
+        stage.write("w", (1, 0), torch.zeros(2, 2))
+    with pytest.raises(ExportError, match=r"'v': not a tensor of this export's layout"):
+        stage.write("v", (0,), torch.zeros(1))
+    with pytest.raises(ExportError, match=r"'w': block of dtype torch.bfloat16, the file holds torch.float32"):
+        stage.write("w", (0, 0), torch.zeros(2, 3, dtype=torch.bfloat16))
+    stage.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_main_model_only_module_export_fixes_the_copied_config(src: Path, tmp_path: Path) -> None:
+    model = Step3p5Model(SPEC, layout="native")  # a main-model-only module: no MTP layers
+    out = save_hf(model, tmp_path / "out", adapter="step3p5", config=src / "config.json")
+    config = json.loads((out / "config.json").read_text())
+    assert json.loads((src / "config.json").read_text())["num_nextn_predict_layers"] == SPEC.num_nextn_predict_layers > 0
+    assert config["num_nextn_predict_layers"] == 0
+    assert max(int(k.split(".")[2]) for k in load_hf_tensors(out) if k.startswith("model.layers.")) == SPEC.num_hidden_layers - 1

@@ -15,7 +15,8 @@ from lazysd.adapters import detect, known
 from lazysd.checkpoint import Checkpoint
 from lazysd.cli import main
 from lazysd.errors import UnsupportedFormatError
-from lazysd.plan import local_box, resolve
+from lazysd.geometry import full_box
+from lazysd.plan import resolve
 from lazysd.rules import Adapter, Part, Rule
 from lazysd.testing import load_hf_tensors
 from lazysd.testing.checks import same_bits
@@ -144,7 +145,7 @@ def test_expert_range_reads_only_those_experts(checkpoints: dict, family: str) -
     key = "model.layers.1.mlp.experts.gate_and_up_projs"
     with VirtualStateDict(path) as vsd:
         entry = vsd.entry(key)
-        box = ((2, 4), *local_box(entry.shape)[1:])  # an EP rank owning experts [2, 4)
+        box = ((2, 4), *full_box(entry.shape)[1:])  # an EP rank owning experts [2, 4)
         before = vsd.bytes_read
         got = vsd.lazy(entry, box).materialize()
         assert vsd.bytes_read - before == 2 * 2 * spec.expert_width * spec.hidden_size * 2  # 2 experts x (gate, up), bf16
@@ -278,8 +279,8 @@ def test_fp8_keep_scales_are_not_claimed_by_a_trailing_catch_all(tmp_path: Path)
     stock = known()["deepseek_v3"]
     catch_all = replace(stock, name="deepseek_v3_catch_all", rules=(*stock.rules, Rule("{name:**}")))
     with Checkpoint(path) as ckpt:
-        want = resolve(stock, ckpt, fp8="keep")
-        got = resolve(catch_all, ckpt, fp8="keep")
+        want = resolve(stock, ckpt.config, ckpt.tensors, where=ckpt.path, fp8="keep")
+        got = resolve(catch_all, ckpt.config, ckpt.tensors, where=ckpt.path, fp8="keep")
     assert list(got.entries) == list(want.entries)
     stacked = got.entries["model.layers.1.mlp.experts.gate_and_up_projs_scale_inv"]
     assert stacked.kind == "experts" and stacked.dtype == torch.float32

@@ -14,8 +14,9 @@ import torch
 
 from lazysd import MissingKeyError, PlacementError, VirtualStateDict
 from lazysd.cli import main
-from lazysd.inspect import Layout, _run_count, chunk_range, layer_of, summary_html
-from lazysd.reader import _runs
+from lazysd.dryrun import EPLayout
+from lazysd.geometry import byte_runs, chunk_range, run_count
+from lazysd.inspect import layer_of, summary_html
 from lazysd.testing import Step3p5Spec, load_hf_tensors, make_checkpoint
 
 GATE_UP = "model.layers.1.moe.experts.gate_and_up_projs"
@@ -203,7 +204,7 @@ def test_run_count_matches_runs() -> None:
     shape = (3, 4, 5)
     dims = [[(lo, hi) for lo in range(n) for hi in range(lo + 1, n + 1)] for n in shape]
     for box in itertools.product(*dims):
-        assert _run_count(shape, list(box)) == len(_runs(shape, 2, list(box))), box
+        assert run_count(shape, box) == len(byte_runs(shape, 2, box)), box
 
 
 # ---- dry-run plans ------------------------------------------------------------------------
@@ -260,7 +261,7 @@ def test_plan_numbers_uneven_and_2d(tiny: Path) -> None:
 
 def test_layout_box_fsdp_shards_dense_tensors(tiny: Path) -> None:
     with VirtualStateDict(tiny) as vsd:
-        layout = Layout(2, 1, fsdp=True)
+        layout = EPLayout(2, 1, fsdp=True)
         assert layout.box(vsd.entry("lm_head.weight"), 1) == ((32, 64), (0, 32))
         assert layout.box(vsd.entry("model.norm.weight"), 0) == ((0, 16),)
 

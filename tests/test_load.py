@@ -291,11 +291,11 @@ def test_peak_rss_of_a_200mb_load_stays_within_the_bound(tmp_path: Path) -> None
 
 def test_mmap_assign_maps_unchanged_tensors_and_converts_the_rest(tmp_path: Path, monkeypatch) -> None:
     """mmap=True: unchanged tensors are copy-on-write file views, converted ones are read; same values."""
-    import lazysd.reader
+    import lazysd.reads
     from lazysd.testing import Step3p5Model, Step3p5Spec, make_checkpoint
 
     # Rows (experts) of any size are read one by one straight into place, not only >= 64 KiB.
-    monkeypatch.setattr(lazysd.reader, "_DIRECT_ROW", 0)
+    monkeypatch.setattr(lazysd.reads, "DIRECT_ROW", 0)
     spec = Step3p5Spec.tiny()
     path = make_checkpoint(tmp_path / "c", spec, layout="sharded")
     expected = {k: v.materialize() for k, v in VirtualStateDict(path).items()}

@@ -77,15 +77,13 @@ def detect(config: Mapping[str, Any], keys: Iterable[str] = (), *, where: str = 
         >>> detect({"model_type": "llava", "text_config": {"model_type": "mixtral"}}).name
         'mixtral'
     """
-    from ..plan import unclaimed_keys
-
     types = [config.get("model_type"), (config.get("text_config") or {}).get("model_type") if isinstance(config.get("text_config"), Mapping) else None]
     keys = list(keys)
     left: dict[str, list[str]] = {}  # adapter name -> its unclaimed keys, computed once
 
     def unclaimed(a: Adapter) -> list[str]:
         if a.name not in left:
-            left[a.name] = unclaimed_keys(a, keys)
+            left[a.name] = a.unclaimed(keys)
         return left[a.name]
 
     for model_type in types:

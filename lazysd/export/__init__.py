@@ -15,14 +15,24 @@ One concept per module, in the order an export runs (after torch.distributed.che
 * :mod:`~lazysd.export.config`  the config.json that describes exactly what was written.
 * :mod:`~lazysd.export.save`    save_hf / save_native: the phases across ranks (*agree*).
 
-A storage writer for torch.distributed.checkpoint reuses the phases directly::
+A storage writer for torch.distributed.checkpoint reuses the phases directly, and so writes
+the same bytes and commits as atomically as :func:`save_hf`::
 
-    layout = plan_files(entries, max_shard_size)      # every rank, same result
-    with ExportLock(out_dir):                         # coordinator, around everything below
-        stage = Stage(out_dir, layout, token)         # token agreed by all ranks
-        stage.create()                                # coordinator, before any write
-        stage.write(key, offset, block); stage.flush()  # every rank, its own blocks
-        stage.commit(config=...)                      # coordinator; stage.abort() on failure
+    view = HFView(meta_tensors, adapter=...)            # every rank: HF entries from metadata
+    layout = plan_files([(e.key, e.dtype, e.shape) for e in view.entries.values()], max_shard_size)
+    lock = ExportLock(out_dir).__enter__()              # coordinator: held until commit or abort
+    recover(out_dir)                                     # coordinator: undo killed exports' leftovers
+    stage = Stage(out_dir, layout, token)                # every rank; token chosen by the coordinator
+    stage.create()                                       # coordinator, before any write
+    piece, hf_offset = clip(entry.piece, box)            # every rank, per local shard and entry ...
+    for offset, block in piece_blocks(shard, entry, piece, hf_offset, origin):
+        stage.write(entry.key, offset, block)            # ... bounded blocks, any device
+    stage.flush()                                        # every rank: fsync
+    stage.commit(config=fitted_config(...), overwrite=...)   # coordinator; stage.abort() on failure
+    lock.__exit__(None, None, None)                      # coordinator, in every case
+
+``out_dir`` there is the real directory (``os.path.realpath``), so the stage is its sibling on
+the same filesystem; ``out_dir_problem`` gives save_hf's checks of the output directory.
 
 Example:
     >>> import tempfile, torch
@@ -33,12 +43,14 @@ Example:
     ['model-00001-of-00001.safetensors', 'model.safetensors.index.json']
 """
 
+from .config import export_config, fitted_config
 from .layout import FileLayout, ShardFile, TensorSlot, parse_size, plan_files
-from .save import save_hf, save_native
-from .stage import ExportLock, Stage
-from .view import NATIVE, HFEntry, HFView
+from .save import CHUNK_BYTES, out_dir_problem, piece_blocks, save_hf, save_native
+from .stage import ExportLock, Stage, recover
+from .view import NATIVE, HFEntry, HFView, clip, converted
 
 __all__ = [
+    "CHUNK_BYTES",
     "NATIVE",
     "ExportLock",
     "FileLayout",
@@ -47,8 +59,15 @@ __all__ = [
     "ShardFile",
     "Stage",
     "TensorSlot",
+    "clip",
+    "converted",
+    "export_config",
+    "fitted_config",
+    "out_dir_problem",
     "parse_size",
+    "piece_blocks",
     "plan_files",
+    "recover",
     "save_hf",
     "save_native",
 ]

@@ -29,11 +29,13 @@ from typing import Any
 
 import torch
 
+from ..checkpoint import config_value
 from ..errors import ExportError
 from ..plan import MTP_LAYER_FIELDS
-from .view import is_fp8
+from ..rules import Adapter
+from .view import NATIVE, HFEntry, is_fp8
 
-__all__ = ["export_config"]
+__all__ = ["export_config", "fitted_config"]
 
 _DTYPE_FIELDS = ("torch_dtype", "dtype")
 
@@ -106,3 +108,30 @@ def _fit(data: dict[str, Any], dtypes: set[torch.dtype], layers: set[int], num_l
                     node[field] = name
                     changed = True
     return changed
+
+
+def fitted_config(
+    config: Mapping[str, Any] | str | os.PathLike[str], entries: Iterable[HFEntry], *, adapter: Adapter, num_layers: int | None, dtype: torch.dtype | None
+) -> bytes:
+    """:func:`export_config` for the HF entries of a view: their dtypes and layer indices.
+
+    ``num_layers`` defaults to the config's own count of main layers (the adapter's field).
+    """
+    entries = list(entries)
+    if num_layers is None and adapter is not NATIVE:
+        num_layers = _config_layers(config, adapter)
+    layer_re = adapter.layer_pattern.regex
+    layers = {int(m.group("layer")) for e in entries if (m := layer_re.match(e.key)) is not None}
+    return export_config(config, dtypes={e.dtype for e in entries}, layers=layers, num_layers=num_layers, text_config=adapter.text_config, dtype=dtype)
+
+
+def _config_layers(config: Mapping[str, Any] | str | os.PathLike[str], adapter: Adapter) -> int | None:
+    """Main decoder layers according to the config, if it says (unreadable configs: None here,
+    reported by :func:`export_config`)."""
+    try:
+        data = dict(config) if isinstance(config, Mapping) else json.loads(Path(config).read_bytes())
+    except (OSError, ValueError):
+        return None
+    text = data.get(adapter.text_config, data) if adapter.text_config else data
+    value = config_value(text, *adapter.num_layers) if isinstance(text, Mapping) else None
+    return value if type(value) is int else None

@@ -32,18 +32,17 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import config_value
 from ..errors import ExportError, LazySDError
 from ..lazy import LazyTensor
 from ..progress import ProgressPrinter
 from ..reverse import HFPiece, extract
 from ..rules import Adapter
-from .config import export_config
+from .config import fitted_config
 from .layout import FileLayout, plan_files
 from .stage import ExportLock, Stage, recover
 from .view import NATIVE, HFEntry, HFView, clip, converted, is_dtensor, local_box
 
-__all__ = ["CHUNK_BYTES", "save_hf", "save_native"]
+__all__ = ["CHUNK_BYTES", "out_dir_problem", "piece_blocks", "save_hf", "save_native"]
 
 # One write moves at most this many bytes of one tensor: memory (and, for a GPU tensor, the
 # copy to the CPU) stays bounded whatever a tensor's size; LazyTensor sources read only these.
@@ -157,17 +156,25 @@ def _indices(shape: tuple[int, ...]) -> Iterator[tuple[int, ...]]:
 
 
 def blocks(ranks: Ranks, native: Any, entry: HFEntry, index: int) -> Iterator[tuple[tuple[int, ...], torch.Tensor]]:
-    """The ``(HF offset, contiguous HF block)`` pieces of ``entry`` this rank writes (:func:`owned`).
-
-    Each block holds at most :data:`CHUNK_BYTES` and stays on the native tensor's device
-    (:meth:`Stage.write` copies it to the CPU): only one bounded slice at a time is converted
-    or copied, whatever the tensor's size or device.
-    """
+    """The ``(HF offset, contiguous HF block)`` pieces of ``entry`` this rank writes (:func:`owned`)."""
     mine = owned(ranks, native, entry, index)
     if mine is None:
         return
     piece, hf_offset, origin = mine
-    tensor = native.to_local() if is_dtensor(native) else native
+    yield from piece_blocks(native.to_local() if is_dtensor(native) else native, entry, piece, hf_offset, origin)
+
+
+def piece_blocks(
+    tensor: torch.Tensor, entry: HFEntry, piece: HFPiece, hf_offset: tuple[int, ...], origin: tuple[int, ...]
+) -> Iterator[tuple[tuple[int, ...], torch.Tensor]]:
+    """``(HF offset, contiguous HF block)`` of ``piece``, a part of ``entry`` inside ``tensor``.
+
+    ``tensor`` is the native tensor or a local shard of it whose first element sits at native
+    coordinates ``origin``; ``piece`` and ``hf_offset`` come from :func:`~lazysd.export.view.clip`.
+    Each block holds at most :data:`CHUNK_BYTES` and stays on the tensor's device
+    (:meth:`~lazysd.export.stage.Stage.write` copies it to the CPU): only one bounded slice at
+    a time is converted or copied, whatever the tensor's size or device.
+    """
     for offset, sizes in chunk_boxes(piece.shape, entry.dtype.itemsize, CHUNK_BYTES):
         start = list(piece.start)
         for i, d in enumerate(piece.dims):
@@ -196,17 +203,18 @@ def source_files(state_dict: Any) -> list[Path]:
     out: list[Path] = []
     ckpt = getattr(state_dict, "checkpoint", None)
     if ckpt is not None:
-        return [Path(ckpt.path), *ckpt.files]
+        # A remote checkpoint's files are not on this machine: no output can be one of them.
+        return [Path(ckpt.path), *ckpt.files] if getattr(ckpt, "local", True) else []
     if isinstance(state_dict, Mapping):
         files: dict[Path, None] = {}
         for v in state_dict.values():
             if isinstance(v, LazyTensor):
-                files.update(dict.fromkeys(Path(src.info.file) for src in v.entry.sources))
+                files.update(dict.fromkeys(Path(src.info.file) for src in v.entry.sources if isinstance(src.info.file, (str, os.PathLike))))
         out = [p for f in files for p in (f, f.parent)]
     return out
 
 
-def _out_dir_problem(out_dir: Path, sources: list[Path], overwrite: bool) -> str | None:
+def out_dir_problem(out_dir: Path, sources: list[Path], overwrite: bool) -> str | None:
     """Why ``out_dir`` must not be written, or None."""
     target = out_dir.resolve()
     for src in sources:
@@ -254,33 +262,10 @@ def _plan(view: HFView, max_shard_size: int | str, config: ConfigArg, dtype: tor
     natives = {key: view.native[key] for key in dict.fromkeys(e.native_key for e in entries)}
     _check_values(natives, distributed)
     layout = plan_files([(e.key, e.dtype, e.shape) for e in entries], max_shard_size)
-    config_bytes = None
-    if config is not None:
-        adapter = view.adapter
-        num_layers = view.num_layers
-        if num_layers is None and adapter is not NATIVE and isinstance(config, Mapping | str | os.PathLike):
-            num_layers = _config_layers(config, adapter)
-        layer_re = adapter.layer_pattern.regex
-        layers = {int(m.group("layer")) for e in entries if (m := layer_re.match(e.key)) is not None}
-        config_bytes = export_config(
-            config, dtypes={e.dtype for e in entries}, layers=layers, num_layers=num_layers, text_config=adapter.text_config, dtype=dtype
-        )
+    config_bytes = None if config is None else fitted_config(config, entries, adapter=view.adapter, num_layers=view.num_layers, dtype=dtype)
     flags = [(e.key, e.native_key, is_dtensor(natives[e.native_key])) for e in entries]
     digest = hashlib.sha256((layout.digest + repr(flags)).encode()).hexdigest()
     return _Job(entries, natives, layout, config_bytes, digest)
-
-
-def _config_layers(config: Mapping[str, Any] | str | os.PathLike[str], adapter: Adapter) -> int | None:
-    """Main decoder layers according to the config (for MTP numbering), if it says."""
-    import json
-
-    try:
-        data = dict(config) if isinstance(config, Mapping) else json.loads(Path(config).read_bytes())
-    except (OSError, ValueError):
-        return None  # export_config reports unreadable configs
-    text = data.get(adapter.text_config, data) if adapter.text_config else data
-    value = config_value(text, *adapter.num_layers) if isinstance(text, Mapping) else None
-    return value if type(value) is int else None
 
 
 def _write(ranks: Ranks, job: _Job, stage: Stage, progress: bool) -> None:
@@ -325,7 +310,7 @@ def _export(
             lock.__enter__()
             recover(real)
         job = _plan(view, max_shard_size, config, dtype, ranks.group is not None)
-        problem = _out_dir_problem(shown, source_files(view.native), overwrite)
+        problem = out_dir_problem(shown, source_files(view.native), overwrite)
     except LazySDError as e:
         problem = str(e)
     except OSError as e:  # the lock's or an earlier export's leftovers: report it on every rank

@@ -51,6 +51,7 @@ import os
 import shutil
 import socket
 import threading
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -59,7 +60,7 @@ import torch
 
 from ..checkpoint import INDEX_NAME
 from ..errors import ExportError
-from ..reader import _runs as _byte_runs  # geometry.byte_runs once it lands
+from ..geometry import byte_runs as _byte_runs
 from ..writer import pwrite_all
 from .layout import FileLayout, TensorSlot
 
@@ -124,6 +125,10 @@ class ExportLock:
                     os.close(fd)
                     if e.errno in (errno.EAGAIN, errno.EACCES):
                         raise self._busy(holder) from None
+                    if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                        # A filesystem without locks: the atomic commit alone keeps exports whole.
+                        warnings.warn(f"{self.path}: the filesystem cannot lock ({e.strerror}); concurrent exports into {self.out_dir} are not excluded", stacklevel=3)
+                        return self
                     raise io_error("locking", self.path, e) from e
                 try:
                     same = os.path.samestat(os.fstat(fd), os.stat(self.path))
@@ -233,9 +238,15 @@ class Stage:
         copied to the CPU here, whole: callers bound its size). The box becomes as few
         ``pwrite`` s as its row-major byte runs allow: one for whole trailing dimensions.
         """
-        slot = self.layout.slots[key]
+        slot = self.layout.slots.get(key)
+        if slot is None:
+            raise ExportError(f"{key[:200]!r}: not a tensor of this export's layout")
         if block.dtype != slot.dtype:
             raise ExportError(f"{key[:200]!r}: block of dtype {block.dtype}, the file holds {slot.dtype}")
+        if len(offset) != len(slot.shape) or block.dim() != len(slot.shape) or any(
+            o < 0 or o + n > s for o, n, s in zip(offset, block.shape, slot.shape)
+        ):
+            raise ExportError(f"{key[:200]!r}: a block of shape {list(block.shape)} at {list(offset)} is not inside its shape {list(slot.shape)}")
         if block.device.type != "cpu":
             block = block.cpu()
         fd = self._fd(slot)

@@ -21,7 +21,7 @@ import torch
 from ..adapters import resolve_adapter
 from ..distributed import Target, contiguous_stride, local_box_of
 from ..errors import ExportError, MissingKeyError, UnclaimedKeyError
-from ..reverse import HFPiece, extract, hf_pieces, match_native
+from ..reverse import HFPiece, extract, hf_pieces
 from ..rules import Adapter, Rule
 from ..transpose import contiguous
 
@@ -81,9 +81,9 @@ def _pieces(adapter: Adapter, key: str, shape: tuple[int, ...], num_layers: int 
     pieces are the weight's pieces over the scale's shape, with the companion suffix.
     """
     suffix = adapter.scale_suffix
-    if suffix and key.endswith(SCALE_SUFFIX) and match_native(adapter, key, num_layers=num_layers) is None:
+    if suffix and key.endswith(SCALE_SUFFIX) and adapter.native_rule(key, num_layers=num_layers) is None:
         base = key.removesuffix(SCALE_SUFFIX)
-        if match_native(adapter, base, num_layers=num_layers) is not None:
+        if adapter.native_rule(base, num_layers=num_layers) is not None:
             pieces = hf_pieces(adapter, base, shape, num_layers=num_layers)
             return [replace(p, key=p.key + suffix, rule=replace(p.rule, dtype=torch.float32)) for p in pieces]
     return hf_pieces(adapter, key, shape, num_layers=num_layers)
@@ -179,8 +179,8 @@ class HFView(Mapping[str, torch.Tensor]):
 
     def mtp_index(self, native_key: str) -> int | None:
         """The MTP layer a native key belongs to (``mtp.layers.{i}.*`` -> i), else None."""
-        m = self.adapter.mtp_pattern.regex.match(native_key)
-        return int(m.group("index")) if m is not None and m.group("index").isdigit() else None
+        found = self.adapter.mtp_index(native_key)
+        return None if found is None else found[0]
 
     def __getitem__(self, key: str) -> torch.Tensor:
         entry = self.entries.get(key)

@@ -1,0 +1,287 @@
+"""The byte-level read plan: which bytes, from where, into which region. Pure.
+
+:func:`plan_reads` turns a native tensor's plan :class:`~lazysd.plan.Entry`, a box of it (the
+whole tensor, or one rank's shard) and a description of the destination into a tuple of
+:class:`ReadItem` s: plain frozen data, one per chunk of source rows, each naming the source
+tensor (file, key, data offset, dtype, shape), the region of it to read (a box in the
+source's own dims, whose row-major byte runs are :attr:`ReadItem.runs`), the region of the
+destination it fills (:attr:`ReadItem.dest_box`, relative to the destination's first element)
+and, for block-scaled FP8 weights, the scale blocks to multiply in (:class:`ScaleRead`).
+
+This is lazysd's counterpart of torch.distributed.checkpoint's ``ReadItem`` (dest offsets,
+storage offsets, lengths, as data): the reader (:mod:`lazysd.reader`) only carries items out,
+and everything that needs to know what a load reads derives from the same items:
+``VirtualStateDict.planned_ranges``, the dry-run plans and ``explain`` of
+:mod:`lazysd.inspect`, and the progress total. :func:`read_totals` counts the same chunks
+without building items, for plans with many ranks or very many runs.
+
+Each item also says how the reader carries it out (:attr:`ReadItem.method`), since that
+decides the chunking: ``"direct"`` reads straight into the destination (its memory is in
+source order: no permutation, no cast, CPU); ``"fused"`` reads through the transpose kernel
+into a destination whose last two dims are the source's swapped; ``"staged"`` reads into a
+bounded staging buffer, then converts (cast, FP8 dequantization, permutation, another device).
+
+Consumers outside the reader (a DCP storage reader, remote ranged reads) need only
+:attr:`ReadItem.source` (``file``, ``offset``) and :meth:`ReadItem.ranges`: absolute
+``(file offset, length)`` pairs, the source-order bytes of the item back to back.
+
+Example:
+    >>> from lazysd.testing import make_checkpoint, Step3p5Spec   # doctest: +SKIP
+    >>> vsd = VirtualStateDict(path)                              # doctest: +SKIP
+    >>> entry = vsd.entry("model.layers.3.moe.experts.down_projs")  # doctest: +SKIP
+    >>> items = plan_reads(entry, ((0, 2), *full_box(entry.shape)[1:]), Destination(torch.bfloat16))  # doctest: +SKIP
+    >>> items[0].source.key, items[0].source_box, items[0].dest_box  # doctest: +SKIP
+    ('model.layers.3.moe.down_proj.weight', ((0, 1), (0, 16), (0, 8)), ((0, 1), (0, 8), (0, 16)))
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from .checkpoint import TensorInfo
+from .geometry import Box, box_shape, byte_runs, is_empty, relative, run_count
+from .plan import Entry, Source
+from .transpose import fused_read_fits
+
+MiB = 1 << 20
+FUSED_BLOCK = 256 << 10  # the kernel's block buffer (BLOCK_BYTES in _transpose.c)
+DIRECT_ROW = 64 << 10  # smallest row read on its own rather than staged with its neighbours
+
+Method = Literal["direct", "fused", "staged"]
+
+
+@dataclass(frozen=True)
+class Destination:
+    """The tensor a plan fills (the box of a native tensor), as plain values.
+
+    Attributes:
+        dtype: its dtype (a cast is planned where it differs from the source's).
+        device: its device type; only ``"cpu"`` destinations are read into directly.
+        stride: its element strides; None is contiguous (row-major in native order).
+    """
+
+    dtype: torch.dtype
+    device: str = "cpu"
+    stride: tuple[int, ...] | None = None
+
+    @classmethod
+    def of(cls, t: torch.Tensor) -> Destination:
+        """The destination ``t`` is."""
+        return cls(t.dtype, t.device.type, tuple(t.stride()))
+
+
+@dataclass(frozen=True)
+class ScaleRead:
+    """FP8 inverse block scales of one item: read ``box`` of ``source``, expand, multiply.
+
+    Attributes:
+        source: the scale tensor ``[ceil(rows / b0), ceil(cols / b1)]``.
+        box: the block rows and columns the item's source rows/columns touch (edges may be
+            ragged: a block can cover rows outside the item).
+        block: ``(b0, b1)`` source elements per scale.
+    """
+
+    source: TensorInfo
+    box: Box
+    block: tuple[int, int]
+
+    @property
+    def runs(self) -> list[tuple[int, int]]:
+        """Byte runs ``(offset from the scale tensor's first byte, length)``."""
+        return byte_runs(self.source.shape, self.source.itemsize, self.box)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(box_shape(self.box)) * self.source.itemsize
+
+
+@dataclass(frozen=True)
+class ReadItem:
+    """One read: a region of one source tensor into a region of the destination.
+
+    Attributes:
+        source: the HF tensor read: ``file`` (absolute path), ``key``, ``offset`` (absolute
+            file offset of its first byte), dtype and shape. The file is the one the
+            checkpoint opened; the reader checks it is unchanged around every read.
+        source_box: region of the source read, in its own dims ([lo, hi) per dim). Its bytes
+            are :attr:`runs`, read back to back they form a row-major tensor of the box's shape.
+        dest_box: region of the destination filled, in native dims, relative to the
+            destination's first element (the box ``plan_reads`` was given starts at 0).
+        dims: native dim -> source dim (``None``: a size-1 stacking dim), as in
+            :attr:`lazysd.plan.Source.dims`: the source region seen through ``dims`` is the
+            destination region.
+        method: how the reader carries it out: ``"direct"``, ``"fused"`` or ``"staged"``
+            (module docstring).
+        staging: staging bytes the item holds while in flight (0 for direct reads).
+        scale: FP8 scales to multiply in (then the item is staged and dequantized), or None.
+    """
+
+    source: TensorInfo
+    source_box: Box
+    dest_box: Box
+    dims: tuple[int | None, ...]
+    method: Method
+    staging: int
+    scale: ScaleRead | None = None
+
+    @property
+    def runs(self) -> list[tuple[int, int]]:
+        """Byte runs ``(offset from the source tensor's first byte, length)``, in order, merged."""
+        return byte_runs(self.source.shape, self.source.itemsize, self.source_box)
+
+    @property
+    def run_count(self) -> int:
+        """``len(self.runs)``, without listing them."""
+        return run_count(self.source.shape, self.source_box)
+
+    @property
+    def data_bytes(self) -> int:
+        """Bytes of source data read."""
+        return math.prod(box_shape(self.source_box)) * self.source.itemsize
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes read from disk: source data plus scale blocks."""
+        return self.data_bytes + (self.scale.nbytes if self.scale is not None else 0)
+
+    def ranges(self) -> list[tuple[str, int, int]]:
+        """``(file, absolute offset, length)`` of every read, scale blocks included."""
+        out = [(str(self.source.file), self.source.offset + s, n) for s, n in self.runs]
+        if self.scale is not None:
+            sc = self.scale.source
+            out += [(str(sc.file), sc.offset + s, n) for s, n in self.scale.runs]
+        return out
+
+
+@dataclass(frozen=True)
+class ReadTotals:
+    """What a plan reads, counted (:func:`read_totals`)."""
+
+    nbytes: int  # bytes read from disk, FP8 scale blocks included
+    runs: int  # contiguous byte ranges read (what pread is called for)
+    items: int  # read items
+    dest_bytes: int  # bytes written into the destination
+
+
+def _inverse(perm: list[int]) -> list[int]:
+    inv = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inv[p] = i
+    return inv
+
+
+def _chunks(src: Source, box: Box, dest: torch.Tensor, cpu: bool, chunk_bytes: int) -> Iterator[tuple[Box, Box, Method, int]]:
+    """``(source sub-box, destination region, method, staging)`` of each read of ``src``.
+
+    ``dest`` is a meta tensor with the destination's shape, dtype and strides: the view
+    arithmetic below decides where bytes can go straight into place, without memory.
+    """
+    found = src.source_region(box)
+    if found is None:
+        return
+    src_box, native = found
+    info = src.info
+    region = relative(native, [lo for lo, _ in box])
+    view = dest[tuple(slice(lo, hi) for lo, hi in region)]
+    perm = [d for d in src.dims if d is not None]
+    new_axes = tuple(0 if d is None else slice(None) for d in src.dims)
+    # The destination seen in source order: where that is contiguous, the bytes can be read
+    # straight into it (unchanged tensors; halves of a tensor laid out in source order).
+    as_source = view[new_axes].permute(_inverse(perm))
+    plain = src.scale is None and dest.dtype == info.dtype and cpu
+    if not info.shape:
+        yield src_box, region, ("direct" if plain else "staged"), (0 if plain else info.itemsize)
+        return
+    rows = src_box[0][1] - src_box[0][0]
+    # A dequantized chunk is staged in fp32: budget its rows at that size.
+    row_bytes = (4 if src.scale is not None else info.itemsize) * math.prod(h - l for l, h in src_box[1:])
+    per = max(1, chunk_bytes // max(1, row_bytes))
+    if plain and row_bytes >= DIRECT_ROW and not as_source.is_contiguous() and as_source[:1].is_contiguous():
+        per = 1  # contiguous row by row only: one direct read per row beats staging
+    # The kernel's case: the last two source dims swapped, nothing else moved, no cast.
+    swapped = (
+        plain
+        and perm == [*range(len(perm) - 2), len(perm) - 1, len(perm) - 2]
+        and len(perm) in (2, 3)
+        and src_box[-1] == (0, info.shape[-1])
+    )
+    native0 = src.dims.index(0)
+    # Chunks of one size share their strides, so the method is decided once per size.
+    decided: dict[int, tuple[Method, int]] = {}
+    for r in range(0, rows, per):
+        n = min(per, rows - r)
+        sub = ((src_box[0][0] + r, src_box[0][0] + r + n), *src_box[1:])
+        lo0 = region[native0][0] + r
+        dest_region = (*region[:native0], (lo0, lo0 + n), *region[native0 + 1 :])
+        how = decided.get(n)
+        if how is None:
+            chunk_view = view.narrow(native0, 0, n)[new_axes]
+            if plain and as_source.narrow(0, 0, n).is_contiguous():
+                how = ("direct", 0)
+            elif swapped and run_count(info.shape, sub) == 1 and fused_read_fits(chunk_view.shape, chunk_view.stride(), chunk_view.element_size()):
+                how = ("fused", min(n * row_bytes, max(FUSED_BLOCK, 8 * info.shape[-1] * info.itemsize)))
+            else:
+                how = ("staged", n * row_bytes)
+            decided[n] = how
+        yield sub, dest_region, how[0], how[1]
+
+
+def _meta_dest(box: Box, dest: Destination) -> torch.Tensor:
+    shape = box_shape(box)
+    if dest.stride is None:
+        return torch.empty(shape, dtype=dest.dtype, device="meta")
+    return torch.empty_strided(shape, dest.stride, dtype=dest.dtype, device="meta")
+
+
+def plan_reads(entry: Entry, box: Box, dest: Destination, *, chunk_bytes: int = 8 * MiB) -> tuple[ReadItem, ...]:
+    """The reads that fill ``box`` of ``entry`` into a destination like ``dest``. Pure.
+
+    Args:
+        entry: the native tensor's plan entry (its sources, their placement and scales).
+        box: the region of the native tensor wanted, ``[lo, hi)`` per dim.
+        dest: the destination tensor (the box's shape): dtype, device type, strides.
+        chunk_bytes: target size of one read (source rows are never split; a dequantized
+            FP8 chunk counts at fp32).
+
+    Returns:
+        Items in source order, then row order; none for an empty box. Their destination
+        regions tile the box; each source byte the box needs is in exactly one item.
+    """
+    if is_empty(box):
+        return ()
+    meta = _meta_dest(box, dest)
+    cpu = dest.device == "cpu"
+    items = []
+    for src in entry.sources:
+        for sub, region, method, staging in _chunks(src, box, meta, cpu, chunk_bytes):
+            scale = None
+            if src.scale is not None:
+                scale = ScaleRead(src.scale.info, src.scale.region(sub), src.scale.block)
+            items.append(ReadItem(src.info, sub, region, src.dims, method, staging, scale))
+    return tuple(items)
+
+
+def read_totals(entry: Entry, box: Box, dest: Destination, *, chunk_bytes: int = 8 * MiB) -> ReadTotals:
+    """Bytes, runs and items of ``plan_reads(entry, box, dest, chunk_bytes=...)``, counted
+    over the same chunks without building the items or listing their runs."""
+    if is_empty(box):
+        return ReadTotals(0, 0, 0, 0)
+    meta = _meta_dest(box, dest)
+    cpu = dest.device == "cpu"
+    nbytes = runs = items = 0
+    for src in entry.sources:
+        info = src.info
+        for sub, _, _, _ in _chunks(src, box, meta, cpu, chunk_bytes):
+            items += 1
+            nbytes += math.prod(box_shape(sub)) * info.itemsize
+            runs += run_count(info.shape, sub)
+            if src.scale is not None:
+                sb = src.scale.region(sub)
+                nbytes += math.prod(box_shape(sb)) * src.scale.info.itemsize
+                runs += run_count(src.scale.info.shape, sb)
+    return ReadTotals(nbytes, runs, items, math.prod(box_shape(box)) * dest.dtype.itemsize)
