@@ -104,7 +104,9 @@ def load(
             its fsspec filesystem (credentials, endpoint).
         share: with a process group, ``"node"`` (default) reads each tensor that several
             ranks of a node need once on the node and sends it to the others
-            (:mod:`lazysd.share`); None reads everything on every rank.
+            (:mod:`lazysd.share`); None reads everything on every rank. Every rank of the
+            group must then call ``load`` (it runs one ``all_gather_object``). An open
+            VirtualStateDict keeps the ``share=`` it was opened with.
 
     Returns:
         A :class:`LoadReport`.

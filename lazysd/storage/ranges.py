@@ -65,8 +65,8 @@ def coalesce(runs: list[tuple[int, int]], options: RemoteOptions = RemoteOptions
     useful bytes of the request.
 
     Example:
-        >>> [(r.start, r.end) for r in coalesce([(0, 100), (110, 100), (10_000_000, 5)])]
-        [(0, 210), (10000000, 10000005)]
+        >>> [(r.start, r.end) for r in coalesce([(0, 10_000), (10_050, 10_000), (10_000_000, 5)])]
+        [(0, 20050), (10000000, 10000005)]
     """
     pieces: list[tuple[int, int, int]] = []
     pos = 0
