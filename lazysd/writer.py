@@ -26,11 +26,12 @@ import threading
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 import torch
 
 from .checkpoint import DTYPES
-from .errors import ExportDTypeError, ExportError, MissingKeyError
+from .errors import ExportDTypeError, MissingKeyError, WriterError
 from .transpose import contiguous
 
 __all__ = [
@@ -94,7 +95,7 @@ def header_bytes(
     pos = 0
     for key, dtype, shape in entries:
         if key == "__metadata__" or key in offsets:
-            raise ExportError(f"tensor key {key!r} is reserved or given twice")
+            raise WriterError(f"tensor key {key!r} is reserved or given twice")
         if dtype not in DTYPE_TO_NAME:
             raise ExportDTypeError(
                 f"tensor {key!r}: dtype {dtype} has no safetensors name; "
@@ -181,7 +182,7 @@ class SafetensorsWriter:
             ...     w.write("w", torch.ones(2, 2), byte_offset=16)    # rows 2..3
         """
         if self._fd is None:
-            raise ExportError(f"{self.path}: writer is already committed or aborted")
+            raise WriterError(f"{self.path}: writer is already committed or aborted")
         if key not in self._offsets:
             raise MissingKeyError(f"{self.path}: key {key!r} is not among the writer's entries")
         dtype, shape = self._entries[key]
@@ -189,15 +190,15 @@ class SafetensorsWriter:
         if tensor.dtype != dtype:
             raise ExportDTypeError(f"{self.path}: key {key!r} expects dtype {dtype}, got {tensor.dtype}")
         if tensor.device.type == "meta":
-            raise ExportError(f"{self.path}: key {key!r}: tensor is on the meta device (it holds no data)")
+            raise WriterError(f"{self.path}: key {key!r}: tensor is on the meta device (it holds no data)")
         nbytes = tensor.numel() * tensor.element_size()
         if byte_offset < 0 or byte_offset + nbytes > end - begin:
-            raise ExportError(
+            raise WriterError(
                 f"{self.path}: key {key!r}: {nbytes} bytes at byte_offset {byte_offset} do not fit "
                 f"its {end - begin} bytes"
             )
         if byte_offset == 0 and nbytes == end - begin and tuple(tensor.shape) != shape:
-            raise ExportError(
+            raise WriterError(
                 f"{self.path}: key {key!r} expects shape {shape}, got {tuple(tensor.shape)}"
             )
         # reshape(-1) first: view(uint8) refuses 0-dim tensors; both steps are views, so the only
@@ -223,14 +224,14 @@ class SafetensorsWriter:
         """Fsync the temporary file and rename it onto ``path``; returns ``path``.
 
         Unless ``sparse``, every byte of every key must have been written, else the temporary
-        file is removed and :class:`~lazysd.errors.ExportError` (a ``ValueError``) names the
+        file is removed and :class:`~lazysd.errors.WriterError` (a ``ValueError``) names the
         incomplete keys.
         """
         if self._fd is None:
-            raise ExportError(f"{self.path}: writer is already committed or aborted")
+            raise WriterError(f"{self.path}: writer is already committed or aborted")
         if not self.sparse and (missing := self._missing()):
             self.abort()
-            raise ExportError(
+            raise WriterError(
                 f"{self.path}: {len(missing)} key(s) not fully written, e.g. {missing[:3]}; "
                 "write them or pass sparse=True"
             )
@@ -249,7 +250,7 @@ class SafetensorsWriter:
             self._fd = None
         self.tmp_path.unlink(missing_ok=True)
 
-    def __enter__(self) -> SafetensorsWriter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(

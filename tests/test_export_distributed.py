@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from test_export import PER_EXPERT, per_expert_native  # the per-expert test family
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -22,7 +23,6 @@ from lazysd import HFView, VirtualStateDict, save_hf
 from lazysd.distributed import contiguous_stride
 from lazysd.testing import Step3p5Spec, checkpoint_nbytes, make_checkpoint
 from lazysd.testing.dist import run_ranks
-from test_export import PER_EXPERT, per_expert_native  # the per-expert test family
 
 SPEC = Step3p5Spec.tiny()  # 8 experts
 EXPERT_SUFFIXES = ("moe.experts.gate_and_up_projs", "moe.experts.down_projs", "mlp.experts.gate_and_up_projs", "mlp.experts.down_projs")
@@ -91,7 +91,7 @@ def _failing_case(rank: int, tmp: Path, case: str, mesh, placements) -> None:
         sd["model.layers.0.mlp.gate.weight"] = torch.empty(5, 6, device="meta")
     if case == "fail-write" and rank == 1:
 
-        def full(self, *args, **kwargs):  # noqa: ANN001, ANN202
+        def full(self, *args, **kwargs):
             raise OSError(errno.ENOSPC, "No space left on device")
 
         Stage.write = full

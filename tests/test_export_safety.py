@@ -44,7 +44,7 @@ def _pause(marker: str) -> None:
 def _wrap(owner: object, name: str, marker: str, *, nth: int = 1, before: bool = False) -> None:
     orig, calls = getattr(owner, name), [0]
 
-    def wrapped(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def wrapped(*args, **kwargs):
         calls[0] += 1
         if before and calls[0] == nth:
             _pause(marker)
@@ -217,9 +217,9 @@ def test_a_second_export_into_the_same_directory_is_refused(src: Path, refs: dic
     out, marker = tmp_path / "out", tmp_path / "marker"
     first = start(src, out, marker, "write", NEW)  # holds the directory, paused mid-write
     try:
-        with VirtualStateDict(src, include_mtp=True) as vsd:
-            with pytest.raises(ExportError, match=rf"{out}: another export into this directory is running \(pid {first.proc.pid} on "):
-                save_hf(vsd, out, overwrite=True)
+        busy = rf"{out}: another export into this directory is running \(pid {first.proc.pid} on "
+        with VirtualStateDict(src, include_mtp=True) as vsd, pytest.raises(ExportError, match=busy):
+            save_hf(vsd, out, overwrite=True)
         first.release()
         assert first.result() == "exported"
     finally:
@@ -303,6 +303,8 @@ def test_full_disk_is_an_export_error_and_keeps_the_old_export(src: Path, small_
             save_hf(vsd, out, dtype=torch.float32, overwrite=True)  # ... not twice, and not as fp32
     assert files_of(out) == old
     assert hidden(small_tmpfs) == []
+    with pytest.raises(ExportError, match=r"mnt: is a mount point; export into a directory inside it \(e\.g\. .*mnt/model\)"):
+        save_hf({"lm_head.weight": torch.ones(2, 2)}, small_tmpfs, adapter="step3p5", overwrite=True)
 
 
 # ---- meta and device tensors -----------------------------------------------------------------
@@ -426,14 +428,14 @@ def test_symlinked_output_directory_is_replaced_behind_its_link(src: Path, tmp_p
 
 
 def test_writer_errors_are_lazysd_errors(tmp_path: Path) -> None:
-    from lazysd.errors import LazySDError
+    from lazysd.errors import LazySDError, WriterError
     from lazysd.writer import SafetensorsWriter
 
     writer = SafetensorsWriter(tmp_path / "a.safetensors", [("a", torch.float32, (2,))])
-    with pytest.raises(ExportError, match=r"1 key\(s\) not fully written") as info:
+    with pytest.raises(WriterError, match=r"1 key\(s\) not fully written") as info:
         writer.commit()
     assert isinstance(info.value, LazySDError) and isinstance(info.value, ValueError)
-    with pytest.raises(ExportError, match="already committed or aborted"):
+    with pytest.raises(WriterError, match="already committed or aborted"):
         writer.commit()
     assert list(tmp_path.iterdir()) == []
 

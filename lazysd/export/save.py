@@ -223,6 +223,9 @@ def out_dir_problem(out_dir: Path, sources: list[Path], overwrite: bool) -> str 
             return f"{out_dir}: is the source checkpoint's directory ({src}); export to a new directory"
     if out_dir.exists() and not out_dir.is_dir():
         return f"{out_dir}: exists and is not a directory"
+    if os.path.ismount(target):
+        # The export is staged beside out_dir and renamed onto it: a mount point cannot be.
+        return f"{out_dir}: is a mount point; export into a directory inside it (e.g. {out_dir / 'model'})"
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         return f"{out_dir}: exists and is not empty; pass overwrite=True (--overwrite) to replace its weights"
     return None
@@ -383,7 +386,9 @@ def save_hf(
     export into ``out_dir``. Two exports into one directory at once are refused
     (:class:`~lazysd.errors.ExportError` for the second), through a lock file
     ``.<name>.lazysd-lock`` beside it. Writing into the source checkpoint's directory is
-    refused. The parent of ``out_dir`` must be writable.
+    refused. The parent of ``out_dir`` must be writable, and ``out_dir`` no mount point (export
+    into a directory inside it). While an ``overwrite=True`` export runs, old and new weights
+    both take disk space.
 
     config.json: the given config is written as is, except for fields that would contradict
     the tensors written: ``quantization_config`` is dropped when no FP8 tensor is written (a

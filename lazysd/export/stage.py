@@ -55,12 +55,13 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 import torch
 
 from ..checkpoint import INDEX_NAME
 from ..errors import ExportError
-from ..geometry import byte_runs as _byte_runs
+from ..geometry import byte_runs
 from ..writer import pwrite_all
 from .layout import FileLayout, TensorSlot
 
@@ -105,7 +106,7 @@ class ExportLock:
         self.path = self.out_dir.parent / f".{self.out_dir.name}{LOCK_MARK}"
         self._fd: int | None = None
 
-    def __enter__(self) -> ExportLock:
+    def __enter__(self) -> Self:
         try:
             self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -254,7 +255,7 @@ class Stage:
         box = [(int(o), int(o) + n) for o, n in zip(offset, block.shape)]
         done = 0
         try:
-            for pos, n in _byte_runs(slot.shape, slot.dtype.itemsize, box):
+            for pos, n in byte_runs(slot.shape, slot.dtype.itemsize, box):
                 pwrite_all(fd, data[done : done + n], slot.offset + pos)
                 done += n
         except OSError as e:

@@ -21,11 +21,12 @@ import torch
 from ..adapters import resolve_adapter
 from ..distributed import Target, contiguous_stride, local_box_of
 from ..errors import ExportError, MissingKeyError, UnclaimedKeyError
+from ..geometry import Box, box_shape, source_placements
 from ..reverse import HFPiece, extract, hf_pieces
 from ..rules import Adapter, Rule
 from ..transpose import contiguous
 
-__all__ = ["NATIVE", "HFEntry", "HFView", "clip", "is_dtensor", "map_placements"]
+__all__ = ["NATIVE", "HFEntry", "HFView", "clip", "converted", "is_dtensor", "map_placements"]
 
 #: The identity family: every key (dots and all) is its own output key, tensors unchanged.
 #: Its layer patterns match no key, so nothing is taken for an MTP layer.
@@ -216,53 +217,31 @@ def converted(block: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return block if block.dtype == dtype else block.to(dtype)
 
 
-def clip(piece: HFPiece, box: tuple[tuple[int, int], ...]) -> tuple[HFPiece, tuple[int, ...]]:
+def clip(piece: HFPiece, box: Box) -> tuple[HFPiece, tuple[int, ...]]:
     """The part of ``piece`` inside native ``box``, and where that part starts in the HF tensor.
 
-    The result may be empty (a 0 in its shape) when the box misses the piece.
+    The result is empty (a 0 in its shape) when the box misses the piece.
     """
-    start = list(piece.start)
-    shape = list(piece.shape)
-    offset = [0] * len(piece.shape)
-    missed = False
-    for i, ((lo, hi), (p_lo, p_hi)) in enumerate(zip(box, piece.box)):
-        a, b = max(lo, p_lo), min(hi, p_hi)
-        start[i] = a
-        d = piece.dims[i]
-        if d is None:  # stacking dim: extent 1, in or out
-            missed = missed or b <= a
-            continue
-        shape[d] = max(0, b - a)
-        offset[d] = a - p_lo
-    if missed:
-        shape = [0] * len(shape)
-    return replace(piece, shape=tuple(shape), start=tuple(start)), tuple(offset)
+    region = piece.source_region(box)
+    if region is None:
+        return replace(piece, shape=(0,) * len(piece.shape)), (0,) * len(piece.shape)
+    hf, native = region
+    return replace(piece, shape=box_shape(hf), start=tuple(lo for lo, _ in native)), tuple(lo for lo, _ in hf)
 
 
-def local_box(t: Any) -> tuple[tuple[tuple[int, int], ...], tuple[int, ...]]:
+def local_box(t: Any) -> tuple[Box, tuple[int, ...]]:
     """A DTensor's local shard as a native box, and its origin."""
     box = local_box_of(tuple(t.shape), Target(t.device_mesh, tuple(t.placements)))
     return box, tuple(lo for lo, _ in box)
 
 
 def map_placements(piece: HFPiece, native_shape: tuple[int, ...], placements: Any) -> list[Any] | None:
-    """Native placements as placements of the HF piece, or None where they do not carry over."""
+    """Native placements as placements of the HF piece, or None where they do not carry over
+    (:func:`~lazysd.geometry.source_placements`)."""
     from torch.distributed.tensor import Replicate, Shard
 
-    out: list[Any] = []
-    for p in placements:
-        if isinstance(p, Replicate):
-            out.append(Replicate())
-        elif type(p) is Shard:
-            d = piece.dims[p.dim]
-            # A shard of only part of a dim (the gate/up concat dim) or of the stacking dim
-            # is no even shard of the HF tensor.
-            if d is None or piece.extent[p.dim] != native_shape[p.dim]:
-                return None
-            out.append(Shard(d))
-        else:
-            return None
-    return out
+    dims = source_placements(piece, native_shape, placements)
+    return None if dims is None else [Replicate() if d is None else Shard(d) for d in dims]
 
 
 def _dtensor_value(native: Any, entry: HFEntry) -> Any:
