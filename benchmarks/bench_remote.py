@@ -132,6 +132,7 @@ def main() -> None:
     parser.add_argument("--bandwidth", type=float, default=2e8, help="bytes/s for all responses together")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--dir", default="/tmp/lazysd-bench")
+    parser.add_argument("--ranks-only", action="store_true", help="only the 4-rank sharing table")
     parser.add_argument("--worker", nargs=4, metavar=("METHOD", "URL", "ENDPOINT", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -157,7 +158,8 @@ def main() -> None:
         print("| method | wall s | bytes from server | requests | peak RSS above start MiB |")
         print("|---|---:|---:|---:|---:|")
         walls: dict[str, float] = {}
-        for method, label in (("lazysd", "lazysd s3:// (ranged GETs)"), ("download", "download, then lazysd"), ("runai", "runai streamer")):
+        methods = () if args.ranks_only else (("lazysd", "lazysd s3:// (ranged GETs)"), ("download", "download, then lazysd"), ("runai", "runai streamer"))
+        for method, label in methods:
             if method == "runai" and not _runai_available():
                 print(f"| {label} | skipped: runai-model-streamer not installed (pip install runai-model-streamer runai-model-streamer-s3) | | | |")
                 continue

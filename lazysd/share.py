@@ -110,12 +110,24 @@ def share_node(vsd: VirtualStateDict, values: dict[str, Any], params: dict[str, 
         owner[item] = o
         load[o] += cost[item]
     mine = {item[0]: item for item, ranks in items if rank in ranks}
-    bytes_read = bytes_received = tensors_received = 0
-    for item, ranks in items:  # 3. read what this rank owns
-        if owner[item] == rank:
-            value = values[item[0]]
-            getattr(value, "_local_tensor", value).fill_(dests[item[0]])
-            bytes_read += cost[item]
+    bytes_received = tensors_received = 0
+    owned = [item for item, ranks in items if owner[item] == rank]
+    bytes_read = sum(cost[item] for item in owned)
+
+    def read(item: tuple[str, tuple[tuple[int, int], ...], str]) -> None:
+        value = values[item[0]]
+        getattr(value, "_local_tensor", value).fill_(dests[item[0]])
+
+    # 3. read what this rank owns (several tensors at once from remote storage: each costs a
+    # round trip; local reads are bounded by the disk, one tensor at a time is enough)
+    if vsd.checkpoint.local:
+        for item in owned:
+            read(item)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(8, thread_name_prefix="lazysd-share") as pool:
+            list(pool.map(read, owned))
     works = []
     for i, (item, ranks) in enumerate(items):  # 4. send to / receive from the node's ranks
         if rank not in ranks:

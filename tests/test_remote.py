@@ -445,7 +445,7 @@ def hub(root: Path):  # noqa: ANN201
         yield server
 
 
-@pytest.mark.parametrize("form", ["hf-url", "hf-rev", "repo-id"])
+@pytest.mark.parametrize("form", ["hf-url", "hf-rev", "hf-revision-kwarg", "repo-id"])
 def test_hub_reads_ranges_bitwise(root: Path, hub, form: str) -> None:  # noqa: ANN001
     """hf://org/repo[@rev] and remote=True read exact ranges through HfFileSystem (a local
     server speaking the Hub API: repo info, paths-info, ranged resolve URLs)."""
@@ -456,6 +456,9 @@ def test_hub_reads_ranges_bitwise(root: Path, hub, form: str) -> None:  # noqa: 
         local_dir = root / "deepseek_v3-fp8"
     elif form == "hf-rev":
         vsd = VirtualStateDict(f"hf://org/step@{hub.sha}", storage_options=options)
+        local_dir = root / "step"
+    elif form == "hf-revision-kwarg":
+        vsd = VirtualStateDict("hf://org/step", revision=hub.sha, storage_options=options)
         local_dir = root / "step"
     else:
         vsd = VirtualStateDict("org/step", remote=True, revision="main", storage_options=options)
@@ -472,6 +475,10 @@ def test_hub_reads_ranges_bitwise(root: Path, hub, form: str) -> None:  # noqa: 
 def test_hub_missing_repo_is_not_found(hub) -> None:  # noqa: ANN001
     with pytest.raises(CheckpointNotFoundError, match="org/nope"):
         VirtualStateDict("hf://org/nope", storage_options={"endpoint": hub.url, "token": False})
+    with pytest.raises(CheckpointNotFoundError, match="org/step@v9"):
+        VirtualStateDict("org/step", remote=True, revision="v9", storage_options={"endpoint": hub.url, "token": False})
+    with pytest.raises(OptionError, match="names a revision already"):
+        VirtualStateDict("hf://org/step@main", revision="v9")
 
 
 def test_dcp_hfreader_reads_a_remote_checkpoint(root: Path, s3: MotoS3Server, http: RangeHTTPServer) -> None:

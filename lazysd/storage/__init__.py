@@ -21,6 +21,7 @@ import os
 import re
 from typing import TYPE_CHECKING, Any
 
+from ..errors import OptionError
 from .ranges import RemoteOptions, coalesce
 
 if TYPE_CHECKING:
@@ -77,14 +78,19 @@ def open_checkpoint(
         config_required: False lets a checkpoint without config.json open (config ``{}``).
     """
     if remote and isinstance(path, str) and not is_remote(path) and _REPO_ID.match(path) and not os.path.exists(path):
-        path = f"hf://{path}" + (f"@{revision}" if revision else "")
+        path = f"hf://{path}"  # the revision is added below
+    if isinstance(path, str) and revision is not None and path.startswith("hf://"):
+        head = "/".join(path[5:].split("/")[:2])
+        if "@" in head:
+            raise OptionError(f"{scrub_url(path)}: the URL names a revision already; leave out revision={revision!r}")
+        path = f"hf://{head}@{revision}" + path[5 + len(head) :]
     if is_remote(path):
         from .remote import RemoteCheckpoint
 
         options = remote if isinstance(remote, RemoteOptions) else RemoteOptions()
         return RemoteCheckpoint(str(path), storage_options=storage_options, options=options, config_required=config_required)
     if storage_options:
-        raise ValueError(f"{path}: storage_options apply to remote checkpoints (s3://, https://, hf:// ...), not to a local path")
+        raise OptionError(f"{path}: storage_options apply to remote checkpoints (s3://, https://, hf:// ...), not to a local path")
     from ..checkpoint import Checkpoint
 
     return Checkpoint(path, revision=revision, config_required=config_required)
