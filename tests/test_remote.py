@@ -20,7 +20,7 @@ pytest.importorskip("s3fs")
 pytest.importorskip("moto")
 
 from lazysd import CheckpointNotFoundError, FileChangedError, VirtualStateDict
-from lazysd.errors import RemoteAccessError, RemoteReadError
+from lazysd.errors import OptionError, RemoteAccessError, RemoteReadError
 from lazysd.storage import RemoteOptions, coalesce, scrub_url
 from lazysd.testing import Step3p5Spec, make_checkpoint
 from lazysd.testing.checks import same_bits
