@@ -7,7 +7,8 @@ Each rank builds the native model on the meta device, then
 ``model.load_state_dict(VirtualStateDict(path, mesh), assign=True)`` gives it DTensor expert
 parameters that hold only this rank's experts — read from disk by this rank alone, straight
 into its device memory — and whole copies of everything else. Without ``--ckpt`` rank 0
-generates a small synthetic checkpoint first.
+generates a small synthetic checkpoint first; with it, the model is built from the
+checkpoint's own config.json (its expert count must divide by the number of ranks).
 """
 
 from __future__ import annotations
@@ -39,10 +40,20 @@ def main() -> None:
         torch.cuda.set_device(device)
     mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("ep",))
 
-    spec = Step3p5Spec.tiny(moe_num_experts=4 * world, hidden_size=128, moe_intermediate_size=64)
-    path = Path(args.ckpt) if args.ckpt else Path(tempfile.gettempdir()) / f"lazysd-example-ep{world}"
-    if not args.ckpt and rank == 0 and not (path / "config.json").exists():
-        make_checkpoint(path, spec, layout="split")
+    if args.ckpt:
+        # Sizes from the checkpoint itself (it decides, not this script).
+        with VirtualStateDict(args.ckpt) as probe:
+            path, config, family = probe.checkpoint.path, probe.checkpoint.config, probe.adapter.name
+        if family != "step3p5":
+            raise SystemExit(f"{path}: a {family} checkpoint; this example builds the Step3p5 reference model only")
+        spec = Step3p5Spec.from_config(config, where=str(path / "config.json"))
+        if spec.moe_num_experts % world:
+            raise SystemExit(f"{path}: {spec.moe_num_experts} experts do not split over {world} ranks; use a world size that divides it")
+    else:
+        spec = Step3p5Spec.tiny(moe_num_experts=4 * world, hidden_size=128, moe_intermediate_size=64)
+        path = Path(tempfile.gettempdir()) / f"lazysd-example-ep{world}"
+        if rank == 0 and not (path / "config.json").exists():
+            make_checkpoint(path, spec, layout="split")
     dist.barrier()
 
     with VirtualStateDict(path, mesh, device=device) as vsd:

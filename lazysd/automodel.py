@@ -19,6 +19,22 @@ Layouts (E experts, D hidden, I expert intermediate)::
     model.layers.L.moe.router_bias      [E]      -> model.layers.L.moe.gate.e_score_correction_bias
     anything else                                -> same key, same tensor (MTP layers included)
 
+Inside NeMo Automodel's own ``Checkpointer`` the swap pays off on both of its routes:
+
+* its DCP route (several ranks): ``to_hf(..., for_checkpoint_load=True)`` returns HF-shaped
+  views of the model's parameters (of DTensor local shards too), so DCP writes checkpoint bytes
+  straight into the model, and ``from_hf`` recognises them and rebuilds nothing
+  (``supports_write_through_checkpoint_load``);
+* its single-process route: ``from_hf`` of the mapped checkpoint keeps ``down_projs`` a view,
+  as Automodel's adapter does, and never allocates more than it.
+
+:func:`use_lazysd_reader` adds the reader: one line makes the Checkpointer read through
+:class:`lazysd.dcp.HFReader`, exact byte ranges, each rank only its shards, with no memory
+beyond the model::
+
+    use_lazysd_reader(checkpointer)
+    checkpointer.load_base_model(model, device, root_dir, "/ckpt/Step-3.5-Flash")
+
 Lazy by construction: when ``from_hf`` is given lazy values (:class:`HFCheckpointView`, or any
 :class:`~lazysd.lazy.LazyTensor` of one whole stored tensor), expert tensors come back as
 LazyTensors planned over the same files, so a loader that copies them into parameters reads
@@ -73,24 +89,27 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import torch
 
 from .adapters import known
 from .checkpoint import TensorInfo
+from .dcp import HFReader
 from .distributed import Target, contiguous_stride, local_box_of, mesh_device
 from .errors import MissingKeyError, MissingSourceError, PlacementError, ShapeMismatchError
-from .lazy import LazyTensor
+from .export.view import HFEntry, HFView, clip, map_placements
+from .export.view import local_box as dtensor_box
 from .geometry import Box, full_box
+from .lazy import LazyTensor
 from .plan import Entry, Source, resolve
-from .reader import MiB, ReadOptions, Reader, to_native
-from .reverse import extract, hf_pieces
+from .reader import MiB, Reader, ReadOptions, to_native
+from .reverse import extract
 from .rules import Pattern, Rule, claim
 
-__all__ = ["HFCheckpointView", "Step3p5StateDictAdapter"]
+__all__ = ["HFCheckpointView", "Step3p5StateDictAdapter", "use_lazysd_reader"]
 
 _ADAPTER = known()["step3p5"]
 # Per-layer keys, with the prefixes the public adapter accepts; rules are written for "model.".
@@ -184,6 +203,27 @@ def _fill_view(view: torch.Tensor, value: Any) -> bool:
         return False
     view.copy_(value)
     return True
+
+
+def _check_split(fqn: str, rule: Rule, tensor: Any, view: HFView) -> None:
+    """Refuse a DTensor whose local shard does not split into HF shards (no collective here)."""
+    for entry in view.entries.values():
+        if map_placements(entry.piece, tuple(tensor.shape), tensor.placements) is None:
+            raise PlacementError(
+                f"{fqn} is placed {tuple(tensor.placements)}: its local shard does not split into shards of "
+                f"{entry.key} (a shard of dim {rule.cat_dim}, where gate and up are concatenated, cannot be split)"
+            )
+
+
+def _alias(native: torch.Tensor, entry: HFEntry) -> torch.Tensor:
+    """HF tensor ``entry`` as a view of ``native`` (of its local shard for a DTensor): no copy."""
+    if not _is_dtensor(native):
+        return extract(native, entry.piece)
+    placements = map_placements(entry.piece, tuple(native.shape), native.placements)
+    box, origin = dtensor_box(native)
+    sub, _ = clip(entry.piece, box)
+    local = extract(native.to_local(), sub, origin=origin)
+    return _create_dtensor_from_local_or_reference(local, native, placements_override=tuple(placements), global_shape=entry.shape)  # type: ignore[arg-type]
 
 
 def _rank_box(shape: Sequence[int], mesh: Any, placements: Sequence[Any]) -> Box:
@@ -367,8 +407,6 @@ class Step3p5StateDictAdapter:
     supports_write_through_checkpoint_load = True
     #: The name NeMo Automodel 0.7's Checkpointer reads for the same promise (no full copy).
     supports_low_memory_dcp_load = True
-    #: No legacy HF names are accepted on load (read by Automodel's Checkpointer).
-    checkpoint_key_aliases: dict[str, str] = {}
 
     def __init__(self, config: Any, moe_config: Any, backend: Any, dtype: torch.dtype = torch.float32) -> None:
         self.config = config
@@ -382,6 +420,11 @@ class Step3p5StateDictAdapter:
         self._native_checkpoint_load = False
 
     @property
+    def checkpoint_key_aliases(self) -> dict[str, str]:
+        """Legacy HF names accepted on load (read by Automodel's Checkpointer): none."""
+        return {}
+
+    @property
     def view_loaded_native_keys(self) -> set[str]:
         """Native keys the last :meth:`from_hf` found already loaded in place (write-through).
 
@@ -392,7 +435,7 @@ class Step3p5StateDictAdapter:
 
     def iter_checkpoint_load_parts(self, model_state_dict: Mapping[str, Any], device_mesh: Any = None) -> None:
         """None: Step3p5 checkpoints load in one DCP pass (Automodel's part-by-part hook)."""
-        return None
+        return
 
     def get_hf_state_dict_keys(self, state_dict: Mapping[str, Any]) -> list[str]:
         """The HF keys :meth:`to_hf` gives for ``state_dict``, from shapes only (no data)."""
@@ -649,11 +692,13 @@ class Step3p5StateDictAdapter:
         if not _transforms(rule):
             return [(_with_prefix(prefix, rule.parts[0].pattern.format(**values)), tensor)]
         self._check_inter(fqn, rule, tuple(tensor.shape))
-        pieces = hf_pieces(_ADAPTER, canonical, tuple(tensor.shape))
-        views = views and _writable_alias(tensor)
-        if not _is_dtensor(tensor):
-            return [(_with_prefix(prefix, p.key), extract(tensor, p) if views else extract(tensor, p).contiguous()) for p in pieces]
-        return [(_with_prefix(prefix, p.key), v) for p, v in zip(pieces, self._split_dtensor(fqn, rule, tensor, pieces, views=views))]
+        # HF keys, pieces and values from export's HFView: the rules run backwards, once.
+        view = HFView({canonical: tensor}, adapter=_ADAPTER)
+        if _is_dtensor(tensor):
+            _check_split(fqn, rule, tensor, view)
+        if views and _writable_alias(tensor):
+            return [(_with_prefix(prefix, key), _alias(tensor, entry)) for key, entry in view.entries.items()]
+        return [(_with_prefix(prefix, key), view[key]) for key in view]
 
     def _check_inter(self, fqn: str, rule: Rule, shape: tuple[int, ...]) -> None:
         inter = getattr(self.moe_config, "moe_inter_dim", None)
@@ -662,31 +707,6 @@ class Step3p5StateDictAdapter:
                 f"{fqn} has shape {list(shape)}: dim {rule.cat_dim} should be {len(rule.sources)} x "
                 f"moe_config.moe_inter_dim={inter}"
             )
-
-    def _split_dtensor(self, fqn: str, rule: Rule, tensor: Any, pieces: list, *, views: bool = False) -> list[torch.Tensor]:
-        from torch.distributed.tensor import Shard
-
-        placements = tuple(tensor.placements)
-        if len(rule.sources) > 1 and any(isinstance(p, Shard) and p.dim == rule.cat_dim for p in placements):
-            raise PlacementError(f"{fqn} is sharded on dim {rule.cat_dim} ({placements}), where gate and up are concatenated; the local shard cannot be split")
-        box = _rank_box(tensor.shape, tensor.device_mesh, placements)
-        origin = tuple(lo for lo, _ in box)
-        local = tensor.to_local()
-        out = []
-        for piece in pieces:
-            lo = [max(b[0], s) for b, s in zip(box, piece.start)]
-            hi = [min(b[1], s + e) for b, s, e in zip(box, piece.start, piece.extent)]
-            hf_local_shape = [0] * len(piece.shape)
-            for i, d in enumerate(piece.dims):
-                if d is not None:
-                    hf_local_shape[d] = max(0, hi[i] - lo[i])
-            trimmed = replace(piece, start=tuple(lo), shape=tuple(hf_local_shape))
-            hf_local = extract(local, trimmed, origin=origin)
-            if not views:
-                hf_local = hf_local.contiguous()
-            hf_placements = tuple(Shard(piece.dims[p.dim]) if isinstance(p, Shard) else p for p in placements)
-            out.append(_create_dtensor_from_local_or_reference(hf_local, tensor, placements_override=hf_placements, global_shape=piece.shape))
-        return out
 
 
 # ---- a lazy HF-keyed view of a checkpoint ------------------------------------------------
@@ -754,7 +774,7 @@ class HFCheckpointView(Mapping[str, torch.Tensor]):
         self.reader.close()
         self.checkpoint.close()
 
-    def __enter__(self) -> HFCheckpointView:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -762,3 +782,74 @@ class HFCheckpointView(Mapping[str, torch.Tensor]):
 
     def __repr__(self) -> str:
         return f"HFCheckpointView({str(self.checkpoint.path)!r}, {len(self)} tensors, {self.bytes_read} bytes read)"
+
+
+# ---- NeMo Automodel's Checkpointer -------------------------------------------------------
+def use_lazysd_reader(checkpointer: Any, **options: Any) -> Any:
+    """Make a NeMo Automodel ``Checkpointer`` read HF safetensors through :class:`lazysd.dcp.HFReader`.
+
+    One line after building the Checkpointer; its loads (``load_base_model``, ``load_model``)
+    then read exact byte ranges, each rank only the bytes of its own shards::
+
+        checkpointer = Checkpointer(config, dp_rank, tp_rank, pp_rank, moe_mesh=moe_mesh)
+        use_lazysd_reader(checkpointer)
+        checkpointer.load_base_model(model, device, root_dir, "/ckpt/Step-3.5-Flash")
+
+    The route is picked per load, from the model's ``state_dict_adapter``:
+
+    * this module's :class:`Step3p5StateDictAdapter` (the one-import swap): the native route.
+      Its ``to_hf(..., for_checkpoint_load=True)`` hands the model's state dict over unchanged,
+      ``HFReader(path)`` describes the checkpoint under native keys, and DCP's planner reads
+      every parameter's local shard straight into it, transposes fused into the reads;
+      ``from_hf`` then finds every value loaded in place and returns nothing to copy. In a
+      single process too: the adapter is registered as an Automodel ``StateDictAdapter`` whose
+      DCP load needs no temporaries (``supports_low_memory_dcp_load``), so the Checkpointer
+      takes its DCP route instead of mapping the whole checkpoint first.
+    * any other adapter (Automodel's own) or none: ``HFReader(path, native=False)`` replaces
+      Automodel's ``_HuggingFaceStorageReader``: the same HF keys, exact ranges instead of
+      mmap readahead, validated headers. The adapter's conversions are unchanged.
+    * a load with a ``key_mapping`` (checkpoint keys renamed on the fly), or of a directory
+      without safetensors files: Automodel's own reader, unchanged.
+
+    Args:
+        checkpointer: a ``nemo_automodel.components.checkpoint.checkpointing.Checkpointer``.
+        **options: passed to every :class:`~lazysd.dcp.HFReader` (``threads=``,
+            ``max_inflight_bytes=``, ``chunk_bytes=``).
+
+    Returns:
+        ``checkpointer``, changed in place (calling this twice changes nothing more).
+    """
+    if getattr(checkpointer, "_lazysd_reader", None) is not None:
+        return checkpointer
+    from nemo_automodel.components.checkpoint.state_dict_adapter import (
+        StateDictAdapter,  # the caller has Automodel
+    )
+
+    StateDictAdapter.register(Step3p5StateDictAdapter)
+    route: dict[str, bool | None] = {"native": None}  # set for the duration of one load_model call
+    load_model, get_reader = checkpointer.load_model, checkpointer._get_storage_reader
+
+    def lazysd_load_model(model: Any, model_path: str, *args: Any, **kwargs: Any) -> Any:
+        part = model[0] if isinstance(model, (list, tuple)) else model
+        adapter = getattr(getattr(part, "module", part), "state_dict_adapter", None)  # DDP keeps the model in .module
+        native = isinstance(adapter, Step3p5StateDictAdapter)
+        route["native"] = native
+        if native:
+            adapter._native_checkpoint_load = True  # type: ignore[union-attr]
+        try:
+            return load_model(model, model_path, *args, **kwargs)
+        finally:
+            route["native"] = None
+            if native:
+                adapter._native_checkpoint_load = False  # type: ignore[union-attr]
+
+    def lazysd_storage_reader(model_path: str, key_mapping: Any, *args: Any, **kwargs: Any) -> Any:
+        native = route["native"]
+        if native is None or key_mapping is not None or not HFReader.validate_checkpoint_id(model_path):
+            return get_reader(model_path, key_mapping, *args, **kwargs)
+        return HFReader(model_path, adapter=_ADAPTER, **options) if native else HFReader(model_path, native=False, **options)
+
+    checkpointer.load_model = lazysd_load_model
+    checkpointer._get_storage_reader = lazysd_storage_reader
+    checkpointer._lazysd_reader = options
+    return checkpointer

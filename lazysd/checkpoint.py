@@ -245,6 +245,7 @@ class Checkpoint:
         self._fds: dict[Path, int] = {}
         self._identity: dict[Path, _FileIdentity] = {}
         self._lock = threading.Lock()
+        _CHECKPOINTS.add(self)
         self._mappings: dict[Path, mmap.mmap] = {}  # only with mmap=True; tensors keep them alive
         self.bytes_read = 0
         self.read_calls = 0
@@ -315,6 +316,8 @@ class Checkpoint:
         if candidate.is_absolute() or ".." in candidate.parts:
             raise UnsafePathError(f"{where}: file {name!r} points outside the checkpoint directory {self.path}")
         full = self.path / candidate
+        if kind_of(full) == "a symlink loop":
+            return full  # leads nowhere, so not outside either: reported with what it is, never opened
         self._check_inside(full, where)
         return full
 
@@ -608,6 +611,20 @@ class Checkpoint:
         return list(self._identity)
 
 
+_CHECKPOINTS: weakref.WeakSet[Checkpoint] = weakref.WeakSet()
+
+
+def _reset_after_fork() -> None:
+    # A child made by os.fork shares the descriptors (pread needs no file position) but not
+    # the threads: a lock one of them held at the fork would stay held forever here.
+    for ckpt in list(_CHECKPOINTS):
+        ckpt._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
+
+
 def _too_many_files(file: Path, opened: int, e: OSError) -> LazySDError:
     """The open-file limit reached while opening shards: name the limit and the fix."""
     try:
@@ -655,7 +672,7 @@ def _clip(value: Any, n: int = 60) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
-_SHARD_NAME = re.compile(r"(?P<stem>.+)-(?P<i>\d+)-of-(?P<total>\d+)\.safetensors")
+_SHARD_NAME = re.compile(r"(?P<stem>.+)-(?P<i>[0-9]+)-of-(?P<total>[0-9]+)\.safetensors")
 
 
 def _more(total: int, shown: int) -> str:

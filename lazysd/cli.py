@@ -1,6 +1,8 @@
 """The ``lazysd`` command (also ``python -m lazysd``).
 
+    lazysd --version                         the installed version
     lazysd inspect PATH [--all] [--mtp]      native keys, shapes, dtypes, bytes, HF sources
+        [--adapter NAME] [--revision REV]    family (default: from config.json); hub cache revision
                                              (PATH may be s3://, gs://, https://, hf:// ...;
                                              --storage-option KEY=VALUE for its filesystem)
         [--match GLOB] [--layer L]           only keys matching a glob / in layer(s) L
@@ -9,6 +11,14 @@
     lazysd demo [--keep DIR]                 generate a checkpoint, load it lazily, run a forward pass
     lazysd convert SRC DST                   re-shard / convert a checkpoint, streaming (see cmd_convert)
         [--max-shard-size 5GB] [--overwrite] [--from hf|native] [--to hf|native]
+
+PATH and SRC take every form ``VirtualStateDict`` does: a directory, ``~/...``, a single
+``model.safetensors`` file, a Hugging Face cache repository or a hub id (``org/name``) resolved
+from the local cache (``--revision`` picks a branch, tag or commit there).
+
+Ctrl-C stops a command promptly: exit status 130 and one line on stderr, no traceback.
+``convert`` writes under hidden temporary names and commits at the end, so an interrupted
+conversion leaves nothing that looks like a checkpoint.
 
 Each subcommand is a function ``cmd_<name>(args) -> int`` registered in :func:`build_parser`.
 """
@@ -21,6 +31,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from .errors import LazySDError
 
@@ -29,7 +40,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .inspect import key_table, summarize, summary_lines
     from .virtual import VirtualStateDict
 
-    with VirtualStateDict(args.path, include_mtp=args.mtp, storage_options=_storage_options(args.storage_option)) as vsd:
+    with VirtualStateDict(
+        args.path, adapter=args.adapter, include_mtp=args.mtp, revision=args.revision, storage_options=_storage_options(args.storage_option)
+    ) as vsd:
         keys = list(vsd)
         if args.match is not None or args.layer is not None:
             keys = list(vsd.select(args.match, layer=args.layer))
@@ -81,8 +94,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .virtual import VirtualStateDict
 
     spec = Step3p5Spec.tiny()
+    if args.keep and Path(args.keep).expanduser().exists() and (not Path(args.keep).expanduser().is_dir() or any(Path(args.keep).expanduser().iterdir())):
+        print(
+            f"lazysd: error: {args.keep} exists and is not an empty directory; give --keep a new or empty directory "
+            f"(to look at a kept demo checkpoint: lazysd inspect {args.keep})",
+            file=sys.stderr,
+        )
+        return 2
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(args.keep) if args.keep else Path(tmp) / "step3p5-tiny"
+        path = Path(args.keep).expanduser() if args.keep else Path(tmp) / "step3p5-tiny"
         t0 = time.perf_counter()
         make_checkpoint(path, spec, layout="split")
         print(f"generated a synthetic Step3p5 checkpoint in {path} ({time.perf_counter() - t0:.2f}s)")
@@ -113,22 +133,24 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from .export import NATIVE, save_hf, save_native
     from .virtual import VirtualStateDict
 
-    src, dst = Path(args.src), Path(args.dst)
+    src, dst = args.src, Path(args.dst).expanduser()
+    args.interrupted_dst = (dst, _snapshot(dst))  # what "nothing was written" is checked against
     options = {"max_shard_size": args.max_shard_size, "overwrite": args.overwrite, "progress": not args.quiet}
     t0 = time.perf_counter()
     if args.from_ == "native" and args.to == "native":
         print("lazysd: error: --from native --to native: nothing to convert", file=sys.stderr)
         return 2
     if args.from_ == "hf":
-        with VirtualStateDict(src, adapter=args.adapter, include_mtp=not args.no_mtp) as vsd:
+        with VirtualStateDict(src, adapter=args.adapter, include_mtp=not args.no_mtp, revision=args.revision) as vsd:
             for key, why in list(vsd.plan.ignored.items())[:20]:
                 print(f"lazysd: not written: {key} ({why})", file=sys.stderr)
-            config = args.config or src / "config.json"
+            config = args.config or vsd.checkpoint.path / "config.json"
             if args.to == "hf":
                 out = save_hf(vsd, dst, config=config, **options)
             else:
                 out = save_native(vsd, dst, config=config, **options)
     else:
+        src = Path(src).expanduser()
         config_path = Path(args.config) if args.config else src / "config.json"
         config = json.loads(config_path.read_text())
         adapter = resolve_adapter(args.adapter, config, keys=(), where=str(config_path))
@@ -141,12 +163,53 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _snapshot(path: Path) -> dict[str, tuple[int, int, int]] | None:
+    """Visible entries of a directory with (inode, size, mtime_ns); None if it does not exist."""
+    if not path.is_dir():
+        return None
+    out = {}
+    for p in path.iterdir():
+        if not p.name.startswith("."):
+            st = p.lstat()
+            out[p.name] = (st.st_ino, st.st_size, st.st_mtime_ns)
+    return out
+
+
+def _interrupted(args: argparse.Namespace | None) -> str:
+    """The one line for Ctrl-C; for convert, whether DST is untouched (an empty DST it made is removed)."""
+    target: tuple[Path, Any] | None = getattr(args, "interrupted_dst", None) if args is not None else None
+    if target is None:
+        return "lazysd: interrupted"
+    dst, before = target
+    if before is None and dst.is_dir():
+        try:
+            dst.rmdir()  # made by this run and still empty (export removes its temporary files)
+        except OSError:
+            pass
+    if _snapshot(dst) == before:
+        return f"lazysd: interrupted; nothing was written to {dst}"
+    return f"lazysd: interrupted while committing to {dst}; check it before use"
+
+
+def _adapter_names() -> list[str]:
+    from .adapters import known
+
+    return sorted(known())
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="lazysd", description="Lazy native-key views of Hugging Face MoE checkpoints.")
+    parser.add_argument("--version", action="version", version=f"lazysd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    names = _adapter_names()
+    adapter_help = f"model family, one of {', '.join(names)} (default: detected from config.json)"
 
     p = sub.add_parser("inspect", help="list native keys with shape, dtype, bytes and HF sources (reads no tensor data)")
-    p.add_argument("path")
+    p.add_argument("path", help="checkpoint directory, model.safetensors file, HF cache repository or hub id (org/name)")
+    p.add_argument("--adapter", choices=names, metavar="NAME", help=adapter_help)
+    p.add_argument("--revision", help="branch, tag or commit of a Hugging Face cache repository (default main)")
     p.add_argument("--all", action="store_true", help="list every key")
     p.add_argument("--limit", type=int, default=40, help="keys to list (default 40)")
     p.add_argument("--mtp", action="store_true", help="include MTP layers")
@@ -173,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace the weights in a non-empty DST")
     p.add_argument("--from", dest="from_", choices=("hf", "native"), default="hf", help="layout of SRC (default hf)")
     p.add_argument("--to", choices=("hf", "native"), default="hf", help="layout to write (default hf)")
-    p.add_argument("--adapter", help="model family (default: detected from config.json)")
+    p.add_argument("--adapter", choices=names, metavar="NAME", help=adapter_help)
+    p.add_argument("--revision", help="branch, tag or commit of a Hugging Face cache repository SRC (default main)")
     p.add_argument("--config", help="config.json to use and copy (default SRC/config.json)")
     p.add_argument("--no-mtp", action="store_true", help="leave out MTP layers (default: keep them)")
     p.add_argument("--quiet", action="store_true", help="no progress line on stderr")
@@ -182,9 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = None
     try:
+        args = build_parser().parse_args(argv)
         return args.func(args)
+    except KeyboardInterrupt:
+        print(_interrupted(args), file=sys.stderr)
+        return 130
     except LazySDError as e:
         print(f"lazysd: error: {e}", file=sys.stderr)
         return 2

@@ -45,8 +45,8 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -416,7 +416,7 @@ def _pages(runs: list[tuple[int, int]]) -> int:
 
 
 def _box(item: ReadItem) -> Box:
-    return tuple((o, o + n) for o, n in zip(item.storage_offsets, item.lengths))
+    return tuple((o, o + n) for o, n in zip(item.storage_offsets, item.lengths, strict=True))
 
 
 # ---- writing -------------------------------------------------------------------------------
@@ -447,7 +447,7 @@ def _box_of_write(item: WriteItem) -> Box:
     td = item.tensor_data
     assert td is not None
     if item.type == WriteItemType.SHARD:
-        return tuple((o, o + n) for o, n in zip(td.chunk.offsets, td.chunk.sizes))
+        return tuple((o, o + n) for o, n in zip(td.chunk.offsets, td.chunk.sizes, strict=True))
     return tuple((0, n) for n in td.size)
 
 
@@ -688,9 +688,9 @@ class HFWriter(StorageWriter):
         return job
 
     def _config_layers(self) -> int | None:
-        from .export.config import _config_layers
+        from .export.config import config_layers
 
-        return None if self.config is None else _config_layers(self.config, self.adapter)
+        return None if self.config is None else config_layers(self.config, self.adapter)
 
     def _release(self) -> None:
         """Coordinator: remove an uncommitted stage and release the export lock (idempotent)."""

@@ -87,6 +87,10 @@ def box_reads(entry: Entry, box: Box, dest: Destination, chunk_bytes: int = 8 <<
 
 
 # ---- layouts --------------------------------------------------------------------------------
+#: Ranks a dry run (plan, explain) covers at most (the largest real deployments are a few thousand).
+MAX_DRY_RUN_RANKS = 65536
+
+
 @dataclass(frozen=True)
 class EPLayout:
     """A dry-run parallel layout: ``ep`` x ``ep_shard`` ranks (see the module docstring)."""
@@ -100,6 +104,9 @@ class EPLayout:
             value = getattr(self, name)
             if type(value) is not int or value < 1:
                 raise PlacementError(f"{name} must be a positive integer, got {value!r}")
+        if self.ep * self.ep_shard > MAX_DRY_RUN_RANKS:
+            # Dry runs go rank by rank: an absurd count (a typo, 10**9) must not loop for hours.
+            raise PlacementError(f"ep={self.ep} x ep_shard={self.ep_shard} is {self.ep * self.ep_shard} ranks; a dry run covers at most {MAX_DRY_RUN_RANKS}")
 
     @property
     def world(self) -> int:

@@ -8,7 +8,6 @@ Messages name the file and the key involved, say what was expected and what was 
 
 from __future__ import annotations
 
-
 #: The longest message a lazysd error keeps. Messages quote keys, file names and values
 #: from checkpoints, which may be huge (a 1 MB key): each is clipped where it is quoted, and
 #: this bounds what is left (the middle is cut, the head and the tail are kept).

@@ -67,6 +67,8 @@ def dequantize(data: torch.Tensor, sub: Box, scales: torch.Tensor, scale_box: Bo
         block: ``(b0, b1)`` weight elements per scale.
     """
     (b0, b1), ((r0, r1), (c0, c1)), ((br, _), (bc, _)) = block, sub, scale_box
-    s = scales.float().repeat_interleave(b0, 0).repeat_interleave(b1, 1)
-    s = s[r0 - br * b0 : r1 - br * b0, c0 - bc * b1 : c1 - bc * b1]
-    return data.float().mul_(s)
+    # Each element's scale, picked by block index: the temporary is the region's own size,
+    # whatever the block size says (a [2**24, 2**24] block must not expand to 2**48).
+    rows = torch.arange(r0, r1) // b0 - br
+    cols = torch.arange(c0, c1) // b1 - bc
+    return data.float().mul_(scales.float()[rows][:, cols])

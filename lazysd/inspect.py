@@ -69,7 +69,7 @@ def human_bytes(n: float) -> str:
     raise AssertionError
 
 
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_LAYER = re.compile(r"(?:^|\.)layers\.([0-9]+)\.")
 
 
 def layer_of(key: str) -> str:

@@ -14,9 +14,18 @@ dtype and device) and is read only at the moment torch uses it:
   plain ``nn.Parameter``s and plain buffer tensors, never LazyTensors.
 * ``torch.Tensor.module_load`` (``torch.__future__.set_swap_module_params_on_conversion``)
   is answered the same way.
-* Anything else (printing values, ``torch.equal``, ``.float()``, arithmetic) materializes on
+* Anything else (``torch.equal``, ``.float()``, arithmetic, ``str(t + 0)``) materializes on
   demand and runs the op on a plain tensor. Basic indexing (``t[3]``, ``t[2:5]``) reads only
-  the indexed rows. ``repr`` shows metadata only.
+  the indexed rows. ``repr`` and ``print(t)`` show metadata only (printing a 10 GB expert
+  tensor by accident must not read it); ``print(t.materialize())`` shows the values.
+* In-place operations (``t.add_(1)``, ``t.zero_()``, ``t[0] = x``, ``t += 1``, ``out=t``)
+  raise :class:`~lazysd.errors.ReadOnlyTensorError`: a value of a read-only Mapping has no
+  memory of its own, so the op could only change a throw-away copy and ``t`` would silently
+  stay as it was. ``t.materialize()`` (or ``t.clone()``) gives a tensor you can modify.
+* Pickling (``torch.save``) stores a plain tensor with the values, which
+  ``torch.load(weights_only=True)`` accepts; nothing of lazysd is needed to load it.
+* Copying into a meta tensor (``load_state_dict`` into a meta model without ``assign=True``,
+  a no-op in torch) reads nothing.
 
 Example:
     >>> w = vsd["model.layers.3.moe.experts.down_projs"]      # doctest: +SKIP
@@ -32,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils._pytree import tree_map
 
+from .errors import ReadOnlyTensorError
 from .geometry import Box
 from .plan import Entry
 
@@ -96,8 +106,10 @@ class LazyTensor(torch.Tensor):
             out = self._reader.empty(self.entry, self.box, dtype or self.dtype, torch.device(device or self.device))
         return self._reader.fill(self.entry, self.box, out)
 
-    def fill_(self, dest: torch.Tensor) -> torch.Tensor:  # noqa: D401 - torch naming
-        """Read this tensor straight into ``dest`` (same shape), in place."""
+    def read_into(self, dest: torch.Tensor) -> torch.Tensor:
+        """Read this tensor straight into ``dest`` (same shape), in place; a meta ``dest`` reads nothing."""
+        if dest.device.type == "meta":
+            return dest
         return self._reader.fill(self.entry, self.box, dest)
 
     @property
@@ -112,8 +124,13 @@ class LazyTensor(torch.Tensor):
     __str__ = __repr__
 
     def __reduce_ex__(self, protocol: int) -> Any:
-        # Pickling (e.g. torch.save of a dict of these) stores the data, not open files.
-        return (_rebuild, (self.materialize(),))
+        # Pickling (e.g. torch.save of a dict of these) stores a plain tensor: the data, not open
+        # files, and nothing torch.load(weights_only=True) would refuse. An mmap view is
+        # copied first, or its whole file mapping (the storage) would be saved with it.
+        plain = self.materialize()
+        if plain.untyped_storage().nbytes() != plain.numel() * plain.element_size() or not plain.is_contiguous():
+            plain = plain.clone(memory_format=torch.contiguous_format)
+        return plain.__reduce_ex__(protocol)
 
     # ---- narrowing -----------------------------------------------------------------------
     def _narrow(self, index: Any) -> LazyTensor | None:
@@ -146,10 +163,11 @@ class LazyTensor(torch.Tensor):
     def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
+        _refuse_in_place(func, name, args, kwargs)
         if func is torch.Tensor.copy_ and isinstance(args[1], LazyTensor) and not isinstance(args[0], LazyTensor):
             dest, src = args[0], args[1]
             if tuple(dest.shape) == tuple(src.shape) and not _is_dtensor(dest):
-                return src.fill_(dest)
+                return src.read_into(dest)
         # Aliases of a LazyTensor stay lazy (nn.Parameter calls detach(), DTensor.from_local view_as()).
         if func in (torch.Tensor.detach, torch.detach, torch.Tensor.view_as) and isinstance(args[0], LazyTensor):
             src = args[0]
@@ -159,7 +177,7 @@ class LazyTensor(torch.Tensor):
             assign = kwargs.get("assign", args[2] if len(args) > 2 else False)
             if assign:
                 return src.materialize()
-            src.fill_(dest)
+            src.read_into(dest)
             with torch._C.DisableTorchFunctionSubclass():
                 return dest.detach()
         if func is torch.Tensor.__getitem__ and isinstance(args[0], LazyTensor):
@@ -174,7 +192,13 @@ class LazyTensor(torch.Tensor):
         if func in _METADATA_FUNCS or (name == "__get__" and _property_name(func) not in _DATA_PROPERTIES) or func is torch.Tensor.requires_grad_:
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)
-        args, kwargs = tree_map(_materialized, (args, kwargs))
+        if func is torch.Tensor.to and _to_meta(args, kwargs):
+            args, kwargs = tree_map(lambda x: _stand_in(x, torch.device("meta")), (args, kwargs))
+        elif func in _SHAPE_ONLY_FUNCS:
+            # Only the shape, dtype and device are used: an uninitialized stand-in, nothing read.
+            args, kwargs = tree_map(_stand_in, (args, kwargs))
+        else:
+            args, kwargs = tree_map(_materialized, (args, kwargs))
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **kwargs)
 
@@ -184,7 +208,8 @@ class LazyTensor(torch.Tensor):
         kwargs = kwargs or {}
         if func is torch.ops.aten.copy_.default and isinstance(args[1], LazyTensor) and not isinstance(args[0], LazyTensor):
             if tuple(args[0].shape) == tuple(args[1].shape):
-                return args[1].fill_(args[0])
+                return args[1].read_into(args[0])
+        _refuse_mutation(func, args, kwargs)
         if func in (torch.ops.aten.detach.default, torch.ops.aten.alias.default, torch.ops.aten.view_as.default) or (
             func is torch.ops.aten.view.default and list(args[1]) == list(args[0].shape)
         ):
@@ -192,6 +217,50 @@ class LazyTensor(torch.Tensor):
             return LazyTensor(src.entry, src._reader, src.box, dtype=src.dtype, device=src.device)
         args, kwargs = tree_map(_materialized, (args, kwargs))
         return func(*args, **kwargs)
+
+
+# In-place methods that change only metadata lazysd keeps (or nothing at all).
+_IN_PLACE_ALLOWED = {"requires_grad_", "retain_grad", "share_memory_"}
+_IN_PLACE_DUNDERS = {
+    f"__{op}__"
+    for op in ("setitem", "iadd", "isub", "imul", "imatmul", "itruediv", "ifloordiv", "imod", "ipow", "ilshift", "irshift", "iand", "ixor", "ior")
+}
+
+
+def _refuse_in_place(func: Any, name: str, args: tuple, kwargs: dict) -> None:
+    """Raise if ``func`` would write into a LazyTensor (its self, ``t[i] = x``, ``t += 1``, ``out=``)."""
+    target = None
+    # The tensor an in-place function writes: its first argument, positional or by name
+    # (torch.nn.init.normal_(tensor=t) arrives with keywords only).
+    first = args[0] if args else next((kwargs[k] for k in ("tensor", "input", "self") if k in kwargs), None)
+    if isinstance(first, LazyTensor):
+        dunder = name.startswith("__") and name.endswith("__")
+        if name in _IN_PLACE_DUNDERS or (not dunder and name.endswith("_") and name not in _IN_PLACE_ALLOWED):
+            target = first
+    out = kwargs.get("out")
+    for t in out if isinstance(out, (tuple, list)) else (out,):
+        if isinstance(t, LazyTensor):
+            target = t
+    if target is not None:
+        raise _read_only(target, name)
+
+
+def _refuse_mutation(func: Any, args: tuple, kwargs: dict) -> None:
+    """The dispatch-level twin of :func:`_refuse_in_place`: any aten op whose schema writes into a LazyTensor."""
+    schema = getattr(func, "_schema", None)
+    if schema is None or not schema.is_mutable:
+        return
+    for i, arg in enumerate(schema.arguments):
+        value = args[i] if i < len(args) else kwargs.get(arg.name)
+        if isinstance(value, LazyTensor) and arg.alias_info is not None and arg.alias_info.is_write:
+            raise _read_only(value, str(func.__name__ if hasattr(func, "__name__") else func))
+
+
+def _read_only(t: LazyTensor, op: str) -> ReadOnlyTensorError:
+    return ReadOnlyTensorError(
+        f"{t.entry.key!r}: {op} would modify a lazy value of a read-only mapping (LazyTensor), which has no memory of "
+        "its own: the change would be lost. Call .materialize() (or .clone()) first and modify that tensor"
+    )
 
 
 def _property_name(func: Any) -> str:
@@ -203,12 +272,43 @@ def _is_dtensor(t: torch.Tensor) -> bool:
     return type(t).__name__ == "DTensor"
 
 
+# Functions that use only a tensor's shape, dtype and device, never its values.
+_SHAPE_ONLY_FUNCS = {
+    torch.empty_like,
+    torch.zeros_like,
+    torch.ones_like,
+    torch.full_like,
+    torch.rand_like,
+    torch.randn_like,
+    torch.randint_like,
+    torch.Tensor.new_empty,
+    torch.Tensor.new_zeros,
+    torch.Tensor.new_ones,
+    torch.Tensor.new_full,
+}
+
+
+def _to_meta(args: tuple, kwargs: dict) -> bool:
+    """``t.to("meta")`` (or ``device="meta"``): the result holds no data, so none is read."""
+    device = kwargs.get("device", args[1] if len(args) > 1 else None)
+    if isinstance(device, torch.Tensor):
+        device = device.device
+    try:
+        return device is not None and not isinstance(device, torch.dtype) and torch.device(device).type == "meta"
+    except (RuntimeError, TypeError):
+        return False
+
+
+def _stand_in(x: Any, device: torch.device | None = None) -> Any:
+    """An uninitialized plain tensor in place of a LazyTensor (shape and dtype kept; its device unless given)."""
+    if not isinstance(x, LazyTensor):
+        return x
+    with torch._C.DisableTorchFunctionSubclass():
+        return torch.empty(x.shape, dtype=x.dtype, device=device or x.device)
+
+
 def _materialized(x: Any) -> Any:
     return x.materialize() if isinstance(x, LazyTensor) else x
-
-
-def _rebuild(t: torch.Tensor) -> torch.Tensor:
-    return t
 
 
 def _materialized_value(value: Any) -> torch.Tensor | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,8 @@ import torch
 
 from .checkpoint import _short
 from .errors import OptionError, StateDictMismatchError
-from .plan import Entry
+from .plan import FP8_DTYPES, Entry
+from .progress import ProgressPrinter
 from .reader import Stats
 from .virtual import VirtualStateDict
 
@@ -76,6 +78,7 @@ def load(
     progress: bool | Callable[[Stats, Entry], None] = False,
     mmap: bool | None = None,
     storage_options: dict[str, Any] | None = None,
+    revision: str | None = None,
     share: str | None = "node",
 ) -> LoadReport:
     """Load a checkpoint into ``model`` through ``model.load_state_dict`` and report on it.
@@ -100,6 +103,8 @@ def load(
         mmap: with ``assign=True``, the fastest path: unchanged tensors become copy-on-write
             views of the files (not read now), concatenated ones keep the HF memory order
             (no transpose), so parameters may be strided (see ``VirtualStateDict``).
+        revision: branch, tag or commit when ``path_or_vsd`` is a Hugging Face cache
+            repository or hub id (see ``VirtualStateDict``).
         storage_options: for a URL (``s3://``, ``https://``, ``hf://`` ...), options of
             its fsspec filesystem (credentials, endpoint).
         share: with a process group, ``"node"`` (default) reads each tensor that several
@@ -125,6 +130,7 @@ def load(
         "progress": progress or None,
         "mmap": mmap,
         "storage_options": storage_options,
+        "revision": revision,
     }
     given = {k: v for k, v in options.items() if v is not None}
     if isinstance(path_or_vsd, VirtualStateDict):
@@ -148,10 +154,13 @@ def _load(model: torch.nn.Module, vsd: VirtualStateDict, *, strict: bool, assign
             f"(nothing was read): {len(missing)} missing {_listing(missing)}, "
             f"{len(unexpected)} unexpected {_listing(unexpected)}; pass strict=False to load the common keys"
         )
+    _check_values(model, vsd, wanted, assign=assign)
     stats, ckpt = vsd.stats, vsd.checkpoint
     tensors0, bytes0, requests0 = stats.tensors, ckpt.bytes_read, ckpt.read_calls
     stats.staging_peak = stats.staging_live  # the report's peak is this load's
     t0 = time.perf_counter()
+    if isinstance(vsd.reader.progress, ProgressPrinter) and vsd.reader.progress.sizes is not None:
+        vsd.reader.progress.expect(k for k in wanted if k in vsd)  # 100% means this load's keys
     # Only the keys the model asks for: nothing is even looked up for the others.
     values = {k: vsd[k] for k in wanted if k in vsd}
     received = received_tensors = 0
@@ -178,6 +187,60 @@ def _load(model: torch.nn.Module, vsd: VirtualStateDict, *, strict: bool, assign
         bytes_received=received,
         requests=ckpt.read_calls - requests0,
     )
+
+
+def _check_values(model: torch.nn.Module, vsd: VirtualStateDict, wanted: Any, *, assign: bool) -> None:
+    """Shapes (and, when copying, dtypes) of every common key agree, before anything is read.
+
+    torch's own check reports shape mismatches only after it has overwritten every other
+    parameter; a dtype that cannot be cast fails halfway through.
+    """
+    params = model.state_dict(keep_vars=True)
+    problems = []
+    for key in wanted:
+        if key not in vsd:
+            continue
+        param, entry = params[key], vsd.entry(key)
+        if tuple(param.shape) != entry.shape:
+            problems.append(f"{key}: model {list(param.shape)}, checkpoint {list(entry.shape)}")
+        elif not assign and (why := _cast_problem(vsd.dtype_of(entry), param.dtype)) is not None:
+            problems.append(f"{key}: checkpoint {vsd.dtype_of(entry)} into the model's {param.dtype}: {why}")
+    if problems:
+        raise StateDictMismatchError(
+            f"{vsd.checkpoint.path}: {len(problems)} tensor(s) do not fit {type(model).__name__} (nothing was read):\n  "
+            + "\n  ".join(_short(problems, 20))
+        )
+
+
+_CASTABLE: dict[tuple[torch.dtype, torch.dtype], str | None] = {}
+
+
+def _cast_problem(src: torch.dtype, dst: torch.dtype) -> str | None:
+    """Why ``copy_`` from ``src`` into ``dst`` would fail or give wrong values, or None.
+
+    Refused: FP8 kept as stored (``fp8="keep"``) into a non-FP8 parameter (cast without its
+    block scales), complex into real (drops the imaginary part), floating point into
+    integers or bool (truncates), and any pair torch cannot copy (tried once on one element).
+    """
+    if src == dst:
+        return None
+    if (src, dst) not in _CASTABLE:
+        problem = None
+        if src in FP8_DTYPES and dst not in FP8_DTYPES:
+            problem = "FP8 values cast without their block scales (use fp8='dequantize')"
+        elif src.is_complex and not dst.is_complex:
+            problem = "complex into real drops the imaginary part"
+        elif (src.is_floating_point or src.is_complex) and not (dst.is_floating_point or dst.is_complex):
+            problem = "floating point into an integer type truncates"
+        else:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    torch.zeros(1, dtype=dst).copy_(torch.zeros(1, dtype=src))
+            except (RuntimeError, TypeError) as e:
+                problem = f"torch cannot copy it ({str(e).splitlines()[0][:100]})"
+        _CASTABLE[src, dst] = problem
+    return _CASTABLE[src, dst]
 
 
 def _fill_concurrently(values: dict[str, Any], params: dict[str, torch.Tensor], *, assign: bool, tensors: int = 8) -> None:

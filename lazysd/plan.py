@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import torch
 
-from .checkpoint import TensorInfo, config_value
+from .checkpoint import TensorInfo, _cut, config_value
 from .errors import (
     ConfigError,
     MissingSourceError,
@@ -30,7 +30,7 @@ from .errors import (
     UnclaimedKeyError,
     UnsupportedFormatError,
 )
-from .fp8 import BlockScales
+from .fp8 import FP8_DTYPES, BlockScales
 from .geometry import Block
 from .rules import Adapter, Pattern, Rule, claim
 
@@ -117,12 +117,21 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-_NUM = re.compile(r"(\d+)")
+# ASCII digits only: str.isdigit() and \d also accept "²" or "٣", which int() refuses or
+# reads as another number.
+_NUM = re.compile(r"([0-9]+)")
 
 
 def natural_key(key: str) -> tuple[Any, ...]:
-    """Sort key that puts ``layers.2`` before ``layers.10``."""
-    return tuple(int(t) if t.isdigit() else t for t in _NUM.split(key))
+    """Sort key that puts ``layers.2`` before ``layers.10``.
+
+    Numbers and text alternate in the tuple (text at even positions), so any two keys compare.
+
+    Example:
+        >>> sorted(["a.10", "a.2", "a.1\u00b2"], key=natural_key)
+        ['a.1²', 'a.2', 'a.10']
+    """
+    return tuple(int(t) if i % 2 else t for i, t in enumerate(_NUM.split(key)))
 
 
 def resolve(
@@ -227,6 +236,8 @@ def resolve(
         entry = _build_entry(native_key, rule, values, parts, where, headers)
         if any(s.info.key in scale_of for s in entry.sources):
             entry = _with_scales(entry, {k: headers[scale_of[k]] for k in entry.hf_keys if k in scale_of}, block, fp8_dtype, where)
+        elif fp8 == "dequantize":
+            _check_scaled(entry, adapter)
         layer = int(values["layer"]) if "layer" in values else None
         if layer is not None and num_layers is not None and layer >= num_layers:
             if not include_mtp:
@@ -262,12 +273,16 @@ def _build_entry(
     if expert_sets:
         n_experts = max(max(s) for s in expert_sets.values()) + 1
         for pi, experts in expert_sets.items():
-            if experts != list(range(n_experts)):
-                missing = sorted(set(range(n_experts)) - set(experts))
-                wanted = [rule.sources[pi].pattern.format(**values, expert=e) for e in missing[:8]]
+            # Sorted distinct indices >= 0 are exactly 0..n-1 iff there are n of them; the
+            # missing ones are listed from the gaps, bounded by the keys present (an expert
+            # index in a key may be 10**12).
+            if len(experts) != n_experts:
+                n_missing = n_experts - len(experts)
+                missing = [e for a, b in _gaps(experts, n_experts)[:8] for e in range(a, min(b, a + 7) + 1)][:8]
+                wanted = [_cut(rule.sources[pi].pattern.format(**values, expert=e)) for e in missing]
                 raise MissingSourceError(
                     f"{where}: {native_key} has experts 0..{n_experts - 1} in some parts but these are missing: {', '.join(wanted)}"
-                    + (f" ... {len(missing) - 8} more" if len(missing) > 8 else "")
+                    + (f" ... {n_missing - len(missing)} more" if n_missing > len(missing) else "")
                 )
 
     # Place each source: per-expert sources stack on their None dim, parts concatenate.
@@ -303,14 +318,22 @@ def _build_entry(
                 )
         else:
             block_shape, block_key = tuple(extent), infos[0].key
+        concat = len(rule.sources) > 1
+        if concat and rule.cat_dim >= len(dims):
+            raise ShapeMismatchError(
+                f"{infos[0].file}, key {_cut(infos[0].key)!r}: has shape {list(infos[0].shape)}, which the {rule.native!r} rule "
+                f"cannot concatenate on dim {rule.cat_dim}"
+            )
         for n, info in enumerate(infos):
             dtypes.setdefault(info.dtype, info.key)
-            start = [0] * len(dims)
-            start[rule.cat_dim] = offset if len(rule.sources) > 1 else 0
+            start = [0] * len(dims)  # empty for a 0-dim (scalar) tensor
+            if concat:
+                start[rule.cat_dim] = offset
             if stack_dim is not None:
                 start[stack_dim] += n
             sources.append(Source(info=info, start=tuple(start), dims=dims))
-        offset += extent[rule.cat_dim]
+        if concat:
+            offset += extent[rule.cat_dim]
     if len(dtypes) > 1:
         listing = ", ".join(f"{k} is {dtype_name(d)}" for d, k in dtypes.items())
         raise ShapeMismatchError(f"{where}: {native_key} cannot combine sources of different dtypes: {listing}")
@@ -319,6 +342,19 @@ def _build_entry(
     if len(rule.sources) > 1:
         shape[rule.cat_dim] = offset
     return Entry(native_key, tuple(shape), rule.dtype or next(iter(dtypes)), tuple(sources), rule)
+
+
+def _check_scaled(entry: Entry, adapter: Adapter) -> None:
+    """An FP8 tensor read with fp8="dequantize" must have its scales: without them its values
+    are off by the scale (~100x for DeepSeek-V3), and a cast into a bf16 parameter would not say so."""
+    bare = next((s.info for s in entry.sources if s.info.dtype in FP8_DTYPES), None)
+    if bare is None:
+        return
+    companion = f"{_cut(bare.key)}{adapter.scale_suffix}" if adapter.scale_suffix else "a block-scale companion"
+    raise MissingSourceError(
+        f"{bare.file}, key {_cut(bare.key)!r}: FP8 {dtype_name(bare.dtype)} weight without its scales ({companion!r} "
+        f"is not in the checkpoint), so it cannot be dequantized; pass fp8=\"keep\" to read the FP8 values as stored"
+    )
 
 
 def _with_scales(entry: Entry, scales: dict[str, TensorInfo], block: tuple[int, int], dtype: torch.dtype, where: Path) -> Entry:
@@ -366,8 +402,27 @@ def _span(layers: list[int]) -> str:
             runs[-1][1] = n
         else:
             runs.append([n, n])
+    return _span_runs([(a, b) for a, b in runs])
+
+
+def _span_runs(runs: list[tuple[int, int]]) -> str:
+    """Inclusive runs ``[(0, 2), (5, 5)]`` -> ``'0..2, 5'``."""
     text = ", ".join(str(a) if a == b else f"{a}..{b}" for a, b in runs[:12])
     return text + (" ..." if len(runs) > 12 else "")
+
+
+def _gaps(present: list[int], n: int) -> list[tuple[int, int]]:
+    """Inclusive runs of ``0..n-1`` missing from sorted ``present``, in O(len(present))."""
+    gaps, expect = [], 0
+    for layer in present:
+        if layer >= n:
+            break
+        if layer > expect:
+            gaps.append((expect, layer - 1))
+        expect = layer + 1
+    if expect < n:
+        gaps.append((expect, n - 1))
+    return gaps
 
 
 def _check_layers(adapter: Adapter, config: Mapping[str, Any], where: Path, headers: Mapping[str, TensorInfo], num_layers: int | None) -> None:
@@ -384,11 +439,12 @@ def _check_layers(adapter: Adapter, config: Mapping[str, Any], where: Path, head
     if not present or num_layers is None:
         return
     main_field = adapter.num_layers[0]
-    missing = [n for n in range(num_layers) if n not in layers]
-    if missing:
+    # Work bounded by the layers present, not by the config's number (it may be 10**18).
+    gaps = _gaps(present, num_layers)
+    if gaps:
         raise ConfigError(
             f"{where}: {main_field}={num_layers} but the tensors have {len(present)} layer(s), {_span(present)}; "
-            f"missing main layers {_span(missing)}"
+            f"missing main layers {_span_runs(gaps)}"
         )
     mtp_field = next((f for f in MTP_LAYER_FIELDS if config_value(config, f) is not None), None)
     if mtp_field is None:

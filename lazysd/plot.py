@@ -64,7 +64,9 @@ def plot_layer_bytes(vsd: VirtualStateDict | Selection, *, ax: Any = None) -> An
     """
     plt = _pyplot()
     if ax is None:
-        _, ax = plt.subplots(figsize=(10, 3.5))
+        # Constrained layout makes room for the legend (outside the axes) and the labels, so
+        # savefig outside Jupyter (which crops to the drawn artists itself) clips nothing.
+        _, ax = plt.subplots(figsize=(10, 3.5), layout="constrained")
     summary = vsd.summarize(by=("layer", "kind"))
     layers = list(dict.fromkeys(r.group[0] for r in summary.rows))
     kinds = [k for k in KINDS if any(r.group[1] == k for r in summary.rows)]
@@ -88,10 +90,11 @@ def plot_rank_bytes(plan: LoadPlan, *, ax: Any = None) -> Any:
     """
     plt = _pyplot()
     if ax is None:
-        _, ax = plt.subplots(figsize=(max(4, 0.3 * len(plan.ranks)), 3.5))
+        # Width for the bars plus the legend beside them.
+        _, ax = plt.subplots(figsize=(max(4, 0.3 * len(plan.ranks)) + 3, 3.5), layout="constrained")
     labels = [str(r.rank) for r in plan.ranks]
     kinds = [k for k in KINDS if any(r.by_kind.get(k) for r in plan.ranks)]
     _stacked(ax, labels, {k: [r.by_kind.get(k, 0) for r in plan.ranks] for k in kinds})
     ax.set_xlabel("rank")
-    ax.set_title(f"bytes read per rank, {plan.layout.mesh} (imbalance {plan.imbalance:.3f})")
+    ax.set_title(f"bytes read per rank, {plan.layout.mesh} (imbalance {plan.imbalance:.3f})", fontsize="medium")
     return ax

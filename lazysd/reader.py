@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import math
 import mmap
+import os
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 
 import torch
@@ -32,6 +34,7 @@ from .errors import ShapeMismatchError
 from .fp8 import dequantize
 from .geometry import Box, box_shape, full_box
 from .plan import Entry
+from .pool import ReadPool
 from .reads import Destination, MiB, ReadItem, plan_reads
 from .transpose import copy_into, read_transposed
 
@@ -135,6 +138,18 @@ def _staging_buffer(nbytes: int) -> torch.Tensor:
     return torch.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=torch.uint8)
 
 
+_READERS: weakref.WeakSet[Reader] = weakref.WeakSet()
+
+
+def _reset_after_fork() -> None:
+    for reader in list(_READERS):
+        reader._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
+
+
 class Reader:
     """Fills destinations from a checkpoint; owns the read statistics."""
 
@@ -144,8 +159,14 @@ class Reader:
         self.stats = Stats()
         self._lock = threading.Lock()
         self._free: list[torch.Tensor] = []  # staging buffers ready for reuse
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: ReadPool | None = None
         self.progress: Callable[[Stats, Entry], None] | None = None
+        _READERS.add(self)
+
+    def _after_fork(self) -> None:
+        """In a child made by ``os.fork``: a lock a parent thread held at the fork would
+        never be released here (that thread does not exist); the pool restarts itself."""
+        self._lock = threading.Lock()
 
     def close(self) -> None:
         if self._pool is not None:
@@ -369,7 +390,7 @@ class Reader:
         """
         with self._lock:  # fills may run on several threads at once (remote loads)
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.options.threads, thread_name_prefix="lazysd-read")
+                self._pool = ReadPool(self.options.threads)
         pending: deque[tuple[_Job, Future[tuple[torch.Tensor | None, torch.Tensor | None]], int]] = deque()
         inflight = 0
         budget = self.options.max_inflight_bytes
@@ -393,8 +414,12 @@ class Reader:
                     inflight -= cost
                     self._staging(-cost)
         finally:
-            for _, fut, cost in pending:  # an error: let started reads finish, free their budget
+            # An error or an interrupt: cancel reads not started, let started ones finish
+            # (one bounded read each) and free their budget. A second Ctrl-C here leaves at
+            # once; the workers are daemon threads that never block the interpreter's exit.
+            for _, fut, cost in pending:
                 fut.cancel()
+            for _, fut, cost in pending:
                 try:
                     self._release(fut.result()[1])
                 except Exception:

@@ -64,19 +64,35 @@ class VirtualStateDict(Mapping[str, torch.Tensor]):
         mmap: materialize tensors that need no conversion as copy-on-write views of the
             file mapping (zero-copy, pages read on first touch) instead of reading them
             into private memory. Makes ``assign=True`` loads much cheaper; the price is
-            that a file truncated under such a view faults (SIGBUS) instead of raising
-            :class:`~lazysd.errors.FileChangedError`. Off by default (local files only).
+            that such views stay tied to the files: a file truncated under one faults
+            (SIGBUS) instead of raising :class:`~lazysd.errors.FileChangedError`, and a
+            file rewritten in place (same inode: ``cp`` over it, ``rsync --inplace``,
+            a writer opening it ``r+b``) changes the values of the loaded parameters in
+            the pages not yet written to (a private mapping isolates your writes from
+            the file, not the file's later writes from you). Replace checkpoint files by
+            rename (a new inode), as ``save_hf`` and ``huggingface_hub`` do, while a model
+            loaded with ``mmap=True`` is in use. Off by default (local files only).
+        revision: with a Hugging Face cache repository or hub id as ``path`` (or, with
+            ``remote=True`` or an ``hf://`` URL, on the Hub): the branch, tag or commit
+            (default ``main``).
         storage_options: for a URL path (``s3://``, ``gs://``, ``https://``, ``hf://``),
             keyword arguments of its fsspec filesystem: credentials, ``endpoint_url``, ...
             (see :mod:`lazysd.storage.remote`; needs ``pip install lazysd[remote]``).
         remote: True reads a Hub repo id (``"org/name"``) from the Hub by ranged GETs,
             like ``"hf://org/name"``; a :class:`~lazysd.storage.RemoteOptions` also tunes
             the requests (in flight, coalescing gap, retries, timeouts).
-        revision: branch, tag or commit of a Hub repo id (local cache or, with
-            ``remote=True``, the Hub).
         share: with a process group, ``"node"`` (default) lets :func:`lazysd.load` read
             each tensor that several ranks of a node need once on that node and send it to
             the others (see :mod:`lazysd.share`); None reads everything on every rank.
+
+    Paths: ``path`` may be a directory, ``~/...``, the ``model.safetensors`` file of a
+    single-file checkpoint, a Hugging Face hub cache repository (``models--org--name``) or a
+    hub id (``org/name``) looked up in the local cache (offline, nothing is downloaded; see
+    :mod:`lazysd.paths`). With ``adapter=`` given, ``config.json`` is optional.
+
+    Values refuse in-place operations (:class:`~lazysd.errors.ReadOnlyTensorError`): call
+    ``.materialize()`` for a tensor of your own. Processes forked after use (e.g.
+    ``DataLoader(num_workers>0)``) get their own reader threads.
 
     Example:
         >>> from lazysd import VirtualStateDict
@@ -104,41 +120,50 @@ class VirtualStateDict(Mapping[str, torch.Tensor]):
         replicate: bool = False,
         fp8: str = "dequantize",
         mmap: bool = False,
+        revision: str | None = None,
         storage_options: dict[str, Any] | None = None,
         remote: bool | RemoteOptions = False,
-        revision: str | None = None,
         share: str | None = "node",
     ) -> None:
         if share not in ("node", None):
             raise OptionError(f"share must be 'node' or None, got {share!r}")
         self.share = share
-        self.checkpoint = open_checkpoint(path, storage_options=storage_options, remote=remote, revision=revision)
+        self.checkpoint = open_checkpoint(
+            path, storage_options=storage_options, remote=remote, revision=revision, config_required=adapter is None
+        )
         if not self.checkpoint.local:
             if mmap:
                 self.checkpoint.close()
                 raise OptionError(f"{self.checkpoint.path}: mmap=True maps local files only; a remote checkpoint is read into memory")
             # Latency, not the CPU, bounds remote reads: keep more requests in flight.
             threads = max(threads, 8)
-        self.adapter = resolve_adapter(
-            adapter, self.checkpoint.config, keys=self.checkpoint.tensors, where=str(self.checkpoint.path / "config.json")
-        )
-        ckpt = self.checkpoint
-        self.plan: Plan = resolve(
-            self.adapter, ckpt.config, ckpt.tensors, where=ckpt.path, include_mtp=include_mtp, fp8=fp8, fp8_dtype=dtype or torch.bfloat16  # type: ignore[arg-type]
-        )
-        self.dtype = dtype
-        self.device = torch.device(device)
         self.reader = Reader(self.checkpoint, ReadOptions(threads, chunk_bytes, max_inflight_bytes, mmap))
-        self._targets: Targets | None = None
-        if mesh is not None or like is not None:
-            where = str(self.checkpoint.path)
-            self._targets = Targets.build(self.plan.entries, where, mesh=mesh, like=like, ep_dim=ep_dim, replicate=replicate)
-        if progress is True:
-            # In the unit the reader counts (bytes written into destinations), from the read
-            # plans of this rank's boxes.
-            self.reader.progress = ProgressPrinter(sum(self._totals(k).dest_bytes for k in self.plan.entries))
-        elif callable(progress):
-            self.reader.progress = progress
+        try:
+            self.adapter = resolve_adapter(
+                adapter, self.checkpoint.config, keys=self.checkpoint.tensors, where=str(self.checkpoint.path / "config.json")
+            )
+            ckpt = self.checkpoint
+            self.plan: Plan = resolve(
+                self.adapter, ckpt.config, ckpt.tensors, where=ckpt.path, include_mtp=include_mtp, fp8=fp8, fp8_dtype=dtype or torch.bfloat16  # type: ignore[arg-type]
+            )
+            self.dtype = dtype
+            self.device = torch.device(device)
+            self._targets: Targets | None = None
+            if mesh is not None or like is not None:
+                where = str(self.checkpoint.path)
+                self._targets = Targets.build(self.plan.entries, where, mesh=mesh, like=like, ep_dim=ep_dim, replicate=replicate)
+            if progress is True:
+                # Per key, in the unit the reader counts (bytes written into destinations),
+                # from the read plans of this rank's boxes: each key counted once per load.
+                self.reader.progress = ProgressPrinter(0, sizes={k: self._totals(k).dest_bytes for k in self.plan.entries})
+            elif callable(progress):
+                self.reader.progress = progress
+        except BaseException:
+            # Not left to the garbage collector: the exception's traceback keeps this frame
+            # (and so the descriptors) alive for as long as it is referenced (Jupyter keeps
+            # the last one).
+            self.close()
+            raise
 
     # ---- Mapping -------------------------------------------------------------------------
     def __getitem__(self, key: str) -> torch.Tensor:

@@ -15,7 +15,12 @@ import torch
 import torch.distributed as dist
 
 from lazysd import LazyTensor, PlacementError
-from lazysd.automodel import HFCheckpointView, Step3p5StateDictAdapter, _create_dtensor_from_local_or_reference, _swap_shard_placements_1_2
+from lazysd.automodel import (
+    HFCheckpointView,
+    Step3p5StateDictAdapter,
+    _create_dtensor_from_local_or_reference,
+    _swap_shard_placements_1_2,
+)
 from lazysd.testing import Step3p5Spec, load_hf_tensors, make_checkpoint
 from lazysd.testing.dist import run_ranks
 
@@ -159,8 +164,13 @@ def _worker(rank: int, world: int, ckpt: str) -> None:
     ep = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
     _check_from_hf_plain(ep, E=5, I=3, D=4)  # uneven experts
     _check_lazy(ep, ckpt)
-    from torch.distributed.tensor import Shard
+    # to_hf never gathers: a gate|up dim shard does not split into HF shards, for saving or loading.
+    from torch.distributed.tensor import Shard, distribute_tensor
 
+    fused = distribute_tensor(torch.zeros(4, 5, 6), ep, [Shard(2)])
+    for load in (False, True):
+        with pytest.raises(PlacementError, match=r"gate_and_up_projs is placed \(Shard\(dim=2\),\): its local shard does not split"):
+            _adapter(4, 3).to_hf({f"{L}.moe.experts.gate_and_up_projs": fused}, for_checkpoint_load=load)
     _check_write_through(ep, ckpt, (Shard(0),), "torch")
     _check_write_through(ep, ckpt, (Shard(0),), "lazysd")
     if world == 4:

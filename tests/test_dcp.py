@@ -474,10 +474,10 @@ def test_per_expert_fp8_family_with_mtp(tmp_path: Path, fp8: str) -> None:
     assert all(same_bits(sd[k], want[k]) for k in want)
     assert reader.bytes_read == sum(n for _, _, n in reader.vsd.planned_ranges())
     # ... and written back by HFWriter exactly as save_hf writes it (FP8 and scales kept).
+    import json
+
     from lazysd import save_hf
     from lazysd.dcp import HFWriter
-
-    import json
 
     layers = json.loads((src / "config.json").read_text())["num_hidden_layers"]
     save_hf(sd, tmp_path / "ref", adapter="deepseek_v3", config=src / "config.json", max_shard_size="100KB", num_layers=layers)
@@ -508,3 +508,16 @@ def test_failed_rank_aborts_every_rank(ckpt: Path, tmp_path: Path) -> None:
     messages = run_ranks(_failing_save, 2, (str(ckpt), str(tmp_path / "out")), timeout=120)
     assert all("No space left on device" in m for m in messages), messages
     assert list(tmp_path.iterdir()) == []  # no output, no stage, no lock
+
+
+def test_native_false_casts_with_dtype(ckpt: Path) -> None:
+    """dtype= with HF keys: described and read as fp32, the values those of the stored bf16."""
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    meta = HFReader(ckpt, native=False, dtype=torch.float32).read_metadata().state_dict_metadata
+    assert {m.properties.dtype for m in meta.values()} == {torch.float32}  # the tiny checkpoint: floats only
+    sd = {k: torch.empty(m.size, dtype=torch.float32) for k, m in meta.items()}
+    dcp.load(sd, storage_reader=HFReader(ckpt, native=False, dtype=torch.float32), no_dist=True)
+    theirs = {k: torch.empty_like(v) for k, v in sd.items()}  # torch's reader casts on copy_
+    dcp.load(theirs, storage_reader=HuggingFaceStorageReader(str(ckpt)), no_dist=True)
+    assert all(same_bits(sd[k], theirs[k]) for k in sd)

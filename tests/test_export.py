@@ -98,7 +98,7 @@ def test_sharding_respects_max_shard_size(src: Path, tmp_path: Path) -> None:
         out = save_hf(vsd, tmp_path / "out", max_shard_size=30_000)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     sizes: dict[str, list[int]] = {}
-    for key, name in index["weight_map"].items():
+    for name in index["weight_map"].values():
         sizes.setdefault(name, [])
     for f in shards(out):
         tensors = load_file(f)

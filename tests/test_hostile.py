@@ -89,7 +89,7 @@ def test_corpus_case(case: Case, corpus_results: dict[str, dict]) -> None:
     assert str(CORPUS / case.name) in got["message"] or case.error == "UnknownModelError", got["message"]
 
 
-@pytest.mark.parametrize("name", ["valid_single", "valid_sharded", "valid_metadata_null", "valid_zero_size"])
+@pytest.mark.parametrize("name", ["valid_single", "valid_sharded", "valid_metadata_null", "valid_zero_size", "valid_zero_dim", "valid_non_ascii_digit"])
 def test_corpus_controls_load_exact_data(name: str) -> None:
     path = CORPUS / name
     reference = load_hf_tensors(path)

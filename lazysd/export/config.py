@@ -35,7 +35,7 @@ from ..plan import MTP_LAYER_FIELDS
 from ..rules import Adapter
 from .view import NATIVE, HFEntry, is_fp8
 
-__all__ = ["export_config", "fitted_config"]
+__all__ = ["config_layers", "export_config", "fitted_config"]
 
 _DTYPE_FIELDS = ("torch_dtype", "dtype")
 
@@ -119,13 +119,13 @@ def fitted_config(
     """
     entries = list(entries)
     if num_layers is None and adapter is not NATIVE:
-        num_layers = _config_layers(config, adapter)
+        num_layers = config_layers(config, adapter)
     layer_re = adapter.layer_pattern.regex
     layers = {int(m.group("layer")) for e in entries if (m := layer_re.match(e.key)) is not None}
     return export_config(config, dtypes={e.dtype for e in entries}, layers=layers, num_layers=num_layers, text_config=adapter.text_config, dtype=dtype)
 
 
-def _config_layers(config: Mapping[str, Any] | str | os.PathLike[str], adapter: Adapter) -> int | None:
+def config_layers(config: Mapping[str, Any] | str | os.PathLike[str], adapter: Adapter) -> int | None:
     """Main decoder layers according to the config, if it says (unreadable configs: None here,
     reported by :func:`export_config`)."""
     try:

@@ -309,16 +309,16 @@ def _export(
     problem: str | None = None
     job: _Job | None = None
     try:
-        if ranks.rank == 0:
-            lock.__enter__()
-            recover(real)
-        job = _plan(view, max_shard_size, config, dtype, ranks.group is not None)
-        problem = out_dir_problem(shown, source_files(view.native), overwrite)
-    except LazySDError as e:
-        problem = str(e)
-    except OSError as e:  # the lock's or an earlier export's leftovers: report it on every rank
-        problem = f"{shown}: {e}"
-    try:
+        try:
+            if ranks.rank == 0:
+                lock.__enter__()
+                recover(real)
+            job = _plan(view, max_shard_size, config, dtype, ranks.group is not None)
+            problem = out_dir_problem(shown, source_files(view.native), overwrite)
+        except LazySDError as e:
+            problem = str(e)
+        except OSError as e:  # the lock's or an earlier export's leftovers: report it on every rank
+            problem = f"{shown}: {e}"
         return _run(ranks, job, problem, real, shown, overwrite, progress)
     finally:
         lock.__exit__(None, None, None)

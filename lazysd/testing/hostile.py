@@ -29,6 +29,8 @@ from typing import Any
 __all__ = ["CASES", "Case", "build_corpus", "run_case", "safetensors_bytes"]
 
 CONFIG = {"model_type": "step3p5", "hidden_size": 2}
+# Step-3.7: its vision tower rules pass any key under model.vision_model through unchanged.
+S37_CONFIG = json.dumps({"model_type": "step3p7", "text_config": {"hidden_size": 2}}).encode()
 MODEL = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 EMBED, NORM, HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
@@ -223,6 +225,18 @@ def _cases() -> list[Case]:
         Case("experts_differ_between_layers", "layer 1 with 2 experts, layer 2 with 3", _moe({1: (2, 2, "F32", "F32"), 2: (3, 3, "F32", "F32")}), "ShapeMismatchError", ("expert counts differ between layers", "2 experts: model.layers.1.", "3 experts: model.layers.2.")),
         Case("dtype_mix", "gate BF16, up F32", _moe({1: (2, 2, "BF16", "F32")}), "ShapeMismatchError", ("model.layers.1.moe.experts.gate_and_up_projs", "different dtypes", "gate_proj.weight is bfloat16", "up_proj.weight is float32")),
         Case("missing_up", "gate without its up", {MODEL: safetensors_bytes(*_tensors(("model.layers.1.moe.gate_proj.weight", "F32", [2, 2, 2]))), "config.json": _config()}, "MissingSourceError", ("model.layers.1.moe.up_proj.weight", "model.layers.1.moe.gate_proj.weight", MODEL)),
+        # ---- shapes and names the planner must take as they are
+        Case("valid_zero_dim", "a 0-dim (scalar) tensor, a vision tower's logit_scale", {MODEL: safetensors_bytes(*_tensors(("model.language_model.norm.weight", "F32", [2]), ("model.vision_model.logit_scale", "F32", []))), "config.json": S37_CONFIG}, None),
+        Case("valid_non_ascii_digit", "a key whose layer-like part is not ASCII digits (a.1\u00b2)", {MODEL: safetensors_bytes(*_tensors(("model.language_model.norm.weight", "F32", [2]), ("model.vision_model.a.1\u00b2", "F32", [2]), ("model.vision_model.a.2", "F32", [2]))), "config.json": S37_CONFIG}, None),
+        # ---- shard series without (or beyond) an index
+        Case("no_index_missing_shard", "shards 1 and 3 of 3, no index: shard 2 is gone", {"model-00001-of-00003.safetensors": shard1, "model-00003-of-00003.safetensors": shard2}, "CheckpointNotFoundError", ("model-*-of-00003.safetensors", "no model.safetensors.index.json", "missing: model-00002-of-00003.safetensors")),
+        Case("no_index_two_series", "two shard series and no index (an old checkpoint's leftovers)", {"model-00001-of-00001.safetensors": shard1, "new-00001-of-00001.safetensors": shard2}, "CheckpointNotFoundError", ("holds 2 shard series", "model-*-of-00001.safetensors", "new-*-of-00001.safetensors")),
+        Case("index_shard_beyond_total", "index naming shard 3 of a 2-shard series", {"model-00001-of-00002.safetensors": shard1, "model-00003-of-00002.safetensors": shard2, INDEX: _index({EMBED: "model-00001-of-00002.safetensors", NORM: "model-00003-of-00002.safetensors"})}, "CheckpointIndexError", (INDEX, "shard number(s) 3 outside 1..2")),
+        Case("index_names_directory", "index naming a directory", {"a.safetensors": shard1, "b.safetensors/README": b"not weights\n", INDEX: _index(both)}, "CheckpointIndexError", (INDEX, "'b.safetensors': a directory")),
+        Case("index_is_directory", "model.safetensors.index.json that is a directory", {MODEL: good, INDEX + "/README": b"not an index\n"}, "CheckpointIndexError", (INDEX, "is a directory")),
+        Case("config_is_directory", "config.json that is a directory", {MODEL: good, "config.json": None, "config.json/README": b"not a config\n"}, "ConfigError", ("config.json", "is a directory")),
+        # ---- absurd numbers: work bounded by the tensors present
+        Case("config_layers_huge", "num_hidden_layers 10**18, tensors with layers 0..1", _layers(2, num_hidden_layers=10**18), "ConfigError", ("config.json", "num_hidden_layers=1000000000000000000", "missing main layers 2..999999999999999999")),
         Case("unclaimed_key", "a key no rule of the adapter claims", {MODEL: safetensors_bytes(*_tensors(("evil.weight", "F32", [2]))), "config.json": _config()}, "UnclaimedKeyError", ("evil.weight", MODEL, "match no rule")),
     ]
 
@@ -239,6 +253,7 @@ def build_corpus(root: str | os.PathLike[str]) -> Path:
         files = {"config.json": _config(), **case.files}
         for name, content in files.items():
             if content is not None:
+                (d / name).parent.mkdir(parents=True, exist_ok=True)  # "x/README" makes x a directory
                 (d / name).write_bytes(content)
     return root
 

@@ -33,7 +33,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -185,6 +185,59 @@ class Step3p5Spec:
             if expert_tensor <= 256 * 2**20:
                 return replace(base, moe_num_experts=experts)
             base = replace(base, num_hidden_layers=2 * base.num_hidden_layers)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], *, where: str = "config.json") -> Step3p5Spec:
+        """The spec of a Step3p5 ``config.json`` (as :func:`config_dict` writes it, or a real one).
+
+        Raises:
+            ConfigError: a field the reference model needs is missing, or the config asks for
+                something it does not build (attention layer types other than ``L % 4``).
+
+        Example:
+            >>> Step3p5Spec.from_config(config_dict(Step3p5Spec.tiny())) == Step3p5Spec.tiny()
+            True
+        """
+        from ..errors import ConfigError
+
+        def field(name: str, default: Any = None) -> Any:
+            node: Any = config
+            for part in name.split("."):
+                node = node.get(part) if isinstance(node, Mapping) else None
+            if node is None and default is None:
+                raise ConfigError(f"{where}: {name} is missing; the Step3p5 reference model needs it")
+            return default if node is None else node
+
+        layers = field("num_hidden_layers")
+        mtp = field("num_nextn_predict_layers", 0)
+        enum = field("moe_layers_enum", "")
+        moe = tuple(int(x) for x in str(enum).split(",") if x.strip()) if enum else None
+        spec = cls(
+            num_hidden_layers=layers,
+            num_nextn_predict_layers=mtp,
+            first_dense_layers=min(moe) if moe else layers,
+            moe_layers=tuple(L for L in moe if L < layers) if moe else (),
+            moe_num_experts=field("moe_num_experts"),
+            moe_top_k=field("moe_top_k"),
+            moe_intermediate_size=field("moe_intermediate_size"),
+            share_expert_dim=field("share_expert_dim"),
+            hidden_size=field("hidden_size"),
+            intermediate_size=field("intermediate_size"),
+            num_attention_heads=field("num_attention_heads"),
+            num_attention_groups=field("num_attention_groups"),
+            sliding_num_attention_heads=field("attention_other_setting.num_attention_heads", field("num_attention_heads")),
+            head_dim=field("head_dim"),
+            vocab_size=field("vocab_size"),
+            sliding_window=field("sliding_window"),
+            rms_norm_eps=field("rms_norm_eps", 1e-5),
+            moe_router_scaling_factor=field("moe_router_scaling_factor", 1.0),
+        )
+        types = config.get("layer_types")
+        if isinstance(types, list):
+            expected = ["full_attention" if spec.is_full_attention(L) else "sliding_attention" for L in range(len(types))]
+            if types != expected:
+                raise ConfigError(f"{where}: layer_types differ from the reference model's full attention every 4th layer")
+        return spec
 
     @property
     def mtp_layers(self) -> tuple[int, ...]:
