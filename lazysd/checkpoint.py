@@ -316,7 +316,7 @@ class Checkpoint:
         if candidate.is_absolute() or ".." in candidate.parts:
             raise UnsafePathError(f"{where}: file {name!r} points outside the checkpoint directory {self.path}")
         full = self.path / candidate
-        if kind_of(full) == "a symlink loop":
+        if self._kind(full) == "a symlink loop":
             return full  # leads nowhere, so not outside either: reported with what it is, never opened
         self._check_inside(full, where)
         return full
