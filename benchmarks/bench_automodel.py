@@ -33,6 +33,8 @@ import statistics
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # lazysd and tests.support from this checkout
+
 METHODS = {"own": "Automodel's adapter", "swap": "lazysd adapter (import swap)", "reader": "swap + use_lazysd_reader"}
 
 
@@ -81,7 +83,7 @@ def _turns(reader, rank: int, world: int, files: list[Path], out: dict) -> None:
     """Make ``reader.read_data`` run one rank at a time from a cold cache, counting its bytes."""
     import torch.distributed as dist
 
-    from lazysd.testing.pagecache import evict
+    from tests.support.pagecache import evict
 
     original = reader.read_data
 
@@ -113,8 +115,8 @@ def _rank(rank: int, world: int, path: str, method: str, cold: bool) -> dict:
 
     from lazysd import VirtualStateDict
     from lazysd.automodel import use_lazysd_reader
-    from lazysd.testing.measure import PeakRSS
-    from lazysd.testing.pagecache import evict
+    from tests.support.measure import PeakRSS
+    from tests.support.pagecache import evict
 
     logging.disable(logging.WARNING)
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",)) if world > 1 else None
@@ -166,7 +168,7 @@ def main() -> None:
         print(f"bench_automodel: skipped, NeMo Automodel is not installed ({exc.name}); pip install nemo-automodel")
         return
     from lazysd.testing import Step3p5Spec, checkpoint_nbytes, ensure_checkpoint
-    from lazysd.testing.dist import run_ranks
+    from tests.support.dist import run_ranks
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=float, default=1.5e9)

@@ -33,9 +33,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # lazysd and tests.support from this checkout
 
 READERS = ("torch", "lazysd hf", "lazysd native")
 
@@ -82,7 +85,7 @@ class _Turns:
     def read_data(self, plan: Any, planner: Any) -> Any:
         import torch.distributed as dist
 
-        from lazysd.testing.pagecache import PAGE, evict, resident_map
+        from tests.support.pagecache import PAGE, evict, resident_map
 
         fut = None
         for turn in range(dist.get_world_size()):
@@ -108,7 +111,7 @@ def _rank(rank: int, world: int, path: str, size: float, which: str, layout: str
 
     from lazysd.dcp import HFReader
     from lazysd.testing import Step3p5Model, Step3p5Spec
-    from lazysd.testing.measure import PeakRSS
+    from tests.support.measure import PeakRSS
 
     mesh = init_device_mesh("cpu", (2, world // 2) if world > 1 else (1, 1), mesh_dim_names=("dp", "ep"))
     native = which == "lazysd native"
@@ -130,7 +133,7 @@ def _rank(rank: int, world: int, path: str, size: float, which: str, layout: str
 
 def main() -> None:
     from lazysd.testing import Step3p5Spec, checkpoint_nbytes, ensure_checkpoint
-    from lazysd.testing.dist import run_ranks
+    from tests.support.dist import run_ranks
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=float, default=1e9)

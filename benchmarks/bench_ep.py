@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # lazysd and tests.support from this checkout
 
 
 def _rank(rank: int, world: int, path: str, size: float) -> dict:
@@ -26,7 +29,7 @@ def _rank(rank: int, world: int, path: str, size: float) -> dict:
 
     from lazysd import VirtualStateDict
     from lazysd.testing import Step3p5Model, Step3p5Spec
-    from lazysd.testing.measure import PeakRSS
+    from tests.support.measure import PeakRSS
 
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
     model = Step3p5Model(Step3p5Spec.sized(int(size)), layout="native", dtype=torch.bfloat16, device="meta")
@@ -39,7 +42,7 @@ def _rank(rank: int, world: int, path: str, size: float) -> dict:
 
 def main() -> None:
     from lazysd.testing import Step3p5Spec, checkpoint_nbytes, ensure_checkpoint
-    from lazysd.testing.dist import run_ranks
+    from tests.support.dist import run_ranks
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=float, default=2e9)

@@ -44,7 +44,7 @@ def run_one(method: str, src: Path, out: Path) -> dict[str, float]:
     from safetensors.torch import save_file
 
     from lazysd import HFView, VirtualStateDict, save_hf
-    from lazysd.testing.measure import PeakRSS
+    from tests.support.measure import PeakRSS
 
     vsd = VirtualStateDict(src, include_mtp=True)
     state: object = vsd
@@ -78,7 +78,7 @@ def main() -> None:
         return
 
     from lazysd.testing import Step3p5Spec, checkpoint_nbytes, ensure_checkpoint
-    from lazysd.testing.measure import run_fresh
+    from tests.support.measure import run_fresh
 
     scratch = Path(args.dir)
     spec = Step3p5Spec.sized(int(args.size * 2**30))

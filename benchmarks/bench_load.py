@@ -73,7 +73,7 @@ def worker(method: str, path: Path, size: float) -> dict:
 
     from lazysd import VirtualStateDict
     from lazysd.testing import Step3p5Model
-    from lazysd.testing.measure import PeakRSS
+    from tests.support.measure import PeakRSS
 
     spec = _spec(size)
     if method in ("a", "p"):
@@ -148,7 +148,10 @@ def worker(method: str, path: Path, size: float) -> dict:
         return {**p.result, "bytes": nbytes}
     if method == "e":
         try:
-            from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+            from transformers.conversion_mapping import (
+                get_checkpoint_conversion_mapping,
+                register_checkpoint_conversion_mapping,
+            )
             from transformers.models.step3p7.modeling_step3p7 import Step3p7TextModel
             from transformers.utils import logging as hf_logging
         except ImportError as exc:
@@ -176,7 +179,7 @@ def _largest_native(path: Path) -> int:
 
 
 def main() -> int:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # lazysd and tests.support from this checkout
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", nargs=3, metavar=("METHOD", "PATH", "SIZE"), help=argparse.SUPPRESS)
     ap.add_argument("--sizes", nargs="+", type=float, default=[1e9, 3e9])
@@ -190,7 +193,7 @@ def main() -> int:
         return 0
 
     from lazysd.testing import checkpoint_nbytes, ensure_checkpoint
-    from lazysd.testing.measure import run_fresh
+    from tests.support.measure import run_fresh
 
     MiB = 2**20
     for size in args.sizes:
@@ -224,7 +227,7 @@ def main() -> int:
             )
         # Ratios per round (same machine load), then their median.
         def ratio(p: str, q: str, key: str = "seconds") -> str:
-            pairs = [(x[key], y[key]) for x, y in zip(results.get(p, []), results.get(q, [])) if "error" not in x and "error" not in y]
+            pairs = [(x[key], y[key]) for x, y in zip(results.get(p, []), results.get(q, [])) if "error" not in x and "error" not in y]  # noqa: B023 - called in this iteration
             return f"{statistics.median(a / b for a, b in pairs if b):.2f}" if pairs else "n/a"
 
         print()

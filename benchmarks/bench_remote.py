@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # lazysd and tests.support from this checkout
+
 BUCKET = "bench"
 
 
@@ -61,7 +63,7 @@ def _worker(method: str, url: str, endpoint: str, size: float) -> dict:
 
     import lazysd
     from lazysd.testing import Step3p5Model, Step3p5Spec
-    from lazysd.testing.measure import PeakRSS
+    from tests.support.measure import PeakRSS
 
     spec = Step3p5Spec.sized(int(size))
     if method == "lazysd":
@@ -105,7 +107,7 @@ def _rank(rank: int, world: int, url: str, endpoint: str, size: float, share: st
 
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
     model = Step3p5Model(Step3p5Spec.sized(int(size)), layout="native", dtype=torch.bfloat16, device="meta")
-    from lazysd.testing.servers import server_stats
+    from tests.support.servers import server_stats
 
     tag = f"{share}-r{rank}"
     vsd = VirtualStateDict(url, mesh, storage_options=_options(endpoint, tag), share=share)
@@ -123,8 +125,8 @@ def _rank(rank: int, world: int, url: str, endpoint: str, size: float, share: st
 # ---- driver -------------------------------------------------------------------------------------
 def main() -> None:
     from lazysd.testing import Step3p5Spec, checkpoint_nbytes, ensure_checkpoint
-    from lazysd.testing.dist import run_ranks
-    from lazysd.testing.servers import RangeHTTPServer
+    from tests.support.dist import run_ranks
+    from tests.support.servers import RangeHTTPServer
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=float, default=5e8)
@@ -204,7 +206,7 @@ def main() -> None:
 
 
 def _fresh(method: str, url: str, endpoint: str, size: float) -> dict:
-    from lazysd.testing.measure import run_fresh
+    from tests.support.measure import run_fresh
 
     return run_fresh(__file__, "--worker", method, url, endpoint, str(size))
 

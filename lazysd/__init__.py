@@ -18,17 +18,18 @@ from .errors import (
     OptionError,
     PlacementError,
     ReadOnlyTensorError,
+    RemoteAccessError,
+    RemoteReadError,
     RuleError,
     ShapeMismatchError,
     StateDictMismatchError,
+    TooManyFilesError,
     UnclaimedKeyError,
     UnknownModelError,
-    TooManyFilesError,
     UnsafePathError,
     UnsupportedFormatError,
     WriterError,
 )
-from .errors import RemoteAccessError, RemoteReadError
 from .export import HFView, save_hf
 from .lazy import LazyTensor
 from .load import LoadReport, load

@@ -103,7 +103,7 @@ from .errors import MissingKeyError, MissingSourceError, PlacementError, ShapeMi
 from .export.view import HFEntry, HFView, clip, map_placements
 from .export.view import local_box as dtensor_box
 from .geometry import Box, full_box
-from .lazy import LazyTensor
+from .lazy import LazyTensor, is_dtensor
 from .plan import Entry, Source, resolve
 from .reader import MiB, Reader, ReadOptions, to_native
 from .reverse import extract
@@ -136,12 +136,6 @@ def _transforms(rule: Rule) -> bool:
 
 
 # ---- DTensor helpers ---------------------------------------------------------------------
-def _is_dtensor(t: Any) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
-
-
 def _swap_shard_placements_1_2(placements: tuple) -> tuple:
     """Swap ``Shard(1)`` and ``Shard(2)`` in DTensor placements, for a ``transpose(1, 2)``.
 
@@ -186,7 +180,7 @@ def _writable_alias(value: Any) -> bool:
     """Whether ``value`` is real tensor memory a DCP load can write into (not a LazyTensor)."""
     if not isinstance(value, torch.Tensor):
         return False
-    local = value._local_tensor if _is_dtensor(value) else value
+    local = value._local_tensor if is_dtensor(value) else value
     return not isinstance(local, LazyTensor)
 
 
@@ -199,7 +193,7 @@ def _fill_view(view: torch.Tensor, value: Any) -> bool:
     """
     if value is view:
         return True
-    if not isinstance(value, torch.Tensor) or _is_dtensor(value) != _is_dtensor(view) or value.shape != view.shape:
+    if not isinstance(value, torch.Tensor) or is_dtensor(value) != is_dtensor(view) or value.shape != view.shape:
         return False
     view.copy_(value)
     return True
@@ -217,7 +211,7 @@ def _check_split(fqn: str, rule: Rule, tensor: Any, view: HFView) -> None:
 
 def _alias(native: torch.Tensor, entry: HFEntry) -> torch.Tensor:
     """HF tensor ``entry`` as a view of ``native`` (of its local shard for a DTensor): no copy."""
-    if not _is_dtensor(native):
+    if not is_dtensor(native):
         return extract(native, entry.piece)
     placements = map_placements(entry.piece, tuple(native.shape), native.placements)
     box, origin = dtensor_box(native)
@@ -274,7 +268,7 @@ def _create_dtensor_from_local_or_reference(
     from torch.distributed.tensor import Shard
     from torch.distributed.tensor._utils import compute_global_tensor_info
 
-    if reference_dtensor is not None and _is_dtensor(reference_dtensor):
+    if reference_dtensor is not None and is_dtensor(reference_dtensor):
         mesh = reference_dtensor.device_mesh
         placements = tuple(placements_override if placements_override is not None else reference_dtensor.placements)
     elif device_mesh is not None:
@@ -292,14 +286,14 @@ def _create_dtensor_from_local_or_reference(
     else:
         shape, _ = compute_global_tensor_info(local_tensor, mesh, list(placements))
         shape = list(shape)
-        if reference_dtensor is not None and _is_dtensor(reference_dtensor):
+        if reference_dtensor is not None and is_dtensor(reference_dtensor):
             for p, q in zip(placements, reference_dtensor.placements):
                 if isinstance(p, Shard) and isinstance(q, Shard) and q.dim < reference_dtensor.ndim:
                     shape[p.dim] = reference_dtensor.shape[q.dim]
         if n_experts is not None and shape:
             shape[0] = n_experts
     expected = _rank_box(shape, mesh, placements)
-    if tuple(h - l for l, h in expected) != tuple(local_tensor.shape):
+    if tuple(hi - lo for lo, hi in expected) != tuple(local_tensor.shape):
         raise PlacementError(
             f"local shard of shape {list(local_tensor.shape)} is not this rank's block "
             f"{[list(b) for b in expected]} of global shape {shape} under placements {placements} on {mesh}"
@@ -523,7 +517,7 @@ class Step3p5StateDictAdapter:
                     "so they must be converted in the same from_hf call"
                 )
         tensors = {k: v for k, v in parts.values()}
-        dtensors = [k for k, v in tensors.items() if _is_dtensor(v)]
+        dtensors = [k for k, v in tensors.items() if is_dtensor(v)]
         stored = {k: _stored(v) for k, v in tensors.items()}
         readers = {id(s[1]) for s in stored.values() if s is not None}
         lazy = all(s is not None for s in stored.values()) and len(readers) == 1 and not dtensors
@@ -553,7 +547,7 @@ class Step3p5StateDictAdapter:
             if local is not None:
                 local = local.to(self.dtype)  # a view when the dtype is kept, as Automodel's transpose
             else:
-                dest = torch.empty(tuple(h - l for l, h in box), dtype=self.dtype, device=next(iter(tensors.values())).device)
+                dest = torch.empty(tuple(hi - lo for lo, hi in box), dtype=self.dtype, device=next(iter(tensors.values())).device)
                 local = _fill_from(entry, box, tensors, dest)
         if submesh is None:
             return local
@@ -694,7 +688,7 @@ class Step3p5StateDictAdapter:
         self._check_inter(fqn, rule, tuple(tensor.shape))
         # HF keys, pieces and values from export's HFView: the rules run backwards, once.
         view = HFView({canonical: tensor}, adapter=_ADAPTER)
-        if _is_dtensor(tensor):
+        if is_dtensor(tensor):
             _check_split(fqn, rule, tensor, view)
         if views and _writable_alias(tensor):
             return [(_with_prefix(prefix, key), _alias(tensor, entry)) for key, entry in view.entries.items()]

@@ -40,6 +40,9 @@ from .errors import (
     NoWeightsError,
     TooManyFilesError,
     UnsafePathError,
+    cut,
+    repr_cut,
+    shortened,
 )
 from .paths import kind_of, resolve_checkpoint_path
 
@@ -187,16 +190,16 @@ def parse_header_bytes(file: Any, raw: bytes, header_len: int, file_size: int) -
             raise _fail(HeaderError, file, key, "entry must be an object with exactly 'dtype', 'shape' and 'data_offsets'")
         dtype_name, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
         if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
-            raise _fail(HeaderError, file, key, f"unknown dtype {_clip(dtype_name)} (known: {', '.join(DTYPES)})")
+            raise _fail(HeaderError, file, key, f"unknown dtype {repr_cut(dtype_name)} (known: {', '.join(DTYPES)})")
         if not isinstance(shape, list) or not all(type(d) is int and 0 <= d <= MAX_DIM for d in shape):
-            raise _fail(HeaderError, file, key, f"shape must be a list of non-negative integers, got {_clip(shape)}")
+            raise _fail(HeaderError, file, key, f"shape must be a list of non-negative integers, got {repr_cut(shape)}")
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
             or not all(type(o) is int for o in offsets)
             or not 0 <= offsets[0] <= offsets[1] <= data_size
         ):
-            raise _fail(HeaderError, file, key, f"data_offsets {_clip(offsets)} are not a [begin, end] range inside the {data_size}-byte data section")
+            raise _fail(HeaderError, file, key, f"data_offsets {repr_cut(offsets)} are not a [begin, end] range inside the {data_size}-byte data section")
         dtype = DTYPES[dtype_name]
         expected = math.prod(shape) * dtype.itemsize
         if offsets[1] - offsets[0] != expected:
@@ -351,9 +354,9 @@ class Checkpoint:
                 raise CheckpointIndexError(f"{index}: weight_map is empty (it must name every tensor of the checkpoint)")
             repeated = {k: v for k, v in twice.items() if k in weight_map and weight_map[k] == v[-1]}
             if repeated:
-                lines = [f"  {k}: {', '.join(_clip(f) for f in v)}" for k, v in list(repeated.items())[:20]]
+                lines = [f"  {k}: {', '.join(repr_cut(f) for f in v)}" for k, v in list(repeated.items())[:20]]
                 raise CheckpointIndexError(f"{index}: weight_map lists keys more than once:\n" + "\n".join(lines) + _more(len(repeated), 20))
-            not_names = [f"  {k}: {_clip(v)}" for k, v in weight_map.items() if not isinstance(v, str)]
+            not_names = [f"  {k}: {repr_cut(v)}" for k, v in weight_map.items() if not isinstance(v, str)]
             if not_names:
                 raise CheckpointIndexError(
                     f"{index}: weight_map values must be file names (strings), got:\n" + "\n".join(not_names[:20]) + _more(len(not_names), 20)
@@ -371,18 +374,18 @@ class Checkpoint:
             for key, name in weight_map.items():
                 file = checked.get(name)
                 if file is None:
-                    file = checked[name] = self._resolve_inside(name, f"{index}, key {_clip(key)}")
+                    file = checked[name] = self._resolve_inside(name, f"{index}, key {repr_cut(key)}")
                     what = self._kind(file)
                     if what not in (None, "missing"):
                         odd[name] = what
                 if name not in odd and not self._is_file(file):
-                    missing.setdefault(str(name), []).append(_cut(key))
+                    missing.setdefault(str(name), []).append(cut(key))
                 resolved[key] = file
             if odd:
-                lines = [f"  {_clip(name)}: {what}" for name, what in sorted(odd.items())[:20]]
+                lines = [f"  {repr_cut(name)}: {what}" for name, what in sorted(odd.items())[:20]]
                 raise CheckpointIndexError(f"{index}: names paths that are not regular weights files:\n" + "\n".join(lines) + _more(len(odd), 20))
             if missing:
-                lines = [f"  {_cut(name)}: {', '.join(_short(keys))}" for name, keys in sorted(missing.items())[:20]]
+                lines = [f"  {cut(name)}: {', '.join(shortened(keys))}" for name, keys in sorted(missing.items())[:20]]
                 raise CheckpointNotFoundError(
                     f"{index}: names files that do not exist, for these keys:\n" + "\n".join(lines) + _more(len(missing), 20)
                 )
@@ -395,7 +398,7 @@ class Checkpoint:
         shards = sorted(p for p in self._listing() if p.suffix == ".safetensors" and not p.name.startswith("."))
         odd = [(p.name, what) for p in shards if (what := self._kind(p)) is not None]
         if odd:
-            lines = [f"  {_clip(name)}: {what}" for name, what in odd[:20]]
+            lines = [f"  {repr_cut(name)}: {what}" for name, what in odd[:20]]
             raise CheckpointNotFoundError(f"{self.path}: weights names that are not regular files:\n" + "\n".join(lines) + _more(len(odd), 20))
         if shards:
             # Without an index the file names are all there is to go by: a numbered series
@@ -405,7 +408,7 @@ class Checkpoint:
         pickles = sorted(p.name for p in self._listing() if p.suffix in PICKLE_SUFFIXES)
         if pickles:
             raise NoWeightsError(
-                f"{self.path}: only pickled weights found ({', '.join(_short(pickles))}); lazysd never unpickles "
+                f"{self.path}: only pickled weights found ({', '.join(shortened(pickles))}); lazysd never unpickles "
                 "checkpoint files because unpickling can run arbitrary code. Convert them to safetensors first."
             )
         raise NoWeightsError(f"{self.path}: no model.safetensors, {INDEX_NAME} or *.safetensors files found")
@@ -449,15 +452,15 @@ class Checkpoint:
                 )
                 if indexed:
                     raise CheckpointIndexError(
-                        f"{where}: names shards {_cut(stem)}-*-of-{total:0{width}d}.safetensors but {problem}"
+                        f"{where}: names shards {cut(stem)}-*-of-{total:0{width}d}.safetensors but {problem}"
                         + ("" if beyond else " (a shard's keys are missing from the index)")
                     )
                 raise CheckpointNotFoundError(
-                    f"{where}: has shards {_cut(stem)}-*-of-{total:0{width}d}.safetensors and no {INDEX_NAME}; "
+                    f"{where}: has shards {cut(stem)}-*-of-{total:0{width}d}.safetensors and no {INDEX_NAME}; "
                     f"the series is incomplete, {problem} (a half-copied or half-downloaded checkpoint?)"
                 )
         if not indexed and len(series) > 1:
-            names = [f"{_cut(stem)}-*-of-{written}.safetensors" for stem, written in sorted(series)]
+            names = [f"{cut(stem)}-*-of-{written}.safetensors" for stem, written in sorted(series)]
             raise CheckpointNotFoundError(
                 f"{where}: holds {len(series)} shard series ({', '.join(names[:4])}) and no {INDEX_NAME}, "
                 "so which files form the checkpoint is unknown (leftovers of an earlier checkpoint?); remove the stale ones"
@@ -661,26 +664,11 @@ def _close_fds(fds: dict[Path, int]) -> None:
     fds.clear()
 
 
-def _cut(text: str, n: int = 200) -> str:
-    """A key or file name from a checkpoint, cut to ``n`` characters for a message."""
-    return text if len(text) <= n else text[: n - 3] + "..."
-
-
-def _clip(value: Any, n: int = 60) -> str:
-    """``repr(value)`` cut to ``n`` characters: header values are untrusted and may be huge."""
-    text = repr(value)
-    return text if len(text) <= n else text[: n - 3] + "..."
-
-
 _SHARD_NAME = re.compile(r"(?P<stem>.+)-(?P<i>[0-9]+)-of-(?P<total>[0-9]+)\.safetensors")
 
 
 def _more(total: int, shown: int) -> str:
     return f"\n  ... {total - shown} more" if total > shown else ""
-
-
-def _short(items: list[str], n: int = 8) -> list[str]:
-    return items if len(items) <= n else items[:n] + [f"... {len(items) - n} more"]
 
 
 def config_value(config: Mapping[str, Any], *names: str, default: Any = None) -> Any:

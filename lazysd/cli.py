@@ -33,12 +33,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .adapters import resolve_adapter
+from .checkpoint import config_value
 from .errors import LazySDError
+from .export import NATIVE, save_hf, save_native
+from .inspect import key_table, summarize, summary_lines
+from .testing import Step3p5Model, Step3p5Spec, make_checkpoint
+from .virtual import VirtualStateDict
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .inspect import key_table, summarize, summary_lines
-    from .virtual import VirtualStateDict
 
     with VirtualStateDict(
         args.path, adapter=args.adapter, include_mtp=args.mtp, revision=args.revision, storage_options=_storage_options(args.storage_option)
@@ -90,8 +94,6 @@ def _storage_options(pairs: list[str] | None) -> dict[str, object] | None:
 def cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
-    from .testing import Step3p5Model, Step3p5Spec, make_checkpoint
-    from .virtual import VirtualStateDict
 
     spec = Step3p5Spec.tiny()
     if args.keep and Path(args.keep).expanduser().exists() and (not Path(args.keep).expanduser().is_dir() or any(Path(args.keep).expanduser().iterdir())):
@@ -128,10 +130,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
     """
     import json
 
-    from .adapters import resolve_adapter
-    from .checkpoint import config_value
-    from .export import NATIVE, save_hf, save_native
-    from .virtual import VirtualStateDict
 
     src, dst = args.src, Path(args.dst).expanduser()
     args.interrupted_dst = (dst, _snapshot(dst))  # what "nothing was written" is checked against

@@ -75,7 +75,21 @@ from torch.futures import Future
 from .adapters import resolve_adapter
 from .checkpoint import Checkpoint
 from .errors import ExportError, MissingKeyError, ShapeMismatchError
-from .export import ExportLock, FileLayout, HFEntry, HFView, Stage, clip, fitted_config, out_dir_problem, parse_size, piece_blocks, plan_files, recover
+from .export import (
+    ExportLock,
+    FileLayout,
+    HFEntry,
+    HFView,
+    Stage,
+    clip,
+    fitted_config,
+    out_dir_problem,
+    parse_size,
+    piece_blocks,
+    plan_files,
+    recover,
+)
+from .export.config import config_layers
 from .fp8 import FP8_DTYPES
 from .geometry import Box
 from .paths import resolve_checkpoint_path
@@ -83,6 +97,7 @@ from .plan import Entry, Source
 from .reader import MiB, Reader, ReadOptions, Stats
 from .rules import Adapter, Rule
 from .storage import is_remote, open_checkpoint
+from .virtual import VirtualStateDict
 
 __all__ = ["HFReader", "HFWriter"]
 
@@ -180,8 +195,6 @@ class HFReader(StorageReader):
         if not is_remote(path):
             path = resolve_checkpoint_path(path, revision=self._revision)
         if self.native:
-            from .virtual import VirtualStateDict
-
             opts = self._read_options
             self.vsd = VirtualStateDict(
                 path,
@@ -688,8 +701,6 @@ class HFWriter(StorageWriter):
         return job
 
     def _config_layers(self) -> int | None:
-        from .export.config import config_layers
-
         return None if self.config is None else config_layers(self.config, self.adapter)
 
     def _release(self) -> None:

@@ -8,6 +8,24 @@ Messages name the file and the key involved, say what was expected and what was 
 
 from __future__ import annotations
 
+from typing import Any
+
+
+def shortened(items: list[str], n: int = 8) -> list[str]:
+    """``items`` cut to ``n`` for a message, the rest counted: ``[..., '... 3 more']``."""
+    return items if len(items) <= n else items[:n] + [f"... {len(items) - n} more"]
+
+
+def cut(text: str, n: int = 200) -> str:
+    """A key or file name from a checkpoint, cut to ``n`` characters for a message."""
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def repr_cut(value: Any, n: int = 60) -> str:
+    """``repr(value)`` cut to ``n`` characters: header values are untrusted and may be huge."""
+    return cut(repr(value), n)
+
+
 #: The longest message a lazysd error keeps. Messages quote keys, file names and values
 #: from checkpoints, which may be huge (a 1 MB key): each is clipped where it is quoted, and
 #: this bounds what is left (the middle is cut, the head and the tail are kept).

@@ -61,6 +61,14 @@ def intersect(a: Box, b: Box) -> Box | None:
     return None if is_empty(out) else out
 
 
+def inverse_permutation(perm: Sequence[int]) -> list[int]:
+    """The permutation that undoes ``perm``: ``t.permute(perm).permute(inverse_permutation(perm))`` is ``t``."""
+    inv = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inv[p] = i
+    return inv
+
+
 def relative(box: Box, origin: Sequence[int]) -> Box:
     """``box`` in the coordinates of a region whose first element sits at ``origin``."""
     return tuple((lo - o, hi - o) for (lo, hi), o in zip(box, origin))

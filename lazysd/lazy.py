@@ -82,7 +82,7 @@ class LazyTensor(torch.Tensor):
     def __new__(
         cls, entry: Entry, reader: Reader, box: Box, *, dtype: torch.dtype, device: torch.device, requires_grad: bool = False
     ) -> LazyTensor:
-        shape = tuple(h - l for l, h in box)
+        shape = tuple(hi - lo for lo, hi in box)
         self = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=device, requires_grad=requires_grad)
         self.entry, self.box, self._reader = entry, box, reader
         return self
@@ -166,7 +166,7 @@ class LazyTensor(torch.Tensor):
         _refuse_in_place(func, name, args, kwargs)
         if func is torch.Tensor.copy_ and isinstance(args[1], LazyTensor) and not isinstance(args[0], LazyTensor):
             dest, src = args[0], args[1]
-            if tuple(dest.shape) == tuple(src.shape) and not _is_dtensor(dest):
+            if tuple(dest.shape) == tuple(src.shape) and not is_dtensor(dest):
                 return src.read_into(dest)
         # Aliases of a LazyTensor stay lazy (nn.Parameter calls detach(), DTensor.from_local view_as()).
         if func in (torch.Tensor.detach, torch.detach, torch.Tensor.view_as) and isinstance(args[0], LazyTensor):
@@ -268,7 +268,8 @@ def _property_name(func: Any) -> str:
     return getattr(owner, "__name__", "")
 
 
-def _is_dtensor(t: torch.Tensor) -> bool:
+def is_dtensor(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a DTensor (by type name: no torch.distributed import needed)."""
     return type(t).__name__ == "DTensor"
 
 

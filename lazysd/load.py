@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from .checkpoint import _short
-from .errors import OptionError, StateDictMismatchError
-from .plan import FP8_DTYPES, Entry
+from .errors import OptionError, StateDictMismatchError, shortened
+from .fp8 import FP8_DTYPES
+from .plan import Entry
 from .progress import ProgressPrinter
 from .reader import Stats
 from .virtual import VirtualStateDict
@@ -208,7 +208,7 @@ def _check_values(model: torch.nn.Module, vsd: VirtualStateDict, wanted: Any, *,
     if problems:
         raise StateDictMismatchError(
             f"{vsd.checkpoint.path}: {len(problems)} tensor(s) do not fit {type(model).__name__} (nothing was read):\n  "
-            + "\n  ".join(_short(problems, 20))
+            + "\n  ".join(shortened(problems, 20))
         )
 
 
@@ -253,14 +253,14 @@ def _fill_concurrently(values: dict[str, Any], params: dict[str, torch.Tensor], 
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from .share import _plain_destination
+    from .share import destination_of
 
     jobs: dict[str, tuple[Any, torch.Tensor]] = {}
     for key, value in values.items():
         lazy = getattr(value, "_local_tensor", value)
         if not hasattr(lazy, "entry"):
             continue
-        dest = _plain_destination(value, assign, params.get(key))
+        dest = destination_of(value, assign, params.get(key))
         if dest is None and assign:
             with torch._C.DisableTorchFunctionSubclass():
                 dest = lazy._reader.empty(lazy.entry, lazy.box, lazy.dtype, lazy.device)
@@ -290,4 +290,4 @@ def _like(value: Any, local: torch.Tensor) -> torch.Tensor:
 
 
 def _listing(keys: tuple[str, ...]) -> str:
-    return "[" + ", ".join(_short(list(keys), 5)) + "]"
+    return "[" + ", ".join(shortened(list(keys), 5)) + "]"

@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
@@ -53,7 +54,7 @@ def kind_of(path: Path) -> str | None:
     except FileNotFoundError:
         return "a dangling symlink" if os.path.islink(path) else "missing"
     except OSError as e:
-        if e.errno == 40:  # ELOOP
+        if e.errno == errno.ELOOP:
             return "a symlink loop"
         return f"unreadable ({e.strerror})"
     if stat.S_ISREG(mode):

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import torch
 
-from .checkpoint import TensorInfo, _cut, config_value
+from .checkpoint import TensorInfo, config_value
 from .errors import (
     ConfigError,
     MissingSourceError,
@@ -29,6 +29,7 @@ from .errors import (
     ShapeMismatchError,
     UnclaimedKeyError,
     UnsupportedFormatError,
+    cut,
 )
 from .fp8 import FP8_DTYPES, BlockScales
 from .geometry import Block
@@ -181,52 +182,15 @@ def resolve(
 
     if fp8 not in ("dequantize", "keep"):
         raise OptionError(f"fp8 must be 'dequantize' or 'keep', got {fp8!r}")
-    for pattern, why in adapter.refuse:
-        refused = Pattern(pattern)
-        hits = [k for k in headers if refused.match(k) is not None]
-        if hits:
-            shown = ", ".join(f"{k} ({headers[k].file.name})" for k in hits[:4])
-            more = f" ... {len(hits) - 4} more" if len(hits) > 4 else ""
-            raise UnsupportedFormatError(f"{where}: the {adapter.name} adapter does not convert {shown}{more}: {why}")
-    block = config_value(config, "quantization_config.weight_block_size") or adapter.scale_block
-    if not isinstance(block, (list, tuple)) or len(block) != 2 or not all(type(b) is int and b > 0 for b in block):
-        raise ConfigError(f"{where / 'config.json'}: quantization_config.weight_block_size must be two positive integers, got {block!r}")
-    block = (block[0], block[1])
+    _check_refused(adapter, where, headers)
+    block = _scale_block(adapter, config, where)
     scale_of = adapter.scale_companions(headers)
     rules = adapter.rules
-    kept_scales: set[str] = set()  # fp8="keep": companions, matched against the scale rules only
     if fp8 == "keep" and scale_of:
         rules = rules + adapter.scale_rules
-        kept_scales = set(scale_of.values())
+    groups, ignored = _group_keys(adapter, where, headers, scale_of, keep_scales=fp8 == "keep")
+    if fp8 == "keep":
         scale_of = {}
-    scale_keys = set(scale_of.values())
-
-    # (rule index, native bindings) -> part index -> expert (or None) -> TensorInfo
-    groups: dict[tuple[int, tuple[tuple[str, str], ...]], dict[int, dict[int | None, TensorInfo]]] = {}
-    ignored: dict[str, str] = {}
-    unclaimed: list[str] = []
-    for key, info in headers.items():
-        if key in scale_keys:
-            continue  # claimed with its weight below
-        if key in kept_scales:
-            # Scale rules come after adapter.rules, so a catch-all there must not see companions first.
-            found = claim(adapter.scale_rules, key)
-            found = found and replace(found, rule=found.rule + len(adapter.rules))
-        else:
-            found = claim(adapter.rules, key)
-        if found is not None:
-            group = groups.setdefault((found.rule, found.values), {})
-            group.setdefault(found.part, {})[found.expert] = info
-        elif adapter.ignores(key):
-            ignored[key] = f"ignored by the {adapter.name} adapter"
-        else:
-            unclaimed.append(key)
-    if unclaimed:
-        listed = "\n".join(f"  {k}  ({headers[k].file.name})" for k in unclaimed[:30])
-        more = f"\n  ... {len(unclaimed) - 30} more" if len(unclaimed) > 30 else ""
-        raise UnclaimedKeyError(
-            f"{where}: {len(unclaimed)} checkpoint key(s) match no rule of the {adapter.name} adapter:\n{listed}{more}"
-        )
 
     entries: dict[str, Entry] = {}
     for (ri, bindings), parts in groups.items():
@@ -255,13 +219,74 @@ def resolve(
     return Plan(adapter, entries, ignored, num_layers)
 
 
-def _build_entry(
+# (rule index, native bindings) -> part index -> expert (or None) -> TensorInfo
+Groups = dict[tuple[int, tuple[tuple[str, str], ...]], dict[int, dict[int | None, TensorInfo]]]
+
+
+def _group_keys(
+    adapter: Adapter, where: Path, headers: Mapping[str, TensorInfo], scale_of: dict[str, str], *, keep_scales: bool
+) -> tuple[Groups, dict[str, str]]:
+    """Claim every HF key: grouped by the native tensor it builds, or ignored, else an error.
+
+    FP8 scale companions are claimed with their weight (``fp8="dequantize"``) or, with
+    ``keep_scales``, by the adapter's scale rules only (indices after ``adapter.rules``): a
+    catch-all rule at the end of ``adapter.rules`` must not see companions first.
+    """
+    groups: Groups = {}
+    ignored: dict[str, str] = {}
+    unclaimed: list[str] = []
+    companions = set(scale_of.values())
+    for key, info in headers.items():
+        if key in companions and not keep_scales:
+            continue  # claimed with its weight
+        if key in companions:
+            found = claim(adapter.scale_rules, key)
+            found = found and replace(found, rule=found.rule + len(adapter.rules))
+        else:
+            found = claim(adapter.rules, key)
+        if found is not None:
+            group = groups.setdefault((found.rule, found.values), {})
+            group.setdefault(found.part, {})[found.expert] = info
+        elif adapter.ignores(key):
+            ignored[key] = f"ignored by the {adapter.name} adapter"
+        else:
+            unclaimed.append(key)
+    if unclaimed:
+        listed = "\n".join(f"  {k}  ({headers[k].file.name})" for k in unclaimed[:30])
+        more = f"\n  ... {len(unclaimed) - 30} more" if len(unclaimed) > 30 else ""
+        raise UnclaimedKeyError(
+            f"{where}: {len(unclaimed)} checkpoint key(s) match no rule of the {adapter.name} adapter:\n{listed}{more}"
+        )
+    return groups, ignored
+
+
+def _check_refused(adapter: Adapter, where: Path, headers: Mapping[str, TensorInfo]) -> None:
+    for pattern, why in adapter.refuse:
+        refused = Pattern(pattern)
+        hits = [k for k in headers if refused.match(k) is not None]
+        if hits:
+            shown = ", ".join(f"{k} ({headers[k].file.name})" for k in hits[:4])
+            more = f" ... {len(hits) - 4} more" if len(hits) > 4 else ""
+            raise UnsupportedFormatError(f"{where}: the {adapter.name} adapter does not convert {shown}{more}: {why}")
+
+
+def _scale_block(adapter: Adapter, config: Mapping[str, Any], where: Path) -> tuple[int, int]:
+    """FP8 scale block shape: config.json's ``quantization_config.weight_block_size``, else the adapter's."""
+    block = config_value(config, "quantization_config.weight_block_size") or adapter.scale_block
+    if not isinstance(block, (list, tuple)) or len(block) != 2 or not all(type(b) is int and b > 0 for b in block):
+        raise ConfigError(f"{where / 'config.json'}: quantization_config.weight_block_size must be two positive integers, got {block!r}")
+    return (block[0], block[1])
+
+
+def _check_parts(
     native_key: str,
     rule: Rule,
     values: dict[str, str],
     parts: dict[int, dict[int | None, TensorInfo]],
-    where: Path, headers: Mapping[str, TensorInfo],
-) -> Entry:
+    where: Path,
+    headers: Mapping[str, TensorInfo],
+) -> None:
+    """Every part of ``rule`` is present, and per-expert parts have the same experts 0..n-1."""
     found = [info.key for by_expert in parts.values() for info in by_expert.values()]
     for pi, part in enumerate(rule.sources):
         if pi not in parts:
@@ -279,11 +304,21 @@ def _build_entry(
             if len(experts) != n_experts:
                 n_missing = n_experts - len(experts)
                 missing = [e for a, b in _gaps(experts, n_experts)[:8] for e in range(a, min(b, a + 7) + 1)][:8]
-                wanted = [_cut(rule.sources[pi].pattern.format(**values, expert=e)) for e in missing]
+                wanted = [cut(rule.sources[pi].pattern.format(**values, expert=e)) for e in missing]
                 raise MissingSourceError(
                     f"{where}: {native_key} has experts 0..{n_experts - 1} in some parts but these are missing: {', '.join(wanted)}"
                     + (f" ... {n_missing - len(missing)} more" if n_missing > len(missing) else "")
                 )
+
+
+def _build_entry(
+    native_key: str,
+    rule: Rule,
+    values: dict[str, str],
+    parts: dict[int, dict[int | None, TensorInfo]],
+    where: Path, headers: Mapping[str, TensorInfo],
+) -> Entry:
+    _check_parts(native_key, rule, values, parts, where, headers)
 
     # Place each source: per-expert sources stack on their None dim, parts concatenate.
     sources: list[Source] = []
@@ -321,7 +356,7 @@ def _build_entry(
         concat = len(rule.sources) > 1
         if concat and rule.cat_dim >= len(dims):
             raise ShapeMismatchError(
-                f"{infos[0].file}, key {_cut(infos[0].key)!r}: has shape {list(infos[0].shape)}, which the {rule.native!r} rule "
+                f"{infos[0].file}, key {cut(infos[0].key)!r}: has shape {list(infos[0].shape)}, which the {rule.native!r} rule "
                 f"cannot concatenate on dim {rule.cat_dim}"
             )
         for n, info in enumerate(infos):
@@ -350,9 +385,9 @@ def _check_scaled(entry: Entry, adapter: Adapter) -> None:
     bare = next((s.info for s in entry.sources if s.info.dtype in FP8_DTYPES), None)
     if bare is None:
         return
-    companion = f"{_cut(bare.key)}{adapter.scale_suffix}" if adapter.scale_suffix else "a block-scale companion"
+    companion = f"{cut(bare.key)}{adapter.scale_suffix}" if adapter.scale_suffix else "a block-scale companion"
     raise MissingSourceError(
-        f"{bare.file}, key {_cut(bare.key)!r}: FP8 {dtype_name(bare.dtype)} weight without its scales ({companion!r} "
+        f"{bare.file}, key {cut(bare.key)!r}: FP8 {dtype_name(bare.dtype)} weight without its scales ({companion!r} "
         f"is not in the checkpoint), so it cannot be dequantized; pass fp8=\"keep\" to read the FP8 values as stored"
     )
 

@@ -32,7 +32,7 @@ import torch
 from .checkpoint import Checkpoint
 from .errors import ShapeMismatchError
 from .fp8 import dequantize
-from .geometry import Box, box_shape, full_box
+from .geometry import Box, box_shape, full_box, inverse_permutation
 from .plan import Entry
 from .pool import ReadPool
 from .reads import Destination, MiB, ReadItem, plan_reads
@@ -85,7 +85,7 @@ def _bind(item: ReadItem, dest: torch.Tensor) -> _Job:
     view = view[tuple(0 if d is None else slice(None) for d in item.dims)]
     if item.method == "fused":
         return _Job(item, view)
-    return _Job(item, view.permute(_inverse([d for d in item.dims if d is not None])))
+    return _Job(item, view.permute(inverse_permutation([d for d in item.dims if d is not None])))
 
 
 def to_native(block: torch.Tensor, dims: tuple[int | None, ...]) -> torch.Tensor:
@@ -103,13 +103,6 @@ def _as_bytes(t: torch.Tensor) -> memoryview:
     if flat.numel() == 0:
         return memoryview(bytearray(0))
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")
-
-
-def _inverse(perm: list[int]) -> list[int]:
-    inv = [0] * len(perm)
-    for i, p in enumerate(perm):
-        inv[p] = i
-    return inv
 
 
 def _memory_order(entry: Entry) -> list[int] | None:
@@ -226,7 +219,7 @@ class Reader:
         order = self._order(entry, device)
         if order is None:
             return torch.empty(shape, dtype=dtype, device=device)
-        return torch.empty([shape[i] for i in order], dtype=dtype, device=device).permute(_inverse(order))
+        return torch.empty([shape[i] for i in order], dtype=dtype, device=device).permute(inverse_permutation(order))
 
     def destination(self, entry: Entry, box: Box, dtype: torch.dtype, device: torch.device | str) -> Destination:
         """The :class:`~lazysd.reads.Destination` that :meth:`empty` would allocate: for plans
@@ -343,7 +336,7 @@ class Reader:
 
     def fill(self, entry: Entry, box: Box, dest: torch.Tensor) -> torch.Tensor:
         """Write the ``box`` of native tensor ``entry`` into ``dest`` (shape of the box)."""
-        expected = tuple(h - l for l, h in box)
+        expected = tuple(hi - lo for lo, hi in box)
         if tuple(dest.shape) != expected:
             raise ShapeMismatchError(f"{entry.key}: destination shape {list(dest.shape)} is not the requested box {list(expected)}")
         t0 = time.perf_counter()
@@ -417,7 +410,7 @@ class Reader:
             # An error or an interrupt: cancel reads not started, let started ones finish
             # (one bounded read each) and free their budget. A second Ctrl-C here leaves at
             # once; the workers are daemon threads that never block the interpreter's exit.
-            for _, fut, cost in pending:
+            for _, fut, _cost in pending:
                 fut.cancel()
             for _, fut, cost in pending:
                 try:

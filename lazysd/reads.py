@@ -44,7 +44,7 @@ from typing import Literal
 import torch
 
 from .checkpoint import TensorInfo
-from .geometry import Box, box_shape, byte_runs, is_empty, relative, run_count
+from .geometry import Box, box_shape, byte_runs, inverse_permutation, is_empty, relative, run_count
 from .plan import Entry, Source
 from .transpose import fused_read_fits
 
@@ -168,13 +168,6 @@ class ReadTotals:
     dest_bytes: int  # bytes written into the destination
 
 
-def _inverse(perm: list[int]) -> list[int]:
-    inv = [0] * len(perm)
-    for i, p in enumerate(perm):
-        inv[p] = i
-    return inv
-
-
 def _chunks(src: Source, box: Box, dest: torch.Tensor, cpu: bool, chunk_bytes: int) -> Iterator[tuple[Box, Box, Method, int]]:
     """``(source sub-box, destination region, method, staging)`` of each read of ``src``.
 
@@ -192,14 +185,14 @@ def _chunks(src: Source, box: Box, dest: torch.Tensor, cpu: bool, chunk_bytes: i
     new_axes = tuple(0 if d is None else slice(None) for d in src.dims)
     # The destination seen in source order: where that is contiguous, the bytes can be read
     # straight into it (unchanged tensors; halves of a tensor laid out in source order).
-    as_source = view[new_axes].permute(_inverse(perm))
+    as_source = view[new_axes].permute(inverse_permutation(perm))
     plain = src.scale is None and dest.dtype == info.dtype and cpu
     if not info.shape:
         yield src_box, region, ("direct" if plain else "staged"), (0 if plain else info.itemsize)
         return
     rows = src_box[0][1] - src_box[0][0]
     # A dequantized chunk is staged in fp32: budget its rows at that size.
-    row_bytes = (4 if src.scale is not None else info.itemsize) * math.prod(h - l for l, h in src_box[1:])
+    row_bytes = (4 if src.scale is not None else info.itemsize) * math.prod(hi - lo for lo, hi in src_box[1:])
     per = max(1, chunk_bytes // max(1, row_bytes))
     if plain and row_bytes >= DIRECT_ROW and not as_source.is_contiguous() and as_source[:1].is_contiguous():
         per = 1  # contiguous row by row only: one direct read per row beats staging

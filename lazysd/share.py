@@ -45,7 +45,7 @@ class Shared:
     node_ranks: tuple[int, ...]  # global ranks on this node
 
 
-def _plain_destination(value: Any, assign: bool, param: torch.Tensor | None) -> torch.Tensor | None:
+def destination_of(value: Any, assign: bool, param: torch.Tensor | None) -> torch.Tensor | None:
     """Where a key's bytes can land directly: the parameter itself (or its local shard)."""
     if assign or param is None:
         return None
@@ -79,7 +79,7 @@ def share_node(vsd: VirtualStateDict, values: dict[str, Any], params: dict[str, 
         lazy = getattr(value, "_local_tensor", value)
         if not hasattr(lazy, "entry"):
             continue
-        dest = _plain_destination(value, assign, params.get(key))
+        dest = destination_of(value, assign, params.get(key))
         if dest is None and assign:
             with torch._C.DisableTorchFunctionSubclass():
                 dest = lazy._reader.empty(lazy.entry, lazy.box, lazy.dtype, lazy.device)

@@ -10,7 +10,6 @@ import torch
 
 from . import dryrun, inspect
 from .adapters import resolve_adapter
-from .storage import RemoteOptions, open_checkpoint
 from .distributed import Targets, as_dtensor, mesh_device
 from .errors import MissingKeyError, OptionError
 from .fp8 import FP8_DTYPES
@@ -21,6 +20,7 @@ from .progress import ProgressPrinter
 from .reader import MiB, Reader, ReadOptions, Stats
 from .reads import Destination, ReadItem, ReadTotals, read_totals
 from .rules import Adapter
+from .storage import RemoteOptions, open_checkpoint
 
 if TYPE_CHECKING:
     from .dryrun import Explanation, LoadPlan

@@ -9,10 +9,15 @@ import pytest
 import torch
 
 from lazysd import LazyTensor, MissingSourceError, ShapeMismatchError
-from lazysd.automodel import HFCheckpointView, Step3p5StateDictAdapter, _create_dtensor_from_local_or_reference, _swap_shard_placements_1_2
+from lazysd.automodel import (
+    HFCheckpointView,
+    Step3p5StateDictAdapter,
+    _create_dtensor_from_local_or_reference,
+    _swap_shard_placements_1_2,
+)
 from lazysd.errors import MissingKeyError
 from lazysd.testing import Step3p5Model, Step3p5Spec, load_hf_tensors, make_checkpoint
-from lazysd.testing.checks import same_bits
+from tests.support.checks import same_bits
 
 E, I, D = 4, 3, 5  # experts, expert intermediate, hidden
 L1 = "model.layers.1"

@@ -21,7 +21,7 @@ pytest.importorskip("nemo_automodel", reason="NeMo Automodel is not installed (o
 pytest.importorskip("transformers", reason="NeMo Automodel's Step3p5 model needs transformers")
 
 from lazysd.testing import Step3p5Spec, make_checkpoint
-from lazysd.testing.dist import run_ranks
+from tests.support.dist import run_ranks
 
 
 def _model(path: str, method: str, mesh):

@@ -2,7 +2,7 @@
 
 Each rank checks its own results against the eager, single-process conversion; any failed
 assertion in a rank fails the test with that rank's traceback. Ranks come from
-``lazysd.testing.dist.run_ranks`` (a fork server that imports torch once).
+``tests.support.dist.run_ranks`` (a fork server that imports torch once).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from lazysd.automodel import (
     _swap_shard_placements_1_2,
 )
 from lazysd.testing import Step3p5Spec, load_hf_tensors, make_checkpoint
-from lazysd.testing.dist import run_ranks
+from tests.support.dist import run_ranks
 
 L = "model.layers.1"
 

@@ -24,9 +24,16 @@ from lazysd import (
     VirtualStateDict,
 )
 from lazysd.cli import main as cli_main
-from lazysd.testing import Step3p5Model, Step3p5Spec, load_hf_tensors, make_checkpoint, native_state_dict, native_tensor_specs
-from lazysd.testing.pagecache import PAGE, evict, resident_map, resident_pages
+from lazysd.testing import (
+    Step3p5Model,
+    Step3p5Spec,
+    load_hf_tensors,
+    make_checkpoint,
+    native_state_dict,
+    native_tensor_specs,
+)
 from lazysd.writer import save_file
+from tests.support.pagecache import PAGE, evict, resident_map, resident_pages
 
 SPECS = {
     "tiny": Step3p5Spec.tiny(),

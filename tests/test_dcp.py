@@ -17,8 +17,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from lazysd import VirtualStateDict
 from lazysd.dcp import HFReader
 from lazysd.testing import Step3p5Spec, make_checkpoint
-from lazysd.testing.checks import same_bits
-from lazysd.testing.dist import run_ranks
+from tests.support.checks import same_bits
+from tests.support.dist import run_ranks
 
 # 6 experts: split over 4 ranks they are uneven (2, 2, 2, 0: one rank holds none).
 SPEC = Step3p5Spec.tiny(hidden_size=128, moe_intermediate_size=64, moe_num_experts=6, share_expert_dim=32, intermediate_size=64)

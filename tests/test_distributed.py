@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lazysd.testing import Step3p5Spec, make_checkpoint
-from lazysd.testing.dist import run_ranks
+from tests.support.dist import run_ranks
 
 # Experts of several 4 KiB pages each, so a rank's share is page-aligned-ish and measurable.
 SPEC = Step3p5Spec.tiny(hidden_size=128, moe_intermediate_size=64, moe_num_experts=8, share_expert_dim=32, intermediate_size=64)
@@ -48,7 +48,7 @@ def _shard_model(model: torch.nn.Module, mesh, plan) -> None:  # noqa: ANN001
         if placements is None:
             continue
         box = local_box_of(tuple(param.shape), Target(mesh, placements))
-        local = torch.full([h - l for l, h in box], -1.0, dtype=param.dtype)
+        local = torch.full([hi - lo for lo, hi in box], -1.0, dtype=param.dtype)
         dt = DTensor.from_local(local, mesh, placements, run_check=False, shape=param.shape, stride=contiguous_stride(tuple(param.shape)))
         module_name, _, name = key.rpartition(".")
         setattr(model.get_submodule(module_name), name, torch.nn.Parameter(dt, requires_grad=param.requires_grad))
@@ -58,7 +58,7 @@ def _load_alone(rank: int, world: int, files: list[Path], load) -> dict[str, int
     """Ranks take turns: empty page cache, this rank's load, count its cached data pages."""
     import torch.distributed as dist
 
-    from lazysd.testing.pagecache import evict, resident_map
+    from tests.support.pagecache import evict, resident_map
 
     resident: dict[str, int] = {}
     for turn in range(world):
@@ -74,7 +74,7 @@ def _load_alone(rank: int, world: int, files: list[Path], load) -> dict[str, int
 
 def _ideal_pages(ranges: list[tuple[str, int, int]]) -> dict[str, int]:
     """Pages each file's planned ranges touch, the header page aside."""
-    from lazysd.testing.pagecache import PAGE, pages_touched
+    from tests.support.pagecache import PAGE, pages_touched
 
     by_file: dict[str, list[tuple[int, int]]] = {}
     for f, off, n in ranges:
@@ -189,7 +189,7 @@ def _check_2d_like(rank: int, world: int, path: str) -> dict:
             continue
         assert isinstance(got, DTensor) and tuple(got.placements) == placements, key
         box = local_box_of(tuple(want.shape), Target(mesh, placements))
-        assert torch.equal(got.to_local(), want[tuple(slice(l, h) for l, h in box)]), key
+        assert torch.equal(got.to_local(), want[tuple(slice(lo, hi) for lo, hi in box)]), key
         assert torch.equal(got.full_tensor(), want), key
     return {
         "bytes_read": vsd.bytes_read,
@@ -269,7 +269,7 @@ def _check_family(rank: int, world: int, root: str) -> dict:
 
     from lazysd import VirtualStateDict
     from lazysd.testing import families, load_hf_tensors
-    from lazysd.testing.measure import record_reads
+    from tests.support.measure import record_reads
 
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
     out = {}
@@ -284,7 +284,7 @@ def _check_family(rank: int, world: int, root: str) -> dict:
         assert experts, family
         locals_ = {}
         reads = record_reads(vsd)
-        resident = _load_alone(rank, world, vsd.checkpoint.files, lambda: locals_.update({k: vsd[k].to_local().materialize() for k in experts}))
+        resident = _load_alone(rank, world, vsd.checkpoint.files, lambda: locals_.update({k: vsd[k].to_local().materialize() for k in experts}))  # noqa: B023 - called in this iteration
         own: dict[str, tuple[int, int]] = {}  # key -> this rank's experts [lo, hi)
         for key in experts:
             n = eager[key].shape[0]

@@ -13,7 +13,7 @@ from lazysd import ExportError, HFView, UnclaimedKeyError, VirtualStateDict, sav
 from lazysd.export import NATIVE, parse_size, save_native
 from lazysd.rules import Adapter, Part, Rule
 from lazysd.testing import Step3p5Model, Step3p5Spec, load_hf_tensors, make_checkpoint
-from lazysd.testing.checks import assert_bitwise_equal
+from tests.support.checks import assert_bitwise_equal
 
 SPEC = Step3p5Spec.tiny()
 

@@ -1,7 +1,7 @@
 """Distributed export on CPU with real gloo ranks: every rank writes only the experts it holds.
 
 Each test starts 2 or 4 processes; the output must be byte-identical to a single-process
-export of the same (full) state dict. Ranks come from ``lazysd.testing.dist.run_ranks`` (a
+export of the same (full) state dict. Ranks come from ``tests.support.dist.run_ranks`` (a
 fork server that imports torch once: seconds per test, not tens).
 """
 
@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from test_export import PER_EXPERT, per_expert_native  # the per-expert test family
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -22,7 +21,8 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from lazysd import HFView, VirtualStateDict, save_hf
 from lazysd.distributed import contiguous_stride
 from lazysd.testing import Step3p5Spec, checkpoint_nbytes, make_checkpoint
-from lazysd.testing.dist import run_ranks
+from tests.support.dist import run_ranks
+from tests.test_export import PER_EXPERT, per_expert_native  # the per-expert test family
 
 SPEC = Step3p5Spec.tiny()  # 8 experts
 EXPERT_SUFFIXES = ("moe.experts.gate_and_up_projs", "moe.experts.down_projs", "mlp.experts.gate_and_up_projs", "mlp.experts.down_projs")

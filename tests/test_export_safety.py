@@ -21,11 +21,11 @@ from lazysd.export import ExportLock, Stage, plan_files
 from lazysd.export.save import CHUNK_BYTES
 from lazysd.export.stage import recover
 from lazysd.testing import Step3p5Model, Step3p5Spec, load_hf_tensors, make_checkpoint
-from lazysd.testing.checks import assert_bitwise_equal
+from tests.support.checks import assert_bitwise_equal
 
 SPEC = Step3p5Spec.tiny()
 
-# Children forked from a server that imported torch and lazysd once (as lazysd.testing.dist's
+# Children forked from a server that imported torch and lazysd once (as tests.support.dist's
 # ranks are): a kill test costs a fork, not a fresh interpreter importing torch.
 multiprocessing.set_forkserver_preload(["torch", "torch.distributed.tensor", "lazysd", "lazysd.testing", "pytest"])
 CTX = multiprocessing.get_context("forkserver")

@@ -19,7 +19,6 @@ from lazysd.geometry import full_box
 from lazysd.plan import resolve
 from lazysd.rules import Adapter, Part, Rule
 from lazysd.testing import load_hf_tensors
-from lazysd.testing.checks import same_bits
 from lazysd.testing.families import (
     FAMILIES,
     FamilySpec,
@@ -32,6 +31,7 @@ from lazysd.testing.families import (
     native_moe,
 )
 from lazysd.writer import save_file
+from tests.support.checks import same_bits
 
 CASES = [(f, False) for f in FAMILIES] + [("deepseek_v3", True)]
 IDS = [f + ("-fp8" if fp8 else "") for f, fp8 in CASES]

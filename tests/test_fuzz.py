@@ -34,8 +34,8 @@ from lazysd import VirtualStateDict
 from lazysd.checkpoint import DTYPES, Checkpoint
 from lazysd.errors import LazySDError
 from lazysd.testing import Step3p5Spec, make_checkpoint
-from lazysd.testing.checks import tensor_bytes as _bits
-from lazysd.testing.hostile import safetensors_bytes
+from tests.support.checks import tensor_bytes as _bits
+from tests.support.hostile import safetensors_bytes
 
 SCALE = float(os.environ.get("LAZYSD_FUZZ_SCALE", "1"))
 HARD_LIMIT_S = 10  # one example; a hang fails the test instead of stalling CI

@@ -31,8 +31,8 @@ from lazysd.errors import (
 )
 from lazysd.rules import Adapter, Part, Rule
 from lazysd.testing import Step3p5Model, Step3p5Spec, load_hf_tensors, make_checkpoint
-from lazysd.testing.checks import same_bits
-from lazysd.testing.hostile import CASES, CONFIG, EMBED, MODEL, NORM, Case, build_corpus, safetensors_bytes
+from tests.support.checks import same_bits
+from tests.support.hostile import CASES, CONFIG, EMBED, MODEL, NORM, Case, build_corpus, safetensors_bytes
 
 CORPUS = Path(__file__).parent / "corpus"
 ROOT = Path(__file__).parent.parent
@@ -63,7 +63,7 @@ def corpus_results() -> dict[str, dict]:
     """Every corpus case opened and fully read in one subprocess, under a timeout."""
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run(
-        [sys.executable, "-m", "lazysd.testing.hostile", str(CORPUS)],
+        [sys.executable, "-m", "tests.support.hostile", str(CORPUS)],
         capture_output=True, text=True, timeout=240, env=env, cwd=ROOT,
     )
     # A negative return code is a signal (SIGSEGV, SIGBUS): the last line names the case before.

@@ -14,7 +14,7 @@ import lazysd
 from lazysd import LazyTensor, LoadReport, StateDictMismatchError, VirtualStateDict
 from lazysd.progress import ProgressPrinter
 from lazysd.testing import Step3p5Model, Step3p5Spec, load_hf_tensors, make_checkpoint, native_state_dict
-from lazysd.testing.measure import record_reads, run_fresh
+from tests.support.measure import record_reads, run_fresh
 
 MiB = 2**20
 # Big enough that expert tensors span several 8 KiB chunks and pipelined reads overlap.
@@ -272,7 +272,7 @@ def test_peak_rss_of_a_200mb_load_stays_within_the_bound(tmp_path: Path) -> None
         import json, torch
         from lazysd import VirtualStateDict
         from lazysd.testing import Step3p5Model, Step3p5Spec
-        from lazysd.testing.measure import PeakRSS
+        from tests.support.measure import PeakRSS
 
         spec = Step3p5Spec.sized({200 * 10**6})
         model = Step3p5Model(spec, layout="native", dtype=torch.bfloat16)  # allocated and touched

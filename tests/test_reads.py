@@ -23,7 +23,7 @@ from lazysd.geometry import Block, box_shape, byte_runs, full_box, run_count, sh
 from lazysd.reads import Destination, plan_reads, read_totals
 from lazysd.testing import Step3p5Spec, make_checkpoint
 from lazysd.testing.families import FamilySpec, make_family_checkpoint
-from lazysd.testing.measure import record_reads
+from tests.support.measure import record_reads
 
 # Flash's structure (3 dense layers then MoE, MTP layers after, sliding layers with more query
 # heads than full ones, an uneven expert count for the EP sizes below), small sizes.

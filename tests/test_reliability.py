@@ -24,8 +24,8 @@ import lazysd
 from lazysd import VirtualStateDict, errors
 from lazysd.rules import Adapter, Rule
 from lazysd.testing import Step3p5Model, Step3p5Spec, make_checkpoint
-from lazysd.testing.checks import same_bits
 from lazysd.testing.families import FamilySpec, make_family_checkpoint
+from tests.support.checks import same_bits
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -139,7 +139,7 @@ def test_huge_block_size_costs_the_read_not_the_block(tmp_path: Path, block: int
 import json, sys, torch
 from safetensors.torch import save_file
 from lazysd import VirtualStateDict
-from lazysd.testing.measure import PeakRSS
+from tests.support.measure import PeakRSS
 path = sys.argv[1]
 w = (torch.randn(256, 320) * 4).to(torch.float8_e4m3fn)
 s = torch.tensor([[0.5]])
@@ -585,7 +585,7 @@ def _dtensor_in_place(rank: int, world: int, path: str) -> list[str]:
 
 
 def test_in_place_ops_on_dtensor_values_are_refused(tiny: Path) -> None:
-    from lazysd.testing.dist import run_ranks
+    from tests.support.dist import run_ranks
 
     assert run_ranks(_dtensor_in_place, 2, args=(str(tiny),)) == [["refused"] * 3] * 2
 

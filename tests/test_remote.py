@@ -23,10 +23,10 @@ from lazysd import CheckpointNotFoundError, FileChangedError, VirtualStateDict
 from lazysd.errors import OptionError, RemoteAccessError, RemoteReadError
 from lazysd.storage import RemoteOptions, coalesce, scrub_url
 from lazysd.testing import Step3p5Spec, make_checkpoint
-from lazysd.testing.checks import same_bits
-from lazysd.testing.dist import run_ranks
 from lazysd.testing.families import FAMILIES, FamilySpec, make_family_checkpoint
-from lazysd.testing.servers import (
+from tests.support.checks import same_bits
+from tests.support.dist import run_ranks
+from tests.support.servers import (
     MotoS3Server,
     RangeHTTPServer,
     http_storage_options,
@@ -439,7 +439,7 @@ def _check_union(on: list[dict], off: list[dict]) -> None:
 @pytest.fixture(scope="module")
 def hub(root: Path):  # noqa: ANN201
     pytest.importorskip("huggingface_hub")
-    from lazysd.testing.servers import FakeHubServer
+    from tests.support.servers import FakeHubServer
 
     with FakeHubServer({"org/step": root / "step", "org/dsv3-fp8": root / "deepseek_v3-fp8"}) as server:
         yield server

@@ -28,9 +28,8 @@ from lazysd.testing import (
     native_state_dict,
     native_tensor_specs,
 )
-from lazysd.testing.checks import assert_bitwise_equal
 from lazysd.writer import DTYPE_TO_NAME, NAME_TO_DTYPE, SafetensorsWriter, header_bytes, save_file
-
+from tests.support.checks import assert_bitwise_equal
 
 # ---------------------------------------------------------------------------------------------
 # writer
@@ -160,7 +159,7 @@ def test_sparse_writer_costs_no_disk(tmp_path: Path) -> None:
 
 
 def _expected_hf_shapes(spec: Step3p5Spec) -> dict[str, tuple[int, ...]]:
-    """FORMATS.md's HF key list, spelled out independently of the generator."""
+    """The Step3p5 release's HF key list, spelled out independently of the generator."""
     D, hd, E, I, S = spec.hidden_size, spec.head_dim, spec.moe_num_experts, spec.moe_intermediate_size, spec.share_expert_dim
     kv, V, F = spec.num_attention_groups, spec.vocab_size, spec.intermediate_size
     out = {"model.embed_tokens.weight": (V, D), "lm_head.weight": (V, D), "model.norm.weight": (D,)}
@@ -386,7 +385,7 @@ def test_models_on_meta_device() -> None:
 
 
 def _native_from_hf(hf: HFMoE, native: NativeMoE) -> None:
-    """FORMATS.md's formula: native = cat([gate.T, up.T], -1), down.T; router unchanged."""
+    """The adapter's formula (lazysd.adapters.step3p5): native = cat([gate.T, up.T], -1), down.T; router unchanged."""
     gate, up, down = hf.gate_proj.weight, hf.up_proj.weight, hf.down_proj.weight
     native.load_state_dict(
         {

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import lazysd.transpose as tr
-from lazysd.testing.checks import same_bits, tensor_bytes
 from lazysd.transpose import copy_into, kernel_available
+from tests.support.checks import same_bits, tensor_bytes
 
 
 def _random(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

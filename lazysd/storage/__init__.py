@@ -23,40 +23,15 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import OptionError
 from .ranges import RemoteOptions, coalesce
+from .urls import is_remote, scrub_url
 
 if TYPE_CHECKING:
     from ..checkpoint import Checkpoint
 
 __all__ = ["RemoteOptions", "coalesce", "is_remote", "open_checkpoint", "scrub_url"]
 
-_URL = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://")
 # A Hub repo id: "org/name" (no scheme, not an existing local path).
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def is_remote(path: object) -> bool:
-    """True for a URL lazysd reads through fsspec (``file://`` and plain paths are local)."""
-    if not isinstance(path, str):
-        return False
-    m = _URL.match(path)
-    return m is not None and m["scheme"].lower() not in ("file", "local")
-
-
-def scrub_url(url: str) -> str:
-    """``url`` without credentials: user info and the query string (signatures, tokens) dropped.
-
-    Example:
-        >>> scrub_url("https://user:secret@host/ckpt/?X-Amz-Signature=abc")
-        'https://host/ckpt/'
-    """
-    m = _URL.match(url)
-    if m is None:
-        return url
-    rest = url[m.end() :]
-    host, sep, path = rest.partition("/")
-    host = host.rpartition("@")[2]
-    path = path.split("?", 1)[0].split("#", 1)[0]
-    return f"{m['scheme']}://{host}{sep}{path}"
 
 
 def open_checkpoint(

@@ -50,8 +50,8 @@ from ..errors import (
     RemoteAccessError,
     RemoteReadError,
 )
-from . import scrub_url
 from .ranges import RemoteOptions, coalesce
+from .urls import scrub_url
 
 
 @dataclass(frozen=True, order=True)

@@ -1,4 +1,7 @@
-"""Test and benchmark helpers: synthetic checkpoints with real layouts and small reference models.
+"""Synthetic checkpoints with real layouts and small reference models, for users, examples and tests.
+
+Test-only infrastructure (hostile-case builders, page-cache probes, peak-memory measurement,
+the gloo rank runner, bitwise checks) lives with the tests, in ``tests/support/``.
 
 Example:
     >>> import tempfile

@@ -37,10 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lazysd.testing.step3p5 import Step3p5Spec
+from lazysd.testing.step3p5 import Step3p5Spec, native_state_dict
 from lazysd.testing.step3p5 import config_dict as step3p5_config
 from lazysd.testing.step3p5 import hf_tensor_specs as step3p5_specs
-from lazysd.testing.step3p5 import native_state_dict
 from lazysd.writer import save_file
 
 __all__ = [

@@ -1,6 +1,6 @@
 """Small reference Step3p5 models in plain torch, in the native and the HF state-dict layout.
 
-Both layouts compute the same function; only the MoE experts' storage differs (FORMATS.md):
+Both layouts compute the same function; only the MoE experts' storage differs (:mod:`lazysd.adapters.step3p5`):
 
 * ``"hf"``: ``moe.{gate,up}_proj.weight`` [E, I, D], ``moe.down_proj.weight`` [E, D, I], fp32
   buffer ``moe.router_bias``; experts compute ``F.linear(x, W[e])``.

@@ -1,7 +1,7 @@
 """Synthetic Step3p5 checkpoints with the real key names, orientations and dtypes.
 
 Writes a ``config.json`` plus safetensors weights in the Hugging Face layout of Step-3.5-Flash
-(see FORMATS.md): grouped experts ``moe.{gate,up}_proj.weight`` [E, I, D] and
+(documented in :mod:`lazysd.adapters.step3p5`): grouped experts ``moe.{gate,up}_proj.weight`` [E, I, D] and
 ``moe.down_proj.weight`` [E, D, I], an fp32 ``moe.router_bias``, zero-centred norms, MTP layers
 after the main ones. Tensors are generated and written one slice at a time, so a checkpoint of
 any size needs only a few tens of MB of memory, and ``sparse=True`` writes headers only.
@@ -578,7 +578,7 @@ def ensure_checkpoint(
 
 
 def native_state_dict(hf: Mapping[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
-    """FORMATS.md's native layout of Step3p5 HF tensors, converted eagerly with torch ops.
+    """The native layout of Step3p5 HF tensors (:mod:`lazysd.adapters.step3p5`), converted eagerly with torch ops.
 
     The reference conversion tests compare with: layers ``>= num_layers`` (MTP) are left out,
     each MoE layer's ``gate_and_up_projs`` is ``cat([gate.transpose(1, 2), up.transpose(1, 2)],

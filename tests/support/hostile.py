@@ -3,7 +3,7 @@
 Each :class:`Case` is a tiny checkpoint directory (``config.json`` plus a few hundred bytes
 of safetensors or index) built to break one rule, and the lazysd exception it must raise.
 :func:`build_corpus` writes them all (the committed copy lives in ``tests/corpus``);
-``python -m lazysd.testing.hostile DIR`` opens every case under ``DIR`` with
+``python -m tests.support.hostile DIR`` opens every case under ``DIR`` with
 :class:`~lazysd.VirtualStateDict`, reads every value, and prints one JSON line per case:
 the outcome (``"ok"`` or the exception's class name) and its message. Tests run that
 command in a subprocess with a timeout, so a case that crashed or hung the interpreter would

@@ -27,9 +27,8 @@ import torch.multiprocessing as mp
 
 
 def _entry(rank: int, fn: Callable[..., Any], world_size: int, rdzv: str, out_dir: str, args: tuple[Any, ...]) -> None:
-    import torch.distributed as dist
-
     import torch
+    import torch.distributed as dist
 
     # As torchrun does: ranks sharing a machine split its cores (oversubscribed intra-op
     # threads spin against each other and can slow a load down tenfold).
