@@ -267,7 +267,7 @@ def _fill_concurrently(values: dict[str, Any], params: dict[str, torch.Tensor], 
         if dest is not None:
             jobs[key] = (lazy, dest)
     with ThreadPoolExecutor(tensors, thread_name_prefix="lazysd-fill") as pool:
-        for key, _ in zip(jobs, pool.map(lambda job: job[0].fill_(job[1]), jobs.values())):
+        for key, _ in zip(jobs, pool.map(lambda job: job[0].read_into(job[1]), jobs.values())):
             if assign:
                 values[key] = _like(values[key], jobs[key][1])
             else:

@@ -116,7 +116,7 @@ def share_node(vsd: VirtualStateDict, values: dict[str, Any], params: dict[str, 
 
     def read(item: tuple[str, tuple[tuple[int, int], ...], str]) -> None:
         value = values[item[0]]
-        getattr(value, "_local_tensor", value).fill_(dests[item[0]])
+        getattr(value, "_local_tensor", value).read_into(dests[item[0]])
 
     # 3. read what this rank owns (several tensors at once from remote storage: each costs a
     # round trip; local reads are bounded by the disk, one tensor at a time is enough)
