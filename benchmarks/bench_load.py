@@ -13,6 +13,8 @@ Methods:
     a   lazysd: ``model.load_state_dict(VirtualStateDict(path))`` into an allocated bf16 model
     p   the same with ``progress=True`` (the report on stderr): its cost is p/a
     b   lazysd: ``load_state_dict(vsd, assign=True)`` into an already built meta model
+    B   the same with bulk pre-faulting of fresh tensors opted in (``lazysd.memory.enabled =
+        True``); the default faults fresh memory page by page during the reads
     m   the same with ``VirtualStateDict(path, mmap=True)``: unchanged tensors become
         copy-on-write views of the file mapping, converted ones are read into private memory
     c   eager: safetensors ``load_file`` per shard, convert with torch ops (cat of transposes,
@@ -21,7 +23,8 @@ Methods:
     t   bare transposes: lazysd's ``copy_into`` (the compiled kernel, torch's intra-op thread
         count) of every expert tensor from a pre-read source: the transpose share of a load
     s   bare transposes with torch's strided ``copy_`` (what the kernel replaces)
-    e   transformers 5.x ``Step3p7TextModel.from_pretrained`` (text decoder, no lm_head)
+    e   transformers 5.x ``Step3p7TextModel.from_pretrained`` (text decoder, no lm_head), then
+        every parameter page touched (its mmap-backed tensors are read only then)
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ METHODS = {
     "a": "lazysd load_state_dict(vsd)",
     "p": "lazysd load_state_dict(vsd), progress=True",
     "b": "lazysd assign=True (meta)",
+    "B": "lazysd assign=True, memory.enabled (pre-faulting)",
     "m": "lazysd assign=True, mmap=True (meta)",
     "c": "eager safetensors+torch",
     "d": "floor: read bytes once",
@@ -82,11 +86,16 @@ def worker(method: str, path: Path, size: float) -> dict:
             vsd = VirtualStateDict(path, progress=method == "p")
             model.load_state_dict(vsd)
         return {**p.result, "bytes": vsd.bytes_read, "staging_peak": vsd.stats.staging_peak}
-    if method in ("b", "m"):
+    if method in ("b", "m", "B"):
+        if method == "B":
+            from lazysd import memory
+
+            memory.enabled = True
         model = Step3p5Model(spec, layout="native", dtype=torch.bfloat16, device="meta")
         with PeakRSS() as p:
             vsd = VirtualStateDict(path, mmap=method == "m")
             model.load_state_dict(vsd, assign=True)
+            touch_pages(model.state_dict().values())  # as for (e): mmap=True views are read here
         assert all(type(t) is torch.nn.Parameter and t.device.type == "cpu" for t in model.parameters())
         return {**p.result, "bytes": vsd.bytes_read}
     if method == "c":
@@ -148,26 +157,54 @@ def worker(method: str, path: Path, size: float) -> dict:
         return {**p.result, "bytes": nbytes}
     if method == "e":
         try:
-            from transformers.conversion_mapping import (
-                get_checkpoint_conversion_mapping,
-                register_checkpoint_conversion_mapping,
-            )
-            from transformers.models.step3p7.modeling_step3p7 import Step3p7TextModel
-            from transformers.utils import logging as hf_logging
+            from_pretrained = _from_pretrained()
         except ImportError as exc:
             return {"error": f"transformers not importable: {exc}"}
-        hf_logging.set_verbosity_error()
-        # transformers 5.x ships the Step checkpoint mapping for the "step3p7" VLM only; the
-        # text config ("step3p5") gets its MoE renames and the gate/up concatenation, without
-        # the VLM's language_model/vision prefix renames.
-        base = get_checkpoint_conversion_mapping("step3p7") or []
-        text = [t for t in base if not any(x in s for s in t.source_patterns for x in ("vision", "projector", "^model\\."))]
-        register_checkpoint_conversion_mapping("step3p5", text, overwrite=True)
         with PeakRSS() as p:
-            model = Step3p7TextModel.from_pretrained(path, dtype=torch.bfloat16)
+            model = from_pretrained(path)
+            # Parameters transformers leaves as views of its file mappings are read when first
+            # touched: touch every page, so the load ends with every byte in memory, as lazysd's.
+            touch_pages(model.state_dict().values())
         nbytes = sum(t.nbytes for t in model.state_dict().values())
         return {**p.result, "bytes": nbytes}
     raise ValueError(method)
+
+
+def _from_pretrained():  # noqa: ANN202
+    """``path -> Step3p7TextModel.from_pretrained(path)`` (bf16), or ImportError without transformers."""
+    import torch
+    from transformers.conversion_mapping import (
+        get_checkpoint_conversion_mapping,
+        register_checkpoint_conversion_mapping,
+    )
+    from transformers.models.step3p7.modeling_step3p7 import Step3p7TextModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    # transformers 5.x ships the Step checkpoint mapping for the "step3p7" VLM only; the
+    # text config ("step3p5") gets its MoE renames and the gate/up concatenation, without
+    # the VLM's language_model/vision prefix renames.
+    base = get_checkpoint_conversion_mapping("step3p7") or []
+    text = [t for t in base if not any(x in s for s in t.source_patterns for x in ("vision", "projector", "^model\\."))]
+    register_checkpoint_conversion_mapping("step3p5", text, overwrite=True)
+    return lambda path: Step3p7TextModel.from_pretrained(path, dtype=torch.bfloat16)
+
+
+def touch_pages(tensors) -> int:  # noqa: ANN001
+    """Read one byte of every page of each tensor; returns their bytes.
+
+    A tensor backed by a file mapping is then resident (its pages read), like one read into
+    private memory: what a load must end with before training touches it anyway.
+    """
+    import torch
+
+    n = 0
+    for t in tensors:
+        if t.numel():
+            flat = t.detach().reshape(-1).view(torch.uint8)
+            flat[::4096].sum()
+            n += t.nbytes
+    return n
 
 
 # ---- driver -----------------------------------------------------------------------------
@@ -184,7 +221,7 @@ def main() -> int:
     ap.add_argument("--worker", nargs=3, metavar=("METHOD", "PATH", "SIZE"), help=argparse.SUPPRESS)
     ap.add_argument("--sizes", nargs="+", type=float, default=[1e9, 3e9])
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--methods", default="apbmcdtse")
+    ap.add_argument("--methods", default="apbBmcdtse")
     ap.add_argument("--dir", default="/tmp/lazysd-bench")
     args = ap.parse_args()
     if args.worker:
@@ -238,6 +275,7 @@ def main() -> int:
         print(f"- wall a/c = {ratio('a', 'c')} (target <= 0.5), a/d = {ratio('a', 'd')} (target <= 2), "
               f"t/d = {ratio('t', 'd')}, s/t = {ratio('s', 't')} (kernel transpose speedup)")
         print(f"- wall b/e = {ratio('b', 'e')} (target <= 1), private b/e = {ratio('b', 'e', 'anon')} (target <= 1)")
+        print(f"- wall b/B = {ratio('b', 'B')} (page-by-page faults vs bulk pre-faulting)")
         print(f"- wall m/e = {ratio('m', 'e')} (target <= 1), private m/e = {ratio('m', 'e', 'anon')} (target <= 1)")
     return 0
 

@@ -729,8 +729,8 @@ class HFCheckpointView(Mapping[str, torch.Tensor]):
         self,
         path: str | os.PathLike[str],
         *,
-        threads: int = 2,
-        chunk_bytes: int = 8 * MiB,
+        threads: int | None = None,
+        chunk_bytes: int | None = None,
         max_inflight_bytes: int = 32 * MiB,
         storage_options: dict[str, Any] | None = None,
     ) -> None:
@@ -738,7 +738,7 @@ class HFCheckpointView(Mapping[str, torch.Tensor]):
 
         self.checkpoint = open_checkpoint(path, storage_options=storage_options)
         if not self.checkpoint.local:
-            threads = max(threads, 8)  # latency-bound: more requests in flight
+            threads = max(threads or 0, 8)  # latency-bound: more requests in flight
         self.reader = Reader(self.checkpoint, ReadOptions(threads, chunk_bytes, max_inflight_bytes))
 
     def __getitem__(self, key: str) -> torch.Tensor:

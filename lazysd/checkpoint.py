@@ -45,6 +45,7 @@ from .errors import (
     shortened,
 )
 from .paths import kind_of, resolve_checkpoint_path
+from .pread import BouncePool, RangeReader
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -250,11 +251,15 @@ class Checkpoint:
         self._lock = threading.Lock()
         _CHECKPOINTS.add(self)
         self._mappings: dict[Path, mmap.mmap] = {}  # only with mmap=True; tensors keep them alive
+        # Bulk reads of cold bytes with O_DIRECT (lazysd.pread); False: plain pread only.
+        self.direct = True
+        self._readers: dict[Path, RangeReader] = {}
+        self._bounce = BouncePool()
         self.bytes_read = 0
         self.read_calls = 0
         self.header_bytes = 0
         # Descriptors are closed when the object goes away, even without close().
-        self._finalizer = weakref.finalize(self, _close_fds, self._fds)
+        self._finalizer = weakref.finalize(self, _close_fds, self._fds, self._readers)
         try:
             self.tensors = self._read_tensors()
         except BaseException:
@@ -551,16 +556,28 @@ class Checkpoint:
     def read_runs(self, info: TensorInfo, runs: list[tuple[int, int]], out: memoryview) -> None:
         """Read byte ranges ``(start, length)`` of a tensor back to back into ``out``."""
 
+        reader = self.range_reader(info.file)
+
         def read(fd: int) -> int:
             pos = 0
             for start, length in runs:
-                got = _pread_full(fd, out[pos : pos + length], info.offset + start)
+                got = reader.read(out[pos : pos + length], info.offset + start)
                 pos += got
                 if got < length:
                     break
             return pos
 
         self.read_with(info, runs, read)
+
+    def range_reader(self, file: Path) -> RangeReader:
+        """The :class:`~lazysd.pread.RangeReader` of an opened weights file (made on first use)."""
+        reader = self._readers.get(file)
+        if reader is None:
+            with self._lock:
+                reader = self._readers.get(file)
+                if reader is None:
+                    reader = self._readers[file] = RangeReader(self.check_unchanged(file), direct=self.direct, pool=self._bounce)
+        return reader
 
     def read_with(self, info: TensorInfo, runs: list[tuple[int, int]], read: Callable[[int], int]) -> None:
         """Have ``read(fd)`` read byte ranges ``(start, length)`` of tensor ``info``.
@@ -598,7 +615,8 @@ class Checkpoint:
     # ---- lifetime ------------------------------------------------------------------------
     def close(self) -> None:
         """Close the file descriptors. Further reads raise :class:`FileChangedError`."""
-        _close_fds(self._fds)
+        _close_fds(self._fds, self._readers)
+        self._bounce.close()
 
     def __enter__(self) -> Checkpoint:
         return self
@@ -644,18 +662,10 @@ def _too_many_files(file: Path, opened: int, e: OSError) -> LazySDError:
     )
 
 
-def _pread_full(fd: int, out: memoryview, pos: int) -> int:
-    """``pread`` into all of ``out`` from ``pos``; returns the bytes read (fewer only at EOF)."""
-    done = 0
-    while done < len(out):
-        got = os.preadv(fd, [out[done:]], pos + done)
-        if got == 0:
-            break
-        done += got
-    return done
-
-
-def _close_fds(fds: dict[Path, int]) -> None:
+def _close_fds(fds: dict[Path, int], readers: dict[Path, RangeReader] | None = None) -> None:
+    for reader in (readers or {}).values():
+        reader.close()
+    (readers or {}).clear()
     for fd in fds.values():
         try:
             os.close(fd)

@@ -104,7 +104,7 @@ class LazyTensor(torch.Tensor):
                 return view
         with torch._C.DisableTorchFunctionSubclass():
             out = self._reader.empty(self.entry, self.box, dtype or self.dtype, torch.device(device or self.device))
-        return self._reader.fill(self.entry, self.box, out)
+        return self._reader.fill(self.entry, self.box, out, fresh=True)
 
     def read_into(self, dest: torch.Tensor) -> torch.Tensor:
         """Read this tensor straight into ``dest`` (same shape), in place; a meta ``dest`` reads nothing."""

@@ -96,7 +96,8 @@ def load(
         dtype: cast floating-point tensors to this dtype (with ``assign=True`` this sets
             the parameters' dtype; with ``assign=False`` the parameter's dtype wins anyway).
         device: where ``assign=True`` materializes parameters (default CPU).
-        threads: reader threads (default 2); ``max_inflight_bytes``: staging memory that
+        threads: reader threads (default: the cores this process may use, see
+            :mod:`lazysd.tuning`); ``max_inflight_bytes``: staging memory that
             reads may run ahead of copies (default 32 MiB).
         progress: True prints a one-line progress report to stderr; a callable
             ``(stats, entry)`` is called after each tensor.

@@ -29,10 +29,12 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from . import tuning
 from .checkpoint import Checkpoint
 from .errors import ShapeMismatchError
 from .fp8 import dequantize
 from .geometry import Box, box_shape, full_box, inverse_permutation
+from .memory import populate
 from .plan import Entry
 from .pool import ReadPool
 from .reads import Destination, MiB, ReadItem, plan_reads
@@ -44,17 +46,30 @@ class ReadOptions:
     """How reads are carried out (keyword options of :class:`~lazysd.VirtualStateDict`).
 
     Attributes:
-        threads: reader threads; 0 reads on the calling thread.
-        chunk_bytes: target size of one read (source rows are never split).
+        threads: reader threads; 0 reads on the calling thread; None: chosen from the
+            cores this process may use and the storage (:func:`lazysd.tuning.default_threads`).
+        chunk_bytes: target size of one read (source rows are never split); None: chosen
+            from the storage (:func:`lazysd.tuning.default_chunk_bytes`).
         max_inflight_bytes: staging memory that reads may run ahead of copies.
         mmap: materialize tensors that need no conversion as copy-on-write views of the
             file mapping instead of reading them (see :meth:`Reader.mapped`).
+        direct: read bulk ranges that are not in the page cache with ``O_DIRECT``
+            (:mod:`lazysd.pread`); False: plain ``pread`` only.
     """
 
-    threads: int = 2
-    chunk_bytes: int = 8 * MiB
+    threads: int | None = None
+    chunk_bytes: int | None = None
     max_inflight_bytes: int = 32 * MiB
     mmap: bool = False
+    direct: bool = True
+
+    def resolved(self, path: str | None = None) -> ReadOptions:
+        """These options with the machine's defaults filled in for ``threads``/``chunk_bytes``."""
+        return replace(
+            self,
+            threads=tuning.default_threads(path) if self.threads is None else self.threads,
+            chunk_bytes=tuning.default_chunk_bytes(path) if self.chunk_bytes is None else self.chunk_bytes,
+        )
 
 
 @dataclass
@@ -148,7 +163,8 @@ class Reader:
 
     def __init__(self, ckpt: Checkpoint, options: ReadOptions | None = None) -> None:
         self.ckpt = ckpt
-        self.options = options or ReadOptions()
+        self.options = (options or ReadOptions()).resolved(str(ckpt.path))
+        ckpt.direct = self.options.direct
         self.stats = Stats()
         self._lock = threading.Lock()
         self._free: list[torch.Tensor] = []  # staging buffers ready for reuse
@@ -290,8 +306,21 @@ class Reader:
         info = item.source
         if item.method == "fused":
             runs = item.runs
-            offset, dest = info.offset + runs[0][0], job.dest
-            self.ckpt.read_with(info, runs, lambda fd: read_transposed(fd, offset, dest))
+            (start, n), dest = runs[0], job.dest
+            offset = info.offset + start
+            if self.ckpt.range_reader(info.file).cached(offset, n):
+                # Warm: the kernel reads cache-sized blocks and transposes each while in cache.
+                self.ckpt.read_with(info, runs, lambda fd: read_transposed(fd, offset, dest))
+                return None, None
+            # Cold: one bulk read (direct I/O, lazysd.pread) into staging keeps the storage
+            # busy; the transpose from there costs little next to the read.
+            base = self._acquire(n)
+            try:
+                buf = base[:n].view(info.dtype).view(box_shape(item.source_box))
+                self.ckpt.read_runs(info, runs, _as_bytes(buf))
+                copy_into(dest, buf.transpose(-1, -2))
+            finally:
+                self._release(base)
             return None, None
         if item.method == "direct":
             self.ckpt.read_runs(info, item.runs, _as_bytes(job.dest))
@@ -334,12 +363,17 @@ class Reader:
             self.stats.staging_live += delta
             self.stats.staging_peak = max(self.stats.staging_peak, self.stats.staging_live)
 
-    def fill(self, entry: Entry, box: Box, dest: torch.Tensor) -> torch.Tensor:
-        """Write the ``box`` of native tensor ``entry`` into ``dest`` (shape of the box)."""
+    def fill(self, entry: Entry, box: Box, dest: torch.Tensor, *, fresh: bool = False) -> torch.Tensor:
+        """Write the ``box`` of native tensor ``entry`` into ``dest`` (shape of the box).
+
+        ``fresh``: ``dest`` was just allocated: its pages are mapped in one call before the reads.
+        """
         expected = tuple(hi - lo for lo, hi in box)
         if tuple(dest.shape) != expected:
             raise ShapeMismatchError(f"{entry.key}: destination shape {list(dest.shape)} is not the requested box {list(expected)}")
         t0 = time.perf_counter()
+        if fresh:
+            populate(dest)  # one call maps every page, instead of a fault per page during the reads
         jobs = [_bind(item, dest) for item in self.plan(entry, box, Destination.of(dest))]
         opts = self.options
         if opts.threads <= 0 or len(jobs) <= 1:

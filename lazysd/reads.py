@@ -49,7 +49,6 @@ from .plan import Entry, Source
 from .transpose import fused_read_fits
 
 MiB = 1 << 20
-FUSED_BLOCK = 256 << 10  # the kernel's block buffer (BLOCK_BYTES in _transpose.c)
 DIRECT_ROW = 64 << 10  # smallest row read on its own rather than staged with its neighbours
 
 Method = Literal["direct", "fused", "staged"]
@@ -217,7 +216,9 @@ def _chunks(src: Source, box: Box, dest: torch.Tensor, cpu: bool, chunk_bytes: i
             if plain and as_source.narrow(0, 0, n).is_contiguous():
                 how = ("direct", 0)
             elif swapped and run_count(info.shape, sub) == 1 and fused_read_fits(chunk_view.shape, chunk_view.stride(), chunk_view.element_size()):
-                how = ("fused", min(n * row_bytes, max(FUSED_BLOCK, 8 * info.shape[-1] * info.itemsize)))
+                # Warm, the kernel needs only its block buffer; cold, the reader stages the
+                # whole chunk for one bulk read (lazysd.reader): budgeted for the latter.
+                how = ("fused", n * row_bytes)
             else:
                 how = ("staged", n * row_bytes)
             decided[n] = how

@@ -54,7 +54,9 @@ class VirtualStateDict(Mapping[str, torch.Tensor]):
         device: device of materialized values (``load_state_dict`` writes into the
             parameter's own device whatever this says).
         threads: reader threads; ``max_inflight_bytes``: staging memory reads may run
-            ahead of copies; ``chunk_bytes``: target size of one read.
+            ahead of copies; ``chunk_bytes``: target size of one read. ``threads`` and
+            ``chunk_bytes`` default to values chosen for this machine and the checkpoint's
+            storage (:mod:`lazysd.tuning`: as many threads as cores the process may use).
         progress: a callable ``(stats, entry)`` called after each tensor, or True to print
             a one-line progress report to stderr.
         ep_dim: the mesh dimension (name or index) that splits the experts; default the
@@ -72,6 +74,10 @@ class VirtualStateDict(Mapping[str, torch.Tensor]):
             the file, not the file's later writes from you). Replace checkpoint files by
             rename (a new inode), as ``save_hf`` and ``huggingface_hub`` do, while a model
             loaded with ``mmap=True`` is in use. Off by default (local files only).
+        direct: read bulk ranges that are not in the page cache with ``O_DIRECT``, in large
+            requests that keep the storage busy and leave the page cache alone
+            (:mod:`lazysd.pread`); warm bytes always come from the page cache. False: plain
+            ``pread`` only.
         revision: with a Hugging Face cache repository or hub id as ``path`` (or, with
             ``remote=True`` or an ``hf://`` URL, on the Hub): the branch, tag or commit
             (default ``main``).
@@ -112,15 +118,16 @@ class VirtualStateDict(Mapping[str, torch.Tensor]):
         include_mtp: bool = False,
         dtype: torch.dtype | None = None,
         device: torch.device | str = "cpu",
-        threads: int = 2,
+        threads: int | None = None,
         max_inflight_bytes: int = 32 * MiB,
-        chunk_bytes: int = 8 * MiB,
+        chunk_bytes: int | None = None,
         progress: bool | Callable[[Stats, Entry], None] = False,
         ep_dim: str | int | None = None,
         replicate: bool = False,
         fp8: str = "dequantize",
         mmap: bool = False,
         revision: str | None = None,
+        direct: bool = True,
         storage_options: dict[str, Any] | None = None,
         remote: bool | RemoteOptions = False,
         share: str | None = "node",
@@ -136,8 +143,8 @@ class VirtualStateDict(Mapping[str, torch.Tensor]):
                 self.checkpoint.close()
                 raise OptionError(f"{self.checkpoint.path}: mmap=True maps local files only; a remote checkpoint is read into memory")
             # Latency, not the CPU, bounds remote reads: keep more requests in flight.
-            threads = max(threads, 8)
-        self.reader = Reader(self.checkpoint, ReadOptions(threads, chunk_bytes, max_inflight_bytes, mmap))
+            threads = max(threads or 0, 8)
+        self.reader = Reader(self.checkpoint, ReadOptions(threads, chunk_bytes, max_inflight_bytes, mmap, direct))
         try:
             self.adapter = resolve_adapter(
                 adapter, self.checkpoint.config, keys=self.checkpoint.tensors, where=str(self.checkpoint.path / "config.json")

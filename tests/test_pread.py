@@ -1,0 +1,254 @@
+"""The fast paths of a load and their portable fallbacks: direct reads of cold bytes, bulk
+pre-faulting of fresh destinations, and read defaults chosen from the machine."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from lazysd import VirtualStateDict, memory, pread, tuning
+from lazysd.pread import RangeReader
+from lazysd.reader import ReadOptions
+from lazysd.testing import (
+    Step3p5Model,
+    Step3p5Spec,
+    load_hf_tensors,
+    make_checkpoint,
+    native_state_dict,
+)
+from tests.support.checks import assert_bitwise_equal
+from tests.support.pagecache import evict, resident_pages
+
+MiB = 1 << 20
+# Expert tensors of 8 MiB ([16, 512, 512] bf16): bulk reads, above pread.DIRECT_MIN.
+SPEC = Step3p5Spec.tiny(moe_num_experts=16, moe_intermediate_size=512, hidden_size=512)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt"), SPEC, layout="sharded", shard_bytes=16 * MiB)
+
+
+@pytest.fixture(scope="module")
+def expected(ckpt: Path) -> dict[str, torch.Tensor]:
+    # Cloned: views of safetensors' file mappings would keep the pages from being evicted.
+    return {k: v.clone() for k, v in native_state_dict(load_hf_tensors(ckpt), SPEC.num_hidden_layers).items()}
+
+
+def _evict_all(path: Path) -> list[Path]:
+    files = sorted(path.glob("*.safetensors"))
+    for f in files:
+        evict(f)
+    if any(resident_pages(f) > 1 for f in files):
+        pytest.skip("this filesystem does not honour page-cache eviction")
+    return files
+
+
+# ---- RangeReader -------------------------------------------------------------------------
+@pytest.fixture
+def blob(tmp_path: Path) -> tuple[Path, bytes]:
+    data = torch.randint(0, 256, (9 * MiB + 123,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).numpy().tobytes()
+    path = tmp_path / "blob.bin"
+    path.write_bytes(data)
+    return path, data
+
+
+@pytest.mark.parametrize("direct", [True, False])
+@pytest.mark.parametrize(("pos", "n"), [(0, 9 * MiB + 123), (4097, 5 * MiB + 3), (7, 100), (9 * MiB, 123), (9 * MiB - 5, 4096)])
+def test_range_reader_reads_exact_bytes_cold_and_warm(blob, direct: bool, pos: int, n: int) -> None:
+    path, data = blob
+    fd = os.open(path, os.O_RDONLY)
+    reader = RangeReader(fd, direct=direct)
+    try:
+        for _ in range(2):  # cold (evicted), then warm
+            evict(path)
+            out = bytearray(n)
+            got = reader.read(memoryview(out), pos)
+            want = data[pos : pos + n]
+            assert got == len(want) and bytes(out[:got]) == want
+    finally:
+        reader.close()
+        os.close(fd)
+
+
+def test_range_reader_short_at_end_of_file(blob) -> None:
+    path, data = blob
+    fd = os.open(path, os.O_RDONLY)
+    reader = RangeReader(fd)
+    try:
+        evict(path)
+        out = bytearray(6 * MiB)
+        assert reader.read(memoryview(out), len(data) - 5 * MiB) == 5 * MiB
+        assert bytes(out[: 5 * MiB]) == data[-5 * MiB :]
+        assert reader.read(memoryview(out), len(data)) == 0
+    finally:
+        reader.close()
+        os.close(fd)
+
+
+def test_cold_bulk_reads_go_direct_and_leave_the_page_cache_alone(blob) -> None:
+    path, data = blob
+    fd = os.open(path, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+    reader = RangeReader(fd)
+    try:
+        evict(path)
+        if resident_pages(path):
+            pytest.skip("this filesystem does not honour page-cache eviction")
+        out = bytearray(8 * MiB)
+        assert reader.read(memoryview(out), 0) == 8 * MiB and bytes(out) == data[: 8 * MiB]
+        if reader._direct_fd is None:
+            pytest.skip("this filesystem refuses O_DIRECT: the buffered fallback was used (checked above)")
+        assert reader.direct_bytes == 8 * MiB
+        assert resident_pages(path) <= 1  # read straight from storage (the probed first page aside)
+        assert reader.cached(0, 8 * MiB) is False
+        # Warm bytes come from the page cache, never again from storage.
+        with open(path, "rb") as fh:
+            fh.read()
+        before = reader.direct_bytes
+        assert reader.cached(0, 8 * MiB) is True
+        assert reader.read(memoryview(out), 0) == 8 * MiB and bytes(out) == data[: 8 * MiB]
+        assert reader.direct_bytes == before
+    finally:
+        reader.close()
+        os.close(fd)
+
+
+def test_buffered_fallback_when_direct_io_is_refused(blob, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A filesystem that rejects O_DIRECT requests (EINVAL) falls back to pread, same bytes."""
+    path, data = blob
+    real = os.preadv
+
+    def refusing(fd, buffers, offset, flags=0):
+        if fd == reader._direct_fd:
+            raise OSError(22, "Invalid argument")
+        return real(fd, buffers, offset, flags)
+
+    fd = os.open(path, os.O_RDONLY)
+    reader = RangeReader(fd)
+    monkeypatch.setattr(pread.os, "preadv", refusing)
+    try:
+        evict(path)
+        out = bytearray(8 * MiB)
+        assert reader.read(memoryview(out), 100) == 8 * MiB and bytes(out) == data[100 : 100 + 8 * MiB]
+        assert reader.direct_bytes == 0 and reader._direct_ok is False
+    finally:
+        reader.close()
+        os.close(fd)
+
+
+# ---- whole loads: fast paths and fallbacks give the same bits ------------------------------
+@pytest.mark.parametrize("direct", [True, False])
+def test_cold_load_is_bitwise_equal_and_reads_each_byte_once(ckpt, expected, direct: bool) -> None:
+    _evict_all(ckpt)
+    model = Step3p5Model(SPEC, layout="native", dtype=torch.bfloat16)
+    with VirtualStateDict(ckpt, direct=direct) as vsd:
+        model.load_state_dict(vsd)
+        assert vsd.bytes_read == sum(s.info.nbytes for e in vsd.plan.entries.values() for s in e.sources)
+        direct_bytes = sum(r.direct_bytes for r in vsd.checkpoint._readers.values())
+    assert_bitwise_equal(model.state_dict(), expected)
+    if direct and any(r._direct_fd is not None for r in vsd.checkpoint._readers.values()):
+        assert direct_bytes > 0  # the experts' bulk reads
+    if not direct:
+        assert direct_bytes == 0
+
+
+@pytest.mark.parametrize("prefault", [True, False])
+def test_assign_prefaults_fresh_memory_when_enabled(ckpt, expected, prefault: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[bool] = []
+    real = memory.populate
+    monkeypatch.setattr(memory, "enabled", prefault)
+
+    def counting(t: torch.Tensor) -> bool:
+        calls.append(real(t))
+        return calls[-1]
+
+    monkeypatch.setattr("lazysd.reader.populate", counting)
+    model = Step3p5Model(SPEC, layout="native", dtype=torch.bfloat16, device="meta")
+    with VirtualStateDict(ckpt) as vsd:
+        model.load_state_dict(vsd, assign=True)
+    assert_bitwise_equal(model.state_dict(), expected)
+    assert calls  # every fresh tensor is offered
+    if prefault and memory.supported:
+        assert any(calls)  # the large destinations were mapped in bulk
+    if not prefault:
+        assert not any(calls)  # the default: pages fault during the reads
+    # Copying into allocated parameters never pre-faults (their memory is in use already).
+    calls.clear()
+    with VirtualStateDict(ckpt) as vsd:
+        Step3p5Model(SPEC, layout="native", dtype=torch.bfloat16).load_state_dict(vsd)
+    assert calls == []
+
+
+def test_populate_maps_pages_and_keeps_contents(monkeypatch: pytest.MonkeyPatch) -> None:
+    t = torch.arange(1 << 20, dtype=torch.int32)
+    want = t.clone()
+    assert memory.populate(t) is False  # off by default
+    monkeypatch.setattr(memory, "enabled", True)
+    done = memory.populate(t)
+    assert done == memory.supported
+    assert torch.equal(t, want)
+    assert memory.populate(torch.empty(10)) is False  # below MIN_BYTES: not worth a call
+    assert memory.populate(torch.empty(0)) is False
+    view = torch.empty(64, 1 << 14)[:, :8]  # strided: its span, from first to last element
+    assert memory.span(view) == (view.data_ptr(), ((63 << 14) + 8) * 4)
+
+
+# ---- self-tuning defaults ----------------------------------------------------------------
+def test_default_threads_follow_the_affinity_mask(ckpt, monkeypatch: pytest.MonkeyPatch) -> None:
+    cores = len(os.sched_getaffinity(0))
+    assert tuning.cores() == cores
+    with VirtualStateDict(ckpt) as vsd:
+        assert vsd.reader.options.threads == min(cores, torch.get_num_threads())
+        assert vsd.reader.options.chunk_bytes == 8 * MiB
+    monkeypatch.setattr(tuning.os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    monkeypatch.setattr(tuning.torch, "get_num_threads", lambda: 64)
+    assert tuning.default_threads(ckpt) == 3
+    monkeypatch.setattr(tuning.torch, "get_num_threads", lambda: 1)  # the user lowered torch's threads
+    assert tuning.default_threads(ckpt) == 1
+    # Explicit values always win.
+    with VirtualStateDict(ckpt, threads=5, chunk_bytes=MiB) as vsd:
+        assert (vsd.reader.options.threads, vsd.reader.options.chunk_bytes) == (5, MiB)
+    assert ReadOptions(threads=0).resolved(str(ckpt)).threads == 0
+
+
+MOUNTS = """\
+/dev/vda / ext4 rw,relatime 0 0
+tmpfs /dev/shm tmpfs rw 0 0
+server:/export /mnt/nfs nfs4 rw 0 0
+s3fs /mnt/bucket fuse.s3fs rw 0 0
+/dev/vdb /mnt/nfs/local\\040disk xfs rw 0 0
+"""
+
+
+@pytest.mark.parametrize(
+    ("path", "fs", "kind"),
+    [
+        ("/home/u/ckpt", "ext4", "local"),
+        ("/dev/shm/ckpt", "tmpfs", "memory"),
+        ("/mnt/nfs/ckpt", "nfs4", "network"),
+        ("/mnt/nfsx/ckpt", "ext4", "local"),  # a prefix of the name is not the mount
+        ("/mnt/bucket/a/b", "fuse.s3fs", "network"),
+        ("/mnt/nfs/local disk/ckpt", "xfs", "local"),  # the deepest mount wins; \\040 is a space
+    ],
+)
+def test_storage_kind_from_the_mount_table(path: str, fs: str, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tuning.os.path, "realpath", lambda p: str(p))
+    assert tuning.filesystem_type(path, mounts=MOUNTS) == fs
+    monkeypatch.setattr(tuning, "filesystem_type", lambda p, mounts=None: fs)
+    assert tuning.storage_kind(path) == kind
+    threads, chunk = tuning.default_threads(path), tuning.default_chunk_bytes(path)
+    if kind == "network":
+        assert threads == min(32, 4 * tuning.cores()) and chunk == 16 * MiB
+    else:
+        assert threads == min(tuning.cores(), torch.get_num_threads()) and chunk == 8 * MiB
+
+
+def test_unknown_mount_table_means_local(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert tuning.filesystem_type("/x", mounts="") is None
+    monkeypatch.setattr(tuning, "filesystem_type", lambda p, mounts=None: None)
+    assert tuning.storage_kind("/x") == "local"
+
