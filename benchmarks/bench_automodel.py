@@ -179,7 +179,7 @@ def main() -> None:
     args = parser.parse_args()
 
     spec = Step3p5Spec.sized(int(args.size))
-    path = str(ensure_checkpoint(Path(args.dir) / f"automodel-{args.size:.0e}", spec, verbose=True))
+    path = str(ensure_checkpoint(Path(args.dir) / f"automodel-{args.size:.2g}", spec, verbose=True))
     total = checkpoint_nbytes(spec)
     print(f"## {path}: {total / 2**30:.2f} GiB bf16, {spec.moe_num_experts} experts; medians of {args.runs} warm runs, bytes from one cold run\n")
     print("| EP | method | wall s | vs own | peak above model MiB (worst rank) | read/ideal (worst rank) | bytes read / ideal, rank 0 |")

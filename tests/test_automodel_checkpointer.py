@@ -99,7 +99,7 @@ def _load(rank: int, world: int, path: str, method: str) -> dict:
         assert readers[0].bytes_read == ideal
         after = {k: (v.to_local() if isinstance(v, DTensor) else v).data_ptr() for k, v in model.state_dict().items()}
         assert after == locals_before
-        assert model.state_dict_adapter._native_checkpoint_load is False  # only during the load
+        assert model.state_dict_adapter.native_checkpoint_load is False  # only during the load
     if world > 1:
         dist.barrier()
     return out
