@@ -18,6 +18,8 @@ from .errors import (
     OptionError,
     PlacementError,
     ReadOnlyTensorError,
+    RemoteAccessError,
+    RemoteReadError,
     RuleError,
     ShapeMismatchError,
     StateDictMismatchError,
@@ -62,5 +64,7 @@ __all__ = [
     "OptionError",
     "RuleError",
     "WriterError",
+    "RemoteAccessError",
+    "RemoteReadError",
 ]
 __version__ = "0.1.0"

@@ -126,15 +126,24 @@ def parse_header(file: Path, fd: int, file_size: int) -> tuple[dict[str, TensorI
     is made here, before any tensor byte is trusted: sizes, offsets inside the data section,
     no overlaps and no holes, element counts matching ``dtype x shape``.
     """
+    header_len = header_length(file, os.pread(fd, 8, 0), file_size)
+    return parse_header_bytes(file, os.pread(fd, header_len, 8), header_len, file_size)
+
+
+def header_length(file: Any, prefix: bytes, file_size: int) -> int:
+    """The header length a file's 8-byte prefix states, checked against the file's size."""
     if file_size < 8:
         raise _fail(HeaderError, file, None, f"file is {file_size} bytes, too short for a safetensors header (8-byte length prefix)")
-    prefix = os.pread(fd, 8, 0)
     header_len = int.from_bytes(prefix, "little")
     if header_len > MAX_HEADER_BYTES:
         raise _fail(HeaderError, file, None, f"header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte limit")
     if header_len > file_size - 8:
         raise _fail(HeaderError, file, None, f"header length {header_len} runs past the end of the {file_size}-byte file (truncated?)")
-    raw = os.pread(fd, header_len, 8)
+    return header_len
+
+
+def parse_header_bytes(file: Any, raw: bytes, header_len: int, file_size: int) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """:func:`parse_header` on header bytes already read (``raw``: the ``header_len`` bytes after the prefix)."""
     if len(raw) != header_len:
         raise _fail(FileChangedError, file, None, f"short read of the header ({len(raw)} of {header_len} bytes)")
     try:
@@ -231,6 +240,8 @@ class Checkpoint:
         bytes_read: tensor bytes read so far through this object (headers not counted).
     """
 
+    local = True  # files on this machine (descriptors, mmap); see lazysd.storage for remote ones
+
     def __init__(self, path: str | os.PathLike[str], *, revision: str | None = None, config_required: bool = True) -> None:
         self.path = resolve_checkpoint_path(path, revision=revision)
         self.config = self._read_config(config_required)
@@ -258,7 +269,7 @@ class Checkpoint:
     # ---- opening -------------------------------------------------------------------------
     def _read_config(self, required: bool) -> dict[str, Any]:
         file = self.path / "config.json"
-        what = kind_of(file)
+        what = self._kind(file)
         if what == "missing" and not required:
             return {}
         if what == "missing":
@@ -313,14 +324,14 @@ class Checkpoint:
         if candidate.is_absolute() or ".." in candidate.parts:
             raise UnsafePathError(f"{where}: file {name!r} points outside the checkpoint directory {self.path}")
         full = self.path / candidate
-        if kind_of(full) == "a symlink loop":
+        if self._kind(full) == "a symlink loop":
             return full  # leads nowhere, so not outside either: reported with what it is, never opened
         self._check_inside(full, where)
         return full
 
     def _weight_files(self) -> tuple[list[Path], dict[str, Path] | None]:
         index = self.path / INDEX_NAME
-        index_kind = kind_of(index)
+        index_kind = self._kind(index)
         if index_kind not in (None, "missing"):
             # Not silently skipped: the directory would then be read as whatever shards it holds.
             raise CheckpointIndexError(f"{index}: is {index_kind}, not a regular file")
@@ -369,10 +380,10 @@ class Checkpoint:
                 file = checked.get(name)
                 if file is None:
                     file = checked[name] = self._resolve_inside(name, f"{index}, key {repr_cut(key)}")
-                    what = kind_of(file)
+                    what = self._kind(file)
                     if what not in (None, "missing"):
                         odd[name] = what
-                if name not in odd and not file.is_file():
+                if name not in odd and not self._is_file(file):
                     missing.setdefault(str(name), []).append(cut(key))
                 resolved[key] = file
             if odd:
@@ -387,10 +398,10 @@ class Checkpoint:
             self._check_shard_series(index, files, indexed=True)
             return files, resolved
         single = self.path / SINGLE_NAME
-        if single.is_file():
+        if self._is_file(single):
             return [single], None
-        shards = sorted(p for p in self.path.glob("*.safetensors") if not p.name.startswith("."))
-        odd = [(p.name, what) for p in shards if (what := kind_of(p)) is not None]
+        shards = sorted(p for p in self._listing() if p.suffix == ".safetensors" and not p.name.startswith("."))
+        odd = [(p.name, what) for p in shards if (what := self._kind(p)) is not None]
         if odd:
             lines = [f"  {repr_cut(name)}: {what}" for name, what in odd[:20]]
             raise CheckpointNotFoundError(f"{self.path}: weights names that are not regular files:\n" + "\n".join(lines) + _more(len(odd), 20))
@@ -399,13 +410,24 @@ class Checkpoint:
             # must be complete, and be the only one (two series are two checkpoints mixed).
             self._check_shard_series(self.path, shards, indexed=False)
             return shards, None
-        pickles = sorted(p.name for p in self.path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        pickles = sorted(p.name for p in self._listing() if p.suffix in PICKLE_SUFFIXES)
         if pickles:
             raise NoWeightsError(
                 f"{self.path}: only pickled weights found ({', '.join(shortened(pickles))}); lazysd never unpickles "
                 "checkpoint files because unpickling can run arbitrary code. Convert them to safetensors first."
             )
         raise NoWeightsError(f"{self.path}: no model.safetensors, {INDEX_NAME} or *.safetensors files found")
+
+    # Where a checkpoint's files are found: overridden for remote storage (lazysd.storage).
+    def _kind(self, file: Path) -> str | None:
+        """None for a regular file, else what it is ("missing", "a directory", ...)."""
+        return kind_of(file)
+
+    def _is_file(self, file: Path) -> bool:
+        return file.is_file()
+
+    def _listing(self) -> list[Path]:
+        return list(self.path.iterdir())
 
     def _check_shard_series(self, where: Path, files: list[Path], *, indexed: bool) -> None:
         """Every shard of a ``name-0000i-of-0000N.safetensors`` series in use is there.

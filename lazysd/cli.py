@@ -3,6 +3,8 @@
     lazysd --version                         the installed version
     lazysd inspect PATH [--all] [--mtp]      native keys, shapes, dtypes, bytes, HF sources
         [--adapter NAME] [--revision REV]    family (default: from config.json); hub cache revision
+                                             (PATH may be s3://, gs://, https://, hf:// ...;
+                                             --storage-option KEY=VALUE for its filesystem)
         [--match GLOB] [--layer L]           only keys matching a glob / in layer(s) L
         [--summary]                          bytes per module kind and per layer instead of keys
         [--ep N [--ep-shard M] [--fsdp]]     dry-run load plan: bytes each rank reads
@@ -42,7 +44,9 @@ from .virtual import VirtualStateDict
 
 def cmd_inspect(args: argparse.Namespace) -> int:
 
-    with VirtualStateDict(args.path, adapter=args.adapter, include_mtp=args.mtp, revision=args.revision) as vsd:
+    with VirtualStateDict(
+        args.path, adapter=args.adapter, include_mtp=args.mtp, revision=args.revision, storage_options=_storage_options(args.storage_option)
+    ) as vsd:
         keys = list(vsd)
         if args.match is not None or args.layer is not None:
             keys = list(vsd.select(args.match, layer=args.layer))
@@ -67,6 +71,24 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             print(plan)
         print(f"\ntensor bytes read: {vsd.bytes_read}")
     return 0
+
+
+def _storage_options(pairs: list[str] | None) -> dict[str, object] | None:
+    """``KEY=VALUE`` pairs; a VALUE that parses as JSON (true, 3, {...}) is taken as such."""
+    import json
+
+    if not pairs:
+        return None
+    out: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise LazySDError(f"--storage-option takes KEY=VALUE, got {pair.split('=')[0]!r}...")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -195,6 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ep", type=int, metavar="N", help="dry-run load plan for N expert-parallel ranks (experts Shard(0))")
     p.add_argument("--ep-shard", type=int, default=1, metavar="M", help="also shard experts on native dim 1 over M ranks")
     p.add_argument("--fsdp", action="store_true", help="with --ep: non-expert tensors Shard(0) over all ranks, not replicated")
+    p.add_argument(
+        "--storage-option", action="append", metavar="KEY=VALUE",
+        help="for a URL (s3://, gs://, https://, hf://): an fsspec storage option, e.g. anon=true or endpoint_url=http://... (repeatable)",
+    )
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("demo", help="generate a small checkpoint, load it through a VirtualStateDict, run a forward pass")

@@ -96,6 +96,7 @@ from .paths import resolve_checkpoint_path
 from .plan import Entry, Source
 from .reader import MiB, Reader, ReadOptions, Stats
 from .rules import Adapter, Rule
+from .storage import is_remote, open_checkpoint
 from .virtual import VirtualStateDict
 
 __all__ = ["HFReader", "HFWriter"]
@@ -130,6 +131,8 @@ class HFReader(StorageReader):
         threads, max_inflight_bytes, chunk_bytes: reader threads (also how many read items
             are read at once), staging memory reads may run ahead of copies, and the target
             size of one read.
+        storage_options: for a URL (``s3://``, ``https://``, ``hf://`` ...), options of its
+            fsspec filesystem (see :class:`~lazysd.VirtualStateDict`).
         **options: further VirtualStateDict options (``native=True``).
 
     Each ``ReadItem`` DCP's planner hands :meth:`read_data` names one tensor and a box of it
@@ -165,9 +168,11 @@ class HFReader(StorageReader):
         threads: int = 2,
         max_inflight_bytes: int = 32 * MiB,
         chunk_bytes: int = 8 * MiB,
+        storage_options: dict[str, Any] | None = None,
         **options: Any,
     ) -> None:
         super().__init__()
+        self._storage_options = storage_options
         self._revision = revision
         if not native and (adapter is not None or include_mtp or fp8 != "dequantize" or options):
             given = [n for n, v in (("adapter", adapter), ("include_mtp", include_mtp), ("fp8", fp8 != "dequantize")) if v] + list(options)
@@ -187,17 +192,24 @@ class HFReader(StorageReader):
     # ---- opening -------------------------------------------------------------------------
     def _open(self, path: str | os.PathLike[str]) -> None:
         self.close()
-        path = resolve_checkpoint_path(path, revision=self._revision)
+        if not is_remote(path):
+            path = resolve_checkpoint_path(path, revision=self._revision)
         if self.native:
             opts = self._read_options
             self.vsd = VirtualStateDict(
-                path, threads=opts.threads, max_inflight_bytes=opts.max_inflight_bytes, chunk_bytes=opts.chunk_bytes, **self._args
+                path,
+                threads=opts.threads,
+                max_inflight_bytes=opts.max_inflight_bytes,
+                chunk_bytes=opts.chunk_bytes,
+                storage_options=self._storage_options,
+                **self._args,
             )
             self.checkpoint = self.vsd.checkpoint
             self._reader = self.vsd.reader
             self._entries = self.vsd.plan.entries
         else:
-            self.checkpoint = Checkpoint(path, config_required=False)  # as torch's reader: no config.json needed
+            # as torch's reader: no config.json needed
+            self.checkpoint = open_checkpoint(path, storage_options=self._storage_options, config_required=False)
             self._reader = Reader(self.checkpoint, self._read_options)
             self._entries = {key: _identity_entry(info) for key, info in self.checkpoint.tensors.items()}
         self.path = self.checkpoint.path
@@ -213,7 +225,9 @@ class HFReader(StorageReader):
     # ---- the StorageReader protocol ------------------------------------------------------
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         """A new load begins; ``checkpoint_id`` (a checkpoint directory) replaces the path."""
-        if checkpoint_id is not None and resolve_checkpoint_path(checkpoint_id, revision=self._revision) != self.path:
+        if checkpoint_id is not None and (
+            str(checkpoint_id) != str(self.path) if is_remote(checkpoint_id) else resolve_checkpoint_path(checkpoint_id, revision=self._revision) != self.path
+        ):
             self._open(checkpoint_id)
         self.load_id = _new_id()
 
@@ -307,7 +321,9 @@ class HFReader(StorageReader):
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
-        """True for a directory holding ``*.safetensors`` files."""
+        """True for a directory holding ``*.safetensors`` files, or a URL (checked when opened)."""
+        if is_remote(checkpoint_id):
+            return True
         try:
             path = Path(checkpoint_id)
             return path.is_dir() and any(path.glob("*.safetensors"))
@@ -324,6 +340,8 @@ class HFReader(StorageReader):
         reads themselves, and the bytes lazysd counts, stay exactly the planned ones.
         """
         assert self._reader is not None
+        if not self.checkpoint.local:  # type: ignore[union-attr]  # a kernel hint needs a local file
+            return
         by_file: dict[str, list[tuple[int, int]]] = {}
         for file, offset, n in self.planned_ranges([item]):
             by_file.setdefault(file, []).append((offset, n))

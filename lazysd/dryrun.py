@@ -307,6 +307,7 @@ class RankPlan:
     runs: int  # contiguous byte ranges read
     by_kind: dict[str, int] = field(hash=False)  # module kind -> bytes read
     by_layer: dict[str, int] = field(hash=False)  # layer label (layer_of) -> bytes read
+    requests: int = 0  # storage requests the reads take (ranged GETs after coalescing, remote)
 
 
 @dataclass(frozen=True)
@@ -325,6 +326,7 @@ class LoadPlan:
     ranks: tuple[RankPlan, ...]
     _entries: tuple[Entry, ...] = field(repr=False, compare=False)
     _vsd: Planned | None = field(repr=False, compare=False, default=None)  # for reads(): its reader's destinations
+    remote: bool = False  # a remote checkpoint: the table also shows ranged GETs per rank
 
     @property
     def imbalance(self) -> float:
@@ -371,10 +373,16 @@ class LoadPlan:
             f"  {len(self.keys)} keys checked from headers; {human_bytes(self.checkpoint_bytes)} ({self.checkpoint_bytes:,} B) to read once",
             f"  {'rank':>4}  {'experts':<9} {'bytes':>16}  {'human':>10}  {'ranges':>7}  {'experts share':>13}",
         ]
+        if self.remote:
+            out[-1] += f"  {'GETs':>7}"
         for r in self.ranks:
             experts = "-" if r.experts is None else f"{r.experts[0]}:{r.experts[1]}"
             share = f"{100 * r.by_kind.get('experts', 0) / max(r.nbytes, 1):.1f}%"
             out.append(f"  {r.rank:>4}  {experts:<9} {r.nbytes:>16,}  {human_bytes(r.nbytes):>10}  {r.runs:>7,}  {share:>13}")
+            if self.remote:
+                out[-1] += f"  {r.requests:>7,}"
+        if self.remote:
+            out.append(f"  all ranks: {sum(r.requests for r in self.ranks):,} ranged GET requests (after coalescing)")
         out.append(
             f"  all ranks: {human_bytes(self.total_bytes)} ({self.total_bytes / max(self.checkpoint_bytes, 1):.2f}x the checkpoint); "
             f"imbalance max/mean {self.imbalance:.3f}"
@@ -437,18 +445,28 @@ def rank_plan(vsd: Planned, layout: EPLayout, *, keys: Iterable[str] | None = No
             found = cache[(e.key, box)] = (t.nbytes, t.runs)
         return found
 
+    remote = not vsd.checkpoint.local
+    gets: dict[tuple[str, Box], int] = {}  # (key, box) -> ranged GETs (remote only)
+
+    def requests(e: Entry, box: Box) -> int:
+        if (e.key, box) not in gets:
+            gets[(e.key, box)] = vsd.reader.request_count(e, box, destination(vsd, e, box))
+        return gets[(e.key, box)]
+
     for rank in range(layout.world):
         by_kind: Counter[str] = Counter()
         by_layer: Counter[str] = Counter()
-        nbytes = runs = 0
+        nbytes = runs = calls = 0
         for e in entries:
-            n, r = totals(e, layout.box(e, rank))
+            box = layout.box(e, rank)
+            n, r = totals(e, box)
             nbytes += n
             runs += r
+            calls += requests(e, box) if remote and n else 0
             by_kind[e.kind] += n
             by_layer[layer_of(e.key)] += n
         ep_rank, shard_rank = layout.coords(rank)
         held = chunk_range(num_experts, layout.ep, ep_rank) if num_experts is not None else None
-        ranks.append(RankPlan(rank, ep_rank, shard_rank, held, nbytes, runs, dict(by_kind), dict(by_layer)))
+        ranks.append(RankPlan(rank, ep_rank, shard_rank, held, nbytes, runs, dict(by_kind), dict(by_layer), calls))
     once = sum(totals(e, full_box(e.shape))[0] for e in entries)
-    return LoadPlan(vsd.checkpoint.path, layout, tuple(e.key for e in entries), num_experts, once, tuple(ranks), entries, vsd)
+    return LoadPlan(vsd.checkpoint.path, layout, tuple(e.key for e in entries), num_experts, once, tuple(ranks), entries, vsd, remote)

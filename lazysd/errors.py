@@ -132,3 +132,11 @@ class RuleError(LazySDError, ValueError):
 
 class WriterError(LazySDError, ValueError):
     """A safetensors writer used out of order or given a tensor that does not fit its plan."""
+
+
+class RemoteAccessError(LazySDError, PermissionError):
+    """A remote checkpoint refused access (401/403, no credentials); the message names URL and key."""
+
+
+class RemoteReadError(LazySDError, OSError):
+    """A remote read failed: unreachable endpoint, retries exhausted, a server not honouring ranges."""

@@ -36,6 +36,10 @@ class LoadReport:
         bytes_read: checkpoint tensor bytes read from disk during the load.
         seconds: wall time of the load.
         staging_peak: most staging bytes held at once during the load.
+        bytes_received: tensor bytes this rank received from other ranks of its node
+            instead of reading them (``share="node"``, see :mod:`lazysd.share`).
+        requests: storage requests made during the load (ranged GETs for a remote
+            checkpoint, ``pread`` calls for a local one).
     """
 
     missing_keys: tuple[str, ...]
@@ -44,6 +48,8 @@ class LoadReport:
     bytes_read: int
     seconds: float
     staging_peak: int
+    bytes_received: int = 0
+    requests: int = 0
 
     @property
     def throughput(self) -> float:
@@ -51,8 +57,9 @@ class LoadReport:
         return self.bytes_read / self.seconds if self.seconds > 0 else 0.0
 
     def __str__(self) -> str:
+        received = f", {self.bytes_received / 2**20:.1f} MiB received from the node" if self.bytes_received else ""
         return (
-            f"loaded {self.tensors} tensors, {self.bytes_read / 2**20:.1f} MiB in {self.seconds:.2f} s "
+            f"loaded {self.tensors} tensors, {self.bytes_read / 2**20:.1f} MiB read in {self.requests} requests{received} in {self.seconds:.2f} s "
             f"({self.throughput / 2**20:.0f} MiB/s); {len(self.missing_keys)} missing, "
             f"{len(self.unexpected_keys)} unexpected keys"
         )
@@ -70,7 +77,9 @@ def load(
     max_inflight_bytes: int | None = None,
     progress: bool | Callable[[Stats, Entry], None] = False,
     mmap: bool | None = None,
+    storage_options: dict[str, Any] | None = None,
     revision: str | None = None,
+    share: str | None = "node",
 ) -> LoadReport:
     """Load a checkpoint into ``model`` through ``model.load_state_dict`` and report on it.
 
@@ -97,6 +106,13 @@ def load(
             (no transpose), so parameters may be strided (see ``VirtualStateDict``).
         revision: branch, tag or commit when ``path_or_vsd`` is a Hugging Face cache
             repository or hub id (see ``VirtualStateDict``).
+        storage_options: for a URL (``s3://``, ``https://``, ``hf://`` ...), options of
+            its fsspec filesystem (credentials, endpoint).
+        share: with a process group, ``"node"`` (default) reads each tensor that several
+            ranks of a node need once on the node and sends it to the others
+            (:mod:`lazysd.share`); None reads everything on every rank. Every rank of the
+            group must then call ``load`` (it runs one ``all_gather_object``). An open
+            VirtualStateDict keeps the ``share=`` it was opened with.
 
     Returns:
         A :class:`LoadReport`.
@@ -114,6 +130,7 @@ def load(
         "max_inflight_bytes": max_inflight_bytes,
         "progress": progress or None,
         "mmap": mmap,
+        "storage_options": storage_options,
         "revision": revision,
     }
     given = {k: v for k, v in options.items() if v is not None}
@@ -124,7 +141,7 @@ def load(
                 "pass them to VirtualStateDict(...) or give lazysd.load the checkpoint path"
             )
         return _load(model, path_or_vsd, strict=strict, assign=assign)
-    with VirtualStateDict(path_or_vsd, **given) as vsd:
+    with VirtualStateDict(path_or_vsd, share=share, **given) as vsd:
         return _load(model, vsd, strict=strict, assign=assign)
 
 
@@ -140,20 +157,36 @@ def _load(model: torch.nn.Module, vsd: VirtualStateDict, *, strict: bool, assign
         )
     _check_values(model, vsd, wanted, assign=assign)
     stats, ckpt = vsd.stats, vsd.checkpoint
-    tensors0, bytes0 = stats.tensors, ckpt.bytes_read
+    tensors0, bytes0, requests0 = stats.tensors, ckpt.bytes_read, ckpt.read_calls
     stats.staging_peak = stats.staging_live  # the report's peak is this load's
     t0 = time.perf_counter()
     if isinstance(vsd.reader.progress, ProgressPrinter) and vsd.reader.progress.sizes is not None:
         vsd.reader.progress.expect(k for k in wanted if k in vsd)  # 100% means this load's keys
     # Only the keys the model asks for: nothing is even looked up for the others.
-    model.load_state_dict({k: vsd[k] for k in wanted if k in vsd}, strict=False, assign=assign)
+    values = {k: vsd[k] for k in wanted if k in vsd}
+    received = received_tensors = 0
+    if vsd.share == "node" and _distributed():
+        from .share import share_node
+
+        shared = share_node(vsd, values, model.state_dict(keep_vars=True), assign=assign)
+        received, received_tensors = shared.bytes_received, shared.tensors_received
+        for key, dest in shared.filled.items():
+            if assign:
+                values[key] = _like(values[key], dest)
+            else:
+                del values[key]  # already in the parameter
+    if not ckpt.local:
+        _fill_concurrently(values, model.state_dict(keep_vars=True), assign=assign)
+    model.load_state_dict(values, strict=False, assign=assign)
     return LoadReport(
         missing_keys=missing,
         unexpected_keys=unexpected,
-        tensors=stats.tensors - tensors0,
+        tensors=stats.tensors - tensors0 + received_tensors,
         bytes_read=ckpt.bytes_read - bytes0,
         seconds=time.perf_counter() - t0,
         staging_peak=stats.staging_peak,
+        bytes_received=received,
+        requests=ckpt.read_calls - requests0,
     )
 
 
@@ -209,6 +242,52 @@ def _cast_problem(src: torch.dtype, dst: torch.dtype) -> str | None:
                 problem = f"torch cannot copy it ({str(e).splitlines()[0][:100]})"
         _CASTABLE[src, dst] = problem
     return _CASTABLE[src, dst]
+
+
+def _fill_concurrently(values: dict[str, Any], params: dict[str, torch.Tensor], *, assign: bool, tensors: int = 8) -> None:
+    """Read up to ``tensors`` tensors at once, straight into their parameters (remote sources).
+
+    Over a network each tensor costs at least one round trip; ``load_state_dict`` copies one
+    tensor after the other, so a model of a thousand small tensors would wait a thousand
+    round trips. Filled keys are replaced in ``values`` by their filled tensors (``assign``)
+    or removed (already in the parameter).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .share import destination_of
+
+    jobs: dict[str, tuple[Any, torch.Tensor]] = {}
+    for key, value in values.items():
+        lazy = getattr(value, "_local_tensor", value)
+        if not hasattr(lazy, "entry"):
+            continue
+        dest = destination_of(value, assign, params.get(key))
+        if dest is None and assign:
+            with torch._C.DisableTorchFunctionSubclass():
+                dest = lazy._reader.empty(lazy.entry, lazy.box, lazy.dtype, lazy.device)
+        if dest is not None:
+            jobs[key] = (lazy, dest)
+    with ThreadPoolExecutor(tensors, thread_name_prefix="lazysd-fill") as pool:
+        for key, _ in zip(jobs, pool.map(lambda job: job[0].read_into(job[1]), jobs.values())):
+            if assign:
+                values[key] = _like(values[key], jobs[key][1])
+            else:
+                del values[key]
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _like(value: Any, local: torch.Tensor) -> torch.Tensor:
+    """``local`` as ``value`` is: a DTensor with the same mesh and placements, or plain."""
+    if hasattr(value, "_local_tensor"):
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(local, value.device_mesh, value.placements, run_check=False, shape=value.shape, stride=value.stride())
+    return local
 
 
 def _listing(keys: tuple[str, ...]) -> str:

@@ -171,7 +171,8 @@ def resolve(
         ShapeMismatchError: parts of one native tensor disagree in shape or dtype.
         ConfigError: config.json disagrees with the tensors.
     """
-    where = Path(where)
+    if isinstance(where, (str, os.PathLike)):  # a remote checkpoint's path is its own path-like object
+        where = Path(where)
     if adapter.text_config and isinstance(config.get(adapter.text_config), dict):
         config = {**config, **config[adapter.text_config]}
     num_layers = config_value(config, *adapter.num_layers)

@@ -188,7 +188,27 @@ class Reader:
     def plan(self, entry: Entry, box: Box, dest: Destination | None = None) -> tuple[ReadItem, ...]:
         """The read items of filling ``box`` of ``entry`` into ``dest`` (default: a contiguous
         CPU tensor of the entry's dtype), chunked by this reader's options."""
-        return plan_reads(entry, box, dest or Destination(entry.dtype), chunk_bytes=self.options.chunk_bytes)
+        items = plan_reads(entry, box, dest or Destination(entry.dtype), chunk_bytes=self.options.chunk_bytes)
+        if not self.ckpt.local:
+            # The transpose kernel reads through a file descriptor: remote bytes are staged
+            # (the same runs, into a bounded buffer) and transposed by the copy instead.
+            items = tuple(replace(i, method="staged", staging=i.data_bytes) if i.method == "fused" else i for i in items)
+        return items
+
+    def request_count(self, entry: Entry, box: Box, dest: Destination | None = None) -> int:
+        """Storage requests :meth:`fill` makes for ``box`` of ``entry``: one per byte run
+        locally (a ``pread`` each), the coalesced ranged GETs for a remote checkpoint."""
+        reads = []
+        for item in self.plan(entry, box, dest):
+            reads.append((item.source, item.runs))
+            if item.scale is not None:
+                reads.append((item.scale.source, item.scale.runs))
+        if self.ckpt.local:
+            return sum(len(runs) for _, runs in reads)
+        from .storage import coalesce
+
+        options = self.ckpt.store.options  # type: ignore[attr-defined]
+        return sum(len(coalesce([(info.offset + s, n) for s, n in runs if n], options)) for info, runs in reads)
 
     def ranges(self, entry: Entry, box: Box, dest: Destination | None = None) -> list[tuple[str, int, int]]:
         """``(file, offset, length)`` of every read :meth:`fill` makes for ``box`` of ``entry``.
@@ -395,8 +415,9 @@ class Reader:
         The copies run where torch's intra-op threads can split them over the cores, while
         the pool's preads (which release the GIL) keep the next chunks coming.
         """
-        if self._pool is None:
-            self._pool = ReadPool(self.options.threads)
+        with self._lock:  # fills may run on several threads at once (remote loads)
+            if self._pool is None:
+                self._pool = ReadPool(self.options.threads)
         pending: deque[tuple[_Job, Future[tuple[torch.Tensor | None, torch.Tensor | None]], int]] = deque()
         inflight = 0
         budget = self.options.max_inflight_bytes

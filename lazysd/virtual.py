@@ -10,9 +10,8 @@ import torch
 
 from . import dryrun, inspect
 from .adapters import resolve_adapter
-from .checkpoint import Checkpoint
 from .distributed import Targets, as_dtensor, mesh_device
-from .errors import MissingKeyError
+from .errors import MissingKeyError, OptionError
 from .fp8 import FP8_DTYPES
 from .geometry import Box, full_box
 from .lazy import LazyTensor
@@ -21,6 +20,7 @@ from .progress import ProgressPrinter
 from .reader import MiB, Reader, ReadOptions, Stats
 from .reads import Destination, ReadItem, ReadTotals, read_totals
 from .rules import Adapter
+from .storage import RemoteOptions, open_checkpoint
 
 if TYPE_CHECKING:
     from .dryrun import Explanation, LoadPlan
@@ -73,13 +73,23 @@ class VirtualStateDict(Mapping[str, torch.Tensor]):
             the pages not yet written to (a private mapping isolates your writes from
             the file, not the file's later writes from you). Replace checkpoint files by
             rename (a new inode), as ``save_hf`` and ``huggingface_hub`` do, while a model
-            loaded with ``mmap=True`` is in use. Off by default.
+            loaded with ``mmap=True`` is in use. Off by default (local files only).
         direct: read bulk ranges that are not in the page cache with ``O_DIRECT``, in large
             requests that keep the storage busy and leave the page cache alone
             (:mod:`lazysd.pread`); warm bytes always come from the page cache. False: plain
             ``pread`` only.
-        revision: with a Hugging Face cache repository or hub id as ``path``: the branch,
-            tag or commit (default ``main``).
+        revision: with a Hugging Face cache repository or hub id as ``path`` (or, with
+            ``remote=True`` or an ``hf://`` URL, on the Hub): the branch, tag or commit
+            (default ``main``).
+        storage_options: for a URL path (``s3://``, ``gs://``, ``https://``, ``hf://``),
+            keyword arguments of its fsspec filesystem: credentials, ``endpoint_url``, ...
+            (see :mod:`lazysd.storage.remote`; needs ``pip install lazysd[remote]``).
+        remote: True reads a Hub repo id (``"org/name"``) from the Hub by ranged GETs,
+            like ``"hf://org/name"``; a :class:`~lazysd.storage.RemoteOptions` also tunes
+            the requests (in flight, coalescing gap, retries, timeouts).
+        share: with a process group, ``"node"`` (default) lets :func:`lazysd.load` read
+            each tensor that several ranks of a node need once on that node and send it to
+            the others (see :mod:`lazysd.share`); None reads everything on every rank.
 
     Paths: ``path`` may be a directory, ``~/...``, the ``model.safetensors`` file of a
     single-file checkpoint, a Hugging Face hub cache repository (``models--org--name``) or a
@@ -118,8 +128,22 @@ class VirtualStateDict(Mapping[str, torch.Tensor]):
         mmap: bool = False,
         revision: str | None = None,
         direct: bool = True,
+        storage_options: dict[str, Any] | None = None,
+        remote: bool | RemoteOptions = False,
+        share: str | None = "node",
     ) -> None:
-        self.checkpoint = Checkpoint(path, revision=revision, config_required=adapter is None)
+        if share not in ("node", None):
+            raise OptionError(f"share must be 'node' or None, got {share!r}")
+        self.share = share
+        self.checkpoint = open_checkpoint(
+            path, storage_options=storage_options, remote=remote, revision=revision, config_required=adapter is None
+        )
+        if not self.checkpoint.local:
+            if mmap:
+                self.checkpoint.close()
+                raise OptionError(f"{self.checkpoint.path}: mmap=True maps local files only; a remote checkpoint is read into memory")
+            # Latency, not the CPU, bounds remote reads: keep more requests in flight.
+            threads = max(threads or 0, 8)
         self.reader = Reader(self.checkpoint, ReadOptions(threads, chunk_bytes, max_inflight_bytes, mmap, direct))
         try:
             self.adapter = resolve_adapter(

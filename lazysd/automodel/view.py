@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping
-from typing import Self
+from typing import Any, Self
 
 import torch
 
-from ..checkpoint import Checkpoint
 from ..errors import MissingKeyError
 from ..geometry import full_box
 from ..lazy import LazyTensor
 from ..plan import Entry, Source
 from ..reader import MiB, Reader, ReadOptions
 from ..rules import Rule
+from ..storage import open_checkpoint
 
 __all__ = ["HFCheckpointView"]
 
@@ -29,7 +29,9 @@ class HFCheckpointView(Mapping[str, torch.Tensor]):
     its experts. Opening reads config.json and headers only.
 
     Args:
-        path: checkpoint directory (``config.json`` + ``*.safetensors`` [+ index]).
+        path: checkpoint directory (``config.json`` + ``*.safetensors`` [+ index]), or a URL
+            (``s3://``, ``https://``, ``hf://`` ...; ``storage_options`` as for
+            :class:`~lazysd.VirtualStateDict`).
         threads, chunk_bytes, max_inflight_bytes: read options, as for
             :class:`~lazysd.VirtualStateDict`.
 
@@ -47,8 +49,11 @@ class HFCheckpointView(Mapping[str, torch.Tensor]):
         threads: int | None = None,
         chunk_bytes: int | None = None,
         max_inflight_bytes: int = 32 * MiB,
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
-        self.checkpoint = Checkpoint(path)
+        self.checkpoint = open_checkpoint(path, storage_options=storage_options)
+        if not self.checkpoint.local:
+            threads = max(threads or 0, 8)  # latency-bound: more requests in flight
         self.reader = Reader(self.checkpoint, ReadOptions(threads, chunk_bytes, max_inflight_bytes))
 
     def __getitem__(self, key: str) -> torch.Tensor:

@@ -203,12 +203,13 @@ def source_files(state_dict: Any) -> list[Path]:
     out: list[Path] = []
     ckpt = getattr(state_dict, "checkpoint", None)
     if ckpt is not None:
-        return [Path(ckpt.path), *ckpt.files]
+        # A remote checkpoint's files are not on this machine: no output can be one of them.
+        return [Path(ckpt.path), *ckpt.files] if getattr(ckpt, "local", True) else []
     if isinstance(state_dict, Mapping):
         files: dict[Path, None] = {}
         for v in state_dict.values():
             if isinstance(v, LazyTensor):
-                files.update(dict.fromkeys(Path(src.info.file) for src in v.entry.sources))
+                files.update(dict.fromkeys(Path(src.info.file) for src in v.entry.sources if isinstance(src.info.file, (str, os.PathLike))))
         out = [p for f in files for p in (f, f.parent)]
     return out
 
