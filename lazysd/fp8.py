@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import TensorInfo
 from .geometry import Box
+from .header import TensorInfo
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import torch
 
-from .checkpoint import TensorInfo, config_value
+from .checkpoint import config_value
 from .errors import (
     ConfigError,
     MissingSourceError,
@@ -33,6 +33,7 @@ from .errors import (
 )
 from .fp8 import FP8_DTYPES, BlockScales
 from .geometry import Block
+from .header import TensorInfo
 from .rules import Adapter, Pattern, Rule, claim
 
 FP8Mode = Literal["dequantize", "keep"]

@@ -43,8 +43,8 @@ from typing import Literal
 
 import torch
 
-from .checkpoint import TensorInfo
 from .geometry import Box, box_shape, byte_runs, inverse_permutation, is_empty, relative, run_count
+from .header import TensorInfo
 from .plan import Entry, Source
 from .transpose import fused_read_fits
 

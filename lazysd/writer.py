@@ -30,8 +30,8 @@ from typing import Self
 
 import torch
 
-from .checkpoint import DTYPES
 from .errors import ExportDTypeError, MissingKeyError, WriterError
+from .header import DTYPES
 from .transpose import contiguous
 
 __all__ = [

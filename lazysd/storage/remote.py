@@ -36,13 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from ..checkpoint import (
-    MAX_JSON_BYTES,
-    Checkpoint,
-    TensorInfo,
-    header_length,
-    parse_header_bytes,
-)
+from ..checkpoint import MAX_JSON_BYTES, Checkpoint
 from ..errors import (
     CheckpointNotFoundError,
     FileChangedError,
@@ -50,6 +44,7 @@ from ..errors import (
     RemoteAccessError,
     RemoteReadError,
 )
+from ..header import TensorInfo, header_length, parse_header_bytes
 from .ranges import RemoteOptions, coalesce
 from .urls import scrub_url
 
