@@ -120,6 +120,19 @@ def parse_header_bytes(
     file: Any, raw: bytes, header_len: int, file_size: int
 ) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """:func:`parse_header` on header bytes already read (``raw``: the ``header_len`` bytes after the prefix)."""
+    header = _header_json(file, raw, header_len)
+    metadata = _metadata(file, header.pop("__metadata__", None))
+    data_start = 8 + header_len
+    data_size = file_size - data_start
+    tensors: dict[str, TensorInfo] = {}
+    for key, entry in header.items():
+        tensors[key] = _tensor(file, key, entry, data_start, data_size)
+    _check_back_to_back(file, header, data_size)
+    return tensors, metadata
+
+
+def _header_json(file: Any, raw: bytes, header_len: int) -> dict[str, Any]:
+    """The header as a JSON object, duplicate keys refused."""
     if len(raw) != header_len:
         raise _fail(FileChangedError, file, None, f"short read of the header ({len(raw)} of {header_len} bytes)")
     try:
@@ -147,62 +160,54 @@ def parse_header_bytes(
         raise _fail(HeaderError, file, None, f"header JSON holds an unreadable value ({str(e)[:80]})") from None
     if not isinstance(header, dict):
         raise _fail(HeaderError, file, None, f"header must be a JSON object, got {type(header).__name__}")
+    return header
 
-    # Absent or null means no metadata; anything else must be strings to strings.
-    metadata = header.pop("__metadata__", None)
+
+def _metadata(file: Any, metadata: Any) -> dict[str, str]:
+    """``__metadata__``: absent or null means none; anything else must be strings to strings."""
     if metadata is None:
-        metadata = {}
+        return {}
     if not isinstance(metadata, dict):
-        raise _fail(
-            HeaderError,
-            file,
-            "__metadata__",
-            f"must be an object of string keys to string values, got {type(metadata).__name__}",
-        )
+        kind = type(metadata).__name__
+        raise _fail(HeaderError, file, "__metadata__", f"must be an object of string keys to string values, got {kind}")
     for k, v in metadata.items():
         if not isinstance(v, str):
             raise _fail(HeaderError, file, "__metadata__", f"value of {k!r} must be a string, got {type(v).__name__}")
+    return metadata
 
-    data_start = 8 + header_len
-    data_size = file_size - data_start
-    tensors: dict[str, TensorInfo] = {}
-    spans: list[tuple[int, int, str]] = []
-    for key, entry in header.items():
-        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-            raise _fail(
-                HeaderError, file, key, "entry must be an object with exactly 'dtype', 'shape' and 'data_offsets'"
-            )
-        dtype_name, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
-            raise _fail(HeaderError, file, key, f"unknown dtype {repr_cut(dtype_name)} (known: {', '.join(DTYPES)})")
-        if not isinstance(shape, list) or not all(type(d) is int and 0 <= d <= MAX_DIM for d in shape):
-            raise _fail(HeaderError, file, key, f"shape must be a list of non-negative integers, got {repr_cut(shape)}")
-        if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(type(o) is int for o in offsets)
-            or not 0 <= offsets[0] <= offsets[1] <= data_size
-        ):
-            raise _fail(
-                HeaderError,
-                file,
-                key,
-                f"data_offsets {repr_cut(offsets)} are not a [begin, end] range inside the {data_size}-byte data section",
-            )
-        dtype = DTYPES[dtype_name]
-        expected = math.prod(shape) * dtype.itemsize
-        if offsets[1] - offsets[0] != expected:
-            raise _fail(
-                HeaderError,
-                file,
-                key,
-                f"data_offsets span {offsets[1] - offsets[0]} bytes but {dtype_name} x {shape} needs {expected}",
-            )
-        tensors[key] = TensorInfo(key, file, dtype, tuple(shape), data_start + offsets[0])
-        spans.append((offsets[0], offsets[1], key))
 
-    # The format requires the data section to be exactly the tensors, back to back.
-    spans.sort()
+def _tensor(file: Any, key: str, entry: Any, data_start: int, data_size: int) -> TensorInfo:
+    """One header entry, checked: dtype known, shape valid, offsets inside the data section and matching the size."""
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        raise _fail(HeaderError, file, key, "entry must be an object with exactly 'dtype', 'shape' and 'data_offsets'")
+    dtype_name, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
+        raise _fail(HeaderError, file, key, f"unknown dtype {repr_cut(dtype_name)} (known: {', '.join(DTYPES)})")
+    if not isinstance(shape, list) or not all(type(d) is int and 0 <= d <= MAX_DIM for d in shape):
+        raise _fail(HeaderError, file, key, f"shape must be a list of non-negative integers, got {repr_cut(shape)}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(type(o) is int for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1] <= data_size
+    ):
+        where = f"the {data_size}-byte data section"
+        raise _fail(
+            HeaderError, file, key, f"data_offsets {repr_cut(offsets)} are not a [begin, end] range inside {where}"
+        )
+    dtype = DTYPES[dtype_name]
+    expected = math.prod(shape) * dtype.itemsize
+    if offsets[1] - offsets[0] != expected:
+        span = offsets[1] - offsets[0]
+        raise _fail(
+            HeaderError, file, key, f"data_offsets span {span} bytes but {dtype_name} x {shape} needs {expected}"
+        )
+    return TensorInfo(key, file, dtype, tuple(shape), data_start + offsets[0])
+
+
+def _check_back_to_back(file: Any, header: dict[str, Any], data_size: int) -> None:
+    """The format requires the data section to be exactly the tensors, back to back."""
+    spans = sorted((entry["data_offsets"][0], entry["data_offsets"][1], key) for key, entry in header.items())
     pos, prev = 0, None
     for begin, end, key in spans:
         if begin < pos:
@@ -214,4 +219,3 @@ def parse_header_bytes(
         pos, prev = end, key
     if pos != data_size:
         raise _fail(HeaderError, file, None, f"data section is {data_size} bytes but the tensors cover {pos}")
-    return tensors, metadata
