@@ -186,86 +186,110 @@ class Checkpoint:
         return full
 
     def _weight_files(self) -> tuple[list[Path], dict[str, Path] | None]:
+        """The weight files, and key -> file where an index names them."""
         index = self.path / INDEX_NAME
         index_kind = self._kind(index)
         if index_kind not in (None, "missing"):
             # Not silently skipped: the directory would then be read as whatever shards it holds.
             raise CheckpointIndexError(f"{index}: is {index_kind}, not a regular file")
         if index_kind is None:
-            twice: dict[str, list[Any]] = {}
-
-            def keep_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-                # A key listed twice in one JSON object would silently keep the last file.
-                out: dict[str, Any] = {}
-                for k, v in pairs:
-                    if k in out:
-                        twice.setdefault(k, [out[k]]).append(v)
-                    out[k] = v
-                return out
-
-            raw = self._read_small(index, CheckpointIndexError)
-            try:
-                data = json.loads(raw.decode("utf-8"), object_pairs_hook=keep_duplicates)
-            except (UnicodeDecodeError, ValueError, RecursionError) as e:
-                raise CheckpointIndexError(f"{index}: not valid JSON ({str(e)[:200]})") from None
-            weight_map = data.get("weight_map") if isinstance(data, dict) else None
-            if not isinstance(weight_map, dict):
-                raise CheckpointIndexError(f"{index}: expected an object with a 'weight_map' object")
-            if not weight_map:
-                raise CheckpointIndexError(f"{index}: weight_map is empty (it must name every tensor of the checkpoint)")
-            repeated = {k: v for k, v in twice.items() if k in weight_map and weight_map[k] == v[-1]}
-            if repeated:
-                lines = [f"  {k}: {', '.join(repr_cut(f) for f in v)}" for k, v in list(repeated.items())[:20]]
-                raise CheckpointIndexError(f"{index}: weight_map lists keys more than once:\n" + "\n".join(lines) + _more(len(repeated), 20))
-            not_names = [f"  {k}: {repr_cut(v)}" for k, v in weight_map.items() if not isinstance(v, str)]
-            if not_names:
-                raise CheckpointIndexError(
-                    f"{index}: weight_map values must be file names (strings), got:\n" + "\n".join(not_names[:20]) + _more(len(not_names), 20)
-                )
-            pickled = [f"  {k}: {v}" for k, v in weight_map.items() if Path(v).suffix in PICKLE_SUFFIXES]
-            if pickled:
-                raise NoWeightsError(
-                    f"{index}: names pickled weight files, which lazysd never unpickles (unpickling can run "
-                    "arbitrary code):\n" + "\n".join(pickled[:20]) + _more(len(pickled), 20)
-                )
-            resolved: dict[str, Path] = {}
-            missing: dict[str, list[str]] = {}
-            odd: dict[str, str] = {}  # name -> what it is instead of a regular file
-            checked: dict[str, Path] = {}  # a shard is named by hundreds of keys: check it once
-            for key, name in weight_map.items():
-                file = checked.get(name)
-                if file is None:
-                    file = checked[name] = self._resolve_inside(name, f"{index}, key {repr_cut(key)}")
-                    what = self._kind(file)
-                    if what not in (None, "missing"):
-                        odd[name] = what
-                if name not in odd and not self._is_file(file):
-                    missing.setdefault(str(name), []).append(cut(key))
-                resolved[key] = file
-            if odd:
-                lines = [f"  {repr_cut(name)}: {what}" for name, what in sorted(odd.items())[:20]]
-                raise CheckpointIndexError(f"{index}: names paths that are not regular weights files:\n" + "\n".join(lines) + _more(len(odd), 20))
-            if missing:
-                lines = [f"  {cut(name)}: {', '.join(shortened(keys))}" for name, keys in sorted(missing.items())[:20]]
-                raise CheckpointNotFoundError(
-                    f"{index}: names files that do not exist, for these keys:\n" + "\n".join(lines) + _more(len(missing), 20)
-                )
+            resolved = self._resolve_weight_map(index, self._read_weight_map(index))
             files = sorted(set(resolved.values()))
             self._check_shard_series(index, files, indexed=True)
             return files, resolved
+        return self._unindexed_files(), None
+
+    def _read_weight_map(self, index: Path) -> dict[str, str]:
+        """The index's ``weight_map``, checked: an object of keys to safetensors file names, each key once."""
+        twice: dict[str, list[Any]] = {}
+
+        def keep_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+            # A key listed twice in one JSON object would silently keep the last file.
+            out: dict[str, Any] = {}
+            for k, v in pairs:
+                if k in out:
+                    twice.setdefault(k, [out[k]]).append(v)
+                out[k] = v
+            return out
+
+        raw = self._read_small(index, CheckpointIndexError)
+        try:
+            data = json.loads(raw.decode("utf-8"), object_pairs_hook=keep_duplicates)
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise CheckpointIndexError(f"{index}: not valid JSON ({str(e)[:200]})") from None
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict):
+            raise CheckpointIndexError(f"{index}: expected an object with a 'weight_map' object")
+        if not weight_map:
+            raise CheckpointIndexError(f"{index}: weight_map is empty (it must name every tensor of the checkpoint)")
+        repeated = {k: v for k, v in twice.items() if k in weight_map and weight_map[k] == v[-1]}
+        if repeated:
+            lines = [f"  {k}: {', '.join(repr_cut(f) for f in v)}" for k, v in list(repeated.items())[:20]]
+            raise CheckpointIndexError(
+                f"{index}: weight_map lists keys more than once:\n" + "\n".join(lines) + _more(len(repeated), 20)
+            )
+        not_names = [f"  {k}: {repr_cut(v)}" for k, v in weight_map.items() if not isinstance(v, str)]
+        if not_names:
+            raise CheckpointIndexError(
+                f"{index}: weight_map values must be file names (strings), got:\n"
+                + "\n".join(not_names[:20])
+                + _more(len(not_names), 20)
+            )
+        pickled = [f"  {k}: {v}" for k, v in weight_map.items() if Path(v).suffix in PICKLE_SUFFIXES]
+        if pickled:
+            raise NoWeightsError(
+                f"{index}: names pickled weight files, which lazysd never unpickles (unpickling can run "
+                "arbitrary code):\n" + "\n".join(pickled[:20]) + _more(len(pickled), 20)
+            )
+        return weight_map
+
+    def _resolve_weight_map(self, index: Path, weight_map: dict[str, str]) -> dict[str, Path]:
+        """Key -> file, every file inside the checkpoint and a regular file that exists."""
+        resolved: dict[str, Path] = {}
+        missing: dict[str, list[str]] = {}
+        odd: dict[str, str] = {}  # name -> what it is instead of a regular file
+        checked: dict[str, Path] = {}  # a shard is named by hundreds of keys: check it once
+        for key, name in weight_map.items():
+            file = checked.get(name)
+            if file is None:
+                file = checked[name] = self._resolve_inside(name, f"{index}, key {repr_cut(key)}")
+                what = self._kind(file)
+                if what not in (None, "missing"):
+                    odd[name] = what
+            if name not in odd and not self._is_file(file):
+                missing.setdefault(str(name), []).append(cut(key))
+            resolved[key] = file
+        if odd:
+            lines = [f"  {repr_cut(name)}: {what}" for name, what in sorted(odd.items())[:20]]
+            raise CheckpointIndexError(
+                f"{index}: names paths that are not regular weights files:\n" + "\n".join(lines) + _more(len(odd), 20)
+            )
+        if missing:
+            lines = [f"  {cut(name)}: {', '.join(shortened(keys))}" for name, keys in sorted(missing.items())[:20]]
+            raise CheckpointNotFoundError(
+                f"{index}: names files that do not exist, for these keys:\n"
+                + "\n".join(lines)
+                + _more(len(missing), 20)
+            )
+        return resolved
+
+    def _unindexed_files(self) -> list[Path]:
+        """Without an index: ``model.safetensors``, else one complete numbered series of shards."""
         single = self.path / SINGLE_NAME
         if self._is_file(single):
-            return [single], None
+            return [single]
         shards = sorted(p for p in self._listing() if p.suffix == ".safetensors" and not p.name.startswith("."))
         odd = [(p.name, what) for p in shards if (what := self._kind(p)) is not None]
         if odd:
             lines = [f"  {repr_cut(name)}: {what}" for name, what in odd[:20]]
-            raise CheckpointNotFoundError(f"{self.path}: weights names that are not regular files:\n" + "\n".join(lines) + _more(len(odd), 20))
+            raise CheckpointNotFoundError(
+                f"{self.path}: weights names that are not regular files:\n" + "\n".join(lines) + _more(len(odd), 20)
+            )
         if shards:
             # Without an index the file names are all there is to go by: a numbered series
             # must be complete, and be the only one (two series are two checkpoints mixed).
             self._check_shard_series(self.path, shards, indexed=False)
-            return shards, None
+            return shards
         pickles = sorted(p.name for p in self._listing() if p.suffix in PICKLE_SUFFIXES)
         if pickles:
             raise NoWeightsError(
