@@ -330,19 +330,8 @@ def _build_entry(
     for pi, part in enumerate(rule.sources):
         by_expert = parts[pi]
         infos = [by_expert[e] for e in sorted(by_expert, key=lambda e: -1 if e is None else e)]
-        shapes = {i.shape for i in infos}
-        if len(shapes) > 1:
-            listing = ", ".join(f"{i.key} {list(i.shape)}" for i in infos if i.shape != infos[0].shape)
-            raise ShapeMismatchError(f"{where}: experts of {native_key} differ in shape: {infos[0].key} {list(infos[0].shape)} vs {listing}")
-        dims = part.dims if part.dims is not None else tuple(range(len(infos[0].shape)))
-        used = sorted(d for d in dims if d is not None)
-        if used != list(range(len(infos[0].shape))):
-            raise ShapeMismatchError(
-                f"{infos[0].file}, key {infos[0].key!r}: has shape {list(infos[0].shape)}, which the {rule.native!r} rule "
-                f"cannot place with dims {dims} (expected a {len(used)}-d tensor)"
-            )
+        dims, extent = _part_extent(native_key, rule, part.dims, infos, where)
         stack_dim = dims.index(None) if None in dims else None
-        extent = [len(infos) if d is None else infos[0].shape[d] for d in dims]
         if block_shape is not None:
             others = [s for i, s in enumerate(extent) if i != rule.cat_dim]
             expected = [s for i, s in enumerate(block_shape) if i != rule.cat_dim]
@@ -378,6 +367,29 @@ def _build_entry(
     if len(rule.sources) > 1:
         shape[rule.cat_dim] = offset
     return Entry(native_key, tuple(shape), rule.dtype or next(iter(dtypes)), tuple(sources), rule)
+
+
+def _part_extent(
+    native_key: str, rule: Rule, part_dims: tuple[int | None, ...] | None, infos: list[TensorInfo], where: Path
+) -> tuple[tuple[int | None, ...], list[int]]:
+    """A part's dims (``None``: the expert stacking dim) and its extent in the native tensor.
+
+    Its sources (one per expert, or one) must share one shape, of the rank its dims place.
+    """
+    first = infos[0]
+    if len({i.shape for i in infos}) > 1:
+        listing = ", ".join(f"{i.key} {list(i.shape)}" for i in infos if i.shape != first.shape)
+        raise ShapeMismatchError(
+            f"{where}: experts of {native_key} differ in shape: {first.key} {list(first.shape)} vs {listing}"
+        )
+    dims = part_dims if part_dims is not None else tuple(range(len(first.shape)))
+    used = sorted(d for d in dims if d is not None)
+    if used != list(range(len(first.shape))):
+        raise ShapeMismatchError(
+            f"{first.file}, key {first.key!r}: has shape {list(first.shape)}, which the {rule.native!r} rule "
+            f"cannot place with dims {dims} (expected a {len(used)}-d tensor)"
+        )
+    return dims, [len(infos) if d is None else first.shape[d] for d in dims]
 
 
 def _check_scaled(entry: Entry, adapter: Adapter) -> None:
