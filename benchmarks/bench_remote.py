@@ -51,7 +51,12 @@ def _env(endpoint: str) -> dict[str, str]:
 
 
 def _options(endpoint: str, tag: str | None = None) -> dict:
-    opts: dict = {"endpoint_url": endpoint, "key": "testing", "secret": "testing", "client_kwargs": {"region_name": "us-east-1"}}
+    opts: dict = {
+        "endpoint_url": endpoint,
+        "key": "testing",
+        "secret": "testing",
+        "client_kwargs": {"region_name": "us-east-1"},
+    }
     if tag:
         opts["config_kwargs"] = {"user_agent_extra": f"lazysd-tag/{tag}"}
     return opts
@@ -119,7 +124,13 @@ def _rank(rank: int, world: int, url: str, endpoint: str, size: float, share: st
     seconds = time.perf_counter() - t0
     torch.distributed.barrier()
     served = server_stats(endpoint)[tag]["bytes"] - before
-    return {"seconds": seconds, "read": report.bytes_read, "received": report.bytes_received, "need": need, "served": served}
+    return {
+        "seconds": seconds,
+        "read": report.bytes_read,
+        "received": report.bytes_received,
+        "need": need,
+        "served": served,
+    }
 
 
 # ---- driver -------------------------------------------------------------------------------------
@@ -154,16 +165,29 @@ def main() -> None:
         os.environ["BENCH_FILES"] = json.dumps(sorted(p.name for p in path.iterdir() if p.is_file()))
         s3.faults.latency, s3.faults.bandwidth = args.latency, args.bandwidth
         print(
-            f"## {total / 2**20:.0f} MiB bf16 checkpoint in {len(list(path.glob('*.safetensors')))} files, S3 endpoint on 127.0.0.1, "
-            f"{args.latency * 1000:.0f} ms per request, {args.bandwidth / 1e6:.0f} MB/s cap; medians of {args.runs} runs\n"
+            f"## {total / 2**20:.0f} MiB bf16 checkpoint in {len(list(path.glob('*.safetensors')))} files, S3 endpoint "
+            "on 127.0.0.1, "
+            f"{args.latency * 1000:.0f} ms per request, {args.bandwidth / 1e6:.0f} MB/s cap; medians of {args.runs} "
+            "runs\n"
         )
         print("| method | wall s | bytes from server | requests | peak RSS above start MiB |")
         print("|---|---:|---:|---:|---:|")
         walls: dict[str, float] = {}
-        methods = () if args.ranks_only else (("lazysd", "lazysd s3:// (ranged GETs)"), ("download", "download, then lazysd"), ("runai", "runai streamer"))
+        methods = (
+            ()
+            if args.ranks_only
+            else (
+                ("lazysd", "lazysd s3:// (ranged GETs)"),
+                ("download", "download, then lazysd"),
+                ("runai", "runai streamer"),
+            )
+        )
         for method, label in methods:
             if method == "runai" and not _runai_available():
-                print(f"| {label} | skipped: runai-model-streamer not installed (pip install runai-model-streamer runai-model-streamer-s3) | | | |")
+                print(
+                    f"| {label} | skipped: runai-model-streamer not installed (pip install runai-model-streamer "
+                    "runai-model-streamer-s3) | | | |"
+                )
                 continue
             rows = []
             for _ in range(args.runs):
@@ -172,21 +196,31 @@ def main() -> None:
                 after = s3.stats()["total"]
                 if "error" in row:
                     break
-                rows.append({**row, "bytes": after["bytes"] - before["bytes"], "requests": after["requests"] - before["requests"]})
+                rows.append(
+                    {
+                        **row,
+                        "bytes": after["bytes"] - before["bytes"],
+                        "requests": after["requests"] - before["requests"],
+                    }
+                )
             if not rows:
                 print(f"| {label} | skipped, it failed here: {row['error'][:120]} | | | |")
                 continue
             walls[method] = statistics.median(r["seconds"] for r in rows)
             print(
                 f"| {label} | {walls[method]:.2f} | {statistics.median(r['bytes'] for r in rows):,.0f} | "
-                f"{statistics.median(r['requests'] for r in rows):,.0f} | {statistics.median(r['peak'] for r in rows) / 2**20:.0f} |"
+                f"{statistics.median(r['requests'] for r in rows):,.0f} | "
+                f"{statistics.median(r['peak'] for r in rows) / 2**20:.0f} |"
             )
         if "lazysd" in walls:
             ratios = ", ".join(f"{m} {w / walls['lazysd']:.2f}x" for m, w in walls.items() if m != "lazysd")
             print(f"\nwall time relative to lazysd: {ratios}\n")
 
         print("### 4 ranks on one node, EP=4 (experts Shard(0), the rest replicated)\n")
-        print("| share | wall s | bytes from server, all ranks | union of needs | sum of needs | server / union | per rank read / received MiB |")
+        print(
+            "| share | wall s | bytes from server, all ranks | union of needs | sum of needs | server / union | per "
+            "rank read / received MiB |"
+        )
         print("|---|---:|---:|---:|---:|---:|---|")
         for share in ("node", None):
             rows = []
@@ -198,7 +232,15 @@ def main() -> None:
                 for r in ranks:
                     union.update(r["need"])
                 served = sum(r["served"] for r in ranks)
-                rows.append((max(r["seconds"] for r in ranks), served, sum(union.values()), sum(sum(r["need"].values()) for r in ranks), ranks))
+                rows.append(
+                    (
+                        max(r["seconds"] for r in ranks),
+                        served,
+                        sum(union.values()),
+                        sum(sum(r["need"].values()) for r in ranks),
+                        ranks,
+                    )
+                )
             wall = statistics.median(r[0] for r in rows)
             served, uni, tot, ranks = rows[-1][1], rows[-1][2], rows[-1][3], rows[-1][4]
             per = " ".join(f"{r['read'] / 2**20:.0f}/{r['received'] / 2**20:.0f}" for r in ranks)

@@ -54,9 +54,6 @@ MAX_JSON_BYTES = 64 * 1024 * 1024
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-
-
-
 @dataclass(frozen=True)
 class _FileIdentity:
     """What a file looked like when its header was read; checked before every read."""
@@ -68,14 +65,6 @@ class _FileIdentity:
     # Any write or metadata change sets ctime to "now", and no user call can set it back:
     # the signal that catches a same-size rewrite whose mtime was restored (cp -p, rsync -t).
     ctime_ns: int
-
-
-
-
-
-
-
-
 
 
 class Checkpoint:
@@ -98,7 +87,9 @@ class Checkpoint:
 
     local = True  # files on this machine (descriptors, mmap); see lazysd.storage for remote ones
 
-    def __init__(self, path: str | os.PathLike[str], *, revision: str | None = None, config_required: bool = True) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, revision: str | None = None, config_required: bool = True
+    ) -> None:
         self.path = resolve_checkpoint_path(path, revision=revision)
         self.config = self._read_config(config_required)
         self.metadata: dict[str, dict[str, str]] = {}
@@ -130,7 +121,8 @@ class Checkpoint:
             return {}
         if what == "missing":
             raise CheckpointNotFoundError(
-                f"{file}: config.json not found (lazysd needs it to choose the model family; pass adapter= to name the family instead)"
+                f"{file}: config.json not found (lazysd needs it to choose the model family; pass adapter= to name the "
+                "family instead)"
             )
         if what is not None:
             raise ConfigError(f"{file}: is {what}, not a regular file")
@@ -162,7 +154,10 @@ class Checkpoint:
         except (RuntimeError, OSError):  # a symlink loop (RuntimeError before Python 3.13)
             raise CheckpointNotFoundError(f"{where}: {file.name!r} is a symlink loop") from None
         if not any(real.is_relative_to(root) for root in self._roots()):
-            raise UnsafePathError(f"{where}: {file.name!r} resolves to {real}, outside the checkpoint directory {self.path} (symlink leading out?)")
+            raise UnsafePathError(
+                f"{where}: {file.name!r} resolves to {real}, outside the checkpoint directory {self.path} (symlink "
+                "leading out?)"
+            )
 
     def _read_small(self, file: Path, error: type[LazySDError]) -> bytes:
         """Bytes of config.json or the index, size-capped, refused if it resolves outside."""
@@ -327,8 +322,14 @@ class Checkpoint:
             # Bounded by the shards present, never by the total a file name claims.
             absent = len(set(range(1, total + 1)) - named) if total <= len(named) + 1000 else total - len(named)
             if absent or any(i < 1 or i > total for i in named):
-                unnamed = (f"{stem}-{i:0{width}d}-of-{total:0{width}d}.safetensors" for i in range(1, total + 1) if i not in named)
-                shown = [next(unnamed) for _ in range(min(absent, 8))] + ([f"... {absent - 8} more"] if absent > 8 else [])
+                unnamed = (
+                    f"{stem}-{i:0{width}d}-of-{total:0{width}d}.safetensors"
+                    for i in range(1, total + 1)
+                    if i not in named
+                )
+                shown = [next(unnamed) for _ in range(min(absent, 8))] + (
+                    [f"... {absent - 8} more"] if absent > 8 else []
+                )
                 beyond = sorted(i for i in named if i < 1 or i > total)
                 problem = (
                     f"shard number(s) {', '.join(map(str, beyond[:8]))} outside 1..{total}"
@@ -348,7 +349,8 @@ class Checkpoint:
             names = [f"{cut(stem)}-*-of-{written}.safetensors" for stem, written in sorted(series)]
             raise CheckpointNotFoundError(
                 f"{where}: holds {len(series)} shard series ({', '.join(names[:4])}) and no {INDEX_NAME}, "
-                "so which files form the checkpoint is unknown (leftovers of an earlier checkpoint?); remove the stale ones"
+                "so which files form the checkpoint is unknown (leftovers of an earlier checkpoint?); remove the stale "
+                "ones"
             )
 
     def _read_tensors(self) -> dict[str, TensorInfo]:
@@ -364,14 +366,24 @@ class Checkpoint:
                 tensors[key] = info
         if duplicates:
             lines = [f"  {k}: in {', '.join(v)}" for k, v in list(duplicates.items())[:20]]
-            raise CheckpointIndexError(f"{self.path}: keys stored in more than one file:\n" + "\n".join(lines) + _more(len(duplicates), 20))
+            raise CheckpointIndexError(
+                f"{self.path}: keys stored in more than one file:\n" + "\n".join(lines) + _more(len(duplicates), 20)
+            )
         if weight_map is not None:
             index = self.path / INDEX_NAME
-            lacking = [f"  {k}: index says {f.name}, which lacks it" for k, f in weight_map.items() if k not in tensors or tensors[k].file != f]
-            unlisted = [f"  {k}: in {t.file.name} but not in the index" for k, t in tensors.items() if k not in weight_map]
+            lacking = [
+                f"  {k}: index says {f.name}, which lacks it"
+                for k, f in weight_map.items()
+                if k not in tensors or tensors[k].file != f
+            ]
+            unlisted = [
+                f"  {k}: in {t.file.name} but not in the index" for k, t in tensors.items() if k not in weight_map
+            ]
             if lacking or unlisted:
                 problems = lacking + unlisted
-                raise CheckpointIndexError(f"{index}: disagrees with the files:\n" + "\n".join(problems[:20]) + _more(len(problems), 20))
+                raise CheckpointIndexError(
+                    f"{index}: disagrees with the files:\n" + "\n".join(problems[:20]) + _more(len(problems), 20)
+                )
             # Keep the index's key order: it is how the checkpoint's author listed them.
             tensors = {k: tensors[k] for k in weight_map}
         return tensors
@@ -419,7 +431,9 @@ class Checkpoint:
         except FileNotFoundError:
             raise FileChangedError(f"{file}: was deleted or renamed since the checkpoint was opened") from None
         if (now.st_dev, now.st_ino) != (expected.dev, expected.ino):
-            raise FileChangedError(f"{file}: was replaced by another file since the checkpoint was opened; reopen the checkpoint")
+            raise FileChangedError(
+                f"{file}: was replaced by another file since the checkpoint was opened; reopen the checkpoint"
+            )
         st = os.fstat(fd)
         if self._changed(file, st):
             raise FileChangedError(
@@ -456,7 +470,9 @@ class Checkpoint:
             with self._lock:
                 reader = self._readers.get(file)
                 if reader is None:
-                    reader = self._readers[file] = RangeReader(self.check_unchanged(file), direct=self.direct, pool=self._bounce)
+                    reader = self._readers[file] = RangeReader(
+                        self.check_unchanged(file), direct=self.direct, pool=self._bounce
+                    )
         return reader
 
     def read_with(self, info: TensorInfo, runs: list[tuple[int, int]], read: Callable[[int], int]) -> None:
@@ -470,7 +486,9 @@ class Checkpoint:
         """
         for start, n in runs:
             if start < 0 or start + n > info.nbytes:
-                raise ValueError(f"{info.file}, key {info.key!r}: byte range {start}+{n} outside the tensor's {info.nbytes} bytes")
+                raise ValueError(
+                    f"{info.file}, key {info.key!r}: byte range {start}+{n} outside the tensor's {info.nbytes} bytes"
+                )
         total = sum(n for _, n in runs)
         fd = self.check_unchanged(info.file)
         if read(fd) < total:
@@ -478,7 +496,9 @@ class Checkpoint:
         # A write that landed while we read would otherwise go unnoticed: the bytes would be
         # a mix of old and new. One fstat is cheap next to a read.
         if self._changed(info.file, os.fstat(fd)):
-            raise FileChangedError(f"{info.file}, key {info.key!r}: file changed while it was being read; reopen the checkpoint")
+            raise FileChangedError(
+                f"{info.file}, key {info.key!r}: file changed while it was being read; reopen the checkpoint"
+            )
         with self._lock:
             self.bytes_read += total
             self.read_calls += len(runs)
@@ -489,7 +509,9 @@ class Checkpoint:
             mapped = self._mappings.get(file)
             if mapped is None:
                 fd = self.check_unchanged(file)
-                mapped = self._mappings[file] = mmap.mmap(fd, 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+                mapped = self._mappings[file] = mmap.mmap(
+                    fd, 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE
+                )
             return mapped
 
     # ---- lifetime ------------------------------------------------------------------------

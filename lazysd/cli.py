@@ -45,7 +45,11 @@ from .virtual import VirtualStateDict
 def cmd_inspect(args: argparse.Namespace) -> int:
 
     with VirtualStateDict(
-        args.path, adapter=args.adapter, include_mtp=args.mtp, revision=args.revision, storage_options=_storage_options(args.storage_option)
+        args.path,
+        adapter=args.adapter,
+        include_mtp=args.mtp,
+        revision=args.revision,
+        storage_options=_storage_options(args.storage_option),
     ) as vsd:
         keys = list(vsd)
         if args.match is not None or args.layer is not None:
@@ -56,9 +60,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             print(line)
         print()
         if len(keys) != len(vsd):
-            print(f"{len(keys)} of {len(vsd)} keys match" + "".join(
-                f" {name}={value!r}" for name, value in (("--match", args.match), ("--layer", args.layer)) if value is not None
-            ))
+            print(
+                f"{len(keys)} of {len(vsd)} keys match"
+                + "".join(
+                    f" {name}={value!r}"
+                    for name, value in (("--match", args.match), ("--layer", args.layer))
+                    if value is not None
+                )
+            )
         if args.summary:
             print(summarize(vsd, by="kind", keys=keys))
             print()
@@ -94,9 +103,12 @@ def _storage_options(pairs: list[str] | None) -> dict[str, object] | None:
 def cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
-
     spec = Step3p5Spec.tiny()
-    if args.keep and Path(args.keep).expanduser().exists() and (not Path(args.keep).expanduser().is_dir() or any(Path(args.keep).expanduser().iterdir())):
+    if (
+        args.keep
+        and Path(args.keep).expanduser().exists()
+        and (not Path(args.keep).expanduser().is_dir() or any(Path(args.keep).expanduser().iterdir()))
+    ):
         print(
             f"lazysd: error: {args.keep} exists and is not an empty directory; give --keep a new or empty directory "
             f"(to look at a kept demo checkpoint: lazysd inspect {args.keep})",
@@ -114,11 +126,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
             t0 = time.perf_counter()
             result = model.load_state_dict(vsd)
             print(f"\nmodel.load_state_dict(vsd): {result} in {time.perf_counter() - t0:.3f}s")
-            print(f"  read {vsd.bytes_read} tensor bytes in {vsd.checkpoint.read_calls} reads; staging peak {vsd.stats.staging_peak} bytes")
+            print(
+                f"  read {vsd.bytes_read} tensor bytes in {vsd.checkpoint.read_calls} reads; staging peak "
+                f"{vsd.stats.staging_peak} bytes"
+            )
             tokens = torch.randint(0, spec.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
             with torch.no_grad():
                 logits = model(tokens)
-            print(f"forward pass: tokens {list(tokens.shape)} -> logits {list(logits.shape)}, next token {int(logits[0, -1].argmax())}")
+            print(
+                f"forward pass: tokens {list(tokens.shape)} -> logits {list(logits.shape)}, next token "
+                f"{int(logits[0, -1].argmax())}"
+            )
     return 0
 
 
@@ -129,7 +147,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
     native keys (MTP layers as ``mtp.layers.{i}``), as ``--to native`` writes them.
     """
     import json
-
 
     src, dst = args.src, Path(args.dst).expanduser()
     args.interrupted_dst = (dst, _snapshot(dst))  # what "nothing was written" is checked against
@@ -198,39 +215,65 @@ def _adapter_names() -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="lazysd", description="Lazy native-key views of Hugging Face MoE checkpoints.")
+    parser = argparse.ArgumentParser(
+        prog="lazysd", description="Lazy native-key views of Hugging Face MoE checkpoints."
+    )
     parser.add_argument("--version", action="version", version=f"lazysd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     names = _adapter_names()
     adapter_help = f"model family, one of {', '.join(names)} (default: detected from config.json)"
 
-    p = sub.add_parser("inspect", help="list native keys with shape, dtype, bytes and HF sources (reads no tensor data)")
-    p.add_argument("path", help="checkpoint directory, model.safetensors file, HF cache repository or hub id (org/name)")
+    p = sub.add_parser(
+        "inspect", help="list native keys with shape, dtype, bytes and HF sources (reads no tensor data)"
+    )
+    p.add_argument(
+        "path", help="checkpoint directory, model.safetensors file, HF cache repository or hub id (org/name)"
+    )
     p.add_argument("--adapter", choices=names, metavar="NAME", help=adapter_help)
     p.add_argument("--revision", help="branch, tag or commit of a Hugging Face cache repository (default main)")
     p.add_argument("--all", action="store_true", help="list every key")
     p.add_argument("--limit", type=int, default=40, help="keys to list (default 40)")
     p.add_argument("--mtp", action="store_true", help="include MTP layers")
     p.add_argument("--match", metavar="GLOB", help="only keys matching this shell glob, e.g. '*.experts.*'")
-    p.add_argument("--layer", action="append", metavar="L", help="only keys of layer L (repeatable; '-' = outside layers, 'mtp.0')")
-    p.add_argument("--summary", action="store_true", help="bytes per module kind and per layer instead of the key list")
-    p.add_argument("--ep", type=int, metavar="N", help="dry-run load plan for N expert-parallel ranks (experts Shard(0))")
-    p.add_argument("--ep-shard", type=int, default=1, metavar="M", help="also shard experts on native dim 1 over M ranks")
-    p.add_argument("--fsdp", action="store_true", help="with --ep: non-expert tensors Shard(0) over all ranks, not replicated")
     p.add_argument(
-        "--storage-option", action="append", metavar="KEY=VALUE",
-        help="for a URL (s3://, gs://, https://, hf://): an fsspec storage option, e.g. anon=true or endpoint_url=http://... (repeatable)",
+        "--layer", action="append", metavar="L", help="only keys of layer L (repeatable; '-' = outside layers, 'mtp.0')"
+    )
+    p.add_argument("--summary", action="store_true", help="bytes per module kind and per layer instead of the key list")
+    p.add_argument(
+        "--ep", type=int, metavar="N", help="dry-run load plan for N expert-parallel ranks (experts Shard(0))"
+    )
+    p.add_argument(
+        "--ep-shard", type=int, default=1, metavar="M", help="also shard experts on native dim 1 over M ranks"
+    )
+    p.add_argument(
+        "--fsdp", action="store_true", help="with --ep: non-expert tensors Shard(0) over all ranks, not replicated"
+    )
+    p.add_argument(
+        "--storage-option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="for a URL (s3://, gs://, https://, hf://): an fsspec storage option, "
+        "e.g. anon=true or endpoint_url=http://... (repeatable)",
     )
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("demo", help="generate a small checkpoint, load it through a VirtualStateDict, run a forward pass")
+    p = sub.add_parser(
+        "demo", help="generate a small checkpoint, load it through a VirtualStateDict, run a forward pass"
+    )
     p.add_argument("--keep", metavar="DIR", help="write the checkpoint here instead of a temporary directory")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("convert", help="re-shard or convert a checkpoint (HF <-> native), streaming one tensor slice at a time")
-    p.add_argument("src", help="HF checkpoint directory (or, with --from native, a directory of native-key safetensors + config.json)")
+    p = sub.add_parser(
+        "convert", help="re-shard or convert a checkpoint (HF <-> native), streaming one tensor slice at a time"
+    )
+    p.add_argument(
+        "src",
+        help="HF checkpoint directory (or, with --from native, a directory of native-key safetensors + config.json)",
+    )
     p.add_argument("dst", help="output directory (new or empty, or --overwrite)")
-    p.add_argument("--max-shard-size", default="5GB", help="bytes per output file, e.g. 5GB (10**9), 2GiB (default 5GB)")
+    p.add_argument(
+        "--max-shard-size", default="5GB", help="bytes per output file, e.g. 5GB (10**9), 2GiB (default 5GB)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace the weights in a non-empty DST")
     p.add_argument("--from", dest="from_", choices=("hf", "native"), default="hf", help="layout of SRC (default hf)")
     p.add_argument("--to", choices=("hf", "native"), default="hf", help="layout to write (default hf)")

@@ -82,7 +82,9 @@ def box_reads(entry: Entry, box: Box, dest: Destination, chunk_bytes: int = 8 <<
         lo = [min(i.source_box[d][0] for i in items) for d in range(len(info.shape))]
         hi = [max(i.source_box[d][1] for i in items) for d in range(len(info.shape))]
         runs = sum(i.run_count + (0 if i.scale is None else len(i.scale.runs)) for i in items)
-        out.append(SourceRead(info.key, info.file, tuple(zip(lo, hi)), sum(i.nbytes for i in items), runs, tuple(items)))
+        out.append(
+            SourceRead(info.key, info.file, tuple(zip(lo, hi)), sum(i.nbytes for i in items), runs, tuple(items))
+        )
     return tuple(out)
 
 
@@ -106,7 +108,10 @@ class EPLayout:
                 raise PlacementError(f"{name} must be a positive integer, got {value!r}")
         if self.ep * self.ep_shard > MAX_DRY_RUN_RANKS:
             # Dry runs go rank by rank: an absurd count (a typo, 10**9) must not loop for hours.
-            raise PlacementError(f"ep={self.ep} x ep_shard={self.ep_shard} is {self.ep * self.ep_shard} ranks; a dry run covers at most {MAX_DRY_RUN_RANKS}")
+            raise PlacementError(
+                f"ep={self.ep} x ep_shard={self.ep_shard} is {self.ep * self.ep_shard} ranks; a dry run covers at most "
+                f"{MAX_DRY_RUN_RANKS}"
+            )
 
     @property
     def world(self) -> int:
@@ -121,7 +126,9 @@ class EPLayout:
         if entry.kind == "experts":
             # mesh (ep_shard, ep): Shard(1) on ep_shard, Shard(0) on ep
             placements = [1 if self.ep_shard > 1 else None, 0]
-            return shard_box(entry.shape, (self.ep_shard, self.ep), mesh_coordinate((self.ep_shard, self.ep), rank), placements)
+            return shard_box(
+                entry.shape, (self.ep_shard, self.ep), mesh_coordinate((self.ep_shard, self.ep), rank), placements
+            )
         if self.fsdp and entry.shape:
             return shard_box(entry.shape, (self.world,), (rank,), [0])
         return full_box(entry.shape)
@@ -157,7 +164,8 @@ def _check_tiling(vsd: Planned, entry: Entry) -> None:
         covered += math.prod(ext)
     if covered != entry.numel:
         raise ShapeMismatchError(
-            f"{vsd.checkpoint.path}: sources of {entry.key} ({', '.join(entry.hf_keys[:3])}) cover {covered} of its {entry.numel} elements"
+            f"{vsd.checkpoint.path}: sources of {entry.key} ({', '.join(entry.hf_keys[:3])}) cover {covered} of its "
+            f"{entry.numel} elements"
         )
 
 
@@ -238,7 +246,8 @@ class Explanation:
         ]
         for s in self.sources[:8]:
             lines.append(
-                f"    {s.hf_key}  {list(s.shape)} {dtype_name(s.dtype)}  {s.file.name} bytes [{s.start}, {s.end})  -> native {_box_text(s.native_block)}"
+                f"    {s.hf_key}  {list(s.shape)} {dtype_name(s.dtype)}  {s.file.name} bytes [{s.start}, {s.end})  -> "
+                f"native {_box_text(s.native_block)}"
             )
         if len(self.sources) > 8:
             lines.append(f"    ... {len(self.sources) - 8} more")
@@ -246,7 +255,11 @@ class Explanation:
             if self.kind == "experts":
                 lines.append(f"  layout: {self.layout.describe(self.shape[0])}")
             else:
-                how = f"Shard(0) over all {self.layout.world} ranks" if self.layout.fsdp else "replicated, every rank reads it whole"
+                how = (
+                    f"Shard(0) over all {self.layout.world} ranks"
+                    if self.layout.fsdp
+                    else "replicated, every rank reads it whole"
+                )
                 lines.append(f"  layout: {self.layout.mesh} ({self.kind} tensor: {how})")
             for first, last, r in self._rank_groups():
                 who = f"rank {first}" if first == last else f"ranks {first}-{last}"
@@ -288,10 +301,25 @@ def explain(vsd: Planned, key: str, layout: EPLayout | None = None) -> Explanati
     if layout is not None:
         chunk = vsd.reader.options.chunk_bytes
         ranks = tuple(
-            RankRead(r, *layout.coords(r), (b := layout.box(entry, r)), box_reads(entry, b, destination(vsd, entry, b), chunk))
+            RankRead(
+                r,
+                *layout.coords(r),
+                (b := layout.box(entry, r)),
+                box_reads(entry, b, destination(vsd, entry, b), chunk),
+            )
             for r in range(layout.world)
         )
-    return Explanation(entry.key, entry.kind, entry.shape, vsd.dtype_of(entry), entry.source_dtype, entry.transform, spans, layout, ranks)
+    return Explanation(
+        entry.key,
+        entry.kind,
+        entry.shape,
+        vsd.dtype_of(entry),
+        entry.source_dtype,
+        entry.transform,
+        spans,
+        layout,
+        ranks,
+    )
 
 
 # ---- dry-run load plans ---------------------------------------------------------------------
@@ -370,7 +398,8 @@ class LoadPlan:
     def lines(self, *, layers: bool = True) -> list[str]:
         out = [
             f"dry-run load plan: {self.layout.describe(self.num_experts)}",
-            f"  {len(self.keys)} keys checked from headers; {human_bytes(self.checkpoint_bytes)} ({self.checkpoint_bytes:,} B) to read once",
+            f"  {len(self.keys)} keys checked from headers; {human_bytes(self.checkpoint_bytes)} "
+            f"({self.checkpoint_bytes:,} B) to read once",
             f"  {'rank':>4}  {'experts':<9} {'bytes':>16}  {'human':>10}  {'ranges':>7}  {'experts share':>13}",
         ]
         if self.remote:
@@ -378,13 +407,16 @@ class LoadPlan:
         for r in self.ranks:
             experts = "-" if r.experts is None else f"{r.experts[0]}:{r.experts[1]}"
             share = f"{100 * r.by_kind.get('experts', 0) / max(r.nbytes, 1):.1f}%"
-            out.append(f"  {r.rank:>4}  {experts:<9} {r.nbytes:>16,}  {human_bytes(r.nbytes):>10}  {r.runs:>7,}  {share:>13}")
+            out.append(
+                f"  {r.rank:>4}  {experts:<9} {r.nbytes:>16,}  {human_bytes(r.nbytes):>10}  {r.runs:>7,}  {share:>13}"
+            )
             if self.remote:
                 out[-1] += f"  {r.requests:>7,}"
         if self.remote:
             out.append(f"  all ranks: {sum(r.requests for r in self.ranks):,} ranged GET requests (after coalescing)")
         out.append(
-            f"  all ranks: {human_bytes(self.total_bytes)} ({self.total_bytes / max(self.checkpoint_bytes, 1):.2f}x the checkpoint); "
+            f"  all ranks: {human_bytes(self.total_bytes)} ({self.total_bytes / max(self.checkpoint_bytes, 1):.2f}x "
+            "the checkpoint); "
             f"imbalance max/mean {self.imbalance:.3f}"
         )
         if layers:
@@ -407,7 +439,8 @@ class LoadPlan:
         more = f"<tr><td colspan='5'>... {len(self.ranks) - 256} more ranks</td></tr>" if len(self.ranks) > 256 else ""
         foot = html.escape(f"imbalance max/mean {self.imbalance:.3f}; all ranks read {human_bytes(self.total_bytes)}")
         return (
-            f"<div class='lazysd-plan'>{head}<table><thead><tr><th>rank</th><th>experts</th><th>bytes</th><th></th><th>ranges</th></tr></thead>"
+            f"<div class='lazysd-plan'>{head}<table><thead><tr><th>rank</th><th>experts</th><th>bytes</th>"
+            "<th></th><th>ranges</th></tr></thead>"
             f"<tbody>{rows}{more}</tbody></table>{foot}</div>"
         )
 
@@ -469,4 +502,14 @@ def rank_plan(vsd: Planned, layout: EPLayout, *, keys: Iterable[str] | None = No
         held = chunk_range(num_experts, layout.ep, ep_rank) if num_experts is not None else None
         ranks.append(RankPlan(rank, ep_rank, shard_rank, held, nbytes, runs, dict(by_kind), dict(by_layer), calls))
     once = sum(totals(e, full_box(e.shape))[0] for e in entries)
-    return LoadPlan(vsd.checkpoint.path, layout, tuple(e.key for e in entries), num_experts, once, tuple(ranks), entries, vsd, remote)
+    return LoadPlan(
+        vsd.checkpoint.path,
+        layout,
+        tuple(e.key for e in entries),
+        num_experts,
+        once,
+        tuple(ranks),
+        entries,
+        vsd,
+        remote,
+    )

@@ -76,7 +76,8 @@ def layer_of(key: str) -> str:
     """Layer label of a native key: ``'3'``, ``'mtp.0'`` for MTP layers, ``'-'`` outside layers.
 
     Example:
-        >>> layer_of("model.layers.3.moe.gate.weight"), layer_of("mtp.layers.0.eh_proj.weight"), layer_of("lm_head.weight")
+        >>> keys = "model.layers.3.moe.gate.weight", "mtp.layers.0.eh_proj.weight", "lm_head.weight"
+        >>> tuple(layer_of(k) for k in keys)
         ('3', 'mtp.0', '-')
     """
     m = _LAYER.search(key)
@@ -102,7 +103,8 @@ def summary_lines(vsd: Planned) -> list[str]:
     nbytes = sum(_native_nbytes(vsd, e) for e in entries)
     lines = [
         f"VirtualStateDict(family={vsd.adapter.name!r}, path={str(vsd.checkpoint.path)!r})",
-        f"  {len(vsd)} native keys from {len(vsd.checkpoint.tensors)} HF tensors in {len(vsd.checkpoint.files)} file(s)",
+        f"  {len(vsd)} native keys from {len(vsd.checkpoint.tensors)} HF tensors in {len(vsd.checkpoint.files)} "
+        "file(s)",
         f"  {params:,} parameters, {human_bytes(nbytes)} ({_dtype_mix(vsd, entries, nbytes)})",
     ]
     if vsd.plan.ignored:
@@ -134,7 +136,8 @@ def key_table(vsd: Planned, limit: int | None = 20, *, keys: Iterable[str] | Non
         e = vsd.plan.entries[key]
         dtype = vsd.dtype_of(e)
         lines.append(
-            f"{key:<{width}}  {str(list(e.shape)):<18} {dtype_name(dtype):<9} {human_bytes(_native_nbytes(vsd, e)):>10}  <- {_source_text(e)}"
+            f"{key:<{width}}  {str(list(e.shape)):<18} {dtype_name(dtype):<9} "
+            f"{human_bytes(_native_nbytes(vsd, e)):>10}  <- {_source_text(e)}"
         )
     if limit is not None and len(keys) > limit:
         lines.append(f"... {len(keys) - limit} more")
@@ -153,7 +156,8 @@ def _html_key_rows(vsd: Planned, keys: list[str], limit: int) -> str:
         dtype = vsd.dtype_of(e)
         rows.append(
             f"<tr><td><code>{html.escape(key)}</code></td><td>{list(e.shape)}</td><td>{dtype_name(dtype)}</td>"
-            f"<td style='text-align:right'>{human_bytes(_native_nbytes(vsd, e))}</td><td><code>{html.escape(_source_text(e))}</code></td></tr>"
+            f"<td style='text-align:right'>{human_bytes(_native_nbytes(vsd, e))}</td>"
+            f"<td><code>{html.escape(_source_text(e))}</code></td></tr>"
         )
     more = f"<tr><td colspan='5'>... {len(keys) - limit} more</td></tr>" if len(keys) > limit else ""
     head = "<tr><th>key</th><th>shape</th><th>dtype</th><th>bytes</th><th>HF sources</th></tr>"
@@ -166,7 +170,10 @@ def summary_html(vsd: Planned, limit: int = HTML_KEYS) -> str:
     Its size depends on ``limit`` and the number of kinds, not on the number of keys.
     """
     lines = summary_lines(vsd)
-    head = f"<b>VirtualStateDict</b> <code>{html.escape(vsd.adapter.name)}</code> &middot; <code>{html.escape(str(vsd.checkpoint.path))}</code>"
+    head = (
+        f"<b>VirtualStateDict</b> <code>{html.escape(vsd.adapter.name)}</code> &middot; "
+        f"<code>{html.escape(str(vsd.checkpoint.path))}</code>"
+    )
     body = "".join(f"<br>{html.escape(line.strip())}" for line in lines[1:])
     return (
         f"<div class='lazysd-vsd'>{head}{body}"
@@ -261,7 +268,8 @@ class Selection(Mapping[str, torch.Tensor]):
         return "\n".join([self._head()] + ["  " + line for line in key_table(self.vsd, REPR_KEYS, keys=self.keys_)])
 
     def _repr_html_(self) -> str:
-        return f"<div class='lazysd-sel'>{html.escape(self._head())}{_html_key_rows(self.vsd, list(self.keys_), HTML_KEYS)}</div>"
+        rows = _html_key_rows(self.vsd, list(self.keys_), HTML_KEYS)
+        return f"<div class='lazysd-sel'>{html.escape(self._head())}{rows}</div>"
 
 
 @dataclass(frozen=True)
@@ -302,7 +310,8 @@ class Summary:
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
         left = len(self.by)
         return "\n".join(
-            "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip() for r in rows
+            "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+            for r in rows
         )
 
     def _repr_html_(self) -> str:

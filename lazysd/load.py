@@ -59,7 +59,8 @@ class LoadReport:
     def __str__(self) -> str:
         received = f", {self.bytes_received / 2**20:.1f} MiB received from the node" if self.bytes_received else ""
         return (
-            f"loaded {self.tensors} tensors, {self.bytes_read / 2**20:.1f} MiB read in {self.requests} requests{received} in {self.seconds:.2f} s "
+            f"loaded {self.tensors} tensors, {self.bytes_read / 2**20:.1f} MiB read in {self.requests} "
+            f"requests{received} in {self.seconds:.2f} s "
             f"({self.throughput / 2**20:.0f} MiB/s); {len(self.missing_keys)} missing, "
             f"{len(self.unexpected_keys)} unexpected keys"
         )
@@ -208,8 +209,8 @@ def _check_values(model: torch.nn.Module, vsd: VirtualStateDict, wanted: Any, *,
             problems.append(f"{key}: checkpoint {vsd.dtype_of(entry)} into the model's {param.dtype}: {why}")
     if problems:
         raise StateDictMismatchError(
-            f"{vsd.checkpoint.path}: {len(problems)} tensor(s) do not fit {type(model).__name__} (nothing was read):\n  "
-            + "\n  ".join(shortened(problems, 20))
+            f"{vsd.checkpoint.path}: {len(problems)} tensor(s) do not fit {type(model).__name__} (nothing was read):\n "
+            " " + "\n  ".join(shortened(problems, 20))
         )
 
 
@@ -244,7 +245,9 @@ def _cast_problem(src: torch.dtype, dst: torch.dtype) -> str | None:
     return _CASTABLE[src, dst]
 
 
-def _fill_concurrently(values: dict[str, Any], params: dict[str, torch.Tensor], *, assign: bool, tensors: int = 8) -> None:
+def _fill_concurrently(
+    values: dict[str, Any], params: dict[str, torch.Tensor], *, assign: bool, tensors: int = 8
+) -> None:
     """Read up to ``tensors`` tensors at once, straight into their parameters (remote sources).
 
     Over a network each tensor costs at least one round trip; ``load_state_dict`` copies one
@@ -286,7 +289,9 @@ def _like(value: Any, local: torch.Tensor) -> torch.Tensor:
     if hasattr(value, "_local_tensor"):
         from torch.distributed.tensor import DTensor
 
-        return DTensor.from_local(local, value.device_mesh, value.placements, run_check=False, shape=value.shape, stride=value.stride())
+        return DTensor.from_local(
+            local, value.device_mesh, value.placements, run_check=False, shape=value.shape, stride=value.stride()
+        )
     return local
 
 

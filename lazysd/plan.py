@@ -93,7 +93,9 @@ class Entry:
         steps = []
         src = self.sources[0]
         if any(d is None for d in src.dims):
-            steps.append(f"stack {len(self.sources) // max(1, len(self.rule.sources))} experts on dim {src.dims.index(None)}")
+            steps.append(
+                f"stack {len(self.sources) // max(1, len(self.rule.sources))} experts on dim {src.dims.index(None)}"
+            )
         perm = tuple(d for d in src.dims if d is not None)
         if perm != tuple(sorted(perm)):
             steps.append(f"permute{perm}")
@@ -178,7 +180,9 @@ def resolve(
         config = {**config, **config[adapter.text_config]}
     num_layers = config_value(config, *adapter.num_layers)
     if num_layers is not None and (type(num_layers) is not int or num_layers < 0):
-        raise ConfigError(f"{where / 'config.json'}: {adapter.num_layers[0]} must be a non-negative integer, got {num_layers!r}")
+        raise ConfigError(
+            f"{where / 'config.json'}: {adapter.num_layers[0]} must be a non-negative integer, got {num_layers!r}"
+        )
     _check_layers(adapter, config, where, headers, num_layers)
 
     if fp8 not in ("dequantize", "keep"):
@@ -200,14 +204,19 @@ def resolve(
         native_key = rule.native_pattern.format(**values)
         entry = _build_entry(native_key, rule, values, parts, where, headers)
         if any(s.info.key in scale_of for s in entry.sources):
-            entry = _with_scales(entry, {k: headers[scale_of[k]] for k in entry.hf_keys if k in scale_of}, block, fp8_dtype, where)
+            entry = _with_scales(
+                entry, {k: headers[scale_of[k]] for k in entry.hf_keys if k in scale_of}, block, fp8_dtype, where
+            )
         elif fp8 == "dequantize":
             _check_scaled(entry, adapter)
         layer = int(values["layer"]) if "layer" in values else None
         if layer is not None and num_layers is not None and layer >= num_layers:
             if not include_mtp:
                 for k in entry.hf_keys:
-                    ignored[k] = f"MTP layer {layer} (>= {adapter.num_layers[0]}={num_layers}); pass include_mtp=True to expose it"
+                    ignored[k] = (
+                        f"MTP layer {layer} (>= {adapter.num_layers[0]}={num_layers}); pass include_mtp=True to expose "
+                        "it"
+                    )
                 continue
             old = adapter.layer_pattern.format(layer=layer)
             new = adapter.mtp_pattern.format(index=layer - num_layers)
@@ -275,7 +284,10 @@ def _scale_block(adapter: Adapter, config: Mapping[str, Any], where: Path) -> tu
     """FP8 scale block shape: config.json's ``quantization_config.weight_block_size``, else the adapter's."""
     block = config_value(config, "quantization_config.weight_block_size") or adapter.scale_block
     if not isinstance(block, (list, tuple)) or len(block) != 2 or not all(type(b) is int and b > 0 for b in block):
-        raise ConfigError(f"{where / 'config.json'}: quantization_config.weight_block_size must be two positive integers, got {block!r}")
+        raise ConfigError(
+            f"{where / 'config.json'}: quantization_config.weight_block_size must be two positive integers, got "
+            f"{block!r}"
+        )
     return (block[0], block[1])
 
 
@@ -307,7 +319,8 @@ def _check_parts(
                 missing = [e for a, b in _gaps(experts, n_experts)[:8] for e in range(a, min(b, a + 7) + 1)][:8]
                 wanted = [cut(rule.sources[pi].pattern.format(**values, expert=e)) for e in missing]
                 raise MissingSourceError(
-                    f"{where}: {native_key} has experts 0..{n_experts - 1} in some parts but these are missing: {', '.join(wanted)}"
+                    f"{where}: {native_key} has experts 0..{n_experts - 1} in some parts but these are missing: "
+                    f"{', '.join(wanted)}"
                     + (f" ... {n_missing - len(missing)} more" if n_missing > len(missing) else "")
                 )
 
@@ -317,7 +330,8 @@ def _build_entry(
     rule: Rule,
     values: dict[str, str],
     parts: dict[int, dict[int | None, TensorInfo]],
-    where: Path, headers: Mapping[str, TensorInfo],
+    where: Path,
+    headers: Mapping[str, TensorInfo],
 ) -> Entry:
     _check_parts(native_key, rule, values, parts, where, headers)
 
@@ -346,7 +360,8 @@ def _build_entry(
         concat = len(rule.sources) > 1
         if concat and rule.cat_dim >= len(dims):
             raise ShapeMismatchError(
-                f"{infos[0].file}, key {cut(infos[0].key)!r}: has shape {list(infos[0].shape)}, which the {rule.native!r} rule "
+                f"{infos[0].file}, key {cut(infos[0].key)!r}: has shape {list(infos[0].shape)}, which the "
+                f"{rule.native!r} rule "
                 f"cannot concatenate on dim {rule.cat_dim}"
             )
         for n, info in enumerate(infos):
@@ -401,11 +416,13 @@ def _check_scaled(entry: Entry, adapter: Adapter) -> None:
     companion = f"{cut(bare.key)}{adapter.scale_suffix}" if adapter.scale_suffix else "a block-scale companion"
     raise MissingSourceError(
         f"{bare.file}, key {cut(bare.key)!r}: FP8 {dtype_name(bare.dtype)} weight without its scales ({companion!r} "
-        f"is not in the checkpoint), so it cannot be dequantized; pass fp8=\"keep\" to read the FP8 values as stored"
+        f'is not in the checkpoint), so it cannot be dequantized; pass fp8="keep" to read the FP8 values as stored'
     )
 
 
-def _with_scales(entry: Entry, scales: dict[str, TensorInfo], block: tuple[int, int], dtype: torch.dtype, where: Path) -> Entry:
+def _with_scales(
+    entry: Entry, scales: dict[str, TensorInfo], block: tuple[int, int], dtype: torch.dtype, where: Path
+) -> Entry:
     """Attach each FP8 source's scale companion (validated) and make the entry ``dtype``."""
     sources = []
     for src in entry.sources:
@@ -431,10 +448,15 @@ def _check_config(adapter: Adapter, config: Mapping[str, Any], where: Path, entr
             continue
         pattern = Pattern(check.key)
         for entry in entries.values():
-            if pattern.match(entry.key) is not None and len(entry.shape) > check.dim and entry.shape[check.dim] != value:
+            if (
+                pattern.match(entry.key) is not None
+                and len(entry.shape) > check.dim
+                and entry.shape[check.dim] != value
+            ):
                 raise ConfigError(
                     f"{where}: {check.fields[0]}={value!r} but {entry.key} (from {', '.join(entry.hf_keys[:2])} in "
-                    f"{entry.sources[0].info.file.name}) has {entry.shape[check.dim]} on dim {check.dim}, shape {list(entry.shape)}"
+                    f"{entry.sources[0].info.file.name}) has {entry.shape[check.dim]} on dim {check.dim}, shape "
+                    f"{list(entry.shape)}"
                 )
 
 
@@ -473,7 +495,9 @@ def _gaps(present: list[int], n: int) -> list[tuple[int, int]]:
     return gaps
 
 
-def _check_layers(adapter: Adapter, config: Mapping[str, Any], where: Path, headers: Mapping[str, TensorInfo], num_layers: int | None) -> None:
+def _check_layers(
+    adapter: Adapter, config: Mapping[str, Any], where: Path, headers: Mapping[str, TensorInfo], num_layers: int | None
+) -> None:
     """The layer indices in the tensors agree with config.json's layer counts.
 
     Every main layer ``0..num_hidden_layers-1`` must be present; layers after them are MTP
@@ -515,6 +539,8 @@ def _check_expert_counts(where: Path, entries: dict[str, Entry]) -> None:
         if entry.kind == "experts" and entry.shape:
             counts.setdefault(entry.shape[0], []).append(entry.key)
     if len(counts) > 1:
-        listing = "; ".join(f"{n} experts: {', '.join(keys[:3])}" + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "") for n, keys in sorted(counts.items()))
+        listing = "; ".join(
+            f"{n} experts: {', '.join(keys[:3])}" + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+            for n, keys in sorted(counts.items())
+        )
         raise ShapeMismatchError(f"{where}: expert counts differ between layers: {listing}")
-

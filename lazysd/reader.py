@@ -192,7 +192,9 @@ class Reader:
         if not self.ckpt.local:
             # The transpose kernel reads through a file descriptor: remote bytes are staged
             # (the same runs, into a bounded buffer) and transposed by the copy instead.
-            items = tuple(replace(i, method="staged", staging=i.data_bytes) if i.method == "fused" else i for i in items)
+            items = tuple(
+                replace(i, method="staged", staging=i.data_bytes) if i.method == "fused" else i for i in items
+            )
         return items
 
     def request_count(self, entry: Entry, box: Box, dest: Destination | None = None) -> int:
@@ -370,7 +372,9 @@ class Reader:
         """
         expected = tuple(hi - lo for lo, hi in box)
         if tuple(dest.shape) != expected:
-            raise ShapeMismatchError(f"{entry.key}: destination shape {list(dest.shape)} is not the requested box {list(expected)}")
+            raise ShapeMismatchError(
+                f"{entry.key}: destination shape {list(dest.shape)} is not the requested box {list(expected)}"
+            )
         t0 = time.perf_counter()
         if fresh:
             populate(dest)  # one call maps every page, instead of a fault per page during the reads

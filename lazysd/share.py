@@ -58,7 +58,9 @@ def destination_of(value: Any, assign: bool, param: torch.Tensor | None) -> torc
     return local.detach() if tuple(local.shape) == tuple(lazy.shape) else None
 
 
-def share_node(vsd: VirtualStateDict, values: dict[str, Any], params: dict[str, torch.Tensor], *, assign: bool) -> Shared:
+def share_node(
+    vsd: VirtualStateDict, values: dict[str, Any], params: dict[str, torch.Tensor], *, assign: bool
+) -> Shared:
     """Load the boxes of ``values`` that several ranks of this node need, once per node.
 
     Args:

@@ -141,28 +141,43 @@ class VirtualStateDict(Mapping[str, torch.Tensor]):
         if not self.checkpoint.local:
             if mmap:
                 self.checkpoint.close()
-                raise OptionError(f"{self.checkpoint.path}: mmap=True maps local files only; a remote checkpoint is read into memory")
+                raise OptionError(
+                    f"{self.checkpoint.path}: mmap=True maps local files only; a remote checkpoint is read into memory"
+                )
             # Latency, not the CPU, bounds remote reads: keep more requests in flight.
             threads = max(threads or 0, 8)
         self.reader = Reader(self.checkpoint, ReadOptions(threads, chunk_bytes, max_inflight_bytes, mmap, direct))
         try:
             self.adapter = resolve_adapter(
-                adapter, self.checkpoint.config, keys=self.checkpoint.tensors, where=str(self.checkpoint.path / "config.json")
+                adapter,
+                self.checkpoint.config,
+                keys=self.checkpoint.tensors,
+                where=str(self.checkpoint.path / "config.json"),
             )
             ckpt = self.checkpoint
             self.plan: Plan = resolve(
-                self.adapter, ckpt.config, ckpt.tensors, where=ckpt.path, include_mtp=include_mtp, fp8=fp8, fp8_dtype=dtype or torch.bfloat16  # type: ignore[arg-type]
+                self.adapter,
+                ckpt.config,
+                ckpt.tensors,
+                where=ckpt.path,
+                include_mtp=include_mtp,
+                fp8=fp8,
+                fp8_dtype=dtype or torch.bfloat16,  # type: ignore[arg-type]
             )
             self.dtype = dtype
             self.device = torch.device(device)
             self._targets: Targets | None = None
             if mesh is not None or like is not None:
                 where = str(self.checkpoint.path)
-                self._targets = Targets.build(self.plan.entries, where, mesh=mesh, like=like, ep_dim=ep_dim, replicate=replicate)
+                self._targets = Targets.build(
+                    self.plan.entries, where, mesh=mesh, like=like, ep_dim=ep_dim, replicate=replicate
+                )
             if progress is True:
                 # Per key, in the unit the reader counts (bytes written into destinations),
                 # from the read plans of this rank's boxes: each key counted once per load.
-                self.reader.progress = ProgressPrinter(0, sizes={k: self._totals(k).dest_bytes for k in self.plan.entries})
+                self.reader.progress = ProgressPrinter(
+                    0, sizes={k: self._totals(k).dest_bytes for k in self.plan.entries}
+                )
             elif callable(progress):
                 self.reader.progress = progress
         except BaseException:
@@ -204,7 +219,12 @@ class VirtualStateDict(Mapping[str, torch.Tensor]):
     def dtype_of(self, entry: Entry) -> torch.dtype:
         """Dtype a native tensor has when read, after the ``dtype=`` cast."""
         # FP8 kept as stored (fp8="keep") is only meaningful with its scales: never cast it.
-        if self.dtype is None or entry.rule.dtype is not None or not entry.dtype.is_floating_point or entry.dtype in FP8_DTYPES:
+        if (
+            self.dtype is None
+            or entry.rule.dtype is not None
+            or not entry.dtype.is_floating_point
+            or entry.dtype in FP8_DTYPES
+        ):
             return entry.dtype
         return self.dtype
 
@@ -310,7 +330,9 @@ class VirtualStateDict(Mapping[str, torch.Tensor]):
         """
         return dryrun.explain(self, key, None if ep is None else dryrun.EPLayout(ep, ep_shard, fsdp))
 
-    def rank_plan(self, ep: int, *, ep_shard: int = 1, fsdp: bool = False, keys: Iterable[str] | None = None) -> LoadPlan:
+    def rank_plan(
+        self, ep: int, *, ep_shard: int = 1, fsdp: bool = False, keys: Iterable[str] | None = None
+    ) -> LoadPlan:
         """Dry-run load plan: bytes each of ``ep * ep_shard`` ranks reads, per layer, imbalance.
 
         Routed experts are ``Shard(0)`` over ``ep`` (and ``Shard(1)`` over ``ep_shard``);

@@ -34,7 +34,9 @@ from tests.support.servers import (
 )
 
 # Experts of a few KiB each, so per-rank byte counts are meaningful.
-SPEC = Step3p5Spec.tiny(hidden_size=128, moe_intermediate_size=64, moe_num_experts=8, share_expert_dim=32, intermediate_size=64)
+SPEC = Step3p5Spec.tiny(
+    hidden_size=128, moe_intermediate_size=64, moe_num_experts=8, share_expert_dim=32, intermediate_size=64
+)
 CASES = [(f, False) for f in FAMILIES] + [("deepseek_v3", True)]
 IDS = [f + ("-fp8" if fp8 else "") for f, fp8 in CASES]
 FAST = RemoteOptions(retries=3, backoff=0.01, retry_seconds=5.0, connect_timeout=2.0, read_timeout=5.0)
@@ -85,7 +87,9 @@ def _values(vsd: VirtualStateDict) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("kind", ["s3", "http"])
 @pytest.mark.parametrize(("family", "fp8"), CASES, ids=IDS)
-def test_remote_load_is_bitwise_local(root: Path, kind: str, family: str, fp8: bool, request: pytest.FixtureRequest) -> None:
+def test_remote_load_is_bitwise_local(
+    root: Path, kind: str, family: str, fp8: bool, request: pytest.FixtureRequest
+) -> None:
     server = request.getfixturevalue(kind)
     name = family + ("-fp8" if fp8 else "")
     url, options = _url(kind, server, name)
@@ -223,7 +227,10 @@ def test_unreachable_endpoint_fails_fast_and_clearly() -> None:
         port = s.getsockname()[1]
     for url, options in [
         (f"http://127.0.0.1:{port}/ckpt/", {}),
-        ("s3://bucket/ckpt/", {"endpoint_url": f"http://127.0.0.1:{port}", "key": "AKIDSECRETVALUE", "secret": "SUPERSECRET"}),
+        (
+            "s3://bucket/ckpt/",
+            {"endpoint_url": f"http://127.0.0.1:{port}", "key": "AKIDSECRETVALUE", "secret": "SUPERSECRET"},
+        ),
     ]:
         t0 = time.monotonic()
         with pytest.raises((RemoteReadError, CheckpointNotFoundError)) as e:
@@ -265,10 +272,14 @@ def test_local_paths_import_nothing_remote(root: Path) -> None:
         "bad = [m for m in ('fsspec', 's3fs', 'aiohttp', 'huggingface_hub', 'botocore') if m in sys.modules]; "
         "assert not bad, bad"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    subprocess.run(
+        [sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    )
 
 
-def test_inspect_cli_on_s3_reports_requests(root: Path, s3: MotoS3Server, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_inspect_cli_on_s3_reports_requests(
+    root: Path, s3: MotoS3Server, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from lazysd.cli import main
 
     s3.reset()
@@ -329,8 +340,13 @@ def _tagged(kind: str, options: dict, tag: str) -> dict:
 
 # One rank is test_remote_load_is_bitwise_local (same checks, no process group needed).
 @pytest.mark.parametrize("world", [2, 4])
-def test_ranks_read_exactly_their_plan_at_the_server(root: Path, http: RangeHTTPServer, s3: MotoS3Server, world: int) -> None:
-    urls = {"http": (f"{http.url}/step/", {}, http.url), "s3": ("s3://ckpts/step/", s3.storage_options(), s3.endpoint_url)}
+def test_ranks_read_exactly_their_plan_at_the_server(
+    root: Path, http: RangeHTTPServer, s3: MotoS3Server, world: int
+) -> None:
+    urls = {
+        "http": (f"{http.url}/step/", {}, http.url),
+        "s3": ("s3://ckpts/step/", s3.storage_options(), s3.endpoint_url),
+    }
     results = run_ranks(_check_ranks, world, (str(root / "step"), urls), timeout=300)
     for rank, per_kind in enumerate(results):
         for kind, r in per_kind.items():
@@ -352,7 +368,9 @@ def _shard_experts(model: torch.nn.Module, mesh, placements) -> None:
             continue
         box = local_box_of(tuple(param.shape), Target(mesh, placements))
         local = torch.full([h - l for l, h in box], -1.0, dtype=param.dtype)
-        dt = DTensor.from_local(local, mesh, placements, run_check=False, shape=param.shape, stride=contiguous_stride(tuple(param.shape)))
+        dt = DTensor.from_local(
+            local, mesh, placements, run_check=False, shape=param.shape, stride=contiguous_stride(tuple(param.shape))
+        )
         module_name, _, name = key.rpartition(".")
         setattr(model.get_submodule(module_name), name, torch.nn.Parameter(dt, requires_grad=param.requires_grad))
 
@@ -380,7 +398,14 @@ def _load_shared(rank: int, world: int, url: str, options: dict, stats_url: str,
         need = {k: sum(n for _, _, n in vsd.planned_ranges([k])) for k in vsd}
         boxes = {k: tuple(vsd.local_box(k)) for k in vsd}
     state = {k: getattr(v, "_local_tensor", v).detach().clone() for k, v in model.state_dict().items()}
-    return {"served": served, "read": report.bytes_read, "received": report.bytes_received, "need": need, "boxes": boxes, "state": state}
+    return {
+        "served": served,
+        "read": report.bytes_read,
+        "received": report.bytes_received,
+        "need": need,
+        "boxes": boxes,
+        "state": state,
+    }
 
 
 def _load_shared_local(rank: int, world: int, path: str, share: str | None) -> dict:
@@ -395,7 +420,11 @@ def _load_shared_local(rank: int, world: int, path: str, share: str | None) -> d
 
 
 def _load_shared_all(rank: int, world: int, url: str, stats_url: str, local: str) -> dict:
-    out = {(share, ep): _load_shared(rank, world, url, {}, stats_url, share, ep) for ep in (False, True) for share in ("node", None)}
+    out = {
+        (share, ep): _load_shared(rank, world, url, {}, stats_url, share, ep)
+        for ep in (False, True)
+        for share in ("node", None)
+    }
     out.update({(share, "local"): _load_shared_local(rank, world, local, share) for share in ("node", None)})
     return out
 

@@ -243,7 +243,8 @@ class HFReader(StorageReader):
                 dest = planner.resolve_tensor(item).detach()
             if tuple(dest.shape) != tuple(item.lengths):
                 raise ShapeMismatchError(
-                    f"{self.path}: {entry.key}: destination {list(dest.shape)} is not the requested region {list(item.lengths)}"
+                    f"{self.path}: {entry.key}: destination {list(dest.shape)} is not the requested region "
+                    f"{list(item.lengths)}"
                 )
             reader.fill(entry, _box(item), dest)
             with planner_lock:

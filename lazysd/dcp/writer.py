@@ -288,7 +288,8 @@ class HFWriter(StorageWriter):
             if written != total:
                 raise ExportError(
                     f"{self.path}: the ranks wrote {written} bytes of {total}; some values were "
-                    f"{'written twice' if written > total else 'not written'} (is every rank part of every DTensor mesh?)"
+                    f"{'written twice' if written > total else 'not written'} (is every rank part of every DTensor "
+                    "mesh?)"
                 )
             self._stage.commit(config=self._config_bytes, overwrite=self.overwrite)
             self._stage = None

@@ -95,7 +95,9 @@ class Ranks:
 # ---- ownership and bounded blocks ----------------------------------------------------------
 
 
-def owned(ranks: Ranks, native: Any, entry: HFEntry, index: int) -> tuple[HFPiece, tuple[int, ...], tuple[int, ...]] | None:
+def owned(
+    ranks: Ranks, native: Any, entry: HFEntry, index: int
+) -> tuple[HFPiece, tuple[int, ...], tuple[int, ...]] | None:
     """The part of ``entry`` this rank writes: ``(piece, its HF offset, native origin)``, or None.
 
     The piece may be empty (a 0 in its shape) when the local shard misses it.
@@ -111,7 +113,9 @@ def owned(ranks: Ranks, native: Any, entry: HFEntry, index: int) -> tuple[HFPiec
         if p.is_partial():
             raise ExportError(f"native key {entry.native_key!r}: Partial placement {p}; reduce it before export")
         if p.is_shard() and type(p).__name__ != "Shard":
-            raise ExportError(f"native key {entry.native_key!r}: placement {p} is not a plain Shard; redistribute it before export")
+            raise ExportError(
+                f"native key {entry.native_key!r}: placement {p} is not a plain Shard; redistribute it before export"
+            )
         if not p.is_shard() and c != 0:
             return None
     box, origin = local_box(native)
@@ -209,7 +213,11 @@ def source_files(state_dict: Any) -> list[Path]:
         files: dict[Path, None] = {}
         for v in state_dict.values():
             if isinstance(v, LazyTensor):
-                files.update(dict.fromkeys(Path(src.info.file) for src in v.entry.sources if isinstance(src.info.file, (str, os.PathLike))))
+                files.update(
+                    dict.fromkeys(
+                        Path(src.info.file) for src in v.entry.sources if isinstance(src.info.file, (str, os.PathLike))
+                    )
+                )
         out = [p for f in files for p in (f, f.parent)]
     return out
 
@@ -240,8 +248,15 @@ def _check_values(natives: dict[str, Any], distributed: bool) -> None:
                 f"native key {key[:200]!r} is on the meta device: it has a shape but no data; "
                 "load or initialize the weights (e.g. model.to_empty(device=...) then load) before export"
             )
-        if not distributed and is_dtensor(t) and t.device_mesh.size() > 1 and any(p.is_shard() or p.is_partial() for p in t.placements):
-            raise ExportError(f"native key {key[:200]!r} is a sharded DTensor: call save_hf on every rank (distributed export)")
+        if (
+            not distributed
+            and is_dtensor(t)
+            and t.device_mesh.size() > 1
+            and any(p.is_shard() or p.is_partial() for p in t.placements)
+        ):
+            raise ExportError(
+                f"native key {key[:200]!r} is a sharded DTensor: call save_hf on every rank (distributed export)"
+            )
 
 
 # ---- the phases --------------------------------------------------------------------------------
@@ -258,14 +273,20 @@ class _Job:
     digest: str  # equal on ranks that agree on keys, shapes, dtypes and which values are DTensors
 
 
-def _plan(view: HFView, max_shard_size: int | str, config: ConfigArg, dtype: torch.dtype | None, distributed: bool) -> _Job:
+def _plan(
+    view: HFView, max_shard_size: int | str, config: ConfigArg, dtype: torch.dtype | None, distributed: bool
+) -> _Job:
     entries = list(view.entries.values())
     if not entries:
         raise ExportError("nothing to export, the state dict is empty")
     natives = {key: view.native[key] for key in dict.fromkeys(e.native_key for e in entries)}
     _check_values(natives, distributed)
     layout = plan_files([(e.key, e.dtype, e.shape) for e in entries], max_shard_size)
-    config_bytes = None if config is None else fitted_config(config, entries, adapter=view.adapter, num_layers=view.num_layers, dtype=dtype)
+    config_bytes = (
+        None
+        if config is None
+        else fitted_config(config, entries, adapter=view.adapter, num_layers=view.num_layers, dtype=dtype)
+    )
     flags = [(e.key, e.native_key, is_dtensor(natives[e.native_key])) for e in entries]
     digest = hashlib.sha256((layout.digest + repr(flags)).encode()).hexdigest()
     return _Job(entries, natives, layout, config_bytes, digest)
@@ -276,7 +297,9 @@ def _write(ranks: Ranks, job: _Job, stage: Stage, progress: bool) -> None:
     report: ProgressPrinter | None = None
     if progress and ranks.rank == 0:
         # Rank 0 reports; in a distributed export it counts only the bytes it writes itself.
-        report = ProgressPrinter(job.layout.total_size if ranks.group is None else _share(ranks, job.entries, job.natives), verb="wrote ")
+        report = ProgressPrinter(
+            job.layout.total_size if ranks.group is None else _share(ranks, job.entries, job.natives), verb="wrote "
+        )
     for i, e in enumerate(job.entries):
         wrote = 0
         for offset, block in blocks(ranks, job.natives[e.native_key], e, i):
@@ -324,7 +347,9 @@ def _export(
         lock.__exit__(None, None, None)
 
 
-def _run(ranks: Ranks, job: _Job | None, problem: str | None, real: Path, shown: Path, overwrite: bool, progress: bool) -> Path:
+def _run(
+    ranks: Ranks, job: _Job | None, problem: str | None, real: Path, shown: Path, overwrite: bool, progress: bool
+) -> Path:
     """Phases agree, create, write and commit (or abort)."""
     token = f"{os.getpid()}-{secrets.token_hex(4)}"
     answers = ranks.gather((job.digest if job else None, problem, token))
@@ -334,7 +359,10 @@ def _run(ranks: Ranks, job: _Job | None, problem: str | None, real: Path, shown:
         raise ExportError(next(p for _, p, _ in answers if p is not None))
     assert job is not None
     if any(d != job.digest for d, _, _ in answers):
-        raise ExportError(f"{shown}: ranks disagree on the keys, shapes or dtypes to export; every rank must pass the same native keys")
+        raise ExportError(
+            f"{shown}: ranks disagree on the keys, shapes or dtypes to export; every rank must pass the same native "
+            "keys"
+        )
     stage = Stage(real, job.layout, answers[0][2])
     failed: BaseException | None = None
     for phase in ("create", "write", "commit"):
@@ -437,9 +465,20 @@ def save_hf(
         >>> len(list(out.glob("model-*.safetensors")))
         2
     """
-    view = state_dict if isinstance(state_dict, HFView) else HFView(state_dict, adapter=adapter, num_layers=num_layers, dtype=dtype)
+    view = (
+        state_dict
+        if isinstance(state_dict, HFView)
+        else HFView(state_dict, adapter=adapter, num_layers=num_layers, dtype=dtype)
+    )
     return _export(
-        view, out_dir, max_shard_size=max_shard_size, config=config, dtype=dtype, overwrite=overwrite, progress=progress, distributed=distributed
+        view,
+        out_dir,
+        max_shard_size=max_shard_size,
+        config=config,
+        dtype=dtype,
+        overwrite=overwrite,
+        progress=progress,
+        distributed=distributed,
     )
 
 

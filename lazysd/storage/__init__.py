@@ -63,9 +63,13 @@ def open_checkpoint(
         from .remote import RemoteCheckpoint
 
         options = remote if isinstance(remote, RemoteOptions) else RemoteOptions()
-        return RemoteCheckpoint(str(path), storage_options=storage_options, options=options, config_required=config_required)
+        return RemoteCheckpoint(
+            str(path), storage_options=storage_options, options=options, config_required=config_required
+        )
     if storage_options:
-        raise OptionError(f"{path}: storage_options apply to remote checkpoints (s3://, https://, hf:// ...), not to a local path")
+        raise OptionError(
+            f"{path}: storage_options apply to remote checkpoints (s3://, https://, hf:// ...), not to a local path"
+        )
     from ..checkpoint import Checkpoint
 
     return Checkpoint(path, revision=revision, config_required=config_required)

@@ -86,7 +86,11 @@ def coalesce(runs: list[tuple[int, int]], options: RemoteOptions = RemoteOptions
         if group:
             gap = offset - end
             waste = (end - start - useful) + max(gap, 0)
-            if 0 <= gap <= options.gap_bytes and offset + n - start <= options.request_bytes and waste <= options.max_waste * (useful + n):
+            if (
+                0 <= gap <= options.gap_bytes
+                and offset + n - start <= options.request_bytes
+                and waste <= options.max_waste * (useful + n)
+            ):
                 group.append(piece)
                 end, useful = offset + n, useful + n
                 continue

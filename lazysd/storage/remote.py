@@ -82,32 +82,6 @@ class RemotePath:
         return f"RemotePath({str(self)!r})"
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 class RemoteStore:
     """Ranged reads of the objects under one URL, with retries, counting and a request bound."""
 
@@ -123,7 +97,9 @@ class RemoteStore:
         except LazySDError:
             raise
         except Exception as e:
-            raise LazySDError(f"{self.display}: could not set up the {self.protocol}:// filesystem ({self.scrub(str(e))[:300]})") from None
+            raise LazySDError(
+                f"{self.display}: could not set up the {self.protocol}:// filesystem ({self.scrub(str(e))[:300]})"
+            ) from None
         self.backend = backend(self.fs, options)
         try:
             self.root = self._root(url)
@@ -202,9 +178,14 @@ class RemoteStore:
             if failure.kind == "missing":
                 raise CheckpointNotFoundError(f"{where}: does not exist ({detail})")
             if failure.kind == "denied":
-                raise RemoteAccessError(f"{where}: {detail}; check the credentials (storage_options or the environment) and the object's permissions")
+                raise RemoteAccessError(
+                    f"{where}: {detail}; check the credentials (storage_options or the environment) and the object's "
+                    "permissions"
+                )
             if failure.kind == "changed":
-                raise FileChangedError(f"{where}: object changed since the checkpoint was opened ({detail}); reopen the checkpoint")
+                raise FileChangedError(
+                    f"{where}: object changed since the checkpoint was opened ({detail}); reopen the checkpoint"
+                )
             if failure.kind == "fatal":
                 raise RemoteReadError(f"{where}: {detail}")
             attempt += 1
@@ -215,7 +196,9 @@ class RemoteStore:
             time.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 5.0)
 
-    def read_into(self, rel: str, identity: Identity, runs: list[tuple[int, int]], out: memoryview, *, where: str) -> int:
+    def read_into(
+        self, rel: str, identity: Identity, runs: list[tuple[int, int]], out: memoryview, *, where: str
+    ) -> int:
         """Read file ``runs`` (absolute ``(offset, length)``) back to back into ``out``; returns GETs made."""
         requests = coalesce(runs, self.options)
         if len(requests) == 1:
@@ -240,10 +223,14 @@ class RemoteStore:
         body, total, etag = self.get(rel, request.start, request.end, identity.etag, where=where)
         if total not in (-1, identity.size) or (identity.etag and etag and etag != identity.etag):
             raise FileChangedError(
-                f"{where}: object changed since the checkpoint was opened (size {identity.size} -> {total}); reopen the checkpoint"
+                f"{where}: object changed since the checkpoint was opened (size {identity.size} -> {total}); reopen "
+                "the checkpoint"
             )
         if len(body) != request.end - request.start:  # the object ends before the range: it shrank
-            raise FileChangedError(f"{where}: object ended early ({len(body)} of {request.end - request.start} bytes); reopen the checkpoint")
+            raise FileChangedError(
+                f"{where}: object ended early ({len(body)} of {request.end - request.start} bytes); reopen the "
+                "checkpoint"
+            )
         view = memoryview(body)
         for out_offset, offset, n in request.pieces:
             out[out_offset : out_offset + n] = view[offset - request.start : offset - request.start + n]
@@ -256,7 +243,10 @@ class RemoteStore:
             except FileNotFoundError:
                 raise FileChangedError(f"{where}: was deleted since the checkpoint was opened") from None
             if now != identity:
-                raise FileChangedError(f"{where}: object changed since the checkpoint was opened (size {identity.size} -> {now.size}); reopen the checkpoint")
+                raise FileChangedError(
+                    f"{where}: object changed since the checkpoint was opened (size {identity.size} -> {now.size}); "
+                    "reopen the checkpoint"
+                )
 
     def close(self) -> None:
         if self._pool is not None:
@@ -276,7 +266,9 @@ def _hf_root(fs: Any, url: str) -> str:
     if not re.fullmatch(r"[0-9a-f]{40}", revision or ""):
         from huggingface_hub import HfApi
 
-        info = HfApi(endpoint=fs.endpoint, token=fs.token).repo_info(resolved.repo_id, revision=revision, repo_type=resolved.repo_type)
+        info = HfApi(endpoint=fs.endpoint, token=fs.token).repo_info(
+            resolved.repo_id, revision=revision, repo_type=resolved.repo_type
+        )
         revision = info.sha
     prefix = "" if resolved.repo_type == "model" else f"{resolved.repo_type}s/"
     sub = f"/{resolved.path_in_repo}" if resolved.path_in_repo else ""
@@ -322,7 +314,12 @@ class RemoteCheckpoint(Checkpoint):
     local = False
 
     def __init__(
-        self, url: str, *, storage_options: dict[str, Any] | None = None, options: RemoteOptions | None = None, config_required: bool = True
+        self,
+        url: str,
+        *,
+        storage_options: dict[str, Any] | None = None,
+        options: RemoteOptions | None = None,
+        config_required: bool = True,
     ) -> None:
         self.store = RemoteStore(url, storage_options, options or RemoteOptions())
         self.path = RemotePath(self.store.display)  # type: ignore[assignment]
@@ -390,7 +387,9 @@ class RemoteCheckpoint(Checkpoint):
             if total > MAX_JSON_BYTES:
                 from ..errors import ConfigError
 
-                raise ConfigError(f"{file}: {total} bytes, over the {MAX_JSON_BYTES}-byte limit for a JSON file of a checkpoint")
+                raise ConfigError(
+                    f"{file}: {total} bytes, over the {MAX_JSON_BYTES}-byte limit for a JSON file of a checkpoint"
+                )
         cached[file.rel] = body
         return body
 
@@ -399,7 +398,9 @@ class RemoteCheckpoint(Checkpoint):
         if body is None:
             raise CheckpointNotFoundError(f"{file}: does not exist")
         if len(body) > MAX_JSON_BYTES:
-            raise error(f"{file}: {len(body)} bytes, over the {MAX_JSON_BYTES}-byte limit for a JSON file of a checkpoint")
+            raise error(
+                f"{file}: {len(body)} bytes, over the {MAX_JSON_BYTES}-byte limit for a JSON file of a checkpoint"
+            )
         return body
 
     def _weight_files(self) -> Any:
@@ -412,7 +413,11 @@ class RemoteCheckpoint(Checkpoint):
     # ---- headers -------------------------------------------------------------------------
     def _open(self, file: Any) -> dict[str, TensorInfo]:
         keys = self._index_keys.get(file.rel)
-        where = str(file) if not keys else f"{file} (index keys {', '.join(repr(k) for k in keys[:3])}{' ...' if len(keys) > 3 else ''})"
+        where = (
+            str(file)
+            if not keys
+            else f"{file} (index keys {', '.join(repr(k) for k in keys[:3])}{' ...' if len(keys) > 3 else ''})"
+        )
         head, size, etag = self.store.get(file.rel, 0, max(8, self.store.options.header_bytes), None, where=where)
         header_len = header_length(file, head[:8], size)
         if 8 + header_len > len(head):
@@ -429,7 +434,9 @@ class RemoteCheckpoint(Checkpoint):
         """Read byte ranges ``(start, length)`` of a tensor back to back into ``out`` (ranged GETs)."""
         for start, n in runs:
             if start < 0 or start + n > info.nbytes:
-                raise ValueError(f"{info.file}, key {info.key!r}: byte range {start}+{n} outside the tensor's {info.nbytes} bytes")
+                raise ValueError(
+                    f"{info.file}, key {info.key!r}: byte range {start}+{n} outside the tensor's {info.nbytes} bytes"
+                )
         file: Any = info.file
         identity = None if self._closed else self._identity.get(file)
         if identity is None:

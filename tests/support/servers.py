@@ -181,7 +181,9 @@ class RangeHTTPServer(_Server):
                     return None
                 return target
 
-            def _reply(self, code: int, body: bytes = b"", headers: dict[str, str] | None = None, *, head: bool = False) -> None:
+            def _reply(
+                self, code: int, body: bytes = b"", headers: dict[str, str] | None = None, *, head: bool = False
+            ) -> None:
                 self.send_response(code)
                 for k, v in (headers or {}).items():
                     self.send_header(k, v)
@@ -198,7 +200,9 @@ class RangeHTTPServer(_Server):
 
             def _handle(self, *, head: bool) -> None:
                 if self.path == "/__stats__":  # for clients in other processes (ranks)
-                    return self._reply(200, json.dumps(meter.stats()).encode(), {"Content-Type": "application/json"}, head=head)
+                    return self._reply(
+                        200, json.dumps(meter.stats()).encode(), {"Content-Type": "application/json"}, head=head
+                    )
                 tag = meter.tag(self.headers)
                 faults = meter.faults
                 if faults.latency:
@@ -289,7 +293,10 @@ class MotoS3Server(_Server):
         meter = self.meter
 
         def counted(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
-            headers = {"User-Agent": environ.get("HTTP_USER_AGENT", ""), "X-Lazysd-Tag": environ.get("HTTP_X_LAZYSD_TAG", "")}
+            headers = {
+                "User-Agent": environ.get("HTTP_USER_AGENT", ""),
+                "X-Lazysd-Tag": environ.get("HTTP_X_LAZYSD_TAG", ""),
+            }
             tag = meter.tag(headers)
             path = environ.get("PATH_INFO", "")
             method = environ.get("REQUEST_METHOD", "")
@@ -304,15 +311,28 @@ class MotoS3Server(_Server):
                 code = meter.status_for(path)
                 if code is not None:
                     meter.count(tag, 0)
-                    names = {403: ("AccessDenied", "Access Denied"), 404: ("NoSuchKey", "The specified key does not exist.")}
+                    names = {
+                        403: ("AccessDenied", "Access Denied"),
+                        404: ("NoSuchKey", "The specified key does not exist."),
+                    }
                     err, msg = names.get(code, ("InternalError", "error"))
-                    body = f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{err}</Code><Message>{msg}</Message></Error>'.encode()
-                    start_response(f"{code} Error", [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))])
+                    body = (
+                        '<?xml version="1.0" encoding="UTF-8"?>'
+                        f"<Error><Code>{err}</Code><Message>{msg}</Message></Error>"
+                    ).encode()
+                    start_response(
+                        f"{code} Error", [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))]
+                    )
                     return [b"" if method == "HEAD" else body]
                 if method == "GET" and meter.take(faults.throttle, path):
                     meter.count(tag, 0)
-                    body = b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>'
-                    start_response("503 Slow Down", [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))])
+                    body = (
+                        b'<?xml version="1.0" encoding="UTF-8"?>'
+                        b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+                    )
+                    start_response(
+                        "503 Slow Down", [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))]
+                    )
                     return [body]
                 if method == "GET":
                     body = b"".join(app(environ, _capture := _Capture(start_response)))
@@ -333,14 +353,26 @@ class MotoS3Server(_Server):
     def client(self) -> Any:
         import boto3
 
-        return boto3.client("s3", endpoint_url=self.endpoint_url, aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1")
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            region_name="us-east-1",
+        )
 
     def storage_options(self, tag: str | None = None) -> dict[str, Any]:
         """fsspec options for this server; ``tag`` names the client in :meth:`stats`."""
         config: dict[str, Any] = {}
         if tag is not None:
             config["user_agent_extra"] = f"lazysd-tag/{tag}"
-        return {"endpoint_url": self.endpoint_url, "key": "testing", "secret": "testing", "client_kwargs": {"region_name": "us-east-1"}, "config_kwargs": config}
+        return {
+            "endpoint_url": self.endpoint_url,
+            "key": "testing",
+            "secret": "testing",
+            "client_kwargs": {"region_name": "us-east-1"},
+            "config_kwargs": config,
+        }
 
     def upload(self, local: str | os.PathLike[str], bucket: str, prefix: str) -> str:
         """Copy the files of directory ``local`` to ``s3://bucket/prefix/``; returns that URL."""
@@ -425,19 +457,29 @@ class FakeHubServer(RangeHTTPServer):
 
         def entry(rid: str, name: str) -> dict[str, Any]:
             path = files[rid][name]
-            return {"type": "file", "path": name, "size": path.stat().st_size, "oid": hashlib.sha1(name.encode()).hexdigest()}
+            return {
+                "type": "file",
+                "path": name,
+                "size": path.stat().st_size,
+                "oid": hashlib.sha1(name.encode()).hexdigest(),
+            }
 
         def api(handler: BaseHTTPRequestHandler, method: str) -> bool:
             """Answer an API call; False for a plain (resolve) GET."""
             path = urlsplit(handler.path).path
-            m = re.fullmatch(r"/api/models/(?P<rid>[^/]+/[^/]+)(?:/(?P<what>revision|tree|paths-info)/(?P<rev>[^/]+)(?:/(?P<sub>.*))?)?", path)
+            m = re.fullmatch(
+                r"/api/models/(?P<rid>[^/]+/[^/]+)(?:/(?P<what>revision|tree|paths-info)/(?P<rev>[^/]+)(?:/(?P<sub>.*))?)?",
+                path,
+            )
             if m is None:
                 return False
             rid, what, rev = m["rid"], m["what"] or "revision", unquote(m["rev"] or "main")
             if rid not in files or rev not in ("main", sha):
                 body, code = json.dumps({"error": "Repository Not Found"}).encode(), 404
             elif what == "revision":
-                body = json.dumps({"id": rid, "modelId": rid, "sha": sha, "siblings": [{"rfilename": n} for n in files[rid]]}).encode()
+                body = json.dumps(
+                    {"id": rid, "modelId": rid, "sha": sha, "siblings": [{"rfilename": n} for n in files[rid]]}
+                ).encode()
                 code = 200
             elif what == "tree":
                 body, code = json.dumps([entry(rid, n) for n in files[rid]]).encode(), 200
