@@ -96,21 +96,7 @@ def share_node(
     dist.all_gather_object(everyone, (socket.gethostname(), needs))
     host = everyone[rank][0]
     node = tuple(r for r in range(world) if everyone[r][0] == host)
-    # (key, box, dtype) -> ranks of this node needing it, and the bytes one read costs.
-    wanted: dict[tuple[str, tuple[tuple[int, int], ...], str], list[int]] = {}
-    cost: dict[tuple[str, tuple[tuple[int, int], ...], str], int] = {}
-    for r in node:
-        for key, box, dtype, read in everyone[r][1]:
-            wanted.setdefault((key, box, dtype), []).append(r)
-            cost[(key, box, dtype)] = read
-    items = sorted((k, v) for k, v in wanted.items() if len(v) > 1)
-    load = {r: 0 for r in node}
-    owner: dict[tuple[str, tuple[tuple[int, int], ...], str], int] = {}
-    # Largest first onto the least loaded rank: same answer on every rank (same inputs).
-    for item, ranks in sorted(items, key=lambda kv: (-cost[kv[0]], kv[0])):
-        o = min(ranks, key=lambda r: (load[r], r))
-        owner[item] = o
-        load[o] += cost[item]
+    items, owner, cost = _owners({r: everyone[r][1] for r in node})
     mine = {item[0]: item for item, ranks in items if rank in ranks}
     bytes_received = tensors_received = 0
     owned = [item for item, ranks in items if owner[item] == rank]
@@ -144,3 +130,30 @@ def share_node(
     for w in works:
         w.wait()
     return Shared({key: dests[key] for key in mine}, bytes_read, bytes_received, tensors_received, node)
+
+
+_Item = tuple[str, tuple[tuple[int, int], ...], str]  # (key, box, dtype)
+
+
+def _owners(
+    needs: dict[int, list[tuple[str, tuple[tuple[int, int], ...], str, int]]],
+) -> tuple[list[tuple[_Item, list[int]]], dict[_Item, int], dict[_Item, int]]:
+    """The items several ranks of a node need (with those ranks), the rank reading each, and its bytes.
+
+    Largest first onto the least loaded rank: the same answer on every rank (same inputs).
+    """
+    # (key, box, dtype) -> ranks of this node needing it, and the bytes one read costs.
+    wanted: dict[_Item, list[int]] = {}
+    cost: dict[_Item, int] = {}
+    for r, rank_needs in needs.items():
+        for key, box, dtype, read in rank_needs:
+            wanted.setdefault((key, box, dtype), []).append(r)
+            cost[(key, box, dtype)] = read
+    items = sorted((k, v) for k, v in wanted.items() if len(v) > 1)
+    load = dict.fromkeys(needs, 0)
+    owner: dict[_Item, int] = {}
+    for item, ranks in sorted(items, key=lambda kv: (-cost[kv[0]], kv[0])):
+        o = min(ranks, key=lambda r: (load[r], r))
+        owner[item] = o
+        load[o] += cost[item]
+    return items, owner, cost
