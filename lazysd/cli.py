@@ -222,7 +222,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     names = _adapter_names()
     adapter_help = f"model family, one of {', '.join(names)} (default: detected from config.json)"
+    _add_inspect(sub, names, adapter_help)
 
+    p = sub.add_parser(
+        "demo", help="generate a small checkpoint, load it through a VirtualStateDict, run a forward pass"
+    )
+    p.add_argument("--keep", metavar="DIR", help="write the checkpoint here instead of a temporary directory")
+    p.set_defaults(func=cmd_demo)
+
+    _add_convert(sub, names, adapter_help)
+    return parser
+
+
+def _add_inspect(sub: Any, names: list[str], adapter_help: str) -> None:
+    """The ``lazysd inspect`` subcommand and its options."""
     p = sub.add_parser(
         "inspect", help="list native keys with shape, dtype, bytes and HF sources (reads no tensor data)"
     )
@@ -257,12 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser(
-        "demo", help="generate a small checkpoint, load it through a VirtualStateDict, run a forward pass"
-    )
-    p.add_argument("--keep", metavar="DIR", help="write the checkpoint here instead of a temporary directory")
-    p.set_defaults(func=cmd_demo)
 
+def _add_convert(sub: Any, names: list[str], adapter_help: str) -> None:
+    """The ``lazysd convert`` subcommand and its options."""
     p = sub.add_parser(
         "convert", help="re-shard or convert a checkpoint (HF <-> native), streaming one tensor slice at a time"
     )
@@ -283,7 +293,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-mtp", action="store_true", help="leave out MTP layers (default: keep them)")
     p.add_argument("--quiet", action="store_true", help="no progress line on stderr")
     p.set_defaults(func=cmd_convert)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
