@@ -10,6 +10,7 @@ import torch
 
 from . import dryrun, inspect
 from .adapters import resolve_adapter
+from .checkpoint import Checkpoint
 from .distributed import Targets, as_dtensor, mesh_device
 from .errors import MissingKeyError, OptionError
 from .fp8 import FP8_DTYPES
@@ -135,26 +136,15 @@ class VirtualStateDict(Mapping[str, torch.Tensor]):
         if share not in ("node", None):
             raise OptionError(f"share must be 'node' or None, got {share!r}")
         self.share = share
-        self.checkpoint = open_checkpoint(
-            path, storage_options=storage_options, remote=remote, revision=revision, config_required=adapter is None
-        )
+        self.checkpoint = _open(path, storage_options, remote, revision, config_required=adapter is None, mmap=mmap)
         if not self.checkpoint.local:
-            if mmap:
-                self.checkpoint.close()
-                raise OptionError(
-                    f"{self.checkpoint.path}: mmap=True maps local files only; a remote checkpoint is read into memory"
-                )
             # Latency, not the CPU, bounds remote reads: keep more requests in flight.
             threads = max(threads or 0, 8)
         self.reader = Reader(self.checkpoint, ReadOptions(threads, chunk_bytes, max_inflight_bytes, mmap, direct))
         try:
-            self.adapter = resolve_adapter(
-                adapter,
-                self.checkpoint.config,
-                keys=self.checkpoint.tensors,
-                where=str(self.checkpoint.path / "config.json"),
-            )
             ckpt = self.checkpoint
+            where = str(ckpt.path / "config.json")
+            self.adapter = resolve_adapter(adapter, ckpt.config, keys=ckpt.tensors, where=where)
             self.plan: Plan = resolve(
                 self.adapter,
                 ckpt.config,
@@ -168,16 +158,13 @@ class VirtualStateDict(Mapping[str, torch.Tensor]):
             self.device = torch.device(device)
             self._targets: Targets | None = None
             if mesh is not None or like is not None:
-                where = str(self.checkpoint.path)
-                self._targets = Targets.build(
-                    self.plan.entries, where, mesh=mesh, like=like, ep_dim=ep_dim, replicate=replicate
-                )
+                where, entries = str(ckpt.path), self.plan.entries
+                self._targets = Targets.build(entries, where, mesh=mesh, like=like, ep_dim=ep_dim, replicate=replicate)
             if progress is True:
                 # Per key, in the unit the reader counts (bytes written into destinations),
                 # from the read plans of this rank's boxes: each key counted once per load.
-                self.reader.progress = ProgressPrinter(
-                    0, sizes={k: self._totals(k).dest_bytes for k in self.plan.entries}
-                )
+                sizes = {k: self._totals(k).dest_bytes for k in self.plan.entries}
+                self.reader.progress = ProgressPrinter(0, sizes=sizes)
             elif callable(progress):
                 self.reader.progress = progress
         except BaseException:
@@ -343,3 +330,24 @@ class VirtualStateDict(Mapping[str, torch.Tensor]):
             >>> print(vsd.rank_plan(ep=4))                                   # doctest: +SKIP
         """
         return dryrun.rank_plan(self, dryrun.EPLayout(ep, ep_shard, fsdp), keys=keys)
+
+
+def _open(
+    path: str | os.PathLike[str],
+    storage_options: dict[str, Any] | None,
+    remote: bool | RemoteOptions,
+    revision: str | None,
+    *,
+    config_required: bool,
+    mmap: bool,
+) -> Checkpoint:
+    """The checkpoint at ``path`` (a directory, file, repo id or URL); ``mmap=True`` needs local files."""
+    checkpoint = open_checkpoint(
+        path, storage_options=storage_options, remote=remote, revision=revision, config_required=config_required
+    )
+    if mmap and not checkpoint.local:
+        checkpoint.close()
+        raise OptionError(
+            f"{checkpoint.path}: mmap=True maps local files only; a remote checkpoint is read into memory"
+        )
+    return checkpoint
