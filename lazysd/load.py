@@ -257,19 +257,13 @@ def _fill_concurrently(
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from .share import destination_of
+    from .share import lazy_destination
 
     jobs: dict[str, tuple[Any, torch.Tensor]] = {}
     for key, value in values.items():
-        lazy = getattr(value, "_local_tensor", value)
-        if not hasattr(lazy, "entry"):
-            continue
-        dest = destination_of(value, assign, params.get(key))
-        if dest is None and assign:
-            with torch._C.DisableTorchFunctionSubclass():
-                dest = lazy._reader.empty(lazy.entry, lazy.box, lazy.dtype, lazy.device)
-        if dest is not None:
-            jobs[key] = (lazy, dest)
+        found = lazy_destination(value, assign, params.get(key))
+        if found is not None:
+            jobs[key] = found
     with ThreadPoolExecutor(tensors, thread_name_prefix="lazysd-fill") as pool:
         for key, _ in zip(jobs, pool.map(lambda job: job[0].read_into(job[1]), jobs.values())):
             if assign:

@@ -58,6 +58,22 @@ def destination_of(value: Any, assign: bool, param: torch.Tensor | None) -> torc
     return local.detach() if tuple(local.shape) == tuple(lazy.shape) else None
 
 
+def lazy_destination(value: Any, assign: bool, param: torch.Tensor | None) -> tuple[Any, torch.Tensor] | None:
+    """``(lazy value, where its bytes land)`` for a lazy value (or a DTensor of one), else None.
+
+    The parameter itself where :func:`destination_of` allows it; with ``assign``, a fresh
+    tensor laid out as the reader would allocate it.
+    """
+    lazy = getattr(value, "_local_tensor", value)
+    if not hasattr(lazy, "entry"):
+        return None
+    dest = destination_of(value, assign, param)
+    if dest is None and assign:
+        with torch._C.DisableTorchFunctionSubclass():
+            dest = lazy._reader.empty(lazy.entry, lazy.box, lazy.dtype, lazy.device)
+    return None if dest is None else (lazy, dest)
+
+
 def share_node(
     vsd: VirtualStateDict, values: dict[str, Any], params: dict[str, torch.Tensor], *, assign: bool
 ) -> Shared:
@@ -78,17 +94,12 @@ def share_node(
     dests: dict[str, torch.Tensor] = {}
     needs: list[tuple[str, tuple[tuple[int, int], ...], str, int]] = []
     for key, value in values.items():
-        lazy = getattr(value, "_local_tensor", value)
-        if not hasattr(lazy, "entry"):
+        found = lazy_destination(value, assign, params.get(key))
+        if found is None:
             continue
-        dest = destination_of(value, assign, params.get(key))
-        if dest is None and assign:
-            with torch._C.DisableTorchFunctionSubclass():
-                dest = lazy._reader.empty(lazy.entry, lazy.box, lazy.dtype, lazy.device)
-            if dest.device.type != "cpu" or not dest.is_contiguous():
-                continue
-        if dest is None:
-            continue
+        lazy, dest = found
+        if dest.device.type != "cpu" or not dest.is_contiguous():
+            continue  # shared by point-to-point sends into CPU memory only
         dests[key] = dest
         read = sum(n for _, _, n in vsd.reader.ranges(lazy.entry, lazy.box))
         needs.append((key, tuple(tuple(b) for b in lazy.box), str(dest.dtype), read))
