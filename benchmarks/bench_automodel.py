@@ -28,7 +28,6 @@ is shown. Every load is checked bitwise against lazysd's ``VirtualStateDict`` in
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -43,49 +42,11 @@ def _read_bytes() -> int:
     return int(text.split("read_bytes:")[1].split()[0])
 
 
-def _config(path: str):
-    from transformers import PretrainedConfig
-
-    d = json.loads(Path(path, "config.json").read_text())
-    d["layer_types"] = d["layer_types"][: d["num_hidden_layers"]]  # the MTP layer's entry is not a decoder layer
-    d["rope_parameters"] = {"rope_theta": d["rope_theta"], "rope_type": "default"}
-    return PretrainedConfig(**d)
-
-
 def _model(path: str, method: str, mesh):
-    import torch
-    from nemo_automodel.components.models.common import BackendConfig
-    from nemo_automodel.components.models.step3p5.model import Step3p5ForCausalLM
-    from nemo_automodel.components.moe.parallelizer import ExpertParallel
-    from torch.distributed.tensor.parallel import parallelize_module
+    from tests.support.automodel import automodel_step3p5
 
-    import lazysd.automodel
-
-    backend = BackendConfig(
-        attn="sdpa",
-        linear="torch",
-        rms_norm="torch",
-        experts="torch",
-        dispatcher="torch",
-        enable_hf_state_dict_adapter=True,
-    )
-    with torch.device("meta"):
-        model = Step3p5ForCausalLM(_config(path), backend=backend)
-    if mesh is not None:
-        for layer in model.model.layers.values():
-            experts = getattr(getattr(layer, "moe", None), "experts", None)
-            if experts is not None:
-                parallelize_module(experts, mesh, ExpertParallel())
-    model = model.to_empty(device="cpu")
-    with torch.no_grad():  # touch every page: the model is resident before the load, as after init
-        for t in model.state_dict().values():
-            (t.to_local() if hasattr(t, "to_local") else t).zero_()
-    if method != "own":  # what the one-import swap changes: the adapter the model holds
-        own = model.state_dict_adapter
-        model.state_dict_adapter = lazysd.automodel.Step3p5StateDictAdapter(
-            own.config, own.moe_config, own.backend, dtype=own.dtype
-        )
-    return model
+    # Zeroed: every page resident before the load, as after init.
+    return automodel_step3p5(path, mesh, swap=method != "own", fill=0)
 
 
 def _turns(reader, rank: int, world: int, files: list[Path], out: dict) -> None:

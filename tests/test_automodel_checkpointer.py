@@ -11,7 +11,6 @@ lazysd's ``VirtualStateDict``.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -21,43 +20,13 @@ pytest.importorskip("nemo_automodel", reason="NeMo Automodel is not installed (o
 pytest.importorskip("transformers", reason="NeMo Automodel's Step3p5 model needs transformers")
 
 from lazysd.testing import Step3p5Spec, make_checkpoint
+from tests.support.automodel import automodel_step3p5
 from tests.support.dist import run_ranks
 
 
 def _model(path: str, method: str, mesh):
-    from nemo_automodel.components.models.common import BackendConfig
-    from nemo_automodel.components.models.step3p5.model import Step3p5ForCausalLM
-    from nemo_automodel.components.moe.parallelizer import ExpertParallel
-    from torch.distributed.tensor.parallel import parallelize_module
-    from transformers import PretrainedConfig
-
-    from lazysd.automodel import Step3p5StateDictAdapter
-
-    d = json.loads(Path(path, "config.json").read_text())
-    d["layer_types"] = d["layer_types"][: d["num_hidden_layers"]]
-    d["rope_parameters"] = {"rope_theta": d["rope_theta"], "rope_type": "default"}
-    backend = BackendConfig(
-        attn="sdpa",
-        linear="torch",
-        rms_norm="torch",
-        experts="torch",
-        dispatcher="torch",
-        enable_hf_state_dict_adapter=True,
-    )
-    with torch.device("meta"):
-        model = Step3p5ForCausalLM(PretrainedConfig(**d), backend=backend)
-    if mesh is not None:
-        for layer in model.model.layers.values():
-            if getattr(layer, "moe", None) is not None:  # dense layers hold moe = None
-                parallelize_module(layer.moe.experts, mesh, ExpertParallel())
-    model = model.to_empty(device="cpu")
-    with torch.no_grad():
-        for t in model.state_dict().values():
-            (t.to_local() if hasattr(t, "to_local") else t).fill_(7)  # anything not loaded shows
-    if method in ("swap", "reader"):
-        own = model.state_dict_adapter
-        model.state_dict_adapter = Step3p5StateDictAdapter(own.config, own.moe_config, own.backend, dtype=own.dtype)
-    return model
+    # Parameters start at 7, so anything the load leaves out shows.
+    return automodel_step3p5(path, mesh, swap=method in ("swap", "reader"), fill=7)
 
 
 def _load(rank: int, world: int, path: str, method: str) -> dict:
