@@ -447,15 +447,21 @@ class Checkpoint:
         """Read ``len(out)`` bytes of tensor ``info`` starting ``byte_start`` bytes into it."""
         self.read_runs(info, [(byte_start, len(out))], out)
 
-    def read_runs(self, info: TensorInfo, runs: list[tuple[int, int]], out: memoryview) -> None:
-        """Read byte ranges ``(start, length)`` of a tensor back to back into ``out``."""
+    def read_runs(
+        self, info: TensorInfo, runs: list[tuple[int, int]], out: memoryview, span: tuple[int, int] | None = None
+    ) -> None:
+        """Read byte ranges ``(start, length)`` of a tensor back to back into ``out``.
+
+        ``span``: absolute file offsets around the runs that the caller reads in full
+        (:attr:`lazysd.reads.ReadItem.extent`): cold bytes inside it may be read ahead.
+        """
 
         reader = self.range_reader(info.file)
 
         def read(fd: int) -> int:
             pos = 0
             for start, length in runs:
-                got = reader.read(out[pos : pos + length], info.offset + start)
+                got = reader.read(out[pos : pos + length], info.offset + start, span)
                 pos += got
                 if got < length:
                     break

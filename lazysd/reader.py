@@ -319,13 +319,13 @@ class Reader:
             base = self._acquire(n)
             try:
                 buf = base[:n].view(info.dtype).view(box_shape(item.source_box))
-                self.ckpt.read_runs(info, runs, _as_bytes(buf))
+                self.ckpt.read_runs(info, runs, _as_bytes(buf), item.extent)
                 copy_into(dest, buf.transpose(-1, -2))
             finally:
                 self._release(base)
             return None, None
         if item.method == "direct":
-            self.ckpt.read_runs(info, item.runs, _as_bytes(job.dest))
+            self.ckpt.read_runs(info, item.runs, _as_bytes(job.dest), item.extent)
             return None, None
         base = None
         shape = box_shape(item.source_box)
@@ -337,7 +337,7 @@ class Reader:
             base = self._acquire(n)
             buf = base[:n].view(info.dtype).view(shape)
         try:
-            self.ckpt.read_runs(info, item.runs, _as_bytes(buf))
+            self.ckpt.read_runs(info, item.runs, _as_bytes(buf), item.extent)
             if item.scale is not None:
                 buf = self._dequantize(buf, item)
         except BaseException:
