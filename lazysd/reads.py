@@ -51,6 +51,12 @@ from .transpose import fused_read_fits
 
 MiB = 1 << 20
 DIRECT_ROW = 64 << 10  # smallest row read on its own rather than staged with its neighbours
+# A source of a few MiB is cut into up to SHARES chunks of at least SHARE_MIN bytes, so the
+# reader's threads share it instead of one thread copying it while the others wait (a load
+# is tensor after tensor). Constants, not the thread count: a plan is the same on every
+# machine, so a dry run elsewhere counts exactly the reads made here.
+SHARES = 4
+SHARE_MIN = 1 << 20
 
 Method = Literal["direct", "fused", "staged"]
 
@@ -201,6 +207,7 @@ def _chunks(
     rows = src_box[0][1] - src_box[0][0]
     # A dequantized chunk is staged in fp32: budget its rows at that size.
     row_bytes = (4 if src.scale is not None else info.itemsize) * math.prod(hi - lo for lo, hi in src_box[1:])
+    chunk_bytes = min(chunk_bytes, max(SHARE_MIN, -(-rows * row_bytes // SHARES)))
     per = max(1, chunk_bytes // max(1, row_bytes))
     if plain and row_bytes >= DIRECT_ROW and not as_source.is_contiguous() and as_source[:1].is_contiguous():
         per = 1  # contiguous row by row only: one direct read per row beats staging
