@@ -43,7 +43,7 @@ from .errors import (
 )
 from .header import DTYPES, TensorInfo, parse_header
 from .paths import kind_of, resolve_checkpoint_path
-from .pread import BouncePool, RangeReader
+from .pread import BouncePool, RangeReader, gather_groups, read_gathered
 
 __all__ = ["DTYPES", "INDEX_NAME", "SINGLE_NAME", "Checkpoint", "TensorInfo", "config_value"]
 
@@ -460,10 +460,14 @@ class Checkpoint:
 
         def read(fd: int) -> int:
             pos = 0
-            for start, length in runs:
-                got = reader.read(out[pos : pos + length], info.offset + start, span)
+            for group in gather_groups([(info.offset + start, n) for start, n in runs]):
+                want = sum(n for _, n in group)
+                if len(group) == 1:
+                    got = reader.read(out[pos : pos + want], group[0][0], span)
+                else:  # runs a few bytes apart (a column shard's rows): one system call
+                    got = read_gathered(fd, out[pos : pos + want], group)
                 pos += got
-                if got < length:
+                if got < want:
                     break
             return pos
 

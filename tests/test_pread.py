@@ -295,3 +295,34 @@ def test_cold_span_streams_its_middle_and_reads_no_page_outside(tmp_path: Path) 
     finally:
         reader.close()
         os.close(fd)
+
+
+def test_runs_a_few_bytes_apart_are_read_in_one_call(blob, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A column shard's rows (runs with sub-page gaps) take one preadv per group, same bytes;
+    a gap holding a whole page starts a new group (that page is not read)."""
+    path, data = blob
+    page = pread.ALIGN
+    runs = [(100 + 3000 * i, 1000) for i in range(700)]  # 2000-byte gaps: no whole page
+    runs.append((runs[-1][0] + 3 * page, 500))  # a gap with whole pages in it
+    groups = pread.gather_groups(runs)
+    assert [len(g) for g in groups] == [pread.GATHER_MAX, 700 - pread.GATHER_MAX, 1]
+    calls = []
+    real = os.preadv
+    monkeypatch.setattr(os, "preadv", lambda fd, bufs, off, *a: calls.append(len(bufs)) or real(fd, bufs, off, *a))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        out = bytearray(sum(n for _, n in runs))
+        view, pos = memoryview(out), 0
+        for group in groups:
+            want = sum(n for _, n in group)
+            assert pread.read_gathered(fd, view[pos : pos + want], group) == want
+            pos += want
+        assert bytes(out) == b"".join(data[o : o + n] for o, n in runs)
+        assert len(calls) == 3
+        # Past the end of the file: short, and exactly how far the file goes.
+        tail = [(len(data) - 5000, 1000), (len(data) - 3000, 2000), (len(data) - 500, 1000)]
+        out = bytearray(4000)
+        assert pread.read_gathered(fd, memoryview(out), tail) == 3500
+        assert bytes(out[:3500]) == data[-5000:-4000] + data[-3000:-1000] + data[-500:]
+    finally:
+        os.close(fd)
