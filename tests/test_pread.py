@@ -214,12 +214,14 @@ def test_default_threads_follow_the_affinity_mask(ckpt, monkeypatch: pytest.Monk
     cores = len(os.sched_getaffinity(0))
     assert tuning.cores() == cores
     with VirtualStateDict(ckpt) as vsd:
-        assert vsd.reader.options.threads == min(cores, torch.get_num_threads())
+        assert vsd.reader.options.threads == min(cores, max(2, torch.get_num_threads()))
         assert vsd.reader.options.chunk_bytes == 8 * MiB
     monkeypatch.setattr(tuning.os, "sched_getaffinity", lambda pid: {0, 1, 2})
     monkeypatch.setattr(tuning.torch, "get_num_threads", lambda: 64)
     assert tuning.default_threads(ckpt) == 3
-    monkeypatch.setattr(tuning.torch, "get_num_threads", lambda: 1)  # the user lowered torch's threads
+    monkeypatch.setattr(tuning.torch, "get_num_threads", lambda: 1)  # torchrun's OMP_NUM_THREADS=1
+    assert tuning.default_threads(ckpt) == 2  # one thread reads while another copies
+    monkeypatch.setattr(tuning.os, "sched_getaffinity", lambda pid: {0})
     assert tuning.default_threads(ckpt) == 1
     # Explicit values always win.
     with VirtualStateDict(ckpt, threads=5, chunk_bytes=MiB) as vsd:
@@ -256,7 +258,7 @@ def test_storage_kind_from_the_mount_table(path: str, fs: str, kind: str, monkey
     if kind == "network":
         assert threads == min(32, 4 * tuning.cores()) and chunk == 16 * MiB
     else:
-        assert threads == min(tuning.cores(), torch.get_num_threads()) and chunk == 8 * MiB
+        assert threads == min(tuning.cores(), max(2, torch.get_num_threads())) and chunk == 8 * MiB
 
 
 def test_unknown_mount_table_means_local(monkeypatch: pytest.MonkeyPatch) -> None:
