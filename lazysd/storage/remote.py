@@ -12,17 +12,17 @@ byte ranges inside tensors) is checked by the same code; only where bytes come f
   (:func:`~lazysd.storage.ranges.coalesce`), issued as concurrent ranged GETs, at most
   ``max_requests`` in flight per checkpoint, each response copied into the caller's memory;
 * change detection: every data GET carries ``If-Match: <ETag from the header read>`` (S3 and
-  HTTP), so an object replaced during a load answers 412 and raises
-  :class:`~lazysd.errors.FileChangedError`; other filesystems compare the object's size and
-  ETag before the first data read of each file;
+  HTTP) or ``ifGenerationMatch=<generation>`` (GCS), so an object replaced during a load
+  answers 412 and raises :class:`~lazysd.errors.FileChangedError`; other filesystems compare
+  the object's size and ETag before the first data read of each file;
 * failures: timeouts, dropped connections, 5xx and throttling are retried with exponential
   backoff, bounded in attempts and seconds; 404 -> :class:`~lazysd.errors.CheckpointNotFoundError`,
   401/403 -> :class:`~lazysd.errors.RemoteAccessError`, naming the URL and the key. URLs are
   shown without credentials or query strings and ``storage_options`` never appear in messages.
 
-Three backends: S3 through s3fs's client (``s3://``), HTTP(S) through fsspec's aiohttp session
-(``https://``), and any other fsspec filesystem through its public ``info``/``cat_file``
-(``gs://``, ``hf://`` ...).
+Four backends: S3 through s3fs's client (``s3://``), HTTP(S) through fsspec's aiohttp session
+(``https://``), GCS's JSON API through gcsfs's session and credentials (``gs://``), and any
+other fsspec filesystem through its public ``info``/``open`` (``hf://`` ...).
 """
 
 from __future__ import annotations
@@ -140,17 +140,11 @@ class RemoteStore:
         if not self.backend.lists:
             return None
         try:
-            entries = self.fs.ls(self.root, detail=True)
+            return self.backend.listing(self.root)
         except Exception:
             # Listing may be denied where reading is not (a bucket policy granting GetObject
             # only) or unsupported: the index names the files, so go on without it.
             return None
-        out: dict[str, int] = {}
-        for entry in entries:
-            if entry.get("type") == "file":
-                name = str(entry["name"]).rstrip("/").rsplit("/", 1)[-1]
-                out[name] = int(entry.get("size") or 0)
-        return out
 
     # ---- requests ------------------------------------------------------------------------
     def get(self, rel: str, start: int, end: int, etag: str | None, *, where: str) -> tuple[bytes, int, str | None]:
