@@ -130,7 +130,10 @@ class _Server:
 
     def _serve(self, server: Any) -> None:
         self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, daemon=True, name=type(self).__name__)
+        # A short poll: stop() waits for the serving loop to notice, 0.5 s by default.
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True, name=type(self).__name__
+        )
         self._thread.start()
 
     def stop(self) -> None:
