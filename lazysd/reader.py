@@ -319,13 +319,13 @@ class Reader:
             base = self._acquire(n)
             try:
                 buf = base[:n].view(info.dtype).view(box_shape(item.source_box))
-                self.ckpt.read_runs(info, runs, _as_bytes(buf))
+                self.ckpt.read_runs(info, runs, _as_bytes(buf), item.extent)
                 copy_into(dest, buf.transpose(-1, -2))
             finally:
                 self._release(base)
             return None, None
         if item.method == "direct":
-            self.ckpt.read_runs(info, item.runs, _as_bytes(job.dest))
+            self.ckpt.read_runs(info, item.runs, _as_bytes(job.dest), item.extent)
             return None, None
         base = None
         shape = box_shape(item.source_box)
@@ -337,7 +337,7 @@ class Reader:
             base = self._acquire(n)
             buf = base[:n].view(info.dtype).view(shape)
         try:
-            self.ckpt.read_runs(info, item.runs, _as_bytes(buf))
+            self.ckpt.read_runs(info, item.runs, _as_bytes(buf), item.extent)
             if item.scale is not None:
                 buf = self._dequantize(buf, item)
         except BaseException:
@@ -417,7 +417,9 @@ class Reader:
         """Reads on the pool, ahead of the copies; copies (and casts) on the calling thread.
 
         The copies run where torch's intra-op threads can split them over the cores, while
-        the pool's preads (which release the GIL) keep the next chunks coming.
+        the pool's preads (which release the GIL) keep the next chunks coming. While the
+        oldest read is still running, the calling thread takes the next job itself rather
+        than wait: a fill of a few chunks then ends with every thread busy to the last one.
         """
         with self._lock:  # fills may run on several threads at once (remote loads)
             if self._pool is None:
@@ -438,6 +440,14 @@ class Reader:
                     inflight += cost
                     self._staging(cost)
                     pending.append((job, self._pool.submit(self._read, job), cost))
+                if todo and not pending[0][1].done() and inflight + todo[0].item.staging <= budget:
+                    job = todo.popleft()
+                    inflight += job.item.staging
+                    try:
+                        self._run_inline(job)
+                    finally:
+                        inflight -= job.item.staging
+                    continue
                 job, fut, cost = pending.popleft()
                 try:
                     self._finish(job, fut.result())
