@@ -376,19 +376,21 @@ def _tagged(kind: str, options: dict, tag: str) -> dict:
     return {**options, "config_kwargs": {"user_agent_extra": f"lazysd-tag/{tag}"}}
 
 
-def _ranks_match_local(rank: int, world: int, root: str, names: list[str], sources: dict) -> dict:
-    """EP over ``world`` ranks, every checkpoint from every server: each rank's values bitwise
-    equal to a local load of the same rank, and the bytes and requests the server counted for
-    this rank equal to its plan (one process per rank, all checkpoints in turn)."""
+def _ranks_match_local(rank: int, world: int, root: str, kinds: dict[str, list[str]], sources: dict) -> dict:
+    """EP over ``world`` ranks, each checkpoint from the servers ``kinds`` names for it: each
+    rank's values bitwise equal to a local load of the same rank, and the bytes and requests
+    the server counted for this rank equal to its plan (one process per rank, all checkpoints
+    in turn)."""
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
     out = {}
-    for name in names:
+    for name, name_kinds in kinds.items():
         with VirtualStateDict(Path(root) / name, mesh) as vsd:
             want = {k: _local(v) for k, v in vsd.items()}
             local_plan = vsd.planned_ranges()
-        for kind, (base, options, stats_url) in sources.items():
+        for kind in name_kinds:
+            base, options, stats_url = sources[kind]
             tag = f"{kind}-w{world}-r{rank}"
             with VirtualStateDict(f"{base}{name}/", mesh, storage_options=_tagged(kind, options, tag)) as vsd:
                 assert list(vsd) == list(want), (name, kind)
@@ -416,17 +418,24 @@ def test_every_family_on_ranks_is_local_bitwise_and_read_as_planned(
     root: Path, http: RangeHTTPServer, s3: MotoS3Server, gcs: FakeGCSServer, world: int
 ) -> None:
     """EP=2 and EP=4 (gloo, one process per rank) for every family, FP8 with its scales
-    included, and Step-3.5, from S3, GCS and HTTP: bitwise equal per rank, bytes per rank
-    counted at the server within 1% of the plan, requests counted there as lazysd reports."""
+    included, and Step-3.5: bitwise equal per rank, bytes per rank counted at the server within
+    1% of the plan, requests counted there as lazysd reports. EP=2 reads every checkpoint from
+    each of S3, GCS and HTTP; EP=4 (four processes on two cores) each from one of them, in turn,
+    so that every family and every protocol runs at EP=4 too."""
     names = ["step"] + [family + ("-fp8" if fp8 else "") for family, fp8 in CASES]
+    if world == 2:
+        kinds = {name: KINDS for name in names}
+    else:
+        kinds = {name: [KINDS[(i + 2) % len(KINDS)]] for i, name in enumerate(names)}
+        assert kinds["deepseek_v3-fp8"] == ["s3"] and {k for ks in kinds.values() for k in ks} == set(KINDS)
     sources = {
         kind: (_base(kind, server), server.storage_options(), _stats_url(kind, server))
         for kind, server in (("s3", s3), ("http", http), ("gs", gcs))
     }
-    results = run_ranks(_ranks_match_local, world, (str(root), names, sources), timeout=300)
+    results = run_ranks(_ranks_match_local, world, (str(root), kinds, sources), timeout=300)
     for name in names:
         whole = sum(n for _, _, n in VirtualStateDict(root / name).planned_ranges())
-        for kind in sources:
+        for kind in kinds[name]:
             per_rank = [r[name, kind] for r in results]
             for rank, r in enumerate(per_rank):
                 assert r["read"] == r["planned"] > 0, (name, kind, rank, r)
