@@ -264,8 +264,9 @@ def test_object_replaced_mid_load(root: Path, kind: str, request: pytest.Fixture
     with VirtualStateDict(url, storage_options=options, remote=FAST) as vsd:
         keys = list(vsd)
         vsd[keys[0]].materialize()
-        # Same size, different bytes: only the ETag tells.
-        victim = sorted((root / name).glob("*.safetensors"))[0]
+        # Same size, different bytes: only the ETag (GCS: the generation) tells. The file
+        # already read from: each GET must check, not only the first of a file.
+        victim = root / name / vsd.entry(keys[0]).sources[0].info.file.name
         data = bytearray(victim.read_bytes())
         data[-1] ^= 0xFF
         victim.with_suffix(".tmp").write_bytes(bytes(data))
