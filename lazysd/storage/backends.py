@@ -234,8 +234,9 @@ class GCSBackend(Backend):
     A media GET with ``Range``; the answer's ``x-goog-generation`` is the object's identity,
     and every later GET of it carries ``ifGenerationMatch``, so a replaced object answers 412
     (:class:`~lazysd.errors.FileChangedError`) instead of other bytes. gcsfs's own calls
-    retry for up to a minute on their own; lazysd issues its requests itself so that one
-    bounded policy applies (listing included).
+    retry on their own (six attempts, 1 to 16 s apart) and report a 403 as a bare OSError;
+    lazysd issues its requests itself so that one bounded policy applies (listing included)
+    and each status keeps its meaning.
     """
 
     def get(self, path: str, start: int, end: int, etag: str | None) -> tuple[bytes, int, str | None]:
