@@ -175,6 +175,18 @@ def test_fake_gcs_server_answers_gcsfs_itself(root: Path, gcs: FakeGCSServer) ->
         fs.info("ckpts/step/nope.safetensors")
 
 
+def test_gs_endpoint_from_storage_emulator_host(
+    root: Path, gcs: FakeGCSServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gcsfs's own way to name another endpoint (as for fake-gcs-server) works as well."""
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs.url)
+    with VirtualStateDict("gs://ckpts/qwen3_moe/", storage_options={"token": "anon"}) as vsd:
+        with VirtualStateDict(root / "qwen3_moe") as local:
+            want, got = _values(local), _values(vsd)
+    assert all(same_bits(got[k], want[k]) for k in want)
+    assert gcs.stats()["total"]["bytes"] >= vsd.bytes_read > 0
+
+
 def test_large_header_takes_a_second_request(root: Path, http: RangeHTTPServer) -> None:
     url, options = _url("http", http, "step")
     with VirtualStateDict(url, storage_options=options, remote=RemoteOptions(header_bytes=16)) as vsd:
