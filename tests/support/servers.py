@@ -1,6 +1,7 @@
-"""Real storage servers on 127.0.0.1 for tests and benchmarks: S3 (moto) and HTTP with ranges.
+"""Real storage servers on 127.0.0.1 for tests and benchmarks: S3 (moto), GCS's JSON API, HTTP
+with ranges, and the Hub API.
 
-Both count, per client tag, the requests and body bytes they send, and can inject faults
+Each counts, per client tag, the requests and body bytes it sends, and can inject faults
 (status codes, throttling, connections dropped mid-body), a per-request latency and an
 aggregate bandwidth cap. A client's tag is the ``lazysd-tag/NAME`` token of its User-Agent
 (or an ``X-Lazysd-Tag`` header), so each rank of a test can be counted on its own.
