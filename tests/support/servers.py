@@ -170,6 +170,7 @@ class _RangeHandler(BaseHTTPRequestHandler):
     # wait for the client's delayed ACK (~40 ms per request).
     disable_nagle_algorithm = True
     meter: _Meter
+    throttled = 503  # the status a throttled request gets (S3 and most HTTP services; GCS: 429)
 
     def log_message(self, *args: Any) -> None:  # quiet
         pass
@@ -184,13 +185,13 @@ class _RangeHandler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def fault(self, tag: str, name: str, *, head: bool) -> int | None:
-        """Latency, then the status a fault plan assigns to object ``name`` (503 when throttled)."""
+        """Latency, then the status a fault plan assigns to object ``name`` (``throttled`` when throttled)."""
         meter = self.meter
         if meter.faults.latency:
             time.sleep(meter.faults.latency)
         code = meter.status_for(name)
         if code is None and not head and meter.take(meter.faults.throttle, name):
-            code = 503
+            code = self.throttled
         if code is not None:
             meter.count(tag, 0)
         return code
@@ -286,7 +287,7 @@ class RangeHTTPServer(_Server):
                 tag = meter.tag(self.headers)
                 code = self.fault(tag, self.path, head=head)
                 if code is not None:
-                    return self.reply(code, headers={"Retry-After": "0"} if code == 503 else None, head=head)
+                    return self.reply(code, headers={"Retry-After": "0"} if code == self.throttled else None, head=head)
                 file = self._file()
                 if file is None:
                     meter.count(tag, 0)
@@ -520,6 +521,8 @@ class FakeGCSServer(_Server):
             }
 
         class Handler(_RangeHandler):
+            throttled = 429
+
             def error(self, code: int, message: str, reason: str, *, head: bool = False) -> None:
                 body = json.dumps({"error": {"code": code, "message": message, "errors": [{"reason": reason}]}})
                 self.reply(code, body.encode(), {"Content-Type": "application/json"}, head=head)
@@ -553,7 +556,7 @@ class FakeGCSServer(_Server):
                 name = unquote(m["object"])
                 tag = meter.tag(self.headers)
                 code = self.fault(tag, name, head=head)
-                if code == 503:
+                if code == 429:
                     return self.error(429, "The rate of requests exceeds the limit.", "rateLimitExceeded", head=head)
                 if code is not None:
                     reasons = {403: "forbidden", 404: "notFound"}
