@@ -310,9 +310,11 @@ class Reader:
             runs = item.runs
             (start, n), dest = runs[0], job.dest
             offset = info.offset + start
-            if self.ckpt.range_reader(info.file).cached(offset, n):
-                # Warm: the kernel reads cache-sized blocks and transposes each while in cache.
-                self.ckpt.read_with(info, runs, lambda fd: read_transposed(fd, offset, dest))
+            fd = self.ckpt.range_reader(info.file).buffered_fd(offset, n, item.extent)
+            if fd is not None:
+                # Warm, or streamed with readahead: the kernel reads cache-sized blocks and
+                # transposes each while in cache.
+                self.ckpt.read_with(info, runs, lambda _: read_transposed(fd, offset, dest))
                 return None, None
             # Cold: one bulk read (direct I/O, lazysd.pread) into staging keeps the storage
             # busy; the transpose from there costs little next to the read.

@@ -36,7 +36,6 @@ Example:
 
 from __future__ import annotations
 
-import bisect
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -281,31 +280,26 @@ def plan_reads(entry: Entry, box: Box, dest: Destination, *, chunk_bytes: int = 
 
 
 def _with_extents(items: list[ReadItem]) -> tuple[ReadItem, ...]:
-    """``items`` with :attr:`ReadItem.extent` set: the runs of all items, merged per file
-    where they touch, and each item given the stretch its runs lie in."""
-    stretches: dict[str, list[list[int]]] = {}
-    for it in items:
-        for s, n in it.runs:
-            stretches.setdefault(str(it.source.file), []).append([it.source.offset + s, it.source.offset + s + n])
-    for spans in stretches.values():
-        spans.sort()
-        merged = [spans[0]]
-        for lo, hi in spans[1:]:
-            if lo <= merged[-1][1]:
-                merged[-1][1] = max(merged[-1][1], hi)
-            else:
-                merged.append([lo, hi])
-        spans[:] = merged
-    out = []
-    for it in items:
-        runs = it.runs
-        lo, hi = it.source.offset + runs[0][0], it.source.offset + runs[-1][0] + runs[-1][1]
-        spans = stretches[str(it.source.file)]
-        at = bisect.bisect_right(spans, [lo, math.inf]) - 1
-        inside = at >= 0 and spans[at][0] <= lo and hi <= spans[at][1]
-        out.append(replace(it, extent=(spans[at][0], spans[at][1])) if inside else it)
+    """``items`` with :attr:`ReadItem.extent` set where an item is one contiguous run: such
+    runs, merged per file where they touch, make the stretches. (An item of several runs
+    has gaps no other item fills, the columns outside the box: it gets none.)"""
+    single = [(i, it.source.offset + it.runs[0][0], it.data_bytes) for i, it in enumerate(items) if it.run_count == 1]
+    by_file: dict[str, list[tuple[int, int, int]]] = {}
+    for i, lo, n in single:
+        by_file.setdefault(str(items[i].source.file), []).append((lo, lo + n, i))
+    out = list(items)
+    for runs in by_file.values():
+        runs.sort()
+        group: list[int] = []
+        lo = hi = -1
+        for a, b, i in [*runs, (math.inf, math.inf, -1)]:
+            if a > hi:  # a new stretch begins: the last one is complete
+                for j in group:
+                    out[j] = replace(out[j], extent=(lo, hi))
+                group, lo = [], a
+            group.append(i)
+            hi = max(hi, b)
     return tuple(out)
-
 
 def read_totals(entry: Entry, box: Box, dest: Destination, *, chunk_bytes: int = 8 * MiB) -> ReadTotals:
     """Bytes, runs and items of ``plan_reads(entry, box, dest, chunk_bytes=...)``, counted

@@ -214,12 +214,14 @@ def test_default_threads_follow_the_affinity_mask(ckpt, monkeypatch: pytest.Monk
     cores = len(os.sched_getaffinity(0))
     assert tuning.cores() == cores
     with VirtualStateDict(ckpt) as vsd:
-        assert vsd.reader.options.threads == min(cores, torch.get_num_threads())
+        assert vsd.reader.options.threads == min(cores, max(2, torch.get_num_threads()))
         assert vsd.reader.options.chunk_bytes == 8 * MiB
     monkeypatch.setattr(tuning.os, "sched_getaffinity", lambda pid: {0, 1, 2})
     monkeypatch.setattr(tuning.torch, "get_num_threads", lambda: 64)
     assert tuning.default_threads(ckpt) == 3
-    monkeypatch.setattr(tuning.torch, "get_num_threads", lambda: 1)  # the user lowered torch's threads
+    monkeypatch.setattr(tuning.torch, "get_num_threads", lambda: 1)  # torchrun's OMP_NUM_THREADS=1
+    assert tuning.default_threads(ckpt) == 2  # one thread reads while another copies
+    monkeypatch.setattr(tuning.os, "sched_getaffinity", lambda pid: {0})
     assert tuning.default_threads(ckpt) == 1
     # Explicit values always win.
     with VirtualStateDict(ckpt, threads=5, chunk_bytes=MiB) as vsd:
@@ -256,7 +258,7 @@ def test_storage_kind_from_the_mount_table(path: str, fs: str, kind: str, monkey
     if kind == "network":
         assert threads == min(32, 4 * tuning.cores()) and chunk == 16 * MiB
     else:
-        assert threads == min(tuning.cores(), torch.get_num_threads()) and chunk == 8 * MiB
+        assert threads == min(tuning.cores(), max(2, torch.get_num_threads())) and chunk == 8 * MiB
 
 
 def test_unknown_mount_table_means_local(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -326,3 +328,44 @@ def test_runs_a_few_bytes_apart_are_read_in_one_call(blob, monkeypatch: pytest.M
         assert bytes(out[:3500]) == data[-5000:-4000] + data[-3000:-1000] + data[-500:]
     finally:
         os.close(fd)
+
+
+def test_cold_expert_shards_stream_and_read_only_their_pages(tmp_path: Path) -> None:
+    """An expert-parallel rank's experts (64 MiB sources, half of them: windows to stream)
+    read cold: bitwise right, partly streamed, and not one page beyond the planned ranges."""
+    from lazysd.dryrun import EPLayout
+    from tests.support.pagecache import pages_touched
+
+    spec = Step3p5Spec(
+        num_hidden_layers=2,
+        first_dense_layers=1,
+        num_nextn_predict_layers=0,
+        moe_num_experts=64,
+        moe_intermediate_size=512,
+        hidden_size=1024,
+        intermediate_size=64,
+        share_expert_dim=64,
+        vocab_size=64,
+    )
+    path = make_checkpoint(tmp_path / "ckpt", spec)
+    keys = ["model.layers.1.moe.experts.gate_and_up_projs", "model.layers.1.moe.experts.down_projs"]
+    # Cloned: views of safetensors' file mappings would keep the pages from being evicted.
+    eager = {k: v.clone() for k, v in native_state_dict(load_hf_tensors(path), 2).items() if k in keys}
+    files = _evict_all(path)
+    with VirtualStateDict(path) as vsd:
+        ranges = []
+        for key in keys:
+            entry = vsd.entry(key)
+            box = EPLayout(2).box(entry, 1)
+            got = vsd.lazy(entry, box).materialize()
+            assert_bitwise_equal({key: got}, {key: eager[key][box[0][0] : box[0][1]]})
+            ranges += [r for item in vsd.reader.plan(entry, box) for r in item.ranges()]
+        readers = list(vsd.checkpoint._readers.values())
+        if all(r._direct_fd is None for r in readers):
+            pytest.skip("this filesystem refuses O_DIRECT: nothing is streamed (bytes checked above)")
+        assert sum(r.stream_bytes for r in readers) >= 16 * MiB
+    time.sleep(0.2)  # readahead still in flight lands
+    for f in files:
+        mine = [(o, n) for name, o, n in ranges if name == str(f)]
+        header = 1 if not any(o < pread.ALIGN for o, _ in mine) else 0
+        assert resident_pages(f) - header <= pages_touched(mine), f.name
