@@ -5,8 +5,8 @@ behind a URL. Everything a local checkpoint checks (config, index, headers, shar
 byte ranges inside tensors) is checked by the same code; only where bytes come from differs:
 
 * headers: one ranged GET per file for the 8-byte length *and* the header (the first
-  ``RemoteOptions.header_bytes``, speculatively; a second GET only for a larger header), all
-  files' at once. The
+  ``RemoteOptions.header_bytes``, speculatively; a second GET only for a larger header),
+  ``max_requests`` files' at once. The
   response's ``Content-Range`` gives the object's size and its ``ETag`` its identity, so no
   HEAD request is needed;
 * tensor bytes: exactly the planned runs, coalesced under a gap threshold
@@ -33,6 +33,7 @@ import re
 import threading
 import time
 import weakref
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -338,6 +339,7 @@ class RemoteCheckpoint(Checkpoint):
         self._small: dict[str, bytes | None] = {}
         self._index_keys: dict[str, list[str]] = {}
         self._heads: dict[str, Any] = {}  # file -> Future of its first GET (see _weight_files)
+        self._to_prefetch: deque[Any] = deque()
         try:
             self.config = self._read_config(config_required)
             self.tensors = self._read_tensors()
@@ -409,10 +411,17 @@ class RemoteCheckpoint(Checkpoint):
             for key, file in weight_map.items():
                 self._index_keys.setdefault(file.rel, []).append(key)
         if len(files) > 1:
-            # Every file's first GET at once: opening costs one round trip, not one per file
-            # (a 20 ms link and 50 shards: 1 s). _open takes them in order, errors included.
-            self._heads = {file.rel: self.store.submit(self._first_get, file) for file in files}
+            # The files' first GETs ahead of _open, max_requests at a time: opening costs a
+            # round trip per max_requests files, not one per file (a 20 ms link and 50 shards:
+            # 1 s), and holds at most max_requests * header_bytes. Errors surface in _open, in order.
+            self._to_prefetch = deque(files)
+            self._prefetch()
         return files, weight_map
+
+    def _prefetch(self) -> None:
+        while self._to_prefetch and len(self._heads) < self.store.options.max_requests:
+            file = self._to_prefetch.popleft()
+            self._heads[file.rel] = self.store.submit(self._first_get, file)
 
     # ---- headers -------------------------------------------------------------------------
     def _where(self, file: Any) -> str:
@@ -428,6 +437,7 @@ class RemoteCheckpoint(Checkpoint):
     def _open(self, file: Any) -> dict[str, TensorInfo]:
         where = self._where(file)
         pending = self._heads.pop(file.rel, None)
+        self._prefetch()
         head, size, etag = pending.result() if pending is not None else self._first_get(file)
         header_len = header_length(file, head[:8], size)
         if 8 + header_len > len(head):
