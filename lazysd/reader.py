@@ -37,7 +37,7 @@ from .geometry import Box, box_shape, full_box, inverse_permutation
 from .memory import populate
 from .plan import Entry
 from .pool import ReadPool
-from .reads import Destination, MiB, ReadItem, plan_reads
+from .reads import SHARES, Destination, MiB, ReadItem, plan_reads
 from .transpose import copy_into, read_transposed
 
 
@@ -204,10 +204,18 @@ class Reader:
             self._free.clear()  # spare staging buffers go back to the OS
 
     # ---- planning one fill ---------------------------------------------------------------
+    @property
+    def shares(self) -> int:
+        """How many chunks a source of a few MiB is cut into (:data:`lazysd.reads.SHARES`
+        locally, for the threads; 1 remotely, where each chunk would be a request)."""
+        return SHARES if self.ckpt.local else 1
+
     def plan(self, entry: Entry, box: Box, dest: Destination | None = None) -> tuple[ReadItem, ...]:
         """The read items of filling ``box`` of ``entry`` into ``dest`` (default: a contiguous
         CPU tensor of the entry's dtype), chunked by this reader's options."""
-        items = plan_reads(entry, box, dest or Destination(entry.dtype), chunk_bytes=self.options.chunk_bytes)
+        items = plan_reads(
+            entry, box, dest or Destination(entry.dtype), chunk_bytes=self.options.chunk_bytes, shares=self.shares
+        )
         if not self.ckpt.local:
             # The transpose kernel reads through a file descriptor: remote bytes are staged
             # (the same runs, into a bounded buffer) and transposed by the copy instead.
