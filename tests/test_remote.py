@@ -575,7 +575,8 @@ def hub(root: Path):  # noqa: ANN201
     pytest.importorskip("huggingface_hub")
     from tests.support.servers import FakeHubServer
 
-    with FakeHubServer({"org/step": root / "step", "org/dsv3-fp8": root / "deepseek_v3-fp8"}) as server:
+    repos = {"org/step": root / "step", "org/dsv3-fp8": root / "deepseek_v3-fp8"}
+    with FakeHubServer(repos, gated=("org/gated",)) as server:
         yield server
 
 
@@ -613,6 +614,12 @@ def test_hub_missing_repo_is_not_found(hub) -> None:  # noqa: ANN001
         VirtualStateDict("org/step", remote=True, revision="v9", storage_options={"endpoint": hub.url, "token": False})
     with pytest.raises(OptionError, match="names a revision already"):
         VirtualStateDict("hf://org/step@main", revision="v9")
+
+
+def test_hub_gated_repo_is_an_access_error(hub) -> None:  # noqa: ANN001
+    """A repo the token may not read (the Hub answers 403) is said to be so, not "missing"."""
+    with pytest.raises(RemoteAccessError, match="org/gated"):
+        VirtualStateDict("hf://org/gated", storage_options={"endpoint": hub.url, "token": False})
 
 
 def test_dcp_hfreader_reads_a_remote_checkpoint(root: Path, s3: MotoS3Server, http: RangeHTTPServer) -> None:

@@ -108,6 +108,8 @@ class RemoteStore:
         except Exception as e:
             failure = classify_exception(e)
             text = self.scrub(str(e))
+            if _status_in_chain(e) in (401, 403):  # e.g. a gated Hub repo, which HfFileSystem calls "not found"
+                raise RemoteAccessError(f"{self.display}: access denied; check the token or credentials") from None
             if isinstance(e, FileNotFoundError) or "404" in text or "NotFound" in type(e).__name__:
                 raise CheckpointNotFoundError(f"{self.display}: repository or revision not found") from None
             if failure.kind == "denied" or isinstance(e, PermissionError) or re.search(r"\b40[13]\b", text):
@@ -487,3 +489,16 @@ class RemoteCheckpoint(Checkpoint):
         """Stop the request threads. Further reads raise :class:`FileChangedError`, as locally."""
         self._closed = True
         self.store.close()
+
+
+def _status_in_chain(e: BaseException) -> int | None:
+    """The HTTP status of the first response found along ``e``'s causes (``.response.status_code``)."""
+    seen: set[int] = set()
+    cause: BaseException | None = e
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        status = getattr(getattr(cause, "response", None), "status_code", None)
+        if isinstance(status, int):
+            return status
+        cause = cause.__cause__ or cause.__context__
+    return None

@@ -645,10 +645,11 @@ class FakeHubServer(RangeHTTPServer):
 
     sha = "0123456789abcdef0123456789abcdef01234567"
 
-    def __init__(self, repos: dict[str, str | os.PathLike[str]]) -> None:
+    def __init__(self, repos: dict[str, str | os.PathLike[str]], *, gated: tuple[str, ...] = ()) -> None:
         import hashlib
 
         files = {rid: {p.name: p for p in sorted(Path(d).iterdir()) if p.is_file()} for rid, d in repos.items()}
+        files.update({rid: {} for rid in gated})
         sha = self.sha
 
         def entry(rid: str, name: str) -> dict[str, Any]:
@@ -670,7 +671,10 @@ class FakeHubServer(RangeHTTPServer):
             if m is None:
                 return False
             rid, what, rev = m["rid"], m["what"] or "revision", unquote(m["rev"] or "main")
-            if rid not in files or rev not in ("main", sha):
+            gate = rid in gated  # as the Hub answers for a gated repo the token may not read
+            if gate:
+                body, code = json.dumps({"error": f"Access to model {rid} is restricted."}).encode(), 403
+            elif rid not in files or rev not in ("main", sha):
                 body, code = json.dumps({"error": "Repository Not Found"}).encode(), 404
             elif what == "revision":
                 body = json.dumps(
@@ -691,6 +695,9 @@ class FakeHubServer(RangeHTTPServer):
                 body, code = json.dumps([entry(rid, n) for n in wanted if n in files[rid]]).encode(), 200
             handler.send_response(code)
             handler.send_header("Content-Type", "application/json")
+            if gate:
+                handler.send_header("X-Error-Code", "GatedRepo")
+                handler.send_header("X-Error-Message", "Access to this model is restricted.")
             handler.send_header("Content-Length", str(len(body)))
             handler.end_headers()
             if method != "HEAD":
