@@ -74,6 +74,33 @@ static inline void t8x8_16(const uint16_t *s, Py_ssize_t ss, uint16_t *d, Py_ssi
     _mm_storeu_si128((__m128i *)(d + 7 * ds), _mm_unpackhi_epi64(b3, b7));
 }
 
+static inline void t8x8_16nt(const uint16_t *s, Py_ssize_t ss, uint16_t *d, Py_ssize_t ds) {
+    __m128i r0 = _mm_loadu_si128((const __m128i *)(s + 0 * ss));
+    __m128i r1 = _mm_loadu_si128((const __m128i *)(s + 1 * ss));
+    __m128i r2 = _mm_loadu_si128((const __m128i *)(s + 2 * ss));
+    __m128i r3 = _mm_loadu_si128((const __m128i *)(s + 3 * ss));
+    __m128i r4 = _mm_loadu_si128((const __m128i *)(s + 4 * ss));
+    __m128i r5 = _mm_loadu_si128((const __m128i *)(s + 5 * ss));
+    __m128i r6 = _mm_loadu_si128((const __m128i *)(s + 6 * ss));
+    __m128i r7 = _mm_loadu_si128((const __m128i *)(s + 7 * ss));
+    __m128i a0 = _mm_unpacklo_epi16(r0, r1), a1 = _mm_unpackhi_epi16(r0, r1);
+    __m128i a2 = _mm_unpacklo_epi16(r2, r3), a3 = _mm_unpackhi_epi16(r2, r3);
+    __m128i a4 = _mm_unpacklo_epi16(r4, r5), a5 = _mm_unpackhi_epi16(r4, r5);
+    __m128i a6 = _mm_unpacklo_epi16(r6, r7), a7 = _mm_unpackhi_epi16(r6, r7);
+    __m128i b0 = _mm_unpacklo_epi32(a0, a2), b1 = _mm_unpackhi_epi32(a0, a2);
+    __m128i b2 = _mm_unpacklo_epi32(a1, a3), b3 = _mm_unpackhi_epi32(a1, a3);
+    __m128i b4 = _mm_unpacklo_epi32(a4, a6), b5 = _mm_unpackhi_epi32(a4, a6);
+    __m128i b6 = _mm_unpacklo_epi32(a5, a7), b7 = _mm_unpackhi_epi32(a5, a7);
+    _mm_stream_si128((__m128i *)(d + 0 * ds), _mm_unpacklo_epi64(b0, b4));
+    _mm_stream_si128((__m128i *)(d + 1 * ds), _mm_unpackhi_epi64(b0, b4));
+    _mm_stream_si128((__m128i *)(d + 2 * ds), _mm_unpacklo_epi64(b1, b5));
+    _mm_stream_si128((__m128i *)(d + 3 * ds), _mm_unpackhi_epi64(b1, b5));
+    _mm_stream_si128((__m128i *)(d + 4 * ds), _mm_unpacklo_epi64(b2, b6));
+    _mm_stream_si128((__m128i *)(d + 5 * ds), _mm_unpackhi_epi64(b2, b6));
+    _mm_stream_si128((__m128i *)(d + 6 * ds), _mm_unpacklo_epi64(b3, b7));
+    _mm_stream_si128((__m128i *)(d + 7 * ds), _mm_unpackhi_epi64(b3, b7));
+}
+
 static inline void t4x4_32(const uint32_t *s, Py_ssize_t ss, uint32_t *d, Py_ssize_t ds) {
     __m128i r0 = _mm_loadu_si128((const __m128i *)(s + 0 * ss));
     __m128i r1 = _mm_loadu_si128((const __m128i *)(s + 1 * ss));
@@ -109,6 +136,7 @@ static inline void t4x4_32(const uint32_t *s, Py_ssize_t ss, uint32_t *d, Py_ssi
 #define NO_SIMD(s, ss, d, ds) ((void)0)
 #ifdef __SSE2__
 TILE_FN(tile16, uint16_t, 8, t8x8_16)
+TILE_FN(tile16nt, uint16_t, 8, t8x8_16nt)
 TILE_FN(tile32, uint32_t, 4, t4x4_32)
 #else
 TILE_FN(tile16, uint16_t, 1, NO_SIMD)
@@ -121,7 +149,20 @@ static void tile(char *d, Py_ssize_t dr, const char *s, Py_ssize_t sc, Py_ssize_
                  Py_ssize_t z) {
     switch (z) {
     case 1: tile8((uint8_t *)d, dr, (const uint8_t *)s, sc, nr, nc); break;
-    case 2: tile16((uint16_t *)d, dr, (const uint16_t *)s, sc, nr, nc); break;
+    case 2:
+#ifdef __SSE2__
+        /* Destination rows 16-byte aligned: non-temporal stores. A load's destination is
+         * written once and not read back soon; plain stores would first read every line
+         * they fill (read-for-ownership), a third memory pass next to the source read and
+         * the write. Warm native loads of the 0.9 GiB benchmark checkpoint, 5 interleaved
+         * pairs of fresh processes on the 2-core VM: 2.87-3.12 GiB/s against 2.48-2.81. */
+        if (((uintptr_t)d & 15) == 0 && (dr & 7) == 0) {
+            tile16nt((uint16_t *)d, dr, (const uint16_t *)s, sc, nr, nc);
+            _mm_sfence(); /* ordered before whatever the caller does next with them */
+            break;
+        }
+#endif
+        tile16((uint16_t *)d, dr, (const uint16_t *)s, sc, nr, nc); break;
     case 4: tile32((uint32_t *)d, dr, (const uint32_t *)s, sc, nr, nc); break;
     default: tile64((uint64_t *)d, dr, (const uint64_t *)s, sc, nr, nc); break;
     }
