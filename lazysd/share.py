@@ -114,8 +114,10 @@ def share_node(
     bytes_read = sum(cost[item] for item in owned)
 
     def read(item: tuple[str, tuple[tuple[int, int], ...], str]) -> None:
-        value = values[item[0]]
-        getattr(value, "_local_tensor", value).read_into(dests[item[0]])
+        lazy = getattr(values[item[0]], "_local_tensor", values[item[0]])
+        # Straight from storage: the owner sends the bytes itself, nothing goes through
+        # the shared memory of lazysd.nodeshare.
+        lazy._reader.fill(lazy.entry, lazy.box, dests[item[0]])
 
     # 3. read what this rank owns (several tensors at once from remote storage: each costs a
     # round trip; local reads are bounded by the disk, one tensor at a time is enough)

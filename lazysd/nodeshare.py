@@ -1,0 +1,558 @@
+"""Node sharing for lazy values: the ranks of a node read each box they all need once.
+
+``model.load_state_dict(VirtualStateDict(path, mesh))`` fills values one key at a time, in
+the model's order, on every rank by itself; ranks may load different keys (``strict=False``,
+a notebook indexing a few) or in another order, so nothing here runs in lock step or waits
+for a rank that may never come. Instead the ranks of a node meet in shared memory
+(a directory under ``/dev/shm``, one per job and checkpoint):
+
+1. A rank about to read a box that other ranks of its node also need (computed from the
+   mesh and placements alone: every rank knows every rank's boxes) first looks for it
+   published by another rank, and copies it from there into its destination if found.
+2. Otherwise it tries to *claim* the box (a lock file created atomically with its lock
+   held). The first claimant reads the box from storage into its own destination, then
+   publishes the bytes (written under a temporary name, renamed when complete) and drops
+   the claim.
+3. A rank that finds the box claimed waits for the claim to go: a claim is held only while
+   its rank is reading from storage (never while waiting for anyone), so it goes when the
+   bytes are published, when the claimant fails (then the waiter claims and reads itself,
+   getting the same error if the storage is at fault) or when it dies (the kernel drops a
+   dead process's locks). A wait is also bounded (``wait_seconds``): after that the waiter
+   reads the box itself. Either way the data is right; nothing can hang.
+4. Every published box counts the ranks that took it; the last of the ranks that need it
+   removes it, so shared memory holds only boxes still on their way.
+
+So the first rank to need a box reads it and no rank waits for a rank that will not come:
+there is no fixed owner (a fixed owner that loads in another order, or not at all, would
+make every other rank wait out a timeout per box). Published boxes are named by a digest
+of the job, the files' identities (device, inode, size, mtime and ctime locally; size and
+ETag remote: objects without an ETag are never shared), the plan entry (sources, offsets,
+transposes, FP8 scales), the box and the destination's dtype, so two checkpoints, two
+versions of a file, or two conversions never mix.
+
+Clean-up: every rank of the node that takes part holds a shared lock on the directory's
+``members`` file while its VirtualStateDict is open; closing it (``close()``, the end of a
+``with``, garbage collection, interpreter exit, Ctrl-C) releases it, and the last one out
+removes the directory with everything left in it. A rank killed with SIGKILL loses its
+lock too, so the others still remove the directory when they finish; if every rank of a
+node is killed, the next load on that node removes directories nobody holds any more.
+
+It is on with ``share="node"`` (the default) when a default process group of more than one
+rank is initialized and ``/dev/shm`` is writable; a single process never touches shared
+memory. Ranks are on one node when they see the same ``/dev/shm`` (host name, boot id and
+the mount's device), exchanged once through the process group's store (no collective).
+
+Example:
+    >>> vsd = VirtualStateDict("s3://bucket/ckpt/", mesh, storage_options=opts)  # doctest: +SKIP
+    >>> model.load_state_dict(vsd)                                               # doctest: +SKIP
+    >>> vsd.bytes_read, vsd.bytes_received                                       # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import os
+import shutil
+import socket
+import threading
+import time
+import uuid
+import weakref
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .geometry import Box, full_box, shard_box
+
+if TYPE_CHECKING:
+    from .checkpoint import Checkpoint
+    from .distributed import Target, Targets
+    from .plan import Entry
+    from .reader import Reader
+
+_MAGIC = b"LAZYSD01"
+_HEADER = 64  # magic, digest (32), payload bytes, ranks needing it, ranks that took it
+_STALE_SECONDS = 60.0  # a directory without a members file this old was left by a crash
+
+
+def shm_root() -> str:
+    """Where node-shared boxes live: ``$LAZYSD_SHM_DIR``, else ``/dev/shm``."""
+    return os.environ.get("LAZYSD_SHM_DIR", "/dev/shm")
+
+
+class NodeShare:
+    """One VirtualStateDict's sharing of boxes with the other ranks of its node.
+
+    Args:
+        checkpoint: the opened checkpoint (its files' identities name what is shared).
+        reader: reads what this rank claims or cannot take.
+        targets: the VirtualStateDict's placements (None: every rank holds whole tensors).
+        rank, world: this process's rank and the world size of the default process group.
+        store: the process group's store, where ranks leave their node's name and agree on
+            a job token (set/compare_set/check only: no collective).
+        wait_seconds: the longest a rank waits for a box another rank is reading.
+
+    Attributes:
+        bytes_received: bytes of boxes this rank took from the node instead of reading.
+        tensors_received: boxes taken.
+        bytes_published: bytes of boxes this rank read and published for the others.
+    """
+
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        reader: Reader,
+        targets: Targets | None,
+        *,
+        rank: int,
+        world: int,
+        store: Any,
+        wait_seconds: float = 300.0,
+        membership_seconds: float = 10.0,
+    ) -> None:
+        self.checkpoint, self.reader, self.targets = checkpoint, reader, targets
+        self.rank, self.world, self.store = rank, world, store
+        self.wait_seconds, self.membership_seconds = wait_seconds, membership_seconds
+        self.bytes_received = self.tensors_received = self.bytes_published = 0
+        self._lock = threading.Lock()
+        self._node: tuple[int, ...] | None = None
+        self._coords: dict[int, dict[int, tuple[int, ...]]] = {}  # id(mesh) -> rank -> coordinate
+        self._digests: dict[str, bytes] = {}  # entry key -> digest of its description
+        self._state = _Membership()
+        self._finalizer = weakref.finalize(self, self._state.leave)
+        # Non-blocking: this rank's node and the job's token (the first rank's wins).
+        self._node_name = _node_name()
+        store.set(f"lazysd/share/node/{rank}", self._node_name)
+        token = store.compare_set("lazysd/share/job", "", uuid.uuid4().hex)
+        self._job = token.decode() if isinstance(token, bytes) else str(token)
+        self._identity, self._unshareable = _identities(checkpoint)
+
+    # ---- which ranks need a box ----------------------------------------------------------
+    def node(self) -> tuple[int, ...]:
+        """Global ranks on this node (that opened a VirtualStateDict with sharing on)."""
+        if self._node is None:
+            keys = [f"lazysd/share/node/{r}" for r in range(self.world)]
+            try:  # ranks open their VirtualStateDicts at about the same time: wait a little
+                import datetime
+
+                self.store.wait(keys, datetime.timedelta(seconds=self.membership_seconds))
+            except Exception:
+                pass  # a rank that has not opened one by now is not counted
+            node = []
+            for r, key in enumerate(keys):
+                try:
+                    if self.store.check([key]) and self.store.get(key).decode() == self._node_name:
+                        node.append(r)
+                except Exception:
+                    continue
+            self._node = tuple(node) if self.rank in node else (self.rank,)
+        return self._node
+
+    def needing(self, entry: Entry, box: Box) -> int:
+        """How many ranks of this node hold exactly ``box`` of ``entry`` (this one included)."""
+        target = None if self.targets is None else self.targets.target(entry)
+        if target is None:
+            return len(self.node()) if tuple(box) == full_box(entry.shape) else 1
+        coords = self._coordinates(target)
+        if coords is None:
+            return 1
+        shape, mesh_shape = entry.shape, tuple(target.mesh.shape)
+        return sum(
+            1
+            for r in self.node()
+            if r in coords and shard_box(shape, mesh_shape, coords[r], target.placements) == tuple(box)
+        )
+
+    def _coordinates(self, target: Target) -> dict[int, tuple[int, ...]] | None:
+        """Rank -> mesh coordinate, for meshes of ``Shard``/``Replicate`` placements only."""
+        if not all(type(p).__name__ in ("Shard", "Replicate") for p in target.placements):
+            return None
+        mesh = target.mesh
+        found = self._coords.get(id(mesh))
+        if found is None:
+            grid = mesh.mesh
+            found = {int(grid[idx]): tuple(int(i) for i in idx) for idx in _indices(tuple(grid.shape))}
+            self._coords[id(mesh)] = found
+        return found
+
+    # ---- filling -------------------------------------------------------------------------
+    def fill(self, entry: Entry, box: Box, dest: torch.Tensor, *, fresh: bool = False) -> torch.Tensor:
+        """Write ``box`` of ``entry`` into ``dest``: taken from the node, or read (and published)."""
+        if dest.device.type == "meta":
+            return dest
+        needed = self.needing(entry, box) if not self._unshareable.intersection(_files(entry)) else 1
+        where = self._state.join(self._job, self._identity) if needed > 1 else None
+        if where is None:
+            return self.reader.fill(entry, box, dest, fresh=fresh)
+        digest = self._digest(entry, box, dest)
+        name = os.path.join(where, digest.hex())
+        deadline = time.monotonic() + self.wait_seconds
+        while True:
+            taken = self._take(name, digest, dest)
+            if taken is not None:  # True: copied from the node; False: gone (all took it)
+                return dest if taken else self.reader.fill(entry, box, dest, fresh=fresh)
+            claim = _claim(name)
+            if claim is not None:
+                try:
+                    taken = self._take(name, digest, dest)  # published just before our claim
+                    if taken is not None:
+                        return dest if taken else self.reader.fill(entry, box, dest, fresh=fresh)
+                    self.reader.fill(entry, box, dest, fresh=fresh)
+                    self._publish(name, digest, dest, needed)
+                finally:
+                    _drop_claim(name, claim)
+                return dest
+            if not _await_claim(name, deadline):
+                return self.reader.fill(entry, box, dest, fresh=fresh)  # waited long enough
+
+    def _digest(self, entry: Entry, box: Box, dest: torch.Tensor) -> bytes:
+        described = self._digests.get(entry.key)
+        if described is None:
+            described = self._digests[entry.key] = hashlib.sha256(repr(entry).encode()).digest()
+        h = hashlib.sha256()
+        for part in (self._job, self._identity, described.hex(), repr(tuple(box)), str(dest.dtype), dest.device.type):
+            h.update(part.encode() + b"\0")
+        return h.digest()
+
+    def _take(self, name: str, digest: bytes, dest: torch.Tensor) -> bool | None:
+        """Copy a published box into ``dest``: True; False if it was published and is gone
+        (every rank that needed it took it); None if it is not published (yet)."""
+        try:
+            fd = os.open(name, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            return False if os.path.exists(name + ".done") else None
+        try:
+            head = os.pread(fd, _HEADER, 0)
+            nbytes = dest.numel() * dest.element_size()
+            if head[:8] != _MAGIC or head[8:40] != digest or int.from_bytes(head[40:48], "little") != nbytes:
+                return False  # not what this name promises: read it ourselves, leave it alone
+            _read_exact(fd, dest, _HEADER)
+            fcntl.flock(fd, fcntl.LOCK_EX)  # the count of ranks that took it
+            try:
+                needed = int.from_bytes(os.pread(fd, 8, 48), "little")
+                took = int.from_bytes(os.pread(fd, 8, 56), "little") + 1
+                os.pwrite(fd, took.to_bytes(8, "little"), 56)
+                if took >= needed:  # the last one: nobody needs it any more
+                    _touch(name + ".done")
+                    _unlink(name)
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+        with self._lock:
+            self.bytes_received += nbytes
+            self.tensors_received += 1
+        return True
+
+    def _publish(self, name: str, digest: bytes, dest: torch.Tensor, needed: int) -> None:
+        """Write ``dest``'s values under a temporary name, then rename: readers see whole boxes only.
+
+        Best effort: without room in shared memory (the space is reserved first, so a full
+        ``/dev/shm`` is an error here, never a SIGBUS) the others read it themselves.
+        """
+        nbytes = dest.numel() * dest.element_size()
+        tmp = f"{name}.{os.getpid()}.{threading.get_ident()}.tmp"
+        try:
+            fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_RDWR | getattr(os, "O_CLOEXEC", 0), 0o600)
+        except OSError:
+            return
+        try:
+            os.posix_fallocate(fd, 0, _HEADER + max(nbytes, 1))
+            head = _MAGIC + digest + nbytes.to_bytes(8, "little") + needed.to_bytes(8, "little") + (1).to_bytes(8, "little")
+            os.pwrite(fd, head, 0)
+            _write_exact(fd, dest, _HEADER)
+            os.rename(tmp, name)
+        except OSError:
+            _unlink(tmp)
+            return
+        finally:
+            os.close(fd)
+        with self._lock:
+            self.bytes_published += nbytes
+
+    # ---- lifetime ------------------------------------------------------------------------
+    def close(self) -> None:
+        """Leave the node's directory (the last rank out removes it)."""
+        self._finalizer()
+
+
+class _Membership:
+    """This process's place in a node directory: a shared lock on its ``members`` file."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.dir: str | None = None
+        self.fd: int | None = None
+        self.failed = False
+
+    def join(self, job: str, identity: str) -> str | None:
+        """The node directory of this job and checkpoint (joined on first use); None if unusable."""
+        if self.dir is not None or self.failed:
+            return self.dir
+        with self.lock:
+            if self.dir is None and not self.failed:
+                root = shm_root()
+                name = "lazysd-" + hashlib.sha256(f"{job}\0{identity}".encode()).hexdigest()[:32]
+                try:
+                    sweep(root, keep=name)
+                    self.dir, self.fd = _enter(os.path.join(root, name))
+                except OSError:
+                    self.failed = True  # no usable shared memory: every rank reads for itself
+        return self.dir
+
+    def leave(self) -> None:
+        with self.lock:
+            if self.dir is not None and self.fd is not None:
+                _leave(self.dir, self.fd)
+            self.dir = self.fd = None
+
+
+def _enter(where: str) -> tuple[str, int]:
+    """Join (creating it if needed) the directory ``where``: a shared lock on its members file."""
+    for _ in range(100):
+        try:
+            os.mkdir(where, 0o700)
+        except FileExistsError:
+            pass
+        members = os.path.join(where, "members")
+        try:
+            fd = os.open(members, os.O_CREAT | os.O_RDWR | getattr(os, "O_CLOEXEC", 0), 0o600)
+        except FileNotFoundError:
+            continue  # removed by its last member just now: make it again
+        if _lock_within(fd, fcntl.LOCK_SH, 10.0):
+            try:
+                if os.stat(members).st_ino == os.fstat(fd).st_ino:
+                    return where, fd
+            except FileNotFoundError:
+                pass
+        os.close(fd)  # the directory was removed while we joined it: again
+    raise OSError(errno.EAGAIN, f"{where}: could not join the node's shared directory")
+
+
+def _leave(where: str, fd: int) -> None:
+    """Drop this member's lock; if no member is left, remove the directory and its boxes."""
+    fcntl.flock(fd, fcntl.LOCK_UN)  # first, so two leaving at once cannot both see the other
+    try:
+        if _lock_within(fd, fcntl.LOCK_EX, 0.0):
+            shutil.rmtree(where, ignore_errors=True)
+    finally:
+        os.close(fd)
+
+
+def sweep(root: str, *, keep: str | None = None) -> list[str]:
+    """Remove node directories under ``root`` that no live process holds (all its ranks died).
+
+    Returns the names removed. A directory being made right now is left alone (its maker
+    holds it, or it is younger than a minute).
+    """
+    removed = []
+    try:
+        names = [n for n in os.listdir(root) if n.startswith("lazysd-") and n != keep]
+    except OSError:
+        return removed
+    for n in names:
+        where = os.path.join(root, n)
+        try:
+            fd = os.open(os.path.join(where, "members"), os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            try:
+                if time.time() - os.stat(where).st_mtime > _STALE_SECONDS:
+                    shutil.rmtree(where, ignore_errors=True)
+                    removed.append(n)
+            except OSError:
+                pass
+            continue
+        except OSError:
+            continue
+        try:
+            if _lock_within(fd, fcntl.LOCK_EX, 0.0):
+                shutil.rmtree(where, ignore_errors=True)
+                removed.append(n)
+        finally:
+            os.close(fd)
+    return removed
+
+
+# ---- claims ---------------------------------------------------------------------------------
+def _claim(name: str) -> int | None:
+    """Claim the box ``name`` for reading: a file descriptor holding the claim's lock, or
+    None if another rank holds the claim. The lock is taken before the claim file appears
+    (made under a private name, then hard-linked), so a held claim is always locked."""
+    tmp = f"{name}.{os.getpid()}.{threading.get_ident()}.c"
+    try:
+        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_RDWR | getattr(os, "O_CLOEXEC", 0), 0o600)
+    except OSError:
+        return None
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        os.link(tmp, name + ".claim")
+    except FileExistsError:
+        os.close(fd)
+        return None
+    except OSError:
+        os.close(fd)
+        return None
+    finally:
+        _unlink(tmp)
+    return fd
+
+
+def _drop_claim(name: str, fd: int) -> None:
+    try:
+        if os.stat(name + ".claim").st_ino == os.fstat(fd).st_ino:
+            _unlink(name + ".claim")
+    except FileNotFoundError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _await_claim(name: str, deadline: float) -> bool:
+    """Wait until the claim on ``name`` goes (published, failed or its rank died): True;
+    False when ``deadline`` passes first."""
+    claim = name + ".claim"
+    try:
+        fd = os.open(claim, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        return True
+    try:
+        if not _lock_within(fd, fcntl.LOCK_SH, max(0.0, deadline - time.monotonic())):
+            return False
+        # The claimant let go. Published, or gave up (its error is its own): try again. A
+        # claim file still there with no lock on it is a dead rank's: remove it (if it is
+        # still the same file) so that the box can be claimed again.
+        if not os.path.exists(name) and not os.path.exists(name + ".done"):
+            try:
+                if os.stat(claim).st_ino == os.fstat(fd).st_ino:
+                    _unlink(claim)
+            except FileNotFoundError:
+                pass
+        return True
+    finally:
+        os.close(fd)
+
+
+def _lock_within(fd: int, kind: int, seconds: float) -> bool:
+    """``flock(fd, kind)`` within ``seconds`` (polled: a blocking flock cannot time out)."""
+    deadline = time.monotonic() + seconds
+    pause = 0.0005
+    while True:
+        try:
+            fcntl.flock(fd, kind | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(pause)
+            pause = min(pause * 2, 0.01)
+
+
+# ---- bytes in and out -------------------------------------------------------------------------
+def _byte_view(t: torch.Tensor) -> memoryview:
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+
+
+def _read_exact(fd: int, dest: torch.Tensor, offset: int) -> None:
+    """The published values into ``dest`` (any device, layout): straight in when it is contiguous CPU memory."""
+    direct = dest.device.type == "cpu" and dest.is_contiguous()
+    buf = dest if direct else torch.empty(dest.shape, dtype=dest.dtype)
+    if buf.numel():
+        view = _byte_view(buf)
+        pos = 0
+        while pos < len(view):
+            got = os.preadv(fd, [view[pos:]], offset + pos)
+            if got <= 0:
+                raise OSError(errno.EIO, "a published box ended early")
+            pos += got
+    if not direct:
+        dest.copy_(buf)
+
+
+def _write_exact(fd: int, src: torch.Tensor, offset: int) -> None:
+    if src.device.type != "cpu" or not src.is_contiguous():
+        src = src.detach().to("cpu", memory_format=torch.contiguous_format)
+    if not src.numel():
+        return
+    view = _byte_view(src)
+    pos = 0
+    while pos < len(view):
+        pos += os.pwrite(fd, view[pos:], offset + pos)
+
+
+def _touch(path: str) -> None:
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0), 0o600))
+    except OSError:
+        pass
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+# ---- identities ------------------------------------------------------------------------------
+def _node_name() -> str:
+    """Same on processes that share ``/dev/shm``, different otherwise (containers included)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    try:
+        st = os.stat(shm_root())
+        mount = f"{st.st_dev}:{st.st_ino}"
+    except OSError:
+        mount = "-"
+    return f"{socket.gethostname()}|{boot}|{mount}"
+
+
+def _identities(checkpoint: Checkpoint) -> tuple[str, set[Any]]:
+    """The checkpoint's identity (path and every file's identity) and its files that cannot be
+    told apart from a changed version (remote objects without an ETag): never shared."""
+    known = getattr(checkpoint, "_identity", {})
+    parts, unshareable = [str(checkpoint.path)], set()
+    for file in sorted(known, key=str):
+        ident = known[file]
+        if getattr(ident, "etag", "local") is None:
+            unshareable.add(file)
+        parts.append(f"{file}={ident!r}")
+    return "\n".join(parts), unshareable
+
+
+def _files(entry: Entry) -> set[Any]:
+    files = set()
+    for src in entry.sources:
+        files.add(src.info.file)
+        if src.scale is not None:
+            files.add(src.scale.info.file)
+    return files
+
+
+def _indices(shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    out: list[tuple[int, ...]] = [()]
+    for n in shape:
+        out = [idx + (i,) for idx in out for i in range(n)]
+    return out
+
+
+def node_share(checkpoint: Checkpoint, reader: Reader, targets: Targets | None) -> NodeShare | None:
+    """A :class:`NodeShare` when a default process group of several ranks is up and shared
+    memory is usable; None otherwise (a single process never touches shared memory)."""
+    if not os.path.isdir(shm_root()) or not os.access(shm_root(), os.W_OK):
+        return None
+    try:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return None
+        from torch.distributed import distributed_c10d
+
+        store = distributed_c10d._get_default_store()
+    except Exception:
+        return None
+    return NodeShare(checkpoint, reader, targets, rank=dist.get_rank(), world=dist.get_world_size(), store=store)
