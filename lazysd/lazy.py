@@ -136,7 +136,8 @@ class LazyTensor(torch.Tensor):
 
     def _alias(self, box: Box | None = None) -> LazyTensor:
         """Another LazyTensor of the same value (or of ``box`` of it), sharing the same way."""
-        alias = LazyTensor(self.entry, self._reader, self.box if box is None else box, dtype=self.dtype, device=self.device)
+        box = self.box if box is None else box
+        alias = LazyTensor(self.entry, self._reader, box, dtype=self.dtype, device=self.device)
         alias._share = self._share
         return alias
 

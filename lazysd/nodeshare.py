@@ -260,8 +260,8 @@ class NodeShare:
             return
         try:
             os.posix_fallocate(fd, 0, _HEADER + max(nbytes, 1))
-            head = _MAGIC + digest + nbytes.to_bytes(8, "little") + needed.to_bytes(8, "little") + (1).to_bytes(8, "little")
-            os.pwrite(fd, head, 0)
+            counts = [n.to_bytes(8, "little") for n in (nbytes, needed, 1)]  # this rank took it already
+            os.pwrite(fd, _MAGIC + digest + b"".join(counts), 0)
             _write_exact(fd, dest, _HEADER)
             os.rename(tmp, name)
         except OSError:

@@ -316,7 +316,7 @@ def _check_ranks(rank: int, world: int, local: str, urls: dict[str, tuple[str, d
     for kind, (url, options, stats_url) in urls.items():
         tag = f"{kind}-w{world}-r{rank}"
         options = _tagged(kind, options, tag)
-        with VirtualStateDict(url, mesh, storage_options=options) as vsd:
+        with VirtualStateDict(url, mesh, storage_options=options, share=None) as vsd:  # each rank its own plan
             before = server_stats(stats_url).get(tag, {"requests": 0, "bytes": 0})
             requests0 = vsd.checkpoint.requests
             for key, value in vsd.items():

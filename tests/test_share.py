@@ -223,8 +223,9 @@ def test_a_rank_killed_mid_load_leaves_no_shared_memory(ckpt: Path, shm: Path) -
     world = 3
     with tempfile.TemporaryDirectory(prefix="lazysd-kill-") as tmp:
         ctx = multiprocessing.get_context("forkserver")
+        args = (str(ckpt), str(shm), tmp)
         procs = [
-            ctx.Process(target=_entry, args=(r, _load_or_die, world, str(Path(tmp) / "rdzv"), tmp, (str(ckpt), str(shm), tmp)))
+            ctx.Process(target=_entry, args=(r, _load_or_die, world, str(Path(tmp) / "rdzv"), tmp, args))
             for r in range(world)
         ]
         for p in procs:
