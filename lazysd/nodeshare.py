@@ -53,6 +53,8 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import math
+import mmap
 import os
 import shutil
 import socket
@@ -60,6 +62,7 @@ import threading
 import time
 import uuid
 import weakref
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -109,6 +112,9 @@ class NodeShare:
         rank: int,
         world: int,
         store: Any,
+        entries: Mapping[str, Entry] | None = None,
+        dtype_of: Callable[[Entry], torch.dtype] | None = None,
+        ahead_bytes: int = 128 << 20,
         wait_seconds: float = 300.0,
         membership_seconds: float = 10.0,
     ) -> None:
@@ -128,6 +134,8 @@ class NodeShare:
         token = store.compare_set("lazysd/share/job", "", uuid.uuid4().hex)
         self._job = token.decode() if isinstance(token, bytes) else str(token)
         self._identity, self._unshareable = _identities(checkpoint)
+        self._published: set[str] = set()  # names this process published (taking them back is no receipt)
+        self._ahead = _ReadAhead(self, entries, dtype_of, ahead_bytes) if entries and dtype_of else None
 
     # ---- which ranks need a box ----------------------------------------------------------
     def node(self) -> tuple[int, ...]:
@@ -165,6 +173,17 @@ class NodeShare:
             if r in coords and shard_box(shape, mesh_shape, coords[r], target.placements) == tuple(box)
         )
 
+    def boxes(self, entry: Entry, ranks: tuple[int, ...]) -> dict[int, Box]:
+        """The box of ``entry`` each of ``ranks`` holds (those outside its mesh left out)."""
+        target = None if self.targets is None else self.targets.target(entry)
+        if target is None:
+            return dict.fromkeys(ranks, full_box(entry.shape))
+        coords = self._coordinates(target)
+        if coords is None:
+            return {}
+        mesh_shape = tuple(target.mesh.shape)
+        return {r: shard_box(entry.shape, mesh_shape, coords[r], target.placements) for r in ranks if r in coords}
+
     def _coordinates(self, target: Target) -> dict[int, tuple[int, ...]] | None:
         """Rank -> mesh coordinate, for meshes of ``Shard``/``Replicate`` placements only."""
         if not all(type(p).__name__ in ("Shard", "Replicate") for p in target.placements):
@@ -186,8 +205,10 @@ class NodeShare:
         where = self._state.join(self._job, self._identity) if needed > 1 else None
         if where is None:
             return self.reader.fill(entry, box, dest, fresh=fresh)
-        digest = self._digest(entry, box, dest)
+        digest = self._digest(entry, box, dest.dtype, dest.device.type)
         name = os.path.join(where, digest.hex())
+        if self._ahead is not None:
+            self._ahead.advance(entry.key)
         deadline = time.monotonic() + self.wait_seconds
         while True:
             taken = self._take(name, digest, dest)
@@ -207,12 +228,12 @@ class NodeShare:
             if not _await_claim(name, deadline):
                 return self.reader.fill(entry, box, dest, fresh=fresh)  # waited long enough
 
-    def _digest(self, entry: Entry, box: Box, dest: torch.Tensor) -> bytes:
+    def _digest(self, entry: Entry, box: Box, dtype: torch.dtype, device_type: str) -> bytes:
         described = self._digests.get(entry.key)
         if described is None:
             described = self._digests[entry.key] = hashlib.sha256(repr(entry).encode()).digest()
         h = hashlib.sha256()
-        for part in (self._job, self._identity, described.hex(), repr(tuple(box)), str(dest.dtype), dest.device.type):
+        for part in (self._job, self._identity, described.hex(), repr(tuple(box)), str(dtype), device_type):
             h.update(part.encode() + b"\0")
         return h.digest()
 
@@ -242,8 +263,9 @@ class NodeShare:
         finally:
             os.close(fd)
         with self._lock:
-            self.bytes_received += nbytes
-            self.tensors_received += 1
+            if name not in self._published:
+                self.bytes_received += nbytes
+                self.tensors_received += 1
         return True
 
     def _publish(self, name: str, digest: bytes, dest: torch.Tensor, needed: int) -> None:
@@ -272,10 +294,165 @@ class NodeShare:
         with self._lock:
             self.bytes_published += nbytes
 
+    def _prefetch(self, entry: Entry, box: Box, dtype: torch.dtype, needed: int) -> None:
+        """Read a box this rank owns into shared memory before any rank asks (read-ahead):
+        straight into the published file's memory, then renamed as :meth:`_publish` does."""
+        where = self._state.join(self._job, self._identity)
+        if where is None:
+            return
+        digest = self._digest(entry, box, dtype, "cpu")
+        name = os.path.join(where, digest.hex())
+        if os.path.exists(name) or os.path.exists(name + ".done"):
+            return
+        claim = _claim(name)
+        if claim is None:
+            return  # being read by another rank (or thread)
+        try:
+            if os.path.exists(name) or os.path.exists(name + ".done"):
+                return
+            shape = [hi - lo for lo, hi in box]
+            nbytes = math.prod(shape) * dtype.itemsize
+            tmp = f"{name}.{os.getpid()}.{threading.get_ident()}.tmp"
+            fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_RDWR | getattr(os, "O_CLOEXEC", 0), 0o600)
+            try:
+                os.posix_fallocate(fd, 0, _HEADER + max(nbytes, 1))
+                if nbytes:
+                    mapped = mmap.mmap(fd, _HEADER + nbytes)
+                    try:
+                        dest = torch.frombuffer(mapped, dtype=torch.uint8, count=nbytes, offset=_HEADER)
+                        self.reader.fill(entry, box, dest.view(dtype).view(shape))
+                        del dest
+                    finally:
+                        mapped.close()
+                counts = [n.to_bytes(8, "little") for n in (nbytes, needed, 0)]  # nobody took it yet
+                os.pwrite(fd, _MAGIC + digest + b"".join(counts), 0)
+                with self._lock:
+                    self._published.add(name)
+                os.rename(tmp, name)
+            except BaseException:
+                _unlink(tmp)
+                raise
+            finally:
+                os.close(fd)
+            with self._lock:
+                self.bytes_published += nbytes
+        finally:
+            _drop_claim(name, claim)
+
     # ---- lifetime ------------------------------------------------------------------------
     def close(self) -> None:
-        """Leave the node's directory (the last rank out removes it)."""
+        """Stop reading ahead and leave the node's directory (the last rank out removes it)."""
+        if self._ahead is not None:
+            self._ahead.stop()
         self._finalizer()
+
+
+class _ReadAhead:
+    """Read-ahead of the boxes this rank owns, so that the ranks of a node read at once.
+
+    ``load_state_dict`` asks for one key at a time, every rank in about the same order: left
+    alone, the first rank to ask reads a box while the others wait for it, so the node reads
+    one box at a time. Here each box that several ranks of the node need has an owner, the
+    same on every rank (largest first onto the least loaded rank of those needing it, as
+    :func:`lazysd.share.share_node` does), and when a rank asks for key ``k`` its workers read
+    the boxes it owns among the next ``ahead_bytes`` of shared boxes after ``k`` (checkpoint
+    order) into shared memory. The ranks' workers run at the same time, each on its own
+    boxes. Read-ahead starts with the second key asked for (a single value read in a
+    notebook reads nothing ahead), stays ``ahead_bytes`` ahead, and only for CPU values;
+    a box already claimed or published is skipped, so nothing is read twice.
+    """
+
+    def __init__(
+        self, share: NodeShare, entries: Mapping[str, Entry], dtype_of: Callable[[Entry], torch.dtype], ahead: int
+    ) -> None:
+        self.share, self.entries, self.dtype_of, self.ahead = share, entries, dtype_of, ahead
+        self.lock = threading.Lock()
+        self.items: list[tuple[int, Entry, Box, int, int]] | None = None  # mine: (position, entry, box, ranks, bytes)
+        self.positions: dict[str, int] = {}
+        self.starts: list[int] = []  # cumulative shared bytes before each position
+        self.anchor = -1
+        self.asked = 0
+        self.next = 0  # index into items of the next box to consider
+        self.workers = 0
+        self.max_workers = 1 if share.checkpoint.local else 4  # remote: latency bound, keep requests in flight
+        self.stopped = False
+
+    def _build(self) -> None:
+        """Every shared box of the node, its owner, and this rank's in checkpoint order."""
+        from .share import _owners
+
+        share = self.share
+        node = share.node()
+        needs: dict[int, list[tuple[str, tuple[tuple[int, int], ...], str, int]]] = {r: [] for r in node}
+        where: dict[str, tuple[int, Entry]] = {}
+        shared_bytes = [0] * len(self.entries)
+        for pos, (key, entry) in enumerate(self.entries.items()):
+            self.positions[key] = pos
+            if share._unshareable.intersection(_files(entry)):
+                continue
+            dtype = self.dtype_of(entry)
+            for r, box in share.boxes(entry, node).items():
+                nbytes = math.prod(hi - lo for lo, hi in box) * dtype.itemsize
+                needs[r].append((key, box, str(dtype), nbytes))
+            where[key] = (pos, entry)
+        items, owner, cost = _owners(needs)
+        mine = []
+        for item, ranks in items:
+            pos, entry = where[item[0]]
+            shared_bytes[pos] += cost[item]
+            if owner[item] == share.rank:
+                mine.append((pos, entry, item[1], len(ranks), cost[item]))
+        total = 0
+        for b in shared_bytes:
+            self.starts.append(total)
+            total += b
+        self.items = sorted(mine, key=lambda m: m[0])
+
+    def advance(self, key: str) -> None:
+        """Rank asked for ``key``: read ahead from there (from the second key asked on)."""
+        with self.lock:
+            if self.stopped:
+                return
+            self.asked += 1
+            if self.asked < 2:
+                return
+            if self.items is None:
+                try:
+                    self._build()
+                except Exception:
+                    self.items = []  # no read-ahead; values are still shared on demand
+            pos = self.positions.get(key, -1)
+            self.anchor = max(self.anchor, pos)
+            if self.workers < self.max_workers and self._pending():
+                self.workers += 1
+                threading.Thread(target=self._work, name="lazysd-readahead", daemon=True).start()
+
+    def _pending(self) -> bool:
+        assert self.items is not None
+        while self.next < len(self.items) and self.items[self.next][0] <= self.anchor:
+            self.next += 1  # asked for already (or passed): read on demand
+        if self.next >= len(self.items):
+            return False
+        pos = self.items[self.next][0]
+        return self.starts[pos] - self.starts[max(self.anchor, 0)] <= self.ahead
+
+    def _work(self) -> None:
+        while True:
+            with self.lock:
+                if self.stopped or not self._pending():
+                    self.workers -= 1
+                    return
+                assert self.items is not None
+                _, entry, box, needed, _ = self.items[self.next]
+                self.next += 1
+            try:
+                self.share._prefetch(entry, box, self.dtype_of(entry), needed)
+            except Exception:
+                pass  # a box that cannot be read ahead is read on demand, where its error shows
+
+    def stop(self) -> None:
+        with self.lock:
+            self.stopped = True
 
 
 class _Membership:
@@ -540,7 +717,14 @@ def _indices(shape: tuple[int, ...]) -> list[tuple[int, ...]]:
     return out
 
 
-def node_share(checkpoint: Checkpoint, reader: Reader, targets: Targets | None) -> NodeShare | None:
+def node_share(
+    checkpoint: Checkpoint,
+    reader: Reader,
+    targets: Targets | None,
+    *,
+    entries: Mapping[str, Entry] | None = None,
+    dtype_of: Callable[[Entry], torch.dtype] | None = None,
+) -> NodeShare | None:
     """A :class:`NodeShare` when a default process group of several ranks is up and shared
     memory is usable; None otherwise (a single process never touches shared memory)."""
     if not os.path.isdir(shm_root()) or not os.access(shm_root(), os.W_OK):
@@ -555,4 +739,7 @@ def node_share(checkpoint: Checkpoint, reader: Reader, targets: Targets | None) 
         store = distributed_c10d._get_default_store()
     except Exception:
         return None
-    return NodeShare(checkpoint, reader, targets, rank=dist.get_rank(), world=dist.get_world_size(), store=store)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    return NodeShare(
+        checkpoint, reader, targets, rank=rank, world=world, store=store, entries=entries, dtype_of=dtype_of
+    )

@@ -174,7 +174,12 @@ class VirtualStateDict(Mapping[str, torch.Tensor]):
                 self.reader.progress = progress
             self._nodeshare: NodeShare | None = None
             if share == "node":
-                self._nodeshare = node_share(self.checkpoint, self.reader, self._targets)
+                # Read-ahead (into shared memory) only for values that live on the CPU.
+                cpu = self.device.type == "cpu" and (mesh is None or getattr(mesh, "device_type", "cpu") == "cpu")
+                entries = self.plan.entries if cpu else None
+                self._nodeshare = node_share(
+                    self.checkpoint, self.reader, self._targets, entries=entries, dtype_of=self.dtype_of
+                )
         except BaseException:
             # Not left to the garbage collector: the exception's traceback keeps this frame
             # (and so the descriptors) alive for as long as it is referenced (Jupyter keeps
