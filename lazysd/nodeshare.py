@@ -134,7 +134,9 @@ class NodeShare:
         token = store.compare_set("lazysd/share/job", "", uuid.uuid4().hex)
         self._job = token.decode() if isinstance(token, bytes) else str(token)
         self._identity, self._unshareable = _identities(checkpoint)
-        self._published: set[str] = set()  # names this process published (taking them back is no receipt)
+        self._published: set[str] = set()  # names this process published: read-ahead must not read them again
+        self._taken: set[str] = set()  # names this process took: nor these
+        self._ahead_read: set[str] = set()  # read ahead by this process, not taken back yet (no receipt)
         self._ahead = _ReadAhead(self, entries, dtype_of, ahead_bytes) if entries and dtype_of else None
 
     # ---- which ranks need a box ----------------------------------------------------------
@@ -211,15 +213,16 @@ class NodeShare:
             self._ahead.advance(entry.key)
         deadline = time.monotonic() + self.wait_seconds
         while True:
-            taken = self._take(name, digest, dest)
-            if taken is not None:  # True: copied from the node; False: gone (all took it)
-                return dest if taken else self.reader.fill(entry, box, dest, fresh=fresh)
-            claim = _claim(name)
+            if self._take(name, digest, dest):
+                return dest
+            try:
+                claim = _claim(name)
+            except OSError:  # no room or no descriptors for a claim here: read it ourselves
+                return self.reader.fill(entry, box, dest, fresh=fresh)
             if claim is not None:
                 try:
-                    taken = self._take(name, digest, dest)  # published just before our claim
-                    if taken is not None:
-                        return dest if taken else self.reader.fill(entry, box, dest, fresh=fresh)
+                    if self._take(name, digest, dest):  # published just before our claim
+                        return dest
                     self.reader.fill(entry, box, dest, fresh=fresh)
                     self._publish(name, digest, dest, needed)
                 finally:
@@ -237,16 +240,16 @@ class NodeShare:
             h.update(part.encode() + b"\0")
         return h.digest()
 
-    def _take(self, name: str, digest: bytes, dest: torch.Tensor) -> bool | None:
-        """Copy a published box into ``dest``: True; False if it was published and is gone
-        (every rank that needed it took it); None if it is not published (yet)."""
+    def _take(self, name: str, digest: bytes, dest: torch.Tensor) -> bool:
+        """Copy the published box ``name`` into ``dest``; False if it is not published (or
+        not readable as promised: then ``dest`` is left to be read from storage)."""
         try:
             fd = os.open(name, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
-        except FileNotFoundError:
-            return False if os.path.exists(name + ".done") else None
+        except OSError:
+            return False
+        nbytes = dest.numel() * dest.element_size()
         try:
             head = os.pread(fd, _HEADER, 0)
-            nbytes = dest.numel() * dest.element_size()
             if head[:8] != _MAGIC or head[8:40] != digest or int.from_bytes(head[40:48], "little") != nbytes:
                 return False  # not what this name promises: read it ourselves, leave it alone
             _read_exact(fd, dest, _HEADER)
@@ -256,14 +259,18 @@ class NodeShare:
                 took = int.from_bytes(os.pread(fd, 8, 56), "little") + 1
                 os.pwrite(fd, took.to_bytes(8, "little"), 56)
                 if took >= needed:  # the last one: nobody needs it any more
-                    _touch(name + ".done")
                     _unlink(name)
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
+        except OSError:
+            return False
         finally:
             os.close(fd)
         with self._lock:
-            if name not in self._published:
+            self._taken.add(name)
+            if name in self._ahead_read:
+                self._ahead_read.discard(name)  # read by this process, not received
+            else:
                 self.bytes_received += nbytes
                 self.tensors_received += 1
         return True
@@ -285,8 +292,10 @@ class NodeShare:
             counts = [n.to_bytes(8, "little") for n in (nbytes, needed, 1)]  # this rank took it already
             os.pwrite(fd, _MAGIC + digest + b"".join(counts), 0)
             _write_exact(fd, dest, _HEADER)
+            with self._lock:
+                self._published.add(name)
             os.rename(tmp, name)
-        except OSError:
+        except (OSError, RuntimeError):
             _unlink(tmp)
             return
         finally:
@@ -302,13 +311,15 @@ class NodeShare:
             return
         digest = self._digest(entry, box, dtype, "cpu")
         name = os.path.join(where, digest.hex())
-        if os.path.exists(name) or os.path.exists(name + ".done"):
+        if os.path.exists(name) or name in self._taken or name in self._published:
             return
         claim = _claim(name)
         if claim is None:
             return  # being read by another rank (or thread)
         try:
-            if os.path.exists(name) or os.path.exists(name + ".done"):
+            # This process may have asked for it meanwhile: then it is here or was, and gone
+            # only once every rank that needs it took it (this one included, so recorded).
+            if os.path.exists(name) or name in self._taken or name in self._published:
                 return
             shape = [hi - lo for lo, hi in box]
             nbytes = math.prod(shape) * dtype.itemsize
@@ -328,6 +339,7 @@ class NodeShare:
                 os.pwrite(fd, _MAGIC + digest + b"".join(counts), 0)
                 with self._lock:
                     self._published.add(name)
+                    self._ahead_read.add(name)
                 os.rename(tmp, name)
             except BaseException:
                 _unlink(tmp)
@@ -555,22 +567,20 @@ def sweep(root: str, *, keep: str | None = None) -> list[str]:
 # ---- claims ---------------------------------------------------------------------------------
 def _claim(name: str) -> int | None:
     """Claim the box ``name`` for reading: a file descriptor holding the claim's lock, or
-    None if another rank holds the claim. The lock is taken before the claim file appears
-    (made under a private name, then hard-linked), so a held claim is always locked."""
+    None if another rank holds the claim (OSError if no claim can be made here). The lock is
+    taken before the claim file appears (made under a private name, then hard-linked), so a
+    held claim is always locked."""
     tmp = f"{name}.{os.getpid()}.{threading.get_ident()}.c"
+    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_RDWR | getattr(os, "O_CLOEXEC", 0), 0o600)
     try:
-        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_RDWR | getattr(os, "O_CLOEXEC", 0), 0o600)
-    except OSError:
-        return None
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         os.link(tmp, name + ".claim")
     except FileExistsError:
         os.close(fd)
         return None
-    except OSError:
+    except BaseException:
         os.close(fd)
-        return None
+        raise
     finally:
         _unlink(tmp)
     return fd
@@ -600,7 +610,7 @@ def _await_claim(name: str, deadline: float) -> bool:
         # The claimant let go. Published, or gave up (its error is its own): try again. A
         # claim file still there with no lock on it is a dead rank's: remove it (if it is
         # still the same file) so that the box can be claimed again.
-        if not os.path.exists(name) and not os.path.exists(name + ".done"):
+        if not os.path.exists(name):
             try:
                 if os.stat(claim).st_ino == os.fstat(fd).st_ino:
                     _unlink(claim)
@@ -628,7 +638,7 @@ def _lock_within(fd: int, kind: int, seconds: float) -> bool:
 
 # ---- bytes in and out -------------------------------------------------------------------------
 def _byte_view(t: torch.Tensor) -> memoryview:
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+    return memoryview(t.detach().reshape(-1).view(torch.uint8).numpy()).cast("B")
 
 
 def _read_exact(fd: int, dest: torch.Tensor, offset: int) -> None:
@@ -656,13 +666,6 @@ def _write_exact(fd: int, src: torch.Tensor, offset: int) -> None:
     pos = 0
     while pos < len(view):
         pos += os.pwrite(fd, view[pos:], offset + pos)
-
-
-def _touch(path: str) -> None:
-    try:
-        os.close(os.open(path, os.O_CREAT | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0), 0o600))
-    except OSError:
-        pass
 
 
 def _unlink(path: str) -> None:

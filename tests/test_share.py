@@ -276,3 +276,93 @@ def test_a_single_process_never_shares(ckpt: Path, shm: Path, monkeypatch: pytes
         sum(v.float().sum() for v in vsd.values())
         assert vsd.bytes_received == 0
     assert os.listdir(shm) == []
+
+
+def _attach(vsd: VirtualStateDict, rank: int, store, **options) -> None:  # noqa: ANN001
+    """Share ``vsd``'s values as rank ``rank`` of 2 on ``store`` (both ranks on this node)."""
+    from lazysd.nodeshare import NodeShare, _node_name
+
+    store.set(f"lazysd/share/node/{1 - rank}", _node_name())  # the other rank is on this node
+    vsd._nodeshare = NodeShare(vsd.checkpoint, vsd.reader, None, rank=rank, world=2, store=store, **options)
+
+
+def test_two_versions_of_a_checkpoint_never_mix(
+    tmp_path: Path, shm: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rank 0 read (and published) a tensor before the checkpoint's files were replaced,
+    rank 1 opened it after: same path, keys and shapes, other file identities. Rank 1 reads
+    its own version instead of taking rank 0's."""
+    monkeypatch.setenv("LAZYSD_SHM_DIR", str(shm))
+    store = torch.distributed.HashStore()
+    path = make_checkpoint(tmp_path / "ckpt", SPEC, layout="split", seed=1)
+    key = "model.embed_tokens.weight"
+    with VirtualStateDict(path) as old:
+        _attach(old, 0, store)
+        a = old[key].materialize()
+        share = old._nodeshare
+        assert old.bytes_read == a.numel() * a.element_size() and share.bytes_published == old.bytes_read
+        make_checkpoint(tmp_path / "new", SPEC, layout="split", seed=2)
+        for f in (tmp_path / "new").iterdir():
+            os.replace(f, path / f.name)  # new inodes under the old names, as save_hf does
+        with VirtualStateDict(path) as new:
+            _attach(new, 1, store)
+            b = new[key].materialize()
+            assert new.bytes_received == 0 and new.bytes_read == old.bytes_read
+            assert not torch.equal(a, b)
+            with VirtualStateDict(path, share=None) as plain:
+                assert same_bits(b, plain[key].materialize())
+    assert os.listdir(shm) == []
+
+
+def test_a_box_stuck_with_another_rank_is_read_after_the_wait(
+    ckpt: Path, shm: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claim held by a rank that never publishes (stuck, stopped in a debugger): the
+    waiting rank reads the box itself after ``wait_seconds``, with the right values."""
+    from lazysd import nodeshare
+
+    monkeypatch.setenv("LAZYSD_SHM_DIR", str(shm))
+    store = torch.distributed.HashStore()
+    key = "model.norm.weight"
+    with VirtualStateDict(ckpt) as vsd, VirtualStateDict(ckpt, share=None) as plain:
+        _attach(vsd, 1, store, wait_seconds=0.5)
+        share = vsd._nodeshare
+        where = share._state.join(share._job, share._identity)
+        value = vsd[key]
+        name = os.path.join(where, share._digest(vsd.entry(key), value.box, value.dtype, "cpu").hex())
+        stuck = nodeshare._claim(name)  # the other rank's claim, never released
+        try:
+            t0 = time.monotonic()
+            got = value.materialize()
+            assert 0.5 <= time.monotonic() - t0 < 5
+        finally:
+            os.close(stuck)
+        assert same_bits(got, plain[key].materialize())
+        assert vsd.bytes_received == 0 and vsd.bytes_read == got.numel() * got.element_size()
+    assert os.listdir(shm) == []
+
+
+def _load_twice(rank: int, world: int, path: str, shm: str) -> dict:
+    """The same VirtualStateDict loaded twice (and a second model): shared both times."""
+    os.environ["LAZYSD_SHM_DIR"] = shm
+    with VirtualStateDict(path) as vsd:
+        model = _model(rank, None)
+        model.load_state_dict(vsd)
+        first = (vsd.bytes_read, vsd.bytes_received)
+        again = _model(rank + 10, None)
+        again.load_state_dict(vsd)
+        second = (vsd.bytes_read - first[0], vsd.bytes_received - first[1])
+        same = all(same_bits(a, b) for a, b in zip(_state(model).values(), _state(again).values()))
+    import torch.distributed as dist
+
+    dist.barrier()
+    return {"first": first, "second": second, "same": same, "left": sorted(os.listdir(shm))}
+
+
+def test_loading_twice_shares_twice(ckpt: Path, shm: Path) -> None:
+    results = run_ranks(_load_twice, 2, (str(ckpt), str(shm)), timeout=240)
+    need = sum(results[0]["first"])
+    for which in ("first", "second"):
+        assert sum(r[which][0] for r in results) == need  # read once on the node
+        assert sum(r[which][1] for r in results) == need  # and taken by the other rank
+    assert all(r["same"] and r["left"] == [] for r in results)
