@@ -247,8 +247,8 @@ def main() -> None:
 
         print("### 4 ranks on one node, EP=4 (experts Shard(0), the rest replicated)\n")
         print(
-            "| path, share | wall s | bytes from server, all ranks | union of needs | sum of needs | server / union | per "
-            "rank read / received MiB |"
+            "| path, share | wall s | bytes from server, all ranks | union of needs | sum of needs | server / union "
+            "| per rank read / received MiB |"
         )
         print("|---|---:|---:|---:|---:|---:|---|")
         for label, fn, share in (

@@ -22,9 +22,19 @@ for a rank that may never come. Instead the ranks of a node meet in shared memor
 4. Every published box counts the ranks that took it; the last of the ranks that need it
    removes it, so shared memory holds only boxes still on their way.
 
+5. Read-ahead: left at that, ranks loading in the same order would read one box at a time
+   for the whole node (the first to ask reads, the others wait). So each shared box also has
+   an owner, the same on every rank (largest first onto the least loaded of the ranks that
+   need it: :func:`lazysd.share._owners`), and from the second key a rank asks for, its
+   worker threads claim and read the boxes it owns among the next ``ahead_bytes`` (128 MiB)
+   of shared boxes in checkpoint order straight into shared memory. The ranks' workers run
+   at the same time, each on its own boxes, and a box claimed or published already is
+   skipped, so read-ahead changes who reads, never how often. CPU values only.
+
 So the first rank to need a box reads it and no rank waits for a rank that will not come:
-there is no fixed owner (a fixed owner that loads in another order, or not at all, would
-make every other rank wait out a timeout per box). Published boxes are named by a digest
+ownership only decides who reads *ahead*; a fixed owner that every other rank waited for
+would make them wait out a timeout per box whenever it loads in another order, or not at
+all. Published boxes are named by a digest
 of the job, the files' identities (device, inode, size, mtime and ctime locally; size and
 ETag remote: objects without an ETag are never shared), the plan entry (sources, offsets,
 transposes, FP8 scales), the box and the destination's dtype, so two checkpoints, two
@@ -37,10 +47,18 @@ removes the directory with everything left in it. A rank killed with SIGKILL los
 lock too, so the others still remove the directory when they finish; if every rank of a
 node is killed, the next load on that node removes directories nobody holds any more.
 
+Memory: a box stays in shared memory from its publication until the last rank needing it
+took it; read-ahead keeps at most ``ahead_bytes`` ahead of its rank. Boxes that a rank
+counted on never takes (it loads a subset) stay until the directory goes.
+
 It is on with ``share="node"`` (the default) when a default process group of more than one
 rank is initialized and ``/dev/shm`` is writable; a single process never touches shared
-memory. Ranks are on one node when they see the same ``/dev/shm`` (host name, boot id and
-the mount's device), exchanged once through the process group's store (no collective).
+memory or the store, so a single-rank load is exactly what it was. Ranks are on one node
+when they see the same ``/dev/shm`` (host name, boot id and the mount's device), left in
+the process group's store when the VirtualStateDict is opened (no collective); the first
+shared read waits up to ``membership_seconds`` (5 s) for ranks that have not opened theirs
+yet, once, and counts only those that have. A job that opens a VirtualStateDict on one rank
+only should pass ``share=None``, or pay those seconds once.
 
 Example:
     >>> vsd = VirtualStateDict("s3://bucket/ckpt/", mesh, storage_options=opts)  # doctest: +SKIP
@@ -56,6 +74,7 @@ import hashlib
 import math
 import mmap
 import os
+import re
 import shutil
 import socket
 import threading
@@ -78,6 +97,8 @@ if TYPE_CHECKING:
 _MAGIC = b"LAZYSD01"
 _HEADER = 64  # magic, digest (32), payload bytes, ranks needing it, ranks that took it
 _STALE_SECONDS = 60.0  # a directory without a members file this old was left by a crash
+_PREFIX = "lazysd-node-"
+_NAME = re.compile(_PREFIX + "[0-9a-f]{32}")  # only these are ever swept
 
 
 def shm_root() -> str:
@@ -95,7 +116,11 @@ class NodeShare:
         rank, world: this process's rank and the world size of the default process group.
         store: the process group's store, where ranks leave their node's name and agree on
             a job token (set/compare_set/check only: no collective).
+        entries, dtype_of: the plan's entries and the dtype each is read as, for read-ahead
+            (None: no read-ahead); ``ahead_bytes``: how far it reads ahead.
         wait_seconds: the longest a rank waits for a box another rank is reading.
+        membership_seconds: the longest the first shared read waits for the other ranks to
+            say which node they are on.
 
     Attributes:
         bytes_received: bytes of boxes this rank took from the node instead of reading.
@@ -116,7 +141,7 @@ class NodeShare:
         dtype_of: Callable[[Entry], torch.dtype] | None = None,
         ahead_bytes: int = 128 << 20,
         wait_seconds: float = 300.0,
-        membership_seconds: float = 10.0,
+        membership_seconds: float = 5.0,
     ) -> None:
         self.checkpoint, self.reader, self.targets = checkpoint, reader, targets
         self.rank, self.world, self.store = rank, world, store
@@ -137,7 +162,11 @@ class NodeShare:
         self._published: set[str] = set()  # names this process published: read-ahead must not read them again
         self._taken: set[str] = set()  # names this process took: nor these
         self._ahead_read: set[str] = set()  # read ahead by this process, not taken back yet (no receipt)
+        self._live: dict[str, int] = {}  # published by this process, maybe not taken by all yet: bytes
+        self._budget: int | None = None
         self._ahead = _ReadAhead(self, entries, dtype_of, ahead_bytes) if entries and dtype_of else None
+        # A member from the start: what other ranks publish for this one stays until it closes.
+        self._state.join(self._job, self._identity)
 
     # ---- which ranks need a box ----------------------------------------------------------
     def node(self) -> tuple[int, ...]:
@@ -275,6 +304,27 @@ class NodeShare:
                 self.tensors_received += 1
         return True
 
+    def _room(self, name: str, nbytes: int) -> bool:
+        """Whether this process may publish ``nbytes`` more (and if so, count them).
+
+        What a rank has published and not every rank has taken stays within a quarter of
+        the shared-memory filesystem split over the node's ranks: boxes that ranks counted on
+        but never take (a subset loaded, an export) cannot fill it.
+        """
+        with self._lock:
+            if self._budget is None:
+                try:
+                    st = os.statvfs(shm_root())
+                    self._budget = st.f_frsize * st.f_blocks // (4 * max(1, len(self.node())))
+                except OSError:
+                    self._budget = 0
+            if sum(self._live.values()) + nbytes > self._budget:
+                self._live = {n: b for n, b in self._live.items() if os.path.exists(n)}  # gone: taken by all
+                if sum(self._live.values()) + nbytes > self._budget:
+                    return False
+            self._live[name] = nbytes
+            return True
+
     def _publish(self, name: str, digest: bytes, dest: torch.Tensor, needed: int) -> None:
         """Write ``dest``'s values under a temporary name, then rename: readers see whole boxes only.
 
@@ -282,6 +332,8 @@ class NodeShare:
         ``/dev/shm`` is an error here, never a SIGBUS) the others read it themselves.
         """
         nbytes = dest.numel() * dest.element_size()
+        if not self._room(name, nbytes):
+            return
         tmp = f"{name}.{os.getpid()}.{threading.get_ident()}.tmp"
         try:
             fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_RDWR | getattr(os, "O_CLOEXEC", 0), 0o600)
@@ -323,6 +375,8 @@ class NodeShare:
                 return
             shape = [hi - lo for lo, hi in box]
             nbytes = math.prod(shape) * dtype.itemsize
+            if not self._room(name, nbytes):
+                return
             tmp = f"{name}.{os.getpid()}.{threading.get_ident()}.tmp"
             fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_RDWR | getattr(os, "O_CLOEXEC", 0), 0o600)
             try:
@@ -360,18 +414,10 @@ class NodeShare:
 
 
 class _ReadAhead:
-    """Read-ahead of the boxes this rank owns, so that the ranks of a node read at once.
+    """Read-ahead of the boxes this rank owns (point 5 of the module docstring).
 
-    ``load_state_dict`` asks for one key at a time, every rank in about the same order: left
-    alone, the first rank to ask reads a box while the others wait for it, so the node reads
-    one box at a time. Here each box that several ranks of the node need has an owner, the
-    same on every rank (largest first onto the least loaded rank of those needing it, as
-    :func:`lazysd.share.share_node` does), and when a rank asks for key ``k`` its workers read
-    the boxes it owns among the next ``ahead_bytes`` of shared boxes after ``k`` (checkpoint
-    order) into shared memory. The ranks' workers run at the same time, each on its own
-    boxes. Read-ahead starts with the second key asked for (a single value read in a
-    notebook reads nothing ahead), stays ``ahead_bytes`` ahead, and only for CPU values;
-    a box already claimed or published is skipped, so nothing is read twice.
+    Positions are the checkpoint's key order; ``starts`` the shared bytes before each
+    position, so "the next ``ahead`` bytes of shared boxes" is a subtraction.
     """
 
     def __init__(
@@ -384,6 +430,10 @@ class _ReadAhead:
         self.starts: list[int] = []  # cumulative shared bytes before each position
         self.anchor = -1
         self.asked = 0
+        # Rules (kinds of tensor: q_proj, routed experts, ...) this rank has asked for in their
+        # planned box: only those are read ahead. A rank that uses some kind otherwise (slices
+        # of experts in an export, a model without them) never has them read ahead for it.
+        self.kinds: set[int] = set()
         self.next = 0  # index into items of the next box to consider
         self.workers = 0
         self.max_workers = 1 if share.checkpoint.local else 4  # remote: latency bound, keep requests in flight
@@ -425,6 +475,9 @@ class _ReadAhead:
         with self.lock:
             if self.stopped:
                 return
+            entry = self.entries.get(key)
+            if entry is not None:
+                self.kinds.add(id(entry.rule))
             self.asked += 1
             if self.asked < 2:
                 return
@@ -457,6 +510,8 @@ class _ReadAhead:
                 assert self.items is not None
                 _, entry, box, needed, _ = self.items[self.next]
                 self.next += 1
+                if id(entry.rule) not in self.kinds:
+                    continue  # not shown to be loaded whole by this rank: on demand only
             try:
                 self.share._prefetch(entry, box, self.dtype_of(entry), needed)
             except Exception:
@@ -475,6 +530,15 @@ class _Membership:
         self.dir: str | None = None
         self.fd: int | None = None
         self.failed = False
+        _MEMBERSHIPS.add(self)
+
+    def _after_fork(self) -> None:
+        """In a child made by ``os.fork``: the descriptor shares the parent's lock, which only
+        the parent may drop (an unlock here would drop it for both). Forget it; no sharing."""
+        self.lock = threading.Lock()
+        if self.fd is not None:
+            os.close(self.fd)  # closing one copy keeps the lock: the parent's copy holds it
+        self.dir, self.fd, self.failed = None, None, True
 
     def join(self, job: str, identity: str) -> str | None:
         """The node directory of this job and checkpoint (joined on first use); None if unusable."""
@@ -483,7 +547,7 @@ class _Membership:
         with self.lock:
             if self.dir is None and not self.failed:
                 root = shm_root()
-                name = "lazysd-" + hashlib.sha256(f"{job}\0{identity}".encode()).hexdigest()[:32]
+                name = _PREFIX + hashlib.sha256(f"{job}\0{identity}".encode()).hexdigest()[:32]
                 try:
                     sweep(root, keep=name)
                     self.dir, self.fd = _enter(os.path.join(root, name))
@@ -496,6 +560,18 @@ class _Membership:
             if self.dir is not None and self.fd is not None:
                 _leave(self.dir, self.fd)
             self.dir = self.fd = None
+
+
+_MEMBERSHIPS: weakref.WeakSet[_Membership] = weakref.WeakSet()
+
+
+def _reset_after_fork() -> None:
+    for membership in list(_MEMBERSHIPS):
+        membership._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def _enter(where: str) -> tuple[str, int]:
@@ -538,7 +614,7 @@ def sweep(root: str, *, keep: str | None = None) -> list[str]:
     """
     removed = []
     try:
-        names = [n for n in os.listdir(root) if n.startswith("lazysd-") and n != keep]
+        names = [n for n in os.listdir(root) if _NAME.fullmatch(n) and n != keep]
     except OSError:
         return removed
     for n in names:

@@ -14,8 +14,11 @@ storage) by the number of ranks. :func:`share_node` instead:
 
 So the bytes a node reads are the union of its ranks' needs, not their sum. Ranks are on the
 same node when their host names agree. :func:`lazysd.load` does this by default with a
-process group (``VirtualStateDict(..., share=None)`` turns it off); the plain Mapping
-``model.load_state_dict(vsd)`` reads per rank, since its reads are lazy and per key.
+process group (``VirtualStateDict(..., share=None)`` turns it off). It is collective: every
+rank must call ``lazysd.load``. The plain Mapping (``model.load_state_dict(vsd)``, values
+read one key at a time, in any order, on any subset of ranks) shares through
+:mod:`lazysd.nodeshare` instead, which needs no collective; its ownership of boxes for
+reading ahead is :func:`_owners` here.
 
 Example:
     >>> report = lazysd.load(model, "s3://bucket/ckpt/", storage_options=opts)   # doctest: +SKIP

@@ -37,7 +37,7 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def shm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A private directory in shared memory for the ranks' published boxes (checked empty after)."""
     base = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else tmp_path_factory.getbasetemp()
-    where = Path(tempfile.mkdtemp(prefix="lazysd-test-share-", dir=base))
+    where = Path(tempfile.mkdtemp(prefix="lzsd-test-share-", dir=base))
     yield where
     import shutil
 
@@ -93,6 +93,7 @@ def _load(rank: int, world: int, path: str, shm: str, ep: int | None, share: str
     tag = f"share-{share}-{ep}-r{rank}"
     options = {"storage_options": http_storage_options(tag)} if stats_url else {}
     with VirtualStateDict(path, mesh, share=share, **options) as vsd:
+        torch.distributed.barrier()  # every rank has opened it (a rank done before another opened reads alone)
         served = server_stats(stats_url).get(tag, {"bytes": 0})["bytes"] if stats_url else 0
         model.load_state_dict(vsd)
         served = server_stats(stats_url)[tag]["bytes"] - served if stats_url else 0
@@ -156,6 +157,7 @@ def _load_differently(rank: int, world: int, path: str, shm: str) -> dict:
     model = _model(rank, mesh)
     t0 = time.monotonic()
     with VirtualStateDict(path, mesh) as vsd:
+        torch.distributed.barrier()
         keys = list(vsd)
         if rank == 0:
             model.load_state_dict({k: vsd[k] for k in reversed(keys)})
@@ -197,20 +199,22 @@ def test_ranks_loading_other_keys_in_other_orders(ckpt: Path, shm: Path) -> None
 
 
 def _load_or_die(rank: int, world: int, path: str, shm: str, out: str) -> dict:
-    """Rank 2 kills itself (SIGKILL: no clean-up of its own) after a few tensors."""
+    """Rank 2 kills itself (SIGKILL: no clean-up of its own) in its first read from storage,
+    holding the claim of the box it reads; or, had it read nothing, before closing."""
     os.environ["LAZYSD_SHM_DIR"] = shm
     mesh = _mesh(world, None)
     model = _model(rank, mesh)
-    filled = []
 
     def progress(stats, entry) -> None:  # noqa: ANN001
-        filled.append(entry.key)
-        if rank == 2 and len(filled) == 6:
+        if rank == 2:
             os.kill(os.getpid(), signal.SIGKILL)
 
     with VirtualStateDict(path, progress=progress) as vsd:
+        torch.distributed.barrier()
         model.load_state_dict(vsd)
         received = vsd.bytes_received
+        if rank == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
     with VirtualStateDict(path, share=None) as alone:
         want = {k: v.materialize() for k, v in alone.items()}
     got = _state(model)
@@ -252,7 +256,9 @@ def test_leftovers_of_dead_ranks_are_swept(ckpt: Path, shm: Path) -> None:
 
     from lazysd.nodeshare import _STALE_SECONDS, sweep
 
-    dead, held, young, old = (shm / f"lazysd-{n}" for n in ("dead", "held", "young", "old"))
+    names = {n: f"lazysd-node-{(n.encode().hex() * 4)[:32]}" for n in ("dead", "held", "yong", "olds")}
+    dead, held, young, old = (shm / names[n] for n in ("dead", "held", "yong", "olds"))
+    (shm / "lazysd-other").mkdir()  # not a node directory: never swept
     for d in (dead, held, young, old):
         d.mkdir()
     for d in (dead, held):
@@ -263,8 +269,8 @@ def test_leftovers_of_dead_ranks_are_swept(ckpt: Path, shm: Path) -> None:
     stale = time.time() - _STALE_SECONDS - 5
     os.utime(old, (stale, stale))
     try:
-        assert sorted(sweep(str(shm))) == ["lazysd-dead", "lazysd-old"]
-        assert sorted(os.listdir(shm)) == ["lazysd-held", "lazysd-young"]
+        assert sorted(sweep(str(shm))) == sorted([dead.name, old.name])
+        assert sorted(os.listdir(shm)) == sorted([held.name, young.name, "lazysd-other"])
     finally:
         os.close(fd)
 
@@ -346,6 +352,7 @@ def _load_twice(rank: int, world: int, path: str, shm: str) -> dict:
     """The same VirtualStateDict loaded twice (and a second model): shared both times."""
     os.environ["LAZYSD_SHM_DIR"] = shm
     with VirtualStateDict(path) as vsd:
+        torch.distributed.barrier()
         model = _model(rank, None)
         model.load_state_dict(vsd)
         first = (vsd.bytes_read, vsd.bytes_received)
