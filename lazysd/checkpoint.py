@@ -43,7 +43,7 @@ from .errors import (
 )
 from .header import DTYPES, TensorInfo, parse_header
 from .paths import kind_of, resolve_checkpoint_path
-from .pread import BouncePool, RangeReader
+from .pread import BouncePool, RangeReader, gather_groups, read_gathered
 
 __all__ = ["DTYPES", "INDEX_NAME", "SINGLE_NAME", "Checkpoint", "TensorInfo", "config_value"]
 
@@ -447,17 +447,27 @@ class Checkpoint:
         """Read ``len(out)`` bytes of tensor ``info`` starting ``byte_start`` bytes into it."""
         self.read_runs(info, [(byte_start, len(out))], out)
 
-    def read_runs(self, info: TensorInfo, runs: list[tuple[int, int]], out: memoryview) -> None:
-        """Read byte ranges ``(start, length)`` of a tensor back to back into ``out``."""
+    def read_runs(
+        self, info: TensorInfo, runs: list[tuple[int, int]], out: memoryview, span: tuple[int, int] | None = None
+    ) -> None:
+        """Read byte ranges ``(start, length)`` of a tensor back to back into ``out``.
+
+        ``span``: absolute file offsets around the runs that the caller reads in full
+        (:attr:`lazysd.reads.ReadItem.extent`): cold bytes inside it may be read ahead.
+        """
 
         reader = self.range_reader(info.file)
 
         def read(fd: int) -> int:
             pos = 0
-            for start, length in runs:
-                got = reader.read(out[pos : pos + length], info.offset + start)
+            for group in gather_groups([(info.offset + start, n) for start, n in runs]):
+                want = sum(n for _, n in group)
+                if len(group) == 1:
+                    got = reader.read(out[pos : pos + want], group[0][0], span)
+                else:  # runs a few bytes apart (a column shard's rows): one system call
+                    got = read_gathered(fd, out[pos : pos + want], group)
                 pos += got
-                if got < length:
+                if got < want:
                     break
             return pos
 

@@ -310,22 +310,24 @@ class Reader:
             runs = item.runs
             (start, n), dest = runs[0], job.dest
             offset = info.offset + start
-            if self.ckpt.range_reader(info.file).cached(offset, n):
-                # Warm: the kernel reads cache-sized blocks and transposes each while in cache.
-                self.ckpt.read_with(info, runs, lambda fd: read_transposed(fd, offset, dest))
+            fd = self.ckpt.range_reader(info.file).buffered_fd(offset, n, item.extent)
+            if fd is not None:
+                # Warm, or streamed with readahead: the kernel reads cache-sized blocks and
+                # transposes each while in cache.
+                self.ckpt.read_with(info, runs, lambda _: read_transposed(fd, offset, dest))
                 return None, None
             # Cold: one bulk read (direct I/O, lazysd.pread) into staging keeps the storage
             # busy; the transpose from there costs little next to the read.
             base = self._acquire(n)
             try:
                 buf = base[:n].view(info.dtype).view(box_shape(item.source_box))
-                self.ckpt.read_runs(info, runs, _as_bytes(buf))
+                self.ckpt.read_runs(info, runs, _as_bytes(buf), item.extent)
                 copy_into(dest, buf.transpose(-1, -2))
             finally:
                 self._release(base)
             return None, None
         if item.method == "direct":
-            self.ckpt.read_runs(info, item.runs, _as_bytes(job.dest))
+            self.ckpt.read_runs(info, item.runs, _as_bytes(job.dest), item.extent)
             return None, None
         base = None
         shape = box_shape(item.source_box)
@@ -337,7 +339,7 @@ class Reader:
             base = self._acquire(n)
             buf = base[:n].view(info.dtype).view(shape)
         try:
-            self.ckpt.read_runs(info, item.runs, _as_bytes(buf))
+            self.ckpt.read_runs(info, item.runs, _as_bytes(buf), item.extent)
             if item.scale is not None:
                 buf = self._dequantize(buf, item)
         except BaseException:
@@ -417,7 +419,9 @@ class Reader:
         """Reads on the pool, ahead of the copies; copies (and casts) on the calling thread.
 
         The copies run where torch's intra-op threads can split them over the cores, while
-        the pool's preads (which release the GIL) keep the next chunks coming.
+        the pool's preads (which release the GIL) keep the next chunks coming. While the
+        oldest read is still running, the calling thread takes the next job itself rather
+        than wait: a fill of a few chunks then ends with every thread busy to the last one.
         """
         with self._lock:  # fills may run on several threads at once (remote loads)
             if self._pool is None:
@@ -438,6 +442,14 @@ class Reader:
                     inflight += cost
                     self._staging(cost)
                     pending.append((job, self._pool.submit(self._read, job), cost))
+                if todo and not pending[0][1].done() and inflight + todo[0].item.staging <= budget:
+                    job = todo.popleft()
+                    inflight += job.item.staging
+                    try:
+                        self._run_inline(job)
+                    finally:
+                        inflight -= job.item.staging
+                    continue
                 job, fut, cost = pending.popleft()
                 try:
                     self._finish(job, fut.result())

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -50,6 +50,12 @@ from .transpose import fused_read_fits
 
 MiB = 1 << 20
 DIRECT_ROW = 64 << 10  # smallest row read on its own rather than staged with its neighbours
+# A source of a few MiB is cut into up to SHARES chunks of at least SHARE_MIN bytes, so the
+# reader's threads share it instead of one thread copying it while the others wait (a load
+# is tensor after tensor). Constants, not the thread count: a plan is the same on every
+# machine, so a dry run elsewhere counts exactly the reads made here.
+SHARES = 4
+SHARE_MIN = 1 << 20
 
 Method = Literal["direct", "fused", "staged"]
 
@@ -118,6 +124,11 @@ class ReadItem:
             (module docstring).
         staging: staging bytes the item holds while in flight (0 for direct reads).
         scale: FP8 scales to multiply in (then the item is staged and dequantized), or None.
+        extent: ``[lo, hi)`` absolute file offsets of the contiguous stretch of the source
+            file, holding all of this item's runs, that the plan reads in full (its items
+            together): a cold read may let the kernel read ahead inside it without touching a
+            byte the plan does not need (another rank's experts). None where the item's
+            runs are not within one such stretch.
     """
 
     source: TensorInfo
@@ -127,6 +138,7 @@ class ReadItem:
     method: Method
     staging: int
     scale: ScaleRead | None = None
+    extent: tuple[int, int] | None = None
 
     @property
     def runs(self) -> list[tuple[int, int]]:
@@ -194,6 +206,7 @@ def _chunks(
     rows = src_box[0][1] - src_box[0][0]
     # A dequantized chunk is staged in fp32: budget its rows at that size.
     row_bytes = (4 if src.scale is not None else info.itemsize) * math.prod(hi - lo for lo, hi in src_box[1:])
+    chunk_bytes = min(chunk_bytes, max(SHARE_MIN, -(-rows * row_bytes // SHARES)))
     per = max(1, chunk_bytes // max(1, row_bytes))
     if plain and row_bytes >= DIRECT_ROW and not as_source.is_contiguous() and as_source[:1].is_contiguous():
         per = 1  # contiguous row by row only: one direct read per row beats staging
@@ -263,8 +276,30 @@ def plan_reads(entry: Entry, box: Box, dest: Destination, *, chunk_bytes: int = 
             if src.scale is not None:
                 scale = ScaleRead(src.scale.info, src.scale.region(sub), src.scale.block)
             items.append(ReadItem(src.info, sub, region, src.dims, method, staging, scale))
-    return tuple(items)
+    return _with_extents(items)
 
+
+def _with_extents(items: list[ReadItem]) -> tuple[ReadItem, ...]:
+    """``items`` with :attr:`ReadItem.extent` set where an item is one contiguous run: such
+    runs, merged per file where they touch, make the stretches. (An item of several runs
+    has gaps no other item fills, the columns outside the box: it gets none.)"""
+    single = [(i, it.source.offset + it.runs[0][0], it.data_bytes) for i, it in enumerate(items) if it.run_count == 1]
+    by_file: dict[str, list[tuple[int, int, int]]] = {}
+    for i, lo, n in single:
+        by_file.setdefault(str(items[i].source.file), []).append((lo, lo + n, i))
+    out = list(items)
+    for runs in by_file.values():
+        runs.sort()
+        group: list[int] = []
+        lo = hi = -1
+        for a, b, i in [*runs, (math.inf, math.inf, -1)]:
+            if a > hi:  # a new stretch begins: the last one is complete
+                for j in group:
+                    out[j] = replace(out[j], extent=(lo, hi))
+                group, lo = [], a
+            group.append(i)
+            hi = max(hi, b)
+    return tuple(out)
 
 def read_totals(entry: Entry, box: Box, dest: Destination, *, chunk_bytes: int = 8 * MiB) -> ReadTotals:
     """Bytes, runs and items of ``plan_reads(entry, box, dest, chunk_bytes=...)``, counted

@@ -7,8 +7,11 @@ A user who passes no ``threads=`` or ``chunk_bytes=`` gets :func:`default_thread
   both CPU work once the data is cached, so as many threads as cores this process is given
   (its affinity mask, and no more than ``torch.get_num_threads()`` where the user lowered
   that), never more: more threads than cores only contend (measured warm on the 2-core build
-  VM, 0.81 GiB Step3p5: threads=2 3.08 GiB/s, threads=8 2.50). Cold local reads keep the
-  storage busy through large direct requests (:mod:`lazysd.pread`), not extra threads.
+  VM, 0.81 GiB Step3p5: threads=2 3.08 GiB/s, threads=8 2.50). But at least two where the
+  process may use two cores, even when torch was given one (``OMP_NUM_THREADS=1`` under
+  torchrun, one rank per core): a rank with one thread waits for every read before it
+  copies, and many small cold reads (a column shard's rows) run one after another — a
+  2-rank ``dcp.load`` of column-split experts took twice as long with one thread.
 * Network filesystems (NFS, CIFS, Lustre, FUSE mounts, ...): each request waits a round trip,
   so more requests are kept in flight (4 per core, at most 32) in larger chunks.
 * Memory filesystems (tmpfs): nothing to wait for; the default thread count and chunk.
@@ -86,7 +89,7 @@ def storage_kind(path: str | os.PathLike[str]) -> str:
 
 def default_threads(path: str | os.PathLike[str] | None = None) -> int:
     """Reader threads for a checkpoint at ``path`` (see the module docstring)."""
-    n = min(cores(), max(1, torch.get_num_threads()))
+    n = min(cores(), max(2, torch.get_num_threads()))
     if path is not None and storage_kind(path) == "network":
         return min(32, 4 * cores())
     return n

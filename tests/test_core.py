@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -137,18 +136,25 @@ def test_laziness_by_page_cache_residency(tmp_path: Path) -> None:
 
 
 def test_open_flash_sized_key_space_fast(tmp_path: Path) -> None:
+    """Opening Flash's key space and listing every shape reads headers only and does work in
+    proportion to the number of tensors: counted as Python calls, not timed (the machines
+    that run the tests are shared). About 500 calls a tensor today; work quadratic in the
+    804 tensors would be several times the bound."""
+    import cProfile
+    import pstats
+
     path = make_checkpoint(tmp_path / "flash", Step3p5Spec.flash(), layout="sharded", sparse=True)
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        vsd = VirtualStateDict(path)
-        shapes = [v.shape for v in vsd.values()]
-        times.append(time.perf_counter() - t0)
-        vsd.close()
-    assert sorted(times)[1] < 1.0, times
+    profile = cProfile.Profile()
+    profile.enable()
+    vsd = VirtualStateDict(path)
+    shapes = [v.shape for v in vsd.values()]
+    profile.disable()
+    calls = sum(stat[1] for stat in pstats.Stats(profile).stats.values())  # type: ignore[attr-defined]
+    assert calls < 1000 * len(vsd.checkpoint.tensors), calls
     assert len(shapes) == len(vsd)
     assert vsd["model.layers.3.moe.experts.gate_and_up_projs"].shape == (288, 4096, 2560)
     assert vsd.bytes_read == 0
+    vsd.close()
 
 
 def test_mtp_layers_hidden_by_default_and_namespaced_on_request(tiny_ckpt: Path) -> None:

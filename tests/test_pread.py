@@ -4,6 +4,7 @@ pre-faulting of fresh destinations, and read defaults chosen from the machine.""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from lazysd.testing import (
     native_state_dict,
 )
 from tests.support.checks import assert_bitwise_equal
-from tests.support.pagecache import evict, resident_pages
+from tests.support.pagecache import evict, resident_map, resident_pages
 
 MiB = 1 << 20
 # Expert tensors of 8 MiB ([16, 512, 512] bf16): bulk reads, above pread.DIRECT_MIN.
@@ -213,12 +214,14 @@ def test_default_threads_follow_the_affinity_mask(ckpt, monkeypatch: pytest.Monk
     cores = len(os.sched_getaffinity(0))
     assert tuning.cores() == cores
     with VirtualStateDict(ckpt) as vsd:
-        assert vsd.reader.options.threads == min(cores, torch.get_num_threads())
+        assert vsd.reader.options.threads == min(cores, max(2, torch.get_num_threads()))
         assert vsd.reader.options.chunk_bytes == 8 * MiB
     monkeypatch.setattr(tuning.os, "sched_getaffinity", lambda pid: {0, 1, 2})
     monkeypatch.setattr(tuning.torch, "get_num_threads", lambda: 64)
     assert tuning.default_threads(ckpt) == 3
-    monkeypatch.setattr(tuning.torch, "get_num_threads", lambda: 1)  # the user lowered torch's threads
+    monkeypatch.setattr(tuning.torch, "get_num_threads", lambda: 1)  # torchrun's OMP_NUM_THREADS=1
+    assert tuning.default_threads(ckpt) == 2  # one thread reads while another copies
+    monkeypatch.setattr(tuning.os, "sched_getaffinity", lambda pid: {0})
     assert tuning.default_threads(ckpt) == 1
     # Explicit values always win.
     with VirtualStateDict(ckpt, threads=5, chunk_bytes=MiB) as vsd:
@@ -255,10 +258,114 @@ def test_storage_kind_from_the_mount_table(path: str, fs: str, kind: str, monkey
     if kind == "network":
         assert threads == min(32, 4 * tuning.cores()) and chunk == 16 * MiB
     else:
-        assert threads == min(tuning.cores(), torch.get_num_threads()) and chunk == 8 * MiB
+        assert threads == min(tuning.cores(), max(2, torch.get_num_threads())) and chunk == 8 * MiB
 
 
 def test_unknown_mount_table_means_local(monkeypatch: pytest.MonkeyPatch) -> None:
     assert tuning.filesystem_type("/x", mounts="") is None
     monkeypatch.setattr(tuning, "filesystem_type", lambda p, mounts=None: None)
     assert tuning.storage_kind("/x") == "local"
+
+
+def test_cold_span_streams_its_middle_and_reads_no_page_outside(tmp_path: Path) -> None:
+    """Readahead inside a span the caller reads in full, and not one page beyond it: the
+    neighbours of an expert-parallel rank's range stay unread."""
+    data = torch.randint(0, 256, (72 * MiB,), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    path = tmp_path / "big.bin"
+    path.write_bytes(data.numpy().tobytes())
+    lo, hi = 5 * MiB + 123, 61 * MiB + 7
+    fd = os.open(path, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+    reader = RangeReader(fd)
+    try:
+        evict(path)
+        if resident_pages(path):
+            pytest.skip("this filesystem does not honour page-cache eviction")
+        out = bytearray(hi - lo)
+        view = memoryview(out)
+        for at in range(lo, hi, 8 * MiB):  # in chunks, as the reader does
+            n = min(8 * MiB, hi - at)
+            assert reader.read(view[at - lo : at - lo + n], at, (lo, hi)) == n
+        assert bytes(out) == data[lo:hi].numpy().tobytes()
+        if reader._direct_fd is None:
+            pytest.skip("this filesystem refuses O_DIRECT: nothing is streamed (checked above)")
+        assert reader.stream_bytes >= 32 * MiB  # the aligned middle, margin off the end
+        time.sleep(0.2)  # any readahead still in flight lands
+        cached = resident_map(path)
+        page = pread.ALIGN
+        assert not any(cached[: lo // page]) and not any(cached[-(-hi // page) :])
+    finally:
+        reader.close()
+        os.close(fd)
+
+
+def test_runs_a_few_bytes_apart_are_read_in_one_call(blob, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A column shard's rows (runs with sub-page gaps) take one preadv per group, same bytes;
+    a gap holding a whole page starts a new group (that page is not read)."""
+    path, data = blob
+    page = pread.ALIGN
+    runs = [(100 + 3000 * i, 1000) for i in range(700)]  # 2000-byte gaps: no whole page
+    runs.append((runs[-1][0] + 3 * page, 500))  # a gap with whole pages in it
+    groups = pread.gather_groups(runs)
+    assert [len(g) for g in groups] == [pread.GATHER_MAX, 700 - pread.GATHER_MAX, 1]
+    calls = []
+    real = os.preadv
+    monkeypatch.setattr(os, "preadv", lambda fd, bufs, off, *a: calls.append(len(bufs)) or real(fd, bufs, off, *a))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        out = bytearray(sum(n for _, n in runs))
+        view, pos = memoryview(out), 0
+        for group in groups:
+            want = sum(n for _, n in group)
+            assert pread.read_gathered(fd, view[pos : pos + want], group) == want
+            pos += want
+        assert bytes(out) == b"".join(data[o : o + n] for o, n in runs)
+        assert len(calls) == 3
+        # Past the end of the file: short, and exactly how far the file goes.
+        tail = [(len(data) - 5000, 1000), (len(data) - 3000, 2000), (len(data) - 500, 1000)]
+        out = bytearray(4000)
+        assert pread.read_gathered(fd, memoryview(out), tail) == 3500
+        assert bytes(out[:3500]) == data[-5000:-4000] + data[-3000:-1000] + data[-500:]
+    finally:
+        os.close(fd)
+
+
+def test_cold_expert_shards_stream_and_read_only_their_pages(tmp_path: Path) -> None:
+    """An expert-parallel rank's experts (64 MiB sources, half of them: windows to stream)
+    read cold: bitwise right, partly streamed, and not one page beyond the planned ranges."""
+    from lazysd.dryrun import EPLayout
+    from tests.support.pagecache import pages_touched
+
+    spec = Step3p5Spec(
+        num_hidden_layers=2,
+        first_dense_layers=1,
+        num_nextn_predict_layers=0,
+        moe_num_experts=64,
+        moe_intermediate_size=512,
+        hidden_size=1024,
+        intermediate_size=64,
+        share_expert_dim=64,
+        vocab_size=64,
+    )
+    path = make_checkpoint(tmp_path / "ckpt", spec)
+    keys = ["model.layers.1.moe.experts.gate_and_up_projs", "model.layers.1.moe.experts.down_projs"]
+    # Cloned: views of safetensors' file mappings would keep the pages from being evicted.
+    eager = {k: v.clone() for k, v in native_state_dict(load_hf_tensors(path), 2).items() if k in keys}
+    files = _evict_all(path)
+    with VirtualStateDict(path) as vsd:
+        ranges = []
+        for key in keys:
+            entry = vsd.entry(key)
+            box = EPLayout(2).box(entry, 1)
+            got = vsd.lazy(entry, box).materialize()
+            assert_bitwise_equal({key: got}, {key: eager[key][box[0][0] : box[0][1]]})
+            ranges += [r for item in vsd.reader.plan(entry, box) for r in item.ranges()]
+        readers = list(vsd.checkpoint._readers.values())
+        if all(r._direct_fd is None for r in readers):
+            pytest.skip("this filesystem refuses O_DIRECT: nothing is streamed (bytes checked above)")
+        assert sum(r.stream_bytes for r in readers) >= 16 * MiB
+    time.sleep(0.2)  # readahead still in flight lands
+    for f in files:
+        mine = [(o, n) for name, o, n in ranges if name == str(f)]
+        header = 1 if not any(o < pread.ALIGN for o, _ in mine) else 0
+        assert resident_pages(f) - header <= pages_touched(mine), f.name

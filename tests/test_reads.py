@@ -128,6 +128,34 @@ def test_items_tile_the_box_and_totals_count_them(checkpoints: dict[str, Path]) 
                     assert t.dest_bytes == covered.numel() * dest.dtype.itemsize
 
 
+def test_extents_hold_only_bytes_the_plan_reads(checkpoints: dict[str, Path]) -> None:
+    """An item's extent (where a cold read may read ahead) contains its runs, and every byte
+    of it is read by the same plan: never another rank's expert or a column left out."""
+    with VirtualStateDict(checkpoints["flash"]) as vsd:
+        extended = 0
+        for key in vsd:
+            entry = vsd.entry(key)
+            # Whole, expert-sharded, and column-split (ep_shard): runs with gaps between them.
+            for box in (full_box(entry.shape), EPLayout(4).box(entry, 1), EPLayout(3, 2).box(entry, 4)):
+                items = plan_reads(entry, box, Destination(entry.dtype), chunk_bytes=4096)
+                starts = {(str(i.source.file), i.source.offset + s) for i in items for s, _ in i.runs}
+                spans = {}
+                for item in items:
+                    ranges = [(f, o, n) for f, o, n in item.ranges() if f == str(item.source.file)]
+                    if item.extent is None:
+                        continue
+                    extended += 1
+                    lo, hi = item.extent
+                    assert all(lo <= o and o + n <= hi for _, o, n in ranges), key
+                    spans.setdefault((str(item.source.file), lo, hi), []).extend((o, o + n) for _, o, n in ranges)
+                for (f, lo, hi), pieces in spans.items():
+                    pieces.sort()
+                    assert pieces[0][0] == lo and max(e for _, e in pieces) == hi, key
+                    assert all(b[0] <= a[1] for a, b in itertools.pairwise(pieces)), f"{key}: a gap inside an extent"
+                    assert (f, lo) in starts
+        assert extended
+
+
 def test_items_describe_themselves(checkpoints: dict[str, Path]) -> None:
     """File, absolute offsets and lengths in an item are enough to fetch its bytes elsewhere."""
     with VirtualStateDict(checkpoints["flash"]) as vsd:

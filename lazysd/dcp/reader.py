@@ -77,7 +77,9 @@ class HFReader(StorageReader):
         revision: branch, tag or commit of a Hugging Face cache repository (default main).
         threads, max_inflight_bytes, chunk_bytes: reader threads (also how many read items
             are read at once), staging memory reads may run ahead of copies, and the target
-            size of one read.
+            size of one read; ``threads`` and ``chunk_bytes`` default to the values chosen for
+            this machine and the checkpoint's storage (:mod:`lazysd.tuning`), as for a
+            VirtualStateDict.
         storage_options: for a URL (``s3://``, ``https://``, ``hf://`` ...), options of its
             fsspec filesystem (see :class:`~lazysd.VirtualStateDict`).
         **options: further VirtualStateDict options (``native=True``).
@@ -112,9 +114,9 @@ class HFReader(StorageReader):
         dtype: torch.dtype | None = None,
         fp8: str = "dequantize",
         revision: str | None = None,
-        threads: int = 2,
+        threads: int | None = None,
         max_inflight_bytes: int = 32 * MiB,
-        chunk_bytes: int = 8 * MiB,
+        chunk_bytes: int | None = None,
         storage_options: dict[str, Any] | None = None,
         **options: Any,
     ) -> None:
@@ -233,8 +235,8 @@ class HFReader(StorageReader):
             if item.type == LoadItemType.BYTE_IO:
                 raise MissingKeyError(f"{self.path}: {item.storage_index.fqn!r} is not a tensor key of this checkpoint")
             self._entry(item.storage_index.fqn)  # every key known before any read
-        workers = min(self._read_options.threads, len(plan.items))
-        reader = self._reader if workers <= 1 else Reader(self._reader.ckpt, replace(self._read_options, threads=0))
+        workers = min(self._reader.options.threads, len(plan.items))
+        reader = self._reader if workers <= 1 else Reader(self._reader.ckpt, replace(self._reader.options, threads=0))
         planner_lock = threading.Lock()
 
         def read(item: ReadItem) -> None:

@@ -430,8 +430,11 @@ class RemoteCheckpoint(Checkpoint):
         return tensors
 
     # ---- reading -------------------------------------------------------------------------
-    def read_runs(self, info: TensorInfo, runs: list[tuple[int, int]], out: memoryview) -> None:
-        """Read byte ranges ``(start, length)`` of a tensor back to back into ``out`` (ranged GETs)."""
+    def read_runs(
+        self, info: TensorInfo, runs: list[tuple[int, int]], out: memoryview, span: tuple[int, int] | None = None
+    ) -> None:
+        """Read byte ranges ``(start, length)`` of a tensor back to back into ``out`` (ranged GETs;
+        ``span`` is the local readahead hint, of no use here)."""
         for start, n in runs:
             if start < 0 or start + n > info.nbytes:
                 raise ValueError(
