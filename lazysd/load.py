@@ -159,7 +159,7 @@ def _load(model: torch.nn.Module, vsd: VirtualStateDict, *, strict: bool, assign
     _check_values(model, vsd, wanted, assign=assign)
     stats, ckpt = vsd.stats, vsd.checkpoint
     tensors0, bytes0, requests0 = stats.tensors, ckpt.bytes_read, ckpt.read_calls
-    taken0 = vsd.bytes_received
+    taken0 = vsd.bytes_received  # values taken from the node (lazysd.nodeshare), counted in stats
     stats.staging_peak = stats.staging_live  # the report's peak is this load's
     t0 = time.perf_counter()
     if isinstance(vsd.reader.progress, ProgressPrinter) and vsd.reader.progress.sizes is not None:

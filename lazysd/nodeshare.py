@@ -25,7 +25,7 @@ for a rank that may never come. Instead the ranks of a node meet in shared memor
 5. Read-ahead: left at that, ranks loading in the same order would read one box at a time
    for the whole node (the first to ask reads, the others wait). So each shared box also has
    an owner, the same on every rank (largest first onto the least loaded of the ranks that
-   need it: :func:`lazysd.share._owners`), and from the second key a rank asks for, its
+   need it: :func:`owners`), and from the second key a rank asks for, its
    worker threads claim and read the boxes it owns among the next ``ahead_bytes`` (128 MiB)
    of shared boxes in checkpoint order straight into shared memory. The ranks' workers run
    at the same time, each on its own boxes, and a box claimed or published already is
@@ -242,7 +242,7 @@ class NodeShare:
             self._ahead.advance(entry.key)
         deadline = time.monotonic() + self.wait_seconds
         while True:
-            if self._take(name, digest, dest):
+            if self._take(name, digest, dest, entry):
                 return dest
             try:
                 claim = _claim(name)
@@ -250,7 +250,7 @@ class NodeShare:
                 return self.reader.fill(entry, box, dest, fresh=fresh)
             if claim is not None:
                 try:
-                    if self._take(name, digest, dest):  # published just before our claim
+                    if self._take(name, digest, dest, entry):  # published just before our claim
                         return dest
                     self.reader.fill(entry, box, dest, fresh=fresh)
                     self._publish(name, digest, dest, needed)
@@ -269,7 +269,7 @@ class NodeShare:
             h.update(part.encode() + b"\0")
         return h.digest()
 
-    def _take(self, name: str, digest: bytes, dest: torch.Tensor) -> bool:
+    def _take(self, name: str, digest: bytes, dest: torch.Tensor, entry: Entry) -> bool:
         """Copy the published box ``name`` into ``dest``; False if it is not published (or
         not readable as promised: then ``dest`` is left to be read from storage)."""
         try:
@@ -277,6 +277,7 @@ class NodeShare:
         except OSError:
             return False
         nbytes = dest.numel() * dest.element_size()
+        t0 = time.perf_counter()
         try:
             head = os.pread(fd, _HEADER, 0)
             if head[:8] != _MAGIC or head[8:40] != digest or int.from_bytes(head[40:48], "little") != nbytes:
@@ -297,11 +298,14 @@ class NodeShare:
             os.close(fd)
         with self._lock:
             self._taken.add(name)
-            if name in self._ahead_read:
-                self._ahead_read.discard(name)  # read by this process, not received
-            else:
+            ours = name in self._ahead_read  # read ahead by this process: counted when read
+            self._ahead_read.discard(name)
+            if not ours:
                 self.bytes_received += nbytes
                 self.tensors_received += 1
+        if not ours:
+            # A destination filled, as the reader counts them (stats, progress reports).
+            self.reader._done(entry, dest, t0)
         return True
 
     def _room(self, name: str, nbytes: int) -> bool:
@@ -441,8 +445,6 @@ class _ReadAhead:
 
     def _build(self) -> None:
         """Every shared box of the node, its owner, and this rank's in checkpoint order."""
-        from .share import _owners
-
         share = self.share
         node = share.node()
         needs: dict[int, list[tuple[str, tuple[tuple[int, int], ...], str, int]]] = {r: [] for r in node}
@@ -457,7 +459,7 @@ class _ReadAhead:
                 nbytes = math.prod(hi - lo for lo, hi in box) * dtype.itemsize
                 needs[r].append((key, box, str(dtype), nbytes))
             where[key] = (pos, entry)
-        items, owner, cost = _owners(needs)
+        items, owner, cost = owners(needs)
         mine = []
         for item, ranks in items:
             pos, entry = where[item[0]]
@@ -794,6 +796,41 @@ def _indices(shape: tuple[int, ...]) -> list[tuple[int, ...]]:
     for n in shape:
         out = [idx + (i,) for idx in out for i in range(n)]
     return out
+
+
+_Item = tuple[str, tuple[tuple[int, int], ...], str]  # (key, box, dtype)
+
+
+def owners(
+    needs: dict[int, list[tuple[str, tuple[tuple[int, int], ...], str, int]]],
+) -> tuple[list[tuple[_Item, list[int]]], dict[_Item, int], dict[_Item, int]]:
+    """The items several ranks of a node need (with those ranks), the rank reading each, and its bytes.
+
+    ``needs``: rank -> ``(key, box, dtype, bytes)`` it loads. Largest first onto the least
+    loaded rank of those needing it: the same answer on every rank (same inputs), for
+    :func:`lazysd.share.share_node` (who reads and sends) and the read-ahead here (who
+    reads ahead).
+
+    Example:
+        >>> items, owner, _ = owners({0: [("w", ((0, 4),), "bf16", 8)], 1: [("w", ((0, 4),), "bf16", 8)]})
+        >>> items, owner[("w", ((0, 4),), "bf16")]
+        ([(('w', ((0, 4),), 'bf16'), [0, 1])], 0)
+    """
+    # (key, box, dtype) -> ranks of this node needing it, and the bytes one read costs.
+    wanted: dict[_Item, list[int]] = {}
+    cost: dict[_Item, int] = {}
+    for r, rank_needs in needs.items():
+        for key, box, dtype, read in rank_needs:
+            wanted.setdefault((key, box, dtype), []).append(r)
+            cost[(key, box, dtype)] = read
+    items = sorted((k, v) for k, v in wanted.items() if len(v) > 1)
+    load = dict.fromkeys(needs, 0)
+    owner: dict[_Item, int] = {}
+    for item, ranks in sorted(items, key=lambda kv: (-cost[kv[0]], kv[0])):
+        o = min(ranks, key=lambda r: (load[r], r))
+        owner[item] = o
+        load[o] += cost[item]
+    return items, owner, cost
 
 
 def node_share(

@@ -18,7 +18,7 @@ process group (``VirtualStateDict(..., share=None)`` turns it off). It is collec
 rank must call ``lazysd.load``. The plain Mapping (``model.load_state_dict(vsd)``, values
 read one key at a time, in any order, on any subset of ranks) shares through
 :mod:`lazysd.nodeshare` instead, which needs no collective; its ownership of boxes for
-reading ahead is :func:`_owners` here.
+reading ahead is the same :func:`lazysd.nodeshare.owners`.
 
 Example:
     >>> report = lazysd.load(model, "s3://bucket/ckpt/", storage_options=opts)   # doctest: +SKIP
@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from .nodeshare import owners
 
 if TYPE_CHECKING:
     from .virtual import VirtualStateDict
@@ -110,7 +112,7 @@ def share_node(
     dist.all_gather_object(everyone, (socket.gethostname(), needs))
     host = everyone[rank][0]
     node = tuple(r for r in range(world) if everyone[r][0] == host)
-    items, owner, cost = _owners({r: everyone[r][1] for r in node})
+    items, owner, cost = owners({r: everyone[r][1] for r in node})
     mine = {item[0]: item for item, ranks in items if rank in ranks}
     bytes_received = tensors_received = 0
     owned = [item for item, ranks in items if owner[item] == rank]
@@ -146,30 +148,3 @@ def share_node(
     for w in works:
         w.wait()
     return Shared({key: dests[key] for key in mine}, bytes_read, bytes_received, tensors_received, node)
-
-
-_Item = tuple[str, tuple[tuple[int, int], ...], str]  # (key, box, dtype)
-
-
-def _owners(
-    needs: dict[int, list[tuple[str, tuple[tuple[int, int], ...], str, int]]],
-) -> tuple[list[tuple[_Item, list[int]]], dict[_Item, int], dict[_Item, int]]:
-    """The items several ranks of a node need (with those ranks), the rank reading each, and its bytes.
-
-    Largest first onto the least loaded rank: the same answer on every rank (same inputs).
-    """
-    # (key, box, dtype) -> ranks of this node needing it, and the bytes one read costs.
-    wanted: dict[_Item, list[int]] = {}
-    cost: dict[_Item, int] = {}
-    for r, rank_needs in needs.items():
-        for key, box, dtype, read in rank_needs:
-            wanted.setdefault((key, box, dtype), []).append(r)
-            cost[(key, box, dtype)] = read
-    items = sorted((k, v) for k, v in wanted.items() if len(v) > 1)
-    load = dict.fromkeys(needs, 0)
-    owner: dict[_Item, int] = {}
-    for item, ranks in sorted(items, key=lambda kv: (-cost[kv[0]], kv[0])):
-        o = min(ranks, key=lambda r: (load[r], r))
-        owner[item] = o
-        load[o] += cost[item]
-    return items, owner, cost

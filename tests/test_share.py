@@ -99,7 +99,7 @@ def _load(rank: int, world: int, path: str, shm: str, ep: int | None, share: str
         served = server_stats(stats_url)[tag]["bytes"] - served if stats_url else 0
         need = {(k, tuple(vsd.local_box(k))): sum(n for _, _, n in vsd.planned_ranges([k])) for k in vsd}
         out = {"read": vsd.bytes_read, "received": vsd.bytes_received, "need": need, "state": _state(model)}
-        out["served"] = served
+        out["served"], out["tensors"] = served, vsd.stats.tensors
     import torch.distributed as dist
 
     dist.barrier()  # every rank has closed its VirtualStateDict: the node directory must be gone
@@ -123,6 +123,7 @@ def _check(results: list[dict], *, served: bool = False) -> None:
     for a, b in zip(on, off):
         assert sum(a["need"].values()) == a["read"] + a["received"]  # what it needs, read or taken
         assert b["received"] == 0
+        assert a["tensors"] == b["tensors"] == len(a["need"])  # every value counted once, read or taken
         assert a["state"].keys() == b["state"].keys()
         assert all(same_bits(a["state"][k], b["state"][k]) for k in a["state"])
         assert a["left"] == b["left"] == []  # nothing left in shared memory
@@ -205,11 +206,14 @@ def _load_or_die(rank: int, world: int, path: str, shm: str, out: str) -> dict:
     mesh = _mesh(world, None)
     model = _model(rank, mesh)
 
+    opened = []
+
     def progress(stats, entry) -> None:  # noqa: ANN001
-        if rank == 2:
+        if rank == 2 and opened and opened[0].bytes_read:  # called inside a read, holding its claim
             os.kill(os.getpid(), signal.SIGKILL)
 
     with VirtualStateDict(path, progress=progress) as vsd:
+        opened.append(vsd)
         torch.distributed.barrier()
         model.load_state_dict(vsd)
         received = vsd.bytes_received
