@@ -48,8 +48,13 @@ lock too, so the others still remove the directory when they finish; if every ra
 node is killed, the next load on that node removes directories nobody holds any more.
 
 Memory: a box stays in shared memory from its publication until the last rank needing it
-took it; read-ahead keeps at most ``ahead_bytes`` ahead of its rank. Boxes that a rank
-counted on never takes (it loads a subset) stay until the directory goes.
+took it; read-ahead keeps at most ``ahead_bytes`` ahead of its rank, and only for kinds of
+tensor (rules) its rank has loaded whole. Boxes that a rank counted on never takes (it
+loads a subset, an export writes slices) stay until the directory goes, so each rank keeps
+at most a quarter of the shared-memory filesystem, split over the node's ranks, published
+and not yet taken by all; past that it stops publishing and the others read for themselves.
+A membership directory is joined when the VirtualStateDict opens, so what others publish
+for a rank stays at least until it closes.
 
 It is on with ``share="node"`` (the default) when a default process group of more than one
 rank is initialized and ``/dev/shm`` is writable; a single process never touches shared
