@@ -19,7 +19,10 @@ Methods (peers are optional: ``pip install -e ".[bench]"``; a missing one is ski
 printed line):
     lazysd          ``model.load_state_dict(VirtualStateDict(path))`` into an allocated native
                     model (expert transposes included), default options
-    lazysd-buffered the same with ``direct=False`` (plain ``pread``, no ``O_DIRECT``; not run
+    lazysd-load     ``lazysd.load(model, path)`` into the same model: every tensor's chunks go
+                    through one read pipeline (``Reader.fill_many``) before
+                    ``load_state_dict`` sees them
+    lazysd-buffered the same as lazysd with ``direct=False`` (plain ``pread``, no ``O_DIRECT``; not run
                     unless asked for): what direct reads of cold bytes change
     lazysd-hf       lazysd's HF-keyed view (``HFCheckpointView``), each tensor copied into a
                     pre-allocated tensor of its HF shape (no transposes), default options
@@ -46,7 +49,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # lazysd and tests.support from this checkout
 
 HERE = Path(__file__).resolve().parent
-LAZYSD = ("lazysd", "lazysd-hf", "lazysd-buffered")
+LAZYSD = ("lazysd", "lazysd-load", "lazysd-hf", "lazysd-buffered")
 PEERS = ("st-load_file", "st-clone", "st-prealloc", "runai", "fastsafetensors", "transformers")
 # Peers whose results are private copies. load_file returns views of its file mappings (the
 # shared page cache, copy-on-write; touching them maps pages, it copies nothing), and
@@ -152,6 +155,16 @@ def worker(method: str) -> dict:
             with VirtualStateDict(PATH, direct=method == "lazysd") as vsd:
                 model.load_state_dict(vsd)
         return {**p.result, "bytes": vsd.bytes_read, "threads": vsd.reader.options.threads}
+    if method == "lazysd-load":
+        sys.path.insert(0, str(HERE))
+        from bench_load import _allocated_model, _spec
+
+        import lazysd
+
+        model = _allocated_model(_spec(SIZE))
+        with PeakRSS() as p:
+            report = lazysd.load(model, PATH)
+        return {**p.result, "bytes": report.bytes_read}
     if method == "transformers":
         sys.path.insert(0, str(HERE))
         from bench_load import _from_pretrained, touch_pages
@@ -277,7 +290,10 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--modes", nargs="+", choices=["cold", "warm"], default=["cold", "warm"])
     ap.add_argument(
-        "--methods", nargs="+", default=["lazysd", "lazysd-hf", *PEERS], help="lazysd, peers (floors are always run)"
+        "--methods",
+        nargs="+",
+        default=["lazysd", "lazysd-load", "lazysd-hf", *PEERS],
+        help="lazysd, peers (floors are always run)",
     )
     ap.add_argument(
         "--floor-threads", nargs="+", type=int, default=None, help="extra floor thread counts (default 4 8)"

@@ -1,14 +1,17 @@
 """Remote load benchmark: lazysd's ranged reads vs downloading first vs Run:ai's model streamer.
 
     python benchmarks/bench_remote.py [--size 5e8] [--latency 0.02] [--bandwidth 2e8] [--runs 3]
+    python benchmarks/bench_remote.py --sweep   # lazysd alone under several request shapes
 
 Generates a Flash-shaped Step3p5 bf16 checkpoint of about ``--size`` bytes once and serves it
 from 127.0.0.1 as a path-style S3 endpoint (``/bucket/key`` answered with ranged GETs, ETag
 and HEAD: the part of S3 that object reads use) with ``--latency`` seconds added to every
 request and all bodies together capped at ``--bandwidth`` bytes/s, as a remote bucket would.
 (moto's S3 server, which the tests use, re-reads the whole object for every ranged GET, which
-would measure moto rather than the clients.) Then, each in a fresh process (peak memory is
-that process's VmHWM above its start):
+would measure moto rather than the clients; this server is threaded and sends bodies with
+``sendfile``, so the cap, not the server, limits the transfer.) Then, each in a fresh process
+(libraries imported before the clock starts; peak memory is that process's VmHWM above its
+start):
 
 * ``lazysd s3://``: ``lazysd.load(model, "s3://...", assign=True)`` on a meta-device model:
   exact ranged GETs, coalesced, several tensors in flight;
@@ -74,6 +77,10 @@ def _worker(method: str, url: str, endpoint: str, size: float) -> dict:
 
     spec = Step3p5Spec.sized(int(size))
     if method == "lazysd":
+        # Imported before the clock starts, as the other methods' libraries are: the table
+        # compares loading, not importing botocore (~0.5 s here).
+        import s3fs  # noqa: F401
+
         model = Step3p5Model(spec, layout="native", dtype=torch.bfloat16, device="meta")
         with PeakRSS(sample_s=None) as peak:
             report = lazysd.load(model, url, storage_options=_options(endpoint), assign=True)
@@ -175,6 +182,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--dir", default="/tmp/lazysd-bench")
     parser.add_argument("--ranks-only", action="store_true", help="only the 4-rank sharing table")
+    parser.add_argument(
+        "--sweep", action="store_true", help="only lazysd's load in this process under several RemoteOptions"
+    )
     parser.add_argument("--worker", nargs=4, metavar=("METHOD", "URL", "ENDPOINT", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -199,6 +209,8 @@ def main() -> None:
             f"{args.latency * 1000:.0f} ms per request, {args.bandwidth / 1e6:.0f} MB/s cap; medians of {args.runs} "
             "runs\n"
         )
+        if args.sweep:
+            return _sweep(url, s3, spec, args.runs)
         print("| method | wall s | bytes from server | requests | peak RSS above start MiB |")
         print("|---|---:|---:|---:|---:|")
         walls: dict[str, float] = {}
@@ -279,6 +291,34 @@ def main() -> None:
             served, uni, tot, ranks = rows[-1][1], rows[-1][2], rows[-1][3], rows[-1][4]
             per = " ".join(f"{r['read'] / 2**20:.0f}/{r['received'] / 2**20:.0f}" for r in ranks)
             print(f"| {label} | {wall:.2f} | {served:,} | {uni:,} | {tot:,} | {served / uni:.2f}x | {per} |")
+
+
+def _sweep(url: str, server: object, spec: object, runs: int) -> None:
+    """Open and load times in this process (warm) for a few request shapes: is the link full?"""
+    import torch
+
+    import lazysd
+    from lazysd import VirtualStateDict
+    from lazysd.storage import RemoteOptions
+    from lazysd.testing import Step3p5Model
+
+    mib = 1 << 20
+    shapes = [(8, 8), (16, 8), (32, 4), (64, 2)]  # (GETs in flight, MiB per GET); (16, 8) is the default
+    print("| GETs in flight x MiB per GET | open s | load s | load MB/s | GETs |")
+    print("|---|---:|---:|---:|---:|")
+    VirtualStateDict(url, storage_options=_options(server.url)).close()  # imports and clients, untimed
+    for inflight, size in shapes:
+        rows = []
+        for _ in range(runs):
+            model = Step3p5Model(spec, layout="native", dtype=torch.bfloat16, device="meta")
+            options = RemoteOptions(max_requests=inflight, request_bytes=size * mib)
+            t0 = time.perf_counter()
+            with VirtualStateDict(url, storage_options=_options(server.url), remote=options) as vsd:
+                t1 = time.perf_counter()
+                report = lazysd.load(model, vsd, assign=True)
+                rows.append((t1 - t0, time.perf_counter() - t1, report.bytes_read, report.requests))
+        opened, loaded = statistics.median(r[0] for r in rows), statistics.median(r[1] for r in rows)
+        print(f"| {inflight} x {size} | {opened:.2f} | {loaded:.2f} | {rows[0][2] / loaded / 1e6:.0f} | {rows[0][3]} |")
 
 
 def _fresh(method: str, url: str, endpoint: str, size: float) -> dict:

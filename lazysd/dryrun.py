@@ -39,7 +39,7 @@ from .errors import MissingKeyError, PlacementError, ShapeMismatchError
 from .geometry import Box, chunk_range, full_box, is_empty, mesh_coordinate, shard_box
 from .inspect import Planned, bytes_text, human_bytes, layer_of
 from .plan import Entry, dtype_name
-from .reads import Destination, ReadItem, plan_reads, read_totals
+from .reads import SHARES, Destination, ReadItem, plan_reads, read_totals
 
 
 def _box_text(box: Box) -> str:
@@ -71,10 +71,12 @@ class SourceRead:
         return [(i.source.offset + s, i.source.offset + s + n) for i in self.items for s, n in i.runs]
 
 
-def box_reads(entry: Entry, box: Box, dest: Destination, chunk_bytes: int = 8 << 20) -> tuple[SourceRead, ...]:
+def box_reads(
+    entry: Entry, box: Box, dest: Destination, chunk_bytes: int = 8 << 20, shares: int = SHARES
+) -> tuple[SourceRead, ...]:
     """The read items of ``box`` of ``entry``, grouped by HF tensor (none for an empty box)."""
     groups: dict[str, list[ReadItem]] = {}
-    for item in plan_reads(entry, box, dest, chunk_bytes=chunk_bytes):
+    for item in plan_reads(entry, box, dest, chunk_bytes=chunk_bytes, shares=shares):
         groups.setdefault(item.source.key, []).append(item)
     out = []
     for items in groups.values():
@@ -305,7 +307,7 @@ def explain(vsd: Planned, key: str, layout: EPLayout | None = None) -> Explanati
                 r,
                 *layout.coords(r),
                 (b := layout.box(entry, r)),
-                box_reads(entry, b, destination(vsd, entry, b), chunk),
+                box_reads(entry, b, destination(vsd, entry, b), chunk, vsd.reader.shares),
             )
             for r in range(layout.world)
         )
@@ -384,7 +386,8 @@ class LoadPlan:
             raise MissingKeyError(f"{self.path}: no native key {key!r} in this plan of {len(self.keys)} keys")
         assert self._vsd is not None
         box = self.layout.box(entry, rank)
-        return box_reads(entry, box, destination(self._vsd, entry, box), self._vsd.reader.options.chunk_bytes)
+        reader = self._vsd.reader
+        return box_reads(entry, box, destination(self._vsd, entry, box), reader.options.chunk_bytes, reader.shares)
 
     def layer_rows(self) -> list[tuple[str, int, int, int]]:
         """Per layer: ``(label, min bytes over ranks, max bytes over ranks, total over ranks)``."""
@@ -474,7 +477,7 @@ def rank_plan(vsd: Planned, layout: EPLayout, *, keys: Iterable[str] | None = No
     def totals(e: Entry, box: Box) -> tuple[int, int]:
         found = cache.get((e.key, box))
         if found is None:
-            t = read_totals(e, box, destination(vsd, e, box), chunk_bytes=chunk)
+            t = read_totals(e, box, destination(vsd, e, box), chunk_bytes=chunk, shares=vsd.reader.shares)
             found = cache[(e.key, box)] = (t.nbytes, t.runs)
         return found
 

@@ -177,8 +177,8 @@ def _load(model: torch.nn.Module, vsd: VirtualStateDict, *, strict: bool, assign
                 values[key] = _like(values[key], dest)
             else:
                 del values[key]  # already in the parameter
-    if not ckpt.local:
-        _fill_concurrently(values, model.state_dict(keep_vars=True), assign=assign)
+    if not (assign and vsd.reader.options.mmap):  # those are mapped, not read: nothing to gain
+        _fill_ahead(vsd, values, model.state_dict(keep_vars=True), assign=assign)
     model.load_state_dict(values, strict=False, assign=assign)
     return LoadReport(
         missing_keys=missing,
@@ -246,15 +246,17 @@ def _cast_problem(src: torch.dtype, dst: torch.dtype) -> str | None:
     return _CASTABLE[src, dst]
 
 
-def _fill_concurrently(
-    values: dict[str, Any], params: dict[str, torch.Tensor], *, assign: bool, tensors: int = 8
+def _fill_ahead(
+    vsd: VirtualStateDict, values: dict[str, Any], params: dict[str, torch.Tensor], *, assign: bool
 ) -> None:
-    """Read up to ``tensors`` tensors at once, straight into their parameters (remote sources).
+    """Read the values straight into their destinations before ``load_state_dict`` sees them.
 
-    Over a network each tensor costs at least one round trip; ``load_state_dict`` copies one
-    tensor after the other, so a model of a thousand small tensors would wait a thousand
-    round trips. Filled keys are replaced in ``values`` by their filled tensors (``assign``)
-    or removed (already in the parameter).
+    ``load_state_dict`` copies one tensor after the other: the reader threads would wait at
+    the end of every tensor, a small tensor would be read by one thread alone, and over a
+    network each tensor would cost its own round trips. Here a local checkpoint's tensors go
+    through one pipeline (:meth:`lazysd.reader.Reader.fill_many`), and a remote one's are
+    read up to 8 at once. Filled keys are replaced in ``values`` by their filled tensors
+    (``assign``) or removed (already in the parameter).
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -263,14 +265,18 @@ def _fill_concurrently(
     jobs: dict[str, tuple[Any, torch.Tensor]] = {}
     for key, value in values.items():
         found = lazy_destination(value, assign, params.get(key))
-        if found is not None:
+        if found is not None and found[1].device.type != "meta":
             jobs[key] = found
-    with ThreadPoolExecutor(tensors, thread_name_prefix="lazysd-fill") as pool:
-        for key, _ in zip(jobs, pool.map(lambda job: job[0].read_into(job[1]), jobs.values())):
-            if assign:
-                values[key] = _like(values[key], jobs[key][1])
-            else:
-                del values[key]
+    if vsd.checkpoint.local:
+        vsd.reader.fill_many((lazy.entry, lazy.box, dest) for lazy, dest in jobs.values())
+    else:
+        with ThreadPoolExecutor(8, thread_name_prefix="lazysd-fill") as pool:
+            list(pool.map(lambda job: job[0].read_into(job[1]), jobs.values()))
+    for key, (_, dest) in jobs.items():
+        if assign:
+            values[key] = _like(values[key], dest)
+        else:
+            del values[key]
 
 
 def _distributed() -> bool:

@@ -23,7 +23,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 
@@ -37,7 +37,7 @@ from .geometry import Box, box_shape, full_box, inverse_permutation
 from .memory import populate
 from .plan import Entry
 from .pool import ReadPool
-from .reads import Destination, MiB, ReadItem, plan_reads
+from .reads import SHARES, Destination, MiB, ReadItem, plan_reads
 from .transpose import copy_into, read_transposed
 
 
@@ -83,6 +83,16 @@ class Stats:
     seconds: float = 0.0  # time spent in fill()
 
 
+@dataclass
+class _Fill:
+    """One destination of :meth:`Reader.fill_many`: done when its last job is."""
+
+    entry: Entry
+    dest: torch.Tensor
+    t0: float
+    left: int
+
+
 @dataclass(frozen=True)
 class _Job:
     """A read item bound to the view of the destination its method writes."""
@@ -91,16 +101,25 @@ class _Job:
     # direct: the destination region seen in source order (contiguous); fused: the region
     # with the new axes of dims dropped (the kernel transposes into it); staged: the region.
     dest: torch.Tensor
+    fill: _Fill | None = None  # set in fill_many: counted down as jobs finish
 
 
-def _bind(item: ReadItem, dest: torch.Tensor) -> _Job:
+def _bind(item: ReadItem, dest: torch.Tensor, fill: _Fill | None = None) -> _Job:
     view = dest[tuple(slice(lo, hi) for lo, hi in item.dest_box)]
     if item.method == "staged":
-        return _Job(item, view)
+        return _Job(item, view, fill)
     view = view[tuple(0 if d is None else slice(None) for d in item.dims)]
     if item.method == "fused":
-        return _Job(item, view)
-    return _Job(item, view.permute(inverse_permutation([d for d in item.dims if d is not None])))
+        return _Job(item, view, fill)
+    return _Job(item, view.permute(inverse_permutation([d for d in item.dims if d is not None])), fill)
+
+
+def _check_shape(entry: Entry, box: Box, dest: torch.Tensor) -> None:
+    expected = tuple(hi - lo for lo, hi in box)
+    if tuple(dest.shape) != expected:
+        raise ShapeMismatchError(
+            f"{entry.key}: destination shape {list(dest.shape)} is not the requested box {list(expected)}"
+        )
 
 
 def to_native(block: torch.Tensor, dims: tuple[int | None, ...]) -> torch.Tensor:
@@ -185,10 +204,18 @@ class Reader:
             self._free.clear()  # spare staging buffers go back to the OS
 
     # ---- planning one fill ---------------------------------------------------------------
+    @property
+    def shares(self) -> int:
+        """How many chunks a source of a few MiB is cut into (:data:`lazysd.reads.SHARES`
+        locally, for the threads; 1 remotely, where each chunk would be a request)."""
+        return SHARES if self.ckpt.local else 1
+
     def plan(self, entry: Entry, box: Box, dest: Destination | None = None) -> tuple[ReadItem, ...]:
         """The read items of filling ``box`` of ``entry`` into ``dest`` (default: a contiguous
         CPU tensor of the entry's dtype), chunked by this reader's options."""
-        items = plan_reads(entry, box, dest or Destination(entry.dtype), chunk_bytes=self.options.chunk_bytes)
+        items = plan_reads(
+            entry, box, dest or Destination(entry.dtype), chunk_bytes=self.options.chunk_bytes, shares=self.shares
+        )
         if not self.ckpt.local:
             # The transpose kernel reads through a file descriptor: remote bytes are staged
             # (the same runs, into a bounded buffer) and transposed by the copy instead.
@@ -372,11 +399,7 @@ class Reader:
 
         ``fresh``: ``dest`` was just allocated: its pages are mapped in one call before the reads.
         """
-        expected = tuple(hi - lo for lo, hi in box)
-        if tuple(dest.shape) != expected:
-            raise ShapeMismatchError(
-                f"{entry.key}: destination shape {list(dest.shape)} is not the requested box {list(expected)}"
-            )
+        _check_shape(entry, box, dest)
         t0 = time.perf_counter()
         if fresh:
             populate(dest)  # one call maps every page, instead of a fault per page during the reads
@@ -386,9 +409,37 @@ class Reader:
             for job in jobs:
                 self._run_inline(job)
         else:
-            self._run_pipelined(jobs)
+            self._run_pipelined(iter(jobs))
         self._done(entry, dest, t0)
         return dest
+
+    def fill_many(self, fills: Iterable[tuple[Entry, Box, torch.Tensor]]) -> None:
+        """:meth:`fill` each ``(entry, box, dest)``, all through one pipeline.
+
+        One tensor after another, the reader threads wait at the end of every tensor and a
+        small tensor is read by one thread alone; here the chunks of all of them share the
+        threads, and the next tensor is planned while the last one's reads run. Each
+        destination counts as filled (stats, progress) when its last chunk is in.
+
+        Example:
+            >>> reader.fill_many((vsd.entry(k), full_box(t.shape), t) for k, t in dests.items())  # doctest: +SKIP
+        """
+
+        def jobs() -> Iterator[_Job]:
+            for entry, box, dest in fills:
+                _check_shape(entry, box, dest)
+                fill = _Fill(entry, dest, time.perf_counter(), 0)
+                bound = [_bind(item, dest, fill) for item in self.plan(entry, box, Destination.of(dest))]
+                fill.left = len(bound)
+                if not bound:
+                    self._done(entry, dest, fill.t0)
+                yield from bound
+
+        if self.options.threads <= 0:
+            for job in jobs():
+                self._run_inline(job)
+        else:
+            self._run_pipelined(jobs())
 
     def _done(self, entry: Entry, out: torch.Tensor, t0: float) -> None:
         with self._lock:
@@ -406,6 +457,11 @@ class Reader:
                 self._place(job, buf)
         finally:
             self._release(base)
+        fill = job.fill
+        if fill is not None:
+            fill.left -= 1  # on the calling thread only: no lock needed
+            if fill.left == 0:
+                self._done(fill.entry, fill.dest, fill.t0)
 
     def _run_inline(self, job: _Job) -> None:
         cost = job.item.staging
@@ -415,7 +471,7 @@ class Reader:
         finally:
             self._staging(-cost)
 
-    def _run_pipelined(self, jobs: list[_Job]) -> None:
+    def _run_pipelined(self, jobs: Iterator[_Job]) -> None:
         """Reads on the pool, ahead of the copies; copies (and casts) on the calling thread.
 
         The copies run where torch's intra-op threads can split them over the cores, while
@@ -429,9 +485,14 @@ class Reader:
         pending: deque[tuple[_Job, Future[tuple[torch.Tensor | None, torch.Tensor | None]], int]] = deque()
         inflight = 0
         budget = self.options.max_inflight_bytes
-        todo = deque(jobs)
+        todo: deque[_Job] = deque()
+        ahead = 4 * self.options.threads  # jobs bound (planned) ahead of the reads
         try:
-            while todo or pending:
+            while True:
+                while len(todo) < ahead and (job := next(jobs, None)) is not None:
+                    todo.append(job)
+                if not todo and not pending:
+                    break
                 # Backpressure: start reads only while their staging fits the budget
                 # (one read is always allowed, so a single large row still makes progress).
                 while todo and len(pending) < 2 * self.options.threads:

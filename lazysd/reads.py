@@ -180,7 +180,7 @@ class ReadTotals:
 
 
 def _chunks(
-    src: Source, box: Box, dest: torch.Tensor, cpu: bool, chunk_bytes: int
+    src: Source, box: Box, dest: torch.Tensor, cpu: bool, chunk_bytes: int, shares: int
 ) -> Iterator[tuple[Box, Box, Method, int]]:
     """``(source sub-box, destination region, method, staging)`` of each read of ``src``.
 
@@ -206,7 +206,7 @@ def _chunks(
     rows = src_box[0][1] - src_box[0][0]
     # A dequantized chunk is staged in fp32: budget its rows at that size.
     row_bytes = (4 if src.scale is not None else info.itemsize) * math.prod(hi - lo for lo, hi in src_box[1:])
-    chunk_bytes = min(chunk_bytes, max(SHARE_MIN, -(-rows * row_bytes // SHARES)))
+    chunk_bytes = min(chunk_bytes, max(SHARE_MIN, -(-rows * row_bytes // shares)))
     per = max(1, chunk_bytes // max(1, row_bytes))
     if plain and row_bytes >= DIRECT_ROW and not as_source.is_contiguous() and as_source[:1].is_contiguous():
         per = 1  # contiguous row by row only: one direct read per row beats staging
@@ -251,7 +251,9 @@ def _meta_dest(box: Box, dest: Destination) -> torch.Tensor:
     return torch.empty_strided(shape, dest.stride, dtype=dest.dtype, device="meta")
 
 
-def plan_reads(entry: Entry, box: Box, dest: Destination, *, chunk_bytes: int = 8 * MiB) -> tuple[ReadItem, ...]:
+def plan_reads(
+    entry: Entry, box: Box, dest: Destination, *, chunk_bytes: int = 8 * MiB, shares: int = SHARES
+) -> tuple[ReadItem, ...]:
     """The reads that fill ``box`` of ``entry`` into a destination like ``dest``. Pure.
 
     Args:
@@ -260,6 +262,9 @@ def plan_reads(entry: Entry, box: Box, dest: Destination, *, chunk_bytes: int = 
         dest: the destination tensor (the box's shape): dtype, device type, strides.
         chunk_bytes: target size of one read (source rows are never split; a dequantized
             FP8 chunk counts at fp32).
+        shares: cut a source of a few MiB into up to this many chunks (:data:`SHARES`; 1
+            for remote storage, where every chunk is a request and concurrency comes from
+            the requests of several tensors in flight).
 
     Returns:
         Items in source order, then row order; none for an empty box. Their destination
@@ -271,7 +276,7 @@ def plan_reads(entry: Entry, box: Box, dest: Destination, *, chunk_bytes: int = 
     cpu = dest.device == "cpu"
     items = []
     for src in entry.sources:
-        for sub, region, method, staging in _chunks(src, box, meta, cpu, chunk_bytes):
+        for sub, region, method, staging in _chunks(src, box, meta, cpu, chunk_bytes, shares):
             scale = None
             if src.scale is not None:
                 scale = ScaleRead(src.scale.info, src.scale.region(sub), src.scale.block)
@@ -301,8 +306,10 @@ def _with_extents(items: list[ReadItem]) -> tuple[ReadItem, ...]:
             hi = max(hi, b)
     return tuple(out)
 
-def read_totals(entry: Entry, box: Box, dest: Destination, *, chunk_bytes: int = 8 * MiB) -> ReadTotals:
-    """Bytes, runs and items of ``plan_reads(entry, box, dest, chunk_bytes=...)``, counted
+def read_totals(
+    entry: Entry, box: Box, dest: Destination, *, chunk_bytes: int = 8 * MiB, shares: int = SHARES
+) -> ReadTotals:
+    """Bytes, runs and items of ``plan_reads(entry, box, dest, chunk_bytes=..., shares=...)``, counted
     over the same chunks without building the items or listing their runs."""
     if is_empty(box):
         return ReadTotals(0, 0, 0, 0)
@@ -311,7 +318,7 @@ def read_totals(entry: Entry, box: Box, dest: Destination, *, chunk_bytes: int =
     nbytes = runs = items = 0
     for src in entry.sources:
         info = src.info
-        for sub, _, _, _ in _chunks(src, box, meta, cpu, chunk_bytes):
+        for sub, _, _, _ in _chunks(src, box, meta, cpu, chunk_bytes, shares):
             items += 1
             nbytes += math.prod(box_shape(sub)) * info.itemsize
             runs += run_count(info.shape, sub)

@@ -263,7 +263,8 @@ class VirtualStateDict(Mapping[str, torch.Tensor]):
 
     def _totals(self, key: str) -> ReadTotals:
         entry, box = self.entry(key), self.local_box(key)
-        return read_totals(entry, box, self._destination(entry, box), chunk_bytes=self.reader.options.chunk_bytes)
+        chunk, shares = self.reader.options.chunk_bytes, self.reader.shares
+        return read_totals(entry, box, self._destination(entry, box), chunk_bytes=chunk, shares=shares)
 
     @property
     def stats(self) -> Stats:

@@ -192,7 +192,7 @@ def test_progress_is_off_by_default_and_prints_when_asked(ckpt, capsys) -> None:
     assert f"{report.tensors} tensors" in err
     seen = []
     lazysd.load(model, ckpt, progress=lambda stats, entry: seen.append(entry.key))
-    assert seen == list(model.state_dict())
+    assert sorted(seen) == sorted(model.state_dict())  # each once, as its last chunk lands
     stream = io.StringIO()
     printer = ProgressPrinter(100, stream=stream, every=3600)
     printer(lazysd.reader.Stats(tensors=1, bytes_out=10), None)

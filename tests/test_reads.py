@@ -206,3 +206,25 @@ def test_source_placements() -> None:
     expert = Block(start=(3, 0, 0), dims=(None, 1, 0), shape=(16, 32))  # one expert, stacked
     assert source_placements(expert, (8, 32, 16), [Shard(0)]) is None
     assert source_placements(expert, (8, 32, 16), [Replicate(), Shard(1)]) == [None, 1]
+
+
+def test_fill_many_is_fill_for_each(checkpoints: dict[str, Path]) -> None:
+    """One pipeline over many destinations: the same bytes in each, the same reads, each
+    destination counted (and reported) once, as fill() one by one would."""
+    layout = EPLayout(3, 2)
+    with VirtualStateDict(checkpoints["flash"], threads=2, chunk_bytes=4096) as vsd:
+        fills, want = [], {}
+        for key in vsd:
+            entry = vsd.entry(key)
+            box = layout.box(entry, 4)
+            want[key] = vsd.lazy(entry, box).materialize()
+            fills.append((entry, box, torch.full(box_shape(box), -1, dtype=entry.dtype)))
+        planned = sum(n for e, b, d in fills for _, _, n in vsd.reader.ranges(e, b, Destination.of(d)))
+        seen: list[str] = []
+        vsd.reader.progress = lambda stats, entry: seen.append(entry.key)
+        before, tensors = vsd.bytes_read, vsd.stats.tensors
+        vsd.reader.fill_many(fills)
+        assert vsd.bytes_read - before == planned and vsd.stats.tensors - tensors == len(fills)
+        assert sorted(seen) == sorted(want)
+        for entry, _, dest in fills:
+            assert torch.equal(dest, want[entry.key]), entry.key

@@ -1,23 +1,28 @@
-"""Remote checkpoints against real servers on 127.0.0.1: moto's S3 server and an HTTP server.
+"""Remote checkpoints against real servers on 127.0.0.1: moto's S3 server, a GCS JSON API
+server (read through gcsfs) and an HTTP server with ranges.
 
 Values are compared bitwise with local loads; bytes and requests are counted at the server,
 per client (each rank tags its requests); faults are injected by the servers themselves.
+The servers and the uploaded checkpoints are shared by the whole module.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")
+pytest.importorskip("gcsfs")
 
 from lazysd import CheckpointNotFoundError, FileChangedError, VirtualStateDict
 from lazysd.errors import OptionError, RemoteAccessError, RemoteReadError
@@ -27,6 +32,7 @@ from lazysd.testing.families import FAMILIES, FamilySpec, make_family_checkpoint
 from tests.support.checks import same_bits
 from tests.support.dist import run_ranks
 from tests.support.servers import (
+    FakeGCSServer,
     MotoS3Server,
     RangeHTTPServer,
     http_storage_options,
@@ -40,15 +46,24 @@ SPEC = Step3p5Spec.tiny(
 CASES = [(f, False) for f in FAMILIES] + [("deepseek_v3", True)]
 IDS = [f + ("-fp8" if fp8 else "") for f, fp8 in CASES]
 FAST = RemoteOptions(retries=3, backoff=0.01, retry_seconds=5.0, connect_timeout=2.0, read_timeout=5.0)
+KINDS = ["s3", "http", "gs"]
+FIXTURE = {"s3": "s3", "http": "http", "gs": "gcs"}  # kind -> the fixture of its server
+
+
+def _family_spec(family: str, fp8: bool) -> FamilySpec:
+    """The tiny model with two layers (dense and MoE, or two MoE; MTP besides where the family has
+    one): every kind of tensor is there, with few requests to serve."""
+    return dataclasses.replace(FamilySpec.tiny(family, fp8=fp8), num_hidden_layers=2)
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("remote")
     make_checkpoint(root / "step", SPEC, layout="split", seed=3)
+    shutil.copytree(root / "step", root / "unindexed", ignore=shutil.ignore_patterns("*.index.json"))
     for family, fp8 in CASES:
         name = family + ("-fp8" if fp8 else "")
-        make_family_checkpoint(root / name, FamilySpec.tiny(family, fp8=fp8))
+        make_family_checkpoint(root / name, _family_spec(family, fp8))
     return root
 
 
@@ -66,31 +81,48 @@ def s3(root: Path):
         yield server
 
 
+@pytest.fixture(scope="module")
+def gcs(root: Path):
+    with FakeGCSServer({"ckpts": root}) as server:
+        yield server
+
+
 @pytest.fixture(autouse=True)
 def _clean_faults(request: pytest.FixtureRequest) -> None:
-    for name in ("http", "s3"):
+    for name in ("http", "s3", "gcs"):
         if name in request.fixturenames:
             request.getfixturevalue(name).reset()
 
 
-def _url(kind: str, server, name: str) -> tuple[str, dict]:
+def _server(kind: str, request: pytest.FixtureRequest) -> Any:
+    return request.getfixturevalue(FIXTURE[kind])
+
+
+def _base(kind: str, server: Any) -> str:
+    """The URL under which the module's checkpoints are, by name."""
+    return f"{server.url}/" if kind == "http" else f"{kind}://ckpts/"
+
+
+def _stats_url(kind: str, server: Any) -> str:
+    return server.endpoint_url if kind == "s3" else server.url
+
+
+def _url(kind: str, server: Any, name: str) -> tuple[str, dict]:
     """The URL and options of checkpoint ``name`` on ``server``; counters and faults cleared."""
     server.reset()
-    if kind == "http":
-        return f"{server.url}/{name}/", http_storage_options("t")
-    return f"s3://ckpts/{name}/", server.storage_options("t")
+    return f"{_base(kind, server)}{name}/", server.storage_options("t")
 
 
 def _values(vsd: VirtualStateDict) -> dict[str, torch.Tensor]:
     return {k: v.materialize() for k, v in vsd.items()}
 
 
-@pytest.mark.parametrize("kind", ["s3", "http"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize(("family", "fp8"), CASES, ids=IDS)
 def test_remote_load_is_bitwise_local(
     root: Path, kind: str, family: str, fp8: bool, request: pytest.FixtureRequest
 ) -> None:
-    server = request.getfixturevalue(kind)
+    server = _server(kind, request)
     name = family + ("-fp8" if fp8 else "")
     url, options = _url(kind, server, name)
     with VirtualStateDict(root / name) as local, VirtualStateDict(url, storage_options=options) as remote:
@@ -105,18 +137,56 @@ def test_remote_load_is_bitwise_local(
         assert remote.bytes_read <= data <= remote.bytes_read * 1.01
 
 
-@pytest.mark.parametrize("kind", ["s3", "http"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_headers_take_one_request_per_file(root: Path, kind: str, request: pytest.FixtureRequest) -> None:
-    server = request.getfixturevalue(kind)
+    server = _server(kind, request)
     url, options = _url(kind, server, "step")
     files = len(list((root / "step").glob("*.safetensors")))
-    # Small speculative first reads: each header still needs only its one GET here (header < 4 KiB?)
-    with VirtualStateDict(url, storage_options=options, remote=RemoteOptions(header_bytes=64 << 10)) as vsd:
+    # Small speculative first reads, two in flight (the files' first GETs go ahead of the
+    # headers' parsing two at a time): each header still needs only its one GET.
+    opts = RemoteOptions(header_bytes=64 << 10, max_requests=2)
+    with VirtualStateDict(url, storage_options=options, remote=opts) as vsd:
         assert vsd.bytes_read == 0
         gets = server.stats()["t"]["requests"]
         # config.json, the index, one ranged GET per safetensors file (length + header)
         assert gets == files + 2
         assert vsd.checkpoint.header_requests == files + 2
+
+
+@pytest.mark.parametrize("kind", ["s3", "gs"])
+def test_shards_without_an_index_are_found_by_listing(root: Path, kind: str, request: pytest.FixtureRequest) -> None:
+    url, options = _url(kind, _server(kind, request), "unindexed")
+    with VirtualStateDict(url, storage_options=options) as vsd, VirtualStateDict(root / "step") as local:
+        assert len(vsd.checkpoint.files) == len(local.checkpoint.files) > 1
+        want, got = _values(local), _values(vsd)
+        assert all(same_bits(got[k], want[k]) for k in want)
+
+
+def test_fake_gcs_server_answers_gcsfs_itself(root: Path, gcs: FakeGCSServer) -> None:
+    """The GCS server speaks the API as gcsfs uses it: listing, metadata, ranged media reads."""
+    from gcsfs.core import GCSFileSystem  # the plain client (no gRPC bucket-type probe)
+
+    fs = GCSFileSystem(**gcs.storage_options(), skip_instance_cache=True)
+    local = root / "step"
+    assert fs.ls("ckpts/step") == [f"ckpts/step/{p.name}" for p in sorted(local.iterdir())]
+    shard = sorted(local.glob("*.safetensors"))[1]
+    info = fs.info(f"ckpts/step/{shard.name}")
+    assert info["size"] == shard.stat().st_size and int(info["generation"]) > 0
+    assert fs.cat_file(f"gs://ckpts/step/{shard.name}", start=100, end=5000) == shard.read_bytes()[100:5000]
+    with pytest.raises(FileNotFoundError):
+        fs.info("ckpts/step/nope.safetensors")
+
+
+def test_gs_endpoint_from_storage_emulator_host(
+    root: Path, gcs: FakeGCSServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gcsfs's own way to name another endpoint (as for fake-gcs-server) works as well."""
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs.url)
+    with VirtualStateDict("gs://ckpts/qwen3_moe/", storage_options={"token": "anon"}) as vsd:
+        with VirtualStateDict(root / "qwen3_moe") as local:
+            want, got = _values(local), _values(vsd)
+    assert all(same_bits(got[k], want[k]) for k in want)
+    assert gcs.stats()["total"]["bytes"] >= vsd.bytes_read > 0
 
 
 def test_large_header_takes_a_second_request(root: Path, http: RangeHTTPServer) -> None:
@@ -142,9 +212,9 @@ def test_coalescing_stays_within_waste_bound() -> None:
 # ---- failures -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["s3", "http"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_missing_shard_names_url_and_keys(kind: str, request: pytest.FixtureRequest) -> None:
-    server = request.getfixturevalue(kind)
+    server = _server(kind, request)
     url, options = _url(kind, server, "step")
     server.faults.status["model-00002-of"] = 404
     with pytest.raises(CheckpointNotFoundError) as e:
@@ -154,9 +224,9 @@ def test_missing_shard_names_url_and_keys(kind: str, request: pytest.FixtureRequ
     assert "'model." in msg  # the index keys that shard holds
 
 
-@pytest.mark.parametrize("kind", ["s3", "http"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_forbidden_is_an_access_error_without_credentials(kind: str, request: pytest.FixtureRequest) -> None:
-    server = request.getfixturevalue(kind)
+    server = _server(kind, request)
     url, options = _url(kind, server, "step")
     with VirtualStateDict(url, storage_options=options, remote=FAST) as vsd:
         server.faults.status["model-00003-of"] = 403
@@ -168,9 +238,9 @@ def test_forbidden_is_an_access_error_without_credentials(kind: str, request: py
     assert "testing" not in msg
 
 
-@pytest.mark.parametrize("kind", ["s3", "http"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_dropped_connections_and_throttling_are_retried(root: Path, kind: str, request: pytest.FixtureRequest) -> None:
-    server = request.getfixturevalue(kind)
+    server = _server(kind, request)
     url, options = _url(kind, server, "step")
     with VirtualStateDict(root / "step") as local:
         want = _values(local)
@@ -180,12 +250,14 @@ def test_dropped_connections_and_throttling_are_retried(root: Path, kind: str, r
         got = _values(vsd)
         assert server.faults.drop[".safetensors"] == server.faults.throttle[".safetensors"] == 0  # all injected
         assert vsd.checkpoint.store.retried >= 3
+        # lazysd's retries are the only ones: the server saw exactly the requests lazysd counted
+        assert server.stats()["t"]["requests"] == vsd.checkpoint.requests
     assert all(same_bits(got[k], want[k]) for k in want)
 
 
-@pytest.mark.parametrize("kind", ["s3", "http"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_persistent_5xx_gives_up_in_bounded_time(kind: str, request: pytest.FixtureRequest) -> None:
-    server = request.getfixturevalue(kind)
+    server = _server(kind, request)
     url, options = _url(kind, server, "step")
     with VirtualStateDict(url, storage_options=options, remote=FAST) as vsd:
         server.faults.throttle[".safetensors"] = 10**6
@@ -195,19 +267,20 @@ def test_persistent_5xx_gives_up_in_bounded_time(kind: str, request: pytest.Fixt
         assert time.monotonic() - t0 < 5
 
 
-@pytest.mark.parametrize("kind", ["s3", "http"])
-def test_object_replaced_mid_load(root: Path, tmp_path: Path, kind: str, request: pytest.FixtureRequest) -> None:
-    server = request.getfixturevalue(kind)
+@pytest.mark.parametrize("kind", KINDS)
+def test_object_replaced_mid_load(root: Path, kind: str, request: pytest.FixtureRequest) -> None:
+    server = _server(kind, request)
     name = f"replaced-{kind}"
     shutil.copytree(root / "step", root / name)
-    if kind == "s3":
+    if kind == "s3":  # the HTTP and GCS servers serve the files under root as they are now
         server.upload(root / name, "ckpts", name)
     url, options = _url(kind, server, name)
     with VirtualStateDict(url, storage_options=options, remote=FAST) as vsd:
         keys = list(vsd)
         vsd[keys[0]].materialize()
-        # Same size, different bytes: only the ETag tells.
-        victim = sorted((root / name).glob("*.safetensors"))[0]
+        # Same size, different bytes: only the ETag (GCS: the generation) tells. The file
+        # already read from: each GET must check, not only the first of a file.
+        victim = root / name / vsd.entry(keys[0]).sources[0].info.file.name
         data = bytearray(victim.read_bytes())
         data[-1] ^= 0xFF
         victim.with_suffix(".tmp").write_bytes(bytes(data))
@@ -231,6 +304,7 @@ def test_unreachable_endpoint_fails_fast_and_clearly() -> None:
             "s3://bucket/ckpt/",
             {"endpoint_url": f"http://127.0.0.1:{port}", "key": "AKIDSECRETVALUE", "secret": "SUPERSECRET"},
         ),
+        ("gs://bucket/ckpt/", {"endpoint_url": f"http://127.0.0.1:{port}", "token": "anon"}),
     ]:
         t0 = time.monotonic()
         with pytest.raises((RemoteReadError, CheckpointNotFoundError)) as e:
@@ -269,7 +343,8 @@ def test_local_paths_import_nothing_remote(root: Path) -> None:
     code = (
         "import sys, lazysd; from lazysd import VirtualStateDict; "
         f"v = VirtualStateDict({str(root / 'step')!r}); v[next(iter(v))].materialize(); "
-        "bad = [m for m in ('fsspec', 's3fs', 'aiohttp', 'huggingface_hub', 'botocore') if m in sys.modules]; "
+        "bad = [m for m in ('fsspec', 's3fs', 'gcsfs', 'google.auth', 'aiohttp', 'huggingface_hub', 'botocore') "
+        "if m in sys.modules]; "
         "assert not bad, bad"
     )
     subprocess.run(
@@ -304,57 +379,89 @@ def test_inspect_cli_on_s3_reports_requests(
 # ---- several ranks -------------------------------------------------------------------------
 
 
-def _check_ranks(rank: int, world: int, local: str, urls: dict[str, tuple[str, dict, str]]) -> dict:
-    """EP over ``world`` ranks from each remote source: shards bitwise equal to the local ones,
-    bytes and requests counted at the server equal to the plan."""
-    from torch.distributed.device_mesh import init_device_mesh
-
-    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
-    with VirtualStateDict(local, mesh) as vsd:
-        want = {k: getattr(v, "_local_tensor", v).materialize() for k, v in vsd.items()}
-    out = {}
-    for kind, (url, options, stats_url) in urls.items():
-        tag = f"{kind}-w{world}-r{rank}"
-        options = _tagged(kind, options, tag)
-        with VirtualStateDict(url, mesh, storage_options=options, share=None) as vsd:  # each rank its own plan
-            before = server_stats(stats_url).get(tag, {"requests": 0, "bytes": 0})
-            requests0 = vsd.checkpoint.requests
-            for key, value in vsd.items():
-                got = getattr(value, "_local_tensor", value).materialize()
-                assert same_bits(got, want[key]), (kind, key)
-            after = server_stats(stats_url)[tag]
-            out[kind] = {
-                "planned": sum(n for _, _, n in vsd.planned_ranges()),
-                "served": after["bytes"] - before["bytes"],
-                "requests": after["requests"] - before["requests"],
-                "client_requests": vsd.checkpoint.requests - requests0,
-            }
-    return out
+def _local(value: Any) -> torch.Tensor:
+    return getattr(value, "_local_tensor", value).materialize()
 
 
 def _tagged(kind: str, options: dict, tag: str) -> dict:
+    """``options`` with the client tagged ``tag`` (each rank is counted on its own at the server)."""
     if kind == "http":
         return http_storage_options(tag)
+    if kind == "gs":
+        return {**options, "session_kwargs": {"headers": {"X-Lazysd-Tag": tag}}}
     return {**options, "config_kwargs": {"user_agent_extra": f"lazysd-tag/{tag}"}}
+
+
+def _ranks_match_local(rank: int, world: int, root: str, kinds: dict[str, list[str]], sources: dict) -> dict:
+    """EP over ``world`` ranks, each checkpoint from the servers ``kinds`` names for it: each
+    rank's values bitwise equal to a local load of the same rank, and the bytes and requests
+    the server counted for this rank equal to its plan (one process per rank, all checkpoints
+    in turn)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
+    out = {}
+    for name, name_kinds in kinds.items():
+        with VirtualStateDict(Path(root) / name, mesh) as vsd:
+            want = {k: _local(v) for k, v in vsd.items()}
+            local_plan = vsd.planned_ranges()
+        for kind in name_kinds:
+            base, options, stats_url = sources[kind]
+            tag = f"{kind}-w{world}-r{rank}"
+            # share=None: each rank reads its own whole plan (node sharing would split it)
+            opts = _tagged(kind, options, tag)
+            with VirtualStateDict(f"{base}{name}/", mesh, storage_options=opts, share=None) as vsd:
+                assert list(vsd) == list(want), (name, kind)
+                assert [(str(f).rsplit("/", 1)[-1], o, n) for f, o, n in vsd.planned_ranges()] == [
+                    (str(f).rsplit("/", 1)[-1], o, n) for f, o, n in local_plan
+                ], (name, kind)
+                before = server_stats(stats_url).get(tag, {"requests": 0, "bytes": 0})
+                requests0 = vsd.checkpoint.requests
+                for key, value in vsd.items():
+                    assert same_bits(_local(value), want[key]), (name, kind, key)
+                after = server_stats(stats_url)[tag]
+                out[name, kind] = {
+                    "planned": sum(n for _, _, n in vsd.planned_ranges()),
+                    "read": vsd.bytes_read,
+                    "served": after["bytes"] - before["bytes"],
+                    "requests": after["requests"] - before["requests"],
+                    "client_requests": vsd.checkpoint.requests - requests0,
+                }
+    return out
 
 
 # One rank is test_remote_load_is_bitwise_local (same checks, no process group needed).
 @pytest.mark.parametrize("world", [2, 4])
-def test_ranks_read_exactly_their_plan_at_the_server(
-    root: Path, http: RangeHTTPServer, s3: MotoS3Server, world: int
+def test_every_family_on_ranks_is_local_bitwise_and_read_as_planned(
+    root: Path, http: RangeHTTPServer, s3: MotoS3Server, gcs: FakeGCSServer, world: int
 ) -> None:
-    urls = {
-        "http": (f"{http.url}/step/", {}, http.url),
-        "s3": ("s3://ckpts/step/", s3.storage_options(), s3.endpoint_url),
+    """EP=2 and EP=4 (gloo, one process per rank) for every family, FP8 with its scales
+    included, and Step-3.5: bitwise equal per rank, bytes per rank counted at the server within
+    1% of the plan, requests counted there as lazysd reports. EP=2 reads every checkpoint from
+    each of S3, GCS and HTTP; EP=4 (four processes on two cores) each from one of them, in turn,
+    so that every family and every protocol runs at EP=4 too."""
+    names = ["step"] + [family + ("-fp8" if fp8 else "") for family, fp8 in CASES]
+    if world == 2:
+        kinds = {name: KINDS for name in names}
+    else:
+        kinds = {name: [KINDS[(i + 2) % len(KINDS)]] for i, name in enumerate(names)}
+        assert kinds["deepseek_v3-fp8"] == ["s3"] and {k for ks in kinds.values() for k in ks} == set(KINDS)
+    sources = {
+        kind: (_base(kind, server), server.storage_options(), _stats_url(kind, server))
+        for kind, server in (("s3", s3), ("http", http), ("gs", gcs))
     }
-    results = run_ranks(_check_ranks, world, (str(root / "step"), urls), timeout=300)
-    for rank, per_kind in enumerate(results):
-        for kind, r in per_kind.items():
-            assert r["planned"] <= r["served"] <= r["planned"] * 1.01, (rank, kind, r)
-            assert r["requests"] == r["client_requests"], (rank, kind, r)
-    # experts split: a rank plans less than the whole checkpoint, and the ranks together cover it
-    whole = sum(n for _, _, n in VirtualStateDict(root / "step").planned_ranges())
-    assert all(r["s3"]["planned"] < whole for r in results)
+    results = run_ranks(_ranks_match_local, world, (str(root), kinds, sources), timeout=300)
+    for name in names:
+        whole = sum(n for _, _, n in VirtualStateDict(root / name).planned_ranges())
+        for kind in kinds[name]:
+            per_rank = [r[name, kind] for r in results]
+            for rank, r in enumerate(per_rank):
+                assert r["read"] == r["planned"] > 0, (name, kind, rank, r)
+                assert r["planned"] <= r["served"] <= r["planned"] * 1.01, (name, kind, rank, r)
+                assert r["requests"] == r["client_requests"] > 0, (name, kind, rank, r)
+            # experts split: a rank plans less than the whole checkpoint, the ranks together at least all
+            assert all(r["planned"] < whole for r in per_rank), (name, kind, per_rank, whole)
+            assert sum(r["planned"] for r in per_rank) >= whole, (name, kind)
 
 
 def _shard_experts(model: torch.nn.Module, mesh, placements) -> None:
@@ -470,7 +577,8 @@ def hub(root: Path):  # noqa: ANN201
     pytest.importorskip("huggingface_hub")
     from tests.support.servers import FakeHubServer
 
-    with FakeHubServer({"org/step": root / "step", "org/dsv3-fp8": root / "deepseek_v3-fp8"}) as server:
+    repos = {"org/step": root / "step", "org/dsv3-fp8": root / "deepseek_v3-fp8"}
+    with FakeHubServer(repos, gated=("org/gated",)) as server:
         yield server
 
 
@@ -508,6 +616,12 @@ def test_hub_missing_repo_is_not_found(hub) -> None:  # noqa: ANN001
         VirtualStateDict("org/step", remote=True, revision="v9", storage_options={"endpoint": hub.url, "token": False})
     with pytest.raises(OptionError, match="names a revision already"):
         VirtualStateDict("hf://org/step@main", revision="v9")
+
+
+def test_hub_gated_repo_is_an_access_error(hub) -> None:  # noqa: ANN001
+    """A repo the token may not read (the Hub answers 403) is said to be so, not "missing"."""
+    with pytest.raises(RemoteAccessError, match="org/gated"):
+        VirtualStateDict("hf://org/gated", storage_options={"endpoint": hub.url, "token": False})
 
 
 def test_dcp_hfreader_reads_a_remote_checkpoint(root: Path, s3: MotoS3Server, http: RangeHTTPServer) -> None:

@@ -4,7 +4,7 @@ A checkpoint path is local unless it is a URL (``s3://``, ``gs://``, ``https://`
 ``hf://`` ...; any ``scheme://`` that fsspec knows) or a Hub repo id with ``remote=True``.
 Local paths go to :class:`lazysd.checkpoint.Checkpoint` and import nothing remote; URLs go
 to :class:`lazysd.storage.remote.RemoteCheckpoint`, which needs the ``remote`` extra
-(``pip install lazysd[remote]``: fsspec, s3fs, huggingface_hub, aiohttp).
+(``pip install lazysd[remote]``: fsspec, s3fs, gcsfs, huggingface_hub, aiohttp).
 
 Both expose the same small interface to the rest of lazysd: ``config``, ``tensors``
 (key -> :class:`~lazysd.checkpoint.TensorInfo`), ``read_runs(info, runs, out)`` (exact

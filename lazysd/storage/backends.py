@@ -1,8 +1,9 @@
 """Ranged GETs against object stores: one backend per protocol, and what a failure means.
 
 :class:`S3Backend` (s3fs's client, ``If-Match`` on every GET), :class:`HTTPBackend` (fsspec's
-aiohttp session) and :class:`FsspecBackend` (any other fsspec filesystem through its public
-``info``/``cat_file``) all answer ``get(path, start, end, etag) -> (bytes, object size, etag)``.
+aiohttp session), :class:`GCSBackend` (gcsfs's session, ``ifGenerationMatch`` on every GET)
+and :class:`FsspecBackend` (any other fsspec filesystem through its public ``info`` and
+``open``) all answer ``get(path, start, end, etag) -> (bytes, object size, etag)``.
 Errors become a :class:`Failure` whose ``kind`` says whether a retry can help (timeouts,
 dropped connections, 5xx, throttling) or not (404, 401/403, 412 for a replaced object);
 :class:`~lazysd.storage.remote.RemoteStore` turns them into lazysd errors naming the URL and key.
@@ -115,6 +116,15 @@ class Backend:
         self.fs = fs
         self.options = options
 
+    def listing(self, root: str) -> dict[str, int]:
+        """Names (relative to ``root``) -> sizes of the files directly under ``root``."""
+        out: dict[str, int] = {}
+        for entry in self.fs.ls(root, detail=True):
+            if entry.get("type") == "file":
+                name = str(entry["name"]).rstrip("/").rsplit("/", 1)[-1]
+                out[name] = int(entry.get("size") or 0)
+        return out
+
     def get(self, path: str, start: int, end: int, etag: str | None) -> tuple[bytes, int, str | None]:
         raise NotImplementedError
 
@@ -157,6 +167,30 @@ class S3Backend(Backend):
             resp["Body"].close()
         return body, _total_size(resp.get("ContentRange"), resp.get("ContentLength")), resp.get("ETag")
 
+    def listing(self, root: str) -> dict[str, int]:
+        from fsspec.asyn import sync
+
+        return sync(self.fs.loop, self._listing, root)
+
+    async def _listing(self, root: str) -> dict[str, int]:
+        # Through the client, not s3fs's ls: s3fs retries a failed listing for ~2 s on its own.
+        fs = self.fs
+        bucket, key, _ = fs.split_path(root)
+        prefix = f"{key.rstrip('/')}/" if key else ""
+        await fs.set_session()
+        s3 = await fs.get_s3(bucket)
+        out: dict[str, int] = {}
+        kw: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "Delimiter": "/"}
+        while True:
+            page = await s3.list_objects_v2(**fs._get_s3_method_kwargs(s3.list_objects_v2, **kw))
+            for item in page.get("Contents", []):
+                name = item["Key"][len(prefix) :]
+                if name:
+                    out[name] = int(item.get("Size") or 0)
+            if not page.get("IsTruncated"):
+                return out
+            kw["ContinuationToken"] = page["NextContinuationToken"]
+
 
 class HTTPBackend(Backend):
     """Ranged GET with ``If-Match`` on fsspec's HTTP filesystem's aiohttp session."""
@@ -192,6 +226,100 @@ class HTTPBackend(Backend):
             raise
         except Exception as e:
             raise classify_exception(e) from None
+
+
+class GCSBackend(Backend):
+    """Google Cloud Storage's JSON API on gcsfs's session and credentials, with lazysd's retries.
+
+    A media GET with ``Range``; the answer's ``x-goog-generation`` is the object's identity,
+    and every later GET of it carries ``ifGenerationMatch``, so a replaced object answers 412
+    (:class:`~lazysd.errors.FileChangedError`) instead of other bytes. gcsfs's own calls
+    retry on their own (six attempts, 1 to 16 s apart) and report a 403 as a bare OSError;
+    lazysd issues its requests itself so that one bounded policy applies (listing included)
+    and each status keeps its meaning.
+    """
+
+    def get(self, path: str, start: int, end: int, etag: str | None) -> tuple[bytes, int, str | None]:
+        from fsspec.asyn import sync
+
+        return sync(self.fs.loop, self._get, path, start, end, etag)
+
+    def _timeout(self) -> Any:
+        import aiohttp
+
+        o = self.options
+        return aiohttp.ClientTimeout(total=None, sock_connect=o.connect_timeout, sock_read=o.read_timeout)
+
+    async def _get(self, path: str, start: int, end: int, etag: str | None) -> tuple[bytes, int, str | None]:
+        from urllib.parse import quote
+
+        fs = self.fs
+        bucket, key, generation = fs.split_path(path)
+        params = {"alt": "media"}
+        headers = {"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"}
+        if generation:
+            params["generation"] = str(generation)
+        if etag and etag.isdigit():  # a generation number
+            params["ifGenerationMatch"] = etag
+        elif etag:  # a server that sent no generation: its ETag
+            headers["If-Match"] = etag
+        url = f"{fs._location}/download/storage/v1/b/{quote(bucket, safe='')}/o/{quote(key, safe='')}"
+        try:
+            session = await fs._set_session()
+            async with session.get(
+                url, params=fs._get_params(params), headers=fs._get_headers(headers), timeout=self._timeout()
+            ) as r:
+                if r.status == 416 and start == 0:
+                    return b"", 0, None
+                if r.status not in (200, 206):
+                    raise classify_status(r.status, "GET")
+                if r.status == 200 and not (start == 0 and r.content_length is not None and r.content_length <= end):
+                    raise Failure("fatal", "the server ignored the Range request (answered 200 with the whole object)")
+                body = await r.read()
+                total = _total_size(r.headers.get("Content-Range"), r.content_length if r.status == 200 else None)
+                return body, total, r.headers.get("x-goog-generation") or r.headers.get("ETag")
+        except Failure:
+            raise
+        except Exception as e:
+            raise classify_exception(e) from None
+
+    def listing(self, root: str) -> dict[str, int]:
+        from fsspec.asyn import sync
+
+        return sync(self.fs.loop, self._listing, root)
+
+    async def _listing(self, root: str) -> dict[str, int]:
+        from urllib.parse import quote
+
+        fs = self.fs
+        bucket, key, _ = fs.split_path(root)
+        prefix = f"{key.rstrip('/')}/" if key else ""
+        url = f"{fs._location}/storage/v1/b/{quote(bucket, safe='')}/o"
+        out: dict[str, int] = {}
+        token = None
+        session = await fs._set_session()
+        while True:
+            params = {
+                "prefix": prefix,
+                "delimiter": "/",
+                "maxResults": "1000",
+                "fields": "items(name,size),nextPageToken",
+            }
+            if token:
+                params["pageToken"] = token
+            async with session.get(
+                url, params=fs._get_params(params), headers=fs._get_headers(None), timeout=self._timeout()
+            ) as r:
+                if r.status != 200:
+                    raise classify_status(r.status, "list")
+                page = await r.json(content_type=None)
+            for item in page.get("items", []):
+                name = item["name"][len(prefix) :]
+                if name:  # not a folder placeholder object "prefix/"
+                    out[name] = int(item.get("size") or 0)
+            token = page.get("nextPageToken")
+            if not token:
+                return out
 
 
 class FsspecBackend(Backend):
@@ -258,9 +386,10 @@ def filesystem(protocol: str, storage_options: dict[str, Any], options: RemoteOp
     so = dict(storage_options)
     if protocol in ("s3", "s3a"):
         _need("s3fs", protocol)
-        # One retry policy, lazysd's (bounded in attempts and seconds), not botocore's on top.
+        # One retry policy, lazysd's (bounded in attempts and seconds), not botocore's on top:
+        # one attempt per request (botocore's "max_attempts" would count retries, not attempts).
         config = dict(so.get("config_kwargs") or {})
-        config.setdefault("retries", {"max_attempts": 1, "mode": "standard"})
+        config.setdefault("retries", {"total_max_attempts": 1, "mode": "standard"})
         config.setdefault("connect_timeout", options.connect_timeout)
         config.setdefault("read_timeout", options.read_timeout)
         so["config_kwargs"] = config
@@ -276,6 +405,9 @@ def filesystem(protocol: str, storage_options: dict[str, Any], options: RemoteOp
         )
         so["client_kwargs"] = client
         return fsspec.filesystem("http", skip_instance_cache=True, **so), HTTPBackend
+    if protocol in ("gs", "gcs"):
+        _need("gcsfs", protocol)
+        return fsspec.filesystem("gs", **so), GCSBackend
     if protocol == "hf":
         _need("huggingface_hub", protocol)
     try:

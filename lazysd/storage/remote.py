@@ -5,24 +5,25 @@ behind a URL. Everything a local checkpoint checks (config, index, headers, shar
 byte ranges inside tensors) is checked by the same code; only where bytes come from differs:
 
 * headers: one ranged GET per file for the 8-byte length *and* the header (the first
-  ``RemoteOptions.header_bytes``, speculatively; a second GET only for a larger header). The
+  ``RemoteOptions.header_bytes``, speculatively; a second GET only for a larger header),
+  ``max_requests`` files' at once. The
   response's ``Content-Range`` gives the object's size and its ``ETag`` its identity, so no
   HEAD request is needed;
 * tensor bytes: exactly the planned runs, coalesced under a gap threshold
   (:func:`~lazysd.storage.ranges.coalesce`), issued as concurrent ranged GETs, at most
   ``max_requests`` in flight per checkpoint, each response copied into the caller's memory;
 * change detection: every data GET carries ``If-Match: <ETag from the header read>`` (S3 and
-  HTTP), so an object replaced during a load answers 412 and raises
-  :class:`~lazysd.errors.FileChangedError`; other filesystems compare the object's size and
-  ETag before the first data read of each file;
+  HTTP) or ``ifGenerationMatch=<generation>`` (GCS), so an object replaced during a load
+  answers 412 and raises :class:`~lazysd.errors.FileChangedError`; other filesystems compare
+  the object's size and ETag before the first data read of each file;
 * failures: timeouts, dropped connections, 5xx and throttling are retried with exponential
   backoff, bounded in attempts and seconds; 404 -> :class:`~lazysd.errors.CheckpointNotFoundError`,
   401/403 -> :class:`~lazysd.errors.RemoteAccessError`, naming the URL and the key. URLs are
   shown without credentials or query strings and ``storage_options`` never appear in messages.
 
-Three backends: S3 through s3fs's client (``s3://``), HTTP(S) through fsspec's aiohttp session
-(``https://``), and any other fsspec filesystem through its public ``info``/``cat_file``
-(``gs://``, ``hf://`` ...).
+Four backends: S3 through s3fs's client (``s3://``), HTTP(S) through fsspec's aiohttp session
+(``https://``), GCS's JSON API through gcsfs's session and credentials (``gs://``), and any
+other fsspec filesystem through its public ``info``/``open`` (``hf://`` ...).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import re
 import threading
 import time
 import weakref
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -106,6 +108,8 @@ class RemoteStore:
         except Exception as e:
             failure = classify_exception(e)
             text = self.scrub(str(e))
+            if _status_in_chain(e) in (401, 403):  # e.g. a gated Hub repo, which HfFileSystem calls "not found"
+                raise RemoteAccessError(f"{self.display}: access denied; check the token or credentials") from None
             if isinstance(e, FileNotFoundError) or "404" in text or "NotFound" in type(e).__name__:
                 raise CheckpointNotFoundError(f"{self.display}: repository or revision not found") from None
             if failure.kind == "denied" or isinstance(e, PermissionError) or re.search(r"\b40[13]\b", text):
@@ -140,17 +144,11 @@ class RemoteStore:
         if not self.backend.lists:
             return None
         try:
-            entries = self.fs.ls(self.root, detail=True)
+            return self.backend.listing(self.root)
         except Exception:
             # Listing may be denied where reading is not (a bucket policy granting GetObject
             # only) or unsupported: the index names the files, so go on without it.
             return None
-        out: dict[str, int] = {}
-        for entry in entries:
-            if entry.get("type") == "file":
-                name = str(entry["name"]).rstrip("/").rsplit("/", 1)[-1]
-                out[name] = int(entry.get("size") or 0)
-        return out
 
     # ---- requests ------------------------------------------------------------------------
     def get(self, rel: str, start: int, end: int, etag: str | None, *, where: str) -> tuple[bytes, int, str | None]:
@@ -196,6 +194,14 @@ class RemoteStore:
             time.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 5.0)
 
+    def submit(self, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` on the request threads (at most ``max_requests``); a Future."""
+        if self._pool is None:
+            with self._lock:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(self.options.max_requests, thread_name_prefix="lazysd-get")
+        return self._pool.submit(fn, *args)
+
     def read_into(
         self, rel: str, identity: Identity, runs: list[tuple[int, int]], out: memoryview, *, where: str
     ) -> int:
@@ -204,11 +210,7 @@ class RemoteStore:
         if len(requests) == 1:
             self._fetch(rel, identity, requests[0], out, where)
             return 1
-        if self._pool is None:
-            with self._lock:
-                if self._pool is None:
-                    self._pool = ThreadPoolExecutor(self.options.max_requests, thread_name_prefix="lazysd-get")
-        futures = [self._pool.submit(self._fetch, rel, identity, r, out, where) for r in requests]
+        futures = [self.submit(self._fetch, rel, identity, r, out, where) for r in requests]
         first: BaseException | None = None
         for f in futures:  # wait for all, so none writes into `out` after we return
             try:
@@ -338,6 +340,8 @@ class RemoteCheckpoint(Checkpoint):
         self._probed: dict[str, bool] = {}
         self._small: dict[str, bytes | None] = {}
         self._index_keys: dict[str, list[str]] = {}
+        self._heads: dict[str, Any] = {}  # file -> Future of its first GET (see _weight_files)
+        self._to_prefetch: deque[Any] = deque()
         try:
             self.config = self._read_config(config_required)
             self.tensors = self._read_tensors()
@@ -408,17 +412,35 @@ class RemoteCheckpoint(Checkpoint):
         if weight_map is not None:
             for key, file in weight_map.items():
                 self._index_keys.setdefault(file.rel, []).append(key)
+        if len(files) > 1:
+            # The files' first GETs ahead of _open, max_requests at a time: opening costs a
+            # round trip per max_requests files, not one per file (a 20 ms link and 50 shards:
+            # 1 s), and holds at most max_requests * header_bytes. Errors surface in _open, in order.
+            self._to_prefetch = deque(files)
+            self._prefetch()
         return files, weight_map
 
+    def _prefetch(self) -> None:
+        while self._to_prefetch and len(self._heads) < self.store.options.max_requests:
+            file = self._to_prefetch.popleft()
+            self._heads[file.rel] = self.store.submit(self._first_get, file)
+
     # ---- headers -------------------------------------------------------------------------
-    def _open(self, file: Any) -> dict[str, TensorInfo]:
+    def _where(self, file: Any) -> str:
         keys = self._index_keys.get(file.rel)
-        where = (
-            str(file)
-            if not keys
-            else f"{file} (index keys {', '.join(repr(k) for k in keys[:3])}{' ...' if len(keys) > 3 else ''})"
-        )
-        head, size, etag = self.store.get(file.rel, 0, max(8, self.store.options.header_bytes), None, where=where)
+        if not keys:
+            return str(file)
+        return f"{file} (index keys {', '.join(repr(k) for k in keys[:3])}{' ...' if len(keys) > 3 else ''})"
+
+    def _first_get(self, file: Any) -> tuple[bytes, int, str | None]:
+        """The 8-byte length and (speculatively) the header: the first ``header_bytes``."""
+        return self.store.get(file.rel, 0, max(8, self.store.options.header_bytes), None, where=self._where(file))
+
+    def _open(self, file: Any) -> dict[str, TensorInfo]:
+        where = self._where(file)
+        pending = self._heads.pop(file.rel, None)
+        self._prefetch()
+        head, size, etag = pending.result() if pending is not None else self._first_get(file)
         header_len = header_length(file, head[:8], size)
         if 8 + header_len > len(head):
             rest, _, _ = self.store.get(file.rel, len(head), 8 + header_len, etag, where=where)
@@ -467,3 +489,16 @@ class RemoteCheckpoint(Checkpoint):
         """Stop the request threads. Further reads raise :class:`FileChangedError`, as locally."""
         self._closed = True
         self.store.close()
+
+
+def _status_in_chain(e: BaseException) -> int | None:
+    """The HTTP status of the first response found along ``e``'s causes (``.response.status_code``)."""
+    seen: set[int] = set()
+    cause: BaseException | None = e
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        status = getattr(getattr(cause, "response", None), "status_code", None)
+        if isinstance(status, int):
+            return status
+        cause = cause.__cause__ or cause.__context__
+    return None

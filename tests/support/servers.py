@@ -1,6 +1,7 @@
-"""Real storage servers on 127.0.0.1 for tests and benchmarks: S3 (moto) and HTTP with ranges.
+"""Real storage servers on 127.0.0.1 for tests and benchmarks: S3 (moto), GCS's JSON API, HTTP
+with ranges, and the Hub API.
 
-Both count, per client tag, the requests and body bytes they send, and can inject faults
+Each counts, per client tag, the requests and body bytes it sends, and can inject faults
 (status codes, throttling, connections dropped mid-body), a per-request latency and an
 aggregate bandwidth cap. A client's tag is the ``lazysd-tag/NAME`` token of its User-Agent
 (or an ``X-Lazysd-Tag`` header), so each rank of a test can be counted on its own.
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 _TAG = re.compile(r"lazysd-tag/([\w.-]+)")
 
@@ -130,7 +131,10 @@ class _Server:
 
     def _serve(self, server: Any) -> None:
         self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, daemon=True, name=type(self).__name__)
+        # A short poll: stop() waits for the serving loop to notice, 0.5 s by default.
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True, name=type(self).__name__
+        )
         self._thread.start()
 
     def stop(self) -> None:
@@ -154,6 +158,99 @@ class _QuietServer(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
+class _RangeHandler(BaseHTTPRequestHandler):
+    """Serves byte ranges of local files with the meter's faults, pacing and counting.
+
+    Bodies go out with ``os.sendfile`` (no copy through Python), in pieces the bandwidth
+    cap paces, so a test or benchmark server is not itself the bottleneck of a load.
+    """
+
+    protocol_version = "HTTP/1.1"
+    # Headers and body go out in separate writes: with Nagle's algorithm on, the body would
+    # wait for the client's delayed ACK (~40 ms per request).
+    disable_nagle_algorithm = True
+    meter: _Meter
+    throttled = 503  # the status a throttled request gets (S3 and most HTTP services; GCS: 429)
+
+    def log_message(self, *args: Any) -> None:  # quiet
+        pass
+
+    def reply(self, code: int, body: bytes = b"", headers: dict[str, str] | None = None, *, head: bool = False) -> None:
+        self.send_response(code)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if not head and body:
+            self.wfile.write(body)
+
+    def fault(self, tag: str, name: str, *, head: bool) -> int | None:
+        """Latency, then the status a fault plan assigns to object ``name`` (``throttled`` when throttled)."""
+        meter = self.meter
+        if meter.faults.latency:
+            time.sleep(meter.faults.latency)
+        code = meter.status_for(name)
+        if code is None and not head and meter.take(meter.faults.throttle, name):
+            code = self.throttled
+        if code is not None:
+            meter.count(tag, 0)
+        return code
+
+    def send_file(
+        self, tag: str, name: str, file: Path, headers: dict[str, str], *, if_match: str | None, head: bool
+    ) -> None:
+        """``file`` (or the ``Range`` of it asked for) as the answer; 412 unless ``if_match`` holds."""
+        meter = self.meter
+        with open(file, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if if_match is not None and if_match != "*" and if_match != headers.get("ETag"):
+                meter.count(tag, 0)
+                return self.reply(412, head=head)
+            m = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", "") or "")
+            headers = {**headers, "Accept-Ranges": "bytes"}
+            headers.setdefault("Content-Type", "application/octet-stream")
+            if m is None:
+                start, end, code = 0, size, 200
+            else:
+                start = int(m.group(1))
+                end = min(size, int(m.group(2)) + 1) if m.group(2) else size
+                if start >= size:
+                    meter.count(tag, 0)
+                    return self.reply(416, headers={"Content-Range": f"bytes */{size}"}, head=head)
+                code = 206
+                headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+            self.send_response(code)
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.send_header("Content-Length", str(end - start))
+            self.end_headers()
+            if head:
+                meter.count(tag, 0)
+                return
+            # Counted before sending: a client that has its answer must find it counted.
+            if meter.take(meter.faults.drop, name):
+                end = start + (end - start) // 2
+                self.close_connection = True
+                meter.count(tag, end - start)
+                self._sendfile(f, start, end)
+                self.connection.shutdown(2)
+                return
+            meter.count(tag, end - start)
+            self._sendfile(f, start, end)
+
+    def _sendfile(self, f: Any, start: int, end: int) -> None:
+        out = self.connection.fileno()
+        piece = 256 << 10 if self.meter.faults.bandwidth else 8 << 20
+        while start < end:
+            n = min(piece, end - start)
+            self.meter.pace(n)
+            while n > 0:
+                sent = os.sendfile(out, f.fileno(), start, n)
+                if sent == 0:
+                    raise ConnectionError("client went away")
+                start, n = start + sent, n - sent
+
+
 class RangeHTTPServer(_Server):
     """Files under ``root`` over HTTP/1.1 with single ``Range``, ``ETag`` and ``If-Match``.
 
@@ -166,12 +263,7 @@ class RangeHTTPServer(_Server):
         root_path = Path(root)
         meter = self.meter
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:  # quiet
-                pass
-
+        class Handler(_RangeHandler):
             def _file(self) -> Path | None:
                 # Some clients (the AWS C++ SDK) send the absolute form "http://host/path".
                 rel = urlsplit(self.path).path if "://" in self.path else self.path.split("?", 1)[0]
@@ -181,17 +273,6 @@ class RangeHTTPServer(_Server):
                     return None
                 return target
 
-            def _reply(
-                self, code: int, body: bytes = b"", headers: dict[str, str] | None = None, *, head: bool = False
-            ) -> None:
-                self.send_response(code)
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if not head and body:
-                    self.wfile.write(body)
-
             def do_HEAD(self) -> None:
                 self._handle(head=True)
 
@@ -200,77 +281,30 @@ class RangeHTTPServer(_Server):
 
             def _handle(self, *, head: bool) -> None:
                 if self.path == "/__stats__":  # for clients in other processes (ranks)
-                    return self._reply(
+                    return self.reply(
                         200, json.dumps(meter.stats()).encode(), {"Content-Type": "application/json"}, head=head
                     )
                 tag = meter.tag(self.headers)
-                faults = meter.faults
-                if faults.latency:
-                    time.sleep(faults.latency)
-                code = meter.status_for(self.path)
+                code = self.fault(tag, self.path, head=head)
                 if code is not None:
-                    meter.count(tag, 0)
-                    return self._reply(code, head=head)
-                if not head and meter.take(faults.throttle, self.path):
-                    meter.count(tag, 0)
-                    return self._reply(503, headers={"Retry-After": "0"})
+                    return self.reply(code, headers={"Retry-After": "0"} if code == self.throttled else None, head=head)
                 file = self._file()
                 if file is None:
                     meter.count(tag, 0)
-                    return self._reply(404, head=head)
+                    return self.reply(404, head=head)
                 st = file.stat()
                 etag = f'"{st.st_ino:x}-{st.st_size:x}-{st.st_mtime_ns:x}"'
-                if_match = self.headers.get("If-Match")
-                if if_match and if_match not in ("*", etag):
-                    meter.count(tag, 0)
-                    return self._reply(412, head=head)
-                size = st.st_size
-                m = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", "") or "")
-                headers = {"ETag": etag, "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
-                if m is None:
-                    start, end, code = 0, size, 200
-                else:
-                    start = int(m.group(1))
-                    end = min(size, int(m.group(2)) + 1) if m.group(2) else size
-                    if start >= size:
-                        meter.count(tag, 0)
-                        return self._reply(416, headers={"Content-Range": f"bytes */{size}"}, head=head)
-                    code = 206
-                    headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
-                if head:
-                    meter.count(tag, 0)
-                    self.send_response(code)
-                    for k, v in headers.items():
-                        self.send_header(k, v)
-                    self.send_header("Content-Length", str(end - start))
-                    self.end_headers()
-                    return
-                with open(file, "rb") as f:
-                    f.seek(start)
-                    data = f.read(end - start)
-                self.send_response(code)
-                for k, v in headers.items():
-                    self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                # Counted before sending: a client that has its answer must find it counted.
-                if meter.take(faults.drop, self.path):
-                    half = data[: len(data) // 2]
-                    meter.count(tag, len(half))
-                    self.wfile.write(half)
-                    self.wfile.flush()
-                    self.close_connection = True
-                    self.connection.shutdown(2)
-                    return
-                meter.count(tag, len(data))
-                for chunk in _chunks(data):
-                    meter.pace(len(chunk))
-                    self.wfile.write(chunk)
+                self.send_file(tag, self.path, file, {"ETag": etag}, if_match=self.headers.get("If-Match"), head=head)
 
+        Handler.meter = meter
         server = _QuietServer(("127.0.0.1", 0), Handler)
         server.daemon_threads = True
         self.url = f"http://127.0.0.1:{server.server_address[1]}"
         self._serve(server)
+
+    def storage_options(self, tag: str | None = None) -> dict[str, Any]:
+        """fsspec HTTP options; ``tag`` names the client in :meth:`stats`."""
+        return http_storage_options(tag)
 
 
 class MotoS3Server(_Server):
@@ -282,14 +316,14 @@ class MotoS3Server(_Server):
 
     def __init__(self) -> None:
         super().__init__()
-        from moto.server import DomainDispatcherApplication, create_backend_app
+        from moto.server import create_backend_app
         from werkzeug.serving import WSGIRequestHandler, make_server
 
         class Quiet(WSGIRequestHandler):
             def log_request(self, *args: Any, **kwargs: Any) -> None:
                 pass
 
-        app = DomainDispatcherApplication(create_backend_app)
+        app = create_backend_app("s3")  # S3 only: no per-request lookup of the service a host means
         meter = self.meter
 
         def counted(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
@@ -437,6 +471,168 @@ def server_stats(base_url: str) -> dict[str, dict[str, int]]:
         return json.loads(r.read())
 
 
+class FakeGCSServer(_Server):
+    """The part of Google Cloud Storage's JSON API that ``gcsfs`` and lazysd use, over local files.
+
+    ``buckets`` maps bucket names to local directories; an object's name is a file's path
+    below its directory. Answered: bucket metadata (``GET /storage/v1/b/{bucket}``), object
+    listings with ``prefix``, ``delimiter`` and pages (``GET /storage/v1/b/{bucket}/o``),
+    object metadata (``GET /storage/v1/b/{bucket}/o/{object}``) and media downloads
+    (``alt=media``, also under ``/download/storage/v1/...``) honouring ``Range``. Every
+    object has a ``generation`` that changes when its file is replaced or rewritten, sent
+    as ``x-goog-generation`` with the media; ``ifGenerationMatch`` (and ``generation``)
+    are checked as GCS does (412, and 404 for a generation that is gone). Errors are GCS's
+    JSON error bodies; throttling answers 429 (``rateLimitExceeded``).
+
+    Point gcsfs at it with ``storage_options={"endpoint_url": url, "token": "anon"}`` (or
+    ``STORAGE_EMULATOR_HOST``).
+    """
+
+    def __init__(self, buckets: dict[str, str | os.PathLike[str]]) -> None:
+        super().__init__()
+        roots = {name: Path(d).resolve() for name, d in buckets.items()}
+        meter = self.meter
+        generations: dict[tuple[int, int, int], int] = {}
+        lock = threading.Lock()
+
+        def generation(st: os.stat_result) -> int:
+            with lock:  # a new number (as GCS's, increasing) for each version of a file
+                return generations.setdefault(
+                    (st.st_ino, st.st_size, st.st_mtime_ns), 1_700_000_000_000_000 + len(generations)
+                )
+
+        def resource(bucket: str, name: str, file: Path) -> dict[str, Any]:
+            st = file.stat()
+            gen = generation(st)
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(st.st_mtime))
+            return {
+                "kind": "storage#object",
+                "id": f"{bucket}/{name}/{gen}",
+                "name": name,
+                "bucket": bucket,
+                "generation": str(gen),
+                "metageneration": "1",
+                "contentType": "application/octet-stream",
+                "size": str(st.st_size),
+                "etag": f"{gen:x}",
+                "timeCreated": stamp,
+                "updated": stamp,
+                "storageClass": "STANDARD",
+            }
+
+        class Handler(_RangeHandler):
+            throttled = 429
+
+            def error(self, code: int, message: str, reason: str, *, head: bool = False) -> None:
+                body = json.dumps({"error": {"code": code, "message": message, "errors": [{"reason": reason}]}})
+                self.reply(code, body.encode(), {"Content-Type": "application/json"}, head=head)
+
+            def json(self, value: Any, *, head: bool = False) -> None:
+                self.reply(200, json.dumps(value).encode(), {"Content-Type": "application/json"}, head=head)
+
+            def do_GET(self) -> None:
+                self._handle(head=False)
+
+            def do_HEAD(self) -> None:
+                self._handle(head=True)
+
+            def _handle(self, *, head: bool) -> None:
+                url = urlsplit(self.path)
+                if url.path == "/__stats__":
+                    return self.json(meter.stats(), head=head)
+                query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+                path = url.path
+                media = query.get("alt") == "media"
+                if path.startswith("/download/storage/v1/"):
+                    path, media = path[len("/download") :], True
+                m = re.fullmatch(r"/storage/v1/b/(?P<bucket>[^/]+)(?:/o(?:/(?P<object>.+))?)?", path)
+                if m is None or unquote(m["bucket"]) not in roots:
+                    return self.error(404, "The specified bucket does not exist.", "notFound", head=head)
+                bucket = unquote(m["bucket"])
+                if m["object"] is None:
+                    if path.endswith("/o"):
+                        return self._list(bucket, query, head=head)
+                    return self.json({"kind": "storage#bucket", "name": bucket, "id": bucket}, head=head)
+                name = unquote(m["object"])
+                tag = meter.tag(self.headers)
+                code = self.fault(tag, name, head=head)
+                if code == 429:
+                    return self.error(429, "The rate of requests exceeds the limit.", "rateLimitExceeded", head=head)
+                if code is not None:
+                    reasons = {403: "forbidden", 404: "notFound"}
+                    message = (
+                        f"anonymous caller does not have storage.objects.get access to {bucket}/{name}."
+                        if code == 403
+                        else f"No such object: {bucket}/{name}"
+                    )
+                    return self.error(code, message, reasons.get(code, "backendError"), head=head)
+                file = (roots[bucket] / name).resolve()
+                if not file.is_relative_to(roots[bucket]) or not file.is_file():
+                    meter.count(tag, 0)
+                    return self.error(404, f"No such object: {bucket}/{name}", "notFound", head=head)
+                meta = resource(bucket, name, file)
+                if "generation" in query and query["generation"] != meta["generation"]:
+                    meter.count(tag, 0)
+                    return self.error(404, f"No such object: {bucket}/{name}", "notFound", head=head)
+                if "ifGenerationMatch" in query and query["ifGenerationMatch"] != meta["generation"]:
+                    meter.count(tag, 0)
+                    return self.error(
+                        412,
+                        "At least one of the pre-conditions you specified did not hold.",
+                        "conditionNotMet",
+                        head=head,
+                    )
+                if not media:
+                    meter.count(tag, 0)
+                    return self.json(meta, head=head)
+                headers = {
+                    "ETag": f'"{meta["etag"]}"',
+                    "x-goog-generation": meta["generation"],
+                    "x-goog-metageneration": "1",
+                    "x-goog-stored-content-length": meta["size"],
+                    "x-goog-storage-class": "STANDARD",
+                }
+                self.send_file(tag, name, file, headers, if_match=self.headers.get("If-Match"), head=head)
+
+            def _list(self, bucket: str, query: dict[str, str], *, head: bool) -> None:
+                root, prefix, delimiter = roots[bucket], query.get("prefix", ""), query.get("delimiter", "")
+                names = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+                items, prefixes = [], set()
+                for name in names:
+                    if not name.startswith(prefix):
+                        continue
+                    rest = name[len(prefix) :]
+                    if delimiter and delimiter in rest:
+                        prefixes.add(prefix + rest.split(delimiter, 1)[0] + delimiter)
+                    else:
+                        items.append(name)
+                entries = sorted([(n, False) for n in items] + [(p, True) for p in prefixes])
+                first = int(query.get("pageToken") or 0)
+                size = max(1, int(query.get("maxResults") or 1000))
+                page = entries[first : first + size]
+                out: dict[str, Any] = {
+                    "kind": "storage#objects",
+                    "items": [resource(bucket, n, root / n) for n, is_prefix in page if not is_prefix],
+                    "prefixes": [n for n, is_prefix in page if is_prefix],
+                }
+                if first + size < len(entries):
+                    out["nextPageToken"] = str(first + size)
+                self.json(out, head=head)
+
+        Handler.meter = meter
+        server = _QuietServer(("127.0.0.1", 0), Handler)
+        server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{server.server_address[1]}"
+        self._serve(server)
+
+    def storage_options(self, tag: str | None = None) -> dict[str, Any]:
+        """gcsfs options for this server (anonymous); ``tag`` names the client in :meth:`stats`."""
+        options: dict[str, Any] = {"endpoint_url": self.url, "token": "anon", "project": "lazysd-tests"}
+        if tag is not None:
+            options["session_kwargs"] = {"headers": {"X-Lazysd-Tag": tag}}
+        return options
+
+
 class FakeHubServer(RangeHTTPServer):
     """The part of the Hugging Face Hub's HTTP API that ``HfFileSystem`` reads through.
 
@@ -449,10 +645,11 @@ class FakeHubServer(RangeHTTPServer):
 
     sha = "0123456789abcdef0123456789abcdef01234567"
 
-    def __init__(self, repos: dict[str, str | os.PathLike[str]]) -> None:
+    def __init__(self, repos: dict[str, str | os.PathLike[str]], *, gated: tuple[str, ...] = ()) -> None:
         import hashlib
 
         files = {rid: {p.name: p for p in sorted(Path(d).iterdir()) if p.is_file()} for rid, d in repos.items()}
+        files.update({rid: {} for rid in gated})
         sha = self.sha
 
         def entry(rid: str, name: str) -> dict[str, Any]:
@@ -474,7 +671,10 @@ class FakeHubServer(RangeHTTPServer):
             if m is None:
                 return False
             rid, what, rev = m["rid"], m["what"] or "revision", unquote(m["rev"] or "main")
-            if rid not in files or rev not in ("main", sha):
+            gate = rid in gated  # as the Hub answers for a gated repo the token may not read
+            if gate:
+                body, code = json.dumps({"error": f"Access to model {rid} is restricted."}).encode(), 403
+            elif rid not in files or rev not in ("main", sha):
                 body, code = json.dumps({"error": "Repository Not Found"}).encode(), 404
             elif what == "revision":
                 body = json.dumps(
@@ -495,6 +695,9 @@ class FakeHubServer(RangeHTTPServer):
                 body, code = json.dumps([entry(rid, n) for n in wanted if n in files[rid]]).encode(), 200
             handler.send_response(code)
             handler.send_header("Content-Type", "application/json")
+            if gate:
+                handler.send_header("X-Error-Code", "GatedRepo")
+                handler.send_header("X-Error-Message", "Access to this model is restricted.")
             handler.send_header("Content-Length", str(len(body)))
             handler.end_headers()
             if method != "HEAD":
