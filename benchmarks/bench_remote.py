@@ -22,7 +22,9 @@ start):
   printed line when the package or its S3 backend is missing.
 
 Then 4 gloo ranks (EP=4, experts ``Shard(0)``) load from S3 at once with ``share="node"`` and
-with ``share=None``: bytes the server sent per rank and in total against the plan's union.
+with ``share=None``, through ``lazysd.load`` and through the plain Mapping
+(``model.load_state_dict(vsd, assign=True)``): bytes the server sent per rank and in total
+against the plan's union.
 Bytes are counted at the server. Medians of ``--runs`` runs.
 """
 
@@ -140,6 +142,33 @@ def _rank(rank: int, world: int, url: str, endpoint: str, size: float, share: st
     }
 
 
+def _rank_mapping(rank: int, world: int, url: str, endpoint: str, size: float, share: str | None) -> dict:
+    """As :func:`_rank`, through the plain Mapping: ``model.load_state_dict(vsd, assign=True)``
+    (values shared on the node through shared memory, lazysd.nodeshare)."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from lazysd import VirtualStateDict
+    from lazysd.testing import Step3p5Model, Step3p5Spec
+    from tests.support.servers import server_stats
+
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
+    model = Step3p5Model(Step3p5Spec.sized(int(size)), layout="native", dtype=torch.bfloat16, device="meta")
+    tag = f"mapping-{share}-r{rank}"
+    vsd = VirtualStateDict(url, mesh, storage_options=_options(endpoint, tag), share=share)
+    need = {(k, tuple(vsd.local_box(k))): sum(n for _, _, n in vsd.planned_ranges([k])) for k in vsd}
+    torch.distributed.barrier()
+    before = server_stats(endpoint).get(tag, {"bytes": 0})["bytes"]
+    t0 = time.perf_counter()
+    model.load_state_dict(vsd, assign=True)
+    seconds = time.perf_counter() - t0
+    torch.distributed.barrier()
+    served = server_stats(endpoint)[tag]["bytes"] - before
+    read, received = vsd.bytes_read, vsd.bytes_received
+    vsd.close()
+    return {"seconds": seconds, "read": read, "received": received, "need": need, "served": served}
+
+
 # ---- driver -------------------------------------------------------------------------------------
 def main() -> None:
     from lazysd.testing import Step3p5Spec, checkpoint_nbytes, ensure_checkpoint
@@ -230,16 +259,21 @@ def main() -> None:
 
         print("### 4 ranks on one node, EP=4 (experts Shard(0), the rest replicated)\n")
         print(
-            "| share | wall s | bytes from server, all ranks | union of needs | sum of needs | server / union | per "
-            "rank read / received MiB |"
+            "| path, share | wall s | bytes from server, all ranks | union of needs | sum of needs | server / union "
+            "| per rank read / received MiB |"
         )
         print("|---|---:|---:|---:|---:|---:|---|")
-        for share in ("node", None):
+        for label, fn, share in (
+            ("lazysd.load, node", _rank, "node"),
+            ("lazysd.load, None", _rank, None),
+            ("load_state_dict(vsd), node", _rank_mapping, "node"),
+            ("load_state_dict(vsd), None", _rank_mapping, None),
+        ):
             rows = []
             for _ in range(args.runs):
                 s3.reset()
                 s3.faults.latency, s3.faults.bandwidth = args.latency, args.bandwidth
-                ranks = run_ranks(_rank, 4, (url, s3.endpoint_url, args.size, share), timeout=900)
+                ranks = run_ranks(fn, 4, (url, s3.endpoint_url, args.size, share), timeout=900)
                 union: dict = {}
                 for r in ranks:
                     union.update(r["need"])
@@ -256,7 +290,7 @@ def main() -> None:
             wall = statistics.median(r[0] for r in rows)
             served, uni, tot, ranks = rows[-1][1], rows[-1][2], rows[-1][3], rows[-1][4]
             per = " ".join(f"{r['read'] / 2**20:.0f}/{r['received'] / 2**20:.0f}" for r in ranks)
-            print(f"| {share} | {wall:.2f} | {served:,} | {uni:,} | {tot:,} | {served / uni:.2f}x | {per} |")
+            print(f"| {label} | {wall:.2f} | {served:,} | {uni:,} | {tot:,} | {served / uni:.2f}x | {per} |")
 
 
 def _sweep(url: str, server: object, spec: object, runs: int) -> None:

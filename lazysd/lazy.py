@@ -46,6 +46,7 @@ from .geometry import Box
 from .plan import Entry
 
 if TYPE_CHECKING:
+    from .nodeshare import NodeShare
     from .reader import Reader
 
 _METADATA_FUNCS = {
@@ -77,6 +78,9 @@ class LazyTensor(torch.Tensor):
     entry: Entry
     box: Box
     _reader: Reader
+    # Set by a VirtualStateDict sharing reads with the other ranks of its node
+    # (lazysd.nodeshare): fills go through it; None reads straight from storage.
+    _share: NodeShare | None = None
 
     @staticmethod
     def __new__(
@@ -117,13 +121,25 @@ class LazyTensor(torch.Tensor):
                 return view
         with torch._C.DisableTorchFunctionSubclass():
             out = self._reader.empty(self.entry, self.box, dtype or self.dtype, torch.device(device or self.device))
-        return self._reader.fill(self.entry, self.box, out, fresh=True)
+        return self._fill(out, fresh=True)
 
     def read_into(self, dest: torch.Tensor) -> torch.Tensor:
         """Read this tensor straight into ``dest`` (same shape), in place; a meta ``dest`` reads nothing."""
         if dest.device.type == "meta":
             return dest
-        return self._reader.fill(self.entry, self.box, dest)
+        return self._fill(dest)
+
+    def _fill(self, dest: torch.Tensor, *, fresh: bool = False) -> torch.Tensor:
+        if self._share is not None:
+            return self._share.fill(self.entry, self.box, dest, fresh=fresh)
+        return self._reader.fill(self.entry, self.box, dest, fresh=fresh)
+
+    def _alias(self, box: Box | None = None) -> LazyTensor:
+        """Another LazyTensor of the same value (or of ``box`` of it), sharing the same way."""
+        box = self.box if box is None else box
+        alias = LazyTensor(self.entry, self._reader, box, dtype=self.dtype, device=self.device)
+        alias._share = self._share
+        return alias
 
     @property
     def key(self) -> str:
@@ -170,7 +186,7 @@ class LazyTensor(torch.Tensor):
             else:
                 start, stop, _ = item.indices(n)
                 box[d] = (lo + start, lo + max(start, stop))
-        narrowed = LazyTensor(self.entry, self._reader, tuple(box), dtype=self.dtype, device=self.device)
+        narrowed = self._alias(tuple(box))
         narrowed._squeeze = tuple(squeeze)  # type: ignore[attr-defined]
         return narrowed
 
@@ -186,8 +202,7 @@ class LazyTensor(torch.Tensor):
                 return src.read_into(dest)
         # Aliases of a LazyTensor stay lazy (nn.Parameter calls detach(), DTensor.from_local view_as()).
         if func in (torch.Tensor.detach, torch.detach, torch.Tensor.view_as) and isinstance(args[0], LazyTensor):
-            src = args[0]
-            return LazyTensor(src.entry, src._reader, src.box, dtype=src.dtype, device=src.device)
+            return args[0]._alias()
         if func is torch.Tensor.module_load and isinstance(args[1], LazyTensor):
             dest, src = args[0], args[1]
             assign = kwargs.get("assign", args[2] if len(args) > 2 else False)
@@ -237,8 +252,7 @@ class LazyTensor(torch.Tensor):
         if func in (torch.ops.aten.detach.default, torch.ops.aten.alias.default, torch.ops.aten.view_as.default) or (
             func is torch.ops.aten.view.default and list(args[1]) == list(args[0].shape)
         ):
-            src = args[0]
-            return LazyTensor(src.entry, src._reader, src.box, dtype=src.dtype, device=src.device)
+            return args[0]._alias()
         args, kwargs = tree_map(_materialized, (args, kwargs))
         return func(*args, **kwargs)
 

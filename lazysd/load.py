@@ -159,6 +159,7 @@ def _load(model: torch.nn.Module, vsd: VirtualStateDict, *, strict: bool, assign
     _check_values(model, vsd, wanted, assign=assign)
     stats, ckpt = vsd.stats, vsd.checkpoint
     tensors0, bytes0, requests0 = stats.tensors, ckpt.bytes_read, ckpt.read_calls
+    taken0 = vsd.bytes_received  # values taken from the node (lazysd.nodeshare), counted in stats
     stats.staging_peak = stats.staging_live  # the report's peak is this load's
     t0 = time.perf_counter()
     if isinstance(vsd.reader.progress, ProgressPrinter) and vsd.reader.progress.sizes is not None:
@@ -186,7 +187,7 @@ def _load(model: torch.nn.Module, vsd: VirtualStateDict, *, strict: bool, assign
         bytes_read=ckpt.bytes_read - bytes0,
         seconds=time.perf_counter() - t0,
         staging_peak=stats.staging_peak,
-        bytes_received=received,
+        bytes_received=received + vsd.bytes_received - taken0,
         requests=ckpt.read_calls - requests0,
     )
 

@@ -14,8 +14,11 @@ storage) by the number of ranks. :func:`share_node` instead:
 
 So the bytes a node reads are the union of its ranks' needs, not their sum. Ranks are on the
 same node when their host names agree. :func:`lazysd.load` does this by default with a
-process group (``VirtualStateDict(..., share=None)`` turns it off); the plain Mapping
-``model.load_state_dict(vsd)`` reads per rank, since its reads are lazy and per key.
+process group (``VirtualStateDict(..., share=None)`` turns it off). It is collective: every
+rank must call ``lazysd.load``. The plain Mapping (``model.load_state_dict(vsd)``, values
+read one key at a time, in any order, on any subset of ranks) shares through
+:mod:`lazysd.nodeshare` instead, which needs no collective; its ownership of boxes for
+reading ahead is the same :func:`lazysd.nodeshare.owners`.
 
 Example:
     >>> report = lazysd.load(model, "s3://bucket/ckpt/", storage_options=opts)   # doctest: +SKIP
@@ -29,6 +32,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from .nodeshare import owners
 
 if TYPE_CHECKING:
     from .virtual import VirtualStateDict
@@ -107,15 +112,17 @@ def share_node(
     dist.all_gather_object(everyone, (socket.gethostname(), needs))
     host = everyone[rank][0]
     node = tuple(r for r in range(world) if everyone[r][0] == host)
-    items, owner, cost = _owners({r: everyone[r][1] for r in node})
+    items, owner, cost = owners({r: everyone[r][1] for r in node})
     mine = {item[0]: item for item, ranks in items if rank in ranks}
     bytes_received = tensors_received = 0
     owned = [item for item, ranks in items if owner[item] == rank]
     bytes_read = sum(cost[item] for item in owned)
 
     def read(item: tuple[str, tuple[tuple[int, int], ...], str]) -> None:
-        value = values[item[0]]
-        getattr(value, "_local_tensor", value).read_into(dests[item[0]])
+        lazy = getattr(values[item[0]], "_local_tensor", values[item[0]])
+        # Straight from storage: the owner sends the bytes itself, nothing goes through
+        # the shared memory of lazysd.nodeshare.
+        lazy._reader.fill(lazy.entry, lazy.box, dests[item[0]])
 
     # 3. read what this rank owns (several tensors at once from remote storage: each costs a
     # round trip; local reads are bounded by the disk, one tensor at a time is enough)
@@ -141,30 +148,3 @@ def share_node(
     for w in works:
         w.wait()
     return Shared({key: dests[key] for key in mine}, bytes_read, bytes_received, tensors_received, node)
-
-
-_Item = tuple[str, tuple[tuple[int, int], ...], str]  # (key, box, dtype)
-
-
-def _owners(
-    needs: dict[int, list[tuple[str, tuple[tuple[int, int], ...], str, int]]],
-) -> tuple[list[tuple[_Item, list[int]]], dict[_Item, int], dict[_Item, int]]:
-    """The items several ranks of a node need (with those ranks), the rank reading each, and its bytes.
-
-    Largest first onto the least loaded rank: the same answer on every rank (same inputs).
-    """
-    # (key, box, dtype) -> ranks of this node needing it, and the bytes one read costs.
-    wanted: dict[_Item, list[int]] = {}
-    cost: dict[_Item, int] = {}
-    for r, rank_needs in needs.items():
-        for key, box, dtype, read in rank_needs:
-            wanted.setdefault((key, box, dtype), []).append(r)
-            cost[(key, box, dtype)] = read
-    items = sorted((k, v) for k, v in wanted.items() if len(v) > 1)
-    load = dict.fromkeys(needs, 0)
-    owner: dict[_Item, int] = {}
-    for item, ranks in sorted(items, key=lambda kv: (-cost[kv[0]], kv[0])):
-        o = min(ranks, key=lambda r: (load[r], r))
-        owner[item] = o
-        load[o] += cost[item]
-    return items, owner, cost

@@ -16,6 +16,7 @@ from .errors import MissingKeyError, OptionError
 from .fp8 import FP8_DTYPES
 from .geometry import Box, full_box
 from .lazy import LazyTensor
+from .nodeshare import NodeShare, node_share
 from .plan import Entry, Plan, resolve
 from .progress import ProgressPrinter
 from .reader import MiB, Reader, ReadOptions, Stats
@@ -88,9 +89,13 @@ class VirtualStateDict(Mapping[str, torch.Tensor]):
         remote: True reads a Hub repo id (``"org/name"``) from the Hub by ranged GETs,
             like ``"hf://org/name"``; a :class:`~lazysd.storage.RemoteOptions` also tunes
             the requests (in flight, coalescing gap, retries, timeouts).
-        share: with a process group, ``"node"`` (default) lets :func:`lazysd.load` read
-            each tensor that several ranks of a node need once on that node and send it to
-            the others (see :mod:`lazysd.share`); None reads everything on every rank.
+        share: with a process group of several ranks, ``"node"`` (default) reads each box
+            that several ranks of a node need once on that node: values
+            (``model.load_state_dict(vsd)``, ``.materialize()``) meet in shared memory
+            (:mod:`lazysd.nodeshare`; no collective, any order, any subset of keys), and
+            :func:`lazysd.load` sends boxes point-to-point (:mod:`lazysd.share`).
+            ``vsd.bytes_read`` / ``vsd.bytes_received`` say what this rank read and took.
+            None reads everything on every rank. A single process never shares.
 
     Paths: ``path`` may be a directory, ``~/...``, the ``model.safetensors`` file of a
     single-file checkpoint, a Hugging Face hub cache repository (``models--org--name``) or a
@@ -167,6 +172,14 @@ class VirtualStateDict(Mapping[str, torch.Tensor]):
                 self.reader.progress = ProgressPrinter(0, sizes=sizes)
             elif callable(progress):
                 self.reader.progress = progress
+            self._nodeshare: NodeShare | None = None
+            if share == "node":
+                # Read-ahead (into shared memory) only for values that live on the CPU.
+                cpu = self.device.type == "cpu" and (mesh is None or getattr(mesh, "device_type", "cpu") == "cpu")
+                entries = self.plan.entries if cpu else None
+                self._nodeshare = node_share(
+                    self.checkpoint, self.reader, self._targets, entries=entries, dtype_of=self.dtype_of
+                )
         except BaseException:
             # Not left to the garbage collector: the exception's traceback keeps this frame
             # (and so the descriptors) alive for as long as it is referenced (Jupyter keeps
@@ -217,7 +230,9 @@ class VirtualStateDict(Mapping[str, torch.Tensor]):
 
     def lazy(self, entry: Entry, box: Box, *, device: torch.device | None = None) -> LazyTensor:
         """A LazyTensor for ``box`` of ``entry`` (on ``device``, default the mapping's)."""
-        return LazyTensor(entry, self.reader, box, dtype=self.dtype_of(entry), device=device or self.device)
+        value = LazyTensor(entry, self.reader, box, dtype=self.dtype_of(entry), device=device or self.device)
+        value._share = self._nodeshare
+        return value
 
     def local_box(self, key: str) -> Box:
         """This rank's box of native ``key``: its shard under the mesh/``like=``, else the whole tensor."""
@@ -258,8 +273,15 @@ class VirtualStateDict(Mapping[str, torch.Tensor]):
 
     @property
     def bytes_read(self) -> int:
-        """Tensor bytes read from disk so far by this process (headers not counted)."""
+        """Tensor bytes read from storage so far by this process (headers not counted)."""
         return self.checkpoint.bytes_read
+
+    @property
+    def bytes_received(self) -> int:
+        """Tensor bytes this process took from other ranks of its node instead of reading
+        them (``share="node"``: :mod:`lazysd.nodeshare` for values, :mod:`lazysd.share` for
+        :func:`lazysd.load`'s own counter, ``LoadReport.bytes_received``)."""
+        return 0 if getattr(self, "_nodeshare", None) is None else self._nodeshare.bytes_received
 
     def _missing_message(self, key: object) -> str:
         where = f"{self.checkpoint.path}: no native key {key!r}"
@@ -273,7 +295,9 @@ class VirtualStateDict(Mapping[str, torch.Tensor]):
 
     # ---- lifetime ------------------------------------------------------------------------
     def close(self) -> None:
-        """Release reader threads and file descriptors."""
+        """Release reader threads and file descriptors (and leave the node's shared memory)."""
+        if getattr(self, "_nodeshare", None) is not None:
+            self._nodeshare.close()
         self.reader.close()
         self.checkpoint.close()
 

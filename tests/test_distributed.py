@@ -98,7 +98,7 @@ def _check_ep_one(rank: int, world: int, path: str, spec_name: str, assign: bool
     spec = {"even": SPEC, "uneven": UNEVEN}[spec_name]
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
     eager = _eager(path)
-    vsd = VirtualStateDict(path, mesh)
+    vsd = VirtualStateDict(path, mesh, share=None)  # each rank reads its whole plan (no node sharing)
     if assign:
         model = Step3p5Model(spec, layout="native", device="meta")
         resident = _load_alone(rank, world, vsd.checkpoint.files, lambda: model.load_state_dict(vsd, assign=True))
@@ -185,7 +185,7 @@ def _check_2d_like(rank: int, world: int, path: str) -> dict:
 
     model = _native_model(SPEC)
     _shard_model(model, mesh, plan)
-    vsd = VirtualStateDict(path, like=model)
+    vsd = VirtualStateDict(path, like=model, share=None)  # each rank reads its whole plan
     resident = _load_alone(rank, world, vsd.checkpoint.files, lambda: model.load_state_dict(vsd))
     for key, want in eager.items():
         got = model.state_dict()[key]

@@ -408,7 +408,9 @@ def _ranks_match_local(rank: int, world: int, root: str, kinds: dict[str, list[s
         for kind in name_kinds:
             base, options, stats_url = sources[kind]
             tag = f"{kind}-w{world}-r{rank}"
-            with VirtualStateDict(f"{base}{name}/", mesh, storage_options=_tagged(kind, options, tag)) as vsd:
+            # share=None: each rank reads its own whole plan (node sharing would split it)
+            opts = _tagged(kind, options, tag)
+            with VirtualStateDict(f"{base}{name}/", mesh, storage_options=opts, share=None) as vsd:
                 assert list(vsd) == list(want), (name, kind)
                 assert [(str(f).rsplit("/", 1)[-1], o, n) for f, o, n in vsd.planned_ranges()] == [
                     (str(f).rsplit("/", 1)[-1], o, n) for f, o, n in local_plan
