@@ -418,6 +418,11 @@ class Checkpoint:
         expected = self._identity[file]
         return (st.st_size, st.st_mtime_ns, st.st_ctime_ns) != (expected.size, expected.mtime_ns, expected.ctime_ns)
 
+    def file_identities(self) -> dict[Path, Any]:
+        """Each opened weights file's identity, what a change of the file alters (device,
+        inode, size, mtime and ctime here; size and ETag for remote objects)."""
+        return dict(self._identity)
+
     def check_unchanged(self, file: Path) -> int:
         """Raise :class:`FileChangedError` if ``file`` changed since it was opened; return its fd."""
         fd = self._fds.get(file)

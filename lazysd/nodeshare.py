@@ -73,15 +73,11 @@ Example:
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import hashlib
 import math
 import mmap
 import os
-import re
-import shutil
-import socket
 import threading
 import time
 import uuid
@@ -91,6 +87,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from . import shm
 from .geometry import Box, full_box, shard_box
 
 if TYPE_CHECKING:
@@ -101,14 +98,6 @@ if TYPE_CHECKING:
 
 _MAGIC = b"LAZYSD01"
 _HEADER = 64  # magic, digest (32), payload bytes, ranks needing it, ranks that took it
-_STALE_SECONDS = 60.0  # a directory without a members file this old was left by a crash
-_PREFIX = "lazysd-node-"
-_NAME = re.compile(_PREFIX + "[0-9a-f]{32}")  # only these are ever swept
-
-
-def shm_root() -> str:
-    """Where node-shared boxes live: ``$LAZYSD_SHM_DIR``, else ``/dev/shm``."""
-    return os.environ.get("LAZYSD_SHM_DIR", "/dev/shm")
 
 
 class NodeShare:
@@ -156,10 +145,10 @@ class NodeShare:
         self._node: tuple[int, ...] | None = None
         self._coords: dict[int, dict[int, tuple[int, ...]]] = {}  # id(mesh) -> rank -> coordinate
         self._digests: dict[str, bytes] = {}  # entry key -> digest of its description
-        self._state = _Membership()
+        self._state = shm.Membership()
         self._finalizer = weakref.finalize(self, self._state.leave)
         # Non-blocking: this rank's node and the job's token (the first rank's wins).
-        self._node_name = _node_name()
+        self._node_name = shm.node_name()
         store.set(f"lazysd/share/node/{rank}", self._node_name)
         token = store.compare_set("lazysd/share/job", "", uuid.uuid4().hex)
         self._job = token.decode() if isinstance(token, bytes) else str(token)
@@ -250,7 +239,7 @@ class NodeShare:
             if self._take(name, digest, dest, entry):
                 return dest
             try:
-                claim = _claim(name)
+                claim = shm.claim(name)
             except OSError:  # no room or no descriptors for a claim here: read it ourselves
                 return self.reader.fill(entry, box, dest, fresh=fresh)
             if claim is not None:
@@ -260,9 +249,9 @@ class NodeShare:
                     self.reader.fill(entry, box, dest, fresh=fresh)
                     self._publish(name, digest, dest, needed)
                 finally:
-                    _drop_claim(name, claim)
+                    shm.drop_claim(name, claim)
                 return dest
-            if not _await_claim(name, deadline):
+            if not shm.await_claim(name, deadline):
                 return self.reader.fill(entry, box, dest, fresh=fresh)  # waited long enough
 
     def _digest(self, entry: Entry, box: Box, dtype: torch.dtype, device_type: str) -> bytes:
@@ -287,14 +276,14 @@ class NodeShare:
             head = os.pread(fd, _HEADER, 0)
             if head[:8] != _MAGIC or head[8:40] != digest or int.from_bytes(head[40:48], "little") != nbytes:
                 return False  # not what this name promises: read it ourselves, leave it alone
-            _read_exact(fd, dest, _HEADER)
+            shm.read_exact(fd, dest, _HEADER)
             fcntl.flock(fd, fcntl.LOCK_EX)  # the count of ranks that took it
             try:
                 needed = int.from_bytes(os.pread(fd, 8, 48), "little")
                 took = int.from_bytes(os.pread(fd, 8, 56), "little") + 1
                 os.pwrite(fd, took.to_bytes(8, "little"), 56)
                 if took >= needed:  # the last one: nobody needs it any more
-                    _unlink(name)
+                    shm.unlink(name)
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
         except OSError:
@@ -310,7 +299,7 @@ class NodeShare:
                 self.tensors_received += 1
         if not ours:
             # A destination filled, as the reader counts them (stats, progress reports).
-            self.reader._done(entry, dest, t0)
+            self.reader.count_filled(entry, dest, t0)
         return True
 
     def _room(self, name: str, nbytes: int) -> bool:
@@ -323,7 +312,7 @@ class NodeShare:
         with self._lock:
             if self._budget is None:
                 try:
-                    st = os.statvfs(shm_root())
+                    st = os.statvfs(shm.shm_root())
                     self._budget = st.f_frsize * st.f_blocks // (4 * max(1, len(self.node())))
                 except OSError:
                     self._budget = 0
@@ -352,12 +341,12 @@ class NodeShare:
             os.posix_fallocate(fd, 0, _HEADER + max(nbytes, 1))
             counts = [n.to_bytes(8, "little") for n in (nbytes, needed, 1)]  # this rank took it already
             os.pwrite(fd, _MAGIC + digest + b"".join(counts), 0)
-            _write_exact(fd, dest, _HEADER)
+            shm.write_exact(fd, dest, _HEADER)
             with self._lock:
                 self._published.add(name)
             os.rename(tmp, name)
         except (OSError, RuntimeError):
-            _unlink(tmp)
+            shm.unlink(tmp)
             return
         finally:
             os.close(fd)
@@ -374,7 +363,7 @@ class NodeShare:
         name = os.path.join(where, digest.hex())
         if os.path.exists(name) or name in self._taken or name in self._published:
             return
-        claim = _claim(name)
+        claim = shm.claim(name)
         if claim is None:
             return  # being read by another rank (or thread)
         try:
@@ -405,14 +394,14 @@ class NodeShare:
                     self._ahead_read.add(name)
                 os.rename(tmp, name)
             except BaseException:
-                _unlink(tmp)
+                shm.unlink(tmp)
                 raise
             finally:
                 os.close(fd)
             with self._lock:
                 self.bytes_published += nbytes
         finally:
-            _drop_claim(name, claim)
+            shm.drop_claim(name, claim)
 
     # ---- lifetime ------------------------------------------------------------------------
     def close(self) -> None:
@@ -529,255 +518,10 @@ class _ReadAhead:
             self.stopped = True
 
 
-class _Membership:
-    """This process's place in a node directory: a shared lock on its ``members`` file."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.dir: str | None = None
-        self.fd: int | None = None
-        self.failed = False
-        _MEMBERSHIPS.add(self)
-
-    def _after_fork(self) -> None:
-        """In a child made by ``os.fork``: the descriptor shares the parent's lock, which only
-        the parent may drop (an unlock here would drop it for both). Forget it; no sharing."""
-        self.lock = threading.Lock()
-        if self.fd is not None:
-            os.close(self.fd)  # closing one copy keeps the lock: the parent's copy holds it
-        self.dir, self.fd, self.failed = None, None, True
-
-    def join(self, job: str, identity: str) -> str | None:
-        """The node directory of this job and checkpoint (joined on first use); None if unusable."""
-        if self.dir is not None or self.failed:
-            return self.dir
-        with self.lock:
-            if self.dir is None and not self.failed:
-                root = shm_root()
-                name = _PREFIX + hashlib.sha256(f"{job}\0{identity}".encode()).hexdigest()[:32]
-                try:
-                    sweep(root, keep=name)
-                    self.dir, self.fd = _enter(os.path.join(root, name))
-                except OSError:
-                    self.failed = True  # no usable shared memory: every rank reads for itself
-        return self.dir
-
-    def leave(self) -> None:
-        with self.lock:
-            if self.dir is not None and self.fd is not None:
-                _leave(self.dir, self.fd)
-            self.dir = self.fd = None
-
-
-_MEMBERSHIPS: weakref.WeakSet[_Membership] = weakref.WeakSet()
-
-
-def _reset_after_fork() -> None:
-    for membership in list(_MEMBERSHIPS):
-        membership._after_fork()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_after_fork)
-
-
-def _enter(where: str) -> tuple[str, int]:
-    """Join (creating it if needed) the directory ``where``: a shared lock on its members file."""
-    for _ in range(100):
-        try:
-            os.mkdir(where, 0o700)
-        except FileExistsError:
-            pass
-        members = os.path.join(where, "members")
-        try:
-            fd = os.open(members, os.O_CREAT | os.O_RDWR | getattr(os, "O_CLOEXEC", 0), 0o600)
-        except FileNotFoundError:
-            continue  # removed by its last member just now: make it again
-        if _lock_within(fd, fcntl.LOCK_SH, 10.0):
-            try:
-                if os.stat(members).st_ino == os.fstat(fd).st_ino:
-                    return where, fd
-            except FileNotFoundError:
-                pass
-        os.close(fd)  # the directory was removed while we joined it: again
-    raise OSError(errno.EAGAIN, f"{where}: could not join the node's shared directory")
-
-
-def _leave(where: str, fd: int) -> None:
-    """Drop this member's lock; if no member is left, remove the directory and its boxes."""
-    fcntl.flock(fd, fcntl.LOCK_UN)  # first, so two leaving at once cannot both see the other
-    try:
-        if _lock_within(fd, fcntl.LOCK_EX, 0.0):
-            shutil.rmtree(where, ignore_errors=True)
-    finally:
-        os.close(fd)
-
-
-def sweep(root: str, *, keep: str | None = None) -> list[str]:
-    """Remove node directories under ``root`` that no live process holds (all its ranks died).
-
-    Returns the names removed. A directory being made right now is left alone (its maker
-    holds it, or it is younger than a minute).
-    """
-    removed = []
-    try:
-        names = [n for n in os.listdir(root) if _NAME.fullmatch(n) and n != keep]
-    except OSError:
-        return removed
-    for n in names:
-        where = os.path.join(root, n)
-        try:
-            fd = os.open(os.path.join(where, "members"), os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
-        except FileNotFoundError:
-            try:
-                if time.time() - os.stat(where).st_mtime > _STALE_SECONDS:
-                    shutil.rmtree(where, ignore_errors=True)
-                    removed.append(n)
-            except OSError:
-                pass
-            continue
-        except OSError:
-            continue
-        try:
-            if _lock_within(fd, fcntl.LOCK_EX, 0.0):
-                shutil.rmtree(where, ignore_errors=True)
-                removed.append(n)
-        finally:
-            os.close(fd)
-    return removed
-
-
-# ---- claims ---------------------------------------------------------------------------------
-def _claim(name: str) -> int | None:
-    """Claim the box ``name`` for reading: a file descriptor holding the claim's lock, or
-    None if another rank holds the claim (OSError if no claim can be made here). The lock is
-    taken before the claim file appears (made under a private name, then hard-linked), so a
-    held claim is always locked."""
-    tmp = f"{name}.{os.getpid()}.{threading.get_ident()}.c"
-    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_RDWR | getattr(os, "O_CLOEXEC", 0), 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        os.link(tmp, name + ".claim")
-    except FileExistsError:
-        os.close(fd)
-        return None
-    except BaseException:
-        os.close(fd)
-        raise
-    finally:
-        _unlink(tmp)
-    return fd
-
-
-def _drop_claim(name: str, fd: int) -> None:
-    try:
-        if os.stat(name + ".claim").st_ino == os.fstat(fd).st_ino:
-            _unlink(name + ".claim")
-    except FileNotFoundError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _await_claim(name: str, deadline: float) -> bool:
-    """Wait until the claim on ``name`` goes (published, failed or its rank died): True;
-    False when ``deadline`` passes first."""
-    claim = name + ".claim"
-    try:
-        fd = os.open(claim, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        return True
-    try:
-        if not _lock_within(fd, fcntl.LOCK_SH, max(0.0, deadline - time.monotonic())):
-            return False
-        # The claimant let go. Published, or gave up (its error is its own): try again. A
-        # claim file still there with no lock on it is a dead rank's: remove it (if it is
-        # still the same file) so that the box can be claimed again.
-        if not os.path.exists(name):
-            try:
-                if os.stat(claim).st_ino == os.fstat(fd).st_ino:
-                    _unlink(claim)
-            except FileNotFoundError:
-                pass
-        return True
-    finally:
-        os.close(fd)
-
-
-def _lock_within(fd: int, kind: int, seconds: float) -> bool:
-    """``flock(fd, kind)`` within ``seconds`` (polled: a blocking flock cannot time out)."""
-    deadline = time.monotonic() + seconds
-    pause = 0.0005
-    while True:
-        try:
-            fcntl.flock(fd, kind | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(pause)
-            pause = min(pause * 2, 0.01)
-
-
-# ---- bytes in and out -------------------------------------------------------------------------
-def _byte_view(t: torch.Tensor) -> memoryview:
-    return memoryview(t.detach().reshape(-1).view(torch.uint8).numpy()).cast("B")
-
-
-def _read_exact(fd: int, dest: torch.Tensor, offset: int) -> None:
-    """The published values into ``dest`` (any device, layout): straight in when it is contiguous CPU memory."""
-    direct = dest.device.type == "cpu" and dest.is_contiguous()
-    buf = dest if direct else torch.empty(dest.shape, dtype=dest.dtype)
-    if buf.numel():
-        view = _byte_view(buf)
-        pos = 0
-        while pos < len(view):
-            got = os.preadv(fd, [view[pos:]], offset + pos)
-            if got <= 0:
-                raise OSError(errno.EIO, "a published box ended early")
-            pos += got
-    if not direct:
-        dest.copy_(buf)
-
-
-def _write_exact(fd: int, src: torch.Tensor, offset: int) -> None:
-    if src.device.type != "cpu" or not src.is_contiguous():
-        src = src.detach().to("cpu", memory_format=torch.contiguous_format)
-    if not src.numel():
-        return
-    view = _byte_view(src)
-    pos = 0
-    while pos < len(view):
-        pos += os.pwrite(fd, view[pos:], offset + pos)
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-# ---- identities ------------------------------------------------------------------------------
-def _node_name() -> str:
-    """Same on processes that share ``/dev/shm``, different otherwise (containers included)."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            boot = f.read().strip()
-    except OSError:
-        boot = ""
-    try:
-        st = os.stat(shm_root())
-        mount = f"{st.st_dev}:{st.st_ino}"
-    except OSError:
-        mount = "-"
-    return f"{socket.gethostname()}|{boot}|{mount}"
-
-
 def _identities(checkpoint: Checkpoint) -> tuple[str, set[Any]]:
     """The checkpoint's identity (path and every file's identity) and its files that cannot be
     told apart from a changed version (remote objects without an ETag): never shared."""
-    known = getattr(checkpoint, "_identity", {})
+    known = checkpoint.file_identities()
     parts, unshareable = [str(checkpoint.path)], set()
     for file in sorted(known, key=str):
         ident = known[file]
@@ -848,7 +592,7 @@ def node_share(
 ) -> NodeShare | None:
     """A :class:`NodeShare` when a default process group of several ranks is up and shared
     memory is usable; None otherwise (a single process never touches shared memory)."""
-    if not os.path.isdir(shm_root()) or not os.access(shm_root(), os.W_OK):
+    if not os.path.isdir(shm.shm_root()) or not os.access(shm.shm_root(), os.W_OK):
         return None
     try:
         import torch.distributed as dist

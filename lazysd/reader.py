@@ -308,7 +308,7 @@ class Reader:
         t0 = time.perf_counter()
         flat = torch.frombuffer(self.ckpt.mapping(info.file), dtype=torch.uint8, count=info.nbytes, offset=info.offset)
         view = flat.view(info.dtype).view(info.shape).permute(src.dims)
-        self._done(entry, view, t0)  # counted like a filled tensor, so progress reaches its total
+        self.count_filled(entry, view, t0)  # counted like a filled tensor, so progress reaches its total
         return view
 
     def _acquire(self, nbytes: int) -> torch.Tensor:
@@ -410,7 +410,7 @@ class Reader:
                 self._run_inline(job)
         else:
             self._run_pipelined(iter(jobs))
-        self._done(entry, dest, t0)
+        self.count_filled(entry, dest, t0)
         return dest
 
     def fill_many(self, fills: Iterable[tuple[Entry, Box, torch.Tensor]]) -> None:
@@ -432,7 +432,7 @@ class Reader:
                 bound = [_bind(item, dest, fill) for item in self.plan(entry, box, Destination.of(dest))]
                 fill.left = len(bound)
                 if not bound:
-                    self._done(entry, dest, fill.t0)
+                    self.count_filled(entry, dest, fill.t0)
                 yield from bound
 
         if self.options.threads <= 0:
@@ -441,7 +441,9 @@ class Reader:
         else:
             self._run_pipelined(jobs())
 
-    def _done(self, entry: Entry, out: torch.Tensor, t0: float) -> None:
+    def count_filled(self, entry: Entry, out: torch.Tensor, t0: float) -> None:
+        """Count ``out`` as a destination of ``entry`` filled since ``t0`` (stats, progress),
+        also where its bytes came from elsewhere (another rank of the node)."""
         with self._lock:
             self.stats.tensors += 1
             self.stats.bytes_out += out.numel() * out.element_size()
@@ -461,7 +463,7 @@ class Reader:
         if fill is not None:
             fill.left -= 1  # on the calling thread only: no lock needed
             if fill.left == 0:
-                self._done(fill.entry, fill.dest, fill.t0)
+                self.count_filled(fill.entry, fill.dest, fill.t0)
 
     def _run_inline(self, job: _Job) -> None:
         cost = job.item.staging

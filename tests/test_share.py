@@ -258,7 +258,7 @@ def test_leftovers_of_dead_ranks_are_swept(ckpt: Path, shm: Path) -> None:
     one that a live process holds, and one just being made, stay."""
     import fcntl
 
-    from lazysd.nodeshare import _STALE_SECONDS, sweep
+    from lazysd.shm import STALE_SECONDS, sweep
 
     names = {n: f"lazysd-node-{(n.encode().hex() * 4)[:32]}" for n in ("dead", "held", "yong", "olds")}
     dead, held, young, old = (shm / names[n] for n in ("dead", "held", "yong", "olds"))
@@ -270,7 +270,7 @@ def test_leftovers_of_dead_ranks_are_swept(ckpt: Path, shm: Path) -> None:
         (d / "0123abcd").write_bytes(b"x" * 100)  # a published box
     fd = os.open(held / "members", os.O_RDWR)
     fcntl.flock(fd, fcntl.LOCK_SH)
-    stale = time.time() - _STALE_SECONDS - 5
+    stale = time.time() - STALE_SECONDS - 5
     os.utime(old, (stale, stale))
     try:
         assert sorted(sweep(str(shm))) == sorted([dead.name, old.name])
@@ -290,9 +290,10 @@ def test_a_single_process_never_shares(ckpt: Path, shm: Path, monkeypatch: pytes
 
 def _attach(vsd: VirtualStateDict, rank: int, store, **options) -> None:  # noqa: ANN001
     """Share ``vsd``'s values as rank ``rank`` of 2 on ``store`` (both ranks on this node)."""
-    from lazysd.nodeshare import NodeShare, _node_name
+    from lazysd.nodeshare import NodeShare
+    from lazysd.shm import node_name
 
-    store.set(f"lazysd/share/node/{1 - rank}", _node_name())  # the other rank is on this node
+    store.set(f"lazysd/share/node/{1 - rank}", node_name())  # the other rank is on this node
     vsd._nodeshare = NodeShare(vsd.checkpoint, vsd.reader, None, rank=rank, world=2, store=store, **options)
 
 
@@ -329,7 +330,7 @@ def test_a_box_stuck_with_another_rank_is_read_after_the_wait(
 ) -> None:
     """A claim held by a rank that never publishes (stuck, stopped in a debugger): the
     waiting rank reads the box itself after ``wait_seconds``, with the right values."""
-    from lazysd import nodeshare
+    from lazysd import shm as node_shm
 
     monkeypatch.setenv("LAZYSD_SHM_DIR", str(shm))
     store = torch.distributed.HashStore()
@@ -340,11 +341,11 @@ def test_a_box_stuck_with_another_rank_is_read_after_the_wait(
         where = share._state.join(share._job, share._identity)
         value = vsd[key]
         name = os.path.join(where, share._digest(vsd.entry(key), value.box, value.dtype, "cpu").hex())
-        stuck = nodeshare._claim(name)  # the other rank's claim, never released
+        stuck = node_shm.claim(name)  # the other rank's claim, never released
         try:
             t0 = time.monotonic()
             got = value.materialize()
-            assert 0.5 <= time.monotonic() - t0 < 5
+            assert 0.5 <= time.monotonic() - t0 < 60  # waited, then read: no hang (bound loose for loaded machines)
         finally:
             os.close(stuck)
         assert same_bits(got, plain[key].materialize())
