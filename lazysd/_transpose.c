@@ -47,7 +47,10 @@ typedef struct {
 #endif
 
 #ifdef __SSE2__
-static inline void t8x8_16(const uint16_t *s, Py_ssize_t ss, uint16_t *d, Py_ssize_t ds) {
+/* nt: non-temporal stores (d and ds 16-byte aligned); a constant at every call, so the
+ * compiler makes two functions of this one. */
+#define STORE16(p, v) (nt ? _mm_stream_si128((p), (v)) : _mm_storeu_si128((p), (v)))
+static inline void t8x8_16_store(const uint16_t *s, Py_ssize_t ss, uint16_t *d, Py_ssize_t ds, const int nt) {
     __m128i r0 = _mm_loadu_si128((const __m128i *)(s + 0 * ss));
     __m128i r1 = _mm_loadu_si128((const __m128i *)(s + 1 * ss));
     __m128i r2 = _mm_loadu_si128((const __m128i *)(s + 2 * ss));
@@ -64,42 +67,18 @@ static inline void t8x8_16(const uint16_t *s, Py_ssize_t ss, uint16_t *d, Py_ssi
     __m128i b2 = _mm_unpacklo_epi32(a1, a3), b3 = _mm_unpackhi_epi32(a1, a3);
     __m128i b4 = _mm_unpacklo_epi32(a4, a6), b5 = _mm_unpackhi_epi32(a4, a6);
     __m128i b6 = _mm_unpacklo_epi32(a5, a7), b7 = _mm_unpackhi_epi32(a5, a7);
-    _mm_storeu_si128((__m128i *)(d + 0 * ds), _mm_unpacklo_epi64(b0, b4));
-    _mm_storeu_si128((__m128i *)(d + 1 * ds), _mm_unpackhi_epi64(b0, b4));
-    _mm_storeu_si128((__m128i *)(d + 2 * ds), _mm_unpacklo_epi64(b1, b5));
-    _mm_storeu_si128((__m128i *)(d + 3 * ds), _mm_unpackhi_epi64(b1, b5));
-    _mm_storeu_si128((__m128i *)(d + 4 * ds), _mm_unpacklo_epi64(b2, b6));
-    _mm_storeu_si128((__m128i *)(d + 5 * ds), _mm_unpackhi_epi64(b2, b6));
-    _mm_storeu_si128((__m128i *)(d + 6 * ds), _mm_unpacklo_epi64(b3, b7));
-    _mm_storeu_si128((__m128i *)(d + 7 * ds), _mm_unpackhi_epi64(b3, b7));
+    STORE16((__m128i *)(d + 0 * ds), _mm_unpacklo_epi64(b0, b4));
+    STORE16((__m128i *)(d + 1 * ds), _mm_unpackhi_epi64(b0, b4));
+    STORE16((__m128i *)(d + 2 * ds), _mm_unpacklo_epi64(b1, b5));
+    STORE16((__m128i *)(d + 3 * ds), _mm_unpackhi_epi64(b1, b5));
+    STORE16((__m128i *)(d + 4 * ds), _mm_unpacklo_epi64(b2, b6));
+    STORE16((__m128i *)(d + 5 * ds), _mm_unpackhi_epi64(b2, b6));
+    STORE16((__m128i *)(d + 6 * ds), _mm_unpacklo_epi64(b3, b7));
+    STORE16((__m128i *)(d + 7 * ds), _mm_unpackhi_epi64(b3, b7));
 }
-
-static inline void t8x8_16nt(const uint16_t *s, Py_ssize_t ss, uint16_t *d, Py_ssize_t ds) {
-    __m128i r0 = _mm_loadu_si128((const __m128i *)(s + 0 * ss));
-    __m128i r1 = _mm_loadu_si128((const __m128i *)(s + 1 * ss));
-    __m128i r2 = _mm_loadu_si128((const __m128i *)(s + 2 * ss));
-    __m128i r3 = _mm_loadu_si128((const __m128i *)(s + 3 * ss));
-    __m128i r4 = _mm_loadu_si128((const __m128i *)(s + 4 * ss));
-    __m128i r5 = _mm_loadu_si128((const __m128i *)(s + 5 * ss));
-    __m128i r6 = _mm_loadu_si128((const __m128i *)(s + 6 * ss));
-    __m128i r7 = _mm_loadu_si128((const __m128i *)(s + 7 * ss));
-    __m128i a0 = _mm_unpacklo_epi16(r0, r1), a1 = _mm_unpackhi_epi16(r0, r1);
-    __m128i a2 = _mm_unpacklo_epi16(r2, r3), a3 = _mm_unpackhi_epi16(r2, r3);
-    __m128i a4 = _mm_unpacklo_epi16(r4, r5), a5 = _mm_unpackhi_epi16(r4, r5);
-    __m128i a6 = _mm_unpacklo_epi16(r6, r7), a7 = _mm_unpackhi_epi16(r6, r7);
-    __m128i b0 = _mm_unpacklo_epi32(a0, a2), b1 = _mm_unpackhi_epi32(a0, a2);
-    __m128i b2 = _mm_unpacklo_epi32(a1, a3), b3 = _mm_unpackhi_epi32(a1, a3);
-    __m128i b4 = _mm_unpacklo_epi32(a4, a6), b5 = _mm_unpackhi_epi32(a4, a6);
-    __m128i b6 = _mm_unpacklo_epi32(a5, a7), b7 = _mm_unpackhi_epi32(a5, a7);
-    _mm_stream_si128((__m128i *)(d + 0 * ds), _mm_unpacklo_epi64(b0, b4));
-    _mm_stream_si128((__m128i *)(d + 1 * ds), _mm_unpackhi_epi64(b0, b4));
-    _mm_stream_si128((__m128i *)(d + 2 * ds), _mm_unpacklo_epi64(b1, b5));
-    _mm_stream_si128((__m128i *)(d + 3 * ds), _mm_unpackhi_epi64(b1, b5));
-    _mm_stream_si128((__m128i *)(d + 4 * ds), _mm_unpacklo_epi64(b2, b6));
-    _mm_stream_si128((__m128i *)(d + 5 * ds), _mm_unpackhi_epi64(b2, b6));
-    _mm_stream_si128((__m128i *)(d + 6 * ds), _mm_unpacklo_epi64(b3, b7));
-    _mm_stream_si128((__m128i *)(d + 7 * ds), _mm_unpackhi_epi64(b3, b7));
-}
+#undef STORE16
+static inline void t8x8_16(const uint16_t *s, Py_ssize_t ss, uint16_t *d, Py_ssize_t ds) { t8x8_16_store(s, ss, d, ds, 0); }
+static inline void t8x8_16nt(const uint16_t *s, Py_ssize_t ss, uint16_t *d, Py_ssize_t ds) { t8x8_16_store(s, ss, d, ds, 1); }
 
 static inline void t4x4_32(const uint32_t *s, Py_ssize_t ss, uint32_t *d, Py_ssize_t ds) {
     __m128i r0 = _mm_loadu_si128((const __m128i *)(s + 0 * ss));

@@ -37,7 +37,7 @@ from .geometry import Box, box_shape, full_box, inverse_permutation
 from .memory import populate
 from .plan import Entry
 from .pool import ReadPool
-from .reads import SHARES, Destination, MiB, ReadItem, plan_reads
+from .reads import SHARES, Destination, MiB, ReadItem, plan_reads, with_extents
 from .transpose import copy_into, read_transposed
 
 
@@ -418,28 +418,32 @@ class Reader:
 
         One tensor after another, the reader threads wait at the end of every tensor and a
         small tensor is read by one thread alone; here the chunks of all of them share the
-        threads, and the next tensor is planned while the last one's reads run. Each
+        threads, in file order. And the stretches a cold read may stream with readahead
+        (:attr:`lazysd.reads.ReadItem.extent`) run on across tensors that lie side by side in
+        a file, where one tensor at a time each ends in a direct-read margin. Each
         destination counts as filled (stats, progress) when its last chunk is in.
 
         Example:
             >>> reader.fill_many((vsd.entry(k), full_box(t.shape), t) for k, t in dests.items())  # doctest: +SKIP
         """
-
-        def jobs() -> Iterator[_Job]:
-            for entry, box, dest in fills:
-                _check_shape(entry, box, dest)
-                fill = _Fill(entry, dest, time.perf_counter(), 0)
-                bound = [_bind(item, dest, fill) for item in self.plan(entry, box, Destination.of(dest))]
-                fill.left = len(bound)
-                if not bound:
-                    self.count_filled(entry, dest, fill.t0)
-                yield from bound
-
+        planned = []
+        for entry, box, dest in fills:
+            _check_shape(entry, box, dest)
+            planned.append((_Fill(entry, dest, time.perf_counter(), 0), self.plan(entry, box, Destination.of(dest))))
+        items = with_extents([item for _, its in planned for item in its])
+        jobs, at = [], 0
+        for fill, its in planned:
+            fill.left = len(its)
+            if not its:
+                self.count_filled(fill.entry, fill.dest, fill.t0)
+            jobs += [_bind(item, fill.dest, fill) for item in items[at : at + len(its)]]
+            at += len(its)
+        jobs.sort(key=lambda job: (str(job.item.source.file), job.item.source.offset + job.item.runs[0][0]))
         if self.options.threads <= 0:
-            for job in jobs():
+            for job in jobs:
                 self._run_inline(job)
         else:
-            self._run_pipelined(jobs())
+            self._run_pipelined(iter(jobs))
 
     def count_filled(self, entry: Entry, out: torch.Tensor, t0: float) -> None:
         """Count ``out`` as a destination of ``entry`` filled since ``t0`` (stats, progress),

@@ -281,12 +281,13 @@ def plan_reads(
             if src.scale is not None:
                 scale = ScaleRead(src.scale.info, src.scale.region(sub), src.scale.block)
             items.append(ReadItem(src.info, sub, region, src.dims, method, staging, scale))
-    return _with_extents(items)
+    return with_extents(items)
 
 
-def _with_extents(items: list[ReadItem]) -> tuple[ReadItem, ...]:
+def with_extents(items: list[ReadItem]) -> tuple[ReadItem, ...]:
     """``items`` with :attr:`ReadItem.extent` set where an item is one contiguous run: such
-    runs, merged per file where they touch, make the stretches. (An item of several runs
+    runs, merged per file where they touch, make the stretches (of one plan, or of several
+    read together: :meth:`lazysd.reader.Reader.fill_many`). (An item of several runs
     has gaps no other item fills, the columns outside the box: it gets none.)"""
     single = [(i, it.source.offset + it.runs[0][0], it.data_bytes) for i, it in enumerate(items) if it.run_count == 1]
     by_file: dict[str, list[tuple[int, int, int]]] = {}

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lazysd.testing import Step3p5Spec, make_checkpoint
-from tests.support.dist import run_ranks
+from tests.support.dist import run_ranks, shard_parameters
 
 # Experts of several 4 KiB pages each, so a rank's share is page-aligned-ish and measurable.
 SPEC = Step3p5Spec.tiny(
@@ -40,24 +40,6 @@ def _native_model(spec: Step3p5Spec) -> torch.nn.Module:
 
     return Step3p5Model(spec, layout="native", dtype=torch.bfloat16)
 
-
-def _shard_model(model: torch.nn.Module, mesh, plan) -> None:  # noqa: ANN001
-    """Turn parameters into (empty) DTensors with the placements ``plan(key)`` returns."""
-    from torch.distributed.tensor import DTensor
-
-    from lazysd.distributed import Target, contiguous_stride, local_box_of
-
-    for key, param in list(model.named_parameters()):
-        placements = plan(key, param)
-        if placements is None:
-            continue
-        box = local_box_of(tuple(param.shape), Target(mesh, placements))
-        local = torch.full([hi - lo for lo, hi in box], -1.0, dtype=param.dtype)
-        dt = DTensor.from_local(
-            local, mesh, placements, run_check=False, shape=param.shape, stride=contiguous_stride(tuple(param.shape))
-        )
-        module_name, _, name = key.rpartition(".")
-        setattr(model.get_submodule(module_name), name, torch.nn.Parameter(dt, requires_grad=param.requires_grad))
 
 
 def _load_alone(rank: int, world: int, files: list[Path], load) -> dict[str, int]:  # noqa: ANN001
@@ -110,7 +92,7 @@ def _check_ep_one(rank: int, world: int, path: str, spec_name: str, assign: bool
             torch.testing.assert_close(model(tokens), reference(tokens), rtol=2e-2, atol=2e-2)
     else:
         model = _native_model(spec)
-        _shard_model(model, mesh, lambda k, p: (Shard(0),) if ".experts." in k else None)
+        shard_parameters(model, mesh, lambda k, p: (Shard(0),) if ".experts." in k else None)
         resident = _load_alone(rank, world, vsd.checkpoint.files, lambda: model.load_state_dict(vsd))
     ranges = vsd.planned_ranges()
     ideal_pages = _ideal_pages(ranges)
@@ -184,7 +166,7 @@ def _check_2d_like(rank: int, world: int, path: str) -> dict:
         return None
 
     model = _native_model(SPEC)
-    _shard_model(model, mesh, plan)
+    shard_parameters(model, mesh, plan)
     vsd = VirtualStateDict(path, like=model, share=None)  # each rank reads its whole plan
     resident = _load_alone(rank, world, vsd.checkpoint.files, lambda: model.load_state_dict(vsd))
     for key, want in eager.items():

@@ -334,7 +334,6 @@ def test_cold_expert_shards_stream_and_read_only_their_pages(tmp_path: Path) -> 
     """An expert-parallel rank's experts (64 MiB sources, half of them: windows to stream)
     read cold: bitwise right, partly streamed, and not one page beyond the planned ranges."""
     from lazysd.dryrun import EPLayout
-    from tests.support.pagecache import pages_touched
 
     spec = Step3p5Spec(
         num_hidden_layers=2,
@@ -364,6 +363,25 @@ def test_cold_expert_shards_stream_and_read_only_their_pages(tmp_path: Path) -> 
         if all(r._direct_fd is None for r in readers):
             pytest.skip("this filesystem refuses O_DIRECT: nothing is streamed (bytes checked above)")
         assert sum(r.stream_bytes for r in readers) >= 16 * MiB
+    _no_page_beyond(files, ranges)
+    # The same through one pipeline (stretches may run on across the tensors): the same pages.
+    _evict_all(path)
+    with VirtualStateDict(path) as vsd:
+        fills = []
+        for key in keys:
+            entry = vsd.entry(key)
+            box = EPLayout(2).box(entry, 1)
+            fills.append((entry, box, torch.empty([hi - lo for lo, hi in box], dtype=entry.dtype)))
+        vsd.reader.fill_many(fills)
+        for entry, box, dest in fills:
+            assert_bitwise_equal({entry.key: dest}, {entry.key: eager[entry.key][box[0][0] : box[0][1]]})
+    _no_page_beyond(files, ranges)
+
+
+def _no_page_beyond(files: list[Path], ranges: list[tuple[str, int, int]]) -> None:
+    """No file has more pages cached than ``ranges`` touch (the header page aside)."""
+    from tests.support.pagecache import pages_touched
+
     time.sleep(0.2)  # readahead still in flight lands
     for f in files:
         mine = [(o, n) for name, o, n in ranges if name == str(f)]

@@ -30,7 +30,7 @@ from lazysd.storage import RemoteOptions, coalesce, scrub_url
 from lazysd.testing import Step3p5Spec, make_checkpoint
 from lazysd.testing.families import FAMILIES, FamilySpec, make_family_checkpoint
 from tests.support.checks import same_bits
-from tests.support.dist import run_ranks
+from tests.support.dist import run_ranks, shard_parameters
 from tests.support.servers import (
     FakeGCSServer,
     MotoS3Server,
@@ -464,23 +464,6 @@ def test_every_family_on_ranks_is_local_bitwise_and_read_as_planned(
             assert sum(r["planned"] for r in per_rank) >= whole, (name, kind)
 
 
-def _shard_experts(model: torch.nn.Module, mesh, placements) -> None:
-    """Expert parameters become (empty) DTensors with ``placements``."""
-    from torch.distributed.tensor import DTensor
-
-    from lazysd.distributed import Target, contiguous_stride, local_box_of
-
-    for key, param in list(model.named_parameters()):
-        if ".experts." not in key:
-            continue
-        box = local_box_of(tuple(param.shape), Target(mesh, placements))
-        local = torch.full([h - l for l, h in box], -1.0, dtype=param.dtype)
-        dt = DTensor.from_local(
-            local, mesh, placements, run_check=False, shape=param.shape, stride=contiguous_stride(tuple(param.shape))
-        )
-        module_name, _, name = key.rpartition(".")
-        setattr(model.get_submodule(module_name), name, torch.nn.Parameter(dt, requires_grad=param.requires_grad))
-
 
 def _load_shared(rank: int, world: int, url: str, options: dict, stats_url: str, share: str | None, ep: bool) -> dict:
     import lazysd
@@ -494,7 +477,7 @@ def _load_shared(rank: int, world: int, url: str, options: dict, stats_url: str,
         from torch.distributed.tensor import Shard
 
         mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
-        _shard_experts(model, mesh, (Shard(0),))
+        shard_parameters(model, mesh, lambda k, p: (Shard(0),) if ".experts." in k else None)
         vsd = VirtualStateDict(url, like=model, storage_options=options, share=share)
     else:
         vsd = VirtualStateDict(url, storage_options=options, share=share)

@@ -52,21 +52,15 @@ def _model(rank: int, mesh):  # noqa: ANN001, ANN202
     model = Step3p5Model(SPEC, layout="native", dtype=torch.bfloat16)
     if mesh is None:
         return model
-    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor import Replicate, Shard
 
-    from lazysd.distributed import Target, contiguous_stride, local_box_of
+    from tests.support.dist import shard_parameters
 
     placements = tuple(Shard(0) if n == "ep" else Replicate() for n in mesh.mesh_dim_names)
-    for key, param in list(model.named_parameters()):
-        if ".experts." not in key:
-            continue
-        box = local_box_of(tuple(param.shape), Target(mesh, placements))
-        local = torch.full([hi - lo for lo, hi in box], -1.0, dtype=param.dtype)
-        dt = DTensor.from_local(
-            local, mesh, placements, run_check=False, shape=param.shape, stride=contiguous_stride(tuple(param.shape))
-        )
-        module_name, _, name = key.rpartition(".")
-        setattr(model.get_submodule(module_name), name, torch.nn.Parameter(dt, requires_grad=False))
+    shard_parameters(model, mesh, lambda key, param: placements if ".experts." in key else None)
+    for key, param in model.named_parameters():
+        if ".experts." in key:
+            param.requires_grad_(False)
     return model
 
 

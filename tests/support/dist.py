@@ -75,3 +75,24 @@ def run_ranks(
                 raise AssertionError(f"rank {rank} of {world_size} failed:\n{value}")
             results.append(value)
         return results
+
+
+def shard_parameters(model: Any, mesh: Any, plan: Callable[[str, Any], Any]) -> None:
+    """Turn ``model``'s parameters into DTensors (local shards filled with -1) with the
+    placements ``plan(key, param)`` returns; None leaves a parameter as it is."""
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    from lazysd.distributed import Target, contiguous_stride, local_box_of
+
+    for key, param in list(model.named_parameters()):
+        placements = plan(key, param)
+        if placements is None:
+            continue
+        box = local_box_of(tuple(param.shape), Target(mesh, tuple(placements)))
+        local = torch.full([hi - lo for lo, hi in box], -1.0, dtype=param.dtype)
+        dt = DTensor.from_local(
+            local, mesh, placements, run_check=False, shape=param.shape, stride=contiguous_stride(tuple(param.shape))
+        )
+        module_name, _, name = key.rpartition(".")
+        setattr(model.get_submodule(module_name), name, torch.nn.Parameter(dt, requires_grad=param.requires_grad))
