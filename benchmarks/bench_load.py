@@ -201,7 +201,10 @@ def touch_pages(tensors) -> int:  # noqa: ANN001
     n = 0
     for t in tensors:
         if t.numel():
-            flat = t.detach().reshape(-1).view(torch.uint8)
+            # A permuted view (mmap=True's source-order tensors) seen in memory order: a view
+            # again, where reshape(-1) of the permuted one would copy it.
+            t = t.detach().permute(sorted(range(t.dim()), key=lambda d: -t.stride(d)))
+            flat = t.reshape(-1).view(torch.uint8)
             flat[::4096].sum()
             n += t.nbytes
     return n
