@@ -132,7 +132,20 @@ class Backend:
         pass
 
 
-class S3Backend(Backend):
+class _AsyncListing(Backend):
+    """A backend that lists through its client's own requests (``_listing``, a coroutine on
+    the filesystem's event loop), not the filesystem's retrying ``ls``."""
+
+    def listing(self, root: str) -> dict[str, int]:
+        from fsspec.asyn import sync
+
+        return sync(self.fs.loop, self._listing, root)
+
+    async def _listing(self, root: str) -> dict[str, int]:
+        raise NotImplementedError
+
+
+class S3Backend(_AsyncListing):
     """``get_object`` with ``Range`` and ``IfMatch`` through s3fs's own (credentialed) client."""
 
     def get(self, path: str, start: int, end: int, etag: str | None) -> tuple[bytes, int, str | None]:
@@ -166,11 +179,6 @@ class S3Backend(Backend):
         finally:
             resp["Body"].close()
         return body, _total_size(resp.get("ContentRange"), resp.get("ContentLength")), resp.get("ETag")
-
-    def listing(self, root: str) -> dict[str, int]:
-        from fsspec.asyn import sync
-
-        return sync(self.fs.loop, self._listing, root)
 
     async def _listing(self, root: str) -> dict[str, int]:
         # Through the client, not s3fs's ls: s3fs retries a failed listing for ~2 s on its own.
@@ -228,7 +236,7 @@ class HTTPBackend(Backend):
             raise classify_exception(e) from None
 
 
-class GCSBackend(Backend):
+class GCSBackend(_AsyncListing):
     """Google Cloud Storage's JSON API on gcsfs's session and credentials, with lazysd's retries.
 
     A media GET with ``Range``; the answer's ``x-goog-generation`` is the object's identity,
@@ -282,11 +290,6 @@ class GCSBackend(Backend):
             raise
         except Exception as e:
             raise classify_exception(e) from None
-
-    def listing(self, root: str) -> dict[str, int]:
-        from fsspec.asyn import sync
-
-        return sync(self.fs.loop, self._listing, root)
 
     async def _listing(self, root: str) -> dict[str, int]:
         from urllib.parse import quote
