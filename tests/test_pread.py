@@ -96,15 +96,22 @@ def test_range_reader_short_at_end_of_file(blob) -> None:
         os.close(fd)
 
 
-def test_cold_bulk_reads_go_direct_and_leave_the_page_cache_alone(blob) -> None:
-    path, data = blob
+def _cold_reader(path: Path) -> tuple[int, RangeReader]:
+    """A descriptor of ``path`` (readahead off, as the checkpoint opens files) and its
+    RangeReader, the file evicted; skips where eviction is not honoured."""
     fd = os.open(path, os.O_RDONLY)
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-    reader = RangeReader(fd)
+    evict(path)
+    if resident_pages(path):
+        os.close(fd)
+        pytest.skip("this filesystem does not honour page-cache eviction")
+    return fd, RangeReader(fd)
+
+
+def test_cold_bulk_reads_go_direct_and_leave_the_page_cache_alone(blob) -> None:
+    path, data = blob
+    fd, reader = _cold_reader(path)
     try:
-        evict(path)
-        if resident_pages(path):
-            pytest.skip("this filesystem does not honour page-cache eviction")
         out = bytearray(8 * MiB)
         assert reader.read(memoryview(out), 0) == 8 * MiB and bytes(out) == data[: 8 * MiB]
         if reader._direct_fd is None:
@@ -274,13 +281,8 @@ def test_cold_span_streams_its_middle_and_reads_no_page_outside(tmp_path: Path) 
     path = tmp_path / "big.bin"
     path.write_bytes(data.numpy().tobytes())
     lo, hi = 5 * MiB + 123, 61 * MiB + 7
-    fd = os.open(path, os.O_RDONLY)
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-    reader = RangeReader(fd)
+    fd, reader = _cold_reader(path)
     try:
-        evict(path)
-        if resident_pages(path):
-            pytest.skip("this filesystem does not honour page-cache eviction")
         out = bytearray(hi - lo)
         view = memoryview(out)
         for at in range(lo, hi, 8 * MiB):  # in chunks, as the reader does
