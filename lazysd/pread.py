@@ -168,8 +168,8 @@ class RangeReader:
         the page cache as any other range)."""
         lo = -(-span[0] // STREAM_ALIGN) * STREAM_ALIGN
         hi = (span[1] - STREAM_MARGIN) // STREAM_ALIGN * STREAM_ALIGN
-        if hi - lo < STREAM_ALIGN or self._stream_fd is None:
-            return None
+        if hi - lo < STREAM_ALIGN or self._stream_fd is None or not self._direct_ok:
+            return None  # (the tail must go direct: where that was refused, nothing streams)
         with self._lock:
             cold = self._spans.get(span)
             if cold is None:
