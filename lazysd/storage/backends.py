@@ -132,7 +132,19 @@ class Backend:
         pass
 
 
-class _AsyncListing(Backend):
+class _AsyncBackend(Backend):
+    """A backend whose GET is a coroutine (``_get``) on the filesystem's event loop."""
+
+    def get(self, path: str, start: int, end: int, etag: str | None) -> tuple[bytes, int, str | None]:
+        from fsspec.asyn import sync
+
+        return sync(self.fs.loop, self._get, path, start, end, etag)
+
+    async def _get(self, path: str, start: int, end: int, etag: str | None) -> tuple[bytes, int, str | None]:
+        raise NotImplementedError
+
+
+class _AsyncListing(_AsyncBackend):
     """A backend that lists through its client's own requests (``_listing``, a coroutine on
     the filesystem's event loop), not the filesystem's retrying ``ls``."""
 
@@ -147,11 +159,6 @@ class _AsyncListing(Backend):
 
 class S3Backend(_AsyncListing):
     """``get_object`` with ``Range`` and ``IfMatch`` through s3fs's own (credentialed) client."""
-
-    def get(self, path: str, start: int, end: int, etag: str | None) -> tuple[bytes, int, str | None]:
-        from fsspec.asyn import sync
-
-        return sync(self.fs.loop, self._get, path, start, end, etag)
 
     async def _get(self, path: str, start: int, end: int, etag: str | None) -> tuple[bytes, int, str | None]:
         fs = self.fs
@@ -200,15 +207,10 @@ class S3Backend(_AsyncListing):
             kw["ContinuationToken"] = page["NextContinuationToken"]
 
 
-class HTTPBackend(Backend):
+class HTTPBackend(_AsyncBackend):
     """Ranged GET with ``If-Match`` on fsspec's HTTP filesystem's aiohttp session."""
 
     lists = False  # an HTTP "directory" may or may not have an index page
-
-    def get(self, path: str, start: int, end: int, etag: str | None) -> tuple[bytes, int, str | None]:
-        from fsspec.asyn import sync
-
-        return sync(self.fs.loop, self._get, path, start, end, etag)
 
     async def _get(self, url: str, start: int, end: int, etag: str | None) -> tuple[bytes, int, str | None]:
         fs = self.fs
@@ -221,15 +223,7 @@ class HTTPBackend(Backend):
             headers["If-Match"] = etag
         try:
             async with session.get(fs.encode_url(url), headers=headers, **kw) as r:
-                if r.status == 416 and start == 0:
-                    return b"", 0, None
-                if r.status not in (200, 206):
-                    raise classify_status(r.status, "GET")
-                if r.status == 200 and not (start == 0 and r.content_length is not None and r.content_length <= end):
-                    raise Failure("fatal", "the server ignored the Range request (answered 200 with the whole object)")
-                body = await r.read()
-                total = _total_size(r.headers.get("Content-Range"), r.content_length if r.status == 200 else None)
-                return body, total, r.headers.get("ETag")
+                return await _ranged_answer(r, start, end, r.headers.get("ETag"))
         except Failure:
             raise
         except Exception as e:
@@ -246,11 +240,6 @@ class GCSBackend(_AsyncListing):
     lazysd issues its requests itself so that one bounded policy applies (listing included)
     and each status keeps its meaning.
     """
-
-    def get(self, path: str, start: int, end: int, etag: str | None) -> tuple[bytes, int, str | None]:
-        from fsspec.asyn import sync
-
-        return sync(self.fs.loop, self._get, path, start, end, etag)
 
     def _timeout(self) -> Any:
         import aiohttp
@@ -277,15 +266,7 @@ class GCSBackend(_AsyncListing):
             async with session.get(
                 url, params=fs._get_params(params), headers=fs._get_headers(headers), timeout=self._timeout()
             ) as r:
-                if r.status == 416 and start == 0:
-                    return b"", 0, None
-                if r.status not in (200, 206):
-                    raise classify_status(r.status, "GET")
-                if r.status == 200 and not (start == 0 and r.content_length is not None and r.content_length <= end):
-                    raise Failure("fatal", "the server ignored the Range request (answered 200 with the whole object)")
-                body = await r.read()
-                total = _total_size(r.headers.get("Content-Range"), r.content_length if r.status == 200 else None)
-                return body, total, r.headers.get("x-goog-generation") or r.headers.get("ETag")
+                return await _ranged_answer(r, start, end, r.headers.get("x-goog-generation") or r.headers.get("ETag"))
         except Failure:
             raise
         except Exception as e:
@@ -367,6 +348,21 @@ def _etag_of(info: dict[str, Any]) -> str | None:
         if info.get(field) is not None:
             return str(info[field])
     return None
+
+
+async def _ranged_answer(r: Any, start: int, end: int, etag: str | None) -> tuple[bytes, int, str | None]:
+    """``(body, object size, etag)`` of an aiohttp answer to a GET of bytes ``[start, end)``
+    (``etag``: the identity its headers give): ``(b"", 0, None)`` for an empty object (416 on
+    byte 0), a :class:`Failure` for any other error status or a server that ignored the
+    ``Range``."""
+    if r.status == 416 and start == 0:
+        return b"", 0, None
+    if r.status not in (200, 206):
+        raise classify_status(r.status, "GET")
+    if r.status == 200 and not (start == 0 and r.content_length is not None and r.content_length <= end):
+        raise Failure("fatal", "the server ignored the Range request (answered 200 with the whole object)")
+    body = await r.read()
+    return body, _total_size(r.headers.get("Content-Range"), r.content_length if r.status == 200 else None), etag
 
 
 def _total_size(content_range: str | None, content_length: int | None) -> int:
