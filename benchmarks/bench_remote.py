@@ -111,60 +111,36 @@ def _worker(method: str, url: str, endpoint: str, size: float) -> dict:
     raise ValueError(method)
 
 
-def _rank(rank: int, world: int, url: str, endpoint: str, size: float, share: str | None) -> dict:
+def _rank(rank: int, world: int, url: str, endpoint: str, size: float, share: str | None, how: str) -> dict:
+    """One rank's load from the endpoint, EP over all ranks: ``how`` is ``"load"``
+    (``lazysd.load``: boxes shared point to point, lazysd.share) or ``"mapping"``
+    (``model.load_state_dict(vsd, assign=True)``: values shared in shared memory,
+    lazysd.nodeshare)."""
     import torch
     from torch.distributed.device_mesh import init_device_mesh
 
     import lazysd
     from lazysd import VirtualStateDict
     from lazysd.testing import Step3p5Model, Step3p5Spec
+    from tests.support.servers import server_stats
 
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
     model = Step3p5Model(Step3p5Spec.sized(int(size)), layout="native", dtype=torch.bfloat16, device="meta")
-    from tests.support.servers import server_stats
-
-    tag = f"{share}-r{rank}"
+    tag = f"{how}-{share}-r{rank}"
     vsd = VirtualStateDict(url, mesh, storage_options=_options(endpoint, tag), share=share)
     need = {(k, tuple(vsd.local_box(k))): sum(n for _, _, n in vsd.planned_ranges([k])) for k in vsd}
     torch.distributed.barrier()
     before = server_stats(endpoint).get(tag, {"bytes": 0})["bytes"]  # the opening GETs are not the load
     t0 = time.perf_counter()
-    report = lazysd.load(model, vsd, assign=True)
+    if how == "load":
+        report = lazysd.load(model, vsd, assign=True)
+        read, received = report.bytes_read, report.bytes_received
+    else:
+        model.load_state_dict(vsd, assign=True)
+        read, received = vsd.bytes_read, vsd.bytes_received
     seconds = time.perf_counter() - t0
     torch.distributed.barrier()
     served = server_stats(endpoint)[tag]["bytes"] - before
-    return {
-        "seconds": seconds,
-        "read": report.bytes_read,
-        "received": report.bytes_received,
-        "need": need,
-        "served": served,
-    }
-
-
-def _rank_mapping(rank: int, world: int, url: str, endpoint: str, size: float, share: str | None) -> dict:
-    """As :func:`_rank`, through the plain Mapping: ``model.load_state_dict(vsd, assign=True)``
-    (values shared on the node through shared memory, lazysd.nodeshare)."""
-    import torch
-    from torch.distributed.device_mesh import init_device_mesh
-
-    from lazysd import VirtualStateDict
-    from lazysd.testing import Step3p5Model, Step3p5Spec
-    from tests.support.servers import server_stats
-
-    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
-    model = Step3p5Model(Step3p5Spec.sized(int(size)), layout="native", dtype=torch.bfloat16, device="meta")
-    tag = f"mapping-{share}-r{rank}"
-    vsd = VirtualStateDict(url, mesh, storage_options=_options(endpoint, tag), share=share)
-    need = {(k, tuple(vsd.local_box(k))): sum(n for _, _, n in vsd.planned_ranges([k])) for k in vsd}
-    torch.distributed.barrier()
-    before = server_stats(endpoint).get(tag, {"bytes": 0})["bytes"]
-    t0 = time.perf_counter()
-    model.load_state_dict(vsd, assign=True)
-    seconds = time.perf_counter() - t0
-    torch.distributed.barrier()
-    served = server_stats(endpoint)[tag]["bytes"] - before
-    read, received = vsd.bytes_read, vsd.bytes_received
     vsd.close()
     return {"seconds": seconds, "read": read, "received": received, "need": need, "served": served}
 
@@ -263,17 +239,17 @@ def main() -> None:
             "| per rank read / received MiB |"
         )
         print("|---|---:|---:|---:|---:|---:|---|")
-        for label, fn, share in (
-            ("lazysd.load, node", _rank, "node"),
-            ("lazysd.load, None", _rank, None),
-            ("load_state_dict(vsd), node", _rank_mapping, "node"),
-            ("load_state_dict(vsd), None", _rank_mapping, None),
+        for label, how, share in (
+            ("lazysd.load, node", "load", "node"),
+            ("lazysd.load, None", "load", None),
+            ("load_state_dict(vsd), node", "mapping", "node"),
+            ("load_state_dict(vsd), None", "mapping", None),
         ):
             rows = []
             for _ in range(args.runs):
                 s3.reset()
                 s3.faults.latency, s3.faults.bandwidth = args.latency, args.bandwidth
-                ranks = run_ranks(fn, 4, (url, s3.endpoint_url, args.size, share), timeout=900)
+                ranks = run_ranks(_rank, 4, (url, s3.endpoint_url, args.size, share, how), timeout=900)
                 union: dict = {}
                 for r in ranks:
                     union.update(r["need"])
