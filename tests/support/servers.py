@@ -129,6 +129,13 @@ class _Server:
         self.meter.reset()
         self.meter.faults = Faults()
 
+    def _serve_http(self, handler: Any) -> None:
+        """Serve ``handler`` from a threaded HTTP server on a free port of 127.0.0.1 (:attr:`url`)."""
+        server = _QuietServer(("127.0.0.1", 0), handler)
+        server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{server.server_address[1]}"
+        self._serve(server)
+
     def _serve(self, server: Any) -> None:
         self._server = server
         # A short poll: stop() waits for the serving loop to notice, 0.5 s by default.
@@ -297,10 +304,7 @@ class RangeHTTPServer(_Server):
                 self.send_file(tag, self.path, file, {"ETag": etag}, if_match=self.headers.get("If-Match"), head=head)
 
         Handler.meter = meter
-        server = _QuietServer(("127.0.0.1", 0), Handler)
-        server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{server.server_address[1]}"
-        self._serve(server)
+        self._serve_http(Handler)
 
     def storage_options(self, tag: str | None = None) -> dict[str, Any]:
         """fsspec HTTP options; ``tag`` names the client in :meth:`stats`."""
@@ -620,10 +624,7 @@ class FakeGCSServer(_Server):
                 self.json(out, head=head)
 
         Handler.meter = meter
-        server = _QuietServer(("127.0.0.1", 0), Handler)
-        server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{server.server_address[1]}"
-        self._serve(server)
+        self._serve_http(Handler)
 
     def storage_options(self, tag: str | None = None) -> dict[str, Any]:
         """gcsfs options for this server (anonymous); ``tag`` names the client in :meth:`stats`."""
