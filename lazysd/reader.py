@@ -23,7 +23,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 
@@ -409,7 +409,7 @@ class Reader:
             for job in jobs:
                 self._run_inline(job)
         else:
-            self._run_pipelined(iter(jobs))
+            self._run_pipelined(jobs)
         self.count_filled(entry, dest, t0)
         return dest
 
@@ -443,7 +443,7 @@ class Reader:
             for job in jobs:
                 self._run_inline(job)
         else:
-            self._run_pipelined(iter(jobs))
+            self._run_pipelined(jobs)
 
     def count_filled(self, entry: Entry, out: torch.Tensor, t0: float) -> None:
         """Count ``out`` as a destination of ``entry`` filled since ``t0`` (stats, progress),
@@ -477,7 +477,7 @@ class Reader:
         finally:
             self._staging(-cost)
 
-    def _run_pipelined(self, jobs: Iterator[_Job]) -> None:
+    def _run_pipelined(self, jobs: list[_Job]) -> None:
         """Reads on the pool, ahead of the copies; copies (and casts) on the calling thread.
 
         The copies run where torch's intra-op threads can split them over the cores, while
@@ -491,14 +491,9 @@ class Reader:
         pending: deque[tuple[_Job, Future[tuple[torch.Tensor | None, torch.Tensor | None]], int]] = deque()
         inflight = 0
         budget = self.options.max_inflight_bytes
-        todo: deque[_Job] = deque()
-        ahead = 4 * self.options.threads  # jobs bound (planned) ahead of the reads
+        todo = deque(jobs)
         try:
-            while True:
-                while len(todo) < ahead and (job := next(jobs, None)) is not None:
-                    todo.append(job)
-                if not todo and not pending:
-                    break
+            while todo or pending:
                 # Backpressure: start reads only while their staging fits the budget
                 # (one read is always allowed, so a single large row still makes progress).
                 while todo and len(pending) < 2 * self.options.threads:
