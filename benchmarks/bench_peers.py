@@ -127,7 +127,7 @@ def _floor(threads: int) -> dict:
             for fd in fds.values():
                 os.close(fd)
 
-    with PeakRSS() as p:
+    with PeakRSS(sample_s=None) as p:
         pool = [threading.Thread(target=run, args=(share,)) for share in shares]
         for t in pool:
             t.start()
@@ -151,7 +151,7 @@ def worker(method: str) -> dict:
         from lazysd import VirtualStateDict
 
         model = _allocated_model(_spec(SIZE))
-        with PeakRSS() as p:
+        with PeakRSS(sample_s=None) as p:
             with VirtualStateDict(PATH, direct=method == "lazysd") as vsd:
                 model.load_state_dict(vsd)
         return {**p.result, "bytes": vsd.bytes_read, "threads": vsd.reader.options.threads}
@@ -162,7 +162,7 @@ def worker(method: str) -> dict:
         import lazysd
 
         model = _allocated_model(_spec(SIZE))
-        with PeakRSS() as p:
+        with PeakRSS(sample_s=None) as p:
             report = lazysd.load(model, PATH)
         return {**p.result, "bytes": report.bytes_read}
     if method == "transformers":
@@ -170,7 +170,7 @@ def worker(method: str) -> dict:
         from bench_load import _from_pretrained, touch_pages
 
         from_pretrained = _from_pretrained()
-        with PeakRSS() as p:
+        with PeakRSS(sample_s=None) as p:
             model = from_pretrained(PATH)
             nbytes = touch_pages(model.state_dict().values())  # mmap-backed parameters read here
         return {**p.result, "bytes": nbytes}
@@ -179,7 +179,7 @@ def worker(method: str) -> dict:
         from bench_load import touch_pages
         from safetensors.torch import load_file
 
-        with PeakRSS() as p:
+        with PeakRSS(sample_s=None) as p:
             loaded = [load_file(f) for f in files]
             nbytes = sum(touch_pages(d.values()) for d in loaded)
         return {**p.result, "bytes": nbytes}
@@ -187,7 +187,7 @@ def worker(method: str) -> dict:
         from safetensors import safe_open
 
         kept, nbytes = [], 0
-        with PeakRSS() as p:
+        with PeakRSS(sample_s=None) as p:
             for f in files:
                 with safe_open(f, "pt") as st:
                     for k in st.keys():
@@ -198,14 +198,14 @@ def worker(method: str) -> dict:
     if method == "lazysd-hf":
         from lazysd.automodel import HFCheckpointView
 
-        with PeakRSS() as p, HFCheckpointView(PATH) as hf, torch.no_grad():
+        with PeakRSS(sample_s=None) as p, HFCheckpointView(PATH) as hf, torch.no_grad():
             for k, t in dests.items():
                 t.copy_(hf[k])
         return {**p.result, "bytes": hf.bytes_read, "threads": hf.reader.options.threads}
     if method == "st-prealloc":
         from safetensors import safe_open
 
-        with PeakRSS() as p:
+        with PeakRSS(sample_s=None) as p:
             for f in files:
                 with safe_open(f, "pt") as st:
                     for k in st.keys():
@@ -214,7 +214,7 @@ def worker(method: str) -> dict:
     if method == "runai":
         from runai_model_streamer import SafetensorsStreamer
 
-        with PeakRSS() as p, SafetensorsStreamer() as streamer:
+        with PeakRSS(sample_s=None) as p, SafetensorsStreamer() as streamer:
             streamer.stream_files([str(f) for f in files])
             for k, t in streamer.get_tensors():
                 dests[k].copy_(t)
@@ -222,7 +222,7 @@ def worker(method: str) -> dict:
     if method == "fastsafetensors":
         from fastsafetensors import SafeTensorsFileLoader, SingleGroup
 
-        with PeakRSS() as p:
+        with PeakRSS(sample_s=None) as p:
             loader = SafeTensorsFileLoader(SingleGroup(), "cpu", nogds=True)
             loader.add_filenames({0: [str(f) for f in files]})
             buffers = loader.copy_files_to_device()

@@ -27,7 +27,8 @@
    asynchronous readahead was measured to run up to ~11 MiB past the last byte asked
    for); the head and tail outside go the direct way. So even then not one page outside the
    span is read, which the tests check with ``mincore``.
-3. Small remainders, and any file or platform where ``O_DIRECT`` or ``RWF_NOWAIT`` is not
+3. Reads below :data:`DIRECT_MIN` (no probe: cached or not, they go through the page
+   cache), and any file or platform where ``O_DIRECT`` or ``RWF_NOWAIT`` is not
    supported (tmpfs, macOS, older kernels): a plain ``pread`` loop. That fallback is also
    what ``direct=False`` selects; both give the same bytes.
 
@@ -183,7 +184,7 @@ class RangeReader:
         plain ``pread``."""
         if not len(out):
             return 0
-        if self.nowait:
+        if self.nowait and len(out) >= DIRECT_MIN:
             # Probe the first page only: a ``RWF_NOWAIT`` read that misses still starts a
             # buffered read of every page it asked for (kernel readahead), which a direct
             # read of the same bytes would then repeat.
@@ -200,7 +201,7 @@ class RangeReader:
             if done == 0:
                 return 0  # end of file
             if done < 0:
-                if len(out) >= DIRECT_MIN and self._direct_ok:
+                if self._direct_ok:
                     direct_fd = self._direct()
                     if direct_fd is not None:
                         got = self._read_direct(direct_fd, out, pos)

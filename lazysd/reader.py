@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import mmap
 import os
+import sys
 import threading
 import time
 import weakref
@@ -37,7 +38,7 @@ from .geometry import Box, box_shape, full_box, inverse_permutation
 from .memory import populate
 from .plan import Entry
 from .pool import ReadPool
-from .reads import SHARES, Destination, MiB, ReadItem, plan_reads, with_extents
+from .reads import SHARES, Destination, MiB, ReadItem, plan_reads, source_ranges, stretches, widen, with_extents
 from .transpose import copy_into, read_transposed
 
 
@@ -105,6 +106,8 @@ class _Job:
 
 
 def _bind(item: ReadItem, dest: torch.Tensor, fill: _Fill | None = None) -> _Job:
+    if item.method == "direct" and item.dims == tuple(range(dest.dim())) and item.dest_box == full_box(dest.shape):
+        return _Job(item, dest, fill)  # a whole tensor read as it is (most small tensors): no views to make
     view = dest[tuple(slice(lo, hi) for lo, hi in item.dest_box)]
     if item.method == "staged":
         return _Job(item, view, fill)
@@ -189,6 +192,10 @@ class Reader:
         self._free: list[torch.Tensor] = []  # staging buffers ready for reuse
         self._pool: ReadPool | None = None
         self.progress: Callable[[Stats, Entry], None] | None = None
+        # The values this reader is there to fill, if known (a VirtualStateDict: every key's
+        # box on this rank), as entries and boxes; asked once, at the first fill.
+        self.own: Callable[[], Iterable[tuple[Entry, Box]]] | None = None
+        self._own: tuple[dict[str, Box], dict[str, list[tuple[int, int]]]] | None = None
         _READERS.add(self)
 
     def _after_fork(self) -> None:
@@ -403,13 +410,8 @@ class Reader:
         t0 = time.perf_counter()
         if fresh:
             populate(dest)  # one call maps every page, instead of a fault per page during the reads
-        jobs = [_bind(item, dest) for item in self.plan(entry, box, Destination.of(dest))]
-        opts = self.options
-        if opts.threads <= 0 or len(jobs) <= 1:
-            for job in jobs:
-                self._run_inline(job)
-        else:
-            self._run_pipelined(jobs)
+        items = self._widened(entry, box, self.plan(entry, box, Destination.of(dest)))
+        self._run([_bind(item, dest) for item in items])
         self.count_filled(entry, dest, t0)
         return dest
 
@@ -429,21 +431,42 @@ class Reader:
         planned = []
         for entry, box, dest in fills:
             _check_shape(entry, box, dest)
-            planned.append((_Fill(entry, dest, time.perf_counter(), 0), self.plan(entry, box, Destination.of(dest))))
-        items = with_extents([item for _, its in planned for item in its])
+            items = self.plan(entry, box, Destination.of(dest))
+            planned.append((_Fill(entry, dest, time.perf_counter(), 0), box, items))
+        items = with_extents([item for _, _, its in planned for item in its])
         jobs, at = [], 0
-        for fill, its in planned:
+        for fill, box, its in planned:
             fill.left = len(its)
             if not its:
                 self.count_filled(fill.entry, fill.dest, fill.t0)
-            jobs += [_bind(item, fill.dest, fill) for item in items[at : at + len(its)]]
+            jobs += [_bind(item, fill.dest, fill) for item in self._widened(fill.entry, box, items[at : at + len(its)])]
             at += len(its)
         jobs.sort(key=lambda job: (str(job.item.source.file), job.item.source.offset + job.item.runs[0][0]))
-        if self.options.threads <= 0:
-            for job in jobs:
-                self._run_inline(job)
-        else:
-            self._run_pipelined(jobs)
+        self._run(jobs)
+
+    def _widened(self, entry: Entry, box: Box, items: tuple[ReadItem, ...]) -> tuple[ReadItem, ...]:
+        """``items`` of one of this reader's own values (:attr:`own`) with extents as wide
+        as all of them together.
+
+        A VirtualStateDict's values are read one tensor at a time (``load_state_dict``),
+        each plan knowing only its own bytes: a cold read would stream (kernel readahead)
+        inside one tensor and read the last :data:`lazysd.pread.STREAM_MARGIN` of each
+        directly. Every key's box on this rank is this rank's to read, so readahead may run
+        on across all of them (models list parameters in the files' order); it stops short of
+        any byte that is not (another rank's experts, tensors the plan does not use). Other
+        regions (a slice, a box given to :meth:`~lazysd.VirtualStateDict.lazy`) keep their
+        own extents: their neighbours may never be read.
+        """
+        if self.own is None or not self.ckpt.local:
+            return items
+        if self._own is None:
+            boxes, ranges = {}, []
+            for e, b in self.own():
+                boxes[e.key] = b
+                ranges += source_ranges(e, b)
+            self._own = boxes, stretches(ranges)
+        boxes, within = self._own
+        return widen(items, within) if boxes.get(entry.key) == tuple(box) else items
 
     def count_filled(self, entry: Entry, out: torch.Tensor, t0: float) -> None:
         """Count ``out`` as a destination of ``entry`` filled since ``t0`` (stats, progress),
@@ -465,8 +488,10 @@ class Reader:
             self._release(base)
         fill = job.fill
         if fill is not None:
-            fill.left -= 1  # on the calling thread only: no lock needed
-            if fill.left == 0:
+            with self._lock:  # jobs of one fill may finish on several threads (_run_shared)
+                fill.left -= 1
+                done = fill.left == 0
+            if done:
                 self.count_filled(fill.entry, fill.dest, fill.t0)
 
     def _run_inline(self, job: _Job) -> None:
@@ -477,6 +502,65 @@ class Reader:
         finally:
             self._staging(-cost)
 
+    def _run(self, jobs: list[_Job]) -> None:
+        if self.options.threads <= 0 or len(jobs) <= 1:
+            for job in jobs:
+                self._run_inline(job)
+        elif any(job.item.method == "staged" for job in jobs):
+            self._run_pipelined(jobs)
+        else:
+            self._run_shared(jobs)
+
+    def _get_pool(self) -> ReadPool:
+        with self._lock:  # fills may run on several threads at once (remote loads)
+            if self._pool is None:
+                self._pool = ReadPool(self.options.threads)
+            return self._pool
+
+    def _run_shared(self, jobs: list[_Job]) -> None:
+        """Jobs that write their destination themselves (direct and fused reads): the calling
+        thread and ``threads - 1`` pool workers take them off one list until it is empty.
+
+        No copies are left for the calling thread to make, so it reads like any worker, and
+        ``threads`` threads in all run (as many as cores by default: reads of cached bytes
+        and transposes are CPU work, and a thread more only contends). A fill of a few
+        chunks costs one hand-off per worker, not one per chunk. A cold fused chunk is the
+        only job that stages (one per worker at a time), so the workers are as many as
+        ``max_inflight_bytes`` holds such chunks.
+        """
+        todo = iter(jobs)  # a list iterator: next() is atomic under the GIL, each job is taken once
+        stop = threading.Event()
+
+        def drain() -> None:
+            for job in todo:
+                if stop.is_set():
+                    return
+                try:
+                    self._run_inline(job)
+                except BaseException:
+                    stop.set()  # the others finish their current job and leave
+                    raise
+
+        # A cold fused chunk stages its bytes: no more workers than the in-flight budget holds.
+        most = max(job.item.staging for job in jobs)
+        workers = min(self.options.threads, len(jobs), max(1, self.options.max_inflight_bytes // max(1, most)))
+        pool = self._get_pool()
+        helpers = [pool.submit(drain) for _ in range(workers - 1)]
+        try:
+            drain()
+        finally:
+            stop_now = sys.exc_info()[0] is not None
+            if stop_now:
+                stop.set()
+            errors = []
+            for fut in helpers:
+                try:
+                    fut.result()
+                except BaseException as e:  # noqa: BLE001 - raised below unless ours is already on its way
+                    errors.append(e)
+            if errors and not stop_now:
+                raise errors[0]
+
     def _run_pipelined(self, jobs: list[_Job]) -> None:
         """Reads on the pool, ahead of the copies; copies (and casts) on the calling thread.
 
@@ -485,9 +569,7 @@ class Reader:
         oldest read is still running, the calling thread takes the next job itself rather
         than wait: a fill of a few chunks then ends with every thread busy to the last one.
         """
-        with self._lock:  # fills may run on several threads at once (remote loads)
-            if self._pool is None:
-                self._pool = ReadPool(self.options.threads)
+        pool = self._get_pool()
         pending: deque[tuple[_Job, Future[tuple[torch.Tensor | None, torch.Tensor | None]], int]] = deque()
         inflight = 0
         budget = self.options.max_inflight_bytes
@@ -503,7 +585,7 @@ class Reader:
                     job = todo.popleft()
                     inflight += cost
                     self._staging(cost)
-                    pending.append((job, self._pool.submit(self._read, job), cost))
+                    pending.append((job, pool.submit(self._read, job), cost))
                 if todo and not pending[0][1].done() and inflight + todo[0].item.staging <= budget:
                     job = todo.popleft()
                     inflight += job.item.staging

@@ -36,14 +36,15 @@ Example:
 
 from __future__ import annotations
 
+import bisect
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
 
-from .geometry import Box, box_shape, byte_runs, inverse_permutation, is_empty, relative, run_count
+from .geometry import Box, box_shape, byte_runs, full_box, inverse_permutation, is_empty, relative, run_count
 from .header import TensorInfo
 from .plan import Entry, Source
 from .transpose import fused_read_fits
@@ -55,7 +56,7 @@ DIRECT_ROW = 64 << 10  # smallest row read on its own rather than staged with it
 # is tensor after tensor). Constants, not the thread count: a plan is the same on every
 # machine, so a dry run elsewhere counts exactly the reads made here.
 SHARES = 4
-SHARE_MIN = 1 << 20
+SHARE_MIN = 512 << 10
 
 Method = Literal["direct", "fused", "staged"]
 
@@ -78,6 +79,18 @@ class Destination:
     def of(cls, t: torch.Tensor) -> Destination:
         """The destination ``t`` is."""
         return cls(t.dtype, t.device.type, tuple(t.stride()))
+
+    def contiguous(self, box: Box) -> bool:
+        """Whether a destination of ``box``'s shape is row-major contiguous (strides of
+        size-1 dims do not matter, as for ``torch.Tensor.is_contiguous``)."""
+        if self.stride is None:
+            return True
+        expected = 1
+        for (lo, hi), stride in reversed(list(zip(box, self.stride))):
+            if hi - lo != 1 and stride != expected:
+                return False
+            expected *= hi - lo
+        return True
 
 
 @dataclass(frozen=True)
@@ -180,11 +193,11 @@ class ReadTotals:
 
 
 def _chunks(
-    src: Source, box: Box, dest: torch.Tensor, cpu: bool, chunk_bytes: int, shares: int
+    src: Source, box: Box, dest: Destination, cpu: bool, chunk_bytes: int, shares: int
 ) -> Iterator[tuple[Box, Box, Method, int]]:
     """``(source sub-box, destination region, method, staging)`` of each read of ``src``.
 
-    ``dest`` is a meta tensor with the destination's shape, dtype and strides: the view
+    A meta tensor with the destination's shape, dtype and strides stands in for it: the view
     arithmetic below decides where bytes can go straight into place, without memory.
     """
     found = src.source_region(box)
@@ -193,12 +206,6 @@ def _chunks(
     src_box, native = found
     info = src.info
     region = relative(native, [lo for lo, _ in box])
-    view = dest[tuple(slice(lo, hi) for lo, hi in region)]
-    perm = [d for d in src.dims if d is not None]
-    new_axes = tuple(0 if d is None else slice(None) for d in src.dims)
-    # The destination seen in source order: where that is contiguous, the bytes can be read
-    # straight into it (unchanged tensors; halves of a tensor laid out in source order).
-    as_source = view[new_axes].permute(inverse_permutation(perm))
     plain = src.scale is None and dest.dtype == info.dtype and cpu
     if not info.shape:
         yield src_box, region, ("direct" if plain else "staged"), (0 if plain else info.itemsize)
@@ -208,6 +215,26 @@ def _chunks(
     row_bytes = (4 if src.scale is not None else info.itemsize) * math.prod(hi - lo for lo, hi in src_box[1:])
     chunk_bytes = min(chunk_bytes, max(SHARE_MIN, -(-rows * row_bytes // shares)))
     per = max(1, chunk_bytes // max(1, row_bytes))
+    native0 = src.dims.index(0)
+    if plain and src.identity and dest.contiguous(box) and region[1:] == full_box(box_shape(box))[1:]:
+        # The common case, decided on plain values (the meta-tensor views below cost more
+        # than a small tensor's read): whole rows of an unpermuted source into a contiguous
+        # destination are contiguous there, every chunk a direct read.
+        for r in range(0, rows, per):
+            n = min(per, rows - r)
+            yield (
+                ((src_box[0][0] + r, src_box[0][0] + r + n), *src_box[1:]),
+                ((region[0][0] + r, region[0][0] + r + n), *region[1:]),
+                "direct",
+                0,
+            )
+        return
+    view = _meta_dest(box, dest)[tuple(slice(lo, hi) for lo, hi in region)]
+    perm = [d for d in src.dims if d is not None]
+    new_axes = tuple(0 if d is None else slice(None) for d in src.dims)
+    # The destination seen in source order: where that is contiguous, the bytes can be read
+    # straight into it (unchanged tensors; halves of a tensor laid out in source order).
+    as_source = view[new_axes].permute(inverse_permutation(perm))
     if plain and row_bytes >= DIRECT_ROW and not as_source.is_contiguous() and as_source[:1].is_contiguous():
         per = 1  # contiguous row by row only: one direct read per row beats staging
     # The kernel's case: the last two source dims swapped, nothing else moved, no cast.
@@ -217,7 +244,6 @@ def _chunks(
         and len(perm) in (2, 3)
         and src_box[-1] == (0, info.shape[-1])
     )
-    native0 = src.dims.index(0)
     # Chunks of one size share their strides, so the method is decided once per size.
     decided: dict[int, tuple[Method, int]] = {}
     for r in range(0, rows, per):
@@ -272,15 +298,18 @@ def plan_reads(
     """
     if is_empty(box):
         return ()
-    meta = _meta_dest(box, dest)
     cpu = dest.device == "cpu"
     items = []
     for src in entry.sources:
-        for sub, region, method, staging in _chunks(src, box, meta, cpu, chunk_bytes, shares):
+        for sub, region, method, staging in _chunks(src, box, dest, cpu, chunk_bytes, shares):
             scale = None
             if src.scale is not None:
                 scale = ScaleRead(src.scale.info, src.scale.region(sub), src.scale.block)
             items.append(ReadItem(src.info, sub, region, src.dims, method, staging, scale))
+    if len(items) == 1 and items[0].run_count == 1:  # one run: its own stretch (the common small tensor)
+        item = items[0]
+        lo = item.source.offset + item.runs[0][0]
+        return (replace(item, extent=(lo, lo + item.data_bytes)),)
     return with_extents(items)
 
 
@@ -289,23 +318,68 @@ def with_extents(items: list[ReadItem]) -> tuple[ReadItem, ...]:
     runs, merged per file where they touch, make the stretches (of one plan, or of several
     read together: :meth:`lazysd.reader.Reader.fill_many`). (An item of several runs
     has gaps no other item fills, the columns outside the box: it gets none.)"""
-    single = [(i, it.source.offset + it.runs[0][0], it.data_bytes) for i, it in enumerate(items) if it.run_count == 1]
-    by_file: dict[str, list[tuple[int, int, int]]] = {}
-    for i, lo, n in single:
-        by_file.setdefault(str(items[i].source.file), []).append((lo, lo + n, i))
-    out = list(items)
-    for runs in by_file.values():
-        runs.sort()
-        group: list[int] = []
-        lo = hi = -1
-        for a, b, i in [*runs, (math.inf, math.inf, -1)]:
-            if a > hi:  # a new stretch begins: the last one is complete
-                for j in group:
-                    out[j] = replace(out[j], extent=(lo, hi))
-                group, lo = [], a
-            group.append(i)
-            hi = max(hi, b)
+    own = stretches(
+        (str(it.source.file), it.source.offset + it.runs[0][0], it.data_bytes) for it in items if it.run_count == 1
+    )
+    return widen(items, own)
+
+
+def stretches(ranges: Iterable[tuple[str, int, int]]) -> dict[str, list[tuple[int, int]]]:
+    """``(file, offset, length)`` ranges merged per file where they touch or overlap: sorted
+    ``[lo, hi)`` stretches, each read in full when all the ranges are.
+
+    Example:
+        >>> stretches([("a", 0, 4), ("a", 4, 4), ("a", 10, 2), ("b", 0, 1)])
+        {'a': [(0, 8), (10, 12)], 'b': [(0, 1)]}
+    """
+    by_file: dict[str, list[tuple[int, int]]] = {}
+    for file, off, n in sorted(ranges):
+        if n <= 0:
+            continue
+        merged = by_file.setdefault(file, [])
+        if merged and off <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], off + n))
+        else:
+            merged.append((off, off + n))
+    return by_file
+
+
+def widen(items: Iterable[ReadItem], within: dict[str, list[tuple[int, int]]]) -> tuple[ReadItem, ...]:
+    """``items`` whose one run lies inside a stretch of ``within`` (:func:`stretches`) with
+    that stretch as their :attr:`ReadItem.extent`: a reader that knows more of what it will
+    read (all of a rank's plan: :attr:`lazysd.reader.Reader.own`) lets cold reads stream on
+    across tensors. Other items, and items whose extent the stretch would not contain, are
+    returned as they are."""
+    out = []
+    for it in items:
+        runs = within.get(str(it.source.file)) if it.run_count == 1 else None
+        if runs:
+            lo = it.source.offset + it.runs[0][0]
+            k = bisect.bisect_right(runs, (lo, math.inf)) - 1
+            if k >= 0 and runs[k][0] <= lo and lo + it.data_bytes <= runs[k][1] and it.extent != runs[k]:
+                if it.extent is None or (runs[k][0] <= it.extent[0] and it.extent[1] <= runs[k][1]):
+                    it = replace(it, extent=runs[k])
+        out.append(it)
     return tuple(out)
+
+
+def source_ranges(entry: Entry, box: Box) -> list[tuple[str, int, int]]:
+    """``(file, offset, length)`` of the source bytes that ``box`` of ``entry`` needs, FP8
+    scales left out: what any plan of the box reads (chunking only cuts it up). Cheap: no
+    read items are built.
+
+    Example:
+        >>> source_ranges(vsd.entry("model.norm.weight"), ((0, 4096),))  # doctest: +SKIP
+        [('/ckpt/model-00005-of-00005.safetensors', 1056, 8192)]
+    """
+    out = []
+    for src in entry.sources:
+        found = src.source_region(box)
+        if found is not None and not is_empty(found[0]):
+            info = src.info
+            out += [(str(info.file), info.offset + s, n) for s, n in byte_runs(info.shape, info.itemsize, found[0])]
+    return out
+
 
 def read_totals(
     entry: Entry, box: Box, dest: Destination, *, chunk_bytes: int = 8 * MiB, shares: int = SHARES
@@ -314,12 +388,11 @@ def read_totals(
     over the same chunks without building the items or listing their runs."""
     if is_empty(box):
         return ReadTotals(0, 0, 0, 0)
-    meta = _meta_dest(box, dest)
     cpu = dest.device == "cpu"
     nbytes = runs = items = 0
     for src in entry.sources:
         info = src.info
-        for sub, _, _, _ in _chunks(src, box, meta, cpu, chunk_bytes, shares):
+        for sub, _, _, _ in _chunks(src, box, dest, cpu, chunk_bytes, shares):
             items += 1
             nbytes += math.prod(box_shape(sub)) * info.itemsize
             runs += run_count(info.shape, sub)

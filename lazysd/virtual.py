@@ -172,6 +172,7 @@ class VirtualStateDict(Mapping[str, torch.Tensor]):
                 self.reader.progress = ProgressPrinter(0, sizes=sizes)
             elif callable(progress):
                 self.reader.progress = progress
+            self.reader.own = self._own_boxes
             self._nodeshare: NodeShare | None = None
             if share == "node":
                 # Read-ahead (into shared memory) only for values that live on the CPU.
@@ -257,6 +258,10 @@ class VirtualStateDict(Mapping[str, torch.Tensor]):
         accounting, which ``bytes_read`` matches after materializing the values.
         """
         return [r for key in (self if keys is None else keys) for item in self.read_items(key) for r in item.ranges()]
+
+    def _own_boxes(self) -> list[tuple[Entry, Box]]:
+        """Every key's entry and box on this rank: what its values read."""
+        return [(entry, self.local_box(key)) for key, entry in self.plan.entries.items()]
 
     def _destination(self, entry: Entry, box: Box) -> Destination:
         return self.reader.destination(entry, box, self.dtype_of(entry), self.device)

@@ -380,6 +380,45 @@ def test_cold_expert_shards_stream_and_read_only_their_pages(tmp_path: Path) -> 
     _no_page_beyond(files, ranges)
 
 
+def test_cold_load_state_dict_streams_across_tensors(tmp_path: Path) -> None:
+    """``load_state_dict(vsd)`` fills one tensor at a time, but every key is the
+    VirtualStateDict's to read: a cold load streams on across tensor boundaries (kernel
+    readahead), reading directly only near the end of each file's stretch instead of the end
+    of every tensor; bitwise right, each byte read once, no page outside the plan."""
+    spec = Step3p5Spec(
+        num_hidden_layers=3,
+        first_dense_layers=1,
+        num_nextn_predict_layers=0,
+        moe_num_experts=8,
+        moe_intermediate_size=1024,
+        hidden_size=1024,
+        intermediate_size=64,
+        share_expert_dim=64,
+        vocab_size=64,
+    )
+    path = make_checkpoint(tmp_path / "ckpt", spec, layout="single")  # experts of 16 MiB, read in 4 MiB chunks
+    eager = {k: v.clone() for k, v in native_state_dict(load_hf_tensors(path), 3).items()}
+    files = _evict_all(path)
+    model = Step3p5Model(spec, layout="native", dtype=torch.bfloat16)
+    with VirtualStateDict(path) as vsd:
+        ranges = vsd.planned_ranges()
+        # What one tensor at a time would read directly: every bulk tensor, all of it (none
+        # is long enough for a streamed middle on its own).
+        sources = [s.info for e in vsd.plan.entries.values() for s in e.sources]
+        bulk = sum(i.nbytes for i in sources if i.nbytes >= pread.DIRECT_MIN)
+        model.load_state_dict(vsd)
+        readers = list(vsd.checkpoint._readers.values())
+        assert vsd.bytes_read == sum(n for _, _, n in ranges)
+        streamed = all(r._direct_fd is not None for r in readers)
+    assert_bitwise_equal(model.state_dict(), eager)
+    if not streamed:
+        pytest.skip("this filesystem refuses O_DIRECT: nothing is streamed (bytes checked above)")
+    margins = len(files) * (pread.STREAM_MARGIN + 2 * pread.STREAM_ALIGN)
+    assert bulk > margins
+    assert sum(r.direct_bytes for r in readers) <= margins
+    _no_page_beyond(files, ranges)
+
+
 def _no_page_beyond(files: list[Path], ranges: list[tuple[str, int, int]]) -> None:
     """No file has more pages cached than ``ranges`` touch (the header page aside)."""
     from tests.support.pagecache import pages_touched
