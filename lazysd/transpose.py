@@ -32,6 +32,15 @@ def kernel_available() -> bool:
     return _transpose is not None
 
 
+def kernel_isa() -> str | None:
+    """The instruction set the compiled kernel runs on here, or None where it is not built.
+
+    ``"avx512"``, ``"avx2"`` or ``"sse2"`` on x86-64 (the widest the CPU has, chosen at import;
+    the build itself targets any x86-64), ``"scalar"`` elsewhere.
+    """
+    return None if _transpose is None else _transpose.isa()
+
+
 def _kernel_dest(dest: torch.Tensor) -> bool:
     """``dest`` is something the kernel can write: CPU, rows contiguous, 1/2/4/8-byte elements."""
     return (
@@ -55,12 +64,13 @@ def _kernel_applies(dest: torch.Tensor, src: torch.Tensor) -> bool:
     )
 
 
-def copy_into(dest: torch.Tensor, src: torch.Tensor) -> None:
+def copy_into(dest: torch.Tensor, src: torch.Tensor, *, threads: int | None = None) -> None:
     """``dest.copy_(src)``, fast when ``src`` is a transposed view of row-major memory.
 
     ``dest``'s rows must be contiguous and ``src``'s columns (a transposed staging chunk,
     ``buf.transpose(-1, -2)`` or a permutation ending that way); anything else is a plain
-    ``copy_``. ``dest`` must not overlap ``src``.
+    ``copy_``. ``dest`` must not overlap ``src``. ``threads``: the kernel's threads (default:
+    ``torch.get_num_threads()`` for copies of 1M elements or more, else 1).
 
     Example:
         >>> hf = torch.arange(6, dtype=torch.bfloat16).view(2, 3)
@@ -76,7 +86,8 @@ def copy_into(dest: torch.Tensor, src: torch.Tensor) -> None:
     batch = dest.shape[-3] if dest.dim() >= 3 else 1
     db = dest.stride(-3) if dest.dim() >= 3 else 0
     sb = src.stride(-3) if src.dim() >= 3 else 0
-    threads = torch.get_num_threads() if dest.numel() >= _THREADED_NUMEL else 1
+    if threads is None:
+        threads = torch.get_num_threads() if dest.numel() >= _THREADED_NUMEL else 1
     z = dest.element_size()
     # Dims before the last three (none in any native layout so far) are walked here.
     for outer in itertools.product(*map(range, dest.shape[:-3])):
