@@ -21,10 +21,29 @@
  *
  * Instruction sets. The build uses the compiler's baseline flags only (the wheel must run on
  * any x86-64, and the file must build on other machines), so the AVX2 and AVX-512 kernels are
- * compiled per function (target attributes) and the best one the CPU supports is chosen once
- * at import (__builtin_cpu_supports, which also checks that the OS saves the wide registers).
- * isa() names the one in use, isas() those available, set_isa(name) forces one (tests run
- * every path against torch).
+ * compiled per function (target attributes) and the widest the CPU supports is chosen once at
+ * import (__builtin_cpu_supports, which also checks that the OS saves the wide registers).
+ * isa() names the one in use, isas() those available, set_isa(name) forces one (the tests run
+ * every one against torch). Elsewhere: SSE2 on any x86-64, plain C on other machines.
+ *
+ * Measured on the 2-core AMD EPYC build VM (AVX-512; shared, so medians of 5 fresh processes,
+ * each the best of 7), the benchmark checkpoint's 3-D experts: 2 x [40, 512, 1024] and
+ * 2 x [40, 1024, 512] bf16, 0.156 GiB, warm, into dense [B, R, C] destinations and into
+ * column halves of [B, R, 2C] ones; GiB/s, the 8x8 SSE2 kernel before this one -> AVX-512
+ * (AVX2, SSE2 of this file):
+ *
+ *                      dense                        half of a wider tensor
+ *   read, 1 thread     3.93 -> 6.00 (5.42, 4.10)    3.95 -> 5.33 (5.03, 4.06)
+ *   read, 2 threads    3.85 -> 5.95 (5.17, 3.97)    3.33 -> 5.77 (5.16, 3.24)
+ *   copy, 1 thread     5.70 -> 10.49 (9.58, 5.92)   5.66 -> 8.87 (8.27, 5.52)
+ *   copy, 2 threads    5.61 -> 10.21 (9.46, 6.16)   5.61 -> 8.96 (8.79, 4.97)
+ *
+ * against a plain pread of the same bytes into the dense destinations at 6.20 GiB/s (1 thread)
+ * and 6.89 (2), a memcpy at 8.23 (1; 2 threads were too noisy to quote here: 4.9-11.8): `read`
+ * on one thread went from 0.63x to 0.97x of that pread. (2 threads of `read`: one call per
+ * thread, two tensors each; of `copy`: its threads argument.) Other item sizes, copy of
+ * 80 MiB from [B, 512, 2 KiB rows], one thread, one run: 1-byte 0.40 -> 5.56 GiB/s (it had no
+ * SIMD path), 4-byte 5.21 -> 12.50, 8-byte 3.01 -> 13.01 (no SIMD path either).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -50,12 +69,13 @@ typedef void (*tile_fn)(char *d, Py_ssize_t dr, const char *s, Py_ssize_t sc, Py
 /* Tile side, in elements. Measured on the 2-core build machine (bf16, 1280 x 4096 blocks,
  * 2 threads, SSE2 kernel): 32 -> 3.5 GB/s, 64 -> 4.5-5.4, 128 -> 4.9-6.4, 256 -> 5.6-7.7,
  * 512 -> 5.8-7.7, 1024 -> 4.1-7.2. 256 x 256 x 2 bytes is 128 KiB a side: within L2, long
- * contiguous runs on both sides. -DTILE=... overrides it for such sweeps. */
+ * contiguous runs on both sides. With the AVX2 / AVX-512 blocks the shape mattered less (copy
+ * of the benchmark checkpoint's [40, 512, 1024] and [40, 1024, 512] bf16 experts, one thread,
+ * rows x columns of a tile: 256 x 256 8.4 / 6.1 GiB/s (AVX2 / AVX-512 before prefetching),
+ * 512 x 128 9.0 / 5.9, 1024 x 64 6.7 / 6.0, 128 x 512 9.2 / 6.6, 1024 x 256 9.3 / 6.4, all
+ * within this shared machine's noise but 1024 x 64). -DTILE=... overrides it for such sweeps. */
 #ifndef TILE
 #define TILE 256
-#endif
-#ifndef TILE_C
-#define TILE_C TILE
 #endif
 
 /* ---- scalar: the portable path, and every kernel's ragged edges ---- */
@@ -125,7 +145,16 @@ SCALAR_TILE(scalar8, uint64_t)
  * L1 sets; a kernel that reads 16 bytes of each row per pass found them evicted before the
  * next pass and read everything from L2 four times (AVX-512, lane-parallel blocks of
  * 8 x 32, transposing a [128, 1024] bf16 block out of L2 into memory: 5.6 GiB/s; with rows
- * 2 KiB + 64 bytes apart 14 GiB/s). */
+ * 2 KiB + 64 bytes apart 14 GiB/s; this block 14-16 GiB/s at 2 KiB).
+ *
+ * Each load also asks for the row's next line into L2 (prefetcht1): the next block down the
+ * same rows needs it, a tile's width of blocks later. Without it the AVX-512 block read
+ * memory slower than the AVX2 one, whose half-line loads leave the second half to an L2 hit
+ * (copy of the benchmark checkpoint's [40, 512, 1024] and [40, 1024, 512] bf16 experts, one
+ * thread: AVX-512 6.5 GiB/s, AVX2 9.2; prefetching the next line into L2: 10.4 and 9.0; into
+ * L1: 8.4; two lines ahead: 10.2). The `read` path, whose source is already in L2, measured
+ * the same either way. Walking a tile's blocks column by column instead (each source row
+ * read line after line) measured slower: AVX2 7.1-7.3 GiB/s against 8.4-9.4. */
 #define FULL_BLOCK_FN(NAME, ATTR, V, E, L, H, LOADV, LO, HI, LANES, STOREU, STREAM)              \
     ATTR static inline __attribute__((always_inline)) void NAME(const char *s, Py_ssize_t ss, char *d, \
                                                                 Py_ssize_t ds, const int nt) { \
@@ -135,7 +164,7 @@ SCALAR_TILE(scalar8, uint64_t)
             V x[E * L], y[E];                                                                 \
             UNROLL for (int k = 0; k < E * L; k++) {                                          \
                 x[k] = LOADV((const void *)(sh + k * ss));                                    \
-                if (PF) _mm_prefetch(sh + k * ss + PF, PF_HINT);                              \
+                _mm_prefetch(sh + k * ss + 64, _MM_HINT_T1);                                  \
             }                                                                                 \
             UNROLL for (int g = 0; g < L; g++) {                                              \
                 V *xg = x + g * E;                                                            \
@@ -161,15 +190,6 @@ SCALAR_TILE(scalar8, uint64_t)
  * first columns up to an A-byte boundary go through NARROW (the SSE2 E x E block) and plain
  * stores, the rest through non-temporal stores of whole registers. Ragged edges: NARROW
  * blocks, then element by element. */
-#ifndef PF
-#define PF 64
-#endif
-#ifndef PF_HINT
-#define PF_HINT _MM_HINT_T1
-#endif
-#ifndef COL_ORDER
-#define COL_ORDER 0
-#endif
 #define SIMD_TILE(NAME, ATTR, T, E, RB, W, VBYTES, BLOCK, NARROW)                              \
     ATTR static void NAME(char *d, Py_ssize_t dr, const char *s, Py_ssize_t sc, Py_ssize_t nr, \
                           Py_ssize_t nc) {                                                    \
@@ -181,11 +201,7 @@ SCALAR_TILE(scalar8, uint64_t)
         if (!nt) peel = 0;                                                                    \
         /* Whole blocks in rows [0, r_end), columns [peel, c_end); the rest around them. */   \
         const Py_ssize_t r_end = nr - nr % (RB), c_end = nc - (nc - peel) % (W);                 \
-        if (COL_ORDER) {                                                                      \
-            for (Py_ssize_t c = peel; c < c_end; c += W)                                      \
-                for (Py_ssize_t r = 0; r < r_end; r += RB)                                    \
-                    BLOCK(s + r * z + c * ss, ss, d + r * ds + c * z, ds, nt);                \
-        } else if (nt) {                                                                      \
+        if (nt) {                                                                             \
             for (Py_ssize_t r = 0; r < r_end; r += RB)                                        \
                 for (Py_ssize_t c = peel; c < c_end; c += W)                                  \
                     BLOCK(s + r * z + c * ss, ss, d + r * ds + c * z, ds, 1);                 \
@@ -229,9 +245,12 @@ SSE2_SET(8, 2, uint64_t, _mm_unpacklo_epi64, _mm_unpackhi_epi64)
 #endif /* X86_SSE2 */
 
 #ifdef X86_WIDE
-/* AVX2: two lanes, 32-byte stores; 16 x 16 whole-register blocks of 2-byte items (8 x 8 of
- * 4-byte, 4 x 4 of 8-byte), lane-parallel 16 x 32 blocks of bytes (32 whole blocks would not
- * fit in its 16 registers). */
+/* AVX2: two lanes; 16 x 16 whole-register blocks of 2-byte items (8 x 8 of 4-byte, 4 x 4 of
+ * 8-byte), lane-parallel 16 x 32 blocks of bytes (32 x 32 would not fit in its 16 registers),
+ * two blocks side by side (H = 2) so each destination row gets a whole 64-byte line. Half-line
+ * non-temporal stores flush partly filled write-combining buffers: transposing a [128, 1024]
+ * bf16 block out of L2 into memory, one thread, ran at 2.5 GiB/s with 32-byte non-temporal
+ * stores, 6.2-7.5 with plain ones, 8-11 with two side by side. */
 #define AVX2 __attribute__((target("avx2")))
 #define LOAD_AVX2(p, step)                                                                     \
     _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(p))),    \
@@ -335,8 +354,8 @@ static void *run(void *arg) {
     for (Py_ssize_t u = t->first; u < t->last; u++) {
         const Py_ssize_t b = u / row_tiles, r0 = (u % row_tiles) * TILE;
         const Py_ssize_t nr = t->rows - r0 < TILE ? t->rows - r0 : TILE;
-        for (Py_ssize_t c0 = 0; c0 < t->cols; c0 += TILE_C) {
-            const Py_ssize_t nc = t->cols - c0 < TILE_C ? t->cols - c0 : TILE_C;
+        for (Py_ssize_t c0 = 0; c0 < t->cols; c0 += TILE) {
+            const Py_ssize_t nc = t->cols - c0 < TILE ? t->cols - c0 : TILE;
             t->tile(t->dst + z * (b * t->dst_b + r0 * t->dst_r + c0), t->dst_r,
                     t->src + z * (b * t->src_b + r0 + c0 * t->src_c), t->src_c, nr, nc);
         }
