@@ -2,9 +2,9 @@
  *
  * Native expert layouts are the HF layouts with the last two dims swapped, so every expert
  * byte of a load goes through one transposed copy. torch's strided copy_ moves 0.3-1.3 GB/s
- * there (it walks one side with a large stride); this kernel moves 8x8 blocks of 16-bit
- * elements through SSE2 registers inside tiles that fit in L2, on a few threads, with the
- * GIL released so reads go on meanwhile.
+ * there (it walks one side with a large stride); this kernel transposes square blocks in SIMD
+ * registers inside tiles that fit in L2, on a few threads, with the GIL released so reads go
+ * on meanwhile.
  *
  * Two entry points, driven by lazysd/transpose.py, which checks shapes, dtypes and strides:
  *
@@ -18,6 +18,32 @@
  *
  * does the same from a dense [batch, cols, rows] array in a file, read block by block
  * (see read_transposed below).
+ *
+ * Instruction sets. The build uses the compiler's baseline flags only (the wheel must run on
+ * any x86-64, and the file must build on other machines), so the AVX2 and AVX-512 kernels are
+ * compiled per function (target attributes) and the widest the CPU supports is chosen once at
+ * import (__builtin_cpu_supports, which also checks that the OS saves the wide registers).
+ * isa() names the one in use, isas() those available, set_isa(name) forces one (the tests run
+ * every one against torch). Elsewhere: SSE2 on any x86-64, plain C on other machines.
+ *
+ * Measured on the 2-core AMD EPYC build VM (AVX-512; shared, so medians of 5 fresh processes,
+ * each the best of 7), the benchmark checkpoint's 3-D experts: 2 x [40, 512, 1024] and
+ * 2 x [40, 1024, 512] bf16, 0.156 GiB, warm, into dense [B, R, C] destinations and into
+ * column halves of [B, R, 2C] ones; GiB/s, the 8x8 SSE2 kernel before this one -> AVX-512
+ * (AVX2, SSE2 of this file):
+ *
+ *                      dense                        half of a wider tensor
+ *   read, 1 thread     3.93 -> 6.00 (5.42, 4.10)    3.95 -> 5.33 (5.03, 4.06)
+ *   read, 2 threads    3.85 -> 5.95 (5.17, 3.97)    3.33 -> 5.77 (5.16, 3.24)
+ *   copy, 1 thread     5.70 -> 10.49 (9.58, 5.92)   5.66 -> 8.87 (8.27, 5.52)
+ *   copy, 2 threads    5.61 -> 10.21 (9.46, 6.16)   5.61 -> 8.96 (8.79, 4.97)
+ *
+ * against a plain pread of the same bytes into the dense destinations at 6.20 GiB/s (1 thread)
+ * and 6.89 (2), a memcpy at 8.23 (1; 2 threads were too noisy to quote here: 4.9-11.8): `read`
+ * on one thread went from 0.63x to 0.97x of that pread. (2 threads of `read`: one call per
+ * thread, two tensors each; of `copy`: its threads argument.) Other item sizes, copy of
+ * 80 MiB from [B, 512, 2 KiB rows], one thread, one run: 1-byte 0.40 -> 5.56 GiB/s (it had no
+ * SIMD path), 4-byte 5.21 -> 12.50, 8-byte 3.01 -> 13.01 (no SIMD path either).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -27,125 +53,300 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
-#ifdef __SSE2__
-#include <emmintrin.h>
+
+#if defined(__SSE2__) && (defined(__x86_64__) || defined(__i386__))
+#define X86_SSE2 1
+#include <immintrin.h>
+#if defined(__GNUC__) || defined(__clang__)
+#define X86_WIDE 1 /* AVX2 / AVX-512 functions through target attributes */
+#endif
 #endif
 
-typedef struct {
-    char *dst;
-    const char *src;
-    Py_ssize_t batch, rows, cols, dst_b, dst_r, src_b, src_c, itemsize;
-    Py_ssize_t first, last; /* work units [first, last): (batch, tile of rows) pairs */
-} Task;
+/* A tile function: d[r*dr + c] = s[r + c*sc] for r < nr, c < nc; d, s in bytes, dr, sc in
+ * elements of the function's item size. */
+typedef void (*tile_fn)(char *d, Py_ssize_t dr, const char *s, Py_ssize_t sc, Py_ssize_t nr, Py_ssize_t nc);
 
 /* Tile side, in elements. Measured on the 2-core build machine (bf16, 1280 x 4096 blocks,
- * 2 threads): 32 -> 3.5 GB/s, 64 -> 4.5-5.4, 128 -> 4.9-6.4, 256 -> 5.6-7.7, 512 -> 5.8-7.7,
- * 1024 -> 4.1-7.2. 256 x 256 x 2 bytes is 128 KiB a side: within L2, long contiguous runs on
- * both sides. -DTILE=... overrides it for such sweeps. */
+ * 2 threads, SSE2 kernel): 32 -> 3.5 GB/s, 64 -> 4.5-5.4, 128 -> 4.9-6.4, 256 -> 5.6-7.7,
+ * 512 -> 5.8-7.7, 1024 -> 4.1-7.2. 256 x 256 x 2 bytes is 128 KiB a side: within L2, long
+ * contiguous runs on both sides. With the AVX2 / AVX-512 blocks the shape mattered less (copy
+ * of the benchmark checkpoint's [40, 512, 1024] and [40, 1024, 512] bf16 experts, one thread,
+ * rows x columns of a tile: 256 x 256 8.4 / 6.1 GiB/s (AVX2 / AVX-512 before prefetching),
+ * 512 x 128 9.0 / 5.9, 1024 x 64 6.7 / 6.0, 128 x 512 9.2 / 6.6, 1024 x 256 9.3 / 6.4, all
+ * within this shared machine's noise but 1024 x 64). -DTILE=... overrides it for such sweeps. */
 #ifndef TILE
 #define TILE 256
 #endif
 
-#ifdef __SSE2__
-/* nt: non-temporal stores (d and ds 16-byte aligned); a constant at every call, so the
- * compiler makes two functions of this one. */
-#define STORE16(p, v) (nt ? _mm_stream_si128((p), (v)) : _mm_storeu_si128((p), (v)))
-static inline void t8x8_16_store(const uint16_t *s, Py_ssize_t ss, uint16_t *d, Py_ssize_t ds, const int nt) {
-    __m128i r0 = _mm_loadu_si128((const __m128i *)(s + 0 * ss));
-    __m128i r1 = _mm_loadu_si128((const __m128i *)(s + 1 * ss));
-    __m128i r2 = _mm_loadu_si128((const __m128i *)(s + 2 * ss));
-    __m128i r3 = _mm_loadu_si128((const __m128i *)(s + 3 * ss));
-    __m128i r4 = _mm_loadu_si128((const __m128i *)(s + 4 * ss));
-    __m128i r5 = _mm_loadu_si128((const __m128i *)(s + 5 * ss));
-    __m128i r6 = _mm_loadu_si128((const __m128i *)(s + 6 * ss));
-    __m128i r7 = _mm_loadu_si128((const __m128i *)(s + 7 * ss));
-    __m128i a0 = _mm_unpacklo_epi16(r0, r1), a1 = _mm_unpackhi_epi16(r0, r1);
-    __m128i a2 = _mm_unpacklo_epi16(r2, r3), a3 = _mm_unpackhi_epi16(r2, r3);
-    __m128i a4 = _mm_unpacklo_epi16(r4, r5), a5 = _mm_unpackhi_epi16(r4, r5);
-    __m128i a6 = _mm_unpacklo_epi16(r6, r7), a7 = _mm_unpackhi_epi16(r6, r7);
-    __m128i b0 = _mm_unpacklo_epi32(a0, a2), b1 = _mm_unpackhi_epi32(a0, a2);
-    __m128i b2 = _mm_unpacklo_epi32(a1, a3), b3 = _mm_unpackhi_epi32(a1, a3);
-    __m128i b4 = _mm_unpacklo_epi32(a4, a6), b5 = _mm_unpackhi_epi32(a4, a6);
-    __m128i b6 = _mm_unpacklo_epi32(a5, a7), b7 = _mm_unpackhi_epi32(a5, a7);
-    STORE16((__m128i *)(d + 0 * ds), _mm_unpacklo_epi64(b0, b4));
-    STORE16((__m128i *)(d + 1 * ds), _mm_unpackhi_epi64(b0, b4));
-    STORE16((__m128i *)(d + 2 * ds), _mm_unpacklo_epi64(b1, b5));
-    STORE16((__m128i *)(d + 3 * ds), _mm_unpackhi_epi64(b1, b5));
-    STORE16((__m128i *)(d + 4 * ds), _mm_unpacklo_epi64(b2, b6));
-    STORE16((__m128i *)(d + 5 * ds), _mm_unpackhi_epi64(b2, b6));
-    STORE16((__m128i *)(d + 6 * ds), _mm_unpacklo_epi64(b3, b7));
-    STORE16((__m128i *)(d + 7 * ds), _mm_unpackhi_epi64(b3, b7));
-}
-#undef STORE16
-static inline void t8x8_16(const uint16_t *s, Py_ssize_t ss, uint16_t *d, Py_ssize_t ds) { t8x8_16_store(s, ss, d, ds, 0); }
-static inline void t8x8_16nt(const uint16_t *s, Py_ssize_t ss, uint16_t *d, Py_ssize_t ds) { t8x8_16_store(s, ss, d, ds, 1); }
+/* ---- scalar: the portable path, and every kernel's ragged edges ---- */
 
-static inline void t4x4_32(const uint32_t *s, Py_ssize_t ss, uint32_t *d, Py_ssize_t ds) {
-    __m128i r0 = _mm_loadu_si128((const __m128i *)(s + 0 * ss));
-    __m128i r1 = _mm_loadu_si128((const __m128i *)(s + 1 * ss));
-    __m128i r2 = _mm_loadu_si128((const __m128i *)(s + 2 * ss));
-    __m128i r3 = _mm_loadu_si128((const __m128i *)(s + 3 * ss));
-    __m128i a0 = _mm_unpacklo_epi32(r0, r1), a1 = _mm_unpackhi_epi32(r0, r1);
-    __m128i a2 = _mm_unpacklo_epi32(r2, r3), a3 = _mm_unpackhi_epi32(r2, r3);
-    _mm_storeu_si128((__m128i *)(d + 0 * ds), _mm_unpacklo_epi64(a0, a2));
-    _mm_storeu_si128((__m128i *)(d + 1 * ds), _mm_unpackhi_epi64(a0, a2));
-    _mm_storeu_si128((__m128i *)(d + 2 * ds), _mm_unpacklo_epi64(a1, a3));
-    _mm_storeu_si128((__m128i *)(d + 3 * ds), _mm_unpackhi_epi64(a1, a3));
-}
-#endif
-
-/* One tile, element type T: d[r*dr + c] = s[r + c*sc] for r < nr, c < nc. BLOCK x BLOCK
- * sub-blocks go through SIMD when BLOCK > 1; ragged edges element by element. */
-#define TILE_FN(NAME, T, BLOCK, SIMD)                                                         \
-    static void NAME(T *d, Py_ssize_t dr, const T *s, Py_ssize_t sc, Py_ssize_t nr,          \
+#define SCALAR_TILE(NAME, T)                                                                  \
+    static void NAME(char *d_, Py_ssize_t dr, const char *s_, Py_ssize_t sc, Py_ssize_t nr, \
                      Py_ssize_t nc) {                                                         \
-        Py_ssize_t r = 0;                                                                     \
-        if (BLOCK > 1) {                                                                      \
-            for (; r + BLOCK <= nr; r += BLOCK) {                                             \
-                Py_ssize_t c = 0;                                                             \
-                for (; c + BLOCK <= nc; c += BLOCK) SIMD(s + r + c * sc, sc, d + r * dr + c, dr); \
-                for (; c < nc; c++)                                                           \
-                    for (Py_ssize_t k = 0; k < BLOCK; k++) d[(r + k) * dr + c] = s[r + k + c * sc]; \
-            }                                                                                 \
-        }                                                                                     \
-        for (; r < nr; r++)                                                                   \
+        T *d = (T *)d_;                                                                       \
+        const T *s = (const T *)s_;                                                           \
+        for (Py_ssize_t r = 0; r < nr; r++)                                                   \
             for (Py_ssize_t c = 0; c < nc; c++) d[r * dr + c] = s[r + c * sc];                \
     }
+SCALAR_TILE(scalar1, uint8_t)
+SCALAR_TILE(scalar2, uint16_t)
+SCALAR_TILE(scalar4, uint32_t)
+SCALAR_TILE(scalar8, uint64_t)
 
-#define NO_SIMD(s, ss, d, ds) ((void)0)
-#ifdef __SSE2__
-TILE_FN(tile16, uint16_t, 8, t8x8_16)
-TILE_FN(tile16nt, uint16_t, 8, t8x8_16nt)
-TILE_FN(tile32, uint32_t, 4, t4x4_32)
-#else
-TILE_FN(tile16, uint16_t, 1, NO_SIMD)
-TILE_FN(tile32, uint32_t, 1, NO_SIMD)
-#endif
-TILE_FN(tile8, uint8_t, 1, NO_SIMD)
-TILE_FN(tile64, uint64_t, 1, NO_SIMD)
-
-static void tile(char *d, Py_ssize_t dr, const char *s, Py_ssize_t sc, Py_ssize_t nr, Py_ssize_t nc,
-                 Py_ssize_t z) {
-    switch (z) {
-    case 1: tile8((uint8_t *)d, dr, (const uint8_t *)s, sc, nr, nc); break;
-    case 2:
-#ifdef __SSE2__
-        /* Destination rows 16-byte aligned: non-temporal stores. A load's destination is
-         * written once and not read back soon; plain stores would first read every line
-         * they fill (read-for-ownership), a third memory pass next to the source read and
-         * the write. Warm native loads of the 0.9 GiB benchmark checkpoint, 5 interleaved
-         * pairs of fresh processes on the 2-core VM: 2.87-3.12 GiB/s against 2.48-2.81. */
-        if (((uintptr_t)d & 15) == 0 && (dr & 7) == 0) {
-            tile16nt((uint16_t *)d, dr, (const uint16_t *)s, sc, nr, nc);
-            _mm_sfence(); /* ordered before whatever the caller does next with them */
-            break;
-        }
-#endif
-        tile16((uint16_t *)d, dr, (const uint16_t *)s, sc, nr, nc); break;
-    case 4: tile32((uint32_t *)d, dr, (const uint32_t *)s, sc, nr, nc); break;
-    default: tile64((uint64_t *)d, dr, (const uint64_t *)s, sc, nr, nc); break;
+#ifdef X86_SSE2
+/* ---- SIMD blocks ----
+ *
+ * A 128-bit register holds E = 16 / itemsize elements. An E x E block is transposed in
+ * log2(E) rounds of E unpacks of single elements, pairing register i with i + E/2 (a perfect
+ * shuffle: after the rounds, register j holds column j). The same instructions on a register
+ * of L 128-bit lanes transpose L blocks side by side: lane l of input register k is source row
+ * c + k + E*l, so output register j is E*L consecutive elements of destination row r + j, one
+ * store of 16*L bytes (a whole 64-byte cache line with AVX-512).
+ *
+ * nt: non-temporal stores (every destination row aligned to the register). A load's
+ * destination is written once and not read back soon; plain stores would first read every
+ * line they fill (read-for-ownership), a third memory pass next to the source read and the
+ * write. Warm native loads of the 0.9 GiB benchmark checkpoint, 5 interleaved pairs of fresh
+ * processes on the 2-core VM (SSE2 kernel): 2.87-3.12 GiB/s against 2.48-2.81. nt is a
+ * constant at every call, so each block function is compiled twice. */
+#define UNROLL _Pragma("GCC unroll 16")
+/* Stores the H x R registers out[h][i] as rows i of a block, H registers side by side. */
+#define STORE_ROWS(V, H, R, STOREU, STREAM)                                                    \
+    UNROLL for (int i = 0; i < R; i++) UNROLL for (int h = 0; h < H; h++) {                   \
+        if (nt) STREAM((V *)(d + i * ds) + h, out[h][i]);                                      \
+        else STOREU((V *)(d + i * ds) + h, out[h][i]);                                         \
     }
+#define BLOCK_FN(NAME, ATTR, V, E, H, LOAD, LO, HI, STOREU, STREAM)                            \
+    ATTR static inline __attribute__((always_inline)) void NAME(const char *s, Py_ssize_t ss, char *d, \
+                                                                Py_ssize_t ds, const int nt) { \
+        V out[H][E];                                                                          \
+        UNROLL for (int h = 0; h < H; h++) {                                                  \
+            const Py_ssize_t lanes = sizeof(V) / 16;                                          \
+            const char *sh = s + h * E * lanes * ss;                                          \
+            V x[E], y[E];                                                                     \
+            UNROLL for (int k = 0; k < E; k++) x[k] = LOAD(sh + k * ss, E * ss);              \
+            UNROLL for (int n = 1; n < E; n *= 2) {                                           \
+                UNROLL for (int i = 0; i < E / 2; i++) {                                      \
+                    y[2 * i] = LO(x[i], x[i + E / 2]);                                        \
+                    y[2 * i + 1] = HI(x[i], x[i + E / 2]);                                    \
+                }                                                                             \
+                UNROLL for (int i = 0; i < E; i++) x[i] = y[i];                               \
+            }                                                                                 \
+            UNROLL for (int i = 0; i < E; i++) out[h][i] = x[i];                              \
+        }                                                                                     \
+        STORE_ROWS(V, H, E, STOREU, STREAM)                                                   \
+    }
+
+/* A whole-line block: V = E*L rows by V columns. Input register k is V elements of source
+ * row c + k (a whole 64-byte line with AVX-512, used at once, so it need not stay in L1 for a
+ * later pass). Each group of E registers is transposed lane by lane as above; then output
+ * row E*l + j gathers lane l of register j of every group (LANES, an L x L transpose of
+ * 128-bit lanes). Where a tile's source rows are a power of two apart they fall into a few
+ * L1 sets; a kernel that reads 16 bytes of each row per pass found them evicted before the
+ * next pass and read everything from L2 four times (AVX-512, lane-parallel blocks of
+ * 8 x 32, transposing a [128, 1024] bf16 block out of L2 into memory: 5.6 GiB/s; with rows
+ * 2 KiB + 64 bytes apart 14 GiB/s; this block 14-16 GiB/s at 2 KiB).
+ *
+ * Each load also asks for the row's next line into L2 (prefetcht1): the next block down the
+ * same rows needs it, a tile's width of blocks later. Without it the AVX-512 block read
+ * memory slower than the AVX2 one, whose half-line loads leave the second half to an L2 hit
+ * (copy of the benchmark checkpoint's [40, 512, 1024] and [40, 1024, 512] bf16 experts, one
+ * thread: AVX-512 6.5 GiB/s, AVX2 9.2; prefetching the next line into L2: 10.4 and 9.0; into
+ * L1: 8.4; two lines ahead: 10.2). The `read` path, whose source is already in L2, measured
+ * the same either way. Walking a tile's blocks column by column instead (each source row
+ * read line after line) measured slower: AVX2 7.1-7.3 GiB/s against 8.4-9.4. */
+#define FULL_BLOCK_FN(NAME, ATTR, V, E, L, H, LOADV, LO, HI, LANES, STOREU, STREAM)              \
+    ATTR static inline __attribute__((always_inline)) void NAME(const char *s, Py_ssize_t ss, char *d, \
+                                                                Py_ssize_t ds, const int nt) { \
+        V out[H][E * L];                                                                      \
+        UNROLL for (int h = 0; h < H; h++) {                                                  \
+            const char *sh = s + h * E * L * ss;                                              \
+            V x[E * L], y[E];                                                                 \
+            UNROLL for (int k = 0; k < E * L; k++) {                                          \
+                x[k] = LOADV((const void *)(sh + k * ss));                                    \
+                _mm_prefetch(sh + k * ss + 64, _MM_HINT_T1);                                  \
+            }                                                                                 \
+            UNROLL for (int g = 0; g < L; g++) {                                              \
+                V *xg = x + g * E;                                                            \
+                UNROLL for (int n = 1; n < E; n *= 2) {                                       \
+                    UNROLL for (int i = 0; i < E / 2; i++) {                                  \
+                        y[2 * i] = LO(xg[i], xg[i + E / 2]);                                  \
+                        y[2 * i + 1] = HI(xg[i], xg[i + E / 2]);                              \
+                    }                                                                         \
+                    UNROLL for (int i = 0; i < E; i++) xg[i] = y[i];                          \
+                }                                                                             \
+            }                                                                                 \
+            UNROLL for (int j = 0; j < E; j++) {                                              \
+                V o[L];                                                                       \
+                LANES(o, x, j, E);                                                            \
+                UNROLL for (int l = 0; l < L; l++) out[h][E * l + j] = o[l];                  \
+            }                                                                                 \
+        }                                                                                     \
+        STORE_ROWS(V, H, E * L, STOREU, STREAM)                                               \
+    }
+
+/* A tile through BLOCKs of RB rows x W columns, aligning the destination first: where the
+ * destination's row stride is a multiple of A bytes (64 if it can, else the register), the
+ * first columns up to an A-byte boundary go through NARROW (the SSE2 E x E block) and plain
+ * stores, the rest through non-temporal stores of whole registers. Ragged edges: NARROW
+ * blocks, then element by element. */
+#define SIMD_TILE(NAME, ATTR, T, E, RB, W, VBYTES, BLOCK, NARROW)                              \
+    ATTR static void NAME(char *d, Py_ssize_t dr, const char *s, Py_ssize_t sc, Py_ssize_t nr, \
+                          Py_ssize_t nc) {                                                    \
+        const Py_ssize_t z = sizeof(T), ds = dr * z, ss = sc * z;                             \
+        Py_ssize_t peel = 0, a = 64;                                                          \
+        while (a >= VBYTES && ds % a) a /= 2;                                                 \
+        const int nt = a >= VBYTES && (uintptr_t)d % z == 0 &&                                \
+                       (peel = (Py_ssize_t)((a - (uintptr_t)d % a) % a) / z) + W <= nc;     \
+        if (!nt) peel = 0;                                                                    \
+        /* Whole blocks in rows [0, r_end), columns [peel, c_end); the rest around them. */   \
+        const Py_ssize_t r_end = nr - nr % (RB), c_end = nc - (nc - peel) % (W);                 \
+        if (nt) {                                                                             \
+            for (Py_ssize_t r = 0; r < r_end; r += RB)                                        \
+                for (Py_ssize_t c = peel; c < c_end; c += W)                                  \
+                    BLOCK(s + r * z + c * ss, ss, d + r * ds + c * z, ds, 1);                 \
+        } else {                                                                              \
+            for (Py_ssize_t r = 0; r < r_end; r += RB)                                        \
+                for (Py_ssize_t c = peel; c < c_end; c += W)                                  \
+                    BLOCK(s + r * z + c * ss, ss, d + r * ds + c * z, ds, 0);                 \
+        }                                                                                     \
+        Py_ssize_t r = 0;                                                                     \
+        for (; r < r_end; r += E) {                                                           \
+            NARROW_COLS(T, E, NARROW, r, 0, peel);                                            \
+            NARROW_COLS(T, E, NARROW, r, c_end, nc);                                          \
+        }                                                                                     \
+        for (; r + E <= nr; r += E) NARROW_COLS(T, E, NARROW, r, 0, nc);                      \
+        for (; r < nr; r++)                                                                   \
+            for (Py_ssize_t c = 0; c < nc; c++)                                               \
+                *(T *)(d + r * ds + c * z) = *(const T *)(s + r * z + c * ss);                \
+        if (nt) _mm_sfence(); /* ordered before whatever the caller does next with them */  \
+    }
+
+/* Rows [r, r + E), columns [from, to) of a tile: E x E blocks with plain stores, then column
+ * by column. */
+#define NARROW_COLS(T, E, NARROW, r, from, to)                                                 \
+    do {                                                                                      \
+        Py_ssize_t c_ = (from);                                                               \
+        for (; c_ + E <= (to); c_ += E) NARROW(s + (r) * z + c_ * ss, ss, d + (r) * ds + c_ * z, ds, 0); \
+        for (; c_ < (to); c_++)                                                               \
+            for (Py_ssize_t k = 0; k < E; k++)                                                \
+                *(T *)(d + ((r) + k) * ds + c_ * z) = *(const T *)(s + ((r) + k) * z + c_ * ss); \
+    } while (0)
+
+/* SSE2: one lane, 16-byte stores. */
+#define LOAD_SSE2(p, step) _mm_loadu_si128((const __m128i *)(p))
+#define SSE2_SET(Z, E, T, LO, HI)                                                              \
+    BLOCK_FN(sse2_block##Z, , __m128i, E, 1, LOAD_SSE2, LO, HI, _mm_storeu_si128, _mm_stream_si128) \
+    SIMD_TILE(sse2_tile##Z, , T, E, E, E, 16, sse2_block##Z, sse2_block##Z)
+SSE2_SET(1, 16, uint8_t, _mm_unpacklo_epi8, _mm_unpackhi_epi8)
+SSE2_SET(2, 8, uint16_t, _mm_unpacklo_epi16, _mm_unpackhi_epi16)
+SSE2_SET(4, 4, uint32_t, _mm_unpacklo_epi32, _mm_unpackhi_epi32)
+SSE2_SET(8, 2, uint64_t, _mm_unpacklo_epi64, _mm_unpackhi_epi64)
+#endif /* X86_SSE2 */
+
+#ifdef X86_WIDE
+/* AVX2: two lanes; 16 x 16 whole-register blocks of 2-byte items (8 x 8 of 4-byte, 4 x 4 of
+ * 8-byte), lane-parallel 16 x 32 blocks of bytes (32 x 32 would not fit in its 16 registers),
+ * two blocks side by side (H = 2) so each destination row gets a whole 64-byte line. Half-line
+ * non-temporal stores flush partly filled write-combining buffers: transposing a [128, 1024]
+ * bf16 block out of L2 into memory, one thread, ran at 2.5 GiB/s with 32-byte non-temporal
+ * stores, 6.2-7.5 with plain ones, 8-11 with two side by side. */
+#define AVX2 __attribute__((target("avx2")))
+#define LOAD_AVX2(p, step)                                                                     \
+    _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(p))),    \
+                            _mm_loadu_si128((const __m128i *)((p) + (step))), 1)
+#define LANES_AVX2(o, x, j, E)                                                                 \
+    do {                                                                                      \
+        o[0] = _mm256_permute2x128_si256(x[j], x[E + j], 0x20);                              \
+        o[1] = _mm256_permute2x128_si256(x[j], x[E + j], 0x31);                              \
+    } while (0)
+#define AVX2_FULL(Z, E, T, LO, HI)                                                             \
+    FULL_BLOCK_FN(avx2_block##Z, AVX2, __m256i, E, 2, 2, _mm256_loadu_si256, LO, HI, LANES_AVX2,  \
+                  _mm256_storeu_si256, _mm256_stream_si256)                                   \
+    SIMD_TILE(avx2_tile##Z, AVX2, T, E, (2 * E), (4 * E), 32, avx2_block##Z, sse2_block##Z)
+BLOCK_FN(avx2_block1, AVX2, __m256i, 16, 2, LOAD_AVX2, _mm256_unpacklo_epi8, _mm256_unpackhi_epi8,
+         _mm256_storeu_si256, _mm256_stream_si256)
+SIMD_TILE(avx2_tile1, AVX2, uint8_t, 16, 16, 64, 32, avx2_block1, sse2_block1)
+AVX2_FULL(2, 8, uint16_t, _mm256_unpacklo_epi16, _mm256_unpackhi_epi16)
+AVX2_FULL(4, 4, uint32_t, _mm256_unpacklo_epi32, _mm256_unpackhi_epi32)
+AVX2_FULL(8, 2, uint64_t, _mm256_unpacklo_epi64, _mm256_unpackhi_epi64)
+
+/* AVX-512 (F for 32/64-bit unpacks, BW for 8/16-bit): four lanes, 64-byte stores; 32 x 32
+ * whole-line blocks of 2-byte items (16 x 16 of 4-byte, 8 x 8 of 8-byte), lane-parallel
+ * 16 x 64 blocks of bytes. */
+#define AVX512 __attribute__((target("avx512f,avx512bw")))
+#define LOAD_AVX512(p, step)                                                                   \
+    _mm512_inserti64x4(_mm512_castsi256_si512(LOAD_AVX2(p, step)), LOAD_AVX2((p) + 2 * (step), step), 1)
+#define STORE_AVX512(p, v) _mm512_storeu_si512((void *)(p), (v))
+#define STREAM_AVX512(p, v) _mm512_stream_si512((void *)(p), (v))
+#define LANES_AVX512(o, x, j, E)                                                               \
+    do {                                                                                      \
+        const __m512i t0 = _mm512_shuffle_i64x2(x[j], x[E + j], 0x44);                      \
+        const __m512i t1 = _mm512_shuffle_i64x2(x[j], x[E + j], 0xEE);                      \
+        const __m512i t2 = _mm512_shuffle_i64x2(x[2 * E + j], x[3 * E + j], 0x44);          \
+        const __m512i t3 = _mm512_shuffle_i64x2(x[2 * E + j], x[3 * E + j], 0xEE);          \
+        o[0] = _mm512_shuffle_i64x2(t0, t2, 0x88);                                           \
+        o[1] = _mm512_shuffle_i64x2(t0, t2, 0xDD);                                           \
+        o[2] = _mm512_shuffle_i64x2(t1, t3, 0x88);                                           \
+        o[3] = _mm512_shuffle_i64x2(t1, t3, 0xDD);                                           \
+    } while (0)
+#define AVX512_FULL(Z, E, T, LO, HI)                                                           \
+    FULL_BLOCK_FN(avx512_block##Z, AVX512, __m512i, E, 4, 1, _mm512_loadu_si512, LO, HI, LANES_AVX512, \
+                  STORE_AVX512, STREAM_AVX512)                                                \
+    SIMD_TILE(avx512_tile##Z, AVX512, T, E, (4 * E), (4 * E), 64, avx512_block##Z, sse2_block##Z)
+BLOCK_FN(avx512_block1, AVX512, __m512i, 16, 1, LOAD_AVX512, _mm512_unpacklo_epi8, _mm512_unpackhi_epi8,
+         STORE_AVX512, STREAM_AVX512)
+SIMD_TILE(avx512_tile1, AVX512, uint8_t, 16, 16, 64, 64, avx512_block1, sse2_block1)
+AVX512_FULL(2, 8, uint16_t, _mm512_unpacklo_epi16, _mm512_unpackhi_epi16)
+AVX512_FULL(4, 4, uint32_t, _mm512_unpacklo_epi32, _mm512_unpackhi_epi32)
+AVX512_FULL(8, 2, uint64_t, _mm512_unpacklo_epi64, _mm512_unpackhi_epi64)
+#endif /* X86_WIDE */
+
+/* ---- instruction sets, chosen once at import ---- */
+
+typedef struct {
+    const char *name;
+    tile_fn fn[4]; /* item sizes 1, 2, 4, 8 */
+} Isa;
+
+static const Isa ISAS[] = {
+    {"scalar", {scalar1, scalar2, scalar4, scalar8}},
+#ifdef X86_SSE2
+    {"sse2", {sse2_tile1, sse2_tile2, sse2_tile4, sse2_tile8}},
+#endif
+#ifdef X86_WIDE
+    {"avx2", {avx2_tile1, avx2_tile2, avx2_tile4, avx2_tile8}},
+    {"avx512", {avx512_tile1, avx512_tile2, avx512_tile4, avx512_tile8}},
+#endif
+};
+enum { N_ISAS = sizeof(ISAS) / sizeof(ISAS[0]) };
+
+static int isa_supported(const Isa *isa) {
+#ifdef X86_WIDE
+    if (strcmp(isa->name, "avx2") == 0) return __builtin_cpu_supports("avx2");
+    if (strcmp(isa->name, "avx512") == 0)
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+#endif
+    (void)isa;
+    return 1;
 }
+
+static const Isa *isa_in_use = &ISAS[0];
+
+static tile_fn tile_for(Py_ssize_t itemsize) {
+    const Isa *isa = isa_in_use;
+    return isa->fn[itemsize == 1 ? 0 : itemsize == 2 ? 1 : itemsize == 4 ? 2 : 3];
+}
+
+/* ---- copy: tiles of an array in memory, on threads ---- */
+
+typedef struct {
+    char *dst;
+    const char *src;
+    tile_fn tile;
+    Py_ssize_t batch, rows, cols, dst_b, dst_r, src_b, src_c, itemsize;
+    Py_ssize_t first, last; /* work units [first, last): (batch, tile of rows) pairs */
+} Task;
 
 static void *run(void *arg) {
     const Task *t = (const Task *)arg;
@@ -155,8 +356,8 @@ static void *run(void *arg) {
         const Py_ssize_t nr = t->rows - r0 < TILE ? t->rows - r0 : TILE;
         for (Py_ssize_t c0 = 0; c0 < t->cols; c0 += TILE) {
             const Py_ssize_t nc = t->cols - c0 < TILE ? t->cols - c0 : TILE;
-            tile(t->dst + z * (b * t->dst_b + r0 * t->dst_r + c0), t->dst_r,
-                 t->src + z * (b * t->src_b + r0 + c0 * t->src_c), t->src_c, nr, nc, z);
+            t->tile(t->dst + z * (b * t->dst_b + r0 * t->dst_r + c0), t->dst_r,
+                    t->src + z * (b * t->src_b + r0 + c0 * t->src_c), t->src_c, nr, nc);
         }
     }
     return NULL;
@@ -181,6 +382,7 @@ static PyObject *copy(PyObject *self, PyObject *args) {
     if (t.batch <= 0 || t.rows <= 0 || t.cols <= 0) Py_RETURN_NONE;
     t.dst = (char *)(uintptr_t)dst;
     t.src = (const char *)(uintptr_t)src;
+    t.tile = tile_for(t.itemsize);
     const Py_ssize_t units = t.batch * ((t.rows + TILE - 1) / TILE);
     int n = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
     if (n > units) n = (int)units;
@@ -203,9 +405,30 @@ static PyObject *copy(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* ---- read: a file's array, block by block through cache ---- */
+
 /* Source rows read per block: about this many bytes, so a block is still in L2 when it is
- * transposed out of it, and a multiple of 8 rows for the SIMD blocks. */
-enum { BLOCK_BYTES = 256 * 1024 };
+ * transposed out of it, and a multiple of 64 rows (16 for long rows) for the SIMD blocks. */
+#ifndef BLOCK_BYTES
+#define BLOCK_BYTES (256 * 1024)
+#endif
+
+/* Reads n bytes from fd at off into buf; returns the bytes read (fewer only where the file
+ * ended) or -errno. (Reading each row into a padded buffer row, an odd number of cache lines
+ * apart, with preadv, cost more in the read than it saved in the transpose: the AVX-512 and
+ * AVX2 blocks use whole lines of each source row at once. [4, 40, 512, 1024] of bf16 read
+ * into [40, 1024, 512] destinations, one thread: 4.0 GiB/s padded, 5.1 not.) */
+static long long read_all(int fd, long long off, char *buf, long long n) {
+    long long got = 0;
+    while (got < n) {
+        const ssize_t k = pread(fd, buf + got, (size_t)(n - got), (off_t)(off + got));
+        if (k < 0 && errno == EINTR) continue;
+        if (k < 0) return -errno;
+        if (k == 0) break;
+        got += k;
+    }
+    return got;
+}
 
 /* read(fd, offset, dst, batch, rows, cols, dst_b, dst_r, itemsize) -> bytes read
  *
@@ -223,42 +446,75 @@ static PyObject *read_transposed(PyObject *self, PyObject *args) {
         return NULL;
     if (!valid_itemsize(z)) return NULL;
     if (batch <= 0 || rows <= 0 || cols <= 0) return PyLong_FromLong(0);
+    const tile_fn tile = tile_for(z);
     const Py_ssize_t row_bytes = rows * z;
     Py_ssize_t per = BLOCK_BYTES / row_bytes;
-    per = per < 8 ? 8 : per - per % 8;
+    per = per < 16 ? 16 : per < 64 ? per - per % 16 : per - per % 64;
     if (per > cols) per = cols;
-    char *buf = malloc((size_t)(per * row_bytes));
-    if (buf == NULL) return PyErr_NoMemory();
+    void *mem = NULL;
+    if (posix_memalign(&mem, 4096, (size_t)(per * row_bytes)) != 0) return PyErr_NoMemory();
+    char *buf = mem;
     char *dst = (char *)(uintptr_t)dst_addr;
     long long done = 0;
-    int err = 0, ended = 0;
+    int err = 0;
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t b = 0; b < batch && !err && !ended; b++) {
-        for (Py_ssize_t c0 = 0; c0 < cols && !err && !ended; c0 += per) {
-            const Py_ssize_t nc = cols - c0 < per ? cols - c0 : per, want = nc * row_bytes;
-            Py_ssize_t got = 0;
-            while (got < want) {
-                ssize_t n = pread(fd, buf + got, (size_t)(want - got), (off_t)(offset + done + got));
-                if (n < 0 && errno == EINTR) continue;
-                if (n < 0) { err = errno; break; }
-                if (n == 0) { ended = 1; break; }
-                got += n;
-            }
-            if (err || ended) { done += got; break; }
+    for (Py_ssize_t b = 0; b < batch; b++) {
+        Py_ssize_t c0 = 0;
+        for (; c0 < cols; c0 += per) {
+            const Py_ssize_t nc = cols - c0 < per ? cols - c0 : per;
+            const long long got = read_all(fd, offset + done, buf, (long long)nc * row_bytes);
+            if (got < 0) err = (int)-got;
+            if (got != (long long)nc * row_bytes) { done += got > 0 ? got : 0; break; }
             for (Py_ssize_t r0 = 0; r0 < rows; r0 += TILE) {
                 const Py_ssize_t nr = rows - r0 < TILE ? rows - r0 : TILE;
-                tile(dst + z * (b * dst_b + r0 * dst_r + c0), dst_r, buf + z * r0, rows, nr, nc, z);
+                tile(dst + z * (b * dst_b + r0 * dst_r + c0), dst_r, buf + z * r0, rows, nr, nc);
             }
-            done += want;
+            done += got;
         }
+        if (c0 < cols) break; /* failed or ended */
     }
     Py_END_ALLOW_THREADS
-    free(buf);
+    free(mem);
     if (err) {
         errno = err;
         return PyErr_SetFromErrno(PyExc_OSError);
     }
     return PyLong_FromLongLong(done);
+}
+
+/* ---- choosing the instruction set ---- */
+
+static PyObject *isa(PyObject *self, PyObject *unused) { return PyUnicode_FromString(isa_in_use->name); }
+
+static PyObject *isas(PyObject *self, PyObject *unused) {
+    PyObject *out = PyList_New(0);
+    for (int i = 0; out != NULL && i < N_ISAS; i++) {
+        if (!isa_supported(&ISAS[i])) continue;
+        PyObject *name = PyUnicode_FromString(ISAS[i].name);
+        if (name == NULL || PyList_Append(out, name) < 0) Py_CLEAR(out);
+        Py_XDECREF(name);
+    }
+    if (out == NULL) return NULL;
+    PyObject *tuple = PyList_AsTuple(out);
+    Py_DECREF(out);
+    return tuple;
+}
+
+static PyObject *set_isa(PyObject *self, PyObject *arg) {
+    const char *name = PyUnicode_AsUTF8(arg);
+    if (name == NULL) return NULL;
+    for (int i = 0; i < N_ISAS; i++) {
+        if (strcmp(ISAS[i].name, name) != 0) continue;
+        if (!isa_supported(&ISAS[i])) break;
+        isa_in_use = &ISAS[i];
+        Py_RETURN_NONE;
+    }
+    PyObject *names = isas(self, NULL);
+    if (names != NULL) {
+        PyErr_Format(PyExc_ValueError, "instruction set %R is not available here (available: %R)", arg, names);
+        Py_DECREF(names);
+    }
+    return NULL;
 }
 
 static PyMethodDef methods[] = {
@@ -268,9 +524,22 @@ static PyMethodDef methods[] = {
     {"read", read_transposed, METH_VARARGS,
      "read(fd, offset, dst, batch, rows, cols, dst_b, dst_r, itemsize) -> bytes read: "
      "pread a dense [batch, cols, rows] array and write its transpose; see lazysd/transpose.py."},
+    {"isa", isa, METH_NOARGS, "isa() -> the instruction set the kernels use: 'scalar', 'sse2', 'avx2' or 'avx512'."},
+    {"isas", isas, METH_NOARGS, "isas() -> the instruction sets this CPU and build support, slowest first."},
+    {"set_isa", set_isa, METH_O,
+     "set_isa(name): use this instruction set from now on (for tests and measurements; not while "
+     "copies run on other threads). ValueError where it is not available."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_transpose", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__transpose(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__transpose(void) {
+#ifdef X86_WIDE
+    __builtin_cpu_init();
+#endif
+    /* The widest the CPU supports (the table is ordered slowest first). */
+    for (int i = 0; i < N_ISAS; i++)
+        if (isa_supported(&ISAS[i])) isa_in_use = &ISAS[i];
+    return PyModule_Create(&module);
+}

@@ -2,13 +2,18 @@
 
 Every grouped expert tensor's native layout is its HF layout with the last two dims swapped, so
 each expert byte is copied once through a transpose. :func:`copy_into` does that copy with
-lazysd's compiled kernel (``lazysd/_transpose.c``: cache-blocked 8x8 SIMD blocks on
-``torch.get_num_threads()`` threads, GIL released) and falls back to torch where the kernel
-is not built or does not apply (other devices, a cast on the way).
+lazysd's compiled kernel (``lazysd/_transpose.c``: cache-blocked SIMD blocks, AVX-512 or AVX2
+where the CPU has them and SSE2 elsewhere on x86-64, on ``torch.get_num_threads()`` threads,
+GIL released) and falls back to torch where the kernel is not built or does not apply (other
+devices, a cast on the way).
 
 Measured on the 2-core build machine (bf16, a [16, 1280, 4096] block): torch's strided
-``copy_`` 0.3-0.6 GB/s, torch copies in 16-column strips 0.5-1.3 GB/s, the kernel 3-4.6 GB/s
-on one thread and 5.6-8 GB/s on two; a plain memcpy runs at 8-11 GB/s.
+``copy_`` 0.3-0.6 GB/s, torch copies in 16-column strips 0.5-1.3 GB/s. The kernel, on the
+benchmark checkpoint's [40, 512, 1024] and [40, 1024, 512] bf16 experts (medians of 5 runs,
+GiB/s, the former 8x8 SSE2 kernel -> AVX-512): :func:`copy_into` 5.7 -> 10.5 on one thread
+(a memcpy of the same bytes: 8.2), :func:`read_transposed` 3.9 -> 6.0 (a plain ``pread`` of
+the same bytes: 6.2); column halves of a wider destination 5.7 -> 8.9 and 4.0 -> 5.3. The
+full table is in ``lazysd/_transpose.c``.
 """
 
 from __future__ import annotations
@@ -30,6 +35,15 @@ _THREADED_NUMEL = 1 << 20
 def kernel_available() -> bool:
     """True if the compiled transpose kernel was built with this install."""
     return _transpose is not None
+
+
+def kernel_isa() -> str | None:
+    """The instruction set the compiled kernel runs on here, or None where it is not built.
+
+    ``"avx512"``, ``"avx2"`` or ``"sse2"`` on x86-64 (the widest the CPU has, chosen at import;
+    the build itself targets any x86-64), ``"scalar"`` elsewhere.
+    """
+    return None if _transpose is None else _transpose.isa()
 
 
 def _kernel_dest(dest: torch.Tensor) -> bool:
@@ -55,12 +69,13 @@ def _kernel_applies(dest: torch.Tensor, src: torch.Tensor) -> bool:
     )
 
 
-def copy_into(dest: torch.Tensor, src: torch.Tensor) -> None:
+def copy_into(dest: torch.Tensor, src: torch.Tensor, *, threads: int | None = None) -> None:
     """``dest.copy_(src)``, fast when ``src`` is a transposed view of row-major memory.
 
     ``dest``'s rows must be contiguous and ``src``'s columns (a transposed staging chunk,
     ``buf.transpose(-1, -2)`` or a permutation ending that way); anything else is a plain
-    ``copy_``. ``dest`` must not overlap ``src``.
+    ``copy_``. ``dest`` must not overlap ``src``. ``threads``: the kernel's threads (default:
+    ``torch.get_num_threads()`` for copies of 1M elements or more, else 1).
 
     Example:
         >>> hf = torch.arange(6, dtype=torch.bfloat16).view(2, 3)
@@ -76,7 +91,8 @@ def copy_into(dest: torch.Tensor, src: torch.Tensor) -> None:
     batch = dest.shape[-3] if dest.dim() >= 3 else 1
     db = dest.stride(-3) if dest.dim() >= 3 else 0
     sb = src.stride(-3) if src.dim() >= 3 else 0
-    threads = torch.get_num_threads() if dest.numel() >= _THREADED_NUMEL else 1
+    if threads is None:
+        threads = torch.get_num_threads() if dest.numel() >= _THREADED_NUMEL else 1
     z = dest.element_size()
     # Dims before the last three (none in any native layout so far) are walked here.
     for outer in itertools.product(*map(range, dest.shape[:-3])):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -83,26 +84,120 @@ def test_the_kernel_reports_a_bad_itemsize() -> None:
         tr._transpose.copy(0, 0, 1, 1, 1, 0, 1, 0, 1, 3, 1)
 
 
-@pytest.mark.skipif(not kernel_available(), reason="kernel not built")
-@pytest.mark.parametrize("shape", [(2, 5, 300), (3, 700, 90), (1, 1), (9, 2100)], ids=str)
-def test_read_transposed_from_a_file(tmp_path, shape: tuple[int, ...]) -> None:
-    # The file holds [.., cols, rows] at an odd offset; the destination is a column slice of
-    # a wider tensor, as a gate or up half of gate_and_up_projs is.
-    src = _random(shape, torch.bfloat16)
-    path = tmp_path / "blob"
-    path.write_bytes(b"x" * 17 + tensor_bytes(src) + b"tail")
-    wide = torch.zeros(*shape[:-2], shape[-1], shape[-2] + 3, dtype=torch.bfloat16)
-    dest = wide[..., 1 : shape[-2] + 1]
-    fd = os.open(path, os.O_RDONLY)
+# Every instruction set the kernel has on this machine ("scalar" and, on x86-64, "sse2" always;
+# "avx2" and "avx512" where the CPU has them): each is checked against torch, bit for bit.
+ISAS = tr._transpose.isas() if kernel_available() else ()
+ITEM_DTYPES = {1: torch.uint8, 2: torch.bfloat16, 4: torch.float32, 8: torch.float64}
+
+
+@pytest.fixture
+def isa(request):
+    """Forces the kernel onto one instruction set for a test, and back to the default after."""
+    default = tr._transpose.isa()
+    tr._transpose.set_isa(request.param)
     try:
-        assert tr.read_transposed(fd, 17, dest) == src.numel() * 2
-        assert same_bits(dest, src.transpose(-1, -2))
-        assert not wide[..., 0].view(torch.int16).any() and not wide[..., -2:].view(torch.int16).any()
-        # A file that ends early: the count says so (the caller raises FileChangedError).
-        os.truncate(path, 17 + src.numel())
-        assert tr.read_transposed(fd, 17, dest) < src.numel() * 2
+        yield request.param
     finally:
-        os.close(fd)
+        tr._transpose.set_isa(default)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch's own checks on one thread: on a busy 2-core machine its thread pool's wake-ups
+    took 20-50x the work of these small comparisons."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_the_default_isa_is_the_widest_available() -> None:
+    if not kernel_available():
+        pytest.skip("kernel not built")
+    assert ISAS[0] == "scalar" and tr._transpose.isa() == ISAS[-1] == tr.kernel_isa()
+    assert set(ISAS) <= {"scalar", "sse2", "avx2", "avx512"}
+    with pytest.raises(ValueError, match=r"instruction set 'avx1024' is not available here \(available: \("):
+        tr._transpose.set_isa("avx1024")
+    assert tr._transpose.isa() == ISAS[-1]
+
+
+def _dest_layouts(shape: tuple[int, ...], dtype: torch.dtype):
+    """(name, base, dest): destinations of ``shape`` with contiguous rows, each a view into a
+    base filled with 0x5A bytes: dense; the column half of a wider tensor (as gate_and_up_projs
+    halves are); shifted by one element with rows a whole number of cache lines apart (the
+    kernel aligns its stores first); and rows an odd number of elements apart."""
+    *outer, rows, cols = shape
+    line = 64 // torch.empty((), dtype=dtype).element_size()
+    for name, width, start in [
+        ("dense", cols, 0),
+        ("half", 2 * cols, cols),
+        ("shifted", -(-(cols + 1) // line) * line, 1),
+        ("odd stride", cols + 3, 2),
+    ]:
+        base = torch.full((*outer, rows, width * torch.empty((), dtype=dtype).element_size()), 0x5A, dtype=torch.uint8)
+        base = base.view(dtype)
+        yield name, base, base[..., start : start + cols]
+
+
+def _outside_is_untouched(base: torch.Tensor, dest: torch.Tensor) -> bool:
+    """Every element of ``base`` outside its view ``dest`` still holds the 0x5A fill."""
+    inside = torch.zeros(base.numel(), dtype=torch.bool)
+    inside.as_strided(dest.shape, dest.stride(), dest.storage_offset() - base.storage_offset()).fill_(True)
+    return bool((base.reshape(-1)[~inside].view(torch.uint8) == 0x5A).all())
+
+
+# Destination shapes [.., rows, cols]: tiny and one-sided, ragged against the 8/16/32/64-element
+# blocks, several 256 x 256 tiles, batch dims, and dims before the batch.
+SHAPES = [
+    (1, 1), (1, 37), (37, 1), (7, 9), (8, 8), (16, 64), (31, 33), (32, 32), (33, 65), (64, 128),
+    (70, 200), (260, 300), (3, 40, 70), (2, 3, 33, 17),
+]
+
+
+@pytest.mark.skipif(not kernel_available(), reason="kernel not built")
+@pytest.mark.parametrize("itemsize", [1, 2, 4, 8])
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+def test_every_isa_transposes_bitwise(isa: str, itemsize: int, one_torch_thread) -> None:
+    dtype = ITEM_DTYPES[itemsize]
+    for shape in SHAPES:
+        *outer, rows, cols = shape
+        for shift in (0, 1):  # sources at an aligned address and one element past it
+            flat = _random((math.prod(shape) + shift,), dtype)
+            src = flat[shift:].view(*outer, cols, rows).transpose(-1, -2)
+            for (name, base, dest), threads in zip(_dest_layouts(shape, dtype), [1, 3, 2, 1]):
+                copy_into(dest, src, threads=threads)  # small copies split across threads too
+                case = f"{isa} {dtype} {shape} {name} source shift {shift}"
+                assert same_bits(dest, src), case
+                assert _outside_is_untouched(base, dest), case
+
+
+@pytest.mark.skipif(not kernel_available(), reason="kernel not built")
+@pytest.mark.parametrize("itemsize", [1, 2, 4, 8])
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+def test_every_isa_reads_transposed_from_a_file(tmp_path, isa: str, itemsize: int, one_torch_thread) -> None:
+    # The file holds [.., cols, rows] at an odd offset. (2, 300, 600): two read blocks per
+    # batch and a short last one for every item size; (1, 1) and (9, 2100): one row or one column.
+    dtype = ITEM_DTYPES[itemsize]
+    path = tmp_path / "blob"
+    for shape in [(2, 5, 300), (3, 70, 90), (2, 300, 600), (1, 1), (9, 2100), (2100, 9)]:
+        src = _random(shape, dtype)
+        nbytes = src.numel() * itemsize
+        path.write_bytes(b"x" * 17 + tensor_bytes(src) + b"tail")
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for name, base, dest in _dest_layouts((*shape[:-2], shape[-1], shape[-2]), dtype):
+                case = f"{isa} {dtype} {shape} {name}"
+                assert tr.read_transposed(fd, 17, dest) == nbytes, case
+                assert same_bits(dest, src.transpose(-1, -2)), case
+                assert _outside_is_untouched(base, dest), case
+            # A file that ends early: the count says how far it went (the caller raises
+            # FileChangedError); what is returned is what the file had.
+            os.truncate(path, 17 + nbytes // 2)
+            assert tr.read_transposed(fd, 17, dest) == nbytes // 2, shape
+        finally:
+            os.close(fd)
     with pytest.raises(OSError):
         tr.read_transposed(fd, 17, dest)  # closed descriptor: EBADF, not a crash
 
