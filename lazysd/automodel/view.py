@@ -55,14 +55,19 @@ class HFCheckpointView(Mapping[str, torch.Tensor]):
         if not self.checkpoint.local:
             threads = max(threads or 0, 8)  # latency-bound: more requests in flight
         self.reader = Reader(self.checkpoint, ReadOptions(threads, chunk_bytes, max_inflight_bytes))
+        # Every tensor is the view's to read: cold reads may stream on across them.
+        self.reader.own = lambda: [(self._entry(k), full_box(i.shape)) for k, i in self.checkpoint.tensors.items()]
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        info = self.checkpoint.tensors.get(key)
-        if info is None:
+        if key not in self.checkpoint.tensors:
             raise MissingKeyError(f"{self.checkpoint.path}: no HF key {key!r} ({len(self)} keys; see .keys())")
+        entry = self._entry(key)
+        return LazyTensor(entry, self.reader, full_box(entry.shape), dtype=entry.dtype, device=torch.device("cpu"))
+
+    def _entry(self, key: str) -> Entry:
+        info = self.checkpoint.tensors[key]
         n = len(info.shape)
-        entry = Entry(key, info.shape, info.dtype, (Source(info=info, start=(0,) * n, dims=tuple(range(n))),), _STORED)
-        return LazyTensor(entry, self.reader, full_box(info.shape), dtype=info.dtype, device=torch.device("cpu"))
+        return Entry(key, info.shape, info.dtype, (Source(info=info, start=(0,) * n, dims=tuple(range(n))),), _STORED)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.checkpoint.tensors)
