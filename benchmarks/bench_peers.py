@@ -72,6 +72,14 @@ def _files(path: Path) -> list[Path]:
     return [path / f for f in dict.fromkeys(json.loads(index.read_text())["weight_map"].values())]
 
 
+def _peak():  # noqa: ANN202
+    """The peak memory of a measured block (VmHWM, exact). Not sampled: a sampling thread
+    would take the GIL every few milliseconds from the loaders that need it most."""
+    from tests.support.measure import PeakRSS
+
+    return PeakRSS(sample_s=None)
+
+
 def _hf_destinations() -> tuple[dict, int]:
     """Pre-allocated, pre-faulted tensors of every HF key's shape and dtype (set up before timing)."""
     import torch
@@ -98,7 +106,6 @@ def _floor(threads: int) -> dict:
     import torch
 
     from lazysd.checkpoint import Checkpoint
-    from tests.support.measure import PeakRSS
 
     with Checkpoint(PATH) as ckpt:
         infos = sorted(ckpt.tensors.values(), key=lambda i: (str(i.file), i.offset))
@@ -127,7 +134,7 @@ def _floor(threads: int) -> dict:
             for fd in fds.values():
                 os.close(fd)
 
-    with PeakRSS(sample_s=None) as p:
+    with _peak() as p:
         pool = [threading.Thread(target=run, args=(share,)) for share in shares]
         for t in pool:
             t.start()
@@ -139,7 +146,6 @@ def _floor(threads: int) -> dict:
 def worker(method: str) -> dict:
     import torch
 
-    from tests.support.measure import PeakRSS
 
     files = _files(PATH)
     if method.startswith("floor:"):
@@ -151,7 +157,7 @@ def worker(method: str) -> dict:
         from lazysd import VirtualStateDict
 
         model = _allocated_model(_spec(SIZE))
-        with PeakRSS(sample_s=None) as p:
+        with _peak() as p:
             with VirtualStateDict(PATH, direct=method == "lazysd") as vsd:
                 model.load_state_dict(vsd)
         return {**p.result, "bytes": vsd.bytes_read, "threads": vsd.reader.options.threads}
@@ -162,7 +168,7 @@ def worker(method: str) -> dict:
         import lazysd
 
         model = _allocated_model(_spec(SIZE))
-        with PeakRSS(sample_s=None) as p:
+        with _peak() as p:
             report = lazysd.load(model, PATH)
         return {**p.result, "bytes": report.bytes_read}
     if method == "transformers":
@@ -170,7 +176,7 @@ def worker(method: str) -> dict:
         from bench_load import _from_pretrained, touch_pages
 
         from_pretrained = _from_pretrained()
-        with PeakRSS(sample_s=None) as p:
+        with _peak() as p:
             model = from_pretrained(PATH)
             nbytes = touch_pages(model.state_dict().values())  # mmap-backed parameters read here
         return {**p.result, "bytes": nbytes}
@@ -179,7 +185,7 @@ def worker(method: str) -> dict:
         from bench_load import touch_pages
         from safetensors.torch import load_file
 
-        with PeakRSS(sample_s=None) as p:
+        with _peak() as p:
             loaded = [load_file(f) for f in files]
             nbytes = sum(touch_pages(d.values()) for d in loaded)
         return {**p.result, "bytes": nbytes}
@@ -187,7 +193,7 @@ def worker(method: str) -> dict:
         from safetensors import safe_open
 
         kept, nbytes = [], 0
-        with PeakRSS(sample_s=None) as p:
+        with _peak() as p:
             for f in files:
                 with safe_open(f, "pt") as st:
                     for k in st.keys():
@@ -198,14 +204,14 @@ def worker(method: str) -> dict:
     if method == "lazysd-hf":
         from lazysd.automodel import HFCheckpointView
 
-        with PeakRSS(sample_s=None) as p, HFCheckpointView(PATH) as hf, torch.no_grad():
+        with _peak() as p, HFCheckpointView(PATH) as hf, torch.no_grad():
             for k, t in dests.items():
                 t.copy_(hf[k])
         return {**p.result, "bytes": hf.bytes_read, "threads": hf.reader.options.threads}
     if method == "st-prealloc":
         from safetensors import safe_open
 
-        with PeakRSS(sample_s=None) as p:
+        with _peak() as p:
             for f in files:
                 with safe_open(f, "pt") as st:
                     for k in st.keys():
@@ -214,7 +220,7 @@ def worker(method: str) -> dict:
     if method == "runai":
         from runai_model_streamer import SafetensorsStreamer
 
-        with PeakRSS(sample_s=None) as p, SafetensorsStreamer() as streamer:
+        with _peak() as p, SafetensorsStreamer() as streamer:
             streamer.stream_files([str(f) for f in files])
             for k, t in streamer.get_tensors():
                 dests[k].copy_(t)
@@ -222,7 +228,7 @@ def worker(method: str) -> dict:
     if method == "fastsafetensors":
         from fastsafetensors import SafeTensorsFileLoader, SingleGroup
 
-        with PeakRSS(sample_s=None) as p:
+        with _peak() as p:
             loader = SafeTensorsFileLoader(SingleGroup(), "cpu", nogds=True)
             loader.add_filenames({0: [str(f) for f in files]})
             buffers = loader.copy_files_to_device()
