@@ -146,7 +146,6 @@ def _floor(threads: int) -> dict:
 def worker(method: str) -> dict:
     import torch
 
-
     files = _files(PATH)
     if method.startswith("floor:"):
         return _floor(int(method.split(":")[1]))
