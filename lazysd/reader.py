@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 import mmap
 import os
-import sys
 import threading
 import time
 import weakref
@@ -38,7 +37,7 @@ from .geometry import Box, box_shape, full_box, inverse_permutation
 from .memory import populate
 from .plan import Entry
 from .pool import ReadPool
-from .reads import SHARES, Destination, MiB, ReadItem, plan_reads, source_ranges, stretches, widen, with_extents
+from .reads import SHARES, Destination, MiB, ReadItem, plan_reads, source_ranges, stretches, with_extents
 from .transpose import copy_into, read_transposed
 
 
@@ -106,8 +105,14 @@ class _Job:
 
 
 def _bind(item: ReadItem, dest: torch.Tensor, fill: _Fill | None = None) -> _Job:
-    if item.method == "direct" and item.dims == tuple(range(dest.dim())) and item.dest_box == full_box(dest.shape):
-        return _Job(item, dest, fill)  # a whole tensor read as it is (most small tensors): no views to make
+    if item.dims == tuple(range(dest.dim())):
+        # Unpermuted (most tensors): the region itself, made with as few view ops as it
+        # takes (each costs microseconds, a small tensor's read not many more).
+        box, shape = item.dest_box, dest.shape
+        if box[1:] == full_box(shape)[1:]:
+            whole = not box or box[0] == (0, shape[0])
+            return _Job(item, dest if whole else dest.narrow(0, box[0][0], box[0][1] - box[0][0]), fill)
+        return _Job(item, dest[tuple(slice(lo, hi) for lo, hi in box)], fill)
     view = dest[tuple(slice(lo, hi) for lo, hi in item.dest_box)]
     if item.method == "staged":
         return _Job(item, view, fill)
@@ -168,6 +173,17 @@ def _staging_buffer(nbytes: int) -> torch.Tensor:
     return torch.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=torch.uint8)
 
 
+def _wait_all(futures: list[Future[None]]) -> list[BaseException]:
+    """Wait for every future; the exceptions they ended with."""
+    errors = []
+    for fut in futures:
+        try:
+            fut.result()
+        except BaseException as e:  # noqa: BLE001 - returned to the caller, which raises it
+            errors.append(e)
+    return errors
+
+
 _READERS: weakref.WeakSet[Reader] = weakref.WeakSet()
 
 
@@ -217,11 +233,21 @@ class Reader:
         locally, for the threads; 1 remotely, where each chunk would be a request)."""
         return SHARES if self.ckpt.local else 1
 
-    def plan(self, entry: Entry, box: Box, dest: Destination | None = None) -> tuple[ReadItem, ...]:
+    def plan(
+        self, entry: Entry, box: Box, dest: Destination | None = None, *, filling: bool = False
+    ) -> tuple[ReadItem, ...]:
         """The read items of filling ``box`` of ``entry`` into ``dest`` (default: a contiguous
-        CPU tensor of the entry's dtype), chunked by this reader's options."""
+        CPU tensor of the entry's dtype), chunked by this reader's options.
+
+        ``filling``: the plan of a fill about to run: extents as wide as :meth:`_within` allows.
+        """
         items = plan_reads(
-            entry, box, dest or Destination(entry.dtype), chunk_bytes=self.options.chunk_bytes, shares=self.shares
+            entry,
+            box,
+            dest or Destination(entry.dtype),
+            chunk_bytes=self.options.chunk_bytes,
+            shares=self.shares,
+            within=self._within(entry, box) if filling else None,
         )
         if not self.ckpt.local:
             # The transpose kernel reads through a file descriptor: remote bytes are staged
@@ -410,8 +436,7 @@ class Reader:
         t0 = time.perf_counter()
         if fresh:
             populate(dest)  # one call maps every page, instead of a fault per page during the reads
-        items = self._widened(entry, box, self.plan(entry, box, Destination.of(dest)))
-        self._run([_bind(item, dest) for item in items])
+        self._run([_bind(item, dest) for item in self.plan(entry, box, Destination.of(dest), filling=True)])
         self.count_filled(entry, dest, t0)
         return dest
 
@@ -431,22 +456,22 @@ class Reader:
         planned = []
         for entry, box, dest in fills:
             _check_shape(entry, box, dest)
-            items = self.plan(entry, box, Destination.of(dest))
-            planned.append((_Fill(entry, dest, time.perf_counter(), 0), box, items))
-        items = with_extents([item for _, _, its in planned for item in its])
+            items = self.plan(entry, box, Destination.of(dest), filling=True)
+            planned.append((_Fill(entry, dest, time.perf_counter(), 0), items))
+        items = with_extents([item for _, its in planned for item in its])
         jobs, at = [], 0
-        for fill, box, its in planned:
+        for fill, its in planned:
             fill.left = len(its)
             if not its:
                 self.count_filled(fill.entry, fill.dest, fill.t0)
-            jobs += [_bind(item, fill.dest, fill) for item in self._widened(fill.entry, box, items[at : at + len(its)])]
+            jobs += [_bind(item, fill.dest, fill) for item in items[at : at + len(its)]]
             at += len(its)
         jobs.sort(key=lambda job: (str(job.item.source.file), job.item.source.offset + job.item.runs[0][0]))
         self._run(jobs)
 
-    def _widened(self, entry: Entry, box: Box, items: tuple[ReadItem, ...]) -> tuple[ReadItem, ...]:
-        """``items`` of one of this reader's own values (:attr:`own`) with extents as wide
-        as all of them together.
+    def _within(self, entry: Entry, box: Box) -> dict[str, list[tuple[int, int]]] | None:
+        """The stretches a fill of ``box`` of ``entry`` may stream within: all of this
+        reader's own values (:attr:`own`) where it is one of them, else None (its own plan's).
 
         A VirtualStateDict's values are read one tensor at a time (``load_state_dict``),
         each plan knowing only its own bytes: a cold read would stream (kernel readahead)
@@ -458,7 +483,7 @@ class Reader:
         own extents: their neighbours may never be read.
         """
         if self.own is None or not self.ckpt.local:
-            return items
+            return None
         if self._own is None:
             boxes, ranges = {}, []
             for e, b in self.own():
@@ -466,7 +491,7 @@ class Reader:
                 ranges += source_ranges(e, b)
             self._own = boxes, stretches(ranges)
         boxes, within = self._own
-        return widen(items, within) if boxes.get(entry.key) == tuple(box) else items
+        return within if boxes.get(entry.key) == tuple(box) else None
 
     def count_filled(self, entry: Entry, out: torch.Tensor, t0: float) -> None:
         """Count ``out`` as a destination of ``entry`` filled since ``t0`` (stats, progress),
@@ -548,18 +573,13 @@ class Reader:
         helpers = [pool.submit(drain) for _ in range(workers - 1)]
         try:
             drain()
-        finally:
-            stop_now = sys.exc_info()[0] is not None
-            if stop_now:
-                stop.set()
-            errors = []
-            for fut in helpers:
-                try:
-                    fut.result()
-                except BaseException as e:  # noqa: BLE001 - raised below unless ours is already on its way
-                    errors.append(e)
-            if errors and not stop_now:
-                raise errors[0]
+        except BaseException:
+            stop.set()
+            _wait_all(helpers)  # no thread writes into the destinations once we leave
+            raise
+        errors = _wait_all(helpers)
+        if errors:
+            raise errors[0]
 
     def _run_pipelined(self, jobs: list[_Job]) -> None:
         """Reads on the pool, ahead of the copies; copies (and casts) on the calling thread.

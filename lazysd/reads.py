@@ -40,6 +40,7 @@ import bisect
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Literal
 
 import torch
@@ -153,12 +154,14 @@ class ReadItem:
     scale: ScaleRead | None = None
     extent: tuple[int, int] | None = None
 
-    @property
+    # Cached (in the instance's __dict__, which a frozen dataclass still has): a fill asks
+    # for an item's runs several times, and a small tensor's read costs little more.
+    @cached_property
     def runs(self) -> list[tuple[int, int]]:
         """Byte runs ``(offset from the source tensor's first byte, length)``, in order, merged."""
         return byte_runs(self.source.shape, self.source.itemsize, self.source_box)
 
-    @property
+    @cached_property
     def run_count(self) -> int:
         """``len(self.runs)``, without listing them."""
         return run_count(self.source.shape, self.source_box)
@@ -278,7 +281,13 @@ def _meta_dest(box: Box, dest: Destination) -> torch.Tensor:
 
 
 def plan_reads(
-    entry: Entry, box: Box, dest: Destination, *, chunk_bytes: int = 8 * MiB, shares: int = SHARES
+    entry: Entry,
+    box: Box,
+    dest: Destination,
+    *,
+    chunk_bytes: int = 8 * MiB,
+    shares: int = SHARES,
+    within: dict[str, list[tuple[int, int]]] | None = None,
 ) -> tuple[ReadItem, ...]:
     """The reads that fill ``box`` of ``entry`` into a destination like ``dest``. Pure.
 
@@ -291,6 +300,9 @@ def plan_reads(
         shares: cut a source of a few MiB into up to this many chunks (:data:`SHARES`; 1
             for remote storage, where every chunk is a request and concurrency comes from
             the requests of several tensors in flight).
+        within: stretches (:func:`stretches`) known to be read in full around this plan
+            (all of a reader's own values: :attr:`lazysd.reader.Reader.own`): extents are
+            these where they hold an item, else the plan's own.
 
     Returns:
         Items in source order, then row order; none for an empty box. Their destination
@@ -306,22 +318,45 @@ def plan_reads(
             if src.scale is not None:
                 scale = ScaleRead(src.scale.info, src.scale.region(sub), src.scale.block)
             items.append(ReadItem(src.info, sub, region, src.dims, method, staging, scale))
-    if len(items) == 1 and items[0].run_count == 1:  # one run: its own stretch (the common small tensor)
-        item = items[0]
-        lo = item.source.offset + item.runs[0][0]
-        return (replace(item, extent=(lo, lo + item.data_bytes)),)
-    return with_extents(items)
+    return with_extents(items, within)
 
 
-def with_extents(items: list[ReadItem]) -> tuple[ReadItem, ...]:
+def with_extents(
+    items: list[ReadItem], within: dict[str, list[tuple[int, int]]] | None = None
+) -> tuple[ReadItem, ...]:
     """``items`` with :attr:`ReadItem.extent` set where an item is one contiguous run: such
     runs, merged per file where they touch, make the stretches (of one plan, or of several
-    read together: :meth:`lazysd.reader.Reader.fill_many`). (An item of several runs
-    has gaps no other item fills, the columns outside the box: it gets none.)"""
-    own = stretches(
-        (str(it.source.file), it.source.offset + it.runs[0][0], it.data_bytes) for it in items if it.run_count == 1
-    )
-    return widen(items, own)
+    read together: :meth:`lazysd.reader.Reader.fill_many`), or a wider stretch that holds
+    it: the item's extent already, or one of ``within`` (:func:`stretches`). (An item of
+    several runs has gaps no other item fills, the columns outside the box: it gets none.)"""
+    spans = [
+        (str(it.source.file), it.source.offset + it.runs[0][0], it.data_bytes) if it.run_count == 1 else None
+        for it in items
+    ]
+    own = stretches(s for s in spans if s is not None)
+    out = []
+    for it, span in zip(items, spans):
+        if span is not None:
+            extent = _holding(own, span)
+            assert extent is not None
+            # The widest of the stretches that hold this one (an extent the item already has
+            # from its own plan's ``within`` is kept, never narrowed).
+            for wide in (it.extent, _holding(within, span) if within else None):
+                if wide is not None and wide[0] <= extent[0] and extent[1] <= wide[1]:
+                    extent = wide
+            if extent != it.extent:
+                it = replace(it, extent=extent)
+        out.append(it)
+    return tuple(out)
+
+
+def _holding(by_file: dict[str, list[tuple[int, int]]], span: tuple[str, int, int]) -> tuple[int, int] | None:
+    """The stretch of ``by_file`` that holds ``(file, offset, length)``, or None."""
+    runs = by_file.get(span[0])
+    if not runs:
+        return None
+    k = bisect.bisect_right(runs, (span[1], math.inf)) - 1
+    return runs[k] if k >= 0 and span[1] + span[2] <= runs[k][1] else None
 
 
 def stretches(ranges: Iterable[tuple[str, int, int]]) -> dict[str, list[tuple[int, int]]]:
@@ -342,25 +377,6 @@ def stretches(ranges: Iterable[tuple[str, int, int]]) -> dict[str, list[tuple[in
         else:
             merged.append((off, off + n))
     return by_file
-
-
-def widen(items: Iterable[ReadItem], within: dict[str, list[tuple[int, int]]]) -> tuple[ReadItem, ...]:
-    """``items`` whose one run lies inside a stretch of ``within`` (:func:`stretches`) with
-    that stretch as their :attr:`ReadItem.extent`: a reader that knows more of what it will
-    read (all of a rank's plan: :attr:`lazysd.reader.Reader.own`) lets cold reads stream on
-    across tensors. Other items, and items whose extent the stretch would not contain, are
-    returned as they are."""
-    out = []
-    for it in items:
-        runs = within.get(str(it.source.file)) if it.run_count == 1 else None
-        if runs:
-            lo = it.source.offset + it.runs[0][0]
-            k = bisect.bisect_right(runs, (lo, math.inf)) - 1
-            if k >= 0 and runs[k][0] <= lo and lo + it.data_bytes <= runs[k][1] and it.extent != runs[k]:
-                if it.extent is None or (runs[k][0] <= it.extent[0] and it.extent[1] <= runs[k][1]):
-                    it = replace(it, extent=runs[k])
-        out.append(it)
-    return tuple(out)
 
 
 def source_ranges(entry: Entry, box: Box) -> list[tuple[str, int, int]]:
