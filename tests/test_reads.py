@@ -20,7 +20,7 @@ from torch.distributed.tensor._utils import _compute_local_shape_and_global_offs
 from lazysd import VirtualStateDict
 from lazysd.dryrun import EPLayout
 from lazysd.geometry import Block, box_shape, byte_runs, full_box, run_count, shard_box, source_placements
-from lazysd.reads import Destination, plan_reads, read_totals
+from lazysd.reads import Destination, plan_reads, read_totals, source_ranges, stretches
 from lazysd.testing import Step3p5Spec, make_checkpoint
 from lazysd.testing.families import FamilySpec, make_family_checkpoint
 from tests.support.measure import record_reads
@@ -154,6 +154,60 @@ def test_extents_hold_only_bytes_the_plan_reads(checkpoints: dict[str, Path]) ->
                     assert all(b[0] <= a[1] for a, b in itertools.pairwise(pieces)), f"{key}: a gap inside an extent"
                     assert (f, lo) in starts
         assert extended
+
+
+def test_source_ranges_are_what_any_plan_reads(checkpoints: dict[str, Path]) -> None:
+    """``source_ranges`` (no items built) covers exactly the source bytes of the plan's items,
+    whatever the chunking: the stretches a reader's own values make are the bytes it reads."""
+    for name in ("flash", "fp8"):
+        with VirtualStateDict(checkpoints[name]) as vsd:
+            for key in vsd:
+                entry = vsd.entry(key)
+                for box in (full_box(entry.shape), EPLayout(4).box(entry, 1), EPLayout(3, 2).box(entry, 4)):
+                    planned = [
+                        (str(i.source.file), i.source.offset + o, n)
+                        for chunk in (4096, 8 << 20)
+                        for i in plan_reads(entry, box, Destination(entry.dtype), chunk_bytes=chunk)
+                        for o, n in i.runs
+                    ]
+                    assert stretches(source_ranges(entry, box)) == stretches(planned), (name, key, box)
+
+
+def test_extents_within_a_readers_own_stretches(checkpoints: dict[str, Path]) -> None:
+    """A fill of one of a rank's own values (``within=``: the stretches of all its boxes) may
+    stream across tensors: each single-run item's extent is the own stretch holding it, which
+    holds the plan's own extent; nothing else about the items changes. The stretches hold
+    this rank's bytes only: never a byte of another rank's experts."""
+    with VirtualStateDict(checkpoints["flash"]) as vsd:
+        layout = EPLayout(4)
+        boxes = {key: layout.box(vsd.entry(key), 1) for key in vsd}
+        own = stretches(r for key, box in boxes.items() for r in source_ranges(vsd.entry(key), box))
+        others = [
+            r
+            for rank in (0, 2, 3)
+            for key in vsd
+            for r in source_ranges(vsd.entry(key), layout.box(vsd.entry(key), rank))
+        ]
+        mine = {r for key, box in boxes.items() for r in source_ranges(vsd.entry(key), box)}
+        for f, o, n in others:
+            if (f, o, n) not in mine:  # replicated tensors are every rank's
+                assert all(hi <= o or o + n <= lo for lo, hi in own.get(f, [])), (f, o, n)
+        widened = 0
+        for key, box in boxes.items():
+            entry = vsd.entry(key)
+            plain = plan_reads(entry, box, Destination(entry.dtype), chunk_bytes=4096)
+            wide = plan_reads(entry, box, Destination(entry.dtype), chunk_bytes=4096, within=own)
+            assert [(i.source, i.source_box, i.dest_box, i.method) for i in plain] == [
+                (i.source, i.source_box, i.dest_box, i.method) for i in wide
+            ]
+            for a, b in zip(plain, wide):
+                if a.extent is None:
+                    assert b.extent is None
+                    continue
+                assert b.extent in own[str(b.source.file)]
+                assert b.extent[0] <= a.extent[0] and a.extent[1] <= b.extent[1]
+                widened += b.extent != a.extent
+        assert widened  # tensors side by side in a file: the stretches run across them
 
 
 def test_items_describe_themselves(checkpoints: dict[str, Path]) -> None:
