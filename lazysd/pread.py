@@ -149,20 +149,6 @@ class RangeReader:
         rest = self._read_direct(self._direct_fd, out[b:], pos + b)  # type: ignore[arg-type]
         return got + (rest if rest is not None else _pread_full(self.fd, out[b:], pos + b))
 
-    def buffered_fd(self, pos: int, n: int, span: tuple[int, int] | None = None) -> int | None:
-        """A descriptor through which ``[pos, pos + n)`` can be read with plain ``pread`` s
-        (the transposing read's), or None where it must go through :meth:`read`.
-
-        Inside the streamed window of a cold ``span``: the readahead descriptor (cached or
-        not, the kernel keeps reading ahead for it). Elsewhere in such a span: None, since a
-        buffered read there could set off readahead past the span. Without a streamed span:
-        this descriptor where the range is cached (:meth:`cached`), else None.
-        """
-        window = self._window(span) if span is not None and self._direct() is not None else None
-        if window is not None:
-            return self._stream_fd if window[0] <= pos and pos + n <= window[1] else None
-        return self.fd if self.cached(pos, n) else None
-
     def _window(self, span: tuple[int, int]) -> tuple[int, int] | None:
         """The part of ``span`` to stream, or None: too small, or found cached (probed once per
         span, by its first reader, before any of it is streamed; a warm span is read through

@@ -370,14 +370,13 @@ class Reader:
             runs = item.runs
             (start, n), dest = runs[0], job.dest
             offset = info.offset + start
-            fd = self.ckpt.range_reader(info.file).buffered_fd(offset, n, item.extent)
-            if fd is not None:
-                # Warm, or streamed with readahead: the kernel reads cache-sized blocks and
-                # transposes each while in cache.
-                self.ckpt.read_with(info, runs, lambda _: read_transposed(fd, offset, dest))
+            if self.ckpt.range_reader(info.file).cached(offset, n):
+                # Warm: the kernel reads cache-sized blocks and transposes each while in cache.
+                self.ckpt.read_with(info, runs, lambda fd: read_transposed(fd, offset, dest))
                 return None, None
-            # Cold: one bulk read (direct I/O, lazysd.pread) into staging keeps the storage
-            # busy; the transpose from there costs little next to the read.
+            # Cold: one bulk read into staging (streamed with readahead inside the item's
+            # extent, else direct: lazysd.pread), as an unchanged tensor's chunk is read, keeps
+            # the storage busy; the transpose from there costs little next to the read.
             base = self._acquire(n)
             try:
                 buf = base[:n].view(info.dtype).view(box_shape(item.source_box))
