@@ -381,8 +381,8 @@ def stretches(ranges: Iterable[tuple[str, int, int]]) -> dict[str, list[tuple[in
 
 def source_ranges(entry: Entry, box: Box) -> list[tuple[str, int, int]]:
     """``(file, offset, length)`` of the source bytes that ``box`` of ``entry`` needs, FP8
-    scales left out: what any plan of the box reads (chunking only cuts it up). Cheap: no
-    read items are built.
+    scale blocks included: what any plan of the box reads (chunking only cuts it up, or
+    reads a scale block shared by two chunks twice). Cheap: no read items are built.
 
     Example:
         >>> source_ranges(vsd.entry("model.norm.weight"), ((0, 4096),))  # doctest: +SKIP
@@ -394,6 +394,10 @@ def source_ranges(entry: Entry, box: Box) -> list[tuple[str, int, int]]:
         if found is not None and not is_empty(found[0]):
             info = src.info
             out += [(str(info.file), info.offset + s, n) for s, n in byte_runs(info.shape, info.itemsize, found[0])]
+            if src.scale is not None:
+                sc = src.scale.info
+                runs = byte_runs(sc.shape, sc.itemsize, src.scale.region(found[0]))
+                out += [(str(sc.file), sc.offset + s, n) for s, n in runs]
     return out
 
 

@@ -157,18 +157,19 @@ def test_extents_hold_only_bytes_the_plan_reads(checkpoints: dict[str, Path]) ->
 
 
 def test_source_ranges_are_what_any_plan_reads(checkpoints: dict[str, Path]) -> None:
-    """``source_ranges`` (no items built) covers exactly the source bytes of the plan's items,
-    whatever the chunking: the stretches a reader's own values make are the bytes it reads."""
+    """``source_ranges`` (no items built) covers exactly the bytes of the plan's items, FP8
+    scales included, whatever the chunking: the stretches a reader's own values make are the
+    bytes it reads."""
     for name in ("flash", "fp8"):
         with VirtualStateDict(checkpoints[name]) as vsd:
             for key in vsd:
                 entry = vsd.entry(key)
                 for box in (full_box(entry.shape), EPLayout(4).box(entry, 1), EPLayout(3, 2).box(entry, 4)):
                     planned = [
-                        (str(i.source.file), i.source.offset + o, n)
+                        r
                         for chunk in (4096, 8 << 20)
                         for i in plan_reads(entry, box, Destination(entry.dtype), chunk_bytes=chunk)
-                        for o, n in i.runs
+                        for r in i.ranges()
                     ]
                     assert stretches(source_ranges(entry, box)) == stretches(planned), (name, key, box)
 
