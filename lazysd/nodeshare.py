@@ -324,7 +324,7 @@ class NodeShare:
             return True
 
     def _publish(self, name: str, digest: bytes, dest: torch.Tensor, needed: int) -> None:
-        """Write ``dest``'s values under a temporary name, then rename: readers see whole boxes only.
+        """Publish ``dest``'s values (this rank read them and took them already).
 
         Best effort: without room in shared memory (the space is reserved first, so a full
         ``/dev/shm`` is an error here, never a SIGBUS) the others read it themselves.
@@ -332,22 +332,35 @@ class NodeShare:
         nbytes = dest.numel() * dest.element_size()
         if not self._room(name, nbytes):
             return
-        tmp = f"{name}.{os.getpid()}.{threading.get_ident()}.tmp"
         try:
-            fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_RDWR | getattr(os, "O_CLOEXEC", 0), 0o600)
-        except OSError:
+            self._write_box(name, digest, nbytes, needed, lambda fd: shm.write_exact(fd, dest, _HEADER), ahead=False)
+        except (OSError, RuntimeError):
             return
+
+    def _write_box(
+        self, name: str, digest: bytes, nbytes: int, needed: int, write: Callable[[int], None], *, ahead: bool
+    ) -> None:
+        """Write a box under a temporary name, then rename: readers see whole boxes only.
+
+        ``write(fd)`` puts the ``nbytes`` of values after the header; ``ahead``: read ahead
+        for ranks that will ask (nobody took it yet), else by this rank for itself (taken
+        once). On any error the temporary file is removed and the error raised.
+        """
+        tmp = f"{name}.{os.getpid()}.{threading.get_ident()}.tmp"
+        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_RDWR | getattr(os, "O_CLOEXEC", 0), 0o600)
         try:
             os.posix_fallocate(fd, 0, _HEADER + max(nbytes, 1))
-            counts = [n.to_bytes(8, "little") for n in (nbytes, needed, 1)]  # this rank took it already
+            write(fd)
+            counts = [n.to_bytes(8, "little") for n in (nbytes, needed, 0 if ahead else 1)]  # taken so far
             os.pwrite(fd, _MAGIC + digest + b"".join(counts), 0)
-            shm.write_exact(fd, dest, _HEADER)
             with self._lock:
                 self._published.add(name)
+                if ahead:
+                    self._ahead_read.add(name)
             os.rename(tmp, name)
-        except (OSError, RuntimeError):
+        except BaseException:
             shm.unlink(tmp)
-            return
+            raise
         finally:
             os.close(fd)
         with self._lock:
@@ -355,7 +368,7 @@ class NodeShare:
 
     def _prefetch(self, entry: Entry, box: Box, dtype: torch.dtype, needed: int) -> None:
         """Read a box this rank owns into shared memory before any rank asks (read-ahead):
-        straight into the published file's memory, then renamed as :meth:`_publish` does."""
+        straight into the published file's memory (:meth:`_write_box`)."""
         where = self._state.join(self._job, self._identity)
         if where is None:
             return
@@ -375,10 +388,8 @@ class NodeShare:
             nbytes = math.prod(shape) * dtype.itemsize
             if not self._room(name, nbytes):
                 return
-            tmp = f"{name}.{os.getpid()}.{threading.get_ident()}.tmp"
-            fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_RDWR | getattr(os, "O_CLOEXEC", 0), 0o600)
-            try:
-                os.posix_fallocate(fd, 0, _HEADER + max(nbytes, 1))
+
+            def fill(fd: int) -> None:
                 if nbytes:
                     mapped = mmap.mmap(fd, _HEADER + nbytes)
                     try:
@@ -387,19 +398,8 @@ class NodeShare:
                         del dest
                     finally:
                         mapped.close()
-                counts = [n.to_bytes(8, "little") for n in (nbytes, needed, 0)]  # nobody took it yet
-                os.pwrite(fd, _MAGIC + digest + b"".join(counts), 0)
-                with self._lock:
-                    self._published.add(name)
-                    self._ahead_read.add(name)
-                os.rename(tmp, name)
-            except BaseException:
-                shm.unlink(tmp)
-                raise
-            finally:
-                os.close(fd)
-            with self._lock:
-                self.bytes_published += nbytes
+
+            self._write_box(name, digest, nbytes, needed, fill, ahead=True)
         finally:
             shm.drop_claim(name, claim)
 
