@@ -10,8 +10,9 @@ destination (expert weights, :mod:`lazysd.transpose`); else into a bounded stagi
 then copied into a view of the destination (casts, FP8 dequantization, other devices). No
 full-size temporary is built, and each HF byte is read once.
 
-Reads run on a small thread pool ahead of the copies, but never more than
-``max_inflight_bytes`` of staging ahead: that is the memory bound of a load.
+The calling thread and a small thread pool share a fill's reads; staged reads run ahead of
+the copies, but never more than ``max_inflight_bytes`` of staging ahead: that is the memory
+bound of a load.
 """
 
 from __future__ import annotations
