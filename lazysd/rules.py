@@ -150,9 +150,10 @@ class Rule:
     def native_pattern(self) -> Pattern:
         return Pattern(self.native)
 
-    @property
+    @cached_property
     def sources(self) -> tuple[Part, ...]:
-        """The parts, with the implicit pass-through part made explicit."""
+        """The parts, with the implicit pass-through part made explicit (one Part, so its
+        pattern is compiled once, not at every key a claim tries it on)."""
         return self.parts or (Part(self.native),)
 
 
