@@ -6,7 +6,7 @@
  * registers inside tiles that fit in L2, on a few threads, with the GIL released so reads go
  * on meanwhile.
  *
- * Two entry points, driven by lazysd/transpose.py, which checks shapes, dtypes and strides:
+ * Three entry points, driven by lazysd/transpose.py, which checks shapes, dtypes and strides:
  *
  *   copy(dst, src, batch, rows, cols, dst_b, dst_r, src_b, src_c, itemsize, threads)
  *
@@ -18,6 +18,11 @@
  *
  * does the same from a dense [batch, cols, rows] array in a file, read block by block
  * (see read_transposed below).
+ *
+ *   reads(jobs, threads, probe)
+ *
+ * runs many plain and transposing reads of cached file bytes at once on a few threads kept
+ * for the next call (see reads below): a load's warm path.
  *
  * Instruction sets. The build uses the compiler's baseline flags only (the wheel must run on
  * any x86-64, and the file must build on other machines), so the AVX2 and AVX-512 kernels are
@@ -52,6 +57,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #if defined(__SSE2__) && (defined(__x86_64__) || defined(__i386__))
@@ -482,6 +489,314 @@ static PyObject *read_transposed(PyObject *self, PyObject *args) {
     return PyLong_FromLongLong(done);
 }
 
+/* ---- reads: many ranges of cached files at once, on threads, without the GIL ----
+ *
+ * reads(jobs, threads, probe) -> [bytes read per job]
+ *
+ * A job is (fd, offset, dst, nbytes): pread nbytes at offset into dst; or (fd, offset, dst,
+ * batch, rows, cols, dst_b, dst_r, itemsize): what read() does. The jobs are cut into units
+ * (a plain job into equal pieces, a transposed one into its blocks) that the calling thread
+ * and threads - 1 others take off one atomic counter until none is left.
+ *
+ * Why: a fill is a few to a few dozen such jobs. Run from Python, each job took a worker
+ * hand-off and the GIL back and forth between the threads; on a small VM a thread woken for
+ * the GIL waits tens of microseconds, so splitting a 1-2 MiB tensor over two threads made it
+ * slower than one thread alone. Here the GIL is released once, and the units keep every
+ * thread busy to the end of the fill.
+ *
+ * probe: first ask, with a one-byte preadv2(RWF_NOWAIT) at each end of a job's range, whether
+ * its bytes are in the page cache; from the first job that is not, the jobs are skipped (their
+ * result is -EAGAIN), for the caller to read them in bulk (O_DIRECT, readahead:
+ * lazysd/pread.py). Not probed further: a probe that misses starts a read of its page, which
+ * would make the caller's own probes of a cold stretch find it cached. A job that fails or
+ * meets the end of the file reports -errno or fewer bytes than it asked for; the caller reads
+ * it again its own way, which raises the error that names the file and key. */
+
+typedef struct {
+    int fd;
+    long long offset, nbytes; /* nbytes: the job's bytes in the file */
+    char *dst;
+    Py_ssize_t batch, rows, cols, dst_b, dst_r, z, per; /* rows == 0: a plain read */
+    long long unit, units, first;                        /* plain: bytes per unit; units; first unit's index */
+} RJob;
+
+typedef struct {
+    RJob *jobs;
+    Py_ssize_t njobs;
+    long long units;
+    long long next;  /* the next unit to take (atomic) */
+    long long *got;  /* per job: bytes read (atomic) */
+    int *err;        /* per job: errno of a failed unit, -1 a short read, 0 none (atomic) */
+    size_t buf;      /* the largest transposed block: each thread's buffer */
+    tile_fn tiles[4];
+} RBatch;
+
+/* The job holding unit u: the last whose first unit is <= u. */
+static Py_ssize_t job_of(const RBatch *B, long long u) {
+    Py_ssize_t lo = 0, hi = B->njobs - 1;
+    while (lo < hi) {
+        const Py_ssize_t mid = (lo + hi + 1) / 2;
+        if (B->jobs[mid].first <= u) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
+static void *read_units(void *arg) {
+    RBatch *B = (RBatch *)arg;
+    void *mem = NULL;
+    if (B->buf && posix_memalign(&mem, 4096, B->buf) != 0) return NULL; /* the others do its share */
+    char *buf = mem;
+    for (;;) {
+        const long long u = __atomic_fetch_add(&B->next, 1, __ATOMIC_RELAXED);
+        if (u >= B->units) break;
+        const Py_ssize_t j = job_of(B, u);
+        const RJob *J = &B->jobs[j];
+        if (__atomic_load_n(&B->err[j], __ATOMIC_RELAXED)) continue; /* the job is read again anyway */
+        const long long k = u - J->first;
+        long long want, got;
+        if (J->rows == 0) {
+            const long long at = k * J->unit;
+            want = J->nbytes - at < J->unit ? J->nbytes - at : J->unit;
+            got = read_all(J->fd, J->offset + at, J->dst + at, want);
+        } else {
+            const Py_ssize_t blocks = (J->cols + J->per - 1) / J->per, b = k / blocks, c0 = (k % blocks) * J->per;
+            const Py_ssize_t nc = J->cols - c0 < J->per ? J->cols - c0 : J->per, row_bytes = J->rows * J->z;
+            want = (long long)nc * row_bytes;
+            got = read_all(J->fd, J->offset + ((long long)b * J->cols + c0) * row_bytes, buf, want);
+            if (got == want) {
+                const tile_fn tile = B->tiles[J->z == 1 ? 0 : J->z == 2 ? 1 : J->z == 4 ? 2 : 3];
+                for (Py_ssize_t r0 = 0; r0 < J->rows; r0 += TILE) {
+                    const Py_ssize_t nr = J->rows - r0 < TILE ? J->rows - r0 : TILE;
+                    tile(J->dst + J->z * (b * J->dst_b + r0 * J->dst_r + c0), J->dst_r, buf + J->z * r0, J->rows, nr, nc);
+                }
+            }
+        }
+        if (got != want) __atomic_store_n(&B->err[j], got < 0 ? (int)-got : -1, __ATOMIC_RELAXED);
+        else __atomic_fetch_add(&B->got[j], got, __ATOMIC_RELAXED);
+    }
+    free(mem);
+    return NULL;
+}
+
+/* Whether byte pos of fd is in the page cache (1), not (0); 1 where the system cannot tell
+ * (or at the end of the file, which the read itself then reports). */
+static int cached_at(int fd, long long pos) {
+#ifdef RWF_NOWAIT
+    char c;
+    struct iovec v = {&c, 1};
+    if (preadv2(fd, &v, 1, (off_t)pos, RWF_NOWAIT) < 0 && errno == EAGAIN) return 0;
+#endif
+    (void)fd, (void)pos;
+    return 1;
+}
+
+/* The threads that help a caller of reads(): started on first use, kept for the next call.
+ * Starting and joining threads for every call cost ~80 us a call on the 2-core build VM, as
+ * much as reading 0.5 MiB; a load makes a call per tensor. After a batch a worker waits
+ * SPIN_NS for the next one before it sleeps: a load's next tensor usually comes within that
+ * (the Python between two fills), and waking a sleeping thread costs tens of microseconds on
+ * a VM. One batch uses the pool at a time; a concurrent caller starts threads of its own. */
+#ifndef SPIN_NS
+#define SPIN_NS 100000LL
+#endif
+
+static struct {
+    pthread_mutex_t use;  /* held by the caller whose batch the pool runs */
+    pthread_mutex_t m;    /* guards the fields below */
+    pthread_cond_t wake, idle;
+    int workers;          /* started (in this process) */
+    unsigned long gen;    /* bumped for every batch (read without the lock while spinning) */
+    RBatch *batch;
+    int want, busy;       /* workers still wanted for the batch; workers inside it */
+} P = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER,
+       0, 0, NULL, 0, 0};
+
+static long long now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1000000000LL + t.tv_nsec;
+}
+
+static void *pool_worker(void *arg) {
+    (void)arg;
+    pthread_mutex_lock(&P.m);
+    unsigned long seen = P.gen;
+    pthread_mutex_unlock(&P.m);
+    for (;;) {
+        const long long until = now_ns() + SPIN_NS;
+        while (__atomic_load_n(&P.gen, __ATOMIC_ACQUIRE) == seen && now_ns() < until) {
+#ifdef X86_SSE2
+            _mm_pause();
+#endif
+        }
+        RBatch *B = NULL;
+        pthread_mutex_lock(&P.m);
+        while (P.gen == seen) pthread_cond_wait(&P.wake, &P.m);
+        seen = P.gen;
+        if (P.want > 0) {
+            P.want--;
+            P.busy++;
+            B = P.batch;
+        }
+        pthread_mutex_unlock(&P.m);
+        if (B == NULL) continue;
+        read_units(B);
+        pthread_mutex_lock(&P.m);
+        if (--P.busy == 0) pthread_cond_signal(&P.idle);
+        pthread_mutex_unlock(&P.m);
+    }
+    return NULL;
+}
+
+/* A child made by fork() has none of the workers (only the forking thread survives), and a
+ * lock a worker held stays held: start afresh there. */
+static void pool_after_fork(void) {
+    pthread_mutex_init(&P.use, NULL);
+    pthread_mutex_init(&P.m, NULL);
+    pthread_cond_init(&P.wake, NULL);
+    pthread_cond_init(&P.idle, NULL);
+    P.workers = P.want = P.busy = 0;
+    P.batch = NULL;
+}
+
+/* Runs B on the calling thread and up to `helpers` pool workers; 0 if the pool is in use. */
+static int pool_run(RBatch *B, int helpers) {
+    if (pthread_mutex_trylock(&P.use) != 0) return 0;
+    pthread_mutex_lock(&P.m);
+    while (P.workers < helpers) {
+        pthread_t id;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        const int failed = pthread_create(&id, &attr, pool_worker, NULL);
+        pthread_attr_destroy(&attr);
+        if (failed) break;
+        P.workers++;
+    }
+    P.batch = B;
+    P.want = helpers < P.workers ? helpers : P.workers;
+    __atomic_add_fetch(&P.gen, 1, __ATOMIC_RELEASE);
+    pthread_cond_broadcast(&P.wake);
+    pthread_mutex_unlock(&P.m);
+    read_units(B);
+    /* Every unit is taken: no worker may join B from now on, and those in it finish. */
+    pthread_mutex_lock(&P.m);
+    P.want = 0;
+    while (P.busy > 0) pthread_cond_wait(&P.idle, &P.m);
+    P.batch = NULL;
+    pthread_mutex_unlock(&P.m);
+    pthread_mutex_unlock(&P.use);
+    return 1;
+}
+
+/* Plain jobs are cut into about 8 units per thread, each 256 KiB to 4 MiB, so the last units
+ * of a fill are small and the threads end together. */
+#define UNIT_MIN (256LL << 10)
+#define UNIT_MAX (4LL << 20)
+
+static int parse_job(PyObject *t, RJob *J) {
+    unsigned long long dst;
+    const Py_ssize_t n = PyTuple_Check(t) ? PyTuple_GET_SIZE(t) : -1;
+    memset(J, 0, sizeof *J);
+    if (n == 4) {
+        if (!PyArg_ParseTuple(t, "iLKL", &J->fd, &J->offset, &dst, &J->nbytes)) return 0;
+    } else if (n == 9) {
+        if (!PyArg_ParseTuple(t, "iLKnnnnnn", &J->fd, &J->offset, &dst, &J->batch, &J->rows, &J->cols, &J->dst_b,
+                              &J->dst_r, &J->z))
+            return 0;
+        if (!valid_itemsize(J->z)) return 0;
+        if (J->batch <= 0 || J->rows <= 0 || J->cols <= 0) J->batch = J->rows = J->cols = 0;
+        const Py_ssize_t row_bytes = J->rows * J->z;
+        Py_ssize_t per = row_bytes ? BLOCK_BYTES / row_bytes : 0;
+        per = per < 16 ? 16 : per < 64 ? per - per % 16 : per - per % 64;
+        J->per = per > J->cols ? J->cols : per;
+        J->nbytes = (long long)J->batch * J->cols * row_bytes;
+    } else {
+        PyErr_SetString(PyExc_TypeError, "a read job is (fd, offset, dst, nbytes) or (fd, offset, dst, batch, rows, "
+                                         "cols, dst_b, dst_r, itemsize)");
+        return 0;
+    }
+    if (J->offset < 0 || J->nbytes < 0) {
+        PyErr_SetString(PyExc_ValueError, "a read job's offset and size cannot be negative");
+        return 0;
+    }
+    J->dst = (char *)(uintptr_t)dst;
+    return 1;
+}
+
+static PyObject *reads(PyObject *self, PyObject *args) {
+    PyObject *seq;
+    int threads, probe;
+    if (!PyArg_ParseTuple(args, "Oip", &seq, &threads, &probe)) return NULL;
+    PyObject *fast = PySequence_Fast(seq, "jobs must be a sequence of tuples");
+    if (fast == NULL) return NULL;
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    RBatch B = {0};
+    B.jobs = PyMem_Calloc(n ? n : 1, sizeof(RJob));
+    B.got = PyMem_Calloc(n ? n : 1, sizeof(long long));
+    B.err = PyMem_Calloc(n ? n : 1, sizeof(int));
+    PyObject *out = NULL;
+    if (B.jobs == NULL || B.got == NULL || B.err == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (!parse_job(PySequence_Fast_GET_ITEM(fast, i), &B.jobs[i])) goto done;
+    B.njobs = n;
+    for (int i = 0; i < 4; i++) B.tiles[i] = isa_in_use->fn[i];
+    pthread_t ids[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    Py_BEGIN_ALLOW_THREADS
+    long long total = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const RJob *J = &B.jobs[i];
+        if (probe == 1 && J->nbytes && (!cached_at(J->fd, J->offset) || !cached_at(J->fd, J->offset + J->nbytes - 1)))
+            probe = 2; /* cold: this job and the rest are left to the caller (unprobed, see above) */
+        if (probe == 2) B.err[i] = EAGAIN;
+        else total += J->nbytes;
+    }
+    int nt = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
+    if (nt > 1 && total / nt < UNIT_MIN) nt = (int)(total / UNIT_MIN) > 1 ? (int)(total / UNIT_MIN) : 1;
+    long long unit = total / (8LL * nt);
+    unit = unit < UNIT_MIN ? UNIT_MIN : unit > UNIT_MAX ? UNIT_MAX : unit - unit % 4096;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        RJob *J = &B.jobs[i];
+        J->first = B.units;
+        if (B.err[i]) continue;
+        if (J->rows == 0) {
+            J->unit = unit;
+            J->units = (J->nbytes + unit - 1) / unit;
+        } else {
+            J->units = (long long)J->batch * ((J->cols + J->per - 1) / J->per);
+            const size_t block = (size_t)J->per * J->rows * J->z;
+            if (block > B.buf) B.buf = block;
+        }
+        B.units += J->units;
+    }
+    if (nt == 1 || !pool_run(&B, nt - 1)) {
+        /* One thread, or the pool is busy with another caller's batch: threads of our own. */
+        for (int i = 1; i < nt; i++) started[i] = pthread_create(&ids[i], NULL, read_units, &B) == 0;
+        read_units(&B);
+        for (int i = 1; i < nt; i++)
+            if (started[i]) pthread_join(ids[i], NULL);
+    }
+    Py_END_ALLOW_THREADS
+    out = PyList_New(n);
+    for (Py_ssize_t i = 0; out != NULL && i < n; i++) {
+        /* a unit no thread could take (no buffer) leaves the job short: read again by the caller */
+        const long long r = B.err[i] > 0 ? -(long long)B.err[i] : B.got[i];
+        PyObject *v = PyLong_FromLongLong(r);
+        if (v == NULL) Py_CLEAR(out);
+        else PyList_SET_ITEM(out, i, v);
+    }
+done:
+    PyMem_Free(B.jobs);
+    PyMem_Free(B.got);
+    PyMem_Free(B.err);
+    Py_DECREF(fast);
+    return out;
+}
+
 /* ---- choosing the instruction set ---- */
 
 static PyObject *isa(PyObject *self, PyObject *unused) { return PyUnicode_FromString(isa_in_use->name); }
@@ -524,6 +839,9 @@ static PyMethodDef methods[] = {
     {"read", read_transposed, METH_VARARGS,
      "read(fd, offset, dst, batch, rows, cols, dst_b, dst_r, itemsize) -> bytes read: "
      "pread a dense [batch, cols, rows] array and write its transpose; see lazysd/transpose.py."},
+    {"reads", reads, METH_VARARGS,
+     "reads(jobs, threads, probe) -> bytes read per job (-errno where it failed): plain and "
+     "transposing preads of many ranges on threads; see lazysd/transpose.py."},
     {"isa", isa, METH_NOARGS, "isa() -> the instruction set the kernels use: 'scalar', 'sse2', 'avx2' or 'avx512'."},
     {"isas", isas, METH_NOARGS, "isas() -> the instruction sets this CPU and build support, slowest first."},
     {"set_isa", set_isa, METH_O,
@@ -538,6 +856,7 @@ PyMODINIT_FUNC PyInit__transpose(void) {
 #ifdef X86_WIDE
     __builtin_cpu_init();
 #endif
+    pthread_atfork(NULL, NULL, pool_after_fork);
     /* The widest the CPU supports (the table is ordered slowest first). */
     for (int i = 0; i < N_ISAS; i++)
         if (isa_supported(&ISAS[i])) isa_in_use = &ISAS[i];

@@ -491,32 +491,48 @@ class Checkpoint:
         return reader
 
     def read_with(self, info: TensorInfo, runs: list[tuple[int, int]], read: Callable[[int], int]) -> None:
-        """Have ``read(fd)`` read byte ranges ``(start, length)`` of tensor ``info``.
-
-        Every read goes through here, also those that put the bytes somewhere themselves (the
-        transposing read); ``start`` counts from the tensor's first byte, at file offset
-        ``info.offset``. The checks and counting of every read: the ranges are inside the
-        tensor, the file is the one opened and unchanged before and after, and ``read``
-        returning fewer bytes than the ranges hold means the file ended early.
-        """
-        for start, n in runs:
-            if start < 0 or start + n > info.nbytes:
-                raise ValueError(
-                    f"{info.file}, key {info.key!r}: byte range {start}+{n} outside the tensor's {info.nbytes} bytes"
-                )
-        total = sum(n for _, n in runs)
-        fd = self.check_unchanged(info.file)
-        if read(fd) < total:
+        """Have ``read(fd)`` read byte ranges ``(start, length)`` of tensor ``info``
+        (:meth:`read_batch` of one); ``read`` returning fewer bytes than the ranges hold
+        means the file ended early."""
+        if not self.read_batch([(info, runs)], lambda fds: [read(fds[0])])[0]:
             raise FileChangedError(f"{info.file}, key {info.key!r}: file ended early (truncated after it was opened?)")
+
+    def read_batch(
+        self, reads: list[tuple[TensorInfo, list[tuple[int, int]]]], run: Callable[[list[int]], list[int]]
+    ) -> list[bool]:
+        """Have ``run(fds)`` read the byte ranges ``(start, length)`` of each tensor of
+        ``reads`` at once, ``fds[i]`` the descriptor of ``reads[i]``'s file; it returns the
+        bytes each read. Returns which reads got all their bytes (the caller reads the others
+        again its own way, or reports them).
+
+        Every read goes through here, also those that put the bytes somewhere themselves
+        (the transposing reads, the batched reads of cached bytes); ``start`` counts from the
+        tensor's first byte, at file offset ``info.offset``. The checks and counting of every
+        read: the ranges are inside the tensor, each file is the one opened and unchanged
+        before and after.
+        """
+        for info, runs in reads:
+            for start, n in runs:
+                if start < 0 or start + n > info.nbytes:
+                    where = f"{info.file}, key {info.key!r}"
+                    raise ValueError(f"{where}: byte range {start}+{n} outside the tensor's {info.nbytes} bytes")
+        fds = {info.file: self.check_unchanged(info.file) for info, _ in reads}
+        got = run([fds[info.file] for info, _ in reads])
         # A write that landed while we read would otherwise go unnoticed: the bytes would be
-        # a mix of old and new. One fstat is cheap next to a read.
-        if self._changed(info.file, os.fstat(fd)):
-            raise FileChangedError(
-                f"{info.file}, key {info.key!r}: file changed while it was being read; reopen the checkpoint"
-            )
+        # a mix of old and new. One fstat a file is cheap next to a read.
+        for file, fd in fds.items():
+            if self._changed(file, os.fstat(fd)):
+                key = next(info.key for info, _ in reads if info.file == file)
+                raise FileChangedError(
+                    f"{file}, key {key!r}: file changed while it was being read; reopen the checkpoint"
+                )
+        done = [g >= sum(n for _, n in runs) for g, (_, runs) in zip(got, reads, strict=True)]
         with self._lock:
-            self.bytes_read += total
-            self.read_calls += len(runs)
+            for ok, (_, runs) in zip(done, reads):
+                if ok:
+                    self.bytes_read += sum(n for _, n in runs)
+                    self.read_calls += len(runs)
+        return done
 
     def mapping(self, file: Path) -> mmap.mmap:
         """A private (copy-on-write) mapping of a whole weights file, made once, checked first."""

@@ -10,9 +10,12 @@ destination (expert weights, :mod:`lazysd.transpose`); else into a bounded stagi
 then copied into a view of the destination (casts, FP8 dequantization, other devices). No
 full-size temporary is built, and each HF byte is read once.
 
-The calling thread and a small thread pool share a fill's reads; staged reads run ahead of
-the copies, but never more than ``max_inflight_bytes`` of staging ahead: that is the memory
-bound of a load.
+Reads of bytes in the page cache (a warm load) that go straight into place or through the
+kernel are made in one call of the compiled kernel per fill (:func:`lazysd.transpose.read_many`:
+the GIL released once, ``threads`` threads splitting the reads evenly). Cold ones, and
+where the kernel is not built, are read job by job: the calling thread and a small thread
+pool share them; staged reads run ahead of the copies, but never more than
+``max_inflight_bytes`` of staging ahead: that is the memory bound of a load.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from .memory import populate
 from .plan import Entry
 from .pool import ReadPool
 from .reads import SHARES, Destination, MiB, ReadItem, plan_reads, source_ranges, stretches, with_extents
-from .transpose import copy_into, read_transposed
+from .transpose import copy_into, kernel_available, read_job, read_many, read_transposed
 
 
 @dataclass(frozen=True)
@@ -172,6 +175,11 @@ def _staging_buffer(nbytes: int) -> torch.Tensor:
     reader thread after a load.
     """
     return torch.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=torch.uint8)
+
+
+#: Bytes of one batched read call (Reader._read_cached): the GIL is released for the whole
+#: call, so Ctrl-C and progress reports wait for at most this much of a warm load.
+BATCH_BYTES = 64 * MiB
 
 
 def _wait_all(futures: list[Future[None]]) -> list[BaseException]:
@@ -511,6 +519,9 @@ class Reader:
                 self._place(job, buf)
         finally:
             self._release(base)
+        self._done(job)
+
+    def _done(self, job: _Job) -> None:
         fill = job.fill
         if fill is not None:
             with self._lock:  # jobs of one fill may finish on several threads (_run_shared)
@@ -528,6 +539,7 @@ class Reader:
             self._staging(-cost)
 
     def _run(self, jobs: list[_Job]) -> None:
+        jobs = self._read_cached(jobs)
         if self.options.threads <= 0 or len(jobs) <= 1:
             for job in jobs:
                 self._run_inline(job)
@@ -535,6 +547,54 @@ class Reader:
             self._run_pipelined(jobs)
         else:
             self._run_shared(jobs)
+
+    def _read_cached(self, jobs: list[_Job]) -> list[_Job]:
+        """Read the direct and fused jobs whose bytes are in the page cache with the kernel's
+        batched reads (:func:`lazysd.transpose.read_many`): the GIL released once per
+        :data:`BATCH_BYTES`, every thread busy to the end of the batch; returns the jobs
+        left for the per-job paths below: cold ones (read in bulk), and any that came up
+        short (read again there, which reports the file and key).
+
+        A job is a few MiB or less; run one by one from Python, each took a worker hand-off
+        and GIL hand-offs between the threads, which on a small VM cost more than splitting
+        a 1-2 MiB tensor over two threads saved.
+        """
+        if not (kernel_available() and self.ckpt.local):
+            return jobs
+        left: list[_Job] = []
+        batch: list[_Job] = []
+        size = 0
+        for job in jobs:
+            item = job.item
+            if item.method == "staged" or len(item.runs) != 1:
+                left.append(job)
+                continue
+            batch.append(job)
+            size += item.runs[0][1]
+            if size >= BATCH_BYTES:
+                left += self._read_batch(batch)
+                batch, size = [], 0
+        return left + self._read_batch(batch) if batch else left
+
+    def _read_batch(self, jobs: list[_Job]) -> list[_Job]:
+        """One call of the batched reads for ``jobs`` (direct and fused, one run each); the
+        jobs it did not read in full."""
+        reads = [(job.item.source, job.item.runs) for job in jobs]
+
+        def run(fds: list[int]) -> list[int]:
+            batch = [
+                read_job(fd, info.offset + runs[0][0], job.dest, transposed=job.item.method == "fused")
+                for fd, job, (info, runs) in zip(fds, jobs, reads)
+            ]
+            return read_many(batch, max(1, self.options.threads), probe=self.options.direct)
+
+        left = []
+        for job, done in zip(jobs, self.ckpt.read_batch(reads, run), strict=True):
+            if done:
+                self._done(job)
+            else:
+                left.append(job)
+        return left
 
     def _get_pool(self) -> ReadPool:
         with self._lock:  # fills may run on several threads at once (remote loads)

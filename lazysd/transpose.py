@@ -14,6 +14,10 @@ GiB/s, the former 8x8 SSE2 kernel -> AVX-512): :func:`copy_into` 5.7 -> 10.5 on 
 (a memcpy of the same bytes: 8.2), :func:`read_transposed` 3.9 -> 6.0 (a plain ``pread`` of
 the same bytes: 6.2); column halves of a wider destination 5.7 -> 8.9 and 4.0 -> 5.3. The
 full table is in ``lazysd/_transpose.c``.
+
+:func:`read_many` runs a fill's reads of cached bytes, plain and transposing, in one call of
+the kernel on a few threads it keeps, with the GIL released once (the warm path of
+:class:`lazysd.reader.Reader`).
 """
 
 from __future__ import annotations
@@ -125,6 +129,36 @@ def read_transposed(fd: int, offset: int, dest: torch.Tensor) -> int:
     batch, rows, cols = (1, *dest.shape) if dest.dim() == 2 else dest.shape
     db = dest.stride(0) if dest.dim() == 3 else 0
     return _transpose.read(fd, offset, dest.data_ptr(), batch, rows, cols, db, dest.stride(-2), dest.element_size())
+
+
+def read_job(fd: int, offset: int, dest: torch.Tensor, *, transposed: bool) -> tuple[int, ...]:
+    """One job of :func:`read_many`: ``dest.nbytes`` bytes at ``offset`` read into ``dest``
+    (contiguous), or, ``transposed``, what :func:`read_transposed` reads into it."""
+    if not transposed:
+        if not dest.is_contiguous():
+            raise ValueError("a plain read job needs a contiguous destination")
+        return (fd, offset, dest.data_ptr(), dest.numel() * dest.element_size())
+    batch, rows, cols = (1, *dest.shape) if dest.dim() == 2 else dest.shape
+    db = dest.stride(0) if dest.dim() == 3 else 0
+    return (fd, offset, dest.data_ptr(), batch, rows, cols, db, dest.stride(-2), dest.element_size())
+
+
+def read_many(jobs: list[tuple[int, ...]], threads: int, *, probe: bool) -> list[int]:
+    """Run :func:`read_job` jobs on ``threads`` threads (the calling one included) in one
+    call with the GIL released; the bytes each read.
+
+    A job gets all its bytes, or fewer where the file ended or a read failed (``-errno``):
+    the caller reads such a job again its own way, to report it. ``probe``: a job whose
+    first or last byte is not in the page cache is not read (``-errno.EAGAIN``), for the
+    caller to read cold bytes in bulk. Needs the kernel (:func:`kernel_available`).
+
+    Example:
+        >>> out = torch.empty(4096, dtype=torch.uint8)
+        >>> read_many([read_job(fd, 0, out, transposed=False)], 2, probe=False)  # doctest: +SKIP
+        [4096]
+    """
+    assert _transpose is not None
+    return _transpose.reads(jobs, threads, probe)
 
 
 def fused_read_applies(dest: torch.Tensor) -> bool:

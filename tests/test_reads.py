@@ -2,7 +2,7 @@
 
 ``rank_plan``/``explain`` (lazysd.dryrun), ``planned_ranges`` and the reader all derive from
 ``lazysd.reads.plan_reads``; these tests hold the counts and ranges against what the reader
-really reads (every read goes through ``Checkpoint.read_with``, recorded here) on a
+really reads (every read goes through ``Checkpoint.read_batch``, recorded here) on a
 Flash-shaped Step3p5 checkpoint and an FP8 DeepSeek-V3 one, over EP x ep_shard layouts.
 """
 

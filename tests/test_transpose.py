@@ -213,6 +213,12 @@ def test_fused_and_staged_loads_agree_bitwise(tmp_path, monkeypatch) -> None:
 
     calls = []
     monkeypatch.setattr(lazysd.reader, "read_transposed", lambda *a: calls.append(a) or tr.read_transposed(*a))
+
+    def read_many(jobs, threads, *, probe):  # noqa: ANN001, ANN202
+        calls.extend(job for job in jobs if len(job) == 9)  # the transposing ones
+        return tr.read_many(jobs, threads, probe=probe)
+
+    monkeypatch.setattr(lazysd.reader, "read_many", read_many)
     states = []
     for kernel in (True, False):
         if not kernel:
@@ -228,3 +234,147 @@ def test_fused_and_staged_loads_agree_bitwise(tmp_path, monkeypatch) -> None:
     assert states[0].keys() == states[1].keys()
     for k in states[0]:
         assert same_bits(states[0][k], states[1][k]), k
+
+
+# ---- read_many: batched reads of cached bytes ---------------------------------------------
+def _blob(path, nbytes: int, *, at: int = 17) -> bytes:
+    data = _random((nbytes,), torch.uint8).numpy().tobytes()
+    path.write_bytes(b"x" * at + data + b"tail")
+    return data
+
+
+@pytest.mark.skipif(not kernel_available(), reason="kernel not built")
+@pytest.mark.parametrize("threads", [1, 2, 5])
+def test_read_many_plain_and_transposed_jobs_bitwise(tmp_path, threads: int) -> None:
+    """Plain reads of every size class (units of 256 KiB to 4 MiB: ragged last units) and
+    transposing reads into dense and half-width destinations, in one call, on 1-5 threads."""
+    src = _random((3, 300, 600), torch.bfloat16)  # the file's [batch, cols, rows]
+    sizes = [0, 1, 4095, 300_001, 3 << 20, (9 << 20) + 7]
+    path = tmp_path / "blob"
+    data = _blob(path, src.numel() * 2 + sum(sizes))
+    src_at = 17 + sum(sizes)
+    path.write_bytes(path.read_bytes()[:src_at] + tensor_bytes(src) + b"tail")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        outs = [torch.full((n,), 0x5A, dtype=torch.uint8) for n in sizes]
+        dense = torch.empty(3, 600, 300, dtype=torch.bfloat16)
+        wide = torch.full((3, 600, 700), 7, dtype=torch.bfloat16)
+        half = wide[:, :, 400:]
+        jobs, at = [], 17
+        for out in outs:
+            jobs.append(tr.read_job(fd, at, out, transposed=False))
+            at += out.numel()
+        jobs += [tr.read_job(fd, src_at, d, transposed=True) for d in (dense, half)]
+        got = tr.read_many(jobs, threads, probe=True)
+        assert got == [*sizes, src.numel() * 2, src.numel() * 2]
+        at = 0
+        for out in outs:
+            assert out.numpy().tobytes() == data[at : at + out.numel()]
+            at += out.numel()
+        assert same_bits(dense, src.transpose(-1, -2)) and same_bits(half, src.transpose(-1, -2))
+        assert bool((wide[:, :, :400] == 7).all())
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(not kernel_available(), reason="kernel not built")
+def test_read_many_reports_short_and_failed_jobs(tmp_path) -> None:
+    """A job past the end of the file comes back short, one on a bad descriptor as -errno,
+    a malformed one raises; the others of the call are read all the same."""
+    import errno
+
+    path = tmp_path / "blob"
+    data = _blob(path, 1 << 20)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        good = torch.empty(1 << 20, dtype=torch.uint8)
+        past = torch.empty(1 << 20, dtype=torch.uint8)
+        bad = torch.empty(4096, dtype=torch.uint8)
+        got = tr.read_many(
+            [
+                tr.read_job(fd, 17, good, transposed=False),
+                tr.read_job(fd, 1 << 19, past, transposed=False),
+                tr.read_job(1 << 20, 0, bad, transposed=False),  # not an open descriptor
+            ],
+            2,
+            probe=False,
+        )
+        assert got[0] == 1 << 20 and good.numpy().tobytes() == data
+        assert 0 <= got[1] < 1 << 20
+        assert got[2] == -errno.EBADF
+        with pytest.raises(TypeError):
+            tr.read_many([(fd, 0, good.data_ptr())], 1, probe=False)
+        with pytest.raises(ValueError):
+            tr.read_many([(fd, -1, good.data_ptr(), 10)], 1, probe=False)
+        with pytest.raises(ValueError):
+            tr.read_job(fd, 0, torch.empty(4, 4).t(), transposed=False)  # not contiguous
+        assert tr.read_many([], 2, probe=True) == []
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(not kernel_available(), reason="kernel not built")
+def test_read_many_leaves_cold_jobs_unread_and_probes_no_further(tmp_path) -> None:
+    """probe: from the first job whose bytes are not cached on, nothing is read (-EAGAIN);
+    only that job's first page is touched by the probe."""
+    import errno
+
+    from tests.support.pagecache import evict, resident_map
+
+    path = tmp_path / "blob"
+    _blob(path, 8 << 20, at=0)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        evict(path)
+        if any(resident_map(path)):
+            pytest.skip("this filesystem does not honour page-cache eviction")
+        os.pread(fd, 4 << 20, 0)  # the first half cached
+        outs = [torch.empty(1 << 20, dtype=torch.uint8) for _ in range(8)]
+        jobs = [tr.read_job(fd, i << 20, out, transposed=False) for i, out in enumerate(outs)]
+        got = tr.read_many(jobs, 2, probe=True)
+        assert got == [1 << 20] * 4 + [-errno.EAGAIN] * 4
+        cached = [i for i, c in enumerate(resident_map(path)) if c]
+        assert cached == list(range(1024)) + [1024] or cached == list(range(1024)), cached[1020:]
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(not kernel_available(), reason="kernel not built")
+def test_read_many_from_several_threads_and_after_fork(tmp_path) -> None:
+    """Callers on several Python threads at once (one runs on the kept workers, the others
+    on threads of their own), and a forked child (which has none of the parent's workers)."""
+    import multiprocessing
+    import threading
+
+    path = tmp_path / "blob"
+    data = _blob(path, 16 << 20)
+    fd = os.open(path, os.O_RDONLY)
+    errors: list[str] = []
+
+    def read_all(k: int) -> None:
+        for _ in range(20):
+            out = torch.empty(16 << 20, dtype=torch.uint8)
+            if tr.read_many([tr.read_job(fd, 17, out, transposed=False)], 2 + k % 2, probe=False) != [16 << 20]:
+                errors.append(f"thread {k}: short")
+            elif out.numpy().tobytes() != data:
+                errors.append(f"thread {k}: wrong bytes")
+
+    try:
+        threads = [threading.Thread(target=read_all, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        def in_child() -> None:
+            read_all(0)
+            if errors:
+                raise SystemExit(f"child: {errors}")
+
+        child = multiprocessing.get_context("fork").Process(target=in_child)
+        child.start()
+        child.join(60)
+        assert child.exitcode == 0 and not errors
+    finally:
+        os.close(fd)

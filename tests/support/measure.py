@@ -77,16 +77,18 @@ class PeakRSS:
 def record_reads(vsd: Any) -> list[tuple[str, int, int]]:
     """Every read of ``vsd`` from now on as (HF key, byte start, length), recorded as it happens.
 
-    Wraps ``vsd.checkpoint.read_with``, which every read goes through (pread or transposing).
+    Wraps ``vsd.checkpoint.read_batch``, which every local read goes through (pread,
+    transposing, batched).
     """
     reads: list[tuple[str, int, int]] = []
-    original = vsd.checkpoint.read_with
+    original = vsd.checkpoint.read_batch
 
-    def recording(info, runs, read):  # noqa: ANN001, ANN202
-        reads.extend((info.key, start, n) for start, n in runs)
-        return original(info, runs, read)
+    def recording(batch, run):  # noqa: ANN001, ANN202
+        done = original(batch, run)
+        reads.extend((info.key, start, n) for ok, (info, runs) in zip(done, batch) for start, n in runs if ok)
+        return done
 
-    vsd.checkpoint.read_with = recording
+    vsd.checkpoint.read_batch = recording
     return reads
 
 
