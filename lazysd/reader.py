@@ -242,21 +242,20 @@ class Reader:
         locally, for the threads; 1 remotely, where each chunk would be a request)."""
         return SHARES if self.ckpt.local else 1
 
-    def plan(
-        self, entry: Entry, box: Box, dest: Destination | None = None, *, filling: bool = False
-    ) -> tuple[ReadItem, ...]:
+    def plan(self, entry: Entry, box: Box, dest: Destination | None = None) -> tuple[ReadItem, ...]:
         """The read items of filling ``box`` of ``entry`` into ``dest`` (default: a contiguous
-        CPU tensor of the entry's dtype), chunked by this reader's options.
+        CPU tensor of the entry's dtype), chunked by this reader's options."""
+        return with_extents(self._items(entry, box, dest))
 
-        ``filling``: the plan of a fill about to run: extents as wide as :meth:`_within` allows.
-        """
+    def _items(self, entry: Entry, box: Box, dest: Destination | None) -> tuple[ReadItem, ...]:
+        """:meth:`plan` without extents: a fill sets them on the jobs it reads cold (:meth:`_run`)."""
         items = plan_reads(
             entry,
             box,
             dest or Destination(entry.dtype),
             chunk_bytes=self.options.chunk_bytes,
             shares=self.shares,
-            within=self._within(entry, box) if filling else None,
+            extents=False,
         )
         if not self.ckpt.local:
             # The transpose kernel reads through a file descriptor: remote bytes are staged
@@ -444,7 +443,8 @@ class Reader:
         t0 = time.perf_counter()
         if fresh:
             populate(dest)  # one call maps every page, instead of a fault per page during the reads
-        self._run([_bind(item, dest) for item in self.plan(entry, box, Destination.of(dest), filling=True)])
+        jobs = [_bind(item, dest) for item in self._items(entry, box, Destination.of(dest))]
+        self._run(jobs, lambda: self._within(entry, box))
         self.count_filled(entry, dest, t0)
         return dest
 
@@ -464,16 +464,13 @@ class Reader:
         planned = []
         for entry, box, dest in fills:
             _check_shape(entry, box, dest)
-            items = self.plan(entry, box, Destination.of(dest), filling=True)
-            planned.append((_Fill(entry, dest, time.perf_counter(), 0), items))
-        items = with_extents([item for _, its in planned for item in its])
-        jobs, at = [], 0
-        for fill, its in planned:
-            fill.left = len(its)
-            if not its:
+            items = self._items(entry, box, Destination.of(dest))
+            planned.append((_Fill(entry, dest, time.perf_counter(), len(items)), items))
+        jobs = []
+        for fill, items in planned:
+            if not items:
                 self.count_filled(fill.entry, fill.dest, fill.t0)
-            jobs += [_bind(item, fill.dest, fill) for item in items[at : at + len(its)]]
-            at += len(its)
+            jobs += [_bind(item, fill.dest, fill) for item in items]
         jobs.sort(key=lambda job: (str(job.item.source.file), job.item.source.offset + job.item.runs[0][0]))
         self._run(jobs)
 
@@ -538,8 +535,17 @@ class Reader:
         finally:
             self._staging(-cost)
 
-    def _run(self, jobs: list[_Job]) -> None:
+    def _run(
+        self, jobs: list[_Job], within: Callable[[], dict[str, list[tuple[int, int]]] | None] | None = None
+    ) -> None:
+        """Carry out ``jobs``: those of cached bytes in batched kernel calls, the rest (cold)
+        job by job, with extents (:func:`lazysd.reads.with_extents`) to stream within: the
+        stretches of those jobs together, or wider ones of ``within()`` that hold them."""
         jobs = self._read_cached(jobs)
+        if not jobs:
+            return
+        items = with_extents([job.item for job in jobs], within() if within is not None else None)
+        jobs = [job if job.item is item else replace(job, item=item) for job, item in zip(jobs, items)]
         if self.options.threads <= 0 or len(jobs) <= 1:
             for job in jobs:
                 self._run_inline(job)

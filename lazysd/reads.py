@@ -288,6 +288,7 @@ def plan_reads(
     chunk_bytes: int = 8 * MiB,
     shares: int = SHARES,
     within: dict[str, list[tuple[int, int]]] | None = None,
+    extents: bool = True,
 ) -> tuple[ReadItem, ...]:
     """The reads that fill ``box`` of ``entry`` into a destination like ``dest``. Pure.
 
@@ -303,6 +304,8 @@ def plan_reads(
         within: stretches (:func:`stretches`) known to be read in full around this plan
             (all of a reader's own values: :attr:`lazysd.reader.Reader.own`): extents are
             these where they hold an item, else the plan's own.
+        extents: False leaves :attr:`ReadItem.extent` unset (a reader sets it with
+            :func:`with_extents` on the items it reads cold: warm reads do not use it).
 
     Returns:
         Items in source order, then row order; none for an empty box. Their destination
@@ -318,7 +321,7 @@ def plan_reads(
             if src.scale is not None:
                 scale = ScaleRead(src.scale.info, src.scale.region(sub), src.scale.block)
             items.append(ReadItem(src.info, sub, region, src.dims, method, staging, scale))
-    return with_extents(items, within)
+    return with_extents(items, within) if extents else tuple(items)
 
 
 def with_extents(

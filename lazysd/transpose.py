@@ -120,7 +120,7 @@ def read_transposed(fd: int, offset: int, dest: torch.Tensor) -> int:
 
     ``dest`` is ``[rows, cols]`` or ``[batch, rows, cols]`` with contiguous rows; the file holds
     ``[cols, rows]`` (``[batch, cols, rows]``) of the same dtype. Source rows are read a
-    256 KiB block at a time and transposed while the block is still in cache, so each byte
+    512 KiB block at a time and transposed while the block is still in cache, so each byte
     crosses memory once each way. Returns the bytes read: fewer than the array's size only
     where the file ended. Needs the kernel (:func:`fused_read_applies`); runs on the calling
     thread with the GIL released.
