@@ -150,21 +150,48 @@ class RangeReader:
         rest = self._read_direct(self._direct_fd, out[b:], pos + b)  # type: ignore[arg-type]
         return got + (rest if rest is not None else _pread_full(self.fd, out[b:], pos + b))
 
+    def streams(self) -> bool:
+        """Whether cold spans are streamed here: readahead on for their middle, and direct
+        reads for the tail (which keep readahead from running past the span)."""
+        return self._direct() is not None and self._stream_fd is not None and self._direct_ok
+
+    def stream_cold(self, span: tuple[int, int]) -> None:
+        """Stream ``span`` as a cold one (without probing it): its middle is being read ahead
+        into the page cache (:mod:`lazysd.prefetch`), where a direct read would miss it."""
+        with self._lock:
+            self._spans[span] = True
+
+    def reopen(self, flags: int = 0, *, random: bool = False) -> int:
+        """A new descriptor of this very file, with ``flags``; readahead on (a stream with its
+        own readahead state), or off with ``random`` (``POSIX_FADV_RANDOM``: exact reads).
+        OSError where that is not possible.
+
+        Through ``/proc/self/fd``: the file this descriptor has open, even if the path was
+        renamed or replaced since (identity checks stay on the first descriptor).
+        """
+        fd = os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY | flags | getattr(os, "O_CLOEXEC", 0))
+        if os.fstat(fd).st_ino != os.fstat(self.fd).st_ino:
+            os.close(fd)
+            raise OSError(errno.ESTALE, "the file was replaced")
+        if random and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        return fd
+
     def _window(self, span: tuple[int, int]) -> tuple[int, int] | None:
         """The part of ``span`` to stream, or None: too small, or found cached (probed once per
         span, by its first reader, before any of it is streamed; a warm span is read through
         the page cache as any other range)."""
-        lo = -(-span[0] // STREAM_ALIGN) * STREAM_ALIGN
-        hi = (span[1] - STREAM_MARGIN) // STREAM_ALIGN * STREAM_ALIGN
-        if hi - lo < STREAM_ALIGN or self._stream_fd is None or not self._direct_ok:
+        window = stream_window(span)
+        if window is None or self._stream_fd is None or not self._direct_ok:
             return None  # (the tail must go direct: where that was refused, nothing streams)
+        lo = window[0]
         with self._lock:
             cold = self._spans.get(span)
             if cold is None:
                 cold = self._spans[span] = not self.cached(lo, span[1] - lo)
                 if len(self._spans) > 4096:  # spans are tensors: keep the recent ones
                     del self._spans[next(iter(self._spans))]
-        return (lo, hi) if cold else None
+        return window if cold else None
 
     def _read_probed(self, out: memoryview, pos: int) -> int:
         """Read through the page cache where the range starts cached, else direct (bulk) or
@@ -231,20 +258,14 @@ class RangeReader:
             if not self._direct_tried:
                 self._direct_tried = True
                 try:
-                    # Through /proc/self/fd: the very file this descriptor has open, even if the
-                    # path was renamed or replaced since (identity checks stay on self.fd).
-                    fd = os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY | _O_DIRECT | getattr(os, "O_CLOEXEC", 0))
+                    fd: int | None = self.reopen(_O_DIRECT)
                 except OSError:
                     fd = None
-                if fd is not None and os.fstat(fd).st_ino != os.fstat(self.fd).st_ino:
-                    os.close(fd)
-                    fd = None
                 if fd is not None:
-                    stream = os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-                    if os.fstat(stream).st_ino == os.fstat(self.fd).st_ino:
-                        self._stream_fd = stream  # default advice: the kernel reads ahead
-                    else:
-                        os.close(stream)
+                    try:
+                        self._stream_fd = self.reopen()  # default advice: the kernel reads ahead
+                    except OSError:
+                        pass
                 self._direct_fd = fd
         return self._direct_fd
 
@@ -277,6 +298,19 @@ class RangeReader:
             self._pool.give(bounce)
             with self._lock:
                 self.direct_bytes += done
+
+def stream_window(span: tuple[int, int]) -> tuple[int, int] | None:
+    """The part of a cold ``span`` read with readahead on: from the first :data:`STREAM_ALIGN`
+    boundary in it to the last one :data:`STREAM_MARGIN` before its end; None if too small.
+
+    Example:
+        >>> stream_window((1 << 20, 64 << 20))
+        (2097152, 50331648)
+    """
+    lo = -(-span[0] // STREAM_ALIGN) * STREAM_ALIGN
+    hi = (span[1] - STREAM_MARGIN) // STREAM_ALIGN * STREAM_ALIGN
+    return (lo, hi) if hi - lo >= STREAM_ALIGN else None
+
 
 def gather_groups(runs: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
     """``(offset, length)`` runs (in file order) grouped where the gaps between them hold no

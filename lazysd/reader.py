@@ -30,6 +30,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
@@ -41,6 +42,8 @@ from .geometry import Box, box_shape, full_box, inverse_permutation
 from .memory import populate
 from .plan import Entry
 from .pool import ReadPool
+from .pread import stream_window
+from .prefetch import Prefetcher
 from .reads import SHARES, Destination, MiB, ReadItem, plan_reads, source_ranges, stretches, with_extents
 from .transpose import copy_into, kernel_available, read_job, read_many, read_transposed
 
@@ -221,14 +224,19 @@ class Reader:
         # box on this rank), as entries and boxes; asked once, at the first fill.
         self.own: Callable[[], Iterable[tuple[Entry, Box]]] | None = None
         self._own: tuple[dict[str, Box], dict[str, list[tuple[int, int]]]] | None = None
+        self._prefetcher: Prefetcher | None = None  # started by the first cold read of own values
         _READERS.add(self)
 
     def _after_fork(self) -> None:
         """In a child made by ``os.fork``: a lock a parent thread held at the fork would
-        never be released here (that thread does not exist); the pool restarts itself."""
+        never be released here (that thread does not exist); the pool restarts itself, and
+        read-ahead streams (the parent's threads) start again if needed."""
         self._lock = threading.Lock()
+        self._prefetcher = None
 
     def close(self) -> None:
+        if self._prefetcher is not None:
+            self._prefetcher.close()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
@@ -465,14 +473,22 @@ class Reader:
         for entry, box, dest in fills:
             _check_shape(entry, box, dest)
             items = self._items(entry, box, Destination.of(dest))
-            planned.append((_Fill(entry, dest, time.perf_counter(), len(items)), items))
+            planned.append((_Fill(entry, dest, time.perf_counter(), len(items)), items, tuple(box)))
         jobs = []
-        for fill, items in planned:
+        for fill, items, _ in planned:
             if not items:
                 self.count_filled(fill.entry, fill.dest, fill.t0)
             jobs += [_bind(item, fill.dest, fill) for item in items]
         jobs.sort(key=lambda job: (str(job.item.source.file), job.item.source.offset + job.item.runs[0][0]))
-        self._run(jobs)
+
+        def within() -> dict[str, list[tuple[int, int]]] | None:
+            # All of this reader's own values' stretches where every fill is one of them.
+            own = self._own_stretches()
+            if own is None or any(own[0].get(fill.entry.key) != box for fill, _, box in planned):
+                return None
+            return own[1]
+
+        self._run(jobs, within)
 
     def _within(self, entry: Entry, box: Box) -> dict[str, list[tuple[int, int]]] | None:
         """The stretches a fill of ``box`` of ``entry`` may stream within: all of this
@@ -487,6 +503,12 @@ class Reader:
         regions (a slice, a box given to :meth:`~lazysd.VirtualStateDict.lazy`) keep their
         own extents: their neighbours may never be read.
         """
+        own = self._own_stretches()
+        return own[1] if own is not None and own[0].get(entry.key) == tuple(box) else None
+
+    def _own_stretches(self) -> tuple[dict[str, Box], dict[str, list[tuple[int, int]]]] | None:
+        """This reader's own values' boxes by key, and their source bytes merged into
+        stretches (:func:`lazysd.reads.stretches`); None where they are not known."""
         if self.own is None or not self.ckpt.local:
             return None
         if self._own is None:
@@ -495,8 +517,31 @@ class Reader:
                 boxes[e.key] = b
                 ranges += source_ranges(e, b)
             self._own = boxes, stretches(ranges)
-        boxes, within = self._own
-        return within if boxes.get(entry.key) == tuple(box) else None
+        return self._own
+
+    def _prefetch(self, at: tuple[str, int]) -> None:
+        """At the first cold read of this reader's own values (at ``(file, offset)``): read
+        the streamed middles of all their stretches from there on ahead, on several streams
+        (:mod:`lazysd.prefetch`), and have those spans streamed without probing (a probe would
+        find the first pages cached and read the rest directly, past the page cache the
+        streams fill)."""
+        own = self._own_stretches()
+        if self._prefetcher is not None or own is None or not self.options.direct:
+            return
+        windows = []
+        for file, spans in own[1].items():
+            reader = self.ckpt.range_reader(Path(file))
+            if not reader.streams():
+                continue
+            for span in spans:
+                window = stream_window(span)
+                if window is not None:
+                    reader.stream_cold(span)
+                    windows.append((file, *window))
+        if windows:
+            # Readahead off on the streams' descriptors: their reads are exact (prefetch.py).
+            open_fd = lambda file: self.ckpt.range_reader(Path(file)).reopen(random=True)  # noqa: E731
+            self._prefetcher = Prefetcher(windows, open_fd, at=at)
 
     def count_filled(self, entry: Entry, out: torch.Tensor, t0: float) -> None:
         """Count ``out`` as a destination of ``entry`` filled since ``t0`` (stats, progress),
@@ -541,10 +586,19 @@ class Reader:
         """Carry out ``jobs``: those of cached bytes in batched kernel calls, the rest (cold)
         job by job, with extents (:func:`lazysd.reads.with_extents`) to stream within: the
         stretches of those jobs together, or wider ones of ``within()`` that hold them."""
+        if not jobs:
+            return
+        first = jobs[0].item
+        at = (str(first.source.file), first.source.offset + first.runs[0][0])
+        if self._prefetcher is not None:
+            self._prefetcher.consumed(*at)
         jobs = self._read_cached(jobs)
         if not jobs:
             return
-        items = with_extents([job.item for job in jobs], within() if within is not None else None)
+        wide = within() if within is not None else None
+        if wide is not None and self._prefetcher is None:
+            self._prefetch(at)  # the first cold read of this reader's own values
+        items = with_extents([job.item for job in jobs], wide)
         jobs = [job if job.item is item else replace(job, item=item) for job, item in zip(jobs, items)]
         if self.options.threads <= 0 or len(jobs) <= 1:
             for job in jobs:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from lazysd import VirtualStateDict, memory, pread, tuning
+from lazysd.geometry import box_shape
 from lazysd.pread import RangeReader
 from lazysd.reader import ReadOptions
 from lazysd.testing import (
@@ -428,3 +429,102 @@ def _no_page_beyond(files: list[Path], ranges: list[tuple[str, int, int]]) -> No
         mine = [(o, n) for name, o, n in ranges if name == str(f)]
         header = 1 if not any(o < pread.ALIGN for o, _ in mine) else 0
         assert resident_pages(f) - header <= pages_touched(mine), f.name
+
+
+# ---- read-ahead streams (lazysd.prefetch) -------------------------------------------------
+def test_prefetcher_reads_its_windows_ahead_and_nothing_else(tmp_path: Path) -> None:
+    """Streams read only inside their windows, from where the fills are, at most ``ahead``
+    past them; consumed() lets them on; close() stops them."""
+    from lazysd.prefetch import SEGMENT, Prefetcher
+    from tests.support.pagecache import pages_touched
+
+    path = tmp_path / "blob"
+    path.write_bytes(os.urandom(12 * SEGMENT))
+    evict(path)
+    if resident_pages(path):
+        pytest.skip("this filesystem does not honour page-cache eviction")
+    f = str(path)
+    windows = [(f, SEGMENT // 2, 3 * SEGMENT), (f, 5 * SEGMENT, 11 * SEGMENT)]
+    opened: list[int] = []
+
+    def open_fd(file: str) -> int:  # as the reader opens them: readahead off, exact reads
+        opened.append(fd := os.open(file, os.O_RDONLY))
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        return fd
+
+    p = Prefetcher(windows, open_fd, at=(f, SEGMENT), streams=3, ahead=2 * SEGMENT)
+    deadline = time.monotonic() + 30
+    while p.bytes_read < 2 * SEGMENT and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    # From the segment the fills are in (the one starting at SEGMENT // 2), two segments.
+    assert p.bytes_read == 2 * SEGMENT
+    assert resident_pages(path) == pages_touched([(SEGMENT // 2, 2 * SEGMENT)])
+    p.consumed(f, 7 * SEGMENT)  # the fills jumped on: the streams skip what lies behind
+    deadline = time.monotonic() + 30
+    while p.bytes_read < 4 * SEGMENT and time.monotonic() < deadline:
+        time.sleep(0.01)
+    p.close()
+    assert p.bytes_read == 4 * SEGMENT
+    assert all(not t.is_alive() for t in p._threads)
+    for fd in opened:  # every descriptor it opened is closed
+        with pytest.raises(OSError):
+            os.fstat(fd)
+    time.sleep(0.2)
+    cached = resident_map(path)
+    page = pread.ALIGN
+    inside = [(SEGMENT // 2, 2 * SEGMENT), (7 * SEGMENT, 2 * SEGMENT)]
+    assert [i for i, c in enumerate(cached) if c] == [
+        i for lo, n in inside for i in range(lo // page, (lo + n) // page)
+    ]
+
+
+def test_prefetcher_survives_a_failing_stream(tmp_path: Path) -> None:
+    from lazysd.prefetch import SEGMENT, Prefetcher
+
+    def refuse(file: str) -> int:
+        raise OSError(13, "permission denied")
+
+    p = Prefetcher([(str(tmp_path / "x"), 0, 4 * SEGMENT)], refuse, streams=2)
+    p.close()
+    assert p.bytes_read == 0
+
+
+def test_cold_reads_of_own_boxes_read_ahead_only_those(tmp_path: Path) -> None:
+    """A reader whose own values are one expert-parallel rank's boxes (as a VirtualStateDict
+    on a mesh has): its first cold fill starts the read-ahead streams, which read the rank's
+    stretches ahead, so later fills find their bytes cached; bitwise right, every byte
+    counted once, and no page of another rank's experts is read."""
+    from lazysd.dryrun import EPLayout
+
+    spec = Step3p5Spec(
+        num_hidden_layers=3,
+        first_dense_layers=1,
+        num_nextn_predict_layers=0,
+        moe_num_experts=64,
+        moe_intermediate_size=512,
+        hidden_size=1024,
+        intermediate_size=64,
+        share_expert_dim=64,
+        vocab_size=64,
+    )
+    path = make_checkpoint(tmp_path / "ckpt", spec, layout="single")
+    eager = {k: v.clone() for k, v in native_state_dict(load_hf_tensors(path), 3).items()}
+    files = _evict_all(path)
+    layout = EPLayout(2)
+    with VirtualStateDict(path) as vsd:
+        boxes = {key: layout.box(vsd.entry(key), 1) for key in vsd}
+        vsd.reader.own = lambda: [(vsd.entry(k), b) for k, b in boxes.items()]
+        ranges = [r for key, box in boxes.items() for r in vsd.reader.ranges(vsd.entry(key), box)]
+        # In file order, as models list their parameters in the released checkpoints.
+        for key, box in sorted(boxes.items(), key=lambda kv: vsd.entry(kv[0]).sources[0].info.offset):
+            got = torch.empty(box_shape(box), dtype=eager[key].dtype)
+            vsd.reader.fill(vsd.entry(key), box, got)
+            assert_bitwise_equal({key: got}, {key: eager[key][tuple(slice(lo, hi) for lo, hi in box)]})
+        assert vsd.bytes_read == sum(n for _, _, n in ranges)
+        prefetcher = vsd.reader._prefetcher
+        if all(r._direct_fd is None for r in vsd.checkpoint._readers.values()):
+            pytest.skip("this filesystem refuses O_DIRECT: nothing is streamed (bytes checked above)")
+        assert prefetcher is not None and prefetcher.bytes_read >= 32 << 20
+    assert all(not t.is_alive() for t in prefetcher._threads)  # closed with the VirtualStateDict
+    _no_page_beyond(files, ranges)
