@@ -54,6 +54,7 @@
 #include <Python.h>
 #include <errno.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -622,10 +623,12 @@ static long long now_ns(void) {
 }
 
 static void *pool_worker(void *arg) {
-    (void)arg;
-    pthread_mutex_lock(&P.m);
-    unsigned long seen = P.gen;
-    pthread_mutex_unlock(&P.m);
+    /* The generation before the batch it was started for, so that it joins that batch. */
+    unsigned long seen = (unsigned long)(uintptr_t)arg;
+    /* Signals go to the application's threads, never to a worker in the middle of a read. */
+    sigset_t all;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, NULL);
     for (;;) {
         const long long until = now_ns() + SPIN_NS;
         while (__atomic_load_n(&P.gen, __ATOMIC_ACQUIRE) == seen && now_ns() < until) {
@@ -672,7 +675,7 @@ static int pool_run(RBatch *B, int helpers) {
         pthread_attr_t attr;
         pthread_attr_init(&attr);
         pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        const int failed = pthread_create(&id, &attr, pool_worker, NULL);
+        const int failed = pthread_create(&id, &attr, pool_worker, (void *)(uintptr_t)P.gen);
         pthread_attr_destroy(&attr);
         if (failed) break;
         P.workers++;

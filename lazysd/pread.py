@@ -100,6 +100,7 @@ class RangeReader:
         self._direct_fd: int | None = None
         self._stream_fd: int | None = None  # readahead on; opened with the direct one
         self._spans: dict[tuple[int, int], bool] = {}  # span -> read cold (streamed)?
+        self._streamed: set[tuple[int, int]] = set()  # spans streamed unprobed (stream_cold)
         self._direct_tried = not (direct and _O_DIRECT and self.nowait)
         self._direct_ok = not self._direct_tried
         self._lock = threading.Lock()
@@ -159,7 +160,7 @@ class RangeReader:
         """Stream ``span`` as a cold one (without probing it): its middle is being read ahead
         into the page cache (:mod:`lazysd.prefetch`), where a direct read would miss it."""
         with self._lock:
-            self._spans[span] = True
+            self._streamed.add(span)
 
     def reopen(self, flags: int = 0, *, random: bool = False) -> int:
         """A new descriptor of this very file, with ``flags``; readahead on (a stream with its
@@ -186,7 +187,7 @@ class RangeReader:
             return None  # (the tail must go direct: where that was refused, nothing streams)
         lo = window[0]
         with self._lock:
-            cold = self._spans.get(span)
+            cold = span in self._streamed or self._spans.get(span)
             if cold is None:
                 cold = self._spans[span] = not self.cached(lo, span[1] - lo)
                 if len(self._spans) > 4096:  # spans are tensors: keep the recent ones

@@ -44,6 +44,7 @@ SEGMENT = 32 * MiB  # one stream's piece: long enough for its readahead to ramp 
 REQUEST = 8 * MiB  # one pread of a piece (into a scratch buffer the stream reuses)
 STREAMS = 4  # measured best on the build VM (module docstring)
 AHEAD = 512 * MiB  # how far past the fills the streams may read
+IDLE_S = 5.0  # a stream waiting this long for the fills to move on ends (and frees its buffer)
 
 
 class Prefetcher:
@@ -107,7 +108,8 @@ class Prefetcher:
     def _take(self) -> tuple[str, int, int] | None:
         with self._cond:
             while not self._closed and self._next < len(self.segments) and self._next >= self._at + self._ahead:
-                self._cond.wait()
+                if not self._cond.wait(IDLE_S):
+                    return None  # the fills stopped (a load left unfinished): do not hold on
             if self._closed or self._next >= len(self.segments):
                 return None
             self._next = max(self._next, self._at)  # never behind the fills: those bytes are read

@@ -479,6 +479,24 @@ def test_prefetcher_reads_its_windows_ahead_and_nothing_else(tmp_path: Path) -> 
     ]
 
 
+def test_prefetcher_streams_end_when_the_fills_stop(tmp_path: Path, monkeypatch) -> None:
+    """A load left unfinished: streams waiting for the fills end after a while (their
+    buffers and descriptors freed), without close()."""
+    from lazysd import prefetch
+
+    monkeypatch.setattr(prefetch, "IDLE_S", 0.2)
+    path = tmp_path / "blob"
+    path.write_bytes(bytes(4 * prefetch.SEGMENT))
+    p = prefetch.Prefetcher(
+        [(str(path), 0, 4 * prefetch.SEGMENT)], lambda f: os.open(f, os.O_RDONLY), streams=2, ahead=prefetch.SEGMENT
+    )
+    for t in p._threads:
+        t.join(10)
+    assert all(not t.is_alive() for t in p._threads)
+    assert p.bytes_read == prefetch.SEGMENT  # the one segment it was allowed ahead
+    p.close()
+
+
 def test_prefetcher_survives_a_failing_stream(tmp_path: Path) -> None:
     from lazysd.prefetch import SEGMENT, Prefetcher
 
