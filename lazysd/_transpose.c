@@ -564,12 +564,26 @@ static void *read_units(void *arg) {
             want = J->nbytes - at < J->unit ? J->nbytes - at : J->unit;
             got = read_all(J->fd, J->offset + at, J->dst + at, want);
         } else {
-            const Py_ssize_t blocks = (J->cols + J->per - 1) / J->per, b = k / blocks, c0 = (k % blocks) * J->per;
-            const Py_ssize_t nc = J->cols - c0 < J->per ? J->cols - c0 : J->per, row_bytes = J->rows * J->z;
-            want = (long long)nc * row_bytes;
-            got = read_all(J->fd, J->offset + ((long long)b * J->cols + c0) * row_bytes, buf, want);
-            if (got == want) {
-                const tile_fn tile = B->tiles[J->z == 1 ? 0 : J->z == 2 ? 1 : J->z == 4 ? 2 : 3];
+            /* A unit is a whole batch element (an expert), its blocks in turn, so that threads
+             * write different pages: two threads filling columns of the same rows of fresh
+             * memory fault the same pages and page tables (assign=True of the 1.85 GiB EP
+             * benchmark checkpoint: 1.08 s with a block a unit, 0.75 s with one thread a
+             * block of the old path). One 2-D array: a block a unit. */
+            const Py_ssize_t blocks = (J->cols + J->per - 1) / J->per, row_bytes = J->rows * J->z;
+            const Py_ssize_t b = J->batch > 1 ? k : 0, first = J->batch > 1 ? 0 : k;
+            const Py_ssize_t last = J->batch > 1 ? blocks : k + 1;
+            const tile_fn tile = B->tiles[J->z == 1 ? 0 : J->z == 2 ? 1 : J->z == 4 ? 2 : 3];
+            want = got = 0;
+            for (Py_ssize_t blk = first; blk < last; blk++) {
+                const Py_ssize_t c0 = blk * J->per, nc = J->cols - c0 < J->per ? J->cols - c0 : J->per;
+                const long long w = (long long)nc * row_bytes;
+                const long long g = read_all(J->fd, J->offset + ((long long)b * J->cols + c0) * row_bytes, buf, w);
+                want += w;
+                if (g != w) {
+                    got = g < 0 ? g : got + g;
+                    break;
+                }
+                got += g;
                 for (Py_ssize_t r0 = 0; r0 < J->rows; r0 += TILE) {
                     const Py_ssize_t nr = J->rows - r0 < TILE ? J->rows - r0 : TILE;
                     tile(J->dst + J->z * (b * J->dst_b + r0 * J->dst_r + c0), J->dst_r, buf + J->z * r0, J->rows, nr, nc);
@@ -696,9 +710,14 @@ static int pool_run(RBatch *B, int helpers) {
     return 1;
 }
 
-/* Plain jobs are cut into about 8 units per thread, each 256 KiB to 4 MiB, so the last units
- * of a fill are small and the threads end together. */
-#define UNIT_MIN (256LL << 10)
+/* Plain jobs are cut into about 8 units per thread, each 1 to 4 MiB, so the last units of a
+ * fill are small and the threads end together. Not smaller: threads filling neighbouring
+ * pieces of fresh memory fault pages under the same page tables (assign=True of the 1.85 GiB
+ * EP benchmark checkpoint, 3 fresh processes each: 0.82 s with 256 KiB units, 0.75 with
+ * 1 MiB; a warm load of the 0.9 GiB one: the same with 256 KiB or 1 MiB, 1-3% slower with 2). */
+#ifndef UNIT_MIN
+#define UNIT_MIN (1LL << 20)
+#endif
 #define UNIT_MAX (4LL << 20)
 
 static int parse_job(PyObject *t, RJob *J) {
@@ -774,7 +793,7 @@ static PyObject *reads(PyObject *self, PyObject *args) {
             J->unit = unit;
             J->units = (J->nbytes + unit - 1) / unit;
         } else {
-            J->units = (long long)J->batch * ((J->cols + J->per - 1) / J->per);
+            J->units = J->batch > 1 ? J->batch : (J->cols + J->per - 1) / J->per;
             const size_t block = (size_t)J->per * J->rows * J->z;
             if (block > B.buf) B.buf = block;
         }

@@ -302,6 +302,12 @@ def test_read_many_reports_short_and_failed_jobs(tmp_path) -> None:
         assert got[0] == 1 << 20 and good.numpy().tobytes() == data
         assert 0 <= got[1] < 1 << 20
         assert got[2] == -errno.EBADF
+        # A transposing job whose second expert runs past the end: short, first expert right.
+        experts = torch.empty(2, 512, 512, dtype=torch.bfloat16)
+        (got,) = tr.read_many([tr.read_job(fd, 17 + (1 << 19), experts, transposed=True)], 2, probe=False)
+        assert 0 <= got < experts.numel() * 2
+        first = torch.frombuffer(bytearray(data[1 << 19 : (1 << 19) + (1 << 19)]), dtype=torch.bfloat16)
+        assert same_bits(experts[0], first.view(512, 512).t())
         with pytest.raises(TypeError):
             tr.read_many([(fd, 0, good.data_ptr())], 1, probe=False)
         with pytest.raises(ValueError):
