@@ -333,13 +333,11 @@ def test_runs_a_few_bytes_apart_are_read_in_one_call(blob, monkeypatch: pytest.M
         os.close(fd)
 
 
-def test_cold_expert_shards_stream_and_read_only_their_pages(tmp_path: Path) -> None:
-    """An expert-parallel rank's experts (64 MiB sources, half of them: windows to stream)
-    read cold: bitwise right, partly streamed, and not one page beyond the planned ranges."""
-    from lazysd.dryrun import EPLayout
-
-    spec = Step3p5Spec(
-        num_hidden_layers=2,
+def _expert_spec(layers: int) -> Step3p5Spec:
+    """Layers of 64 experts of 1 MiB per source (64 MiB sources: an EP-2 rank's half is a
+    window to stream), everything else tiny."""
+    return Step3p5Spec(
+        num_hidden_layers=layers,
         first_dense_layers=1,
         num_nextn_predict_layers=0,
         moe_num_experts=64,
@@ -349,6 +347,14 @@ def test_cold_expert_shards_stream_and_read_only_their_pages(tmp_path: Path) -> 
         share_expert_dim=64,
         vocab_size=64,
     )
+
+
+def test_cold_expert_shards_stream_and_read_only_their_pages(tmp_path: Path) -> None:
+    """An expert-parallel rank's experts (64 MiB sources, half of them: windows to stream)
+    read cold: bitwise right, partly streamed, and not one page beyond the planned ranges."""
+    from lazysd.dryrun import EPLayout
+
+    spec = _expert_spec(layers=2)
     path = make_checkpoint(tmp_path / "ckpt", spec)
     keys = ["model.layers.1.moe.experts.gate_and_up_projs", "model.layers.1.moe.experts.down_projs"]
     # Cloned: views of safetensors' file mappings would keep the pages from being evicted.
@@ -515,17 +521,7 @@ def test_cold_reads_of_own_boxes_read_ahead_only_those(tmp_path: Path) -> None:
     counted once, and no page of another rank's experts is read."""
     from lazysd.dryrun import EPLayout
 
-    spec = Step3p5Spec(
-        num_hidden_layers=3,
-        first_dense_layers=1,
-        num_nextn_predict_layers=0,
-        moe_num_experts=64,
-        moe_intermediate_size=512,
-        hidden_size=1024,
-        intermediate_size=64,
-        share_expert_dim=64,
-        vocab_size=64,
-    )
+    spec = _expert_spec(layers=3)
     path = make_checkpoint(tmp_path / "ckpt", spec, layout="single")
     eager = {k: v.clone() for k, v in native_state_dict(load_hf_tensors(path), 3).items()}
     files = _evict_all(path)
