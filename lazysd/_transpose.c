@@ -425,6 +425,23 @@ static PyObject *copy(PyObject *self, PyObject *args) {
 #define BLOCK_BYTES (512 * 1024)
 #endif
 
+/* Source rows (destination columns) per block of rows of row_bytes bytes (> 0), at most cols. */
+static Py_ssize_t block_cols(Py_ssize_t row_bytes, Py_ssize_t cols) {
+    Py_ssize_t per = BLOCK_BYTES / row_bytes;
+    per = per < 16 ? 16 : per < 64 ? per - per % 16 : per - per % 64;
+    return per > cols ? cols : per;
+}
+
+/* Transposes a block of nc source rows of `rows` items (buf) into columns c0.. of batch
+ * element b of dst (row stride dst_r, batch stride dst_b; strides in items of z bytes). */
+static void put_block(tile_fn tile, char *dst, Py_ssize_t dst_b, Py_ssize_t dst_r, Py_ssize_t b, Py_ssize_t c0,
+                      const char *buf, Py_ssize_t rows, Py_ssize_t nc, Py_ssize_t z) {
+    for (Py_ssize_t r0 = 0; r0 < rows; r0 += TILE) {
+        const Py_ssize_t nr = rows - r0 < TILE ? rows - r0 : TILE;
+        tile(dst + z * (b * dst_b + r0 * dst_r + c0), dst_r, buf + z * r0, rows, nr, nc);
+    }
+}
+
 /* Reads n bytes from fd at off into buf; returns the bytes read (fewer only where the file
  * ended) or -errno. (Reading each row into a padded buffer row, an odd number of cache lines
  * apart, with preadv, cost more in the read than it saved in the transpose: the AVX-512 and
@@ -459,10 +476,7 @@ static PyObject *read_transposed(PyObject *self, PyObject *args) {
     if (!valid_itemsize(z)) return NULL;
     if (batch <= 0 || rows <= 0 || cols <= 0) return PyLong_FromLong(0);
     const tile_fn tile = tile_for(z);
-    const Py_ssize_t row_bytes = rows * z;
-    Py_ssize_t per = BLOCK_BYTES / row_bytes;
-    per = per < 16 ? 16 : per < 64 ? per - per % 16 : per - per % 64;
-    if (per > cols) per = cols;
+    const Py_ssize_t row_bytes = rows * z, per = block_cols(row_bytes, cols);
     void *mem = NULL;
     if (posix_memalign(&mem, 4096, (size_t)(per * row_bytes)) != 0) return PyErr_NoMemory();
     char *buf = mem;
@@ -477,10 +491,7 @@ static PyObject *read_transposed(PyObject *self, PyObject *args) {
             const long long got = read_all(fd, offset + done, buf, (long long)nc * row_bytes);
             if (got < 0) err = (int)-got;
             if (got != (long long)nc * row_bytes) { done += got > 0 ? got : 0; break; }
-            for (Py_ssize_t r0 = 0; r0 < rows; r0 += TILE) {
-                const Py_ssize_t nr = rows - r0 < TILE ? rows - r0 : TILE;
-                tile(dst + z * (b * dst_b + r0 * dst_r + c0), dst_r, buf + z * r0, rows, nr, nc);
-            }
+            put_block(tile, dst, dst_b, dst_r, b, c0, buf, rows, nc, z);
             done += got;
         }
         if (c0 < cols) break; /* failed or ended */
@@ -584,10 +595,7 @@ static void *read_units(void *arg) {
                     break;
                 }
                 got += g;
-                for (Py_ssize_t r0 = 0; r0 < J->rows; r0 += TILE) {
-                    const Py_ssize_t nr = J->rows - r0 < TILE ? J->rows - r0 : TILE;
-                    tile(J->dst + J->z * (b * J->dst_b + r0 * J->dst_r + c0), J->dst_r, buf + J->z * r0, J->rows, nr, nc);
-                }
+                put_block(tile, J->dst, J->dst_b, J->dst_r, b, c0, buf, J->rows, nc, J->z);
             }
         }
         if (got != want) __atomic_store_n(&B->err[j], got < 0 ? (int)-got : -1, __ATOMIC_RELAXED);
@@ -733,9 +741,7 @@ static int parse_job(PyObject *t, RJob *J) {
         if (!valid_itemsize(J->z)) return 0;
         if (J->batch <= 0 || J->rows <= 0 || J->cols <= 0) J->batch = J->rows = J->cols = 0;
         const Py_ssize_t row_bytes = J->rows * J->z;
-        Py_ssize_t per = row_bytes ? BLOCK_BYTES / row_bytes : 0;
-        per = per < 16 ? 16 : per < 64 ? per - per % 16 : per - per % 64;
-        J->per = per > J->cols ? J->cols : per;
+        J->per = row_bytes ? block_cols(row_bytes, J->cols) : 0; /* empty: rows == 0, a plain job of 0 bytes */
         J->nbytes = (long long)J->batch * J->cols * row_bytes;
     } else {
         PyErr_SetString(PyExc_TypeError, "a read job is (fd, offset, dst, nbytes) or (fd, offset, dst, batch, rows, "

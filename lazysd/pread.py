@@ -127,7 +127,7 @@ class RangeReader:
         (this read is part of it): if the span is cold, bytes well inside it are read with
         readahead on (module docstring).
         """
-        window = self._window(span) if span is not None and self._direct() is not None else None
+        window = self._window(span) if span is not None and self.streams() else None
         if window is None:
             return self._read_probed(out, pos)
         end = pos + len(out)
@@ -153,7 +153,8 @@ class RangeReader:
 
     def streams(self) -> bool:
         """Whether cold spans are streamed here: readahead on for their middle, and direct
-        reads for the tail (which keep readahead from running past the span)."""
+        reads for the tail (which keep readahead from running past the span: where direct
+        reads are refused, nothing streams)."""
         return self._direct() is not None and self._stream_fd is not None and self._direct_ok
 
     def stream_cold(self, span: tuple[int, int]) -> None:
@@ -183,8 +184,8 @@ class RangeReader:
         span, by its first reader, before any of it is streamed; a warm span is read through
         the page cache as any other range)."""
         window = stream_window(span)
-        if window is None or self._stream_fd is None or not self._direct_ok:
-            return None  # (the tail must go direct: where that was refused, nothing streams)
+        if window is None:
+            return None
         lo = window[0]
         with self._lock:
             cold = span in self._streamed or self._spans.get(span)

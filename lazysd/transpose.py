@@ -126,9 +126,15 @@ def read_transposed(fd: int, offset: int, dest: torch.Tensor) -> int:
     thread with the GIL released.
     """
     assert _transpose is not None
+    return _transpose.read(fd, offset, *_transposed_dest(dest))
+
+
+def _transposed_dest(dest: torch.Tensor) -> tuple[int, ...]:
+    """``(address, batch, rows, cols, batch stride, row stride, itemsize)`` of a ``[rows,
+    cols]`` or ``[batch, rows, cols]`` destination with contiguous rows, as the kernel reads them."""
     batch, rows, cols = (1, *dest.shape) if dest.dim() == 2 else dest.shape
     db = dest.stride(0) if dest.dim() == 3 else 0
-    return _transpose.read(fd, offset, dest.data_ptr(), batch, rows, cols, db, dest.stride(-2), dest.element_size())
+    return (dest.data_ptr(), batch, rows, cols, db, dest.stride(-2), dest.element_size())
 
 
 def read_job(fd: int, offset: int, dest: torch.Tensor, *, transposed: bool) -> tuple[int, ...]:
@@ -138,9 +144,7 @@ def read_job(fd: int, offset: int, dest: torch.Tensor, *, transposed: bool) -> t
         if not dest.is_contiguous():
             raise ValueError("a plain read job needs a contiguous destination")
         return (fd, offset, dest.data_ptr(), dest.numel() * dest.element_size())
-    batch, rows, cols = (1, *dest.shape) if dest.dim() == 2 else dest.shape
-    db = dest.stride(0) if dest.dim() == 3 else 0
-    return (fd, offset, dest.data_ptr(), batch, rows, cols, db, dest.stride(-2), dest.element_size())
+    return (fd, offset, *_transposed_dest(dest))
 
 
 def read_many(jobs: list[tuple[int, ...]], threads: int, *, probe: bool) -> list[int]:
