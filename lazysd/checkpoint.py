@@ -230,7 +230,8 @@ class Checkpoint:
                 + "\n".join(not_names[:20])
                 + _more(len(not_names), 20)
             )
-        pickled = [f"  {k}: {v}" for k, v in weight_map.items() if Path(v).suffix in PICKLE_SUFFIXES]
+        pickle_names = {v for v in set(weight_map.values()) if Path(v).suffix in PICKLE_SUFFIXES}
+        pickled = [f"  {k}: {v}" for k, v in weight_map.items() if v in pickle_names]
         if pickled:
             raise NoWeightsError(
                 f"{index}: names pickled weight files, which lazysd never unpickles (unpickling can run "
@@ -243,15 +244,17 @@ class Checkpoint:
         resolved: dict[str, Path] = {}
         missing: dict[str, list[str]] = {}
         odd: dict[str, str] = {}  # name -> what it is instead of a regular file
-        checked: dict[str, Path] = {}  # a shard is named by hundreds of keys: check it once
+        checked: dict[str, tuple[Path, bool]] = {}  # a shard is named by hundreds of keys: check it once
         for key, name in weight_map.items():
-            file = checked.get(name)
-            if file is None:
-                file = checked[name] = self._resolve_inside(name, f"{index}, key {repr_cut(key)}")
+            found = checked.get(name)
+            if found is None:
+                file = self._resolve_inside(name, f"{index}, key {repr_cut(key)}")
                 what = self._kind(file)
                 if what not in (None, "missing"):
                     odd[name] = what
-            if name not in odd and not self._is_file(file):
+                found = checked[name] = (file, name in odd or self._is_file(file))
+            file, exists = found
+            if not exists:
                 missing.setdefault(str(name), []).append(cut(key))
             resolved[key] = file
         if odd:
@@ -516,7 +519,7 @@ class Checkpoint:
                 if start < 0 or start + n > info.nbytes:
                     where = f"{info.file}, key {info.key!r}"
                     raise ValueError(f"{where}: byte range {start}+{n} outside the tensor's {info.nbytes} bytes")
-        fds = {info.file: self.check_unchanged(info.file) for info, _ in reads}
+        fds = {file: self.check_unchanged(file) for file in dict.fromkeys(info.file for info, _ in reads)}
         got = run([fds[info.file] for info, _ in reads])
         # A write that landed while we read would otherwise go unnoticed: the bytes would be
         # a mix of old and new. One fstat a file is cheap next to a read.

@@ -110,14 +110,19 @@ class Block:
         Returns ``(source_box, native_box)``: the region in source dimension order (what is
         read) and the same region in native coordinates (where it lands).
         """
-        native = intersect(box, self.box)
-        if native is None:
-            return None
+        # One pass over the dims, no intermediate boxes: a plan of a stacked tensor asks this
+        # of every expert's block.
         src: list[tuple[int, int]] = [(0, 1)] * len(self.shape)
-        for i, d in enumerate(self.dims):
+        native = []
+        for (lo, hi), start, d in zip(box, self.start, self.dims):
+            end = start + (1 if d is None else self.shape[d])
+            lo, hi = max(lo, start), min(hi, end)
+            if lo >= hi:
+                return None
+            native.append((lo, hi))
             if d is not None:
-                src[d] = (native[i][0] - self.start[i], native[i][1] - self.start[i])
-        return tuple(src), native
+                src[d] = (lo - start, hi - start)
+        return tuple(src), tuple(native)
 
 
 # ---- byte runs of a row-major tensor --------------------------------------------------------
@@ -144,6 +149,8 @@ def byte_runs(shape: Sequence[int], itemsize: int, box: Box) -> list[tuple[int, 
     strides = [itemsize * math.prod(shape[i + 1 :]) for i in range(ndim)]
     k = _run_split(shape, box)
     run_len = (box[k][1] - box[k][0]) * strides[k]
+    if all(hi - lo == 1 for lo, hi in box[:k]):  # one run (most reads): no arrays
+        return [(sum(lo * st for (lo, _), st in zip(box[: k + 1], strides)), run_len)]
     starts = np.array([box[k][0] * strides[k]], dtype=np.int64)
     for d in range(k - 1, -1, -1):
         idx = np.arange(box[d][0], box[d][1], dtype=np.int64) * strides[d]

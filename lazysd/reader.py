@@ -120,13 +120,17 @@ def _bind(item: ReadItem, dest: torch.Tensor, fill: _Fill | None = None) -> _Job
             whole = not box or box[0] == (0, shape[0])
             return _Job(item, dest if whole else dest.narrow(0, box[0][0], box[0][1] - box[0][0]), fill)
         return _Job(item, dest[tuple(slice(lo, hi) for lo, hi in box)], fill)
-    view = dest[tuple(slice(lo, hi) for lo, hi in item.dest_box)]
-    if item.method == "staged":
-        return _Job(item, view, fill)
-    view = view[tuple(0 if d is None else slice(None) for d in item.dims)]
-    if item.method == "fused":
-        return _Job(item, view, fill)
-    return _Job(item, view.permute(inverse_permutation([d for d in item.dims if d is not None])), fill)
+    # One strided view, its sizes and strides worked out here: a stacked tensor binds an item
+    # per expert, and slicing, dropping the stacking dims and permuting cost a view op each.
+    box, stride = item.dest_box, dest.stride()
+    offset = dest.storage_offset() + sum(lo * st for (lo, _), st in zip(box, stride))
+    if item.method == "staged":  # the region itself
+        return _Job(item, dest.as_strided(box_shape(box), stride, offset), fill)
+    # The region without its stacking dims (fused: what the kernel transposes into) ...
+    kept = [(hi - lo, st) for (lo, hi), st, d in zip(box, stride, item.dims) if d is not None]
+    if item.method == "direct":  # ... seen in source order (contiguous there)
+        kept = [kept[i] for i in inverse_permutation([d for d in item.dims if d is not None])]
+    return _Job(item, dest.as_strided([n for n, _ in kept], [st for _, st in kept], offset), fill)
 
 
 def _check_shape(entry: Entry, box: Box, dest: torch.Tensor) -> None:

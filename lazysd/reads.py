@@ -37,6 +37,7 @@ Example:
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
@@ -52,10 +53,12 @@ from .transpose import fused_read_fits
 
 MiB = 1 << 20
 DIRECT_ROW = 64 << 10  # smallest row read on its own rather than staged with its neighbours
-# A source of a few MiB is cut into up to SHARES chunks of at least SHARE_MIN bytes, so the
+# A plan of a few MiB is cut into up to SHARES chunks of at least SHARE_MIN bytes, so the
 # reader's threads share it instead of one thread copying it while the others wait (a load
-# is tensor after tensor). Constants, not the thread count: a plan is the same on every
-# machine, so a dry run elsewhere counts exactly the reads made here.
+# is tensor after tensor): a plan of one source cuts it in SHARES, one of SHARES sources or
+# more (experts stacked from per-expert tensors) has chunks enough and cuts none. Constants,
+# not the thread count: a plan is the same on every machine, so a dry run elsewhere counts
+# exactly the reads made here.
 SHARES = 4
 SHARE_MIN = 512 << 10
 
@@ -195,20 +198,21 @@ class ReadTotals:
     dest_bytes: int  # bytes written into the destination
 
 
-def _chunks(
-    src: Source, box: Box, dest: Destination, cpu: bool, chunk_bytes: int, shares: int
-) -> Iterator[tuple[Box, Box, Method, int]]:
-    """``(source sub-box, destination region, method, staging)`` of each read of ``src``.
+def _sources(entry: Entry, box: Box, shares: int) -> tuple[list[tuple[Source, tuple[Box, Box]]], int]:
+    """The sources ``box`` of ``entry`` needs with their regions
+    (:meth:`lazysd.geometry.Block.source_region`), and the shares to cut each into."""
+    found = [(src, region) for src in entry.sources if (region := src.source_region(box)) is not None]
+    return found, max(1, shares // max(1, len(found)))
 
-    A meta tensor with the destination's shape, dtype and strides stands in for it: the view
-    arithmetic below decides where bytes can go straight into place, without memory.
-    """
-    found = src.source_region(box)
-    if found is None:
-        return
+
+def _chunks(
+    src: Source, found: tuple[Box, Box], box: Box, dest: Destination, cpu: bool, chunk_bytes: int, shares: int
+) -> Iterator[tuple[Box, Box, Method, int]]:
+    """``(source sub-box, destination region, method, staging)`` of each read of ``src``,
+    whose part in ``box`` is ``found``."""
     src_box, native = found
     info = src.info
-    region = relative(native, [lo for lo, _ in box])
+    region = relative(native, [lo for lo, _ in box]) if any(lo for lo, _ in box) else native
     plain = src.scale is None and dest.dtype == info.dtype and cpu
     if not info.shape:
         yield src_box, region, ("direct" if plain else "staged"), (0 if plain else info.itemsize)
@@ -220,7 +224,7 @@ def _chunks(
     per = max(1, chunk_bytes // max(1, row_bytes))
     native0 = src.dims.index(0)
     if plain and src.identity and dest.contiguous(box) and region[1:] == full_box(box_shape(box))[1:]:
-        # The common case, decided on plain values (the meta-tensor views below cost more
+        # The common case, decided on plain values (even a cached decision below costs more
         # than a small tensor's read): whole rows of an unpermuted source into a contiguous
         # destination are contiguous there, every chunk a direct read.
         for r in range(0, rows, per):
@@ -232,14 +236,15 @@ def _chunks(
                 0,
             )
         return
-    view = _meta_dest(box, dest)[tuple(slice(lo, hi) for lo, hi in region)]
-    perm = [d for d in src.dims if d is not None]
-    new_axes = tuple(0 if d is None else slice(None) for d in src.dims)
-    # The destination seen in source order: where that is contiguous, the bytes can be read
-    # straight into it (unchanged tensors; halves of a tensor laid out in source order).
-    as_source = view[new_axes].permute(inverse_permutation(perm))
-    if plain and row_bytes >= DIRECT_ROW and not as_source.is_contiguous() and as_source[:1].is_contiguous():
+    # Whether bytes can go straight into place depends only on the shapes and strides of
+    # the destination region and of each chunk, which the sources of a stacked tensor share
+    # (hundreds of experts): decided once per geometry (:func:`_in_source_order`).
+    stride = dest.stride if dest.stride is not None else _contiguous_strides(box_shape(box))
+    geometry = (box_shape(region), stride, src.dims)
+    whole = _in_source_order(*geometry, rows)[0]
+    if plain and row_bytes >= DIRECT_ROW and not whole and _in_source_order(*geometry, 1)[0]:
         per = 1  # contiguous row by row only: one direct read per row beats staging
+    perm = [d for d in src.dims if d is not None]
     # The kernel's case: the last two source dims swapped, nothing else moved, no cast.
     swapped = (
         plain
@@ -247,37 +252,47 @@ def _chunks(
         and len(perm) in (2, 3)
         and src_box[-1] == (0, info.shape[-1])
     )
-    # Chunks of one size share their strides, so the method is decided once per size.
-    decided: dict[int, tuple[Method, int]] = {}
     for r in range(0, rows, per):
         n = min(per, rows - r)
         sub = ((src_box[0][0] + r, src_box[0][0] + r + n), *src_box[1:])
         lo0 = region[native0][0] + r
         dest_region = (*region[:native0], (lo0, lo0 + n), *region[native0 + 1 :])
-        how = decided.get(n)
-        if how is None:
-            chunk_view = view.narrow(native0, 0, n)[new_axes]
-            if plain and as_source.narrow(0, 0, n).is_contiguous():
-                how = ("direct", 0)
-            elif (
-                swapped
-                and run_count(info.shape, sub) == 1
-                and fused_read_fits(chunk_view.shape, chunk_view.stride(), chunk_view.element_size())
-            ):
-                # Warm, the kernel needs only its block buffer; cold, the reader stages the
-                # whole chunk for one bulk read (lazysd.reader): budgeted for the latter.
-                how = ("fused", n * row_bytes)
-            else:
-                how = ("staged", n * row_bytes)
-            decided[n] = how
-        yield sub, dest_region, how[0], how[1]
+        direct, shape, strides = _in_source_order(*geometry, n)
+        if plain and direct:
+            yield sub, dest_region, "direct", 0
+        elif swapped and run_count(info.shape, sub) == 1 and fused_read_fits(shape, strides, info.itemsize):
+            # Warm, the kernel needs only its block buffer; cold, the reader stages the
+            # whole chunk for one bulk read (lazysd.reader): budgeted for the latter.
+            yield sub, dest_region, "fused", n * row_bytes
+        else:
+            yield sub, dest_region, "staged", n * row_bytes
 
 
-def _meta_dest(box: Box, dest: Destination) -> torch.Tensor:
-    shape = box_shape(box)
-    if dest.stride is None:
-        return torch.empty(shape, dtype=dest.dtype, device="meta")
-    return torch.empty_strided(shape, dest.stride, dtype=dest.dtype, device="meta")
+@functools.lru_cache(maxsize=1024)
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    out, step = [], 1
+    for n in reversed(shape):
+        out.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(out))
+
+
+@functools.lru_cache(maxsize=4096)
+def _in_source_order(
+    shape: tuple[int, ...], stride: tuple[int, ...], dims: tuple[int | None, ...], rows: int
+) -> tuple[bool, tuple[int, ...], tuple[int, ...]]:
+    """For a destination region of ``shape`` and element ``stride`` that a source placed by
+    ``dims`` fills, and a chunk of its first ``rows`` source rows: whether the chunk is
+    contiguous in source order (a direct read), and the chunk's shape and strides without
+    the stacking dims (where the transpose kernel would write).
+
+    A meta tensor with those strides stands in for the destination: torch's own view
+    arithmetic decides, without memory.
+    """
+    view = torch.empty_strided(shape, stride, dtype=torch.uint8, device="meta")
+    chunk = view.narrow(dims.index(0), 0, rows)[tuple(0 if d is None else slice(None) for d in dims)]
+    as_source = chunk.permute(inverse_permutation([d for d in dims if d is not None]))
+    return as_source.is_contiguous(), tuple(chunk.shape), chunk.stride()
 
 
 def plan_reads(
@@ -298,7 +313,7 @@ def plan_reads(
         dest: the destination tensor (the box's shape): dtype, device type, strides.
         chunk_bytes: target size of one read (source rows are never split; a dequantized
             FP8 chunk counts at fp32).
-        shares: cut a source of a few MiB into up to this many chunks (:data:`SHARES`; 1
+        shares: cut a plan of a few MiB into up to this many chunks (:data:`SHARES`; 1
             for remote storage, where every chunk is a request and concurrency comes from
             the requests of several tensors in flight).
         within: stretches (:func:`stretches`) known to be read in full around this plan
@@ -315,8 +330,9 @@ def plan_reads(
         return ()
     cpu = dest.device == "cpu"
     items = []
-    for src in entry.sources:
-        for sub, region, method, staging in _chunks(src, box, dest, cpu, chunk_bytes, shares):
+    sources, shares = _sources(entry, box, shares)
+    for src, found in sources:
+        for sub, region, method, staging in _chunks(src, found, box, dest, cpu, chunk_bytes, shares):
             scale = None
             if src.scale is not None:
                 scale = ScaleRead(src.scale.info, src.scale.region(sub), src.scale.block)
@@ -413,9 +429,10 @@ def read_totals(
         return ReadTotals(0, 0, 0, 0)
     cpu = dest.device == "cpu"
     nbytes = runs = items = 0
-    for src in entry.sources:
+    sources, shares = _sources(entry, box, shares)
+    for src, found in sources:
         info = src.info
-        for sub, _, _, _ in _chunks(src, box, dest, cpu, chunk_bytes, shares):
+        for sub, _, _, _ in _chunks(src, found, box, dest, cpu, chunk_bytes, shares):
             items += 1
             nbytes += math.prod(box_shape(sub)) * info.itemsize
             runs += run_count(info.shape, sub)
