@@ -1,8 +1,11 @@
 """Peer benchmark: lazysd against the loaders users pick, cold and warm, next to the read floor.
 
-    python benchmarks/bench_peers.py [--sizes 1e9 3e9] [--runs 3] [--dir /tmp/lazysd-bench]
+    python benchmarks/bench_peers.py [--sizes 1e9 3e9] [--runs 3] [--family step3p5] [--dir /tmp/lazysd-bench]
 
-Generates Flash-shaped Step3p5 bf16 checkpoints (``Step3p5Spec.sized``) under ``--dir`` once.
+Generates Flash-shaped Step3p5 bf16 checkpoints (``Step3p5Spec.sized``; grouped expert tensors)
+under ``--dir`` once, or with ``--family qwen3_moe`` (or ``deepseek_v3``, ``glm4_moe``,
+``mixtral``) checkpoints of that family's release layout (``FamilySpec.sized``: per-expert
+tensors, 64 experts a layer, stacked by every native load).
 Then, ``--runs`` rounds: in each round every method runs once cold (the checkpoint's pages
 dropped from the page cache with ``POSIX_FADV_DONTNEED`` just before the process starts) and
 once warm (every file read through just before), each in its own fresh Python process, the
@@ -18,7 +21,8 @@ lazysd's thread count, to the best floor and to the best peer (medians).
 Methods (peers are optional: ``pip install -e ".[bench]"``; a missing one is skipped with a
 printed line):
     lazysd          ``model.load_state_dict(VirtualStateDict(path))`` into an allocated native
-                    model (expert transposes included), default options
+                    model (expert transposes included; for a ``--family``, a module with the
+                    VirtualStateDict's keys and shapes), default options
     lazysd-load     ``lazysd.load(model, path)`` into the same model: every tensor's chunks go
                     through one read pipeline (``Reader.fill_many``) before
                     ``load_state_dict`` sees them
@@ -31,7 +35,9 @@ printed line):
     st-prealloc     ``safe_open`` + ``get_tensor(k)`` copied into pre-allocated tensors
     runai           runai-model-streamer ``SafetensorsStreamer`` (CPU), copied into pre-allocated
     fastsafetensors ``SafeTensorsFileLoader(device="cpu", nogds=True)``, copied into pre-allocated
-    transformers    ``Step3p7TextModel.from_pretrained`` (native layout), pages touched
+    transformers    ``Step3p7TextModel.from_pretrained`` (native layout), pages touched; for a
+                    ``--family``, ``AutoModelForCausalLM.from_pretrained`` (its weight
+                    converters stack the per-expert tensors)
     floor:N         ``pread`` of every tensor's bytes into pre-faulted memory on N threads, each
                     reading its own contiguous share sequentially in 16 MiB requests (kernel
                     readahead on): N = lazysd's default thread count, and more
@@ -70,6 +76,38 @@ FLOOR_CHUNK = 16 << 20
 def _files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     return [path / f for f in dict.fromkeys(json.loads(index.read_text())["weight_map"].values())]
+
+
+def _family(path: Path) -> str:
+    return json.loads((path / "config.json").read_text())["model_type"]
+
+
+def _checkpoint(family: str, size: float, root: Path) -> Path:
+    """The benchmark checkpoint of ``family`` and ``size`` under ``root``, generated once."""
+    from lazysd.testing import Step3p5Spec, ensure_checkpoint
+    from lazysd.testing.families import FamilySpec, make_family_checkpoint
+
+    if family == "step3p5":
+        return ensure_checkpoint(root / f"{size / 1e9:g}gb", Step3p5Spec.sized(int(size)), verbose=True)
+    path = root / f"{family}-{size / 1e9:g}gb"
+    if not (path / "model.safetensors.index.json").exists():  # the index is written last
+        make_family_checkpoint(path, FamilySpec.sized(family, int(size)))
+    return path
+
+
+def _native_model():  # noqa: ANN202
+    """An allocated, zeroed native model for ``PATH``: Step3p5's own module, or for other
+    families a module with the VirtualStateDict's keys, shapes and dtypes."""
+    sys.path.insert(0, str(HERE))
+    from bench_load import _allocated_model, _spec
+
+    from lazysd import VirtualStateDict
+    from lazysd.testing.families import ParamTree
+
+    if _family(PATH) == "step3p5":
+        return _allocated_model(_spec(SIZE))
+    with VirtualStateDict(PATH) as vsd:
+        return ParamTree({k: (tuple(t.shape), t.dtype) for k, t in vsd.items()})
 
 
 def _peak():  # noqa: ANN202
@@ -150,23 +188,17 @@ def worker(method: str) -> dict:
     if method.startswith("floor:"):
         return _floor(int(method.split(":")[1]))
     if method in ("lazysd", "lazysd-buffered"):
-        sys.path.insert(0, str(HERE))
-        from bench_load import _allocated_model, _spec
-
         from lazysd import VirtualStateDict
 
-        model = _allocated_model(_spec(SIZE))
+        model = _native_model()
         with _peak() as p:
             with VirtualStateDict(PATH, direct=method == "lazysd") as vsd:
                 model.load_state_dict(vsd)
         return {**p.result, "bytes": vsd.bytes_read, "threads": vsd.reader.options.threads}
     if method == "lazysd-load":
-        sys.path.insert(0, str(HERE))
-        from bench_load import _allocated_model, _spec
-
         import lazysd
 
-        model = _allocated_model(_spec(SIZE))
+        model = _native_model()
         with _peak() as p:
             report = lazysd.load(model, PATH)
         return {**p.result, "bytes": report.bytes_read}
@@ -174,7 +206,14 @@ def worker(method: str) -> dict:
         sys.path.insert(0, str(HERE))
         from bench_load import _from_pretrained, touch_pages
 
-        from_pretrained = _from_pretrained()
+        if _family(PATH) == "step3p5":
+            from_pretrained = _from_pretrained()
+        else:
+            from transformers import AutoModelForCausalLM
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.set_verbosity_error()
+            from_pretrained = lambda path: AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)  # noqa: E731
         with _peak() as p:
             model = from_pretrained(PATH)
             nbytes = touch_pages(model.state_dict().values())  # mmap-backed parameters read here
@@ -303,6 +342,7 @@ def main() -> int:
     ap.add_argument(
         "--floor-threads", nargs="+", type=int, default=None, help="extra floor thread counts (default 4 8)"
     )
+    ap.add_argument("--family", default="step3p5", help="step3p5 (grouped experts) or a per-expert family")
     ap.add_argument("--dir", default="/tmp/lazysd-bench")
     ap.add_argument(
         "--replay", metavar="LOG", help="print the tables of an earlier run from its stderr log (complete rounds only)"
@@ -314,7 +354,6 @@ def main() -> int:
         return 0
 
     from lazysd import tuning
-    from lazysd.testing import Step3p5Spec, checkpoint_nbytes, ensure_checkpoint
     from tests.support.measure import run_fresh
 
     MiB = 2**20
@@ -333,9 +372,9 @@ def main() -> int:
         methods = list(dict.fromkeys(m for _, _, _, m, _ in replayed))
         floors = [m for m in methods if m.startswith("floor:")]
     for size in args.sizes:
-        spec = Step3p5Spec.sized(int(size))
-        path = ensure_checkpoint(Path(args.dir) / f"{size / 1e9:g}gb", spec, verbose=True)
+        path = _checkpoint(args.family, size, Path(args.dir))
         files = _files(path)
+        nbytes = sum(os.path.getsize(f) for f in files)
         with __import__("lazysd").VirtualStateDict(path) as vsd:
             largest = max(e.nbytes for e in vsd.plan.entries.values())
         bound = 1.25 * largest + 64 * MiB
@@ -353,7 +392,7 @@ def main() -> int:
                     results[mode, m].append(x)
                     print(f"  run {r + 1} {mode} {m} {size:g}: {json.dumps(x)}", file=sys.stderr)
         print(
-            f"\n## {path.name}: {checkpoint_nbytes(spec) / 2**30:.2f} GiB bf16 ({len(files)} files); largest native "
+            f"\n## {path.name}: {nbytes / 2**30:.2f} GiB bf16 ({len(files)} files); largest native "
             f"tensor {largest / MiB:.0f} MiB, memory bound 1.25x+64 MiB = {bound / MiB:.0f} MiB; lazysd "
             f"threads={threads}; "
             f"medians of {args.runs} rounds, ratios per round (same machine load) then their median\n"

@@ -274,6 +274,27 @@ def test_sized_spec_hits_its_size(total: int) -> None:
     assert biggest <= 256 * 2**20
 
 
+@pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_moe", "glm4_moe", "mixtral"])
+@pytest.mark.parametrize("total", [10**9, 3 * 10**9])
+def test_sized_family_spec_hits_its_size_with_per_expert_tensors(family: str, total: int) -> None:
+    from lazysd.testing.families import FamilySpec
+    from lazysd.testing.families import hf_tensor_specs as family_specs
+
+    spec = FamilySpec.sized(family, total)
+    specs = family_specs(spec)
+    layers = spec.num_hidden_layers + spec.has_mtp
+    assert abs(sum(d.itemsize * math.prod(s) for _, d, s in specs) / total - 1) < 0.2
+    # Every expert of every layer is a tensor of its own (gate, up, down): the release layout.
+    assert sum(".experts." in k for k, _, _ in specs) == 3 * spec.num_experts * layers
+
+
+def test_sized_family_spec_refuses_step3p7() -> None:
+    from lazysd.testing.families import FamilySpec
+
+    with pytest.raises(ValueError, match="Step3p5Spec.sized"):
+        FamilySpec.sized("step3p7", 10**9)
+
+
 def _shard_of(path: Path) -> dict[str, str]:
     return json.loads((path / INDEX_NAME).read_text())["weight_map"]
 

@@ -27,10 +27,11 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -105,6 +106,42 @@ class FamilySpec:
                 shared_intermediate_size=80,
             )
         return cls(family=family)
+
+    @classmethod
+    def sized(cls, family: str, total_bytes: int) -> FamilySpec:
+        """A bf16 model of ``family`` of roughly ``total_bytes``, for benchmarks: hidden size
+        1024, 64 experts a layer of width 512 (2048 for Mixtral and GPT-OSS, whose experts
+        are as wide as a dense MLP), every layer MoE, as many layers as it takes. Experts
+        are per-expert tensors where the family's release has them (DeepSeek-V3, Qwen3-MoE,
+        GLM-4.5, Mixtral): a load stacks hundreds of sources into each native tensor.
+
+        Example:
+            >>> spec = FamilySpec.sized("qwen3_moe", 10**9)
+            >>> spec.num_hidden_layers, spec.num_experts
+            (4, 64)
+        """
+        if family == "step3p7":
+            raise ValueError("step3p7's text model is Step3p5's: use Step3p5Spec.sized")
+        base = cls(
+            family=family,
+            num_hidden_layers=1,
+            first_dense=0,
+            num_experts=64,
+            top_k=8,
+            hidden_size=1024,
+            moe_intermediate_size=512,
+            intermediate_size=2048,
+            shared_intermediate_size=512,
+            vocab_size=32768,
+            heads=8,
+            head_dim=128,
+        )
+
+        def nbytes(spec: FamilySpec) -> int:
+            return sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in hf_tensor_specs(spec))
+
+        one, two = nbytes(base), nbytes(replace(base, num_hidden_layers=2))
+        return replace(base, num_hidden_layers=max(1, 1 + round((total_bytes - one) / (two - one))))
 
     @property
     def expert_width(self) -> int:
