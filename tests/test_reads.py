@@ -128,6 +128,30 @@ def test_items_tile_the_box_and_totals_count_them(checkpoints: dict[str, Path]) 
                     assert t.dest_bytes == covered.numel() * dest.dtype.itemsize
 
 
+def test_a_plan_is_cut_in_shares_once(tmp_path: Path) -> None:
+    """SHARES chunks a plan: a tensor stacked from 4 or more per-expert sources is read a
+    source at a time (chunks enough for the threads), one or two sources are cut further."""
+    # 2 MiB bf16 experts: 4 x SHARE_MIN.
+    spec = FamilySpec(
+        family="qwen3_moe",
+        num_hidden_layers=1,
+        first_dense=0,
+        num_experts=4,
+        hidden_size=1024,
+        moe_intermediate_size=1024,
+    )
+    with VirtualStateDict(make_family_checkpoint(tmp_path, spec)) as vsd:
+        for key, sources in (("gate_and_up_projs", 8), ("down_projs", 4)):
+            entry = vsd.entry(f"model.layers.0.mlp.experts.{key}")
+            dest = Destination(entry.dtype)
+            whole = plan_reads(entry, full_box(entry.shape), dest)
+            assert len(whole) == sources and all(i.data_bytes == 2 << 20 for i in whole), key
+            one_expert = ((1, 2), *full_box(entry.shape)[1:])
+            cut = plan_reads(entry, one_expert, dest)
+            # One expert is 2 sources (gate, up) cut in 2 each, or 1 (down) cut in SHARES.
+            assert len(cut) == 4 and {i.data_bytes for i in cut} == {(2 << 20) * sources // 16}, key
+
+
 def test_extents_hold_only_bytes_the_plan_reads(checkpoints: dict[str, Path]) -> None:
     """An item's extent (where a cold read may read ahead) contains its runs, and every byte
     of it is read by the same plan: never another rank's expert or a column left out."""
