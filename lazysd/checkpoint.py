@@ -514,11 +514,14 @@ class Checkpoint:
         read: the ranges are inside the tensor, each file is the one opened and unchanged
         before and after.
         """
+        wanted = []  # bytes of each read
         for info, runs in reads:
+            size = info.nbytes
             for start, n in runs:
-                if start < 0 or start + n > info.nbytes:
+                if start < 0 or start + n > size:
                     where = f"{info.file}, key {info.key!r}"
-                    raise ValueError(f"{where}: byte range {start}+{n} outside the tensor's {info.nbytes} bytes")
+                    raise ValueError(f"{where}: byte range {start}+{n} outside the tensor's {size} bytes")
+            wanted.append(runs[0][1] if len(runs) == 1 else sum(n for _, n in runs))
         fds = {file: self.check_unchanged(file) for file in dict.fromkeys(info.file for info, _ in reads)}
         got = run([fds[info.file] for info, _ in reads])
         # A write that landed while we read would otherwise go unnoticed: the bytes would be
@@ -529,11 +532,11 @@ class Checkpoint:
                 raise FileChangedError(
                     f"{file}, key {key!r}: file changed while it was being read; reopen the checkpoint"
                 )
-        done = [g >= sum(n for _, n in runs) for g, (_, runs) in zip(got, reads, strict=True)]
+        done = [g >= n for g, n in zip(got, wanted, strict=True)]
         with self._lock:
-            for ok, (_, runs) in zip(done, reads):
+            for ok, n, (_, runs) in zip(done, wanted, reads):
                 if ok:
-                    self.bytes_read += sum(n for _, n in runs)
+                    self.bytes_read += n
                     self.read_calls += len(runs)
         return done
 

@@ -55,12 +55,6 @@ def is_empty(box: Box) -> bool:
     return any(lo >= hi for lo, hi in box)
 
 
-def intersect(a: Box, b: Box) -> Box | None:
-    """The common region of two boxes of one tensor, or None when they do not overlap."""
-    out = tuple((max(x0, y0), min(x1, y1)) for (x0, x1), (y0, y1) in zip(a, b))
-    return None if is_empty(out) else out
-
-
 def inverse_permutation(perm: Sequence[int]) -> list[int]:
     """The permutation that undoes ``perm``: ``t.permute(perm).permute(inverse_permutation(perm))`` is ``t``."""
     inv = [0] * len(perm)

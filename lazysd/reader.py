@@ -250,7 +250,7 @@ class Reader:
     # ---- planning one fill ---------------------------------------------------------------
     @property
     def shares(self) -> int:
-        """How many chunks a source of a few MiB is cut into (:data:`lazysd.reads.SHARES`
+        """How many chunks a plan of a few MiB is cut into (:data:`lazysd.reads.SHARES`
         locally, for the threads; 1 remotely, where each chunk would be a request)."""
         return SHARES if self.ckpt.local else 1
 

@@ -132,9 +132,10 @@ def read_transposed(fd: int, offset: int, dest: torch.Tensor) -> int:
 def _transposed_dest(dest: torch.Tensor) -> tuple[int, ...]:
     """``(address, batch, rows, cols, batch stride, row stride, itemsize)`` of a ``[rows,
     cols]`` or ``[batch, rows, cols]`` destination with contiguous rows, as the kernel reads them."""
-    batch, rows, cols = (1, *dest.shape) if dest.dim() == 2 else dest.shape
-    db = dest.stride(0) if dest.dim() == 3 else 0
-    return (dest.data_ptr(), batch, rows, cols, db, dest.stride(-2), dest.element_size())
+    shape, stride = dest.shape, dest.stride()
+    if len(shape) == 2:
+        return (dest.data_ptr(), 1, shape[0], shape[1], 0, stride[0], dest.element_size())
+    return (dest.data_ptr(), shape[0], shape[1], shape[2], stride[0], stride[1], dest.element_size())
 
 
 def read_job(fd: int, offset: int, dest: torch.Tensor, *, transposed: bool) -> tuple[int, ...]:
