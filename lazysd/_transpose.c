@@ -727,6 +727,9 @@ static int pool_run(RBatch *B, int helpers) {
 #define UNIT_MIN (1LL << 20)
 #endif
 #define UNIT_MAX (4LL << 20)
+#ifndef SMALL_UNIT_MIN
+#define SMALL_UNIT_MIN (256LL << 10)
+#endif
 
 static int parse_job(PyObject *t, RJob *J) {
     unsigned long long dst;
@@ -788,9 +791,13 @@ static PyObject *reads(PyObject *self, PyObject *args) {
         else total += J->nbytes;
     }
     int nt = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
-    if (nt > 1 && total / nt < UNIT_MIN) nt = (int)(total / UNIT_MIN) > 1 ? (int)(total / UNIT_MIN) : 1;
+    /* A call of under 2 MiB in all (one small tensor: an HF key of a per-expert checkpoint) is
+     * still shared by the threads, in smaller units: alone, one thread copies it at a single
+     * core's memory bandwidth while the others wait for the next tensor. */
+    const long long unit_min = total < 2 * UNIT_MIN ? SMALL_UNIT_MIN : UNIT_MIN;
+    if (nt > 1 && total / nt < unit_min) nt = (int)(total / unit_min) > 1 ? (int)(total / unit_min) : 1;
     long long unit = total / (8LL * nt);
-    unit = unit < UNIT_MIN ? UNIT_MIN : unit > UNIT_MAX ? UNIT_MAX : unit - unit % 4096;
+    unit = unit < unit_min ? unit_min : unit > UNIT_MAX ? UNIT_MAX : unit - unit % 4096;
     for (Py_ssize_t i = 0; i < n; i++) {
         RJob *J = &B.jobs[i];
         J->first = B.units;
