@@ -92,6 +92,7 @@ def _checkpoint(family: str, size: float, root: Path) -> Path:
     path = root / f"{family}-{size / 1e9:g}gb"
     if not (path / "model.safetensors.index.json").exists():  # the index is written last
         make_family_checkpoint(path, FamilySpec.sized(family, int(size)))
+        print(f"generated {path}", file=sys.stderr)
     return path
 
 
@@ -342,7 +343,12 @@ def main() -> int:
     ap.add_argument(
         "--floor-threads", nargs="+", type=int, default=None, help="extra floor thread counts (default 4 8)"
     )
-    ap.add_argument("--family", default="step3p5", help="step3p5 (grouped experts) or a per-expert family")
+    ap.add_argument(
+        "--family",
+        default="step3p5",
+        choices=["step3p5", "deepseek_v3", "qwen3_moe", "glm4_moe", "mixtral", "gpt_oss"],
+        help="step3p5 (grouped experts), or another family's release layout (one tensor per expert but GPT-OSS's)",
+    )
     ap.add_argument("--dir", default="/tmp/lazysd-bench")
     ap.add_argument(
         "--replay", metavar="LOG", help="print the tables of an earlier run from its stderr log (complete rounds only)"
