@@ -224,9 +224,8 @@ def _chunks(
     per = max(1, chunk_bytes // max(1, row_bytes))
     native0 = src.dims.index(0)
     if plain and src.identity and dest.contiguous(box) and region[1:] == full_box(box_shape(box))[1:]:
-        # The common case, decided on plain values (even a cached decision below costs more
-        # than a small tensor's read): whole rows of an unpermuted source into a contiguous
-        # destination are contiguous there, every chunk a direct read.
+        # The common case, decided on plain values: whole rows of an unpermuted source into a
+        # contiguous destination are contiguous there, every chunk a direct read.
         for r in range(0, rows, per):
             n = min(per, rows - r)
             yield (
