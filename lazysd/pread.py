@@ -301,6 +301,7 @@ class RangeReader:
             with self._lock:
                 self.direct_bytes += done
 
+
 def stream_window(span: tuple[int, int]) -> tuple[int, int] | None:
     """The part of a cold ``span`` read with readahead on: from the first :data:`STREAM_ALIGN`
     boundary in it to the last one :data:`STREAM_MARGIN` before its end; None if too small.

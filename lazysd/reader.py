@@ -456,7 +456,7 @@ class Reader:
         if fresh:
             populate(dest)  # one call maps every page, instead of a fault per page during the reads
         jobs = [_bind(item, dest) for item in self._items(entry, box, Destination.of(dest))]
-        self._run(jobs, lambda: self._within(entry, box))
+        self._run(jobs, lambda: self._within([(entry, box)]))
         self.count_filled(entry, dest, t0)
         return dest
 
@@ -477,26 +477,18 @@ class Reader:
         for entry, box, dest in fills:
             _check_shape(entry, box, dest)
             items = self._items(entry, box, Destination.of(dest))
-            planned.append((_Fill(entry, dest, time.perf_counter(), len(items)), items, tuple(box)))
+            planned.append((_Fill(entry, dest, time.perf_counter(), len(items)), items, box))
         jobs = []
         for fill, items, _ in planned:
             if not items:
                 self.count_filled(fill.entry, fill.dest, fill.t0)
             jobs += [_bind(item, fill.dest, fill) for item in items]
         jobs.sort(key=lambda job: (str(job.item.source.file), job.item.source.offset + job.item.runs[0][0]))
+        self._run(jobs, lambda: self._within([(fill.entry, box) for fill, _, box in planned]))
 
-        def within() -> dict[str, list[tuple[int, int]]] | None:
-            # All of this reader's own values' stretches where every fill is one of them.
-            own = self._own_stretches()
-            if own is None or any(own[0].get(fill.entry.key) != box for fill, _, box in planned):
-                return None
-            return own[1]
-
-        self._run(jobs, within)
-
-    def _within(self, entry: Entry, box: Box) -> dict[str, list[tuple[int, int]]] | None:
-        """The stretches a fill of ``box`` of ``entry`` may stream within: all of this
-        reader's own values (:attr:`own`) where it is one of them, else None (its own plan's).
+    def _within(self, fills: list[tuple[Entry, Box]]) -> dict[str, list[tuple[int, int]]] | None:
+        """The stretches fills of ``(entry, box)`` may stream within: all of this reader's
+        own values (:attr:`own`) where every fill is one of them, else None (their own plan's).
 
         A VirtualStateDict's values are read one tensor at a time (``load_state_dict``),
         each plan knowing only its own bytes: a cold read would stream (kernel readahead)
@@ -508,7 +500,9 @@ class Reader:
         own extents: their neighbours may never be read.
         """
         own = self._own_stretches()
-        return own[1] if own is not None and own[0].get(entry.key) == tuple(box) else None
+        if own is None or any(own[0].get(entry.key) != tuple(box) for entry, box in fills):
+            return None
+        return own[1]
 
     def _own_stretches(self) -> tuple[dict[str, Box], dict[str, list[tuple[int, int]]]] | None:
         """This reader's own values' boxes by key, and their source bytes merged into

@@ -301,7 +301,6 @@ def plan_reads(
     *,
     chunk_bytes: int = 8 * MiB,
     shares: int = SHARES,
-    within: dict[str, list[tuple[int, int]]] | None = None,
     extents: bool = True,
 ) -> tuple[ReadItem, ...]:
     """The reads that fill ``box`` of ``entry`` into a destination like ``dest``. Pure.
@@ -315,11 +314,9 @@ def plan_reads(
         shares: cut a plan of a few MiB into up to this many chunks (:data:`SHARES`; 1
             for remote storage, where every chunk is a request and concurrency comes from
             the requests of several tensors in flight).
-        within: stretches (:func:`stretches`) known to be read in full around this plan
-            (all of a reader's own values: :attr:`lazysd.reader.Reader.own`): extents are
-            these where they hold an item, else the plan's own.
         extents: False leaves :attr:`ReadItem.extent` unset (a reader sets it with
-            :func:`with_extents` on the items it reads cold: warm reads do not use it).
+            :func:`with_extents` on the items it reads cold, within wider stretches where
+            it knows them: warm reads do not use it).
 
     Returns:
         Items in source order, then row order; none for an empty box. Their destination
@@ -336,7 +333,7 @@ def plan_reads(
             if src.scale is not None:
                 scale = ScaleRead(src.scale.info, src.scale.region(sub), src.scale.block)
             items.append(ReadItem(src.info, sub, region, src.dims, method, staging, scale))
-    return with_extents(items, within) if extents else tuple(items)
+    return with_extents(items) if extents else tuple(items)
 
 
 def with_extents(
@@ -358,7 +355,7 @@ def with_extents(
             extent = _holding(own, span)
             assert extent is not None
             # The widest of the stretches that hold this one (an extent the item already has
-            # from its own plan's ``within`` is kept, never narrowed).
+            # from an earlier call is kept, never narrowed).
             for wide in (it.extent, _holding(within, span) if within else None):
                 if wide is not None and wide[0] <= extent[0] and extent[1] <= wide[1]:
                     extent = wide

@@ -20,7 +20,7 @@ from torch.distributed.tensor._utils import _compute_local_shape_and_global_offs
 from lazysd import VirtualStateDict
 from lazysd.dryrun import EPLayout
 from lazysd.geometry import Block, box_shape, byte_runs, full_box, run_count, shard_box, source_placements
-from lazysd.reads import Destination, plan_reads, read_totals, source_ranges, stretches
+from lazysd.reads import Destination, plan_reads, read_totals, source_ranges, stretches, with_extents
 from lazysd.testing import Step3p5Spec, make_checkpoint
 from lazysd.testing.families import FamilySpec, make_family_checkpoint
 from tests.support.measure import record_reads
@@ -199,10 +199,10 @@ def test_source_ranges_are_what_any_plan_reads(checkpoints: dict[str, Path]) -> 
 
 
 def test_extents_within_a_readers_own_stretches(checkpoints: dict[str, Path]) -> None:
-    """A fill of one of a rank's own values (``within=``: the stretches of all its boxes) may
-    stream across tensors: each single-run item's extent is the own stretch holding it, which
-    holds the plan's own extent; nothing else about the items changes. The stretches hold
-    this rank's bytes only: never a byte of another rank's experts."""
+    """A fill of one of a rank's own values (``with_extents`` within the stretches of all its
+    boxes) may stream across tensors: each single-run item's extent is the own stretch holding
+    it, which holds the plan's own extent; nothing else about the items changes. The stretches
+    hold this rank's bytes only: never a byte of another rank's experts."""
     with VirtualStateDict(checkpoints["flash"]) as vsd:
         layout = EPLayout(4)
         boxes = {key: layout.box(vsd.entry(key), 1) for key in vsd}
@@ -221,7 +221,7 @@ def test_extents_within_a_readers_own_stretches(checkpoints: dict[str, Path]) ->
         for key, box in boxes.items():
             entry = vsd.entry(key)
             plain = plan_reads(entry, box, Destination(entry.dtype), chunk_bytes=4096)
-            wide = plan_reads(entry, box, Destination(entry.dtype), chunk_bytes=4096, within=own)
+            wide = with_extents(plain, own)
             assert [(i.source, i.source_box, i.dest_box, i.method) for i in plain] == [
                 (i.source, i.source_box, i.dest_box, i.method) for i in wide
             ]
