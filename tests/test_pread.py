@@ -477,12 +477,17 @@ def test_prefetcher_reads_its_windows_ahead_and_nothing_else(tmp_path: Path) -> 
         with pytest.raises(OSError):
             os.fstat(fd)
     time.sleep(0.2)
-    cached = resident_map(path)
+    resident = {i for i, c in enumerate(resident_map(path)) if c}
     page = pread.ALIGN
-    inside = [(SEGMENT // 2, 2 * SEGMENT), (7 * SEGMENT, 2 * SEGMENT)]
-    assert [i for i, c in enumerate(cached) if c] == [
-        i for lo, n in inside for i in range(lo // page, (lo + n) // page)
-    ]
+    first, second = (
+        set(range(lo // page, (lo + n) // page)) for lo, n in ((SEGMENT // 2, 2 * SEGMENT), (7 * SEGMENT, 2 * SEGMENT))
+    )
+    # The second window's pages are in, and not one page outside the two windows. (The first
+    # window's pages were counted above, when read: since then the kernel may have reclaimed
+    # some, which machines with proactive reclaim do to pages nobody touched; this build VM
+    # runs a DAMON pageout scheme.)
+    assert second <= resident
+    assert resident <= first | second
 
 
 def test_prefetcher_streams_end_when_the_fills_stop(tmp_path: Path, monkeypatch) -> None:
