@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import mmap
 import os
+import re
 import threading
 import time
 import weakref
@@ -187,6 +188,24 @@ def _staging_buffer(nbytes: int) -> torch.Tensor:
 #: Bytes of one batched read call (Reader._read_cached): the GIL is released for the whole
 #: call, so Ctrl-C and progress reports wait for at most this much of a warm load.
 BATCH_BYTES = 64 * MiB
+# A reader's own values: boxes by key, their source ranges ranked in fill order, stretches.
+_Own = tuple[dict[str, Box], list[tuple[int, str, int, int]], dict[str, list[tuple[int, int]]]]
+_NUMBERED = re.compile(r"^(.*?\.\d+)\.")
+
+
+def _fill_group(key: str) -> str:
+    """What orders ``key``'s bytes among a load's fills: its numbered block (``model.layers.3``)
+    or the key itself. Models fill block after block in that order, as the values are listed
+    (a release may store ``layers.10`` before ``layers.2``); inside a block their order is
+    the module's, not the values' (attention before experts, or after), so a block's bytes go
+    in file order: one pass over its region.
+
+    Example:
+        >>> _fill_group("model.layers.3.moe.experts.down_projs"), _fill_group("lm_head.weight")
+        ('model.layers.3', 'lm_head.weight')
+    """
+    m = _NUMBERED.match(key)
+    return m.group(1) if m else key
 
 
 def _wait_all(futures: list[Future[None]]) -> list[BaseException]:
@@ -227,7 +246,7 @@ class Reader:
         # The values this reader is there to fill, if known (a VirtualStateDict: every key's
         # box on this rank), as entries and boxes; asked once, at the first fill.
         self.own: Callable[[], Iterable[tuple[Entry, Box]]] | None = None
-        self._own: tuple[dict[str, Box], dict[str, list[tuple[int, int]]]] | None = None
+        self._own: _Own | None = None
         self._prefetcher: Prefetcher | None = None  # started by the first cold read of own values
         _READERS.add(self)
 
@@ -502,19 +521,23 @@ class Reader:
         own = self._own_stretches()
         if own is None or any(own[0].get(entry.key) != tuple(box) for entry, box in fills):
             return None
-        return own[1]
+        return own[2]
 
-    def _own_stretches(self) -> tuple[dict[str, Box], dict[str, list[tuple[int, int]]]] | None:
-        """This reader's own values' boxes by key, and their source bytes merged into
-        stretches (:func:`lazysd.reads.stretches`); None where they are not known."""
+    def _own_stretches(self) -> _Own | None:
+        """This reader's own values' boxes by key, their source bytes ranked in the order
+        the values are filled (:func:`_fill_group`) and those merged into stretches
+        (:func:`lazysd.reads.stretches`); None where they are not known."""
         if self.own is None or not self.ckpt.local:
             return None
         if self._own is None:
-            boxes, ranges = {}, []
+            boxes: dict[str, Box] = {}
+            ranks: dict[str, int] = {}
+            uses = []
             for e, b in self.own():
                 boxes[e.key] = b
-                ranges += source_ranges(e, b)
-            self._own = boxes, stretches(ranges)
+                rank = ranks.setdefault(_fill_group(e.key), len(ranks))
+                uses += [(rank, *r) for r in source_ranges(e, b)]
+            self._own = boxes, uses, stretches(r for _, *r in uses)
         return self._own
 
     def _prefetch(self, at: tuple[str, int]) -> None:
@@ -527,7 +550,7 @@ class Reader:
         if self._prefetcher is not None or own is None or not self.options.direct:
             return
         windows = []
-        for file, spans in own[1].items():
+        for file, spans in own[2].items():
             reader = self.ckpt.range_reader(Path(file))
             if not reader.streams():
                 continue
@@ -539,7 +562,9 @@ class Reader:
         if windows:
             # Readahead off on the streams' descriptors: their reads are exact (prefetch.py).
             open_fd = lambda file: self.ckpt.range_reader(Path(file)).reopen(random=True)  # noqa: E731
-            self._prefetcher = Prefetcher(windows, open_fd, at=at)
+            # In the order of the values (that of the fills), which need not be the files'
+            # (an embedding stored last, layer 10 stored before layer 2).
+            self._prefetcher = Prefetcher(windows, open_fd, at=at, uses=own[1])
 
     def count_filled(self, entry: Entry, out: torch.Tensor, t0: float) -> None:
         """Count ``out`` as a destination of ``entry`` filled since ``t0`` (stats, progress),

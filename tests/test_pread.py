@@ -519,6 +519,183 @@ def test_prefetcher_survives_a_failing_stream(tmp_path: Path) -> None:
     assert p.bytes_read == 0
 
 
+def test_prefetcher_reads_in_the_order_the_fills_use_the_bytes(tmp_path: Path, monkeypatch) -> None:
+    """Fills need not go in file order (an embedding stored last but loaded first; layer 10
+    stored before layer 2): the streams read segments in the order of the ranks of their
+    ``uses``, and where the fills are is placed in that order."""
+    from lazysd import prefetch
+
+    S = 4 << 20
+    monkeypatch.setattr(prefetch, "SEGMENT", S)
+    path = tmp_path / "blob"
+    path.write_bytes(bytes(8 * S))
+    f = str(path)
+    uses = [(0, f, 6 * S + 100, S), (1, f, 0, 6 * S), (2, f, 0, 8 * S)]  # the tail first, then the rest
+    open_fd = lambda f: os.open(f, os.O_RDONLY)  # noqa: E731
+    p = prefetch.Prefetcher([(f, 0, 8 * S)], open_fd, at=(f, 6 * S + 100), uses=uses, streams=2, ahead=2 * S)
+    assert [lo // S for _, lo, _ in p.segments] == [6, 7, 0, 1, 2, 3, 4, 5]
+
+    def reaches(n: int) -> None:
+        deadline = time.monotonic() + 30
+        while p.bytes_read < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05)
+        assert p.bytes_read == n
+
+    reaches(2 * S)  # the tail, where the fills start
+    p.consumed(f, 0)  # back to the file's start: in fill order, on
+    reaches(4 * S)
+    p.consumed(f, 3 * S)  # the fills read segment 2 themselves: the streams go on from 3
+    reaches(6 * S)
+    p.consumed(f, 7 * S)  # behind the fills' place in fill order (read first): nothing moves
+    time.sleep(0.1)
+    assert p.bytes_read == 6 * S
+    p.close()
+
+
+def _tune(rate: dict[int, float], start: int = 4, epochs: int = 8, **kw) -> list[int]:
+    from lazysd.prefetch import StreamTuner
+
+    t = StreamTuner(start, **kw)
+    return [t.observe(rate[t.streams]) for _ in range(epochs)]
+
+
+def test_stream_tuner_climbs_while_a_stream_more_pays() -> None:
+    # Storage that gives most with 7 streams: the tuner climbs there and holds it.
+    rate = {n: min(n, 7) - 0.5 * max(0, n - 7) for n in range(1, 9)}
+    assert _tune(rate) == [5, 6, 7, 8, 7, 7, 7, 7]
+
+
+def test_stream_tuner_tries_fewer_when_more_does_not_pay() -> None:
+    # A disk that thrashes with concurrency: best with 2.
+    rate = {1: 1.0, 2: 1.5, 3: 1.2, 4: 1.0, 5: 0.9, 6: 0.8, 7: 0.7, 8: 0.6}
+    assert _tune(rate) == [5, 3, 2, 1, 2, 2, 2, 2]
+
+
+def test_stream_tuner_keeps_its_count_within_noise() -> None:
+    # Steps that change the rate by less than GAIN are not taken.
+    rate = {3: 0.97, 4: 1.0, 5: 1.05}
+    assert _tune(rate, epochs=4) == [5, 3, 4, 4]
+
+
+def test_stream_tuner_bounds_and_climbs_again_after_holding() -> None:
+    # At the top already: one fewer is tried; at the bottom with nothing better: it stays.
+    assert _tune({6: 1.5, 7: 2.0, 8: 1.0}, start=8, epochs=4) == [7, 6, 7, 7]
+    assert _tune({1: 1.0, 2: 1.0}, start=1, epochs=3) == [2, 1, 1]
+    # After holding `hold` epochs it measures again, so storage that got faster with
+    # more streams (another job on it finished) is followed.
+    rate = {3: 1.0, 4: 1.0, 5: 1.0}
+    from lazysd.prefetch import StreamTuner
+
+    t = StreamTuner(4, hold=3)
+    seen = [t.observe(rate[t.streams]) for _ in range(5)]
+    assert seen == [5, 3, 4, 4, 4]
+    rate[5] = 2.0
+    assert [t.observe(rate[t.streams]) for _ in range(2)] == [5, 6]
+
+
+def test_prefetcher_runs_as_many_streams_as_its_tuner_says(tmp_path: Path, monkeypatch) -> None:
+    """Each epoch's rate goes to the tuner, and the streams follow its count: more streams
+    start, and those above a lowered count stop taking segments."""
+    from lazysd import prefetch
+
+    monkeypatch.setattr(prefetch, "SEGMENT", 4 << 20)  # many segments, a small file
+    monkeypatch.setattr(prefetch, "EPOCH", 4 << 20)
+    counts = iter([6, 6, 1])
+    judged: list[float] = []
+
+    def observe(self: prefetch.StreamTuner, rate: float) -> int:
+        judged.append(rate)
+        self.streams = next(counts, 1)
+        return self.streams
+
+    monkeypatch.setattr(prefetch.StreamTuner, "observe", observe)
+    taken: list[tuple[int, int]] = []
+    take = prefetch.Prefetcher._take
+
+    def logged(self: prefetch.Prefetcher, slot: int):
+        segment = take(self, slot)
+        if segment is not None:
+            taken.append((slot, len(judged)))
+        return segment
+
+    monkeypatch.setattr(prefetch.Prefetcher, "_take", logged)
+    path = tmp_path / "blob"
+    n = 24
+    path.write_bytes(bytes(n * prefetch.SEGMENT))
+    evict(path)  # epochs count bytes from storage, not the page cache
+    if resident_pages(path):
+        pytest.skip("this filesystem does not honour page-cache eviction")
+    windows = [(str(path), 0, n * prefetch.SEGMENT)]
+    p = prefetch.Prefetcher(windows, lambda f: os.open(f, os.O_RDONLY), streams=2, ahead=n * prefetch.SEGMENT)
+    assert p.streams == 2
+    deadline = time.monotonic() + 60
+    while p.bytes_read < n * prefetch.SEGMENT and time.monotonic() < deadline:
+        time.sleep(0.01)
+    p.close()
+    assert p.bytes_read == n * prefetch.SEGMENT and all(r > 0 for r in judged)
+    assert {slot for slot, _ in taken} == set(range(6))  # four more started at the tuner's word
+    # Once the count went down to 1 (third judgement), only slot 0 took new segments.
+    assert {slot for slot, j in taken if j >= 3} <= {0}
+    assert all(not t.is_alive() for t in p._threads)
+
+
+def test_prefetcher_tells_the_tuner_only_bytes_from_storage(tmp_path: Path, monkeypatch) -> None:
+    """Segments the page cache holds already (the fills' own reads got there first) are
+    found without waiting and say nothing of the storage's rate."""
+    from lazysd import prefetch
+
+    if not prefetch._NOWAIT:
+        pytest.skip("no RWF_NOWAIT here: every byte counts as read from storage")
+    monkeypatch.setattr(prefetch, "SEGMENT", 4 << 20)
+    monkeypatch.setattr(prefetch, "EPOCH", 4 << 20)
+    judged: list[float] = []
+    monkeypatch.setattr(prefetch.StreamTuner, "observe", lambda self, rate: judged.append(rate) or self.streams)
+    path = tmp_path / "blob"
+    path.write_bytes(os.urandom(8 * prefetch.SEGMENT))  # just written: cached
+    p = prefetch.Prefetcher([(str(path), 0, 8 * prefetch.SEGMENT)], lambda f: os.open(f, os.O_RDONLY), streams=2)
+    deadline = time.monotonic() + 30
+    while p.bytes_read < 8 * prefetch.SEGMENT and time.monotonic() < deadline:
+        time.sleep(0.01)
+    p.close()
+    assert p.bytes_read == 8 * prefetch.SEGMENT and judged == []
+
+
+def test_prefetcher_judges_no_epoch_spent_waiting_for_the_fills(tmp_path: Path, monkeypatch) -> None:
+    """An epoch in which a stream waited for the fills measured the fills, not the storage:
+    the tuner is not told it. A later prefetcher on the same device starts where a tuning
+    there settled."""
+    from lazysd import prefetch
+
+    monkeypatch.setattr(prefetch, "SEGMENT", 4 << 20)
+    monkeypatch.setattr(prefetch, "EPOCH", 2 * prefetch.SEGMENT)
+    judged: list[float] = []
+    observe = prefetch.StreamTuner.observe
+    monkeypatch.setattr(prefetch.StreamTuner, "observe", lambda self, rate: judged.append(rate) or observe(self, rate))
+    path = tmp_path / "blob"
+    path.write_bytes(bytes(4 * prefetch.SEGMENT))
+    evict(path)  # epochs count bytes from storage, not the page cache
+    if resident_pages(path):
+        pytest.skip("this filesystem does not honour page-cache eviction")
+    f = str(path)
+    open_fd = lambda f: os.open(f, os.O_RDONLY)  # noqa: E731
+    p = prefetch.Prefetcher([(f, 0, 4 * prefetch.SEGMENT)], open_fd, streams=1, ahead=prefetch.SEGMENT)
+    for k in range(1, 5):  # the fills move on only after the stream waited for them
+        deadline = time.monotonic() + 30
+        while p.bytes_read < k * prefetch.SEGMENT and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05)
+        p.consumed(f, k * prefetch.SEGMENT)
+    p.close()
+    assert p.bytes_read == 4 * prefetch.SEGMENT and judged == []
+    # Nothing settled here; where a tuning on this device settled, the next one starts there.
+    device = os.stat(f).st_dev
+    monkeypatch.setitem(prefetch._settled, device, 6)
+    q = prefetch.Prefetcher([(f, 0, prefetch.SEGMENT)], open_fd)
+    assert q.streams == 6
+    q.close()
+
+
 def test_cold_reads_of_own_boxes_read_ahead_only_those(tmp_path: Path) -> None:
     """A reader whose own values are one expert-parallel rank's boxes (as a VirtualStateDict
     on a mesh has): its first cold fill starts the read-ahead streams, which read the rank's
@@ -554,3 +731,36 @@ def test_cold_reads_of_own_boxes_read_ahead_only_those(tmp_path: Path) -> None:
         assert prefetcher is not None and prefetcher.bytes_read >= 32 << 20
     assert all(not t.is_alive() for t in prefetcher._threads)  # closed with the VirtualStateDict
     _no_page_beyond(files, ranges)
+
+
+def test_a_cold_per_expert_load_reads_ahead_in_the_order_it_fills(tmp_path: Path) -> None:
+    """A Qwen3-MoE release stores ``lm_head`` last and ``layers.10`` before ``layers.2``,
+    and the values are filled in another order (``lm_head`` is the first key): the streams
+    read ahead in the values' order, so most of the checkpoint is read by them, not skipped
+    as if the fills were past it; bitwise right."""
+    from lazysd.testing.families import FamilySpec, ParamTree, eager_native, make_family_checkpoint
+
+    spec = FamilySpec(
+        family="qwen3_moe",
+        num_hidden_layers=12,
+        first_dense=0,
+        num_experts=8,
+        hidden_size=512,
+        moe_intermediate_size=256,
+        vocab_size=32768,
+    )
+    path = make_family_checkpoint(tmp_path / "ckpt", spec)
+    eager = eager_native(spec, {k: v.clone() for k, v in load_hf_tensors(path).items()})
+    _evict_all(path)
+    with VirtualStateDict(path) as vsd:
+        assert next(iter(vsd)) == "lm_head.weight"
+        model = ParamTree({k: (tuple(t.shape), t.dtype) for k, t in vsd.items()})
+        model.load_state_dict(vsd)
+        prefetcher = vsd.reader._prefetcher
+        if prefetcher is None:
+            pytest.skip("this filesystem refuses O_DIRECT: nothing is streamed")
+        windows = sum(hi - lo for _, lo, hi in prefetcher.segments)
+    assert_bitwise_equal(dict(model.state_dict()), eager)
+    # The fills overtake the streams now and then on a busy machine; skipping everything
+    # behind the first key's bytes (the end of the last file) left them ~3% of it.
+    assert prefetcher.bytes_read >= windows // 2
