@@ -24,12 +24,20 @@ Cold loads of the benchmark checkpoints (fresh process per run, interleaved, med
 How many streams is the storage's to say, not ours: a local NVMe drive wants more than this
 VM's virtio disk, a busy shared filesystem fewer. The count starts at :data:`STREAMS` (or where
 the last prefetcher of this process on the same device settled) and a :class:`StreamTuner`
-moves it on observed throughput: after every :data:`EPOCH` bytes read it compares the rate
-with that of the count before and keeps climbing, one stream at a time, while a step pays
-(:data:`GAIN`); then it holds, and climbs again later, since shared storage changes under a
-long load. Epochs in which the streams had to wait for the fills say nothing of the storage
-(the fills were the bottleneck) and are not judged. All streams' buffers together stay within
+moves it on observed throughput: after every :data:`EPOCH` bytes read from storage it compares
+the rate with that of the count before and keeps climbing, one stream at a time, while a step
+pays (:data:`GAIN`); then it holds, and climbs again later, since shared storage changes under
+a long load. What says nothing of the storage is not judged: the first epoch (the streams
+start), epochs in which the streams waited for the fills (the fills were the bottleneck), and
+bytes the page cache held already (``RWF_NOWAIT`` finds them: the fills' own streamed reads
+run ahead of where they report being). All streams' buffers together stay within
 :data:`SCRATCH`, whatever the count.
+
+The order: the fills want the bytes in the order of the values, which need not be the files'
+(a Qwen3-MoE release stores ``layers.10`` before ``layers.2``, and ``lm_head``, its first
+value, last). Each segment is ranked by the first value that reads it (``uses``), and where
+the fills are is placed in that order: in file order, the first fill put the streams at the
+end of the last file, and everything behind was left to the fills.
 
 The bytes land in the page cache, as the streamed reads' bytes do anyway; ``ahead`` bounds
 how far (a checkpoint larger than memory is not pulled in whole). A failed read only stops
@@ -155,7 +163,7 @@ class Prefetcher:
         segments = [(file, at, min(hi, at + SEGMENT)) for file, lo, hi in windows for at in range(lo, hi, SEGMENT)]
         self._starts = [(file, at) for file, at, _ in segments]  # for bisect, in file order
         self._ends = [hi for _, _, hi in segments]
-        rank = _first_uses(segments, self._starts, uses) if uses is not None else range(len(segments))
+        rank = _segment_ranks(segments, self._starts, uses) if uses is not None else range(len(segments))
         order = sorted(range(len(segments)), key=rank.__getitem__)  # stable: file order among equals
         self.segments = [segments[j] for j in order]  # in the order the fills want them
         self._pos = [0] * len(segments)  # file order -> fill order
@@ -293,8 +301,7 @@ class Prefetcher:
 
     def _cached(self, fd: int, view: memoryview, pos: int) -> int:
         """Bytes from ``pos`` that the page cache already holds (read into ``view``), as far
-        as the platform tells (else 0). The fills' own streamed reads run ahead of where they
-        report being, so a stream may find its segment read already: no rate of storage."""
+        as the platform tells (else 0)."""
         if not self._nowait:
             return 0
         try:
@@ -306,7 +313,7 @@ class Prefetcher:
             return 0
 
 
-def _first_uses(
+def _segment_ranks(
     segments: list[tuple[str, int, int]], starts: list[tuple[str, int]], uses: list[tuple[int, str, int, int]]
 ) -> list[float]:
     """Per segment, the least rank of the ``uses`` that overlap it (infinite: none)."""
