@@ -158,7 +158,7 @@ class Prefetcher:
         uses: list[tuple[int, str, int, int]] | None = None,
         streams: int | None = None,
         tune: bool = True,
-        ahead: int = AHEAD,
+        ahead: int | None = None,
     ) -> None:
         segments = [(file, at, min(hi, at + SEGMENT)) for file, lo, hi in windows for at in range(lo, hi, SEGMENT)]
         self._starts = [(file, at) for file, at, _ in segments]  # for bisect, in file order
@@ -170,7 +170,7 @@ class Prefetcher:
         for k, j in enumerate(order):
             self._pos[j] = k
         self._open = open_fd
-        self._ahead = max(1, ahead // SEGMENT)
+        self._ahead = max(1, (AHEAD if ahead is None else ahead) // SEGMENT)
         self._cond = threading.Condition()
         self._next = 0  # the next segment to read
         self._at = 0  # the segment the fills are in

@@ -188,9 +188,17 @@ def _staging_buffer(nbytes: int) -> torch.Tensor:
 #: Bytes of one batched read call (Reader._read_cached): the GIL is released for the whole
 #: call, so Ctrl-C and progress reports wait for at most this much of a warm load.
 BATCH_BYTES = 64 * MiB
+#: Bytes of one step of Reader.fill_many (a run of jobs looked up in the page cache together).
+STEP_BYTES = 256 * MiB
 # A reader's own values: boxes by key, their source ranges ranked in fill order, stretches.
 _Own = tuple[dict[str, Box], list[tuple[int, str, int, int]], dict[str, list[tuple[int, int]]]]
 _NUMBERED = re.compile(r"^(.*?\.\d+)\.")
+
+
+def _position(job: _Job) -> tuple[str, int]:
+    """Where in the checkpoint ``job`` starts reading: ``(file, offset)``."""
+    item = job.item
+    return str(item.source.file), item.source.offset + item.runs[0][0]
 
 
 def _fill_group(key: str) -> str:
@@ -401,8 +409,14 @@ class Reader:
             with self._lock:
                 self._free.append(buf)
 
+    def _progress(self, job: _Job) -> None:
+        """Tell the read-ahead streams where the fills are: at ``job``, about to be read."""
+        if self._prefetcher is not None:
+            self._prefetcher.consumed(*_position(job))
+
     def _read(self, job: _Job) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Read one job: ``(staged chunk or None if read in place, pool buffer to release)``."""
+        self._progress(job)
         item = job.item
         info = item.source
         if item.method == "fused":
@@ -484,7 +498,9 @@ class Reader:
 
         One tensor after another, the reader threads wait at the end of every tensor and a
         small tensor is read by one thread alone; here the chunks of all of them share the
-        threads, in file order. And the stretches a cold read may stream with readahead
+        threads, block after block (:func:`_fill_group`) in the order the fills are given,
+        which is the order the read-ahead streams go, and in file order within a block. And
+        the stretches a cold read may stream with readahead
         (:attr:`lazysd.reads.ReadItem.extent`) run on across tensors that lie side by side in
         a file, where one tensor at a time each ends in a direct-read margin. Each
         destination counts as filled (stats, progress) when its last chunk is in.
@@ -498,12 +514,25 @@ class Reader:
             items = self._items(entry, box, Destination.of(dest))
             planned.append((_Fill(entry, dest, time.perf_counter(), len(items)), items, box))
         jobs = []
+        groups: dict[str, int] = {}
+        rank: dict[str, int] = {}
         for fill, items, _ in planned:
             if not items:
                 self.count_filled(fill.entry, fill.dest, fill.t0)
+            rank[fill.entry.key] = groups.setdefault(_fill_group(fill.entry.key), len(groups))
             jobs += [_bind(item, fill.dest, fill) for item in items]
-        jobs.sort(key=lambda job: (str(job.item.source.file), job.item.source.offset + job.item.runs[0][0]))
-        self._run(jobs, lambda: self._within([(fill.entry, box) for fill, _, box in planned]))
+        jobs.sort(key=lambda job: (rank[job.fill.entry.key], *_position(job)))
+        within = lambda: self._within([(fill.entry, box) for fill, _, box in planned])  # noqa: E731
+        # In steps of STEP_BYTES: each step's cached bytes are sought when its turn comes, so
+        # bytes the read-ahead streams brought in meanwhile are read as warm ones (batched).
+        step, size = [], 0
+        for job in jobs:
+            step.append(job)
+            size += sum(n for _, n in job.item.runs)
+            if size >= STEP_BYTES:
+                self._run(step, within)
+                step, size = [], 0
+        self._run(step, within)
 
     def _within(self, fills: list[tuple[Entry, Box]]) -> dict[str, list[tuple[int, int]]] | None:
         """The stretches fills of ``(entry, box)`` may stream within: all of this reader's
@@ -611,10 +640,7 @@ class Reader:
         stretches of those jobs together, or wider ones of ``within()`` that hold them."""
         if not jobs:
             return
-        first = jobs[0].item
-        at = (str(first.source.file), first.source.offset + first.runs[0][0])
-        if self._prefetcher is not None:
-            self._prefetcher.consumed(*at)
+        at = _position(jobs[0])
         jobs = self._read_cached(jobs)
         if not jobs:
             return
@@ -662,6 +688,7 @@ class Reader:
     def _read_batch(self, jobs: list[_Job]) -> list[_Job]:
         """One call of the batched reads for ``jobs`` (direct and fused, one run each); the
         jobs it did not read in full."""
+        self._progress(jobs[0])
         reads = [(job.item.source, job.item.runs) for job in jobs]
 
         def run(fds: list[int]) -> list[int]:
