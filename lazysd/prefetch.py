@@ -1,7 +1,7 @@
 """Reading a reader's own cold stretches ahead of its fills, on several streams at once.
 
-``load_state_dict(vsd)`` fills one tensor at a time, in file order: a cold load is one
-sequential stream, whose kernel readahead keeps a few MiB in flight. Storage often sustains
+``load_state_dict(vsd)`` fills one tensor at a time: a cold load is one sequential stream
+(within a block of the model, at least), whose kernel readahead keeps a few MiB in flight. Storage often sustains
 more with several streams: on the 2-core build VM (virtio disk, 0.9-2.8 GiB cold, medians
 of 4-5 rounds), ``pread`` of every tensor's bytes on 2 threads, each reading its own
 contiguous share, moved 0.8-1.1 GiB/s, on 4 threads 0.9-1.8, on 8 threads 1.3-1.5.
@@ -9,7 +9,8 @@ contiguous share, moved 0.8-1.1 GiB/s, on 4 threads 0.9-1.8, on 8 threads 1.3-1.
 A :class:`Prefetcher` does that for the parts of a reader's own stretches that its cold
 reads stream anyway (:func:`lazysd.pread.stream_window`: the 2 MiB-aligned middle, ending
 :data:`~lazysd.pread.STREAM_MARGIN` before the stretch does): ``streams`` threads take
-:data:`SEGMENT`-sized pieces in file order, at most ``ahead`` bytes past where the fills are,
+:data:`SEGMENT`-sized pieces in the order the fills want them (below), at most ``ahead``
+bytes past where the fills are (each read tells :meth:`Prefetcher.consumed`),
 and read them into the page cache in ``pread`` calls of up to :data:`REQUEST`. Their
 descriptors have readahead off: each request reads exactly its pages (the kernel issues it
 whole), and leaves no readahead marks. With readahead on, marks the streams left near the end

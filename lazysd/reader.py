@@ -20,6 +20,7 @@ pool share them; staged reads run ahead of the copies, but never more than
 
 from __future__ import annotations
 
+import functools
 import math
 import mmap
 import os
@@ -498,11 +499,11 @@ class Reader:
 
         One tensor after another, the reader threads wait at the end of every tensor and a
         small tensor is read by one thread alone; here the chunks of all of them share the
-        threads, block after block (:func:`_fill_group`) in the order the fills are given,
-        which is the order the read-ahead streams go, and in file order within a block. And
-        the stretches a cold read may stream with readahead
-        (:attr:`lazysd.reads.ReadItem.extent`) run on across tensors that lie side by side in
-        a file, where one tensor at a time each ends in a direct-read margin. Each
+        threads, block after block (:func:`_fill_group`) in the order the fills are given
+        (the order the read-ahead streams go), in file order within a block. And the
+        stretches a cold read may stream with readahead (:attr:`lazysd.reads.ReadItem.extent`)
+        run on across tensors that lie side by side in a file, where one tensor at a time
+        each ends in a direct-read margin. Each
         destination counts as filled (stats, progress) when its last chunk is in.
 
         Example:
@@ -522,7 +523,7 @@ class Reader:
             rank[fill.entry.key] = groups.setdefault(_fill_group(fill.entry.key), len(groups))
             jobs += [_bind(item, fill.dest, fill) for item in items]
         jobs.sort(key=lambda job: (rank[job.fill.entry.key], *_position(job)))
-        within = lambda: self._within([(fill.entry, box) for fill, _, box in planned])  # noqa: E731
+        within = functools.cache(lambda: self._within([(fill.entry, box) for fill, _, box in planned]))
         # In steps of STEP_BYTES: each step's cached bytes are sought when its turn comes, so
         # bytes the read-ahead streams brought in meanwhile are read as warm ones (batched).
         step, size = [], 0
@@ -542,10 +543,11 @@ class Reader:
         each plan knowing only its own bytes: a cold read would stream (kernel readahead)
         inside one tensor and read the last :data:`lazysd.pread.STREAM_MARGIN` of each
         directly. Every key's box on this rank is this rank's to read, so readahead may run
-        on across all of them (models list parameters in the files' order); it stops short of
-        any byte that is not (another rank's experts, tensors the plan does not use). Other
-        regions (a slice, a box given to :meth:`~lazysd.VirtualStateDict.lazy`) keep their
-        own extents: their neighbours may never be read.
+        on across all of them (models list a block's parameters in the files' order); it
+        stops short of any byte that is not (another rank's experts, tensors the plan does
+        not use). Other regions (a slice, a box given to
+        :meth:`~lazysd.VirtualStateDict.lazy`) keep their own extents: their neighbours may
+        never be read.
         """
         own = self._own_stretches()
         if own is None or any(own[0].get(entry.key) != tuple(box) for entry, box in fills):
@@ -592,7 +594,7 @@ class Reader:
             # Readahead off on the streams' descriptors: their reads are exact (prefetch.py).
             open_fd = lambda file: self.ckpt.range_reader(Path(file)).reopen(random=True)  # noqa: E731
             # In the order of the values (that of the fills), which need not be the files'
-            # (an embedding stored last, layer 10 stored before layer 2).
+            # (lm_head stored last, layer 10 stored before layer 2).
             self._prefetcher = Prefetcher(windows, open_fd, at=at, uses=own[1])
 
     def count_filled(self, entry: Entry, out: torch.Tensor, t0: float) -> None:
