@@ -492,20 +492,27 @@ def test_prefetcher_reads_its_windows_ahead_and_nothing_else(tmp_path: Path) -> 
 
 def test_prefetcher_streams_end_when_the_fills_stop(tmp_path: Path, monkeypatch) -> None:
     """A load left unfinished: streams waiting for the fills end after a while (their
-    buffers and descriptors freed), without close()."""
+    buffers and descriptors freed), without close(); if the fills do move on after all
+    (a slow tensor, not a stop), streams start again."""
     from lazysd import prefetch
 
     monkeypatch.setattr(prefetch, "IDLE_S", 0.2)
     path = tmp_path / "blob"
+    f = str(path)
     path.write_bytes(bytes(4 * prefetch.SEGMENT))
-    p = prefetch.Prefetcher(
-        [(str(path), 0, 4 * prefetch.SEGMENT)], lambda f: os.open(f, os.O_RDONLY), streams=2, ahead=prefetch.SEGMENT
-    )
+    open_fd = lambda f: os.open(f, os.O_RDONLY)  # noqa: E731
+    p = prefetch.Prefetcher([(f, 0, 4 * prefetch.SEGMENT)], open_fd, streams=2, ahead=prefetch.SEGMENT)
     for t in p._threads:
         t.join(10)
     assert all(not t.is_alive() for t in p._threads)
     assert p.bytes_read == prefetch.SEGMENT  # the one segment it was allowed ahead
+    p.consumed(f, 2 * prefetch.SEGMENT)  # behind the fills now: segment 1; ahead of them: 2
+    deadline = time.monotonic() + 30
+    while p.bytes_read < 2 * prefetch.SEGMENT and time.monotonic() < deadline:
+        time.sleep(0.01)
     p.close()
+    assert p.bytes_read == 2 * prefetch.SEGMENT
+    assert all(not t.is_alive() for t in p._threads)
 
 
 def test_prefetcher_survives_a_failing_stream(tmp_path: Path) -> None:
