@@ -225,6 +225,7 @@ class Prefetcher:
         """Start streams in the free slots below the count (called holding the lock)."""
         if self._closed or self._next >= len(self.segments):
             return
+        self._threads = [t for t in self._threads if t.is_alive()]  # streams end and start again
         for slot in range(self.streams):
             if slot not in self._running:
                 self._running.add(slot)
