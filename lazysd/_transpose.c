@@ -621,10 +621,15 @@ static int cached_at(int fd, long long pos) {
  * Starting and joining threads for every call cost ~80 us a call on the 2-core build VM, as
  * much as reading 0.5 MiB; a load makes a call per tensor. After a batch a worker waits
  * SPIN_NS for the next one before it sleeps: a load's next tensor usually comes within that
- * (the Python between two fills), and waking a sleeping thread costs tens of microseconds on
- * a VM. One batch uses the pool at a time; a concurrent caller starts threads of its own. */
+ * (the Python between two fills, ~120 us a key when an HF-keyed view is copied key by key),
+ * and waking a sleeping thread costs tens of microseconds on a VM. Warm, fresh processes,
+ * medians of 4-5, 100 -> 300 us: Qwen3-MoE 0.9 GiB key by key 0.249 -> 0.208 s, native
+ * unchanged; Step3p5 0.9 / 2.8 GiB native 0.124 -> 0.115 / 0.282 -> 0.273 s; 1 ms gained
+ * little more. The spin costs where ranks share too few cores: 4 ranks on the 2 cores,
+ * bench_ep 0.91 -> 0.95 s. One batch uses the pool at a time; a concurrent caller starts
+ * threads of its own. */
 #ifndef SPIN_NS
-#define SPIN_NS 100000LL
+#define SPIN_NS 300000LL
 #endif
 
 static struct {
