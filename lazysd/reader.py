@@ -642,13 +642,12 @@ class Reader:
         stretches of those jobs together, or wider ones of ``within()`` that hold them."""
         if not jobs:
             return
-        at = _position(jobs[0])
         jobs = self._read_cached(jobs)
         if not jobs:
             return
         wide = within() if within is not None else None
         if wide is not None and self._prefetcher is None:
-            self._prefetch(at)  # the first cold read of this reader's own values
+            self._prefetch(_position(jobs[0]))  # the first cold read of this reader's own values
         items = with_extents([job.item for job in jobs], wide)
         jobs = [job if job.item is item else replace(job, item=item) for job, item in zip(jobs, items)]
         if self.options.threads <= 0 or len(jobs) <= 1:
