@@ -1,16 +1,17 @@
 """Reading a reader's own cold stretches ahead of its fills, on several streams at once.
 
 ``load_state_dict(vsd)`` fills one tensor at a time: a cold load is one sequential stream
-(within a block of the model, at least), whose kernel readahead keeps a few MiB in flight. Storage often sustains
-more with several streams: on the 2-core build VM (virtio disk, 0.9-2.8 GiB cold, medians
-of 4-5 rounds), ``pread`` of every tensor's bytes on 2 threads, each reading its own
-contiguous share, moved 0.8-1.1 GiB/s, on 4 threads 0.9-1.8, on 8 threads 1.3-1.5.
+(within a block of the model, at least), whose kernel readahead keeps a few MiB in flight.
+Storage often sustains more with several streams: on the 2-core build VM (virtio disk,
+0.9-2.8 GiB cold, medians of 4-5 rounds), ``pread`` of every tensor's bytes on 2 threads,
+each reading its own contiguous share, moved 0.8-1.1 GiB/s, on 4 threads 0.9-1.8, on 8
+threads 1.3-1.5.
 
 A :class:`Prefetcher` does that for the parts of a reader's own stretches that its cold
 reads stream anyway (:func:`lazysd.pread.stream_window`: the 2 MiB-aligned middle, ending
 :data:`~lazysd.pread.STREAM_MARGIN` before the stretch does): ``streams`` threads take
 :data:`SEGMENT`-sized pieces in the order the fills want them (below), at most ``ahead``
-bytes past where the fills are (each read tells :meth:`Prefetcher.consumed`),
+bytes past where the fills are (each read of the fills tells :meth:`Prefetcher.consumed`),
 and read them into the page cache in ``pread`` calls of up to :data:`REQUEST`. Their
 descriptors have readahead off: each request reads exactly its pages (the kernel issues it
 whole), and leaves no readahead marks. With readahead on, marks the streams left near the end
@@ -18,9 +19,11 @@ of a window set off readahead in the fills' own reads, which ran ~5 MiB past the
 another rank's experts. The fills then find their bytes cached, or wait for pages already
 being read: no byte is read from storage twice, and none outside the stretches.
 
-Cold loads of the benchmark checkpoints (fresh process per run, interleaved, medians of 4-5):
-0.9 GiB 0.84 -> 0.96 GiB/s, 2.8 GiB 1.02 -> 1.50 GiB/s with 4 streams of 8 MiB requests
-(with readahead on instead: 0.95; 6 streams 0.82, 8 streams of 4 MiB 1.47 on 2.8 GiB).
+Cold loads of the benchmark checkpoints (fresh process per run, interleaved, medians of 4-5),
+when the streams were first added: 0.9 GiB 0.84 -> 0.96 GiB/s, 2.8 GiB 1.02 -> 1.50 GiB/s
+with 4 streams of 8 MiB requests (with readahead on instead: 0.95; 6 streams 0.82, 8 streams
+of 4 MiB 1.47 on 2.8 GiB). Reading in fill order (below) took a cold 2.8 GiB Qwen3-MoE load
+from 2.90 to 2.28 s.
 
 How many streams is the storage's to say, not ours: a local NVMe drive wants more than this
 VM's virtio disk, a busy shared filesystem fewer. The count starts at :data:`STREAMS` (or where
@@ -36,9 +39,10 @@ run ahead of where they report being). All streams' buffers together stay within
 
 The order: the fills want the bytes in the order of the values, which need not be the files'
 (a Qwen3-MoE release stores ``layers.10`` before ``layers.2``, and ``lm_head``, its first
-value, last). Each segment is ranked by the first value that reads it (``uses``), and where
-the fills are is placed in that order: in file order, the first fill put the streams at the
-end of the last file, and everything behind was left to the fills.
+value, last). Each segment is ranked by the first value that reads it (``uses``: the reader
+ranks values by block, :func:`lazysd.reader._fill_group`), and where the fills are is placed
+in that order. (Read in file order, the streams were sent to the end of the last file by
+the first fill, and left everything behind it to the fills.)
 
 The bytes land in the page cache, as the streamed reads' bytes do anyway; ``ahead`` bounds
 how far (a checkpoint larger than memory is not pulled in whole). A failed read only stops
