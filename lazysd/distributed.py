@@ -19,7 +19,6 @@ columns its shard needs, mapped through the transposes by the plan. Values are b
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -27,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .errors import PlacementError
-from .geometry import Box, full_box, shard_box
+from .geometry import Box, contiguous_stride, full_box, shard_box
 from .plan import Entry
 
 if TYPE_CHECKING:
@@ -47,10 +46,6 @@ def mesh_device(mesh: DeviceMesh, fallback: torch.device) -> torch.device:
     if mesh.device_type == "cpu":
         return fallback
     return torch.device(mesh.device_type, torch.accelerator.current_device_index())
-
-
-def contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))
 
 
 def local_box_of(shape: tuple[int, ...], target: Target) -> Box:

@@ -55,6 +55,16 @@ def is_empty(box: Box) -> bool:
     return any(lo >= hi for lo, hi in box)
 
 
+def contiguous_stride(shape: Sequence[int]) -> tuple[int, ...]:
+    """Element strides of a row-major tensor of ``shape``.
+
+    Example:
+        >>> contiguous_stride((2, 3, 4))
+        (12, 4, 1)
+    """
+    return tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))
+
+
 def inverse_permutation(perm: Sequence[int]) -> list[int]:
     """The permutation that undoes ``perm``: ``t.permute(perm).permute(inverse_permutation(perm))`` is ``t``."""
     inv = [0] * len(perm)

@@ -202,6 +202,13 @@ def _position(job: _Job) -> tuple[str, int]:
     return str(item.source.file), item.source.offset + item.runs[0][0]
 
 
+def _fill_ranks(keys: Iterable[str]) -> dict[str, int]:
+    """Each key's block's place among the blocks (:func:`_fill_group`), in the order the keys
+    come: the order in which fills read their bytes and the read-ahead streams go."""
+    groups: dict[str, int] = {}
+    return {key: groups.setdefault(_fill_group(key), len(groups)) for key in keys}
+
+
 def _fill_group(key: str) -> str:
     """What orders ``key``'s bytes among a load's fills: its numbered block (``model.layers.3``)
     or the key itself. Models fill block after block in that order, as the values are listed
@@ -499,12 +506,12 @@ class Reader:
 
         One tensor after another, the reader threads wait at the end of every tensor and a
         small tensor is read by one thread alone; here the chunks of all of them share the
-        threads, block after block (:func:`_fill_group`) in the order the fills are given
+        threads, block after block (:func:`_fill_ranks`) in the order the fills are given
         (the order the read-ahead streams go), in file order within a block. And the
         stretches a cold read may stream with readahead (:attr:`lazysd.reads.ReadItem.extent`)
         run on across tensors that lie side by side in a file, where one tensor at a time
-        each ends in a direct-read margin. Each
-        destination counts as filled (stats, progress) when its last chunk is in.
+        each ends in a direct-read margin. Each destination counts as filled (stats,
+        progress) when its last chunk is in.
 
         Example:
             >>> reader.fill_many((vsd.entry(k), full_box(t.shape), t) for k, t in dests.items())  # doctest: +SKIP
@@ -515,13 +522,11 @@ class Reader:
             items = self._items(entry, box, Destination.of(dest))
             planned.append((_Fill(entry, dest, time.perf_counter(), len(items)), items, box))
         jobs = []
-        groups: dict[str, int] = {}
-        rank: dict[str, int] = {}
         for fill, items, _ in planned:
             if not items:
                 self.count_filled(fill.entry, fill.dest, fill.t0)
-            rank[fill.entry.key] = groups.setdefault(_fill_group(fill.entry.key), len(groups))
             jobs += [_bind(item, fill.dest, fill) for item in items]
+        rank = _fill_ranks(fill.entry.key for fill, _, _ in planned)
         jobs.sort(key=lambda job: (rank[job.fill.entry.key], *_position(job)))
         within = functools.cache(lambda: self._within([(fill.entry, box) for fill, _, box in planned]))
         # In steps of STEP_BYTES: each step's cached bytes are sought when its turn comes, so
@@ -529,7 +534,7 @@ class Reader:
         step, size = [], 0
         for job in jobs:
             step.append(job)
-            size += sum(n for _, n in job.item.runs)
+            size += job.item.data_bytes
             if size >= STEP_BYTES:
                 self._run(step, within)
                 step, size = [], 0
@@ -556,19 +561,15 @@ class Reader:
 
     def _own_stretches(self) -> _Own | None:
         """This reader's own values' boxes by key, their source bytes ranked in the order
-        the values are filled (:func:`_fill_group`) and those merged into stretches
+        the values are filled (:func:`_fill_ranks`) and those merged into stretches
         (:func:`lazysd.reads.stretches`); None where they are not known."""
         if self.own is None or not self.ckpt.local:
             return None
         if self._own is None:
-            boxes: dict[str, Box] = {}
-            ranks: dict[str, int] = {}
-            uses = []
-            for e, b in self.own():
-                boxes[e.key] = b
-                rank = ranks.setdefault(_fill_group(e.key), len(ranks))
-                uses += [(rank, *r) for r in source_ranges(e, b)]
-            self._own = boxes, uses, stretches(r for _, *r in uses)
+            own = list(self.own())
+            rank = _fill_ranks(e.key for e, _ in own)
+            uses = [(rank[e.key], *r) for e, b in own for r in source_ranges(e, b)]
+            self._own = {e.key: b for e, b in own}, uses, stretches(r for _, *r in uses)
         return self._own
 
     def _prefetch(self, at: tuple[str, int]) -> None:

@@ -46,7 +46,17 @@ from typing import Literal
 
 import torch
 
-from .geometry import Box, box_shape, byte_runs, full_box, inverse_permutation, is_empty, relative, run_count
+from .geometry import (
+    Box,
+    box_shape,
+    byte_runs,
+    contiguous_stride,
+    full_box,
+    inverse_permutation,
+    is_empty,
+    relative,
+    run_count,
+)
 from .header import TensorInfo
 from .plan import Entry, Source
 from .transpose import fused_read_fits
@@ -238,7 +248,7 @@ def _chunks(
     # Whether bytes can go straight into place depends only on the shapes and strides of
     # the destination region and of each chunk, which the sources of a stacked tensor share
     # (hundreds of experts): decided once per geometry (:func:`_in_source_order`).
-    stride = dest.stride if dest.stride is not None else _contiguous_strides(box_shape(box))
+    stride = dest.stride if dest.stride is not None else contiguous_stride(box_shape(box))
     geometry = (box_shape(region), stride, src.dims)
     whole = _in_source_order(*geometry, rows)[0]
     if plain and row_bytes >= DIRECT_ROW and not whole and _in_source_order(*geometry, 1)[0]:
@@ -265,15 +275,6 @@ def _chunks(
             yield sub, dest_region, "fused", n * row_bytes
         else:
             yield sub, dest_region, "staged", n * row_bytes
-
-
-@functools.lru_cache(maxsize=1024)
-def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    out, step = [], 1
-    for n in reversed(shape):
-        out.append(step)
-        step *= max(n, 1)
-    return tuple(reversed(out))
 
 
 @functools.lru_cache(maxsize=4096)
