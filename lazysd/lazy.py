@@ -95,7 +95,8 @@ class LazyTensor(torch.Tensor):
     ) -> LazyTensor:
         shape = tuple(hi - lo for lo, hi in box)
         self = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=device, requires_grad=requires_grad)
-        self.entry, self.box, self._reader = entry, box, reader
+        # The shape as a tuple: .shape of a subclass goes through __torch_function__.
+        self.entry, self.box, self._reader, self._size = entry, box, reader, shape
         return self
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -193,13 +194,16 @@ class LazyTensor(torch.Tensor):
     # ---- torch integration ---------------------------------------------------------------
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if func is _COPY and len(args) == 2 and isinstance(args[1], LazyTensor) and not isinstance(args[0], LazyTensor):
+            # param.copy_(value), load_state_dict's call for every key: first, and without
+            # another trip through here for the value's shape (a small tensor's read costs
+            # little more than these checks).
+            dest, src = args
+            if dest.shape == src._size and not is_dtensor(dest):
+                return src.read_into(dest)
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
         _refuse_in_place(func, name, args, kwargs)
-        if func is torch.Tensor.copy_ and isinstance(args[1], LazyTensor) and not isinstance(args[0], LazyTensor):
-            dest, src = args[0], args[1]
-            if tuple(dest.shape) == tuple(src.shape) and not is_dtensor(dest):
-                return src.read_into(dest)
         # Aliases of a LazyTensor stay lazy (nn.Parameter calls detach(), DTensor.from_local view_as()).
         if func in (torch.Tensor.detach, torch.detach, torch.Tensor.view_as) and isinstance(args[0], LazyTensor):
             return args[0]._alias()
@@ -319,6 +323,9 @@ def _read_only(t: LazyTensor, op: str) -> ReadOnlyTensorError:
 def _property_name(func: Any) -> str:
     owner = getattr(func, "__self__", None)
     return getattr(owner, "__name__", "")
+
+
+_COPY = torch.Tensor.copy_
 
 
 def is_dtensor(t: torch.Tensor) -> bool:

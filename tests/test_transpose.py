@@ -273,6 +273,11 @@ def test_read_many_plain_and_transposed_jobs_bitwise(tmp_path, threads: int) -> 
             at += out.numel()
         assert same_bits(dense, src.transpose(-1, -2)) and same_bits(half, src.transpose(-1, -2))
         assert bool((wide[:, :, :400] == 7).all())
+        # Alone in a call: no bytes at all, and sizes cut into units of about total / threads.
+        for n in (0, 1, (11 << 18) + 5, 3 << 20):
+            out = torch.full((n,), 0x5A, dtype=torch.uint8)
+            assert tr.read_many([tr.read_job(fd, 17, out, transposed=False)], threads, probe=True) == [n]
+            assert out.numpy().tobytes() == data[:n]
     finally:
         os.close(fd)
 
