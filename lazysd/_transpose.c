@@ -520,10 +520,10 @@ static PyObject *read_transposed(PyObject *self, PyObject *args) {
  * slower than one thread alone. Here the GIL is released once, and the units keep every
  * thread busy to the end of the fill.
  *
- * probe: first ask, with a one-byte preadv2(RWF_NOWAIT) at each end of a job's range, whether
- * its bytes are in the page cache; from the first job that is not, the jobs are skipped (their
- * result is -EAGAIN), for the caller to read them in bulk (O_DIRECT, readahead:
- * lazysd/pread.py). Not probed further: a probe that misses starts a read of its page, which
+ * probe: first ask whether each job's bytes are in the page cache (cached_range); from the
+ * first job that is not, the jobs are skipped (their result is -EAGAIN), for the caller to
+ * read them in bulk (O_DIRECT, or from the read-ahead: lazysd/pread.py). Not probed further:
+ * where the system has no cachestat, a probe that misses starts a read of its page, which
  * would make the caller's own probes of a cold stretch find it cached. A job that fails or
  * meets the end of the file reports -errno or fewer bytes than it asked for; the caller reads
  * it again its own way, which raises the error that names the file and key. */
@@ -615,6 +615,32 @@ static int cached_at(int fd, long long pos) {
 #endif
     (void)fd, (void)pos;
     return 1;
+}
+
+#ifdef __linux__
+#include <sys/syscall.h>
+/* cachestat(2), Linux 6.5+: the same number on every architecture (the generic table). */
+struct cs_range { unsigned long long off, len; };
+struct cs_stat { unsigned long long cache, dirty, writeback, evicted, recently_evicted; };
+static int cachestat_missing = 0;
+#endif
+
+/* Whether [pos, pos + n) is in the page cache (lazysd/pread.py, page_cached): at least half
+ * of the pages that lie wholly inside it (a page shared with a neighbour may have been cached
+ * by the neighbour's read), counted by cachestat, which reads nothing; where the system has
+ * no cachestat, a one-byte RWF_NOWAIT read of the first and last of those pages. */
+static int cached_range(int fd, long long pos, long long n) {
+    long long lo = (pos + 4095) / 4096 * 4096, hi = (pos + n) / 4096 * 4096;
+    if (lo >= hi) lo = pos / 4096 * 4096, hi = (pos + n + 4095) / 4096 * 4096;
+#ifdef __linux__
+    if (!cachestat_missing) {
+        struct cs_range r = {(unsigned long long)lo, (unsigned long long)(hi - lo)};
+        struct cs_stat st;
+        if (syscall(451, fd, &r, &st, 0) == 0) return 2 * st.cache >= (unsigned long long)(hi - lo) / 4096;
+        if (errno == ENOSYS) __atomic_store_n(&cachestat_missing, 1, __ATOMIC_RELAXED);
+    }
+#endif
+    return cached_at(fd, lo) && cached_at(fd, hi - 4096);
 }
 
 /* The threads that help a caller of reads(): started on first use, kept for the next call.
@@ -790,7 +816,7 @@ static PyObject *reads(PyObject *self, PyObject *args) {
     long long total = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         const RJob *J = &B.jobs[i];
-        if (probe == 1 && J->nbytes && (!cached_at(J->fd, J->offset) || !cached_at(J->fd, J->offset + J->nbytes - 1)))
+        if (probe == 1 && J->nbytes && !cached_range(J->fd, J->offset, J->nbytes))
             probe = 2; /* cold: this job and the rest are left to the caller (unprobed, see above) */
         if (probe == 2) B.err[i] = EAGAIN;
         else total += J->nbytes;

@@ -455,15 +455,8 @@ class Checkpoint:
         """Read ``len(out)`` bytes of tensor ``info`` starting ``byte_start`` bytes into it."""
         self.read_runs(info, [(byte_start, len(out))], out)
 
-    def read_runs(
-        self, info: TensorInfo, runs: list[tuple[int, int]], out: memoryview, span: tuple[int, int] | None = None
-    ) -> None:
-        """Read byte ranges ``(start, length)`` of a tensor back to back into ``out``.
-
-        ``span``: absolute file offsets around the runs that the caller reads in full
-        (:attr:`lazysd.reads.ReadItem.extent`): cold bytes inside it may be read ahead.
-        """
-
+    def read_runs(self, info: TensorInfo, runs: list[tuple[int, int]], out: memoryview) -> None:
+        """Read byte ranges ``(start, length)`` of a tensor back to back into ``out``."""
         reader = self.range_reader(info.file)
 
         def read(fd: int) -> int:
@@ -471,7 +464,7 @@ class Checkpoint:
             for group in gather_groups([(info.offset + start, n) for start, n in runs]):
                 want = sum(n for _, n in group)
                 if len(group) == 1:
-                    got = reader.read(out[pos : pos + want], group[0][0], span)
+                    got = reader.read(out[pos : pos + want], group[0][0])
                 else:  # runs a few bytes apart (a column shard's rows): one system call
                     got = read_gathered(fd, out[pos : pos + want], group)
                 pos += got

@@ -2,36 +2,30 @@
 
 :class:`RangeReader` reads ``len(out)`` bytes of a file at an offset into caller memory:
 
-1. A bulk read (at least :data:`DIRECT_MIN` bytes) first reads the range's first page with
-   ``preadv2(RWF_NOWAIT)``: if it is in the page cache, the whole range is read through the
-   page cache (a warm load pays one extra 4 KiB copy).
-2. Otherwise with ``O_DIRECT``
-   on a second descriptor of the same open file: large requests go straight from storage
-   into a page-aligned bounce buffer, then into ``out``. Measured on the 2-core build VM (a
-   2.8 GiB checkpoint, cold, 2 threads, medians of 3): buffered 8 MiB ``pread`` with
-   ``POSIX_FADV_RANDOM`` 0.61-0.84 GiB/s, with ``POSIX_FADV_WILLNEED`` one to four requests
-   ahead 0.64-0.70, ``O_DIRECT`` 8-32 MiB 0.93-1.00 (and the same with 1 thread as with 4).
-   Requests cover exactly the 4 KiB pages of the range, never a neighbour's bytes: kernel
-   readahead stays off (``POSIX_FADV_RANDOM`` on the buffered descriptor), so expert-parallel
-   ranks still read only their own bytes, and cold bytes read this way do not fill the page
-   cache (what a ``POSIX_FADV_DONTNEED`` after the read would achieve, without the reads
-   that other processes might have shared being dropped).
-   Where the caller says the bytes around a cold range are its own too (``span``: every
-   byte of it is being read), the middle of the span is read instead through a third
-   descriptor that keeps kernel readahead on: readahead fills the page cache with large
-   folios and keeps requests queued while the last ones are copied out, which on the 2-core
-   build VM (kernel 6.18, virtio disk, 0.9 GiB evicted) moved 1.8-2.2 GiB/s against
-   0.9-1.2 GiB/s for ``O_DIRECT`` at any request size and queue depth, and ~1.0 GiB/s for
-   buffered reads with readahead off or ``POSIX_FADV_WILLNEED``. Readahead only stays
-   inside the span if the streamed part starts on a :data:`STREAM_ALIGN` boundary (large
-   folios are aligned to it) and stops :data:`STREAM_MARGIN` before the span's end (the
-   asynchronous readahead was measured to run up to ~11 MiB past the last byte asked
-   for); the head and tail outside go the direct way. So even then not one page outside the
-   span is read, which the tests check with ``mincore``.
+1. A bulk read (at least :data:`DIRECT_MIN` bytes) first asks whether the range is in the
+   page cache, of the pages that lie wholly inside it (a page it shares with a neighbour may
+   have been cached by the neighbour's read): :func:`page_cached` counts them with
+   ``cachestat``, which reads nothing; where the system has none, one-byte
+   ``preadv2(RWF_NOWAIT)`` reads at :func:`probe_points`. Cached, the range is read through
+   the page cache.
+2. Otherwise with ``O_DIRECT`` on a second descriptor of the same open file, in requests of
+   :data:`BOUNCE` bytes into a bounce buffer on transparent huge pages (:func:`huge_buffer`),
+   then into ``out``. Into 4 KiB pages a direct read is cut into requests of at most the
+   device's segment count of pages (254 on the build VM's virtio disk: 1016 KiB); into huge
+   pages into its largest requests (4 MiB there), which on that VM moved 1.97-2.24 GiB/s
+   against 0.80-0.95 (0.9 GiB evicted, 8 MiB reads, 1-4 threads; buffered reads with
+   readahead off 0.82-0.85, with readahead on 1.23-1.38: :mod:`lazysd.prefetch`).
+   Requests cover exactly the 4 KiB pages of the range, never a neighbour's bytes: no
+   readahead, so expert-parallel ranks read only their own bytes, and cold bytes read this
+   way do not fill the page cache (what a ``POSIX_FADV_DONTNEED`` after the read would
+   achieve, without the reads that other processes might have shared being dropped).
+   Where a :mod:`lazysd.prefetch` read-ahead holds the range (:meth:`RangeReader.read_ahead_by`),
+   its bytes are copied from there.
 3. Reads below :data:`DIRECT_MIN` (no probe: cached or not, they go through the page
-   cache), and any file or platform where ``O_DIRECT`` or ``RWF_NOWAIT`` is not
-   supported (tmpfs, macOS, older kernels): a plain ``pread`` loop. That fallback is also
-   what ``direct=False`` selects; both give the same bytes.
+   cache, with readahead off: ``POSIX_FADV_RANDOM``), and any file or platform where
+   ``O_DIRECT`` or ``RWF_NOWAIT`` is not supported (tmpfs, macOS, older kernels): a plain
+   ``pread`` loop. That fallback is also what ``direct=False`` selects; both give the same
+   bytes.
 
 Example:
     >>> r = RangeReader(fd)                               # doctest: +SKIP
@@ -41,45 +35,72 @@ Example:
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
 import os
+import sys
 import threading
+from collections.abc import Callable
 
 ALIGN = 4096  # O_DIRECT alignment of offsets, lengths and buffers (the page size covers all devices)
 DIRECT_MIN = 4 << 20  # below this a read is latency-bound: the page cache path is as fast
 BOUNCE = 8 << 20  # one direct request (and the bounce buffer it lands in)
-STREAM_ALIGN = 2 << 20  # where the streamed (readahead) part of a span starts and ends
-STREAM_MARGIN = 16 << 20  # streamed reads stop this far before the span's end
+HUGE = 2 << 20  # a transparent huge page
 
 _NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 
+def huge_buffer(size: int) -> tuple[mmap.mmap, memoryview]:
+    """``size`` bytes of private anonymous memory from a :data:`HUGE` boundary on, with
+    transparent huge pages asked for (``MADV_HUGEPAGE``, where the platform has it): direct
+    reads into it go out in the device's largest requests (module docstring). Returns the
+    mapping and the view; release the view before closing the mapping.
+
+    Example:
+        >>> mapping, view = huge_buffer(1 << 20)
+        >>> len(view)
+        1048576
+        >>> view.release(); mapping.close()
+    """
+    flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
+    mapping = mmap.mmap(-1, size + HUGE, flags=flags) if flags else mmap.mmap(-1, size + HUGE)
+    handle = ctypes.c_char.from_buffer(mapping)
+    skip = -ctypes.addressof(handle) % HUGE
+    del handle  # the mapping may be closed once the view is released
+    if hasattr(mapping, "madvise") and hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            mapping.madvise(mmap.MADV_HUGEPAGE, skip, size)
+        except OSError:
+            pass  # no huge pages here: the reads still work, in smaller requests
+    return mapping, memoryview(mapping)[skip : skip + size]
+
+
 class BouncePool:
-    """Page-aligned bounce buffers for direct reads, shared by the files of one checkpoint:
-    as many exist as direct reads ever ran at once (one per reader thread), whatever the
-    number of files. Private anonymous memory, given back by :meth:`close`."""
+    """Bounce buffers (:func:`huge_buffer`) for direct reads, shared by the files of one
+    checkpoint: as many exist as direct reads ever ran at once (one per reader thread),
+    whatever the number of files. Given back by :meth:`close`."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._free: list[mmap.mmap] = []
+        self._free: list[tuple[mmap.mmap, memoryview]] = []
 
-    def take(self) -> mmap.mmap:
+    def take(self) -> tuple[mmap.mmap, memoryview]:
         with self._lock:
             if self._free:
                 return self._free.pop()
-        flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
-        return mmap.mmap(-1, BOUNCE + ALIGN, flags=flags) if flags else mmap.mmap(-1, BOUNCE + ALIGN)
+        return huge_buffer(BOUNCE + ALIGN)
 
-    def give(self, buf: mmap.mmap) -> None:
+    def give(self, buf: tuple[mmap.mmap, memoryview]) -> None:
         with self._lock:
             self._free.append(buf)
 
     def close(self) -> None:
         with self._lock:
-            for b in self._free:
-                b.close()
+            for mapping, view in self._free:
+                view.release()
+                mapping.close()
             self._free.clear()
 
 
@@ -98,75 +119,55 @@ class RangeReader:
         self.fd = fd
         self.nowait = direct and bool(_NOWAIT) and hasattr(os, "preadv")
         self._direct_fd: int | None = None
-        self._stream_fd: int | None = None  # readahead on; opened with the direct one
-        self._spans: dict[tuple[int, int], bool] = {}  # span -> read cold (streamed)?
-        self._streamed: set[tuple[int, int]] = set()  # spans streamed unprobed (stream_cold)
+        self._ahead: Callable[[int, memoryview], int] | None = None  # read_ahead_by
         self._direct_tried = not (direct and _O_DIRECT and self.nowait)
         self._direct_ok = not self._direct_tried
         self._lock = threading.Lock()
         self._own_pool = pool is None
         self._pool = pool or BouncePool()
         self.direct_bytes = 0  # bytes read with O_DIRECT so far
-        self.stream_bytes = 0  # bytes read through the readahead descriptor so far
 
     def close(self) -> None:
         with self._lock:
-            for fd in (self._direct_fd, self._stream_fd):
-                if fd is not None:
-                    os.close(fd)
-            self._direct_fd = self._stream_fd = None
+            if self._direct_fd is not None:
+                os.close(self._direct_fd)
+            self._direct_fd = None
+            self._ahead = None
             self._direct_tried = True
         if self._own_pool:
             self._pool.close()
 
-    def read(self, out: memoryview, pos: int, span: tuple[int, int] | None = None) -> int:
+    def read(self, out: memoryview, pos: int) -> int:
         """Read ``len(out)`` bytes at file offset ``pos`` into ``out``; returns the bytes read
-        (fewer only where the file ends).
-
-        ``span``: file offsets ``[lo, hi)`` around the range that the caller reads in full
-        (this read is part of it): if the span is cold, bytes well inside it are read with
-        readahead on (module docstring).
-        """
-        window = self._window(span) if span is not None and self.streams() else None
-        if window is None:
+        (fewer only where the file ends)."""
+        ahead = self._ahead
+        if ahead is None:
             return self._read_probed(out, pos)
-        end = pos + len(out)
-        a = min(max(window[0], pos), end) - pos
-        b = min(max(window[1], pos), end) - pos
-        got = self._read_probed(out[:a], pos)  # before the window: nothing of ours read ahead there
-        if got < a or a == b == len(out):
-            return got
-        if a < b:
-            # Cached or not: the readahead of the chunk before has usually brought in the start
-            # of this one, and reading on through the same descriptor keeps it going.
-            streamed = _pread_full(self._stream_fd, out[a:b], pos + a)  # type: ignore[arg-type]
-            with self._lock:
-                self.stream_bytes += streamed
-            got += streamed
-            if got < b:
-                return got
-        # After the window, where its readahead may have marked pages to read further ahead
-        # from: any buffered read there (the probe too) would set off more readahead, past the
-        # span. Direct only.
-        rest = self._read_direct(self._direct_fd, out[b:], pos + b)  # type: ignore[arg-type]
-        return got + (rest if rest is not None else _pread_full(self.fd, out[b:], pos + b))
+        done = 0
+        while done < len(out):
+            got = ahead(pos + done, out[done:])
+            if got < 0:  # not read ahead: read here
+                n = self._read_probed(out[done : done - got], pos + done)
+                done += n
+                if n < -got:
+                    break
+            else:
+                done += got
+        return done
 
-    def streams(self) -> bool:
-        """Whether cold spans are streamed here: readahead on for their middle, and direct
-        reads for the tail (which keep readahead from running past the span: where direct
-        reads are refused, nothing streams)."""
-        return self._direct() is not None and self._stream_fd is not None and self._direct_ok
+    def read_ahead_by(self, serve: Callable[[int, memoryview], int] | None) -> None:
+        """Take the bytes a read-ahead holds from ``serve(pos, out)`` (:meth:`lazysd.prefetch.Prefetcher.serve`
+        of this file): how many it copied into ``out``, or minus how many from ``pos`` to read
+        here. None: read everything here."""
+        self._ahead = serve
 
-    def stream_cold(self, span: tuple[int, int]) -> None:
-        """Stream ``span`` as a cold one (without probing it): its middle is being read ahead
-        into the page cache (:mod:`lazysd.prefetch`), where a direct read would miss it."""
-        with self._lock:
-            self._streamed.add(span)
+    def direct(self) -> bool:
+        """Whether cold bulk reads of this file go direct (refused or unsupported: not)."""
+        return self._direct() is not None and self._direct_ok
 
     def reopen(self, flags: int = 0, *, random: bool = False) -> int:
-        """A new descriptor of this very file, with ``flags``; readahead on (a stream with its
-        own readahead state), or off with ``random`` (``POSIX_FADV_RANDOM``: exact reads).
-        OSError where that is not possible.
+        """A new descriptor of this very file, with ``flags``; readahead off with ``random``
+        (``POSIX_FADV_RANDOM``: exact reads). OSError where that is not possible.
 
         Through ``/proc/self/fd``: the file this descriptor has open, even if the path was
         renamed or replaced since (identity checks stay on the first descriptor).
@@ -179,66 +180,33 @@ class RangeReader:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
         return fd
 
-    def _window(self, span: tuple[int, int]) -> tuple[int, int] | None:
-        """The part of ``span`` to stream, or None: too small, or found cached (probed once per
-        span, by its first reader, before any of it is streamed; a warm span is read through
-        the page cache as any other range)."""
-        window = stream_window(span)
-        if window is None:
-            return None
-        lo = window[0]
-        with self._lock:
-            cold = span in self._streamed or self._spans.get(span)
-            if cold is None:
-                cold = self._spans[span] = not self.cached(lo, span[1] - lo)
-                if len(self._spans) > 4096:  # spans are tensors: keep the recent ones
-                    del self._spans[next(iter(self._spans))]
-        return window if cold else None
-
     def _read_probed(self, out: memoryview, pos: int) -> int:
-        """Read through the page cache where the range starts cached, else direct (bulk) or
-        plain ``pread``."""
+        """Read through the page cache where the range is cached, else direct (bulk) or plain
+        ``pread``."""
         if not len(out):
             return 0
-        if self.nowait and len(out) >= DIRECT_MIN:
-            # Probe the first page only: a ``RWF_NOWAIT`` read that misses still starts a
-            # buffered read of every page it asked for (kernel readahead), which a direct
-            # read of the same bytes would then repeat.
-            first = min(len(out), ALIGN - pos % ALIGN)
-            try:
-                done = os.preadv(self.fd, [out[:first]], pos, _NOWAIT)
-            except OSError as exc:
-                if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-                    self.nowait = False  # this filesystem cannot tell: plain reads from now on
-                    return _pread_full(self.fd, out, pos)
-                if exc.errno != errno.EAGAIN:
-                    raise
-                done = -1  # EAGAIN: not cached, storage has to be read
-            if done == 0:
-                return 0  # end of file
-            if done < 0:
-                if self._direct_ok:
-                    direct_fd = self._direct()
-                    if direct_fd is not None:
-                        got = self._read_direct(direct_fd, out, pos)
-                        if got is not None:
-                            return got
-                return _pread_full(self.fd, out, pos)
-            # Warm (at least where it starts): the page cache serves it; whatever is missing
-            # further on is read through it as well.
-            return done + _pread_full(self.fd, out[done:], pos + done)
+        if len(out) >= DIRECT_MIN and self._direct_ok and not self.cached(pos, len(out)):
+            direct_fd = self._direct()
+            if direct_fd is not None:
+                got = self._read_direct(direct_fd, out, pos)
+                if got is not None:
+                    return got
         return _pread_full(self.fd, out, pos)
 
     def cached(self, pos: int, n: int) -> bool:
-        """Whether the first and last byte of ``[pos, pos + n)`` are in the page cache (a probe:
-        a warm range is read through the page cache, a cold one in bulk).
+        """Whether ``[pos, pos + n)`` is in the page cache (a warm range is read through the
+        page cache, a cold one in bulk): :func:`page_cached`, or where the system cannot
+        count pages, a one-byte ``RWF_NOWAIT`` read at :func:`probe_points`.
 
         True where the platform cannot tell.
         """
         if not self.nowait or n <= 0:
             return True
+        counted = page_cached(self.fd, pos, n)
+        if counted is not None:
+            return counted
         probe = bytearray(1)
-        for at in (pos, pos + n - 1):
+        for at in probe_points(pos, n):
             try:
                 if os.preadv(self.fd, [probe], at, _NOWAIT) != 1:
                     return True  # end of file: the read itself reports it
@@ -249,32 +217,22 @@ class RangeReader:
         return True
 
     def _direct(self) -> int | None:
-        """The ``O_DIRECT`` descriptor of the same file, opened once; None where unsupported.
-
-        The readahead descriptor (``_stream_fd``) is opened with it: both exist only where
-        direct reads do, since only with them do head and tail stay out of the page cache.
-        """
+        """The ``O_DIRECT`` descriptor of the same file, opened once; None where unsupported."""
         if self._direct_tried:
             return self._direct_fd
         with self._lock:
             if not self._direct_tried:
                 self._direct_tried = True
                 try:
-                    fd: int | None = self.reopen(_O_DIRECT)
+                    self._direct_fd = self.reopen(_O_DIRECT)
                 except OSError:
-                    fd = None
-                if fd is not None:
-                    try:
-                        self._stream_fd = self.reopen()  # default advice: the kernel reads ahead
-                    except OSError:
-                        pass
-                self._direct_fd = fd
+                    self._direct_fd = None
         return self._direct_fd
 
     def _read_direct(self, fd: int, out: memoryview, pos: int) -> int | None:
         """Read ``out`` at ``pos`` with ``O_DIRECT`` in aligned requests; None if refused at once."""
         bounce = self._pool.take()
-        view = memoryview(bounce)
+        view = bounce[1]
         try:
             done = 0
             while done < len(out):
@@ -296,23 +254,66 @@ class RangeReader:
                     break  # end of file
             return done
         finally:
-            view.release()
             self._pool.give(bounce)
             with self._lock:
                 self.direct_bytes += done
 
 
-def stream_window(span: tuple[int, int]) -> tuple[int, int] | None:
-    """The part of a cold ``span`` read with readahead on: from the first :data:`STREAM_ALIGN`
-    boundary in it to the last one :data:`STREAM_MARGIN` before its end; None if too small.
+class _Range(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _CacheStat(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in ("cache", "dirty", "writeback", "evicted", "recently_evicted")]
+
+
+_CACHESTAT = 451  # cachestat(2): the same number on every Linux architecture (the generic table)
+_syscall = None  # libc's syscall(), once looked up; False where there is none
+
+
+def page_cached(fd: int, pos: int, n: int) -> bool | None:
+    """Whether ``[pos, pos + n)`` of ``fd`` is in the page cache: at least half of the pages
+    that lie wholly inside it (a page shared with a neighbour may have been cached by the
+    neighbour's read), counted with ``cachestat`` (Linux 6.5+). None where the system cannot
+    count them.
+
+    Unlike a ``RWF_NOWAIT`` read, which starts a read of the page it misses, ``cachestat``
+    reads nothing: a cold range a probe asked about stays cold for the next probe (the reads
+    of a fill are probed twice, by the batched kernel reads and here), and a page a direct
+    read or the read-ahead reads is not also read into the page cache.
 
     Example:
-        >>> stream_window((1 << 20, 64 << 20))
-        (2097152, 50331648)
+        >>> page_cached(fd, 0, 1 << 20)  # doctest: +SKIP
+        True
     """
-    lo = -(-span[0] // STREAM_ALIGN) * STREAM_ALIGN
-    hi = (span[1] - STREAM_MARGIN) // STREAM_ALIGN * STREAM_ALIGN
-    return (lo, hi) if hi - lo >= STREAM_ALIGN else None
+    global _syscall
+    if _syscall is None:
+        libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+        _syscall = getattr(libc, "syscall", False)
+    if not _syscall:
+        return None
+    lo, hi = -(-pos // ALIGN) * ALIGN, (pos + n) // ALIGN * ALIGN
+    if lo >= hi:
+        lo, hi = pos // ALIGN * ALIGN, -(-(pos + n) // ALIGN) * ALIGN
+    stat = _CacheStat()
+    if _syscall(_CACHESTAT, fd, ctypes.byref(_Range(lo, hi - lo)), ctypes.byref(stat), 0) != 0:
+        if ctypes.get_errno() == errno.ENOSYS:
+            _syscall = False
+        return None
+    return 2 * stat.cache >= (hi - lo) // ALIGN
+
+
+def probe_points(pos: int, n: int) -> tuple[int, int]:
+    """Where to ask whether ``[pos, pos + n)`` is cached: at its first and last page that lie
+    wholly inside it (a page shared with a neighbour may be cached by the neighbour's read),
+    or at its ends where no page does.
+
+    Example:
+        >>> probe_points(100, 3 * 4096)
+        (4096, 8192)
+    """
+    lo, hi = -(-pos // ALIGN) * ALIGN, (pos + n) // ALIGN * ALIGN - ALIGN
+    return (lo, hi) if lo <= hi else (pos, pos + n - 1)
 
 
 def gather_groups(runs: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:

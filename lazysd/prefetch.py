@@ -1,29 +1,28 @@
-"""Reading a reader's own cold stretches ahead of its fills, on several streams at once.
+"""Reading a reader's own cold bytes ahead of its fills, straight from storage into staging.
 
-``load_state_dict(vsd)`` fills one tensor at a time: a cold load is one sequential stream
-(within a block of the model, at least), whose kernel readahead keeps a few MiB in flight.
-Storage often sustains more with several streams: on the 2-core build VM (virtio disk,
-0.9-2.8 GiB cold, medians of 4-5 rounds), ``pread`` of every tensor's bytes on 2 threads,
-each reading its own contiguous share, moved 0.8-1.1 GiB/s, on 4 threads 0.9-1.8, on 8
-threads 1.3-1.5.
+``load_state_dict(vsd)`` fills one tensor at a time, and each fill waits for its own reads:
+between two reads the storage has nothing to do, and a small tensor is one short request. A
+:class:`Prefetcher` keeps the storage busy for the fills. Its ``streams`` threads take the
+reader's own windows (the bytes its values need, in whole pages) :data:`PIECE` by
+:data:`PIECE`, in the order the fills want them (below), and read each with ``O_DIRECT`` into
+a slot of its own; a fill that gets to a piece copies its bytes out of the slot (waiting for
+a piece being read), and the slot is free once every byte of the piece was copied. At most
+:data:`SLOTS` pieces are held (read or being read), so the streams never run more than that
+far ahead of the fills, and the read-ahead's memory is bounded whatever the checkpoint.
+A piece the fills get to before any stream did is theirs to read (direct), and no stream
+reads it after them: no byte is read from storage twice.
 
-A :class:`Prefetcher` does that for the parts of a reader's own stretches that its cold
-reads stream anyway (:func:`lazysd.pread.stream_window`: the 2 MiB-aligned middle, ending
-:data:`~lazysd.pread.STREAM_MARGIN` before the stretch does): ``streams`` threads take
-:data:`SEGMENT`-sized pieces in the order the fills want them (below), at most ``ahead``
-bytes past where the fills are (each read of the fills tells :meth:`Prefetcher.consumed`),
-and read them into the page cache in ``pread`` calls of up to :data:`REQUEST`. Their
-descriptors have readahead off: each request reads exactly its pages (the kernel issues it
-whole), and leaves no readahead marks. With readahead on, marks the streams left near the end
-of a window set off readahead in the fills' own reads, which ran ~5 MiB past the stretch, into
-another rank's experts. The fills then find their bytes cached, or wait for pages already
-being read: no byte is read from storage twice, and none outside the stretches.
-
-Cold loads of the benchmark checkpoints (fresh process per run, interleaved, medians of 4-5),
-when the streams were first added: 0.9 GiB 0.84 -> 0.96 GiB/s, 2.8 GiB 1.02 -> 1.50 GiB/s
-with 4 streams of 8 MiB requests (with readahead on instead: 0.95; 6 streams 0.82, 8 streams
-of 4 MiB 1.47 on 2.8 GiB). Reading in fill order (below) took a cold 2.8 GiB Qwen3-MoE load
-from 2.90 to 2.28 s.
+Why direct reads into huge pages: a direct read into 4 KiB pages is cut into requests of at
+most the device's segment count of pages (254 on the build VM's virtio disk: 1016 KiB), and
+buffered reads with readahead off fill the page cache with 4 KiB pages as well. Into a
+2 MiB-aligned slot with transparent huge pages (:func:`lazysd.pread.huge_buffer`) the same
+read goes out in the device's largest requests (4 MiB there). Measured on that VM (0.9 GiB of
+safetensors evicted, 8 MiB reads, fresh process, 3 rounds): direct into huge pages
+1.97-2.24 GiB/s on 1 or 2 threads, direct into 4 KiB pages 0.80-0.95, buffered with
+readahead off 0.82-0.85, buffered with readahead on (four contiguous quarters, 4 threads, the
+best a plain ``pread`` loader does there) 1.23-1.38. Direct reads are also exact: no
+readahead runs past a window into another rank's experts, and the reads leave the page cache
+as it was.
 
 How many streams is the storage's to say, not ours: a local NVMe drive wants more than this
 VM's virtio disk, a busy shared filesystem fewer. The count starts at :data:`STREAMS` (or where
@@ -32,27 +31,23 @@ moves it on observed throughput: after every :data:`EPOCH` bytes read from stora
 the rate with that of the count before and keeps climbing, one stream at a time, while a step
 pays (:data:`GAIN`); then it holds, and climbs again later, since shared storage changes under
 a long load. What says nothing of the storage is not judged: the first epoch (the streams
-start), epochs in which the streams waited for the fills (the fills were the bottleneck), and
-bytes the page cache held already (``RWF_NOWAIT`` finds them: the fills' own streamed reads
-run ahead of where they report being). All streams' buffers together stay within
-:data:`SCRATCH`, whatever the count.
+start), epochs in which the streams waited for free slots (the fills were the bottleneck), and
+pieces the page cache held already (:func:`lazysd.pread.page_cached`; copied from there).
 
 The order: the fills want the bytes in the order of the values, which need not be the files'
 (a Qwen3-MoE release stores ``layers.10`` before ``layers.2``, and ``lm_head``, its first
-value, last). Each segment is ranked by the first value that reads it (``uses``: the reader
+value, last). Each piece is ranked by the first value that reads it (``uses``: the reader
 ranks values by block, :func:`lazysd.reader._fill_group`), and where the fills are is placed
-in that order. (Read in file order, the streams were sent to the end of the last file by
-the first fill, and left everything behind it to the fills.)
+in that order; pieces the fills have passed are given up (their slots freed).
 
-The bytes land in the page cache, as the streamed reads' bytes do anyway; ``ahead`` bounds
-how far (a checkpoint larger than memory is not pulled in whole). A failed read only stops
-that stream: the fill reads the bytes itself and reports any error.
+A failed read only stops that stream: its piece goes back to the fills, which read the bytes
+themselves and report any error.
 
 Example:
     >>> f = "/ckpt/model-00001.safetensors"
-    >>> p = Prefetcher([(f, 2 << 20, 1 << 30)], lambda f: os.open(f, os.O_RDONLY))  # doctest: +SKIP
-    >>> p.consumed(f, 64 << 20)  # the fills got there                               # doctest: +SKIP
-    >>> p.close()                                                                     # doctest: +SKIP
+    >>> p = Prefetcher([(f, 4096, 1 << 30)], lambda f, flags: os.open(f, os.O_RDONLY | flags))  # doctest: +SKIP
+    >>> got = p.serve(f, 4096, memoryview(bytearray(1 << 20)))  # 1 MiB copied from a piece     # doctest: +SKIP
+    >>> p.close()                                                                               # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -64,19 +59,21 @@ import threading
 import time
 from collections.abc import Callable
 
+from .pread import huge_buffer, page_cached
+
 MiB = 1 << 20
-SEGMENT = 32 * MiB  # one stream's piece: long enough for its readahead to ramp up
-STREAMS = 4  # where the tuning starts: measured best on the build VM (module docstring)
-MAX_STREAMS = 8
-SCRATCH = 32 * MiB  # all streams' read buffers together...
-REQUEST = 8 * MiB  # ...each at most this: one pread of a piece (into a buffer the stream reuses)
-# Cached bytes are read without waiting for storage (Linux 4.14+): the tuner counts only the rest.
-_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
-AHEAD = 512 * MiB  # how far past the fills the streams may read
-IDLE_S = 5.0  # a stream waiting this long for the fills to move on ends (and frees its buffer)
+PIECE = 8 * MiB  # one read of a stream: two of the build VM's largest requests
+SLOTS = 6  # pieces held at once (being read, or read and not yet copied out): 48 MiB
+STREAMS = 2  # where the tuning starts: one read in flight while the other's bytes are copied
+MAX_STREAMS = SLOTS - 2  # at least two slots hold pieces read for the fills
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+MIN_WINDOW = 1 * MiB  # smaller stretches are left to the fills: a stream would only wait on them
+IDLE_S = 5.0  # a stream waiting this long for the fills to move on ends
 EPOCH = 256 * MiB  # bytes read at one stream count before the tuner judges it
 GAIN = 1.08  # a step to another count is kept when it reads this much faster (noise is ~5%)
 HOLD = 16  # epochs at the settled count before climbing again
+
+_QUEUED, _READING, _READY, _GONE = range(4)  # a piece's states (_GONE: the fills read it)
 
 _settled: dict[int, int] = {}  # st_dev -> stream count the last tuning on that device settled on
 
@@ -96,7 +93,7 @@ class StreamTuner:
         [5, 6, 5, 5]
     """
 
-    def __init__(self, streams: int, *, lo: int = 1, hi: int = MAX_STREAMS, gain: float = GAIN, hold: int = HOLD):
+    def __init__(self, streams: int, *, lo: int = 1, hi: int = 8, gain: float = GAIN, hold: int = HOLD):
         self.lo, self.hi, self.gain, self.hold = lo, hi, gain, hold
         self.streams = min(hi, max(lo, streams))
         self._climb()
@@ -143,52 +140,62 @@ class StreamTuner:
 
 
 class Prefetcher:
-    """Streams that read ``windows`` ``(file, lo, hi)`` (sorted) into the page cache ahead of
-    :meth:`consumed` (starting from ``at``), in the order the fills want them: by the least
-    rank of the ``uses`` ``(rank, file, offset, length)`` that overlap a segment (the fills
-    read lower ranks first), in file order among equal ranks and where not given.
+    """Streams that read ``windows`` ``(file, lo, hi)`` (sorted, page-aligned) ahead of the
+    fills into slots, in the order the fills want them: by the least rank of the ``uses``
+    ``(rank, file, offset, length)`` that overlap a piece (the fills read lower ranks first),
+    in file order among equal ranks and where not given. The fills take the bytes with
+    :meth:`serve` and say where they are with :meth:`consumed` (starting from ``at``).
 
-    ``open_fd(file)`` opens a new read-only descriptor of a file (readahead off: see the
-    module docstring); the prefetcher closes the ones it opened. ``streams``: the count to
-    start at (default: :data:`STREAMS`, or where the last tuning on the same device
-    settled; at most :data:`MAX_STREAMS`); ``tune=False`` keeps it.
+    ``open_fd(file, flags)`` opens a new read-only descriptor of a file with ``flags``
+    (``O_DIRECT`` for the reads, 0 for the page-cache probes); the prefetcher closes the ones
+    it opened. ``streams``: the count to start at (default: :data:`STREAMS`, or where the last
+    tuning on the same device settled; at most :data:`MAX_STREAMS`); ``tune=False`` keeps it.
     """
 
     def __init__(
         self,
         windows: list[tuple[str, int, int]],
-        open_fd: Callable[[str], int],
+        open_fd: Callable[[str, int], int],
         *,
         at: tuple[str, int] | None = None,
         uses: list[tuple[int, str, int, int]] | None = None,
         streams: int | None = None,
         tune: bool = True,
-        ahead: int | None = None,
     ) -> None:
-        segments = [(file, at, min(hi, at + SEGMENT)) for file, lo, hi in windows for at in range(lo, hi, SEGMENT)]
-        self._starts = [(file, at) for file, at, _ in segments]  # for bisect, in file order
-        self._ends = [hi for _, _, hi in segments]
-        rank = _segment_ranks(segments, self._starts, uses) if uses is not None else range(len(segments))
-        order = sorted(range(len(segments)), key=rank.__getitem__)  # stable: file order among equals
-        self.segments = [segments[j] for j in order]  # in the order the fills want them
-        self._pos = [0] * len(segments)  # file order -> fill order
+        pieces = [(file, p, min(hi, p + PIECE)) for file, lo, hi in windows for p in range(lo, hi, PIECE)]
+        self._starts = [(file, p) for file, p, _ in pieces]  # for bisect, in file order
+        self._ends = [hi for _, _, hi in pieces]
+        rank = _piece_ranks(pieces, self._starts, uses) if uses is not None else range(len(pieces))
+        order = sorted(range(len(pieces)), key=rank.__getitem__)  # stable: file order among equals
+        self.pieces = [pieces[j] for j in order]  # in the order the fills want them
+        # Where each piece's rank starts in that order: the fills go through a rank's pieces in
+        # any order (a block's parameters are not listed in the files' order).
+        self._first = [0] * len(order)
+        for k in range(1, len(order)):
+            same = rank[order[k]] == rank[order[k - 1]]
+            self._first[k] = self._first[k - 1] if same else k
+        self._pos = [0] * len(pieces)  # file order -> fill order
         for k, j in enumerate(order):
             self._pos[j] = k
+        self._state = [_QUEUED] * len(pieces)
+        self._left = [hi - lo for _, lo, hi in self.pieces]  # bytes of each not yet served
+        self._held: dict[int, memoryview] = {}  # piece -> its slot (being read, or read)
+        self._slots: list = []  # free slots: (mapping, view)
+        self._maps: dict[int, object] = {}  # id(view) -> its mapping, for the slots in use
         self._open = open_fd
-        self._ahead = max(1, (AHEAD if ahead is None else ahead) // SEGMENT)
         self._cond = threading.Condition()
-        self._next = 0  # the next segment to read
-        self._at = 0  # the segment the fills are in
+        self._next = 0  # the next piece to read
+        self._at = 0  # the first piece of the rank the fills are in
         self._closed = False
+        self._pid = os.getpid()  # a forked child has none of these threads: it reads for itself
         self.bytes_read = 0
         self._device = _device(windows[0][0]) if windows else None
         if streams is None:
             streams = _settled.get(self._device, STREAMS)
-        self.tuner = StreamTuner(streams) if tune else None
+        self.tuner = StreamTuner(streams, hi=MAX_STREAMS) if tune else None
         self.streams = self.tuner.streams if self.tuner else min(MAX_STREAMS, max(1, streams))
         # (start, bytes from storage, judged): the first epoch is not, it holds the streams' start
         self._epoch = (time.monotonic(), 0, False)
-        self._nowait = _NOWAIT
         self._threads: list[threading.Thread] = []  # every stream started, for close()
         self._running: set[int] = set()  # the slots of the streams running now
         with self._cond:
@@ -196,15 +203,45 @@ class Prefetcher:
                 self._moved_to(*at)  # before any stream starts: nothing behind the fills is read
             self._start_streams()
 
+    def serve(self, file: str, pos: int, out: memoryview) -> int:
+        """Copy into ``out`` the bytes of ``file`` from ``pos`` that a stream read (waiting for
+        a piece being read): returns how many (to the end of the piece at most). Or, where
+        no stream has them (outside the windows, a piece the fills got to first), minus how
+        many bytes from ``pos`` the caller reads itself.
+        """
+        j = bisect.bisect_right(self._starts, (file, pos)) - 1
+        if j < 0 or self._starts[j][0] != file or pos >= self._ends[j]:
+            following = self._starts[j + 1] if j + 1 < len(self._starts) else None
+            to_next = following[1] - pos if following is not None and following[0] == file else len(out)
+            return -min(len(out), to_next)
+        lo, n = self._starts[j][1], min(len(out), self._ends[j] - pos)
+        k = self._pos[j]
+        with self._cond:
+            if self._closed or os.getpid() != self._pid:
+                return -n
+            if self._state[k] == _QUEUED:
+                self._state[k] = _GONE  # the fills got here first: theirs to read
+            while self._state[k] == _READING:
+                self._cond.wait()
+            if self._state[k] != _READY:
+                return -n
+            out[:n] = self._held[k][pos - lo : pos - lo + n]
+            self._left[k] -= n
+            if self._left[k] <= 0:
+                self._drop(k)
+                self._start_streams()  # streams that ended waiting for a slot start again
+        return n
+
     def consumed(self, file: str, offset: int) -> None:
-        """The fills have got to ``offset`` of ``file``: the streams may read ``ahead`` past it."""
+        """The fills have got to ``offset`` of ``file``: the streams read on from the first
+        piece of its rank, and pieces of earlier ranks may be given up for slots."""
         with self._cond:
             if self._moved_to(file, offset):
                 self._start_streams()  # streams that ended waiting for the fills start again
                 self._cond.notify_all()
 
     def close(self) -> None:
-        """Stop the streams (each finishes its current request) and wait for them."""
+        """Stop the streams (each finishes its current read), wait for them, free the slots."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
@@ -212,22 +249,41 @@ class Prefetcher:
         for t in threads:
             if t is not threading.current_thread():
                 t.join()
+        with self._cond:
+            for k in list(self._held):
+                self._drop(k)
+            for mapping, view in self._slots:
+                view.release()
+                mapping.close()
+            self._slots.clear()
         if self.tuner is not None and self.tuner.settled and self._device is not None:
             _settled[self._device] = self.tuner.streams
 
+    # ---- under the lock -------------------------------------------------------------------
     def _moved_to(self, file: str, offset: int) -> bool:
         j = bisect.bisect_right(self._starts, (file, offset)) - 1
         if j < 0 or self._starts[j][0] != file or offset >= self._ends[j]:
-            return False  # not in a window: the next fill that is says where the fills are
-        k = self._pos[j]
+            # In the partial page before a window (a value's first bytes), or not in one: the
+            # next fill that is says where the fills are.
+            j += 1
+            if j >= len(self._starts) or self._starts[j] >= (file, offset + 4096):
+                return False
+        k = self._first[self._pos[j]]
         if k <= self._at:
             return False
         self._at = k
         return True
 
+    def _drop(self, k: int) -> None:
+        """Piece ``k`` is done with: its slot is free (called holding the lock)."""
+        self._state[k] = _GONE
+        view = self._held.pop(k)
+        self._slots.append((self._maps.pop(id(view)), view))
+        self._cond.notify_all()
+
     def _start_streams(self) -> None:
-        """Start streams in the free slots below the count (called holding the lock)."""
-        if self._closed or self._next >= len(self.segments):
+        """Start streams in the free places below the count (called holding the lock)."""
+        if self._closed or self._next >= len(self.pieces):
             return
         self._threads = [t for t in self._threads if t.is_alive()]  # streams end and start again
         for slot in range(self.streams):
@@ -237,26 +293,37 @@ class Prefetcher:
                 self._threads.append(t)
                 t.start()
 
-    def _take(self, slot: int) -> tuple[str, int, int] | None:
+    def _take(self, slot: int) -> tuple[int, memoryview] | None:
+        """The next piece for stream ``slot`` to read and the slot it is read into, or None
+        (no piece left, the count lowered, the fills gone)."""
         with self._cond:
-            while not self._closed and self._next < len(self.segments):
-                if slot >= self.streams:
-                    waited = self._cond.wait(IDLE_S)  # a slot the tuner closed
-                elif self._next >= self._at + self._ahead:
-                    self._epoch = (*self._epoch[:2], False)  # waiting for the fills: not the storage's rate
-                    waited = self._cond.wait(IDLE_S)
-                else:
+            while True:
+                if self._closed or slot >= self.streams:
+                    return None
+                self._next = max(self._next, self._at)  # never behind the fills
+                while self._next < len(self.pieces) and self._state[self._next] != _QUEUED:
+                    self._next += 1
+                if self._next >= len(self.pieces):
+                    return None
+                if len(self._held) < SLOTS:
                     break
-                if not waited:
-                    break  # the fills stopped (a load left unfinished): do not hold on
-            else:
-                return None
-            if slot >= self.streams or self._next >= self._at + self._ahead:
-                return None
-            self._next = max(self._next, self._at)  # never behind the fills: those bytes are read
-            segment = self.segments[self._next]
+                behind = [k for k in self._held if k < self._at and self._state[k] == _READY]
+                if behind:  # a rank the fills have left: what they did not take, they never will
+                    self._drop(min(behind))
+                    continue
+                self._epoch = (*self._epoch[:2], False)  # waiting for the fills: not the storage's rate
+                if not self._cond.wait(IDLE_S):
+                    return None  # the fills stopped (a load left unfinished): do not hold on
+            k = self._next
             self._next += 1
-            return segment
+            self._state[k] = _READING
+            if self._slots:
+                mapping, view = self._slots.pop()
+            else:
+                mapping, view = huge_buffer(PIECE)
+            self._maps[id(view)] = mapping
+            self._held[k] = view
+            return k, view
 
     def _count(self, cached: int, got: int) -> None:
         """Count bytes the page cache held and bytes read from storage; at the end of an
@@ -277,57 +344,102 @@ class Prefetcher:
                     self._cond.notify_all()
             self._epoch = (now, 0, True)
 
+    # ---- a stream ---------------------------------------------------------------------------
     def _stream(self, slot: int) -> None:
-        fds: dict[str, int] = {}
-        view = memoryview(b"")
+        fds: dict[tuple[str, int], int] = {}
+
+        def fd(file: str, flags: int) -> int:
+            if (file, flags) not in fds:
+                fds[file, flags] = self._open(file, flags)
+            return fds[file, flags]
+
         try:
-            while (segment := self._take(slot)) is not None:
-                file, pos, end = segment
-                fd = fds.get(file)
-                if fd is None:
-                    fd = fds[file] = self._open(file)
-                size = min(REQUEST, SCRATCH // self.streams // MiB * MiB)
-                if len(view) != size:  # the count changed: the buffers stay within SCRATCH
-                    view = memoryview(bytearray(size))
-                while pos < end and not self._closed:
-                    n = min(size, end - pos)
-                    cached = self._cached(fd, view[:n], pos)
-                    got = os.preadv(fd, [view[cached:n]], pos + cached) if cached < n else 0
-                    if cached + got <= 0:
-                        break
-                    pos += cached + got
-                    self._count(cached, got)
+            while (taken := self._take(slot)) is not None:
+                k, view = taken
+                file, lo, hi = self.pieces[k]
+                ok = False
+                try:
+                    if self._cached(fd(file, 0), lo, hi):
+                        got, cached = _pread_all(fd(file, 0), view[: hi - lo], lo), True
+                    else:
+                        # Whole pages into the slot (the window's last page may end past hi).
+                        size = -(-(hi - lo) // 4096) * 4096
+                        got, cached = min(hi - lo, _pread_all(fd(file, _O_DIRECT), view[:size], lo)), False
+                    ok = got == hi - lo
+                finally:
+                    with self._cond:
+                        if ok:
+                            self._state[k] = _READY
+                        else:
+                            self._drop(k)  # the fills read it and report what went wrong
+                        self._cond.notify_all()
+                if not ok:
+                    break
+                self._count(got if cached else 0, 0 if cached else got)
         except OSError:
             pass  # a hint only: the fills read these bytes themselves and report what fails
         finally:
-            for fd in fds.values():
-                os.close(fd)
+            for f in fds.values():
+                os.close(f)
             with self._cond:
                 self._running.discard(slot)
 
-    def _cached(self, fd: int, view: memoryview, pos: int) -> int:
-        """Bytes from ``pos`` that the page cache already holds (read into ``view``), as far
-        as the platform tells (else 0)."""
-        if not self._nowait:
-            return 0
-        try:
-            return os.preadv(fd, [view], pos, _NOWAIT)
-        except BlockingIOError:
-            return 0
-        except OSError:
-            self._nowait = 0  # a filesystem without it: count every byte as read from storage
-            return 0
+    def _cached(self, fd: int, lo: int, hi: int) -> bool:
+        """Whether ``[lo, hi)`` is in the page cache (:func:`lazysd.pread.page_cached`; False
+        where the system cannot tell: a probe that reads would start a read of the page)."""
+        return bool(page_cached(fd, lo, hi - lo))
 
 
-def _segment_ranks(
-    segments: list[tuple[str, int, int]], starts: list[tuple[str, int]], uses: list[tuple[int, str, int, int]]
+def rank_windows(uses: list[tuple[int, str, int, int]], least: int = MIN_WINDOW) -> list[tuple[str, int, int]]:
+    """The windows to read ahead for ``uses`` ``(rank, file, offset, length)``: per file,
+    the ranges of one rank merged where they touch, cut to the whole pages inside (a direct
+    read's unit), sorted; those under ``least`` bytes are left to the fills. A piece then
+    holds bytes of one rank only: it is copied out as the fills of that rank go by, and never
+    held for a later rank (the bytes at a boundary of two are the fills' to read).
+
+    Example:
+        >>> rank_windows([(0, "a", 100, 10000), (0, "a", 10100, 9000), (1, "a", 19100, 9000)], 4096)
+        [('a', 4096, 16384), ('a', 20480, 24576)]
+    """
+    merged: list[list] = []  # [rank, file, lo, hi]
+    for r, file, off, n in sorted(uses, key=lambda u: (u[1], u[2])):
+        last = merged[-1] if merged else None
+        if last is not None and last[1] == file and off <= last[3]:
+            if last[0] == r:
+                last[3] = max(last[3], off + n)
+                continue
+            off, n = last[3], off + n - last[3]  # bytes another rank reads already: theirs
+            if n <= 0:
+                continue
+        merged.append([r, file, off, off + n])
+    out = []
+    for _, file, lo, hi in merged:
+        lo, hi = -(-lo // 4096) * 4096, hi // 4096 * 4096
+        if hi - lo >= max(least, 1):
+            out.append((file, lo, hi))
+    return sorted(out)
+
+
+def _pread_all(fd: int, out: memoryview, pos: int) -> int:
+    """``pread`` until ``out`` is full or the file ends; the bytes read."""
+    done = 0
+    while done < len(out):
+        got = os.preadv(fd, [out[done:]], pos + done)
+        if got <= 0:
+            break
+        done += got
+    return done
+
+
+def _piece_ranks(
+    pieces: list[tuple[str, int, int]], starts: list[tuple[str, int]], uses: list[tuple[int, str, int, int]]
 ) -> list[float]:
-    """Per segment, the least rank of the ``uses`` that overlap it (infinite: none)."""
-    rank = [math.inf] * len(segments)
+    """Per piece, the least rank of the ``uses`` that overlap it (infinite: none)."""
+    rank = [math.inf] * len(pieces)
     for r, file, off, n in uses:
         j = max(0, bisect.bisect_right(starts, (file, off)) - 1)
-        while j < len(segments) and starts[j] < (file, off + n):
-            if starts[j][0] == file and segments[j][2] > off:
+        while j < len(pieces) and starts[j] < (file, off + n):
+            if starts[j][0] == file and pieces[j][2] > off:
                 rank[j] = min(rank[j], r)
             j += 1
     return rank

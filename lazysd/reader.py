@@ -15,7 +15,9 @@ kernel are made in one call of the compiled kernel per fill (:func:`lazysd.trans
 the GIL released once, ``threads`` threads splitting the reads evenly). Cold ones, and
 where the kernel is not built, are read job by job: the calling thread and a small thread
 pool share them; staged reads run ahead of the copies, but never more than
-``max_inflight_bytes`` of staging ahead: that is the memory bound of a load.
+``max_inflight_bytes`` of staging ahead: that is the memory bound of a load. A cold load of
+a VirtualStateDict's own values is read ahead on streams of its own, into a bounded set of
+slots the fills copy from (:mod:`lazysd.prefetch`).
 """
 
 from __future__ import annotations
@@ -44,9 +46,8 @@ from .geometry import Box, box_shape, full_box, inverse_permutation
 from .memory import populate
 from .plan import Entry
 from .pool import ReadPool
-from .pread import stream_window
-from .prefetch import Prefetcher
-from .reads import SHARES, Destination, MiB, ReadItem, plan_reads, source_ranges, stretches, with_extents
+from .prefetch import Prefetcher, rank_windows
+from .reads import SHARES, Destination, MiB, ReadItem, plan_reads, source_ranges
 from .transpose import copy_into, kernel_available, read_job, read_many, read_transposed
 
 
@@ -191,8 +192,8 @@ def _staging_buffer(nbytes: int) -> torch.Tensor:
 BATCH_BYTES = 64 * MiB
 #: Bytes of one step of Reader.fill_many (a run of jobs looked up in the page cache together).
 STEP_BYTES = 256 * MiB
-# A reader's own values: boxes by key, their source ranges ranked in fill order, stretches.
-_Own = tuple[dict[str, Box], list[tuple[int, str, int, int]], dict[str, list[tuple[int, int]]]]
+# A reader's own values: boxes by key, and their source ranges ranked in fill order.
+_Own = tuple[dict[str, Box], list[tuple[int, str, int, int]]]
 _NUMBERED = re.compile(r"^(.*?\.\d+)\.")
 
 
@@ -292,17 +293,8 @@ class Reader:
     def plan(self, entry: Entry, box: Box, dest: Destination | None = None) -> tuple[ReadItem, ...]:
         """The read items of filling ``box`` of ``entry`` into ``dest`` (default: a contiguous
         CPU tensor of the entry's dtype), chunked by this reader's options."""
-        return with_extents(self._items(entry, box, dest))
-
-    def _items(self, entry: Entry, box: Box, dest: Destination | None) -> tuple[ReadItem, ...]:
-        """:meth:`plan` without extents: a fill sets them on the jobs it reads cold (:meth:`_run`)."""
         items = plan_reads(
-            entry,
-            box,
-            dest or Destination(entry.dtype),
-            chunk_bytes=self.options.chunk_bytes,
-            shares=self.shares,
-            extents=False,
+            entry, box, dest or Destination(entry.dtype), chunk_bytes=self.options.chunk_bytes, shares=self.shares
         )
         if not self.ckpt.local:
             # The transpose kernel reads through a file descriptor: remote bytes are staged
@@ -435,19 +427,19 @@ class Reader:
                 # Warm: the kernel reads cache-sized blocks and transposes each while in cache.
                 self.ckpt.read_with(info, runs, lambda fd: read_transposed(fd, offset, dest))
                 return None, None
-            # Cold: one bulk read into staging (streamed with readahead inside the item's
-            # extent, else direct: lazysd.pread), as an unchanged tensor's chunk is read, keeps
-            # the storage busy; the transpose from there costs little next to the read.
+            # Cold: one bulk read into staging (from the read-ahead, else direct: lazysd.pread),
+            # as an unchanged tensor's chunk is read, keeps the storage busy; the transpose
+            # from there costs little next to the read.
             base = self._acquire(n)
             try:
                 buf = base[:n].view(info.dtype).view(box_shape(item.source_box))
-                self.ckpt.read_runs(info, runs, _as_bytes(buf), item.extent)
+                self.ckpt.read_runs(info, runs, _as_bytes(buf))
                 copy_into(dest, buf.transpose(-1, -2))
             finally:
                 self._release(base)
             return None, None
         if item.method == "direct":
-            self.ckpt.read_runs(info, item.runs, _as_bytes(job.dest), item.extent)
+            self.ckpt.read_runs(info, item.runs, _as_bytes(job.dest))
             return None, None
         base = None
         shape = box_shape(item.source_box)
@@ -459,7 +451,7 @@ class Reader:
             base = self._acquire(n)
             buf = base[:n].view(info.dtype).view(shape)
         try:
-            self.ckpt.read_runs(info, item.runs, _as_bytes(buf), item.extent)
+            self.ckpt.read_runs(info, item.runs, _as_bytes(buf))
             if item.scale is not None:
                 buf = self._dequantize(buf, item)
         except BaseException:
@@ -496,8 +488,8 @@ class Reader:
         t0 = time.perf_counter()
         if fresh:
             populate(dest)  # one call maps every page, instead of a fault per page during the reads
-        jobs = [_bind(item, dest) for item in self._items(entry, box, Destination.of(dest))]
-        self._run(jobs, lambda: self._within([(entry, box)]))
+        jobs = [_bind(item, dest) for item in self.plan(entry, box, Destination.of(dest))]
+        self._run(jobs, lambda: self._all_own([(entry, box)]))
         self.count_filled(entry, dest, t0)
         return dest
 
@@ -507,11 +499,8 @@ class Reader:
         One tensor after another, the reader threads wait at the end of every tensor and a
         small tensor is read by one thread alone; here the chunks of all of them share the
         threads, block after block (:func:`_fill_ranks`) in the order the fills are given
-        (the order the read-ahead streams go), in file order within a block. And the
-        stretches a cold read may stream with readahead (:attr:`lazysd.reads.ReadItem.extent`)
-        run on across tensors that lie side by side in a file, where one tensor at a time
-        each ends in a direct-read margin. Each destination counts as filled (stats,
-        progress) when its last chunk is in.
+        (the order the read-ahead streams go), in file order within a block. Each
+        destination counts as filled (stats, progress) when its last chunk is in.
 
         Example:
             >>> reader.fill_many((vsd.entry(k), full_box(t.shape), t) for k, t in dests.items())  # doctest: +SKIP
@@ -519,7 +508,7 @@ class Reader:
         planned = []
         for entry, box, dest in fills:
             _check_shape(entry, box, dest)
-            items = self._items(entry, box, Destination.of(dest))
+            items = self.plan(entry, box, Destination.of(dest))
             planned.append((_Fill(entry, dest, time.perf_counter(), len(items)), items, box))
         jobs = []
         for fill, items, _ in planned:
@@ -528,75 +517,62 @@ class Reader:
             jobs += [_bind(item, fill.dest, fill) for item in items]
         rank = _fill_ranks(fill.entry.key for fill, _, _ in planned)
         jobs.sort(key=lambda job: (rank[job.fill.entry.key], *_position(job)))
-        within = functools.cache(lambda: self._within([(fill.entry, box) for fill, _, box in planned]))
-        # In steps of STEP_BYTES: each step's cached bytes are sought when its turn comes, so
-        # bytes the read-ahead streams brought in meanwhile are read as warm ones (batched).
+        own = functools.cache(lambda: self._all_own([(fill.entry, box) for fill, _, box in planned]))
+        # In steps of STEP_BYTES: each step's cached bytes are sought when its turn comes (a
+        # checkpoint partly in the page cache), the rest read cold.
         step, size = [], 0
         for job in jobs:
             step.append(job)
             size += job.item.data_bytes
             if size >= STEP_BYTES:
-                self._run(step, within)
+                self._run(step, own)
                 step, size = [], 0
-        self._run(step, within)
+        self._run(step, own)
 
-    def _within(self, fills: list[tuple[Entry, Box]]) -> dict[str, list[tuple[int, int]]] | None:
-        """The stretches fills of ``(entry, box)`` may stream within: all of this reader's
-        own values (:attr:`own`) where every fill is one of them, else None (their own plan's).
+    def _all_own(self, fills: list[tuple[Entry, Box]]) -> bool:
+        """Whether every fill of ``(entry, box)`` is one of this reader's own values (:attr:`own`).
 
         A VirtualStateDict's values are read one tensor at a time (``load_state_dict``),
-        each plan knowing only its own bytes: a cold read would stream (kernel readahead)
-        inside one tensor and read the last :data:`lazysd.pread.STREAM_MARGIN` of each
-        directly. Every key's box on this rank is this rank's to read, so readahead may run
-        on across all of them (models list a block's parameters in the files' order); it
-        stops short of any byte that is not (another rank's experts, tensors the plan does
-        not use). Other regions (a slice, a box given to
-        :meth:`~lazysd.VirtualStateDict.lazy`) keep their own extents: their neighbours may
-        never be read.
+        each plan knowing only its own bytes; every key's box on this rank is this rank's to
+        read, so a cold read of one of them may start reading the others ahead
+        (:meth:`_prefetch`), never a byte that is not (another rank's experts, tensors the
+        plan does not use). Other regions (a slice, a box given to
+        :meth:`~lazysd.VirtualStateDict.lazy`) start nothing: their neighbours may never be
+        read.
         """
-        own = self._own_stretches()
-        if own is None or any(own[0].get(entry.key) != tuple(box) for entry, box in fills):
-            return None
-        return own[2]
+        own = self._own_values()
+        return own is not None and all(own[0].get(entry.key) == tuple(box) for entry, box in fills)
 
-    def _own_stretches(self) -> _Own | None:
-        """This reader's own values' boxes by key, their source bytes ranked in the order
-        the values are filled (:func:`_fill_ranks`) and those merged into stretches
-        (:func:`lazysd.reads.stretches`); None where they are not known."""
+    def _own_values(self) -> _Own | None:
+        """This reader's own values' boxes by key, and their source bytes ranked in the order
+        the values are filled (:func:`_fill_ranks`); None where they are not known."""
         if self.own is None or not self.ckpt.local:
             return None
         if self._own is None:
             own = list(self.own())
             rank = _fill_ranks(e.key for e, _ in own)
             uses = [(rank[e.key], *r) for e, b in own for r in source_ranges(e, b)]
-            self._own = {e.key: b for e, b in own}, uses, stretches(r for _, *r in uses)
+            self._own = {e.key: b for e, b in own}, uses
         return self._own
 
     def _prefetch(self, at: tuple[str, int]) -> None:
         """At the first cold read of this reader's own values (at ``(file, offset)``): read
-        the streamed middles of all their stretches from there on ahead, on several streams
-        (:mod:`lazysd.prefetch`), and have those spans streamed without probing (a probe would
-        find the first pages cached and read the rest directly, past the page cache the
-        streams fill)."""
-        own = self._own_stretches()
+        the whole pages of all their stretches from there on ahead, on several streams
+        (:mod:`lazysd.prefetch`), and have the files' reads take those bytes from them."""
+        own = self._own_values()
         if self._prefetcher is not None or own is None or not self.options.direct:
             return
-        windows = []
-        for file, spans in own[2].items():
-            reader = self.ckpt.range_reader(Path(file))
-            if not reader.streams():
-                continue
-            for span in spans:
-                window = stream_window(span)
-                if window is not None:
-                    reader.stream_cold(span)
-                    windows.append((file, *window))
+        readers = [(f, r) for f in {f for _, f, _, _ in own[1]} if (r := self.ckpt.range_reader(Path(f))).direct()]
+        direct = {f for f, _ in readers}
+        windows = [w for w in rank_windows(own[1]) if w[0] in direct]
         if windows:
-            # Readahead off on the streams' descriptors: their reads are exact (prefetch.py).
-            open_fd = lambda file: self.ckpt.range_reader(Path(file)).reopen(random=True)  # noqa: E731
+            # Direct reads, and probes of the page cache with readahead off: both exact.
+            open_fd = lambda file, flags: self.ckpt.range_reader(Path(file)).reopen(flags, random=not flags)  # noqa: E731
             # In the order of the values (that of the fills), which need not be the files'
             # (lm_head stored last, layer 10 stored before layer 2).
-            self._prefetcher = Prefetcher(windows, open_fd, at=at, uses=own[1])
+            self._prefetcher = prefetcher = Prefetcher(windows, open_fd, at=at, uses=own[1])
+            for file, reader in readers:
+                reader.read_ahead_by(functools.partial(prefetcher.serve, file))
 
     def count_filled(self, entry: Entry, out: torch.Tensor, t0: float) -> None:
         """Count ``out`` as a destination of ``entry`` filled since ``t0`` (stats, progress),
@@ -635,22 +611,17 @@ class Reader:
         finally:
             self._staging(-cost)
 
-    def _run(
-        self, jobs: list[_Job], within: Callable[[], dict[str, list[tuple[int, int]]] | None] | None = None
-    ) -> None:
+    def _run(self, jobs: list[_Job], own: Callable[[], bool] | None = None) -> None:
         """Carry out ``jobs``: those of cached bytes in batched kernel calls, the rest (cold)
-        job by job, with extents (:func:`lazysd.reads.with_extents`) to stream within: the
-        stretches of those jobs together, or wider ones of ``within()`` that hold them."""
+        job by job; where ``own()`` says they are this reader's own values, the first cold
+        ones start the read-ahead of all of them (:meth:`_prefetch`)."""
         if not jobs:
             return
         jobs = self._read_cached(jobs)
         if not jobs:
             return
-        wide = within() if within is not None else None
-        if wide is not None and self._prefetcher is None:
+        if self._prefetcher is None and own is not None and own():
             self._prefetch(_position(jobs[0]))  # the first cold read of this reader's own values
-        items = with_extents([job.item for job in jobs], wide)
-        jobs = [job if job.item is item else replace(job, item=item) for job, item in zip(jobs, items)]
         if self.options.threads <= 0 or len(jobs) <= 1:
             for job in jobs:
                 self._run_inline(job)

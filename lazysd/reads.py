@@ -36,11 +36,10 @@ Example:
 
 from __future__ import annotations
 
-import bisect
 import functools
 import math
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Literal
 
@@ -151,11 +150,6 @@ class ReadItem:
             (module docstring).
         staging: staging bytes the item holds while in flight (0 for direct reads).
         scale: FP8 scales to multiply in (then the item is staged and dequantized), or None.
-        extent: ``[lo, hi)`` absolute file offsets of the contiguous stretch of the source
-            file, holding all of this item's runs, that the plan reads in full (its items
-            together): a cold read may let the kernel read ahead inside it without touching a
-            byte the plan does not need (another rank's experts). None where the item's
-            runs are not within one such stretch.
     """
 
     source: TensorInfo
@@ -165,7 +159,6 @@ class ReadItem:
     method: Method
     staging: int
     scale: ScaleRead | None = None
-    extent: tuple[int, int] | None = None
 
     # Cached (in the instance's __dict__, which a frozen dataclass still has): a fill asks
     # for an item's runs several times, and a small tensor's read costs little more.
@@ -302,7 +295,6 @@ def plan_reads(
     *,
     chunk_bytes: int = 8 * MiB,
     shares: int = SHARES,
-    extents: bool = True,
 ) -> tuple[ReadItem, ...]:
     """The reads that fill ``box`` of ``entry`` into a destination like ``dest``. Pure.
 
@@ -315,9 +307,6 @@ def plan_reads(
         shares: cut a plan of a few MiB into up to this many chunks (:data:`SHARES`; 1
             for remote storage, where every chunk is a request and concurrency comes from
             the requests of several tensors in flight).
-        extents: False leaves :attr:`ReadItem.extent` unset (a reader sets it with
-            :func:`with_extents` on the items it reads cold, within wider stretches where
-            it knows them: warm reads do not use it).
 
     Returns:
         Items in source order, then row order; none for an empty box. Their destination
@@ -334,65 +323,7 @@ def plan_reads(
             if src.scale is not None:
                 scale = ScaleRead(src.scale.info, src.scale.region(sub), src.scale.block)
             items.append(ReadItem(src.info, sub, region, src.dims, method, staging, scale))
-    return with_extents(items) if extents else tuple(items)
-
-
-def with_extents(
-    items: list[ReadItem], within: dict[str, list[tuple[int, int]]] | None = None
-) -> tuple[ReadItem, ...]:
-    """``items`` with :attr:`ReadItem.extent` set where an item is one contiguous run: such
-    runs, merged per file where they touch, make the stretches (of one plan, or of several
-    read together: :meth:`lazysd.reader.Reader.fill_many`), or a wider stretch that holds
-    it: the item's extent already, or one of ``within`` (:func:`stretches`). (An item of
-    several runs has gaps no other item fills, the columns outside the box: it gets none.)"""
-    spans = [
-        (str(it.source.file), it.source.offset + it.runs[0][0], it.data_bytes) if it.run_count == 1 else None
-        for it in items
-    ]
-    own = stretches(s for s in spans if s is not None)
-    out = []
-    for it, span in zip(items, spans):
-        if span is not None:
-            extent = _holding(own, span)
-            assert extent is not None
-            # The widest of the stretches that hold this one (an extent the item already has
-            # from an earlier call is kept, never narrowed).
-            for wide in (it.extent, _holding(within, span) if within else None):
-                if wide is not None and wide[0] <= extent[0] and extent[1] <= wide[1]:
-                    extent = wide
-            if extent != it.extent:
-                it = replace(it, extent=extent)
-        out.append(it)
-    return tuple(out)
-
-
-def _holding(by_file: dict[str, list[tuple[int, int]]], span: tuple[str, int, int]) -> tuple[int, int] | None:
-    """The stretch of ``by_file`` that holds ``(file, offset, length)``, or None."""
-    runs = by_file.get(span[0])
-    if not runs:
-        return None
-    k = bisect.bisect_right(runs, (span[1], math.inf)) - 1
-    return runs[k] if k >= 0 and span[1] + span[2] <= runs[k][1] else None
-
-
-def stretches(ranges: Iterable[tuple[str, int, int]]) -> dict[str, list[tuple[int, int]]]:
-    """``(file, offset, length)`` ranges merged per file where they touch or overlap: sorted
-    ``[lo, hi)`` stretches, each read in full when all the ranges are.
-
-    Example:
-        >>> stretches([("a", 0, 4), ("a", 4, 4), ("a", 10, 2), ("b", 0, 1)])
-        {'a': [(0, 8), (10, 12)], 'b': [(0, 1)]}
-    """
-    by_file: dict[str, list[tuple[int, int]]] = {}
-    for file, off, n in sorted(ranges):
-        if n <= 0:
-            continue
-        merged = by_file.setdefault(file, [])
-        if merged and off <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], off + n))
-        else:
-            merged.append((off, off + n))
-    return by_file
+    return tuple(items)
 
 
 def source_ranges(entry: Entry, box: Box) -> list[tuple[str, int, int]]:

@@ -20,7 +20,7 @@ from torch.distributed.tensor._utils import _compute_local_shape_and_global_offs
 from lazysd import VirtualStateDict
 from lazysd.dryrun import EPLayout
 from lazysd.geometry import Block, box_shape, byte_runs, full_box, run_count, shard_box, source_placements
-from lazysd.reads import Destination, plan_reads, read_totals, source_ranges, stretches, with_extents
+from lazysd.reads import Destination, plan_reads, read_totals, source_ranges
 from lazysd.testing import Step3p5Spec, make_checkpoint
 from lazysd.testing.families import FamilySpec, make_family_checkpoint
 from tests.support.measure import record_reads
@@ -152,37 +152,9 @@ def test_a_plan_is_cut_in_shares_once(tmp_path: Path) -> None:
             assert len(cut) == 4 and {i.data_bytes for i in cut} == {(2 << 20) * sources // 16}, key
 
 
-def test_extents_hold_only_bytes_the_plan_reads(checkpoints: dict[str, Path]) -> None:
-    """An item's extent (where a cold read may read ahead) contains its runs, and every byte
-    of it is read by the same plan: never another rank's expert or a column left out."""
-    with VirtualStateDict(checkpoints["flash"]) as vsd:
-        extended = 0
-        for key in vsd:
-            entry = vsd.entry(key)
-            # Whole, expert-sharded, and column-split (ep_shard): runs with gaps between them.
-            for box in (full_box(entry.shape), EPLayout(4).box(entry, 1), EPLayout(3, 2).box(entry, 4)):
-                items = plan_reads(entry, box, Destination(entry.dtype), chunk_bytes=4096)
-                starts = {(str(i.source.file), i.source.offset + s) for i in items for s, _ in i.runs}
-                spans = {}
-                for item in items:
-                    ranges = [(f, o, n) for f, o, n in item.ranges() if f == str(item.source.file)]
-                    if item.extent is None:
-                        continue
-                    extended += 1
-                    lo, hi = item.extent
-                    assert all(lo <= o and o + n <= hi for _, o, n in ranges), key
-                    spans.setdefault((str(item.source.file), lo, hi), []).extend((o, o + n) for _, o, n in ranges)
-                for (f, lo, hi), pieces in spans.items():
-                    pieces.sort()
-                    assert pieces[0][0] == lo and max(e for _, e in pieces) == hi, key
-                    assert all(b[0] <= a[1] for a, b in itertools.pairwise(pieces)), f"{key}: a gap inside an extent"
-                    assert (f, lo) in starts
-        assert extended
-
-
 def test_source_ranges_are_what_any_plan_reads(checkpoints: dict[str, Path]) -> None:
     """``source_ranges`` (no items built) covers exactly the bytes of the plan's items, FP8
-    scales included, whatever the chunking: the stretches a reader's own values make are the
+    scales included, whatever the chunking: the windows a reader's own values make are the
     bytes it reads."""
     for name in ("flash", "fp8"):
         with VirtualStateDict(checkpoints[name]) as vsd:
@@ -195,44 +167,44 @@ def test_source_ranges_are_what_any_plan_reads(checkpoints: dict[str, Path]) -> 
                         for i in plan_reads(entry, box, Destination(entry.dtype), chunk_bytes=chunk)
                         for r in i.ranges()
                     ]
-                    assert stretches(source_ranges(entry, box)) == stretches(planned), (name, key, box)
+                    assert _merged(source_ranges(entry, box)) == _merged(planned), (name, key, box)
 
 
-def test_extents_within_a_readers_own_stretches(checkpoints: dict[str, Path]) -> None:
-    """A fill of one of a rank's own values (``with_extents`` within the stretches of all its
-    boxes) may stream across tensors: each single-run item's extent is the own stretch holding
-    it, which holds the plan's own extent; nothing else about the items changes. The stretches
-    hold this rank's bytes only: never a byte of another rank's experts."""
+def _merged(ranges: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
+    """``(file, offset, length)`` ranges merged where they touch or overlap, sorted."""
+    out: list[list] = []
+    for f, o, n in sorted(r for r in ranges if r[2] > 0):
+        if out and out[-1][0] == f and o <= out[-1][1] + out[-1][2]:
+            out[-1][2] = max(out[-1][2], o + n - out[-1][1])
+        else:
+            out.append([f, o, n])
+    return [tuple(r) for r in out]
+
+
+def test_read_ahead_windows_hold_only_a_ranks_own_bytes(checkpoints: dict[str, Path]) -> None:
+    """The windows a rank's reader reads ahead (:func:`lazysd.prefetch.rank_windows` over its
+    own values) hold its own bytes only, never a byte of another rank's experts, and run
+    across tensors that lie side by side in a file."""
+    from lazysd.prefetch import rank_windows
+
     with VirtualStateDict(checkpoints["flash"]) as vsd:
         layout = EPLayout(4)
         boxes = {key: layout.box(vsd.entry(key), 1) for key in vsd}
-        own = stretches(r for key, box in boxes.items() for r in source_ranges(vsd.entry(key), box))
-        others = [
+        mine = [r for key, box in boxes.items() for r in source_ranges(vsd.entry(key), box)]
+        windows = rank_windows([(0, *r) for r in mine], least=1)
+        own = _merged(mine)
+        for f, lo, hi in windows:  # inside one merged run of own bytes
+            assert any(g == f and o <= lo and hi <= o + n for g, o, n in own), (f, lo, hi)
+        others = {
             r
             for rank in (0, 2, 3)
             for key in vsd
             for r in source_ranges(vsd.entry(key), layout.box(vsd.entry(key), rank))
-        ]
-        mine = {r for key, box in boxes.items() for r in source_ranges(vsd.entry(key), box)}
-        for f, o, n in others:
-            if (f, o, n) not in mine:  # replicated tensors are every rank's
-                assert all(hi <= o or o + n <= lo for lo, hi in own.get(f, [])), (f, o, n)
-        widened = 0
-        for key, box in boxes.items():
-            entry = vsd.entry(key)
-            plain = plan_reads(entry, box, Destination(entry.dtype), chunk_bytes=4096)
-            wide = with_extents(plain, own)
-            assert [(i.source, i.source_box, i.dest_box, i.method) for i in plain] == [
-                (i.source, i.source_box, i.dest_box, i.method) for i in wide
-            ]
-            for a, b in zip(plain, wide):
-                if a.extent is None:
-                    assert b.extent is None
-                    continue
-                assert b.extent in own[str(b.source.file)]
-                assert b.extent[0] <= a.extent[0] and a.extent[1] <= b.extent[1]
-                widened += b.extent != a.extent
-        assert widened  # tensors side by side in a file: the stretches run across them
+        }
+        for f, o, n in others - set(mine):  # replicated tensors are every rank's
+            assert all(hi <= o or o + n <= lo for g, lo, hi in windows if g == f), (f, o, n)
+        sizes = {(str(s.info.file), s.info.offset): s.info.nbytes for e in vsd.plan.entries.values() for s in e.sources}
+        assert any(hi - lo > max(sizes.values()) for _, lo, hi in windows)  # across tensors
 
 
 def test_items_describe_themselves(checkpoints: dict[str, Path]) -> None:

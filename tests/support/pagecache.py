@@ -1,8 +1,10 @@
 """Page-cache measurements, independent of lazysd's own counters.
 
 :func:`evict` drops a file's pages from the page cache; :func:`resident_pages` counts which
-of its pages are cached, with ``mincore(2)`` on a private mapping that is never touched.
-Together they show which bytes a load really read, whatever lazysd's counters claim.
+of its pages are cached, with ``mincore(2)`` on a private mapping that is never touched;
+:func:`storage_bytes` counts what the process had read from storage (direct reads, which leave
+no pages cached, too). Together they show which bytes a load really read, whatever lazysd's
+counters claim.
 
 Example:
     >>> evict(path); load(...); resident_pages(path)         # doctest: +SKIP
@@ -56,10 +58,25 @@ def resident_pages(path: str | os.PathLike[str]) -> int:
     return sum(resident_map(path))
 
 
-def pages_touched(ranges: list[tuple[int, int]]) -> int:
-    """Number of distinct pages that byte ranges ``(offset, length)`` of one file touch."""
+def storage_bytes() -> int:
+    """Bytes this process has had read from storage so far (``read_bytes`` of ``/proc/self/io``):
+    buffered reads that missed the page cache and direct reads alike."""
+    with open("/proc/self/io") as fh:
+        for line in fh:
+            if line.startswith("read_bytes:"):
+                return int(line.split()[1])
+    raise OSError("no read_bytes in /proc/self/io")
+
+
+def page_set(ranges: list[tuple[int, int]]) -> set[int]:
+    """The pages that byte ranges ``(offset, length)`` of one file touch."""
     pages: set[int] = set()
     for offset, length in ranges:
         if length > 0:
             pages.update(range(offset // PAGE, (offset + length - 1) // PAGE + 1))
-    return len(pages)
+    return pages
+
+
+def pages_touched(ranges: list[tuple[int, int]]) -> int:
+    """Number of distinct pages that byte ranges ``(offset, length)`` of one file touch."""
+    return len(page_set(ranges))
