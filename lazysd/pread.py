@@ -143,16 +143,23 @@ class RangeReader:
         ahead = self._ahead
         if ahead is None:
             return self._read_probed(out, pos)
-        done = 0
+        done, mine = 0, None  # out[mine:done]: not read ahead, read here in one go
         while done < len(out):
             got = ahead(pos + done, out[done:])
-            if got < 0:  # not read ahead: read here
-                n = self._read_probed(out[done : done - got], pos + done)
-                done += n
-                if n < -got:
-                    break
-            else:
-                done += got
+            if got < 0:
+                mine = done if mine is None else mine
+                done -= got
+                continue
+            if mine is not None:
+                n = self._read_probed(out[mine:done], pos + mine)
+                if n < done - mine:
+                    return mine + n
+                mine = None
+            done += got
+        if mine is not None:
+            n = self._read_probed(out[mine:done], pos + mine)
+            if n < done - mine:
+                return mine + n
         return done
 
     def read_ahead_by(self, serve: Callable[[int, memoryview], int] | None) -> None:

@@ -37,8 +37,14 @@ pieces the page cache held already (:func:`lazysd.pread.page_cached`; copied fro
 The order: the fills want the bytes in the order of the values, which need not be the files'
 (a Qwen3-MoE release stores ``layers.10`` before ``layers.2``, and ``lm_head``, its first
 value, last). Each piece is ranked by the first value that reads it (``uses``: the reader
-ranks values by block, :func:`lazysd.reader._fill_group`), and where the fills are is placed
-in that order; pieces the fills have passed are given up (their slots freed).
+ranks values by block, :func:`lazysd.reader._fill_group`), a block's pieces go in file order,
+and where the fills are is placed in that order. Pieces of the block the fills left last are
+held (a fill on another thread may still be in it); those of blocks before it stay held while
+they take no more than half of the slots (a fill may come back for them), and are given up
+beyond that. Inside a block a piece is held until every byte of it was copied out:
+where the fills go through a block in another order than the file's (``load_state_dict`` of
+a model whose parameters are registered in another order than the release's), the slots fill
+up and the fills read the rest of the block themselves (direct, each byte still read once).
 
 A failed read only stops that stream: its piece goes back to the fills, which read the bytes
 themselves and report any error.
@@ -186,7 +192,9 @@ class Prefetcher:
         self._cond = threading.Condition()
         self._next = 0  # the next piece to read
         self._at = 0  # the first piece of the rank the fills are in
+        self._left_at = 0  # ... and of the rank they were in before
         self._closed = False
+        self._done = 0  # pieces gone (read by the fills, or served and freed)
         self._pid = os.getpid()  # a forked child has none of these threads: it reads for itself
         self.bytes_read = 0
         self._device = _device(windows[0][0]) if windows else None
@@ -220,7 +228,7 @@ class Prefetcher:
             if self._closed or os.getpid() != self._pid:
                 return -n
             if self._state[k] == _QUEUED:
-                self._state[k] = _GONE  # the fills got here first: theirs to read
+                self._gone(k)  # the fills got here first: theirs to read
             while self._state[k] == _READING:
                 self._cond.wait()
             if self._state[k] != _READY:
@@ -271,15 +279,26 @@ class Prefetcher:
         k = self._first[self._pos[j]]
         if k <= self._at:
             return False
-        self._at = k
+        self._left_at, self._at = self._at, k
         return True
 
     def _drop(self, k: int) -> None:
         """Piece ``k`` is done with: its slot is free (called holding the lock)."""
-        self._state[k] = _GONE
         view = self._held.pop(k)
         self._slots.append((self._maps.pop(id(view)), view))
+        self._gone(k)
         self._cond.notify_all()
+
+    def _gone(self, k: int) -> None:
+        """Piece ``k`` is no stream's any more; once every piece is, the slots go back to the
+        OS (a VirtualStateDict often stays open long after its load)."""
+        self._state[k] = _GONE
+        self._done += 1
+        if self._done == len(self.pieces):
+            for mapping, view in self._slots:
+                view.release()
+                mapping.close()
+            self._slots.clear()
 
     def _start_streams(self) -> None:
         """Start streams in the free places below the count (called holding the lock)."""
@@ -307,8 +326,12 @@ class Prefetcher:
                     return None
                 if len(self._held) < SLOTS:
                     break
-                behind = [k for k in self._held if k < self._at and self._state[k] == _READY]
-                if behind:  # a rank the fills have left: what they did not take, they never will
+                # Pieces of ranks the fills have left (before the one they left last, which a
+                # fill on another thread may still be reading): a fill may still come back
+                # for them (a model may fill a value later than the values list it), so they
+                # are given up only where they would hold more than half of the slots.
+                behind = [k for k in self._held if k < self._left_at and self._state[k] == _READY]
+                if len(behind) > SLOTS // 2:
                     self._drop(min(behind))
                     continue
                 self._epoch = (*self._epoch[:2], False)  # waiting for the fills: not the storage's rate

@@ -46,6 +46,7 @@ from .geometry import Box, box_shape, full_box, inverse_permutation
 from .memory import populate
 from .plan import Entry
 from .pool import ReadPool
+from .pread import RangeReader
 from .prefetch import Prefetcher, rank_windows
 from .reads import SHARES, Destination, MiB, ReadItem, plan_reads, source_ranges
 from .transpose import copy_into, kernel_available, read_job, read_many, read_transposed
@@ -192,8 +193,8 @@ def _staging_buffer(nbytes: int) -> torch.Tensor:
 BATCH_BYTES = 64 * MiB
 #: Bytes of one step of Reader.fill_many (a run of jobs looked up in the page cache together).
 STEP_BYTES = 256 * MiB
-# A reader's own values: boxes by key, and their source ranges ranked in fill order.
-_Own = tuple[dict[str, Box], list[tuple[int, str, int, int]]]
+# A reader's own values: their boxes, and the source ranges each reads, by key (in order).
+_Own = tuple[dict[str, Box], dict[str, list[tuple[str, int, int]]]]
 _NUMBERED = re.compile(r"^(.*?\.\d+)\.")
 
 
@@ -210,12 +211,42 @@ def _fill_ranks(keys: Iterable[str]) -> dict[str, int]:
     return {key: groups.setdefault(_fill_group(key), len(groups)) for key in keys}
 
 
+def _likely_order(ranges: dict[str, list[tuple[str, int, int]]]) -> list[str]:
+    """The order ``load_state_dict`` is likely to fill values that read ``ranges`` (by key)
+    in: the model's. A release is written in it (``save_pretrained`` goes through the
+    model's state dict), so inside a numbered block (:func:`_fill_group`) by where each
+    value's first byte lies in the files; the blocks by number (a release may store
+    ``layers.10`` before ``layers.2``); other values before the blocks or after them, as
+    their bytes lie (``embed_tokens`` first, ``lm_head`` last). Values are often listed in
+    another order (sorted by key: ``mlp.down_proj`` before ``self_attn.q_proj``).
+
+    Example:
+        >>> _likely_order({"lm_head.weight": [("b", 0, 8)], "model.layers.2.w": [("a", 20, 8)],
+        ...                "model.layers.10.w": [("a", 10, 8)], "model.embed.weight": [("a", 0, 8)]})
+        ['model.embed.weight', 'model.layers.2.w', 'model.layers.10.w', 'lm_head.weight']
+    """
+    first = {k: min((f, o) for f, o, _ in r) if r else ("", 0) for k, r in ranges.items()}
+    number = {}
+    for key in ranges:
+        m = _NUMBERED.match(key)
+        if m:
+            number[key] = int(m.group(1).rsplit(".", 1)[1])
+    start = min((first[k] for k in number), default=None)
+
+    def place(key: str) -> tuple[float, tuple[str, int]]:
+        if key in number:
+            return number[key], first[key]
+        return (-math.inf if start is not None and first[key] < start else math.inf), first[key]
+
+    return sorted(ranges, key=place)
+
+
 def _fill_group(key: str) -> str:
     """What orders ``key``'s bytes among a load's fills: its numbered block (``model.layers.3``)
     or the key itself. Models fill block after block in that order, as the values are listed
     (a release may store ``layers.10`` before ``layers.2``); inside a block their order is
     the module's, not the values' (attention before experts, or after), so a block's bytes go
-    in file order: one pass over its region.
+    in file order: one pass over its region (a release is written in the module's order).
 
     Example:
         >>> _fill_group("model.layers.3.moe.experts.down_projs"), _fill_group("lm_head.weight")
@@ -265,6 +296,7 @@ class Reader:
         self.own: Callable[[], Iterable[tuple[Entry, Box]]] | None = None
         self._own: _Own | None = None
         self._prefetcher: Prefetcher | None = None  # started by the first cold read of own values
+        self._ahead_of: list[RangeReader] = []  # the files' readers that take bytes from it
         _READERS.add(self)
 
     def _after_fork(self) -> None:
@@ -277,6 +309,8 @@ class Reader:
     def close(self) -> None:
         if self._prefetcher is not None:
             self._prefetcher.close()
+            for reader in self._ahead_of:
+                reader.read_ahead_by(None)
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
@@ -529,8 +563,9 @@ class Reader:
                 step, size = [], 0
         self._run(step, own)
 
-    def _all_own(self, fills: list[tuple[Entry, Box]]) -> bool:
-        """Whether every fill of ``(entry, box)`` is one of this reader's own values (:attr:`own`).
+    def _all_own(self, fills: list[tuple[Entry, Box]]) -> list[str] | None:
+        """The keys of the fills of ``(entry, box)`` if every one is one of this reader's own
+        values (:attr:`own`), else None.
 
         A VirtualStateDict's values are read one tensor at a time (``load_state_dict``),
         each plan knowing only its own bytes; every key's box on this rank is this rank's to
@@ -541,38 +576,48 @@ class Reader:
         read.
         """
         own = self._own_values()
-        return own is not None and all(own[0].get(entry.key) == tuple(box) for entry, box in fills)
+        if own is None or any(own[0].get(entry.key) != tuple(box) for entry, box in fills):
+            return None
+        return [entry.key for entry, _ in fills]
 
     def _own_values(self) -> _Own | None:
-        """This reader's own values' boxes by key, and their source bytes ranked in the order
-        the values are filled (:func:`_fill_ranks`); None where they are not known."""
+        """This reader's own values' boxes, and the source ranges each reads
+        (:func:`lazysd.reads.source_ranges`), by key in the values' order; None where they
+        are not known."""
         if self.own is None or not self.ckpt.local:
             return None
         if self._own is None:
             own = list(self.own())
-            rank = _fill_ranks(e.key for e, _ in own)
-            uses = [(rank[e.key], *r) for e, b in own for r in source_ranges(e, b)]
-            self._own = {e.key: b for e, b in own}, uses
+            self._own = {e.key: b for e, b in own}, {e.key: source_ranges(e, b) for e, b in own}
         return self._own
 
-    def _prefetch(self, at: tuple[str, int]) -> None:
+    def _prefetch(self, at: tuple[str, int], keys: list[str]) -> None:
         """At the first cold read of this reader's own values (at ``(file, offset)``): read
-        the whole pages of all their stretches from there on ahead, on several streams
-        (:mod:`lazysd.prefetch`), and have the files' reads take those bytes from them."""
+        the whole pages of their blocks ahead, on several streams (:mod:`lazysd.prefetch`),
+        block after block (:func:`_fill_ranks`) in the order of ``keys`` (the values being
+        filled: all of them for :meth:`fill_many`, one for ``load_state_dict``) and then in
+        the order the others are likely filled in (:func:`_likely_order`), each block in file
+        order; and have the files' reads take those bytes from them."""
         own = self._own_values()
         if self._prefetcher is not None or own is None or not self.options.direct:
             return
-        readers = [(f, r) for f in {f for _, f, _, _ in own[1]} if (r := self.ckpt.range_reader(Path(f))).direct()]
-        direct = {f for f, _ in readers}
-        windows = [w for w in rank_windows(own[1]) if w[0] in direct]
+        ranges = own[1]
+        rest = _likely_order(ranges) if len(keys) < len(ranges) else list(ranges)
+        order = list(dict.fromkeys([k for k in keys if k in ranges] + rest))
+        block = _fill_ranks(order)
+        uses = [(block[k], *r) for k in order for r in ranges[k]]
+        files = {f for _, f, _, _ in uses}
+        readers = {f: r for f in files if (r := self.ckpt.range_reader(Path(f))).direct()}
+        windows = [w for w in rank_windows(uses) if w[0] in readers]
         if windows:
             # Direct reads, and probes of the page cache with readahead off: both exact.
             open_fd = lambda file, flags: self.ckpt.range_reader(Path(file)).reopen(flags, random=not flags)  # noqa: E731
-            # In the order of the values (that of the fills), which need not be the files'
-            # (lm_head stored last, layer 10 stored before layer 2).
-            self._prefetcher = prefetcher = Prefetcher(windows, open_fd, at=at, uses=own[1])
-            for file, reader in readers:
+            # In the order of the fills (uses), which need not be the files' (lm_head stored
+            # last, layer 10 stored before layer 2).
+            self._prefetcher = prefetcher = Prefetcher(windows, open_fd, at=at, uses=uses)
+            for file, reader in readers.items():
                 reader.read_ahead_by(functools.partial(prefetcher.serve, file))
+            self._ahead_of = list(readers.values())
 
     def count_filled(self, entry: Entry, out: torch.Tensor, t0: float) -> None:
         """Count ``out`` as a destination of ``entry`` filled since ``t0`` (stats, progress),
@@ -611,17 +656,17 @@ class Reader:
         finally:
             self._staging(-cost)
 
-    def _run(self, jobs: list[_Job], own: Callable[[], bool] | None = None) -> None:
+    def _run(self, jobs: list[_Job], own: Callable[[], list[str] | None] | None = None) -> None:
         """Carry out ``jobs``: those of cached bytes in batched kernel calls, the rest (cold)
-        job by job; where ``own()`` says they are this reader's own values, the first cold
-        ones start the read-ahead of all of them (:meth:`_prefetch`)."""
+        job by job; where ``own()`` says they are this reader's own values (the keys in fill
+        order), the first cold ones start the read-ahead of all of them (:meth:`_prefetch`)."""
         if not jobs:
             return
         jobs = self._read_cached(jobs)
         if not jobs:
             return
-        if self._prefetcher is None and own is not None and own():
-            self._prefetch(_position(jobs[0]))  # the first cold read of this reader's own values
+        if self._prefetcher is None and own is not None and (keys := own()) is not None:
+            self._prefetch(_position(jobs[0]), keys)  # the first cold read of this reader's own values
         if self.options.threads <= 0 or len(jobs) <= 1:
             for job in jobs:
                 self._run_inline(job)
