@@ -220,6 +220,8 @@ class RangeReader:
             except OSError as exc:
                 if exc.errno == errno.EAGAIN:
                     return False
+                if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                    self.nowait = False  # this filesystem cannot tell: plain reads from now on
                 return True
         return True
 

@@ -10,7 +10,8 @@ a piece being read), and the slot is free once every byte of the piece was copie
 :data:`SLOTS` pieces are held (read or being read), so the streams never run more than that
 far ahead of the fills, and the read-ahead's memory is bounded whatever the checkpoint.
 A piece the fills get to before any stream did is theirs to read (direct), and no stream
-reads it after them: no byte is read from storage twice.
+reads it after them: no byte is read from storage twice (but where a piece given up for its
+slot is wanted after all: below).
 
 Why direct reads into huge pages: a direct read into 4 KiB pages is cut into requests of at
 most the device's segment count of pages (254 on the build VM's virtio disk: 1016 KiB), and
@@ -73,7 +74,7 @@ SLOTS = 6  # pieces held at once (being read, or read and not yet copied out): 4
 STREAMS = 2  # where the tuning starts: one read in flight while the other's bytes are copied
 MAX_STREAMS = SLOTS - 2  # at least two slots hold pieces read for the fills
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
-MIN_WINDOW = 1 * MiB  # smaller stretches are left to the fills: a stream would only wait on them
+MIN_WINDOW = 1 * MiB  # smaller windows are left to the fills: a stream would only wait on them
 IDLE_S = 5.0  # a stream waiting this long for the fills to move on ends
 EPOCH = 256 * MiB  # bytes read at one stream count before the tuner judges it
 GAIN = 1.08  # a step to another count is kept when it reads this much faster (noise is ~5%)

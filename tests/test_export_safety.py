@@ -58,8 +58,13 @@ def _wrap(owner: object, name: str, marker: str, *, nth: int = 1, before: bool =
 
 def _child(src: str, out: str, marker: str, point: str, opts: dict[str, object]) -> None:
     """Export src -> out; at phase ``point`` touch ``marker`` and wait for ``marker.go``.
-    Writes how it ended to ``marker.result``."""
+    Writes how it ended to ``marker.result``, and every thread's stack to ``marker.stacks``
+    on SIGUSR1 (where a child does not end, the test says where it is)."""
+    import faulthandler
+
     from lazysd.export import stage
+
+    faulthandler.register(signal.SIGUSR1, file=open(marker + ".stacks", "w"), all_threads=True)  # noqa: SIM115
 
     if point == "write":  # halfway through writing the staged shards
         _wrap(stage.Stage, "write", marker, nth=40)
@@ -104,7 +109,15 @@ class Child:
     def result(self) -> str:
         self.proc.join(60)
         path = Path(str(self.marker) + ".result")
-        return path.read_text() if path.exists() else f"no result, exit code {self.proc.exitcode}"
+        if path.exists():
+            return path.read_text()
+        if self.proc.is_alive():  # still running a minute on: where each of its threads is
+            os.kill(self.proc.pid, signal.SIGUSR1)
+            time.sleep(1)
+            stacks = Path(str(self.marker) + ".stacks").read_text()
+            self.proc.kill()
+            return f"no result after 60 s, its threads:\n{stacks}"
+        return f"no result, exit code {self.proc.exitcode}"
 
 
 def start(src: Path, out: Path, marker: Path, point: str, opts: dict[str, object]) -> Child:
