@@ -65,6 +65,10 @@ def _child(src: str, out: str, marker: str, point: str, opts: dict[str, object])
     from lazysd.export import stage
 
     faulthandler.register(signal.SIGUSR1, file=open(marker + ".stacks", "w"), all_threads=True)  # noqa: SIM115
+    # Ctrl-C as in a program run from a terminal. A process started in the background by a
+    # shell without job control (a CI script's `cmd &`) inherits SIGINT ignored, and so did
+    # these children through the fork server: the test's SIGINT did nothing.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     if point == "write":  # halfway through writing the staged shards
         _wrap(stage.Stage, "write", marker, nth=40)

@@ -285,6 +285,13 @@ def medium(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("medium") / "ckpt", Step3p5Spec.sized(10**8), layout="split")
 
 
+def _sigint_as_in_a_terminal() -> None:
+    """In the child, before it runs: Ctrl-C does what it does in a terminal. A test run started
+    in the background by a shell without job control (a CI script's ``cmd &``) has SIGINT
+    ignored, and its children would inherit that: the test's SIGINT would do nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _interrupt_when(proc: subprocess.Popen[str], ready: callable, limit: float = 60) -> None:  # type: ignore[valid-type]
     t0 = time.perf_counter()
     while not ready():
@@ -303,6 +310,7 @@ def test_ctrl_c_during_convert_is_one_line_exit_130_and_no_output(medium: Path, 
         text=True,
         env=ENV,
         cwd=ROOT,
+        preexec_fn=_sigint_as_in_a_terminal,
     )
 
     # Interrupt while shards are being written (in the export's hidden staging directory).
@@ -344,6 +352,7 @@ def test_ctrl_c_during_a_load_stops_promptly(medium: Path) -> None:
         text=True,
         env=ENV,
         cwd=ROOT,
+        preexec_fn=_sigint_as_in_a_terminal,
     )
     assert proc.stdout is not None
     assert proc.stdout.readline() == "loading\n"
