@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import mmap
 import os
 import threading
 import time
@@ -186,9 +187,8 @@ class Prefetcher:
             self._pos[j] = k
         self._state = [_QUEUED] * len(pieces)
         self._left = [hi - lo for _, lo, hi in self.pieces]  # bytes of each not yet served
-        self._held: dict[int, memoryview] = {}  # piece -> its slot (being read, or read)
-        self._slots: list = []  # free slots: (mapping, view)
-        self._maps: dict[int, object] = {}  # id(view) -> its mapping, for the slots in use
+        self._held: dict[int, tuple[mmap.mmap, memoryview]] = {}  # piece -> its slot (being read, or read)
+        self._slots: list[tuple[mmap.mmap, memoryview]] = []  # free slots
         self._open = open_fd
         self._cond = threading.Condition()
         self._next = 0  # the next piece to read
@@ -234,7 +234,7 @@ class Prefetcher:
                 self._cond.wait()
             if self._state[k] != _READY:
                 return -n
-            out[:n] = self._held[k][pos - lo : pos - lo + n]
+            out[:n] = self._held[k][1][pos - lo : pos - lo + n]
             self._left[k] -= n
             if self._left[k] <= 0:
                 self._drop(k)
@@ -285,8 +285,7 @@ class Prefetcher:
 
     def _drop(self, k: int) -> None:
         """Piece ``k`` is done with: its slot is free (called holding the lock)."""
-        view = self._held.pop(k)
-        self._slots.append((self._maps.pop(id(view)), view))
+        self._slots.append(self._held.pop(k))
         self._gone(k)
         self._cond.notify_all()
 
@@ -341,13 +340,8 @@ class Prefetcher:
             k = self._next
             self._next += 1
             self._state[k] = _READING
-            if self._slots:
-                mapping, view = self._slots.pop()
-            else:
-                mapping, view = huge_buffer(PIECE)
-            self._maps[id(view)] = mapping
-            self._held[k] = view
-            return k, view
+            slot = self._held[k] = self._slots.pop() if self._slots else huge_buffer(PIECE)
+            return k, slot[1]
 
     def _count(self, cached: int, got: int) -> None:
         """Count bytes the page cache held and bytes read from storage; at the end of an
@@ -383,12 +377,10 @@ class Prefetcher:
                 file, lo, hi = self.pieces[k]
                 ok = False
                 try:
-                    if self._cached(fd(file, 0), lo, hi):
-                        got, cached = _pread_all(fd(file, 0), view[: hi - lo], lo), True
-                    else:
-                        # Whole pages into the slot (the window's last page may end past hi).
-                        size = -(-(hi - lo) // 4096) * 4096
-                        got, cached = min(hi - lo, _pread_all(fd(file, _O_DIRECT), view[:size], lo)), False
+                    # From the page cache where it holds the piece (False where the system
+                    # cannot tell: a probe that reads would start a read of the page itself).
+                    cached = bool(page_cached(fd(file, 0), lo, hi - lo))
+                    got = _pread_all(fd(file, 0 if cached else _O_DIRECT), view[: hi - lo], lo)
                     ok = got == hi - lo
                 finally:
                     with self._cond:
@@ -407,11 +399,6 @@ class Prefetcher:
                 os.close(f)
             with self._cond:
                 self._running.discard(slot)
-
-    def _cached(self, fd: int, lo: int, hi: int) -> bool:
-        """Whether ``[lo, hi)`` is in the page cache (:func:`lazysd.pread.page_cached`; False
-        where the system cannot tell: a probe that reads would start a read of the page)."""
-        return bool(page_cached(fd, lo, hi - lo))
 
 
 def rank_windows(uses: list[tuple[int, str, int, int]], least: int = MIN_WINDOW) -> list[tuple[str, int, int]]:
