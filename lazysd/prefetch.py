@@ -42,10 +42,14 @@ ranks values by block, :func:`lazysd.reader._fill_group`), a block's pieces go i
 and where the fills are is placed in that order. Pieces of the block the fills left last are
 held (a fill on another thread may still be in it); those of blocks before it stay held while
 they take no more than half of the slots (a fill may come back for them), and are given up
-beyond that. Inside a block a piece is held until every byte of it was copied out:
-where the fills go through a block in another order than the file's (``load_state_dict`` of
-a model whose parameters are registered in another order than the release's), the slots fill
-up and the fills read the rest of the block themselves (direct, each byte still read once).
+beyond that. Inside a block a piece is held until every byte of it was copied out. Where the
+fills go through a block in another order than the file's (``load_state_dict`` of a model
+whose parameters are registered in another order than the release's; per-expert tensors,
+which a native model stacks role by role: each piece holds some of every role), most pieces
+held are partly served, and the slots grow to ``most`` (the reader gives the memory bound's
+1.25x its largest value): a Qwen3-MoE layer is then read ahead nearly whole while its
+``down_projs`` are filled, and its ``gate_and_up_projs`` come from the slots. What does not
+fit the fills read themselves (direct, each byte still read once).
 
 A failed read only stops that stream: its piece goes back to the fills, which read the bytes
 themselves and report any error.
@@ -156,8 +160,10 @@ class Prefetcher:
 
     ``open_fd(file, flags)`` opens a new read-only descriptor of a file with ``flags``
     (``O_DIRECT`` for the reads, 0 for the page-cache probes); the prefetcher closes the ones
-    it opened. ``streams``: the count to start at (default: :data:`STREAMS`, or where the last
-    tuning on the same device settled; at most :data:`MAX_STREAMS`); ``tune=False`` keeps it.
+    it opened. ``most``: the pieces it may hold where the fills interleave (at least
+    :data:`SLOTS`, which it holds otherwise). ``streams``: the count to start at (default:
+    :data:`STREAMS`, or where the last tuning on the same device settled; at most
+    :data:`MAX_STREAMS`); ``tune=False`` keeps it.
     """
 
     def __init__(
@@ -169,6 +175,7 @@ class Prefetcher:
         uses: list[tuple[int, str, int, int]] | None = None,
         streams: int | None = None,
         tune: bool = True,
+        most: int = SLOTS,
     ) -> None:
         pieces = [(file, p, min(hi, p + PIECE)) for file, lo, hi in windows for p in range(lo, hi, PIECE)]
         self._starts = [(file, p) for file, p, _ in pieces]  # for bisect, in file order
@@ -188,6 +195,8 @@ class Prefetcher:
         self._state = [_QUEUED] * len(pieces)
         self._left = [hi - lo for _, lo, hi in self.pieces]  # bytes of each not yet served
         self._held: dict[int, tuple[mmap.mmap, memoryview]] = {}  # piece -> its slot (being read, or read)
+        self._limit = SLOTS  # slots the streams may hold now; up to most where the fills interleave
+        self._most = max(SLOTS, most)
         self._slots: list[tuple[mmap.mmap, memoryview]] = []  # free slots
         self._open = open_fd
         self._cond = threading.Condition()
@@ -239,6 +248,8 @@ class Prefetcher:
             if self._left[k] <= 0:
                 self._drop(k)
                 self._start_streams()  # streams that ended waiting for a slot start again
+            elif self._limit < self._most and len(self._held) >= self._limit:
+                self._cond.notify_all()  # streams waiting for a slot: are the fills interleaving?
         return n
 
     def consumed(self, file: str, offset: int) -> None:
@@ -300,6 +311,19 @@ class Prefetcher:
                 mapping.close()
             self._slots.clear()
 
+    def _interleaved(self) -> bool:
+        """Whether more than half of the pieces held are partly served: the fills go through
+        their block in another order than the file's (a model whose parameters are not
+        registered in the release's order; per-expert tensors, stacked by role, interleave),
+        and a piece is freed only once every value that reads it came by. Fills in file order
+        are in one or two pieces at a time (one a fill thread)."""
+        partly = 0
+        for k in self._held:
+            if self._state[k] == _READY:
+                _, lo, hi = self.pieces[k]
+                partly += 0 < self._left[k] < hi - lo
+        return partly > len(self._held) // 2
+
     def _start_streams(self) -> None:
         """Start streams in the free places below the count (called holding the lock)."""
         if self._closed or self._next >= len(self.pieces):
@@ -324,7 +348,7 @@ class Prefetcher:
                     self._next += 1
                 if self._next >= len(self.pieces):
                     return None
-                if len(self._held) < SLOTS:
+                if len(self._held) < self._limit:
                     break
                 # Pieces of ranks the fills have left (before the one they left last, which a
                 # fill on another thread may still be reading): a fill may still come back
@@ -333,6 +357,9 @@ class Prefetcher:
                 behind = [k for k in self._held if k < self._left_at and self._state[k] == _READY]
                 if len(behind) > SLOTS // 2:
                     self._drop(min(behind))
+                    continue
+                if self._limit < self._most and self._interleaved():
+                    self._limit = self._most  # from now on: the next blocks are alike
                     continue
                 self._epoch = (*self._epoch[:2], False)  # waiting for the fills: not the storage's rate
                 if not self._cond.wait(IDLE_S):

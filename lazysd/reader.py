@@ -47,7 +47,7 @@ from .memory import populate
 from .plan import Entry
 from .pool import ReadPool
 from .pread import RangeReader
-from .prefetch import Prefetcher, rank_windows
+from .prefetch import PIECE, Prefetcher, rank_windows
 from .reads import SHARES, Destination, MiB, ReadItem, plan_reads, source_ranges
 from .transpose import copy_into, kernel_available, read_job, read_many, read_transposed
 
@@ -615,7 +615,12 @@ class Reader:
             open_fd = lambda file, flags: self.ckpt.range_reader(Path(file)).reopen(flags, random=not flags)  # noqa: E731
             # In the order of the fills (uses), which need not be the files' (lm_head stored
             # last, layer 10 stored before layer 2).
-            self._prefetcher = prefetcher = Prefetcher(windows, open_fd, at=at, uses=uses)
+            # Where the fills go through a block in another order than the file's, the slots
+            # may grow to hold as much as the memory bound gives the largest value (1.25x it).
+            largest = max(sum(n for _, _, n in r) for r in ranges.values())
+            self._prefetcher = prefetcher = Prefetcher(
+                windows, open_fd, at=at, uses=uses, most=int(1.25 * largest) // PIECE
+            )
             for file, reader in readers.items():
                 reader.read_ahead_by(functools.partial(prefetcher.serve, file))
             self._ahead_of = list(readers.values())

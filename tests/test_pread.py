@@ -839,3 +839,33 @@ def test_a_cold_per_expert_load_reads_ahead_in_the_order_it_fills(tmp_path: Path
     # both): no piece read ahead (8 MiB) was given up and read again.
     pages = sum(len(page_set([(o, n) for f, o, n in ranges if f == str(file)])) for file in files)
     assert read <= pages * pread.ALIGN * 1.005, (read, pages * pread.ALIGN)
+
+
+def test_prefetcher_holds_more_where_the_fills_interleave(tmp_path: Path, small_pieces) -> None:
+    """A block whose values interleave in the file (per-expert tensors stacked by role) is
+    filled value by value: each piece is served a part at a time and freed only at the end.
+    The slots then grow, up to ``most``, so that the block is read ahead all the same; fills
+    in file order keep to SLOTS."""
+    prefetch = small_pieces
+    f, data = _blob_file(tmp_path, 12 * MiB)
+    uses = [(0, f, 0, 12 * MiB)]  # one block
+    p = prefetch.Prefetcher([(f, 0, 12 * MiB)], _opener(), uses=uses, streams=2, most=8)
+    _until(p, 4 * MiB)
+    quarter = MiB // 4
+    for k in range(12):  # the first value: a quarter of every piece
+        if k == 3:  # more than half of the pieces held partly served: the slots grow to most
+            _until(p, 8 * MiB)
+        assert _take(p, f, data, k * MiB, quarter) == data[k * MiB : k * MiB + quarter]
+    with p._cond:
+        assert p._limit == 8 and len(p._held) == 8
+    for k in range(12):  # the rest of the block: from the slots, and read by the fills past them
+        assert _take(p, f, data, k * MiB + quarter, MiB - quarter) == data[k * MiB + quarter : (k + 1) * MiB]
+    p.close()
+    assert p.bytes_read == 8 * MiB  # no byte twice: the pieces the fills got to first are theirs
+
+    q = prefetch.Prefetcher([(f, 0, 12 * MiB)], _opener(), uses=uses, streams=2, most=8)
+    for k in range(12):
+        assert _take(q, f, data, k * MiB, MiB) == data[k * MiB : (k + 1) * MiB]
+        with q._cond:
+            assert q._limit == prefetch.SLOTS
+    q.close()
