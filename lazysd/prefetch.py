@@ -47,9 +47,9 @@ fills go through a block in another order than the file's (``load_state_dict`` o
 whose parameters are registered in another order than the release's; per-expert tensors,
 which a native model stacks role by role: each piece holds some of every role), most pieces
 held are partly served, and the slots grow to ``most`` (the reader gives the memory bound's
-1.25x its largest value): a Qwen3-MoE layer is then read ahead nearly whole while its
-``down_projs`` are filled, and its ``gate_and_up_projs`` come from the slots. What does not
-fit the fills read themselves (direct, each byte still read once).
+1.25x its largest value; :data:`MOST` at most): a Qwen3-MoE layer is then read ahead nearly
+whole while its ``down_projs`` are filled, and its ``gate_and_up_projs`` come from the
+slots. What does not fit the fills read themselves (direct, each byte still read once).
 
 A failed read only stops that stream: its piece goes back to the fills, which read the bytes
 themselves and report any error.
@@ -78,6 +78,10 @@ PIECE = 8 * MiB  # one read of a stream: two of the build VM's largest requests
 SLOTS = 6  # pieces held at once (being read, or read and not yet copied out): 48 MiB
 STREAMS = 2  # where the tuning starts: one read in flight while the other's bytes are copied
 MAX_STREAMS = SLOTS - 2  # at least two slots hold pieces read for the fills
+# Slots held at most where the fills interleave (256 MiB): enough for a Qwen3-MoE layer, and
+# no faster with more (cold Step3p5 2.8 GiB load_state_dict on the build VM: 20 slots
+# 1.34-1.42 s, 52 slots 1.35-1.45 s, 6 slots 1.56-1.83 s), while fresh huge-page slots cost.
+MOST = 32
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 MIN_WINDOW = 1 * MiB  # smaller windows are left to the fills: a stream would only wait on them
 IDLE_S = 5.0  # a stream waiting this long for the fills to move on ends
@@ -161,9 +165,9 @@ class Prefetcher:
     ``open_fd(file, flags)`` opens a new read-only descriptor of a file with ``flags``
     (``O_DIRECT`` for the reads, 0 for the page-cache probes); the prefetcher closes the ones
     it opened. ``most``: the pieces it may hold where the fills interleave (at least
-    :data:`SLOTS`, which it holds otherwise). ``streams``: the count to start at (default:
-    :data:`STREAMS`, or where the last tuning on the same device settled; at most
-    :data:`MAX_STREAMS`); ``tune=False`` keeps it.
+    :data:`SLOTS`, which it holds otherwise; at most :data:`MOST`). ``streams``: the count to
+    start at (default: :data:`STREAMS`, or where the last tuning on the same device settled;
+    at most :data:`MAX_STREAMS`); ``tune=False`` keeps it.
     """
 
     def __init__(
@@ -196,7 +200,7 @@ class Prefetcher:
         self._left = [hi - lo for _, lo, hi in self.pieces]  # bytes of each not yet served
         self._held: dict[int, tuple[mmap.mmap, memoryview]] = {}  # piece -> its slot (being read, or read)
         self._limit = SLOTS  # slots the streams may hold now; up to most where the fills interleave
-        self._most = max(SLOTS, most)
+        self._most = max(SLOTS, min(MOST, most))
         self._slots: list[tuple[mmap.mmap, memoryview]] = []  # free slots
         self._open = open_fd
         self._cond = threading.Condition()
