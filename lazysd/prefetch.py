@@ -50,6 +50,8 @@ held are partly served, and the slots grow to ``most`` (the reader gives the mem
 1.25x its largest value; :data:`MOST` at most): a Qwen3-MoE layer is then read ahead nearly
 whole while its ``down_projs`` are filled, and its ``gate_and_up_projs`` come from the
 slots. What does not fit the fills read themselves (direct, each byte still read once).
+Where the fills stop for :data:`IDLE_S` (a load left unfinished, a notebook that stacked one
+value), the streams end and the read-ahead keeps its first :data:`SLOTS` pieces only.
 
 A failed read only stops that stream: its piece goes back to the fills, which read the bytes
 themselves and report any error.
@@ -179,7 +181,7 @@ class Prefetcher:
         uses: list[tuple[int, str, int, int]] | None = None,
         streams: int | None = None,
         tune: bool = True,
-        most: int = SLOTS,
+        most: int | None = None,
     ) -> None:
         pieces = [(file, p, min(hi, p + PIECE)) for file, lo, hi in windows for p in range(lo, hi, PIECE)]
         self._starts = [(file, p) for file, p, _ in pieces]  # for bisect, in file order
@@ -200,7 +202,8 @@ class Prefetcher:
         self._left = [hi - lo for _, lo, hi in self.pieces]  # bytes of each not yet served
         self._held: dict[int, tuple[mmap.mmap, memoryview]] = {}  # piece -> its slot (being read, or read)
         self._limit = SLOTS  # slots the streams may hold now; up to most where the fills interleave
-        self._most = max(SLOTS, min(MOST, most))
+        self._most = SLOTS if most is None else max(SLOTS, min(MOST, most))
+        self._idled = False  # a stream ended waiting for the fills
         self._slots: list[tuple[mmap.mmap, memoryview]] = []  # free slots
         self._open = open_fd
         self._cond = threading.Condition()
@@ -276,10 +279,7 @@ class Prefetcher:
         with self._cond:
             for k in list(self._held):
                 self._drop(k)
-            for mapping, view in self._slots:
-                view.release()
-                mapping.close()
-            self._slots.clear()
+            self._free_slots()
         if self.tuner is not None and self.tuner.settled and self._device is not None:
             _settled[self._device] = self.tuner.streams
 
@@ -310,10 +310,14 @@ class Prefetcher:
         self._state[k] = _GONE
         self._done += 1
         if self._done == len(self.pieces):
-            for mapping, view in self._slots:
-                view.release()
-                mapping.close()
-            self._slots.clear()
+            self._free_slots()
+
+    def _free_slots(self) -> None:
+        """Give the spare slots back to the OS (called holding the lock)."""
+        for mapping, view in self._slots:
+            view.release()
+            mapping.close()
+        self._slots.clear()
 
     def _interleaved(self) -> bool:
         """Whether more than half of the pieces held are partly served: the fills go through
@@ -327,6 +331,17 @@ class Prefetcher:
                 _, lo, hi = self.pieces[k]
                 partly += 0 < self._left[k] < hi - lo
         return partly > len(self._held) // 2
+
+    def _idle(self) -> None:
+        """The fills stopped (a load left unfinished, a notebook that stacked one value):
+        keep no more than :data:`SLOTS` pieces, the first in fill order, and no spare slot
+        (called holding the lock, by the last stream to leave). A piece given up is the
+        fills' to read, if they come back."""
+        self._idled = False
+        for k in sorted(self._held)[SLOTS:]:
+            if self._state[k] == _READY:
+                self._drop(k)
+        self._free_slots()
 
     def _start_streams(self) -> None:
         """Start streams in the free places below the count (called holding the lock)."""
@@ -367,6 +382,7 @@ class Prefetcher:
                     continue
                 self._epoch = (*self._epoch[:2], False)  # waiting for the fills: not the storage's rate
                 if not self._cond.wait(IDLE_S):
+                    self._idled = True  # the last stream to leave gives back what it can (_idle)
                     return None  # the fills stopped (a load left unfinished): do not hold on
             k = self._next
             self._next += 1
@@ -430,6 +446,8 @@ class Prefetcher:
                 os.close(f)
             with self._cond:
                 self._running.discard(slot)
+                if self._idled and not self._running and not self._closed:
+                    self._idle()
 
 
 def rank_windows(uses: list[tuple[int, str, int, int]], least: int = MIN_WINDOW) -> list[tuple[str, int, int]]:
