@@ -286,6 +286,10 @@ def test_example_script_under_torchrun(tmp_path: Path) -> None:
         str(root / "examples" / "load_expert_parallel.py"),
     ]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    if out.returncode != 0 and "terminate called without an active exception" in out.stderr:
+        # torch 2.13's gloo teardown aborts now and then after the work is done (about 1 run
+        # in 15; a six-line gloo script without lazysd does the same): run once more.
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = sorted(re.findall(r"rank \d/2: [^\n]*?next token \d+", out.stdout))
     assert len(lines) == 2 and all(
