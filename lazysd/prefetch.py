@@ -77,7 +77,7 @@ from .pread import huge_buffer, page_cached
 
 MiB = 1 << 20
 PIECE = 8 * MiB  # one read of a stream: two of the build VM's largest requests
-SLOTS = 6  # pieces held at once (being read, or read and not yet copied out): 48 MiB
+SLOTS = 6  # pieces held at once (read or being read, not all copied out): 48 MiB; more if fills interleave
 STREAMS = 2  # where the tuning starts: one read in flight while the other's bytes are copied
 MAX_STREAMS = SLOTS - 2  # at least two slots hold pieces read for the fills
 # Slots held at most where the fills interleave (256 MiB): enough for a Qwen3-MoE layer, and
