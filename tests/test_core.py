@@ -113,7 +113,11 @@ def test_keys_shapes_dtypes_read_no_tensor_bytes(tiny_ckpt: Path) -> None:
 
 
 def test_laziness_by_page_cache_residency(tmp_path: Path) -> None:
-    """Independent of lazysd's counters: evict the files, open and list, count cached pages."""
+    """Independent of lazysd's counters: evict the files, open and list, count cached pages.
+
+    Materializing a value is checked with ``direct=False``: by default a cold value is read
+    with ``O_DIRECT``, which leaves no page cached, and starts the read-ahead of the rank's
+    other values (tested with storage counters in test_pread.py)."""
     spec = Step3p5Spec.tiny(hidden_size=256, moe_intermediate_size=256, moe_num_experts=16)
     path = make_checkpoint(tmp_path / "c", spec, layout="sharded", shard_bytes=1 << 20)
     files = sorted(path.glob("*.safetensors"))
@@ -121,10 +125,11 @@ def test_laziness_by_page_cache_residency(tmp_path: Path) -> None:
         evict(f)
     if any(resident_pages(f) for f in files):
         pytest.skip("this filesystem does not honour page-cache eviction")
-    vsd = VirtualStateDict(path)
-    _ = {k: (v.shape, v.dtype) for k, v in vsd.items()}
+    with VirtualStateDict(path) as listed:
+        _ = {k: (v.shape, v.dtype) for k, v in listed.items()}
     # Only header pages: the first page of each file (headers are small here).
     assert all(resident_map(f)[1:] == [False] * (len(resident_map(f)) - 1) for f in files)
+    vsd = VirtualStateDict(path, direct=False)
     key = "model.layers.2.moe.experts.down_projs"
     vsd[key].materialize()
     info = vsd.entry(key).sources[0].info
