@@ -143,23 +143,17 @@ class RangeReader:
         ahead = self._ahead
         if ahead is None:
             return self._read_probed(out, pos)
-        done, mine = 0, None  # out[mine:done]: not read ahead, read here in one go
+        done = 0
         while done < len(out):
-            got = ahead(pos + done, out[done:])
-            if got < 0:
-                mine = done if mine is None else mine
+            mine = done  # out[mine:done]: what the read-ahead does not hold, read here in one go
+            while done < len(out) and (got := ahead(pos + done, out[done:])) < 0:
                 done -= got
-                continue
-            if mine is not None:
+            if done > mine:
                 n = self._read_probed(out[mine:done], pos + mine)
                 if n < done - mine:
                     return mine + n
-                mine = None
-            done += got
-        if mine is not None:
-            n = self._read_probed(out[mine:done], pos + mine)
-            if n < done - mine:
-                return mine + n
+            if done < len(out):
+                done += got  # copied from the read-ahead
         return done
 
     def read_ahead_by(self, serve: Callable[[int, memoryview], int] | None) -> None:
@@ -301,7 +295,7 @@ def page_cached(fd: int, pos: int, n: int) -> bool | None:
         _syscall = getattr(libc, "syscall", False)
     if not _syscall:
         return None
-    lo, hi = -(-pos // ALIGN) * ALIGN, (pos + n) // ALIGN * ALIGN
+    lo, hi = _whole_pages(pos, n)
     if lo >= hi:
         lo, hi = pos // ALIGN * ALIGN, -(-(pos + n) // ALIGN) * ALIGN
     stat = _CacheStat()
@@ -321,8 +315,13 @@ def probe_points(pos: int, n: int) -> tuple[int, int]:
         >>> probe_points(100, 3 * 4096)
         (4096, 8192)
     """
-    lo, hi = -(-pos // ALIGN) * ALIGN, (pos + n) // ALIGN * ALIGN - ALIGN
-    return (lo, hi) if lo <= hi else (pos, pos + n - 1)
+    lo, hi = _whole_pages(pos, n)
+    return (lo, hi - ALIGN) if lo < hi else (pos, pos + n - 1)
+
+
+def _whole_pages(pos: int, n: int) -> tuple[int, int]:
+    """``[lo, hi)``: the pages that lie wholly inside ``[pos, pos + n)`` (empty: ``lo >= hi``)."""
+    return -(-pos // ALIGN) * ALIGN, (pos + n) // ALIGN * ALIGN
 
 
 def gather_groups(runs: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:

@@ -606,7 +606,7 @@ class Reader:
         order = list(dict.fromkeys([k for k in keys if k in ranges] + rest))
         block = _fill_ranks(order)
         uses = [(block[k], *r) for k in order for r in ranges[k]]
-        files = {f for _, f, _, _ in uses if self.ckpt.range_reader(Path(f)).direct()}
+        files = {f for f in {f for _, f, _, _ in uses} if self.ckpt.range_reader(Path(f)).direct()}
         windows = [w for w in rank_windows(uses) if w[0] in files]
         # Only the files with bytes to read ahead ask the read-ahead for them.
         readers = {f: self.ckpt.range_reader(Path(f)) for f, _, _ in windows}

@@ -42,24 +42,6 @@ def _native_model(spec: Step3p5Spec) -> torch.nn.Module:
 
 
 
-def _load_alone(rank: int, world: int, files: list[Path], load) -> dict[str, int]:  # noqa: ANN001
-    """Ranks take turns: empty page cache, this rank's load, count its cached data pages."""
-    import torch.distributed as dist
-
-    from tests.support.pagecache import evict, resident_map
-
-    resident: dict[str, int] = {}
-    for turn in range(world):
-        dist.barrier()
-        if turn == rank:
-            for f in files:
-                evict(f)
-            load()
-            resident = {str(f): sum(resident_map(f)[1:]) for f in files}  # page 0 holds the header
-    dist.barrier()
-    return resident
-
-
 def _ideal_pages(ranges: list[tuple[str, int, int]]) -> dict[str, set[int]]:
     """The pages each file's planned ranges touch, the header page aside."""
     from tests.support.pagecache import page_set
