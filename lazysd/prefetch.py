@@ -46,11 +46,11 @@ beyond that. Inside a block a piece is held until every byte of it was copied ou
 fills go through a block in another order than the file's (``load_state_dict`` of a model
 whose parameters are registered in another order than the release's; per-expert tensors,
 which a native model stacks role by role: each piece holds some of every role), most pieces
-held are partly served, and the slots grow to ``most`` (the reader gives the memory bound's
-1.25x its largest value; :data:`MOST` at most): a Qwen3-MoE layer is then read ahead nearly
-whole while its ``down_projs`` are filled, and its ``gate_and_up_projs`` come from the
-slots. What does not fit the fills read themselves (direct, each byte still read once).
-Where the fills stop for :data:`IDLE_S` (a load left unfinished, a notebook that stacked one
+held are partly served, and the slots grow to ``most`` (the reader gives what its memory
+bound leaves once the staging is set aside; :data:`MOST` at most): a Qwen3-MoE layer is then
+read ahead nearly whole while its ``down_projs`` are filled, and its ``gate_and_up_projs``
+come from the slots. What does not fit the fills read themselves (direct, each byte still
+read once). Where the fills stop for :data:`IDLE_S` (a load left unfinished, a notebook that stacked one
 value), the streams end and the read-ahead keeps its first :data:`SLOTS` pieces only.
 
 A failed read only stops that stream: its piece goes back to the fills, which read the bytes

@@ -616,11 +616,12 @@ class Reader:
             # In the order of the fills (uses), which need not be the files' (lm_head stored
             # last, layer 10 stored before layer 2).
             # Where the fills go through a block in another order than the file's, the slots
-            # may grow to hold as much as the memory bound gives the largest value (1.25x it).
+            # may grow to what the memory bound (1.25x the largest value + 64 MiB) leaves
+            # once the staging is set aside: a Qwen3-MoE benchmark layer (196 MiB, its
+            # largest value 128) then fits all but one piece.
             largest = max(sum(n for _, _, n in r) for r in ranges.values())
-            self._prefetcher = prefetcher = Prefetcher(
-                windows, open_fd, at=at, uses=uses, most=int(1.25 * largest) // PIECE
-            )
+            most = (int(1.25 * largest) + 64 * MiB - self.options.max_inflight_bytes) // PIECE
+            self._prefetcher = prefetcher = Prefetcher(windows, open_fd, at=at, uses=uses, most=most)
             for file, reader in readers.items():
                 reader.read_ahead_by(functools.partial(prefetcher.serve, file))
             self._ahead_of = list(readers.values())
