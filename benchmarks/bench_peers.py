@@ -6,12 +6,14 @@ Generates Flash-shaped Step3p5 bf16 checkpoints (``Step3p5Spec.sized``; grouped 
 under ``--dir`` once, or with ``--family qwen3_moe`` (or ``deepseek_v3``, ``glm4_moe``,
 ``mixtral``) checkpoints of that family's release layout (``FamilySpec.sized``: per-expert
 tensors, 64 experts a layer, stacked by every native load).
-Then, ``--runs`` rounds: in each round every method runs once cold (the checkpoint's pages
-dropped from the page cache with ``POSIX_FADV_DONTNEED`` just before the process starts) and
-once warm (every file dropped, then read through, just before), each in its own fresh Python
-process, the methods of a round back to back so that their ratios share the machine's load. Every method
-ends with every tensor's bytes in CPU memory (in the destinations it was given, or in the
-tensors it returns; the mmap-backed ones are touched page by page).
+Each checkpoint is read through once first (storage below the page cache serves a file read
+lately faster: the first run would pay that for all). Then, ``--runs`` rounds: in each round
+every method runs once cold (the checkpoint's pages dropped from the page cache with
+``POSIX_FADV_DONTNEED`` just before the process starts) and once warm (every file dropped,
+then read through, just before), each in its own fresh Python process, the methods of a round
+back to back so that their ratios share the machine's load. Every method ends with every
+tensor's bytes in CPU memory (in the destinations it was given, or in the tensors it returns;
+the mmap-backed ones are touched page by page).
 
 Reported per method: median wall time of the load, GiB/s (checkpoint bytes / wall), peak
 resident memory above the process's state just before the load (VmHWM, so pre-allocated
@@ -394,6 +396,12 @@ def main() -> int:
             for _, _r, mode, m, x in [e for e in replayed if e[0] == size and e[2] in args.modes]:
                 results[mode, m].append(x)
             args.runs = min(len(v) for v in results.values())
+        if replayed is None:
+            # Storage below the page cache (a VM host's cache, a device's own) serves a file
+            # read lately faster than one left alone: on the build VM a direct read of a file
+            # untouched for hours ran 25-50% slower the first time, and the first run of a
+            # round 1 could take 2.5x its next ones. Read through once, so no method is first.
+            _warm(files)
         for r in range(args.runs if replayed is None else 0):
             order = methods[r % len(methods) :] + methods[: r % len(methods)]  # rotate: no fixed position
             for mode in args.modes:
