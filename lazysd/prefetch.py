@@ -50,8 +50,9 @@ held are partly served, and the slots grow to ``most`` (the reader gives what it
 bound leaves once the staging is set aside; :data:`MOST` at most): a Qwen3-MoE layer is then
 read ahead nearly whole while its ``down_projs`` are filled, and its ``gate_and_up_projs``
 come from the slots. What does not fit the fills read themselves (direct, each byte still
-read once). Where the fills stop for :data:`IDLE_S` (a load left unfinished, a notebook that stacked one
-value), the streams end and the read-ahead keeps its first :data:`SLOTS` pieces only.
+read once). Where the fills stop for :data:`IDLE_S` (a load left unfinished, a notebook that
+stacked one value), the streams end and the read-ahead keeps its first :data:`SLOTS` pieces
+only.
 
 A failed read only stops that stream: its piece goes back to the fills, which read the bytes
 themselves and report any error.
