@@ -84,16 +84,18 @@ def _family(path: Path) -> str:
     return json.loads((path / "config.json").read_text())["model_type"]
 
 
-def _checkpoint(family: str, size: float, root: Path) -> Path:
-    """The benchmark checkpoint of ``family`` and ``size`` under ``root``, generated once."""
+def _checkpoint(family: str, size: float, root: Path, dims: list[int] | None = None) -> Path:
+    """The benchmark checkpoint of ``family`` and ``size`` under ``root``, generated once;
+    ``dims``: its layers' hidden size, experts and expert width (``--expert-dims``)."""
     from lazysd.testing import Step3p5Spec, ensure_checkpoint
     from lazysd.testing.families import FamilySpec, make_family_checkpoint
 
     if family == "step3p5":
         return ensure_checkpoint(root / f"{size / 1e9:g}gb", Step3p5Spec.sized(int(size)), verbose=True)
-    path = root / f"{family}-{size / 1e9:g}gb"
+    path = root / (f"{family}-{size / 1e9:g}gb" + ("-{}x{}x{}".format(*dims) if dims else ""))
     if not (path / "model.safetensors.index.json").exists():  # the index is written last
-        make_family_checkpoint(path, FamilySpec.sized(family, int(size)))
+        shape = dict(zip(("hidden_size", "num_experts", "width"), dims)) if dims else {}
+        make_family_checkpoint(path, FamilySpec.sized(family, int(size), **shape))
         print(f"generated {path}", file=sys.stderr)
     return path
 
@@ -356,6 +358,13 @@ def main() -> int:
         choices=["step3p5", "deepseek_v3", "qwen3_moe", "glm4_moe", "mixtral", "gpt_oss"],
         help="step3p5 (grouped experts), or another family's release layout (one tensor per expert but GPT-OSS's)",
     )
+    ap.add_argument(
+        "--expert-dims",
+        nargs=3,
+        type=int,
+        metavar=("HIDDEN", "EXPERTS", "WIDTH"),
+        help="a --family's layer sizes (default 1024 64 512); a release's own: Qwen3-30B-A3B 2048 128 768",
+    )
     ap.add_argument("--dir", default="/tmp/lazysd-bench")
     ap.add_argument(
         "--replay", metavar="LOG", help="print the tables of an earlier run from its stderr log (complete rounds only)"
@@ -385,7 +394,9 @@ def main() -> int:
         methods = list(dict.fromkeys(m for _, _, _, m, _ in replayed))
         floors = [m for m in methods if m.startswith("floor:")]
     for size in args.sizes:
-        path = _checkpoint(args.family, size, Path(args.dir))
+        if args.expert_dims and args.family == "step3p5":
+            ap.error("--expert-dims sizes a --family's layers (Step3p5's are Flash-shaped)")
+        path = _checkpoint(args.family, size, Path(args.dir), args.expert_dims)
         files = _files(path)
         nbytes = sum(os.path.getsize(f) for f in files)
         with __import__("lazysd").VirtualStateDict(path) as vsd:

@@ -288,6 +288,18 @@ def test_sized_family_spec_hits_its_size_with_per_expert_tensors(family: str, to
     assert sum(".experts." in k for k, _, _ in specs) == 3 * spec.num_experts * layers
 
 
+def test_sized_family_spec_takes_a_releases_layer_sizes() -> None:
+    """Qwen3-30B-A3B's layers (hidden 2048, 128 experts of width 768): 1.2 GB each."""
+    from lazysd.testing.families import FamilySpec
+    from lazysd.testing.families import hf_tensor_specs as family_specs
+
+    spec = FamilySpec.sized("qwen3_moe", 4 * 10**9, hidden_size=2048, num_experts=128, width=768)
+    dims = (spec.num_hidden_layers, spec.hidden_size, spec.num_experts, spec.moe_intermediate_size)
+    assert dims == (3, 2048, 128, 768)
+    down = [s for k, _, s in family_specs(spec) if k.endswith("layers.0.mlp.experts.0.down_proj.weight")]
+    assert down == [(2048, 768)]
+
+
 def test_sized_family_spec_refuses_step3p7() -> None:
     from lazysd.testing.families import FamilySpec
 

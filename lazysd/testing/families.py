@@ -108,12 +108,16 @@ class FamilySpec:
         return cls(family=family)
 
     @classmethod
-    def sized(cls, family: str, total_bytes: int) -> FamilySpec:
+    def sized(
+        cls, family: str, total_bytes: int, *, hidden_size: int = 1024, num_experts: int = 64, width: int = 512
+    ) -> FamilySpec:
         """A bf16 model of ``family`` of roughly ``total_bytes``, for benchmarks: hidden size
         1024, 64 experts a layer of width 512 (2048 for Mixtral and GPT-OSS, whose experts
         are as wide as a dense MLP), every layer MoE, as many layers as it takes. Experts
         are per-expert tensors where the family's release has them (DeepSeek-V3, Qwen3-MoE,
         GLM-4.5, Mixtral): a load stacks hundreds of sources into each native tensor.
+        ``hidden_size``, ``num_experts`` and ``width`` (the experts') give a release's own
+        layer sizes: Qwen3-30B-A3B's are 2048, 128 and 768 (layers of 1.2 GB).
 
         Example:
             >>> spec = FamilySpec.sized("qwen3_moe", 10**9)
@@ -126,11 +130,11 @@ class FamilySpec:
             family=family,
             num_hidden_layers=1,
             first_dense=0,
-            num_experts=64,
+            num_experts=num_experts,
             top_k=8,
-            hidden_size=1024,
-            moe_intermediate_size=512,
-            intermediate_size=2048,
+            hidden_size=hidden_size,
+            moe_intermediate_size=width,
+            intermediate_size=4 * width,
             shared_intermediate_size=512,
             vocab_size=32768,
             heads=8,
