@@ -791,6 +791,29 @@ def test_cold_reads_of_own_boxes_read_ahead_only_those(tmp_path: Path) -> None:
     _no_page_beyond(files, ranges)
 
 
+@pytest.mark.parametrize("cold", [False, True])
+def test_staged_reads_start_the_read_ahead_only_when_cold(tmp_path: Path, cold: bool) -> None:
+    """Staged reads (a cast here; every read into a GPU) are never read by the batched reads of
+    cached bytes, so they reach the per-job paths warm or cold: warm, the read-ahead must not
+    start (it would copy page-cache bytes into its slots for the fills to copy again); cold,
+    it does. Bitwise right either way."""
+    spec = _expert_spec(layers=2)
+    path = make_checkpoint(tmp_path / "ckpt", spec, layout="single")
+    eager = {k: v.to(torch.float32, copy=True) for k, v in native_state_dict(load_hf_tensors(path), 2).items()}
+    files = _evict_all(path)
+    if not cold:
+        for f in files:
+            f.read_bytes()
+    with VirtualStateDict(path, dtype=torch.float32) as vsd:
+        got = {k: v.materialize() for k, v in vsd.items()}
+        started = vsd.reader._prefetcher is not None
+        direct = any(r._direct_fd is not None for r in vsd.checkpoint._readers.values())
+    assert_bitwise_equal(got, eager)
+    if cold and not direct:
+        pytest.skip("this filesystem refuses O_DIRECT: nothing is streamed (values checked above)")
+    assert started == cold
+
+
 @pytest.mark.parametrize("how", ["load_state_dict", "lazysd.load"])
 def test_a_cold_per_expert_load_reads_ahead_in_the_order_it_fills(tmp_path: Path, how: str, monkeypatch) -> None:
     """A Qwen3-MoE release stores ``lm_head`` last and ``layers.10`` before ``layers.2``,
