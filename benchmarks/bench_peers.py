@@ -370,6 +370,8 @@ def main() -> int:
         "--replay", metavar="LOG", help="print the tables of an earlier run from its stderr log (complete rounds only)"
     )
     args = ap.parse_args()
+    if args.expert_dims and args.family == "step3p5":
+        ap.error("--expert-dims sizes a --family's layers (Step3p5's are Flash-shaped)")
     if args.worker:
         method, PATH, SIZE = args.worker[0], Path(args.worker[1]), float(args.worker[2])
         print(json.dumps(worker(method)))
@@ -394,8 +396,6 @@ def main() -> int:
         methods = list(dict.fromkeys(m for _, _, _, m, _ in replayed))
         floors = [m for m in methods if m.startswith("floor:")]
     for size in args.sizes:
-        if args.expert_dims and args.family == "step3p5":
-            ap.error("--expert-dims sizes a --family's layers (Step3p5's are Flash-shaped)")
         path = _checkpoint(args.family, size, Path(args.dir), args.expert_dims)
         files = _files(path)
         nbytes = sum(os.path.getsize(f) for f in files)

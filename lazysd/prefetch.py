@@ -81,7 +81,8 @@ PIECE = 8 * MiB  # one read of a stream: two of the build VM's largest requests
 SLOTS = 6  # pieces held at once (read or being read, not all copied out): 48 MiB; more if fills interleave
 STREAMS = 2  # where the tuning starts: one read in flight while the other's bytes are copied
 MAX_STREAMS = SLOTS - 2  # at least two slots hold pieces read for the fills
-# Slots held at most where the fills interleave (256 MiB): enough for a Qwen3-MoE layer, and
+# Slots held at most where the fills interleave (256 MiB): enough for a layer of the Qwen3-MoE
+# benchmark checkpoints (196 MiB; a release's own layers can be far larger), and
 # no faster with more (cold Step3p5 2.8 GiB load_state_dict on the build VM: 20 slots
 # 1.34-1.42 s, 52 slots 1.35-1.45 s, 6 slots 1.56-1.83 s), while fresh huge-page slots cost.
 MOST = 32

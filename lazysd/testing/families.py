@@ -116,8 +116,9 @@ class FamilySpec:
         are as wide as a dense MLP), every layer MoE, as many layers as it takes. Experts
         are per-expert tensors where the family's release has them (DeepSeek-V3, Qwen3-MoE,
         GLM-4.5, Mixtral): a load stacks hundreds of sources into each native tensor.
-        ``hidden_size``, ``num_experts`` and ``width`` (the experts') give a release's own
-        layer sizes: Qwen3-30B-A3B's are 2048, 128 and 768 (layers of 1.2 GB).
+        ``hidden_size``, ``num_experts`` and ``width`` (the experts'; Mixtral's and GPT-OSS's
+        are 4x it) give a release's own layer sizes: Qwen3-30B-A3B's are 2048, 128 and 768
+        (layers of 1.2 GB).
 
         Example:
             >>> spec = FamilySpec.sized("qwen3_moe", 10**9)
