@@ -360,37 +360,58 @@ class Prefetcher:
     def _take(self, slot: int) -> tuple[int, memoryview] | None:
         """The next piece for stream ``slot`` to read and the slot it is read into, or None
         (no piece left, the count lowered, the fills gone)."""
-        with self._cond:
+        fresh = None  # a slot mapped outside the lock, where none was free
+        try:
             while True:
-                if self._closed or slot >= self.streams:
-                    return None
-                self._next = max(self._next, self._at)  # never behind the fills
-                while self._next < len(self.pieces) and self._state[self._next] != _QUEUED:
-                    self._next += 1
-                if self._next >= len(self.pieces):
-                    return None
-                if len(self._held) < self._limit:
-                    break
-                # Pieces of ranks the fills have left (before the one they left last, which a
-                # fill on another thread may still be reading): a fill may still come back
-                # for them (a model may fill a value later than the values list it), so they
-                # are given up only where they would hold more than half of the slots.
-                behind = [k for k in self._held if k < self._left_at and self._state[k] == _READY]
-                if len(behind) > SLOTS // 2:
-                    self._drop(min(behind))
-                    continue
-                if self._limit < self._most and self._interleaved():
-                    self._limit = self._most  # from now on: the next blocks are alike
-                    continue
-                self._epoch = (*self._epoch[:2], False)  # waiting for the fills: not the storage's rate
-                if not self._cond.wait(IDLE_S):
-                    self._idled = True  # the last stream to leave gives back what it can (_idle)
-                    return None  # the fills stopped (a load left unfinished): do not hold on
-            k = self._next
-            self._next += 1
-            self._state[k] = _READING
-            slot = self._held[k] = self._slots.pop() if self._slots else huge_buffer(PIECE)
-            return k, slot[1]
+                with self._cond:
+                    k = self._next_piece(slot)
+                    if k is None:
+                        return None
+                    if self._slots or fresh is not None:
+                        self._next = k + 1
+                        self._state[k] = _READING
+                        if self._slots:
+                            self._held[k] = self._slots.pop()
+                        else:
+                            self._held[k], fresh = fresh, None
+                        return k, self._held[k][1]
+                # Mapping a slot gives up the GIL, and getting it back behind threads busy in
+                # long copies took 15-20 ms on the build VM: held under the lock, every fill
+                # waited that long (a cold Qwen3-30B-A3B layer grew its 26 slots in 0.5 s).
+                fresh = huge_buffer(PIECE)
+        finally:
+            if fresh is not None:  # not needed after all (the fills moved on, a slot came free)
+                fresh[1].release()
+                fresh[0].close()
+
+    def _next_piece(self, slot: int) -> int | None:
+        """The next piece for stream ``slot`` to read, once the slots allow it; None where
+        there is none (called holding the lock)."""
+        while True:
+            if self._closed or slot >= self.streams:
+                return None
+            self._next = max(self._next, self._at)  # never behind the fills
+            while self._next < len(self.pieces) and self._state[self._next] != _QUEUED:
+                self._next += 1
+            if self._next >= len(self.pieces):
+                return None
+            if len(self._held) < self._limit:
+                return self._next
+            # Pieces of ranks the fills have left (before the one they left last, which a
+            # fill on another thread may still be reading): a fill may still come back for
+            # them (a model may fill a value later than the values list it), so they are
+            # given up only where they would hold more than half of the slots.
+            behind = [k for k in self._held if k < self._left_at and self._state[k] == _READY]
+            if len(behind) > SLOTS // 2:
+                self._drop(min(behind))
+                continue
+            if self._limit < self._most and self._interleaved():
+                self._limit = self._most  # from now on: the next blocks are alike
+                continue
+            self._epoch = (*self._epoch[:2], False)  # waiting for the fills: not the storage's rate
+            if not self._cond.wait(IDLE_S):
+                self._idled = True  # the last stream to leave gives back what it can (_idle)
+                return None  # the fills stopped (a load left unfinished): do not hold on
 
     def _count(self, cached: int, got: int) -> None:
         """Count bytes the page cache held and bytes read from storage; at the end of an
