@@ -38,21 +38,33 @@ pieces the page cache held already (:func:`lazysd.pread.page_cached`; copied fro
 The order: the fills want the bytes in the order of the values, which need not be the files'
 (a Qwen3-MoE release stores ``layers.10`` before ``layers.2``, and ``lm_head``, its first
 value, last). Each piece is ranked by the first value that reads it (``uses``: the reader
-ranks values by block, :func:`lazysd.reader._fill_group`), a block's pieces go in file order,
-and where the fills are is placed in that order. Pieces of the block the fills left last are
-held (a fill on another thread may still be in it); those of blocks before it stay held while
-they take no more than half of the slots (a fill may come back for them), and are given up
-beyond that. Inside a block a piece is held until every byte of it was copied out. Where the
-fills go through a block in another order than the file's (``load_state_dict`` of a model
-whose parameters are registered in another order than the release's; per-expert tensors,
-which a native model stacks role by role: each piece holds some of every role), most pieces
-held are partly served, and the slots grow to ``most`` (the reader gives what its memory
-bound leaves once the staging is set aside; :data:`MOST` at most): a Qwen3-MoE layer is then
-read ahead nearly whole while its ``down_projs`` are filled, and its ``gate_and_up_projs``
-come from the slots. What does not fit the fills read themselves (direct, each byte still
-read once). Where the fills stop for :data:`IDLE_S` (a load left unfinished, a notebook that
-stacked one value), the streams end and the read-ahead keeps its first :data:`SLOTS` pieces
-only.
+ranks values by block, :func:`lazysd.reader._read_ahead_ranks`), a rank's pieces go in file
+order, and where the fills are is placed in that order. Pieces of the rank the fills left
+last are held (a fill on another thread may still be in it); those of ranks before it stay
+held while they take no more than half of the slots (a fill may come back for them), and
+are given up beyond that. Inside a rank a piece is held until every byte of it was copied
+out. Where the fills go through a block in another order than the file's (``load_state_dict``
+of a model whose parameters are registered in another order than the release's; per-expert
+tensors, which a native model stacks role by role: each piece holds some of every role),
+most pieces held are partly served, and the slots grow to ``most`` (the reader gives what
+its memory bound leaves once the staging is set aside; :data:`MOST` at most): a Qwen3-MoE
+benchmark layer is then read ahead nearly whole while its ``down_projs`` are filled, and
+its ``gate_and_up_projs`` come from the slots. A release's own per-expert layers are larger
+than that (Qwen3-30B-A3B's: 1.2 GB): the reader ranks such a block's values one by one,
+guessing their order from the files, and the fills may jump ahead to another value of the
+block and back to one they skipped; the streams follow them both ways (no further back than
+a rank no fill has been in), and :meth:`Prefetcher.rerank` puts the blocks no one has come
+to yet in the order learned. Where the fills stop for :data:`IDLE_S` (a load left unfinished,
+a notebook that stacked one value), the streams end and the read-ahead keeps its first
+:data:`SLOTS` pieces only.
+
+A fill that gets to a piece a stream is about to take waits for it: taking it, the fill
+would read it between its own copies, and the streams, one piece on, would find the next
+piece taken as well and fall behind for good. Pages two values share (safetensors' tensors
+start anywhere in a page) lie in neither's window; each fill reads its part itself, a small
+read that waited on storage every time (256 a layer of Qwen3-30B-A3B's ``down_projs``, 1.3
+ms each on the build VM), so a stream that takes the piece next to one has the kernel read
+that page into the page cache (:func:`shared_pages`).
 
 A failed read only stops that stream: its piece goes back to the fills, which read the bytes
 themselves and report any error.
@@ -74,7 +86,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from .pread import huge_buffer, page_cached
+from .pread import ALIGN, huge_buffer, page_cached
 
 MiB = 1 << 20
 PIECE = 8 * MiB  # one read of a stream: two of the build VM's largest requests
@@ -184,24 +196,25 @@ class Prefetcher:
         streams: int | None = None,
         tune: bool = True,
         most: int | None = None,
+        edges: list[tuple[str, int]] | None = None,
     ) -> None:
         pieces = [(file, p, min(hi, p + PIECE)) for file, lo, hi in windows for p in range(lo, hi, PIECE)]
         self._starts = [(file, p) for file, p, _ in pieces]  # for bisect, in file order
         self._ends = [hi for _, _, hi in pieces]
-        rank = _piece_ranks(pieces, self._starts, uses) if uses is not None else range(len(pieces))
-        order = sorted(range(len(pieces)), key=rank.__getitem__)  # stable: file order among equals
-        self.pieces = [pieces[j] for j in order]  # in the order the fills want them
-        # Where each piece's rank starts in that order: the fills go through a rank's pieces in
-        # any order (a block's parameters are not listed in the files' order).
-        self._first = [0] * len(order)
-        for k in range(1, len(order)):
-            same = rank[order[k]] == rank[order[k - 1]]
-            self._first[k] = self._first[k - 1] if same else k
-        self._pos = [0] * len(pieces)  # file order -> fill order
-        for k, j in enumerate(order):
-            self._pos[j] = k
+        self._edges = sorted(edges or [])
+        rank = _piece_ranks(pieces, self._starts, uses) if uses is not None else list(range(len(pieces)))
+        # Per position in the order the fills want them (filled in by _arrange): the piece,
+        # its rank, where its rank starts (the fills go through a rank's pieces in any order:
+        # a block's parameters are not listed in the files' order), its index in file order.
+        self.pieces: list[tuple[str, int, int]] = list(pieces)
+        self._rank: list[float] = list(rank)
+        self._first = [0] * len(pieces)
+        self._index = list(range(len(pieces)))
+        self._pos = list(range(len(pieces)))  # file order -> fill order
+        self._left = [0] * len(pieces)  # bytes of each not yet served
+        self._arrange(0, rank)
+        self._visited: set[float] = set()  # ranks the fills have been in
         self._state = [_QUEUED] * len(pieces)
-        self._left = [hi - lo for _, lo, hi in self.pieces]  # bytes of each not yet served
         self._held: dict[int, tuple[mmap.mmap, memoryview]] = {}  # piece -> its slot (being read, or read)
         self._limit = SLOTS  # slots the streams may hold now; up to most where the fills interleave
         self._most = SLOTS if most is None else max(SLOTS, min(MOST, most))
@@ -246,6 +259,8 @@ class Prefetcher:
         with self._cond:
             if self._closed or os.getpid() != self._pid:
                 return -n
+            while self._state[k] == _QUEUED and self._coming(k):
+                self._cond.wait(IDLE_S)
             if self._state[k] == _QUEUED:
                 self._gone(k)  # the fills got here first: theirs to read
             while self._state[k] == _READING:
@@ -269,6 +284,21 @@ class Prefetcher:
                 self._start_streams()  # streams that ended waiting for the fills start again
                 self._cond.notify_all()
 
+    def rerank(self, ranks: dict[float, float]) -> None:
+        """Read the pieces of rank ``r`` as if of rank ``ranks[r]`` from now on, where no
+        stream or fill has come to them yet: the reader learned the order the fills go
+        through the values of a block in, and the blocks still ahead are alike."""
+        with self._cond:
+            q = len(self.pieces)  # the untouched tail: pieces no one has come to, whole ranks
+            while q > max(self._next, self._at) and self._state[q - 1] == _QUEUED:
+                q -= 1
+            while q < len(self.pieces) and self._first[q] != q:
+                q += 1
+            rank = [0.0] * len(self.pieces)  # by file order, as _arrange takes them
+            for k in range(q, len(self.pieces)):
+                rank[self._index[k]] = ranks.get(self._rank[k], self._rank[k])
+            self._arrange(q, rank)
+
     def close(self) -> None:
         """Stop the streams (each finishes its current read), wait for them, free the slots."""
         with self._cond:
@@ -286,6 +316,29 @@ class Prefetcher:
             _settled[self._device] = self.tuner.streams
 
     # ---- under the lock -------------------------------------------------------------------
+    def _arrange(self, q: int, rank: list[float]) -> None:
+        """Put the pieces from position ``q`` on (all still queued) in the order of ``rank``
+        (by index in file order; stable: file order among equal ranks), each rank's pieces
+        together."""
+        order = sorted(self._index[q:], key=rank.__getitem__)
+        for k, j in enumerate(order, q):
+            self.pieces[k] = (*self._starts[j], self._ends[j])
+            self._left[k] = self._ends[j] - self._starts[j][1]
+            self._rank[k], self._index[k], self._pos[j] = rank[j], j, k
+            self._first[k] = self._first[k - 1] if k > q and self._rank[k] == self._rank[k - 1] else k
+
+    def _coming(self, k: int) -> bool:
+        """Whether a stream will start piece ``k`` (queued) as soon as its current read is
+        done: the fills wait for it rather than read it themselves. Taking it, a fill would
+        leave its own copies and transposes to read; the streams, one piece on, would find
+        the next piece taken as well, and fall behind for good."""
+        return (
+            bool(self._running)
+            and not self._closed
+            and len(self._held) < self._limit
+            and k - max(self._next, self._at) < self.streams
+        )
+
     def _moved_to(self, file: str, offset: int) -> bool:
         j = bisect.bisect_right(self._starts, (file, offset)) - 1
         if j < 0 or self._starts[j][0] != file or offset >= self._ends[j]:
@@ -295,9 +348,15 @@ class Prefetcher:
             if j >= len(self._starts) or self._starts[j] >= (file, offset + 4096):
                 return False
         k = self._first[self._pos[j]]
-        if k <= self._at:
+        rank, back = self._rank[k], k < self._at
+        if k == self._at or (back and rank in self._visited):
             return False
+        # Forward, or back to a rank the fills skipped (they fill the values of a block in
+        # another order than the read-ahead guessed): the streams go there next.
+        self._visited.add(rank)
         self._left_at, self._at = self._at, k
+        if back:
+            self._next = k
         return True
 
     def _drop(self, k: int) -> None:
@@ -398,10 +457,13 @@ class Prefetcher:
             if len(self._held) < self._limit:
                 return self._next
             # Pieces of ranks the fills have left (before the one they left last, which a
-            # fill on another thread may still be reading): a fill may still come back for
-            # them (a model may fill a value later than the values list it), so they are
-            # given up only where they would hold more than half of the slots.
-            behind = [k for k in self._held if k < self._left_at and self._state[k] == _READY]
+            # fill on another thread may still be reading, and not the one they went back
+            # to): a fill may still come back for them (a model may fill a value later
+            # than the values list it), so they are given up only where they would hold
+            # more than half of the slots.
+            behind = [
+                k for k in self._held if k < self._left_at and self._first[k] != self._at and self._state[k] == _READY
+            ]
             if len(behind) > SLOTS // 2:
                 self._drop(min(behind))
                 continue
@@ -450,6 +512,7 @@ class Prefetcher:
                     # From the page cache where it holds the piece (False where the system
                     # cannot tell: a probe that reads would start a read of the page itself).
                     cached = bool(page_cached(fd(file, 0), lo, hi - lo))
+                    self._edges_ahead(fd(file, 0), file, lo, hi)
                     got = _pread_all(fd(file, 0 if cached else _O_DIRECT), view[: hi - lo], lo)
                     ok = got == hi - lo
                 finally:
@@ -469,8 +532,20 @@ class Prefetcher:
                 os.close(f)
             with self._cond:
                 self._running.discard(slot)
+                self._cond.notify_all()
                 if self._idled and not self._running and not self._closed:
                     self._idle()
+
+    def _edges_ahead(self, fd: int, file: str, lo: int, hi: int) -> None:
+        """Have the kernel read the shared pages next to piece ``[lo, hi)`` into the page
+        cache (:func:`shared_pages`), where the fills' own small reads of them find them."""
+        e = bisect.bisect_left(self._edges, (file, lo - ALIGN))
+        while e < len(self._edges) and self._edges[e] <= (file, hi):
+            try:
+                os.posix_fadvise(fd, self._edges[e][1], ALIGN, os.POSIX_FADV_WILLNEED)
+            except (OSError, AttributeError):
+                return  # a hint: the fills read these pages themselves either way
+            e += 1
 
 
 def rank_windows(uses: list[tuple[int, str, int, int]], least: int = MIN_WINDOW) -> list[tuple[str, int, int]]:
@@ -501,6 +576,27 @@ def rank_windows(uses: list[tuple[int, str, int, int]], least: int = MIN_WINDOW)
         if hi - lo >= max(least, 1):
             out.append((file, lo, hi))
     return sorted(out)
+
+
+def shared_pages(uses: list[tuple[int, str, int, int]], windows: list[tuple[str, int, int]]) -> list[tuple[str, int]]:
+    """The pages ``(file, offset)`` at the ends of the ``uses`` that no window covers: a page
+    two values share (safetensors' tensors start anywhere in a page), which each value's fill
+    reads itself, a page at a time. Sorted.
+
+    Example:
+        >>> shared_pages([(0, "a", 100, 10000), (1, "a", 10100, 9000)], [("a", 4096, 8192), ("a", 12288, 16384)])
+        [('a', 0), ('a', 8192), ('a', 16384)]
+    """
+    windows = sorted(windows)
+    pages = set()
+    for _, file, off, n in uses:
+        for at in (off, off + n):
+            page = at - at % ALIGN
+            j = bisect.bisect_right(windows, (file, page, math.inf)) - 1
+            covered = j >= 0 and windows[j][0] == file and page < windows[j][2]
+            if at % ALIGN and not covered:
+                pages.add((file, page))
+    return sorted(pages)
 
 
 def _pread_all(fd: int, out: memoryview, pos: int) -> int:

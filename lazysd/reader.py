@@ -47,7 +47,7 @@ from .memory import populate
 from .plan import Entry
 from .pool import ReadPool
 from .pread import RangeReader
-from .prefetch import PIECE, Prefetcher, rank_windows
+from .prefetch import MOST, PIECE, SLOTS, Prefetcher, rank_windows, shared_pages
 from .reads import SHARES, Destination, MiB, ReadItem, plan_reads, source_ranges
 from .transpose import copy_into, kernel_available, read_job, read_many, read_transposed
 
@@ -211,6 +211,46 @@ def _fill_ranks(keys: Iterable[str]) -> dict[str, int]:
     return {key: groups.setdefault(_fill_group(key), len(groups)) for key in keys}
 
 
+def _read_ahead_ranks(
+    order: list[str], ranges: dict[str, list[tuple[str, int, int]]], room: int | None
+) -> tuple[dict[str, int], dict[str, list[str]]]:
+    """Each key's rank for the read-ahead (lower ranks are read first): its block's place
+    among the blocks (:func:`_fill_ranks`), block after block as ``order`` has them. But a
+    block of more than ``room`` bytes (what the read-ahead's slots hold) whose values' bytes
+    interleave in the files (per-expert tensors, which a native model stacks role by role)
+    gives each value a rank of its own, in the order their first bytes lie in: read ahead
+    as a whole, its slots would fill with the bytes of the values still to come while the
+    fills wait for the rest of the one they are in. Also returns, for each block read value
+    by value, its roles (the keys past the block's name) in that order. ``room`` None: by
+    block only (:meth:`Reader.fill_many`, whose fills go through a block in file order).
+
+    Example:
+        >>> ranges = {"l.0.a": [("f", 0, 10), ("f", 20, 10)], "l.0.b": [("f", 10, 10), ("f", 30, 10)],
+        ...           "l.1.a": [("f", 40, 10)], "l.1.b": [("f", 50, 10)]}
+        >>> _read_ahead_ranks(list(ranges), ranges, 30)
+        ({'l.0.a': 0, 'l.0.b': 1, 'l.1.a': 2, 'l.1.b': 2}, {'l.0': ['.a', '.b']})
+    """
+    blocks: dict[str, list[str]] = {}
+    for key in order:
+        blocks.setdefault(_fill_group(key), []).append(key)
+    ranks: dict[str, int] = {}
+    roles: dict[str, list[str]] = {}
+    n = 0
+    for block, keys in blocks.items():
+        runs = sorted((f, o, k) for k in keys for f, o, _ in ranges[k])
+        turns = sum(a[2] != b[2] for a, b in zip(runs, runs[1:]))  # k values, each in one run: k - 1
+        if room is None or sum(r[2] for k in keys for r in ranges[k]) <= room or turns < len(keys):
+            ranks.update(dict.fromkeys(keys, n))
+            n += 1
+            continue
+        keys = sorted(keys, key=lambda k: min(((f, o) for f, o, _ in ranges[k]), default=("", 0)))
+        roles[block] = [k[len(block) :] for k in keys]
+        for k in keys:
+            ranks[k] = n
+            n += 1
+    return ranks, roles
+
+
 def _likely_order(ranges: dict[str, list[tuple[str, int, int]]]) -> list[str]:
     """The order ``load_state_dict`` is likely to fill values that read ``ranges`` (by key)
     in: the model's. A release is written in it (``save_pretrained`` goes through the
@@ -296,6 +336,11 @@ class Reader:
         self.own: Callable[[], Iterable[tuple[Entry, Box]]] | None = None
         self._own: _Own | None = None
         self._prefetcher: Prefetcher | None = None  # started by the first cold read of own values
+        # Blocks read ahead value by value: their roles in the order assumed, each value's
+        # rank, the roles the fills have been in (_learn).
+        self._roles: dict[str, list[str]] = {}
+        self._ahead_rank: dict[str, int] = {}
+        self._visits: dict[str, list[str]] = {}
         self._ahead_of: list[RangeReader] = []  # the files' readers that take bytes from it
         _READERS.add(self)
 
@@ -523,6 +568,11 @@ class Reader:
         if fresh:
             populate(dest)  # one call maps every page, instead of a fault per page during the reads
         jobs = [_bind(item, dest) for item in self.plan(entry, box, Destination.of(dest))]
+        # In file order: a stacked value's sources go gate, up, gate, up (not every gate, then
+        # every up), so each piece read ahead is copied out whole while its slot is held.
+        jobs.sort(key=_position)
+        if self._roles:
+            self._learn(entry.key)
         self._run(jobs, lambda: self._all_own([(entry, box)]))
         self.count_filled(entry, dest, t0)
         return dest
@@ -594,18 +644,29 @@ class Reader:
     def _prefetch(self, at: tuple[str, int], keys: list[str]) -> None:
         """At the first cold read of this reader's own values (at ``(file, offset)``): read
         the whole pages of their blocks ahead, on several streams (:mod:`lazysd.prefetch`),
-        block after block (:func:`_fill_ranks`) in the order of ``keys`` (the values being
-        filled: all of them for :meth:`fill_many`, one for ``load_state_dict``) and then in
-        the order the others are likely filled in (:func:`_likely_order`), each block in file
-        order; and have the files' reads take those bytes from them."""
+        block after block in the order of ``keys`` (the values being filled: all of them for
+        :meth:`fill_many`, one for ``load_state_dict``) and then in the order the others are
+        likely filled in (:func:`_likely_order`), each block in file order, or value by
+        value where it is too large for the slots (:func:`_read_ahead_ranks`); and have the
+        files' reads take those bytes from them."""
         own = self._own_values()
         if self._prefetcher is not None or own is None or not self.options.direct:
             return
         ranges = own[1]
         rest = _likely_order(ranges) if len(keys) < len(ranges) else list(ranges)
         order = list(dict.fromkeys([k for k in keys if k in ranges] + rest))
-        block = _fill_ranks(order)
-        uses = [(block[k], *r) for k in order for r in ranges[k]]
+        largest = max(sum(n for _, _, n in r) for r in ranges.values())
+        # Where the fills go through a block in another order than the file's, the slots may
+        # grow to what the memory bound (1.25x the largest value + 64 MiB) leaves once the
+        # staging is set aside: a Qwen3-MoE benchmark layer (196 MiB, its largest value 128)
+        # then fits all but one piece.
+        most = (int(1.25 * largest) + 64 * MiB - self.options.max_inflight_bytes) // PIECE
+        room = min(MOST, max(SLOTS, most)) * PIECE
+        # One value at a time (load_state_dict), a block too large for the slots is read
+        # ahead value by value; fill_many reads a block in file order (and ranks by block).
+        rank, self._roles = _read_ahead_ranks(order, ranges, room if len(keys) == 1 else None)
+        self._ahead_rank, self._visits = rank, {}
+        uses = [(rank[k], *r) for k in order for r in ranges[k]]
         files = {f for f in {f for _, f, _, _ in uses} if self.ckpt.range_reader(Path(f)).direct()}
         windows = [w for w in rank_windows(uses) if w[0] in files]
         # Only the files with bytes to read ahead ask the read-ahead for them.
@@ -615,16 +676,39 @@ class Reader:
             open_fd = lambda file, flags: self.ckpt.range_reader(Path(file)).reopen(flags, random=not flags)  # noqa: E731
             # In the order of the fills (uses), which need not be the files' (lm_head stored
             # last, layer 10 stored before layer 2).
-            # Where the fills go through a block in another order than the file's, the slots
-            # may grow to what the memory bound (1.25x the largest value + 64 MiB) leaves
-            # once the staging is set aside: a Qwen3-MoE benchmark layer (196 MiB, its
-            # largest value 128) then fits all but one piece.
-            largest = max(sum(n for _, _, n in r) for r in ranges.values())
-            most = (int(1.25 * largest) + 64 * MiB - self.options.max_inflight_bytes) // PIECE
-            self._prefetcher = prefetcher = Prefetcher(windows, open_fd, at=at, uses=uses, most=most)
+            edges = shared_pages([u for u in uses if u[1] in files], windows)
+            self._prefetcher = prefetcher = Prefetcher(windows, open_fd, at=at, uses=uses, most=most, edges=edges)
             for file, reader in readers.items():
                 reader.read_ahead_by(functools.partial(prefetcher.serve, file))
             self._ahead_of = list(readers.values())
+
+    def _learn(self, key: str) -> None:
+        """A fill of ``key`` starts: where its block is read ahead value by value
+        (:func:`_read_ahead_ranks`) and the fills go through its values in another order than
+        guessed (a model that registers ``down_projs`` before ``gate_and_up_projs``), the
+        blocks no fill has come to yet are read ahead in the order seen (the model's)."""
+        block = _fill_group(key)
+        roles, role = self._roles.get(block), key[len(block) :]
+        if roles is None or role not in roles or self._prefetcher is None:
+            return
+        seen = self._visits.setdefault(block, [])
+        if role in seen:
+            return
+        seen.append(role)
+        learned = seen + [r for r in roles if r not in seen]
+        if learned == roles:
+            return
+        self._roles[block] = learned
+        ranks: dict[float, float] = {}
+        for other, theirs in self._roles.items():
+            if other in self._visits or sorted(theirs) != sorted(learned):
+                continue
+            places = sorted(self._ahead_rank[other + r] for r in theirs)
+            moved = {other + r: place for r, place in zip(learned, places)}
+            ranks.update({self._ahead_rank[k]: place for k, place in moved.items()})
+            self._ahead_rank.update(moved)
+            self._roles[other] = learned
+        self._prefetcher.rerank(ranks)
 
     def count_filled(self, entry: Entry, out: torch.Tensor, t0: float) -> None:
         """Count ``out`` as a destination of ``entry`` filled since ``t0`` (stats, progress),
