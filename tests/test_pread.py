@@ -747,10 +747,11 @@ def test_a_cold_load_of_per_expert_layers_larger_than_the_slots(tmp_path: Path, 
     from lazysd.testing.families import FamilySpec, ParamTree, eager_native, make_family_checkpoint
     from tests.support.pagecache import page_set, storage_bytes
 
-    # Pieces of 1 MiB: a layer (16 experts of 1 MiB a role, 48 MiB) holds more than the
-    # 32 MiB the slots hold at most.
-    monkeypatch.setattr(prefetch, "PIECE", 1 << 20)
-    monkeypatch.setattr(reader, "PIECE", 1 << 20)
+    # Pieces of 1 MiB, 16 slots at most: a layer (16 experts of 1 MiB a role, 48 MiB) holds
+    # more than twice what the slots do.
+    for module in (prefetch, reader):
+        monkeypatch.setattr(module, "PIECE", 1 << 20)
+        monkeypatch.setattr(module, "MOST", 16)
     spec = FamilySpec(
         family="qwen3_moe",
         num_hidden_layers=4,
