@@ -38,7 +38,8 @@ pieces the page cache held already (:func:`lazysd.pread.page_cached`; copied fro
 The order: the fills want the bytes in the order of the values, which need not be the files'
 (a Qwen3-MoE release stores ``layers.10`` before ``layers.2``, and ``lm_head``, its first
 value, last). Each piece is ranked by the first value that reads it (``uses``: the reader
-ranks values by block, :func:`lazysd.reader._read_ahead_ranks`), a rank's pieces go in file
+ranks values by block, or one by one in a block far larger than the slots:
+:func:`lazysd.reader._read_ahead_ranks`), a rank's pieces go in file
 order, and where the fills are is placed in that order. Pieces of the rank the fills left
 last are held (a fill on another thread may still be in it); those of ranks before it stay
 held while they take no more than half of the slots (a fill may come back for them), and
@@ -183,7 +184,9 @@ class Prefetcher:
     it opened. ``most``: the pieces it may hold where the fills interleave (at least
     :data:`SLOTS`, which it holds otherwise; at most :data:`MOST`). ``streams``: the count to
     start at (default: :data:`STREAMS`, or where the last tuning on the same device settled;
-    at most :data:`MAX_STREAMS`); ``tune=False`` keeps it.
+    at most :data:`MAX_STREAMS`); ``tune=False`` keeps it. ``edges``: pages ``(file, offset)``
+    the fills read themselves next to the windows (:func:`shared_pages`), read into the page
+    cache as the streams take the pieces beside them.
     """
 
     def __init__(
@@ -329,9 +332,9 @@ class Prefetcher:
 
     def _coming(self, k: int) -> bool:
         """Whether a stream will start piece ``k`` (queued) as soon as its current read is
-        done: the fills wait for it rather than read it themselves. Taking it, a fill would
-        leave its own copies and transposes to read; the streams, one piece on, would find
-        the next piece taken as well, and fall behind for good."""
+        done: the fills wait for it rather than read it themselves (between their own copies
+        and transposes, while the streams, one piece on, find the next piece taken as well
+        and fall behind for good)."""
         return (
             bool(self._running)
             and not self._closed
