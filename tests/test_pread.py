@@ -49,6 +49,14 @@ def _evict_all(path: Path) -> list[Path]:
     return files
 
 
+def _pages_bytes(ranges: list[tuple[str, int, int]], files: list[Path]) -> int:
+    """The bytes of the whole pages ``ranges`` touch in ``files``: what a load that reads
+    each byte once reads from storage."""
+    from tests.support.pagecache import page_set
+
+    return pread.ALIGN * sum(len(page_set([(o, n) for f, o, n in ranges if f == str(file)])) for file in files)
+
+
 # ---- RangeReader -------------------------------------------------------------------------
 @pytest.fixture
 def blob(tmp_path: Path) -> tuple[Path, bytes]:
@@ -370,7 +378,7 @@ def test_cold_expert_shards_read_only_their_pages(tmp_path: Path) -> None:
     ahead) read cold: bitwise right, and, measured outside lazysd, exactly the planned pages
     read from storage and not one page beyond them cached."""
     from lazysd.dryrun import EPLayout
-    from tests.support.pagecache import page_set, storage_bytes
+    from tests.support.pagecache import storage_bytes
 
     spec = _expert_spec(layers=2)
     path = make_checkpoint(tmp_path / "ckpt", spec)
@@ -395,8 +403,8 @@ def test_cold_expert_shards_read_only_their_pages(tmp_path: Path) -> None:
         for entry, box, dest in fills:
             assert_bitwise_equal({entry.key: dest}, {entry.key: eager[entry.key][box[0][0] : box[0][1]]})
         _no_page_beyond(files, ranges)
-        pages = sum(len(page_set([(o, n) for f, o, n in ranges if f == str(file)])) for file in files)
-        assert pages * pread.ALIGN <= read <= pages * pread.ALIGN + len(files) * pread.ALIGN
+        pages = _pages_bytes(ranges, files)
+        assert pages <= read <= pages + len(files) * pread.ALIGN
 
 
 def test_cold_load_state_dict_reads_ahead_across_tensors(tmp_path: Path) -> None:
@@ -745,7 +753,7 @@ def test_a_cold_load_of_per_expert_layers_larger_than_the_slots(tmp_path: Path, 
     bitwise right, and the peak within the bound."""
     from lazysd import prefetch, reader
     from lazysd.testing.families import FamilySpec, ParamTree, eager_native, make_family_checkpoint
-    from tests.support.pagecache import page_set, storage_bytes
+    from tests.support.pagecache import storage_bytes
 
     # Pieces of 1 MiB, 16 slots at most: a layer (16 experts of 1 MiB a role, 48 MiB) holds
     # more than twice what the slots do.
@@ -783,8 +791,7 @@ def test_a_cold_load_of_per_expert_layers_larger_than_the_slots(tmp_path: Path, 
     # The first layer, guessed wrong, may leave a few pieces to the fills; before, the slots
     # filled with the other values' bytes and the fills read most of each layer themselves.
     assert prefetcher.bytes_read >= 0.9 * windows, (prefetcher.bytes_read, windows)
-    pages = sum(len(page_set([(o, n) for f, o, n in ranges if f == str(file)])) for file in files)
-    assert read <= pages * pread.ALIGN * 1.005, (read, pages * pread.ALIGN)
+    assert read <= _pages_bytes(ranges, files) * 1.005, (read, _pages_bytes(ranges, files))
 
 
 def _tune(rate: dict[int, float], start: int = 4, epochs: int = 8, **kw) -> list[int]:
@@ -987,7 +994,7 @@ def test_a_cold_per_expert_load_reads_ahead_in_the_order_it_fills(tmp_path: Path
     import lazysd
     from lazysd import prefetch
     from lazysd.testing.families import FamilySpec, ParamTree, eager_native, make_family_checkpoint
-    from tests.support.pagecache import page_set, storage_bytes
+    from tests.support.pagecache import storage_bytes
 
     # Pieces of 1 MiB, at most four held: the streams get on only as the fills take them.
     monkeypatch.setattr(prefetch, "PIECE", 1 << 20)
@@ -1026,8 +1033,7 @@ def test_a_cold_per_expert_load_reads_ahead_in_the_order_it_fills(tmp_path: Path
     assert prefetcher.bytes_read >= windows // 3
     # Each byte from storage once, in whole pages (a page two reads share may be read by
     # both): no piece read ahead (8 MiB) was given up and read again.
-    pages = sum(len(page_set([(o, n) for f, o, n in ranges if f == str(file)])) for file in files)
-    assert read <= pages * pread.ALIGN * 1.005, (read, pages * pread.ALIGN)
+    assert read <= _pages_bytes(ranges, files) * 1.005, (read, _pages_bytes(ranges, files))
 
 
 def test_prefetcher_holds_more_where_the_fills_interleave(tmp_path: Path, small_pieces) -> None:
