@@ -254,24 +254,12 @@ def test_errors(ckpts: dict[str, Path]) -> None:
 def test_example_script_under_torchrun(tmp_path: Path) -> None:
     import os
     import re
-    import subprocess
-    import sys
+
+    from tests.support.dist import torchrun
 
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root), "TMPDIR": str(tmp_path)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        str(root / "examples" / "load_expert_parallel.py"),
-    ]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    if out.returncode != 0 and "terminate called without an active exception" in out.stderr:
-        # torch 2.13's gloo teardown aborts now and then after the work is done (about 1 run
-        # in 15; a six-line gloo script without lazysd does the same): run once more.
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    out = torchrun(root / "examples" / "load_expert_parallel.py", env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = sorted(re.findall(r"rank \d/2: [^\n]*?next token \d+", out.stdout))
     assert len(lines) == 2 and all(

@@ -26,6 +26,7 @@ from lazysd.rules import Adapter, Rule
 from lazysd.testing import Step3p5Model, Step3p5Spec, make_checkpoint
 from lazysd.testing.families import FamilySpec, make_family_checkpoint
 from tests.support.checks import same_bits
+from tests.support.dist import torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -634,19 +635,8 @@ def test_plots_saved_outside_jupyter_keep_legend_and_labels(tiny: Path, tmp_path
 def test_example_builds_the_model_from_the_checkpoint_config(tmp_path: Path) -> None:
     spec = Step3p5Spec.tiny(moe_num_experts=6, hidden_size=48, moe_intermediate_size=24, num_hidden_layers=3)
     ckpt = make_checkpoint(tmp_path / "other", spec, layout="split")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        str(ROOT / "examples" / "load_expert_parallel.py"),
-        "--ckpt",
-        str(ckpt),
-    ]
-    out = subprocess.run(
-        cmd, check=False, env={**ENV, "TMPDIR": str(tmp_path)}, capture_output=True, text=True, timeout=240
-    )
+    env = {**ENV, "TMPDIR": str(tmp_path)}
+    out = torchrun(ROOT / "examples" / "load_expert_parallel.py", "--ckpt", str(ckpt), env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert (
         out.stdout.count("<All keys matched successfully>") == 2 and "experts (3, 48, 48) of (6, 48, 48)" in out.stdout

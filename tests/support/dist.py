@@ -17,6 +17,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import pickle
+import subprocess
+import sys
 import tempfile
 import traceback
 from collections.abc import Callable
@@ -96,3 +98,17 @@ def shard_parameters(model: Any, mesh: Any, plan: Callable[[str, Any], Any]) -> 
         )
         module_name, _, name = key.rpartition(".")
         setattr(model.get_submodule(module_name), name, torch.nn.Parameter(dt, requires_grad=param.requires_grad))
+
+
+def torchrun(script: Path, *args: str, env: dict[str, str], nproc: int = 2) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` under ``torch.distributed.run`` on ``nproc`` CPU ranks; its output.
+
+    torch 2.13's gloo teardown aborts now and then after the work is done ("terminate called
+    without an active exception", about 1 run in 15; a six-line gloo script without lazysd
+    does the same): such a run is made once more, and a second failure is reported.
+    """
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), str(script), *args]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, check=False)
+    if out.returncode != 0 and "terminate called without an active exception" in out.stderr:
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, check=False)
+    return out
