@@ -339,7 +339,7 @@ class Prefetcher:
             bool(self._running)
             and not self._closed
             and len(self._held) < self._limit
-            and k - max(self._next, self._at) < self.streams
+            and 0 <= k - max(self._next, self._at) < self.streams  # not one they passed by
         )
 
     def _moved_to(self, file: str, offset: int) -> bool:

@@ -690,27 +690,28 @@ class Reader:
         guessed (a model that registers ``down_projs`` before ``gate_and_up_projs``), the
         blocks no fill has come to yet are read ahead in the order seen (the model's)."""
         block = _fill_group(key)
-        roles, role = self._roles.get(block), key[len(block) :]
-        if roles is None or role not in roles or self._prefetcher is None:
+        roles, role, prefetcher = self._roles.get(block), key[len(block) :], self._prefetcher
+        if roles is None or role not in roles or prefetcher is None:
             return
-        seen = self._visits.setdefault(block, [])
-        if role in seen:
-            return
-        seen.append(role)
-        learned = seen + [r for r in roles if r not in seen]
-        if learned == roles:
-            return
-        self._roles[block] = learned
-        ranks: dict[float, float] = {}
-        for other, theirs in self._roles.items():
-            if other in self._visits or sorted(theirs) != sorted(learned):
-                continue
-            places = sorted(self._ahead_rank[other + r] for r in theirs)
-            moved = {other + r: place for r, place in zip(learned, places)}
-            ranks.update({self._ahead_rank[k]: place for k, place in moved.items()})
-            self._ahead_rank.update(moved)
-            self._roles[other] = learned
-        self._prefetcher.rerank(ranks)
+        with self._lock:  # fills may run on several threads at once
+            seen = self._visits.setdefault(block, [])
+            if role in seen:
+                return
+            seen.append(role)
+            learned = seen + [r for r in roles if r not in seen]
+            if learned == roles:
+                return
+            self._roles[block] = learned
+            ranks: dict[float, float] = {}
+            for other, theirs in self._roles.items():
+                if other in self._visits or sorted(theirs) != sorted(learned):
+                    continue
+                places = sorted(self._ahead_rank[other + r] for r in theirs)
+                moved = {other + r: place for r, place in zip(learned, places)}
+                ranks.update({self._ahead_rank[k]: place for k, place in moved.items()})
+                self._ahead_rank.update(moved)
+                self._roles[other] = learned
+        prefetcher.rerank(ranks)
 
     def count_filled(self, entry: Entry, out: torch.Tensor, t0: float) -> None:
         """Count ``out`` as a destination of ``entry`` filled since ``t0`` (stats, progress),

@@ -744,6 +744,31 @@ def test_fills_wait_for_the_piece_a_stream_takes_next(tmp_path: Path, small_piec
     assert p.bytes_read == 8 * MiB  # every piece by the stream
 
 
+def test_a_fill_reads_a_piece_the_streams_passed_by_at_once(tmp_path: Path, small_pieces, monkeypatch) -> None:
+    """A piece the streams will not come back for (the fills jumped past it, and a fill on
+    another thread still wants it) is the fill's to read at once: waiting for a stream, it
+    would have waited until the slots filled up."""
+    prefetch = small_pieces
+    read = prefetch._pread_all
+
+    def slow(*args):  # noqa: ANN002, ANN202
+        time.sleep(0.2)
+        return read(*args)
+
+    monkeypatch.setattr(prefetch, "_pread_all", slow)
+    f, data = _blob_file(tmp_path, 16 * MiB)
+    p = prefetch.Prefetcher([(f, 0, 16 * MiB)], _opener(), at=(f, 0), streams=1, tune=False)
+    _until(p, 4 * MiB)  # pieces 0-3 held: the slots are full
+    p.consumed(f, 8 * MiB)  # the fills jump on to piece 8
+    assert _take(p, f, data, 0, 4 * MiB) == data[: 4 * MiB]  # the stream goes on with 8-11
+    t0 = time.monotonic()
+    out = bytearray(MiB)
+    assert p.serve(f, 5 * MiB, memoryview(out)) == -MiB  # piece 5: passed by, the fill's own
+    assert time.monotonic() - t0 < 0.1
+    assert _take(p, f, data, 0, 16 * MiB) == data
+    p.close()
+
+
 @pytest.mark.parametrize("first", ["down_projs", "gate_and_up_projs"])
 def test_a_cold_load_of_per_expert_layers_larger_than_the_slots(tmp_path: Path, first: str, monkeypatch) -> None:
     """Per-expert layers larger than the read-ahead's slots hold, into a model that lists
