@@ -300,7 +300,7 @@ def page_cached(fd: int, pos: int, n: int) -> bool | None:
         _syscall = getattr(libc, "syscall", False)
     if not _syscall:
         return None
-    lo, hi = _whole_pages(pos, n)
+    lo, hi = whole_pages(pos, n)
     if lo >= hi:
         lo, hi = pos // ALIGN * ALIGN, -(-(pos + n) // ALIGN) * ALIGN
     stat = _CacheStat()
@@ -320,11 +320,11 @@ def probe_points(pos: int, n: int) -> tuple[int, int]:
         >>> probe_points(100, 3 * 4096)
         (4096, 8192)
     """
-    lo, hi = _whole_pages(pos, n)
+    lo, hi = whole_pages(pos, n)
     return (lo, hi - ALIGN) if lo < hi else (pos, pos + n - 1)
 
 
-def _whole_pages(pos: int, n: int) -> tuple[int, int]:
+def whole_pages(pos: int, n: int) -> tuple[int, int]:
     """``[lo, hi)``: the pages that lie wholly inside ``[pos, pos + n)`` (empty: ``lo >= hi``)."""
     return -(-pos // ALIGN) * ALIGN, (pos + n) // ALIGN * ALIGN
 

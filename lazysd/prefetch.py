@@ -87,7 +87,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from .pread import ALIGN, huge_buffer, page_cached
+from .pread import ALIGN, huge_buffer, page_cached, whole_pages
 
 MiB = 1 << 20
 PIECE = 8 * MiB  # one read of a stream: two of the build VM's largest requests
@@ -348,7 +348,7 @@ class Prefetcher:
             # In the partial page before a window (a value's first bytes), or not in one: the
             # next fill that is says where the fills are.
             j += 1
-            if j >= len(self._starts) or self._starts[j] >= (file, offset + 4096):
+            if j >= len(self._starts) or self._starts[j] >= (file, offset + ALIGN):
                 return False
         k = self._first[self._pos[j]]
         rank, back = self._rank[k], k < self._at
@@ -575,7 +575,7 @@ def rank_windows(uses: list[tuple[int, str, int, int]], least: int = MIN_WINDOW)
         merged.append([r, file, off, off + n])
     out = []
     for _, file, lo, hi in merged:
-        lo, hi = -(-lo // 4096) * 4096, hi // 4096 * 4096
+        lo, hi = whole_pages(lo, hi - lo)
         if hi - lo >= max(least, 1):
             out.append((file, lo, hi))
     return sorted(out)
@@ -594,10 +594,11 @@ def shared_pages(uses: list[tuple[int, str, int, int]], windows: list[tuple[str,
     pages = set()
     for _, file, off, n in uses:
         for at in (off, off + n):
+            if at % ALIGN == 0:
+                continue  # a page boundary: no page is shared there
             page = at - at % ALIGN
             j = bisect.bisect_right(windows, (file, page, math.inf)) - 1
-            covered = j >= 0 and windows[j][0] == file and page < windows[j][2]
-            if at % ALIGN and not covered:
+            if not (j >= 0 and windows[j][0] == file and page < windows[j][2]):
                 pages.add((file, page))
     return sorted(pages)
 
