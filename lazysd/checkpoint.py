@@ -442,7 +442,8 @@ class Checkpoint:
             raise FileChangedError(
                 f"{file}: was replaced by another file since the checkpoint was opened; reopen the checkpoint"
             )
-        st = os.fstat(fd)
+        # The same inode as the descriptor's: its stat is the descriptor's (no fstat needed).
+        st = now
         if self._changed(file, st):
             raise FileChangedError(
                 f"{file}: changed since the checkpoint was opened (size {expected.size} -> {st.st_size}, "

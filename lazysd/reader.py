@@ -106,35 +106,52 @@ class _Fill:
 
 @dataclass(frozen=True)
 class _Job:
-    """A read item bound to the view of the destination its method writes."""
+    """A read item and the destination of its fill (``base``); :attr:`dest` is the view of
+    it the item's method writes."""
 
     item: ReadItem
-    # direct: the destination region seen in source order (contiguous); fused: the region
-    # with the new axes of dims dropped (the kernel transposes into it); staged: the region.
-    dest: torch.Tensor
+    base: torch.Tensor
     fill: _Fill | None = None  # set in fill_many: counted down as jobs finish
 
+    @functools.cached_property
+    def dest(self) -> torch.Tensor:
+        """direct: the destination region seen in source order (contiguous); fused: the
+        region with the new axes of dims dropped (the kernel transposes into it); staged:
+        the region. Made when first asked for: the batched reads of cached bytes need only
+        a direct region's address (:meth:`kernel_job`), and a view op costs microseconds,
+        a small tensor's read not many more."""
+        item, dest = self.item, self.base
+        box = item.dest_box
+        if item.dims == tuple(range(dest.dim())):
+            # Unpermuted (most tensors): the region itself, made with as few view ops as it takes.
+            shape = dest.shape
+            if box[1:] == full_box(shape)[1:]:
+                whole = not box or box[0] == (0, shape[0])
+                return dest if whole else dest.narrow(0, box[0][0], box[0][1] - box[0][0])
+            return dest[tuple(slice(lo, hi) for lo, hi in box)]
+        # One strided view, its sizes and strides worked out here: a stacked tensor binds an
+        # item per expert, and slicing, dropping the stacking dims and permuting cost a view op each.
+        stride = dest.stride()
+        offset = dest.storage_offset() + sum(lo * st for (lo, _), st in zip(box, stride))
+        if item.method == "staged":  # the region itself
+            return dest.as_strided(box_shape(box), stride, offset)
+        # The region without its stacking dims (fused: what the kernel transposes into) ...
+        kept = [(hi - lo, st) for (lo, hi), st, d in zip(box, stride, item.dims) if d is not None]
+        if item.method == "direct":  # ... seen in source order (contiguous there)
+            kept = [kept[i] for i in inverse_permutation([d for d in item.dims if d is not None])]
+        return dest.as_strided([n for n, _ in kept], [st for _, st in kept], offset)
 
-def _bind(item: ReadItem, dest: torch.Tensor, fill: _Fill | None = None) -> _Job:
-    if item.dims == tuple(range(dest.dim())):
-        # Unpermuted (most tensors): the region itself, made with as few view ops as it
-        # takes (each costs microseconds, a small tensor's read not many more).
-        box, shape = item.dest_box, dest.shape
-        if box[1:] == full_box(shape)[1:]:
-            whole = not box or box[0] == (0, shape[0])
-            return _Job(item, dest if whole else dest.narrow(0, box[0][0], box[0][1] - box[0][0]), fill)
-        return _Job(item, dest[tuple(slice(lo, hi) for lo, hi in box)], fill)
-    # One strided view, its sizes and strides worked out here: a stacked tensor binds an item
-    # per expert, and slicing, dropping the stacking dims and permuting cost a view op each.
-    box, stride = item.dest_box, dest.stride()
-    offset = dest.storage_offset() + sum(lo * st for (lo, _), st in zip(box, stride))
-    if item.method == "staged":  # the region itself
-        return _Job(item, dest.as_strided(box_shape(box), stride, offset), fill)
-    # The region without its stacking dims (fused: what the kernel transposes into) ...
-    kept = [(hi - lo, st) for (lo, hi), st, d in zip(box, stride, item.dims) if d is not None]
-    if item.method == "direct":  # ... seen in source order (contiguous there)
-        kept = [kept[i] for i in inverse_permutation([d for d in item.dims if d is not None])]
-    return _Job(item, dest.as_strided([n for n, _ in kept], [st for _, st in kept], offset), fill)
+    def kernel_job(self, fd: int) -> tuple[int, ...]:
+        """The item as a job of :func:`lazysd.transpose.read_many` (one byte run). A direct
+        item's region is one contiguous range of memory (the plan decided so): its address
+        and size, without a view."""
+        item = self.item
+        offset = item.source.offset + item.runs[0][0]
+        if item.method == "direct":
+            base = self.base
+            first = sum(lo * st for (lo, _), st in zip(item.dest_box, base.stride()))
+            return (fd, offset, base.data_ptr() + first * base.element_size(), item.data_bytes)
+        return read_job(fd, offset, self.dest, transposed=True)
 
 
 def _check_shape(entry: Entry, box: Box, dest: torch.Tensor) -> None:
@@ -567,10 +584,12 @@ class Reader:
         t0 = time.perf_counter()
         if fresh:
             populate(dest)  # one call maps every page, instead of a fault per page during the reads
-        jobs = [_bind(item, dest) for item in self.plan(entry, box, Destination.of(dest))]
+        jobs = [_Job(item, dest) for item in self.plan(entry, box, Destination.of(dest))]
         # In file order: a stacked value's sources go gate, up, gate, up (not every gate, then
         # every up), so each piece read ahead is copied out whole while its slot is held.
-        jobs.sort(key=_position)
+        # One source's items are in its row order, file order already.
+        if len(jobs) > 1 and jobs[0].item.source is not jobs[-1].item.source:
+            jobs.sort(key=_position)
         if self._roles:
             self._learn(entry.key)
         self._run(jobs, lambda: self._all_own([(entry, box)]))
@@ -598,7 +617,7 @@ class Reader:
         for fill, items, _ in planned:
             if not items:
                 self.count_filled(fill.entry, fill.dest, fill.t0)
-            jobs += [_bind(item, fill.dest, fill) for item in items]
+            jobs += [_Job(item, fill.dest, fill) for item in items]
         rank = _fill_ranks(fill.entry.key for fill, _, _ in planned)
         jobs.sort(key=lambda job: (rank[job.fill.entry.key], *_position(job)))
         own = functools.cache(lambda: self._all_own([(fill.entry, box) for fill, _, box in planned]))
@@ -813,10 +832,7 @@ class Reader:
         reads = [(job.item.source, job.item.runs) for job in jobs]
 
         def run(fds: list[int]) -> list[int]:
-            batch = [
-                read_job(fd, info.offset + runs[0][0], job.dest, transposed=job.item.method == "fused")
-                for fd, job, (info, runs) in zip(fds, jobs, reads)
-            ]
+            batch = [job.kernel_job(fd) for fd, job in zip(fds, jobs)]
             return read_many(batch, max(1, self.options.threads), probe=self.options.direct)
 
         left = []

@@ -259,6 +259,45 @@ def test_source_placements() -> None:
     assert source_placements(expert, (8, 32, 16), [Replicate(), Shard(1)]) == [None, 1]
 
 
+def test_a_direct_jobs_kernel_read_is_its_view(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    """The batched reads write a direct item at the address worked out from the fill's
+    destination (no view made): exactly the memory of the view the other paths write, for
+    whole values, EP boxes, and rows of 64 KiB or more into a destination with padded rows
+    (a direct read a row) or one that starts inside its storage."""
+    from safetensors.torch import save_file
+
+    from lazysd.automodel import HFCheckpointView
+    from lazysd.reader import _Job
+
+    def check(reader, entry, box, dest: torch.Tensor) -> None:  # noqa: ANN001
+        for item in reader.plan(entry, box, Destination.of(dest)):
+            job = _Job(item, dest)
+            seen[item.method] += 1
+            fd, offset, *rest = job.kernel_job(7)
+            assert (fd, offset) == (7, item.source.offset + item.runs[0][0])
+            if item.method == "direct":
+                assert job.dest.is_contiguous(), entry.key
+                assert rest == [job.dest.data_ptr(), job.dest.numel() * job.dest.element_size()], entry.key
+                assert rest[1] == item.data_bytes
+                seen["direct at an offset"] += job.dest.data_ptr() != dest.data_ptr()
+
+    seen: Counter[str] = Counter()
+    with VirtualStateDict(checkpoints["flash"], chunk_bytes=4096) as vsd:
+        for key in vsd:
+            entry = vsd.entry(key)
+            for box in (full_box(entry.shape), EPLayout(3, 2).box(entry, 4)):
+                check(vsd.reader, entry, box, torch.empty(box_shape(box), dtype=entry.dtype))
+    save_file({"w": torch.randn(4, 1 << 15).to(torch.bfloat16)}, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text('{"model_type": "qwen3_moe"}')
+    with HFCheckpointView(tmp_path) as hf:
+        entry = hf["w"].entry
+        padded = torch.empty(4, (1 << 15) + 64, dtype=torch.bfloat16)[:, : 1 << 15]
+        inside = torch.empty(5, 1 << 15, dtype=torch.bfloat16)[1:]
+        for dest in (padded, inside):
+            check(hf.reader, entry, full_box(entry.shape), dest)
+    assert seen["direct"] and seen["fused"] and seen["direct at an offset"] >= 3, seen
+
+
 def test_fill_many_is_fill_for_each(checkpoints: dict[str, Path]) -> None:
     """One pipeline over many destinations: the same bytes in each, the same reads, each
     destination counted (and reported) once, as fill() one by one would."""
