@@ -49,7 +49,7 @@ from .pool import ReadPool
 from .pread import RangeReader
 from .prefetch import MOST, PIECE, SLOTS, Prefetcher, rank_windows, shared_pages
 from .reads import SHARES, Destination, MiB, ReadItem, plan_reads, source_ranges
-from .transpose import copy_into, kernel_available, read_job, read_many, read_transposed
+from .transpose import copy_into, kernel_available, read_many, read_transposed, transposed_job
 
 
 @dataclass(frozen=True)
@@ -118,8 +118,8 @@ class _Job:
         """direct: the destination region seen in source order (contiguous); fused: the
         region with the new axes of dims dropped (the kernel transposes into it); staged:
         the region. Made when first asked for: the batched reads of cached bytes need only
-        a direct region's address (:meth:`kernel_job`), and a view op costs microseconds,
-        a small tensor's read not many more."""
+        the region's address and layout (:meth:`kernel_job`), and a view op costs
+        microseconds, a small tensor's read not many more."""
         item, dest = self.item, self.base
         box = item.dest_box
         if item.dims == tuple(range(dest.dim())):
@@ -132,26 +132,36 @@ class _Job:
         # One strided view, its sizes and strides worked out here: a stacked tensor binds an
         # item per expert, and slicing, dropping the stacking dims and permuting cost a view op each.
         stride = dest.stride()
-        offset = dest.storage_offset() + sum(lo * st for (lo, _), st in zip(box, stride))
+        offset = dest.storage_offset() + self._first(stride)
         if item.method == "staged":  # the region itself
             return dest.as_strided(box_shape(box), stride, offset)
-        # The region without its stacking dims (fused: what the kernel transposes into) ...
-        kept = [(hi - lo, st) for (lo, hi), st, d in zip(box, stride, item.dims) if d is not None]
+        kept = self._kept(stride)
         if item.method == "direct":  # ... seen in source order (contiguous there)
             kept = [kept[i] for i in inverse_permutation([d for d in item.dims if d is not None])]
         return dest.as_strided([n for n, _ in kept], [st for _, st in kept], offset)
 
+    def _first(self, stride: tuple[int, ...]) -> int:
+        """The region's first element, counted from the destination's (in elements)."""
+        return sum(lo * st for (lo, _), st in zip(self.item.dest_box, stride))
+
+    def _kept(self, stride: tuple[int, ...]) -> list[tuple[int, int]]:
+        """``(size, stride)`` of each dim of the region but the stacking ones (fused: what
+        the kernel transposes into)."""
+        return [(hi - lo, st) for (lo, hi), st, d in zip(self.item.dest_box, stride, self.item.dims) if d is not None]
+
     def kernel_job(self, fd: int) -> tuple[int, ...]:
-        """The item as a job of :func:`lazysd.transpose.read_many` (one byte run). A direct
-        item's region is one contiguous range of memory (the plan decided so): its address
-        and size, without a view."""
-        item = self.item
+        """The item (direct or fused, one byte run) as a job of
+        :func:`lazysd.transpose.read_many`: its region's address and layout worked out from
+        the destination's, without a view (a direct region is one contiguous range of
+        memory: the plan decided so)."""
+        item, base = self.item, self.base
         offset = item.source.offset + item.runs[0][0]
+        stride, z = base.stride(), base.element_size()
+        address = base.data_ptr() + self._first(stride) * z
         if item.method == "direct":
-            base = self.base
-            first = sum(lo * st for (lo, _), st in zip(item.dest_box, base.stride()))
-            return (fd, offset, base.data_ptr() + first * base.element_size(), item.data_bytes)
-        return read_job(fd, offset, self.dest, transposed=True)
+            return (fd, offset, address, item.data_bytes)
+        kept = self._kept(stride)
+        return transposed_job(fd, offset, address, [n for n, _ in kept], [st for _, st in kept], z)
 
 
 def _check_shape(entry: Entry, box: Box, dest: torch.Tensor) -> None:

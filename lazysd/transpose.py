@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -132,10 +133,13 @@ def read_transposed(fd: int, offset: int, dest: torch.Tensor) -> int:
 def _transposed_dest(dest: torch.Tensor) -> tuple[int, ...]:
     """``(address, batch, rows, cols, batch stride, row stride, itemsize)`` of a ``[rows,
     cols]`` or ``[batch, rows, cols]`` destination with contiguous rows, as the kernel reads them."""
-    shape, stride = dest.shape, dest.stride()
+    return _transposed_layout(dest.data_ptr(), dest.shape, dest.stride(), dest.element_size())
+
+
+def _transposed_layout(address: int, shape: Sequence[int], stride: Sequence[int], itemsize: int) -> tuple[int, ...]:
     if len(shape) == 2:
-        return (dest.data_ptr(), 1, shape[0], shape[1], 0, stride[0], dest.element_size())
-    return (dest.data_ptr(), shape[0], shape[1], shape[2], stride[0], stride[1], dest.element_size())
+        return (address, 1, shape[0], shape[1], 0, stride[0], itemsize)
+    return (address, shape[0], shape[1], shape[2], stride[0], stride[1], itemsize)
 
 
 def read_job(fd: int, offset: int, dest: torch.Tensor, *, transposed: bool) -> tuple[int, ...]:
@@ -146,6 +150,14 @@ def read_job(fd: int, offset: int, dest: torch.Tensor, *, transposed: bool) -> t
             raise ValueError("a plain read job needs a contiguous destination")
         return (fd, offset, dest.data_ptr(), dest.numel() * dest.element_size())
     return (fd, offset, *_transposed_dest(dest))
+
+
+def transposed_job(
+    fd: int, offset: int, address: int, shape: Sequence[int], stride: Sequence[int], itemsize: int
+) -> tuple[int, ...]:
+    """What ``read_job(fd, offset, dest, transposed=True)`` is for a ``dest`` of this
+    address (of its first element), shape, element strides and item size, no tensor needed."""
+    return (fd, offset, *_transposed_layout(address, shape, stride, itemsize))
 
 
 def read_many(jobs: list[tuple[int, ...]], threads: int, *, probe: bool) -> list[int]:

@@ -260,14 +260,15 @@ def test_source_placements() -> None:
 
 
 def test_a_direct_jobs_kernel_read_is_its_view(checkpoints: dict[str, Path], tmp_path: Path) -> None:
-    """The batched reads write a direct item at the address worked out from the fill's
-    destination (no view made): exactly the memory of the view the other paths write, for
-    whole values, EP boxes, and rows of 64 KiB or more into a destination with padded rows
-    (a direct read a row) or one that starts inside its storage."""
+    """The batched reads write a direct or fused item at the address and layout worked out
+    from the fill's destination (no view made): exactly the memory of the view the other
+    paths write, for whole values, EP boxes, and rows of 64 KiB or more into a destination
+    with padded rows (a direct read a row) or one that starts inside its storage."""
     from safetensors.torch import save_file
 
     from lazysd.automodel import HFCheckpointView
     from lazysd.reader import _Job
+    from lazysd.transpose import read_job
 
     def check(reader, entry, box, dest: torch.Tensor) -> None:  # noqa: ANN001
         for item in reader.plan(entry, box, Destination.of(dest)):
@@ -275,6 +276,8 @@ def test_a_direct_jobs_kernel_read_is_its_view(checkpoints: dict[str, Path], tmp
             seen[item.method] += 1
             fd, offset, *rest = job.kernel_job(7)
             assert (fd, offset) == (7, item.source.offset + item.runs[0][0])
+            if item.method == "fused":
+                assert job.kernel_job(7) == read_job(7, offset, job.dest, transposed=True), entry.key
             if item.method == "direct":
                 assert job.dest.is_contiguous(), entry.key
                 assert rest == [job.dest.data_ptr(), job.dest.numel() * job.dest.element_size()], entry.key
