@@ -135,7 +135,7 @@ class _Job:
         offset = dest.storage_offset() + self._first(stride)
         if item.method == "staged":  # the region itself
             return dest.as_strided(box_shape(box), stride, offset)
-        kept = self._kept(stride)
+        kept = self._kept(stride)  # the region without its stacking dims (fused: as it is) ...
         if item.method == "direct":  # ... seen in source order (contiguous there)
             kept = [kept[i] for i in inverse_permutation([d for d in item.dims if d is not None])]
         return dest.as_strided([n for n, _ in kept], [st for _, st in kept], offset)

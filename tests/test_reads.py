@@ -259,7 +259,7 @@ def test_source_placements() -> None:
     assert source_placements(expert, (8, 32, 16), [Replicate(), Shard(1)]) == [None, 1]
 
 
-def test_a_direct_jobs_kernel_read_is_its_view(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+def test_a_jobs_kernel_read_is_its_view(checkpoints: dict[str, Path], tmp_path: Path) -> None:
     """The batched reads write a direct or fused item at the address and layout worked out
     from the fill's destination (no view made): exactly the memory of the view the other
     paths write, for whole values, EP boxes, and rows of 64 KiB or more into a destination
