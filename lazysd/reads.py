@@ -208,9 +208,47 @@ def _sources(entry: Entry, box: Box, shares: int) -> tuple[list[tuple[Source, tu
     return found, max(1, shares // max(1, len(found)))
 
 
+# (source sub-box, destination region, method, staging) of one read
+_Chunk = tuple[Box, Box, Method, int]
+
+
+def _chunks_shared(
+    src: Source,
+    found: tuple[Box, Box],
+    box: Box,
+    dest: Destination,
+    cpu: bool,
+    chunk_bytes: int,
+    shares: int,
+    seen: dict[tuple, list[_Chunk]],
+) -> Iterator[_Chunk]:
+    """:func:`_chunks`, worked out once for the stacked or permuted sources of one plan that
+    share a geometry (a stacked value's experts: the same shape, dtype, placement and
+    region size, their regions in different places) and moved into each one's region: a
+    per-expert release plans thousands of such sources, each alike but for where it goes.
+    ``seen`` holds them for one plan (its box and destination). A permuted source's chunks
+    depend on its region's shape only; an unpermuted one's also on where the region lies
+    (whole rows of a contiguous destination are one read), and such a source is mostly a
+    plan's only one: worked out on its own."""
+    if src.identity:
+        yield from _chunks(src, found, box, dest, cpu, chunk_bytes, shares)
+        return
+    src_box, native = found
+    info = src.info
+    key = (info.shape, info.dtype, src.scale is None, src.dims, src_box, box_shape(native))
+    template = seen.get(key)
+    if template is None:  # worked out at the origin of a box of the same shape
+        at_origin = relative(native, [lo for lo, _ in native])
+        origin_box = full_box(box_shape(box))
+        template = seen[key] = list(_chunks(src, (src_box, at_origin), origin_box, dest, cpu, chunk_bytes, shares))
+    offset = [lo - b for (lo, _), (b, _) in zip(native, box)]
+    for sub, region, method, staging in template:
+        yield sub, tuple((lo + o, hi + o) for (lo, hi), o in zip(region, offset)), method, staging
+
+
 def _chunks(
     src: Source, found: tuple[Box, Box], box: Box, dest: Destination, cpu: bool, chunk_bytes: int, shares: int
-) -> Iterator[tuple[Box, Box, Method, int]]:
+) -> Iterator[_Chunk]:
     """``(source sub-box, destination region, method, staging)`` of each read of ``src``,
     whose part in ``box`` is ``found``."""
     src_box, native = found
@@ -317,8 +355,9 @@ def plan_reads(
     cpu = dest.device == "cpu"
     items = []
     sources, shares = _sources(entry, box, shares)
+    seen: dict[tuple, list[_Chunk]] = {}
     for src, found in sources:
-        for sub, region, method, staging in _chunks(src, found, box, dest, cpu, chunk_bytes, shares):
+        for sub, region, method, staging in _chunks_shared(src, found, box, dest, cpu, chunk_bytes, shares, seen):
             scale = None
             if src.scale is not None:
                 scale = ScaleRead(src.scale.info, src.scale.region(sub), src.scale.block)
@@ -358,9 +397,10 @@ def read_totals(
     cpu = dest.device == "cpu"
     nbytes = runs = items = 0
     sources, shares = _sources(entry, box, shares)
+    seen: dict[tuple, list[_Chunk]] = {}
     for src, found in sources:
         info = src.info
-        for sub, _, _, _ in _chunks(src, found, box, dest, cpu, chunk_bytes, shares):
+        for sub, _, _, _ in _chunks_shared(src, found, box, dest, cpu, chunk_bytes, shares, seen):
             items += 1
             nbytes += math.prod(box_shape(sub)) * info.itemsize
             runs += run_count(info.shape, sub)

@@ -152,6 +152,30 @@ def test_a_plan_is_cut_in_shares_once(tmp_path: Path) -> None:
             assert len(cut) == 4 and {i.data_bytes for i in cut} == {(2 << 20) * sources // 16}, key
 
 
+def test_sources_alike_share_their_chunks(checkpoints: dict[str, Path]) -> None:
+    """A plan works its chunks out once for the sources that share a geometry (a stacked
+    value's experts) and moves them into each one's region: the same chunks as working
+    each source out on its own, for whole values, EP boxes (which start inside the value),
+    casts, other devices and small chunks."""
+    from lazysd.reads import _chunks, _chunks_shared, _sources
+
+    shared = 0
+    for name in checkpoints:
+        with VirtualStateDict(checkpoints[name]) as vsd:
+            for key in vsd:
+                entry = vsd.entry(key)
+                boxes = (full_box(entry.shape), EPLayout(3, 2).box(entry, 4), EPLayout(2, 1).box(entry, 1))
+                dests = (Destination(entry.dtype), Destination(torch.float32), Destination(entry.dtype, "cuda"))
+                for box, dest, (chunk, shares) in itertools.product(boxes, dests, ((8 << 20, 4), (4096, 1))):
+                    cpu, seen = dest.device == "cpu", {}
+                    sources, n = _sources(entry, box, shares)
+                    for src, found in sources:
+                        alone = list(_chunks(src, found, box, dest, cpu, chunk, n))
+                        assert list(_chunks_shared(src, found, box, dest, cpu, chunk, n, seen)) == alone, (key, box)
+                    shared += len(sources) - len(seen) if len(sources) > 1 else 0
+    assert shared > 0
+
+
 def test_source_ranges_are_what_any_plan_reads(checkpoints: dict[str, Path]) -> None:
     """``source_ranges`` (no items built) covers exactly the bytes of the plan's items, FP8
     scales included, whatever the chunking: the windows a reader's own values make are the
