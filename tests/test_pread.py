@@ -49,6 +49,17 @@ def _evict_all(path: Path) -> list[Path]:
     return files
 
 
+def _cold_qwen3_moe(tmp_path: Path, **dims: int) -> tuple[Path, dict, list[Path]]:
+    """A Qwen3-MoE release of ``dims`` (every layer MoE), the values a plain eager load
+    gives (clones: mapped pages would stay cached), and its files, evicted."""
+    from lazysd.testing.families import FamilySpec, eager_native, make_family_checkpoint
+
+    spec = FamilySpec(family="qwen3_moe", first_dense=0, **dims)
+    path = make_family_checkpoint(tmp_path / "ckpt", spec)
+    eager = eager_native(spec, {k: v.clone() for k, v in load_hf_tensors(path).items()})
+    return path, eager, _evict_all(path)
+
+
 def _pages_bytes(ranges: list[tuple[str, int, int]], files: list[Path]) -> int:
     """The bytes of the whole pages ``ranges`` touch in ``files``: what a load that reads
     each byte once reads from storage."""
@@ -777,7 +788,7 @@ def test_a_cold_load_of_per_expert_layers_larger_than_the_slots(tmp_path: Path, 
     guess is wrong), so nearly every byte comes from the streams and none is read twice;
     bitwise right, and the peak within the bound."""
     from lazysd import prefetch, reader
-    from lazysd.testing.families import FamilySpec, ParamTree, eager_native, make_family_checkpoint
+    from lazysd.testing.families import ParamTree
     from tests.support.pagecache import storage_bytes
 
     # Pieces of 1 MiB, 16 slots at most: a layer (16 experts of 1 MiB a role, 48 MiB) holds
@@ -785,18 +796,15 @@ def test_a_cold_load_of_per_expert_layers_larger_than_the_slots(tmp_path: Path, 
     for module in (prefetch, reader):
         monkeypatch.setattr(module, "PIECE", 1 << 20)
         monkeypatch.setattr(module, "MOST", 16)
-    spec = FamilySpec(
-        family="qwen3_moe",
-        num_hidden_layers=4,
-        first_dense=0,
+    layers_n = 4
+    path, eager, files = _cold_qwen3_moe(
+        tmp_path,
+        num_hidden_layers=layers_n,
         num_experts=16,
         hidden_size=1024,
         moe_intermediate_size=512,
         vocab_size=1024,
     )
-    path = make_family_checkpoint(tmp_path / "ckpt", spec)
-    eager = eager_native(spec, {k: v.clone() for k, v in load_hf_tensors(path).items()})
-    files = _evict_all(path)
     with VirtualStateDict(path) as vsd:
         shapes = {k: (tuple(t.shape), t.dtype) for k, t in vsd.items()}
         order = sorted(shapes, key=lambda k: (_fill_group(k), first not in k, k))
@@ -811,7 +819,7 @@ def test_a_cold_load_of_per_expert_layers_larger_than_the_slots(tmp_path: Path, 
         windows = sum(hi - lo for _, lo, hi in prefetcher.pieces)
     assert_bitwise_equal(dict(model.state_dict()), eager)
     layers = [b for b in roles if b.startswith("model.layers.")]
-    assert len(layers) == spec.num_hidden_layers  # each read ahead value by value
+    assert len(layers) == layers_n  # each read ahead value by value
     assert roles[layers[-1]][0].endswith(first)  # in the model's order, learned if need be
     # The first layer, guessed wrong, may leave a few pieces to the fills; before, the slots
     # filled with the other values' bytes and the fills read most of each layer themselves.
@@ -1018,25 +1026,15 @@ def test_a_cold_per_expert_load_reads_ahead_in_the_order_it_fills(tmp_path: Path
     that order too, telling the streams where it is job by job."""
     import lazysd
     from lazysd import prefetch
-    from lazysd.testing.families import FamilySpec, ParamTree, eager_native, make_family_checkpoint
+    from lazysd.testing.families import ParamTree
     from tests.support.pagecache import storage_bytes
 
     # Pieces of 1 MiB, at most four held: the streams get on only as the fills take them.
     monkeypatch.setattr(prefetch, "PIECE", 1 << 20)
     monkeypatch.setattr(prefetch, "SLOTS", 4)
-
-    spec = FamilySpec(
-        family="qwen3_moe",
-        num_hidden_layers=12,
-        first_dense=0,
-        num_experts=8,
-        hidden_size=512,
-        moe_intermediate_size=256,
-        vocab_size=32768,
+    path, eager, files = _cold_qwen3_moe(
+        tmp_path, num_hidden_layers=12, num_experts=8, hidden_size=512, moe_intermediate_size=256, vocab_size=32768
     )
-    path = make_family_checkpoint(tmp_path / "ckpt", spec)
-    eager = eager_native(spec, {k: v.clone() for k, v in load_hf_tensors(path).items()})
-    files = _evict_all(path)
     with VirtualStateDict(path) as vsd:
         assert next(iter(vsd)) == "lm_head.weight"
         model = ParamTree({k: (tuple(t.shape), t.dtype) for k, t in vsd.items()})
