@@ -80,6 +80,7 @@ Example:
 from __future__ import annotations
 
 import bisect
+import ctypes
 import math
 import mmap
 import os
@@ -219,6 +220,7 @@ class Prefetcher:
         self._visited: set[float] = set()  # ranks the fills have been in
         self._state = [_QUEUED] * len(pieces)
         self._held: dict[int, tuple[mmap.mmap, memoryview]] = {}  # piece -> its slot (being read, or read)
+        self._lent: dict[int, int] = {}  # piece -> fills copying out of its slot now (lend)
         self._limit = SLOTS  # slots the streams may hold now; up to most where the fills interleave
         self._most = SLOTS if most is None else max(SLOTS, min(MOST, most))
         self._idled = False  # a stream ended waiting for the fills
@@ -271,13 +273,46 @@ class Prefetcher:
             if self._state[k] != _READY:
                 return -n
             out[:n] = self._held[k][1][pos - lo : pos - lo + n]
-            self._left[k] -= n
-            if self._left[k] <= 0:
-                self._drop(k)
-                self._start_streams()  # streams that ended waiting for a slot start again
-            elif self._limit < self._most and len(self._held) >= self._limit:
-                self._cond.notify_all()  # streams waiting for a slot: are the fills interleaving?
+            self._took(k, n)
         return n
+
+    def lend(self, file: str, pos: int, n: int, use: Callable[[int], None]) -> bool:
+        """Have ``use(address)`` take the ``n`` bytes of ``file`` from ``pos`` where a stream
+        read them (waiting for a piece being read), in place: ``address`` is their first
+        byte in the piece's slot, which stays the piece's until ``use`` returns. Then they
+        count as served: True. False, with nothing done, where no one piece holds them all
+        (outside the windows, across two pieces, a piece the fills got to first): the
+        caller reads them the usual way (:meth:`serve`).
+
+        A fill that transposes the bytes into place (a per-expert release's expert) then
+        copies them once, not into staging first; ``use`` runs outside the lock, so fills on
+        several threads do not wait for each other's copies.
+        """
+        j = bisect.bisect_right(self._starts, (file, pos)) - 1
+        if j < 0 or self._starts[j][0] != file or pos + n > self._ends[j]:
+            return False
+        lo, k = self._starts[j][1], self._pos[j]
+        with self._cond:
+            if self._closed or os.getpid() != self._pid:
+                return False
+            while self._state[k] == _QUEUED and self._coming(k):
+                self._cond.wait(IDLE_S)
+            while self._state[k] == _READING:
+                self._cond.wait()
+            if self._state[k] != _READY:
+                return False
+            self._lent[k] = self._lent.get(k, 0) + 1  # kept from _drop until use returns
+            slot = self._held[k][1]
+        try:
+            use(_address(slot) + pos - lo)
+        finally:
+            with self._cond:
+                self._lent[k] -= 1
+                if not self._lent[k]:
+                    del self._lent[k]
+                    self._cond.notify_all()  # close() waits for every slot lent out
+                self._took(k, n)
+        return True
 
     def consumed(self, file: str, offset: int) -> None:
         """The fills have got to ``offset`` of ``file``: the streams read on from the first
@@ -312,6 +347,8 @@ class Prefetcher:
             if t is not threading.current_thread():
                 t.join()
         with self._cond:
+            while self._lent:  # a fill on another thread still copying out of a slot
+                self._cond.wait()
             for k in list(self._held):
                 self._drop(k)
             self._free_slots()
@@ -362,6 +399,15 @@ class Prefetcher:
             self._next = k
         return True
 
+    def _took(self, k: int, n: int) -> None:
+        """The fills took ``n`` more bytes of piece ``k`` (called holding the lock)."""
+        self._left[k] -= n
+        if self._left[k] <= 0:
+            self._drop(k)
+            self._start_streams()  # streams that ended waiting for a slot start again
+        elif self._limit < self._most and len(self._held) >= self._limit:
+            self._cond.notify_all()  # streams waiting for a slot: are the fills interleaving?
+
     def _drop(self, k: int) -> None:
         """Piece ``k`` is done with: its slot is free (called holding the lock)."""
         self._slots.append(self._held.pop(k))
@@ -403,7 +449,7 @@ class Prefetcher:
         fills' to read, if they come back."""
         self._idled = False
         for k in sorted(self._held)[SLOTS:]:
-            if self._state[k] == _READY:
+            if self._state[k] == _READY and k not in self._lent:
                 self._drop(k)
         self._free_slots()
 
@@ -465,7 +511,9 @@ class Prefetcher:
             # than the values list it), so they are given up only where they would hold
             # more than half of the slots.
             behind = [
-                k for k in self._held if k < self._left_at and self._first[k] != self._at and self._state[k] == _READY
+                k
+                for k in self._held
+                if k < self._left_at and self._first[k] != self._at and self._state[k] == _READY and k not in self._lent
             ]
             if len(behind) > SLOTS // 2:
                 self._drop(min(behind))
@@ -549,6 +597,11 @@ class Prefetcher:
             except (OSError, AttributeError):
                 return  # a hint: the fills read these pages themselves either way
             e += 1
+
+
+def _address(view: memoryview) -> int:
+    """The address of ``view``'s first byte (no export of it is kept: a slot may be closed later)."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
 
 
 def rank_windows(uses: list[tuple[int, str, int, int]], least: int = MIN_WINDOW) -> list[tuple[str, int, int]]:

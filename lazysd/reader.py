@@ -49,7 +49,7 @@ from .pool import ReadPool
 from .pread import RangeReader
 from .prefetch import MOST, PIECE, SLOTS, Prefetcher, rank_windows, shared_pages
 from .reads import SHARES, Destination, MiB, ReadItem, plan_reads, source_ranges
-from .transpose import copy_into, kernel_available, read_many, read_transposed, transposed_job
+from .transpose import copy_into, copy_transposed, kernel_available, read_many, read_transposed, transposed_job
 
 
 @dataclass(frozen=True)
@@ -533,9 +533,12 @@ class Reader:
                 # Warm: the kernel reads cache-sized blocks and transposes each while in cache.
                 self.ckpt.read_with(info, runs, lambda fd: read_transposed(fd, offset, dest))
                 return None, None
-            # Cold: one bulk read into staging (from the read-ahead, else direct: lazysd.pread),
-            # as an unchanged tensor's chunk is read, keeps the storage busy; the transpose
-            # from there costs little next to the read.
+            # Cold: transposed straight out of the read-ahead's slot where one piece holds
+            # it all; else one bulk read into staging (from the read-ahead, else direct:
+            # lazysd.pread), as an unchanged tensor's chunk is read, keeps the storage busy,
+            # and the transpose from there costs little next to the read.
+            if self._lend(job, offset, n):
+                return None, None
             base = self._acquire(n)
             try:
                 buf = base[:n].view(info.dtype).view(box_shape(item.source_box))
@@ -564,6 +567,24 @@ class Reader:
             self._release(base)
             raise
         return buf, base
+
+    def _lend(self, job: _Job, offset: int, n: int) -> bool:
+        """Transpose a cold fused job's ``n`` bytes at file ``offset`` into place straight out
+        of the read-ahead piece that holds them all (:meth:`Prefetcher.lend`); False, with
+        nothing read, where none does. A per-expert release's expert is then copied once
+        instead of twice, with no staging buffer and no view of it: a cold Qwen3-MoE 2.8
+        GiB ``load_state_dict`` (1 MiB experts) takes 2.0 GiB that way, and ran 2.22 s
+        against 2.31 (medians of 6, interleaved in one process; 0.9 GiB: 0.68 against 0.74)."""
+        prefetcher, item = self._prefetcher, job.item
+        if prefetcher is None:
+            return False
+        info, dest = item.source, job.dest
+        file = str(info.file)
+
+        def lent(fds: list[int]) -> list[int]:
+            return [n if prefetcher.lend(file, offset, n, lambda address: copy_transposed(address, dest)) else 0]
+
+        return self.ckpt.read_batch([(info, item.runs)], lent)[0]
 
     def _dequantize(self, buf: torch.Tensor, item: ReadItem) -> torch.Tensor:
         """``buf`` (the FP8 rows/cols of ``item``) decoded with the scale blocks the item names."""

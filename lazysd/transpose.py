@@ -130,6 +130,24 @@ def read_transposed(fd: int, offset: int, dest: torch.Tensor) -> int:
     return _transpose.read(fd, offset, *_transposed_dest(dest))
 
 
+def copy_transposed(address: int, dest: torch.Tensor) -> None:
+    """What :func:`read_transposed` writes into ``dest``, from memory instead of a file: the
+    row-major ``[cols, rows]`` (``[batch, cols, rows]``) array at ``address``, of ``dest``'s
+    dtype, transposed into ``dest``. On the calling thread, with the GIL released; needs the
+    kernel (:func:`fused_read_applies`).
+
+    Example:
+        >>> hf = torch.arange(6, dtype=torch.bfloat16).view(2, 3)
+        >>> native = torch.empty(3, 2, dtype=torch.bfloat16)
+        >>> copy_transposed(hf.data_ptr(), native)  # doctest: +SKIP
+        >>> torch.equal(native, hf.t())  # doctest: +SKIP
+        True
+    """
+    assert _transpose is not None
+    dst, batch, rows, cols, dst_b, dst_r, z = _transposed_dest(dest)
+    _transpose.copy(dst, address, batch, rows, cols, dst_b, dst_r, rows * cols, rows, z, 1)
+
+
 def _transposed_dest(dest: torch.Tensor) -> tuple[int, ...]:
     """``(address, batch, rows, cols, batch stride, row stride, itemsize)`` of a ``[rows,
     cols]`` or ``[batch, rows, cols]`` destination with contiguous rows, as the kernel reads them."""

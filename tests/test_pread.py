@@ -554,6 +554,69 @@ def test_prefetcher_reads_its_windows_ahead_and_nothing_else(tmp_path: Path, sma
             os.fstat(fd)
 
 
+def test_prefetcher_lends_a_pieces_bytes_in_place(tmp_path: Path, small_pieces) -> None:
+    """lend() hands a fill the address of bytes one piece holds (in its slot, read by a
+    stream) and counts them served; where no one piece holds them all (across two pieces,
+    outside the windows) it does nothing and says so, and the fill reads them as before."""
+    import ctypes
+
+    prefetch = small_pieces
+    f, data = _blob_file(tmp_path, 8 * MiB)
+    p = prefetch.Prefetcher([(f, 0, 4 * MiB)], _opener(), at=(f, 0), streams=1, tune=False)
+    got: list[bytes] = []
+
+    def use(address: int, n: int = 4096) -> None:
+        got.append(ctypes.string_at(address, n))
+
+    assert p.lend(f, 100, 4096, use) and got == [data[100:4196]]
+    k = p._pos[0]
+    assert p._left[k] == MiB - 4096 and not p._lent
+    assert not p.lend(f, MiB - 10, 100, use) and len(got) == 1  # across two pieces
+    assert p._left[p._pos[0]] == MiB - 4096 and p._left[p._pos[1]] == MiB  # nothing counted
+    assert not p.lend(f, 5 * MiB, 4096, use) and len(got) == 1  # outside the windows
+    # The rest of the first piece served, through either path: its slot is free.
+    assert p.lend(f, 0, 100, lambda a: use(a, 100)) and got[-1] == data[:100]
+    assert _take(p, f, data, 4196, MiB - 4196) == data[4196:MiB]
+    assert k not in p._held
+    assert _take(p, f, data, 0, 8 * MiB) == data
+    p.close()
+
+
+def test_prefetcher_close_waits_for_a_slot_lent_out(tmp_path: Path, small_pieces, monkeypatch) -> None:
+    """A slot stays mapped while a fill copies out of it: close() on another thread waits
+    for the copy instead of unmapping the memory under it; nor is a lent piece given up."""
+    import ctypes
+    import threading
+
+    prefetch = small_pieces
+    f, data = _blob_file(tmp_path, 4 * MiB)
+    p = prefetch.Prefetcher([(f, 0, 4 * MiB)], _opener(), at=(f, 0), streams=1, tune=False)
+    _until(p, 4 * MiB)  # every piece read: the stream has ended
+    inside, go, got = threading.Event(), threading.Event(), []
+
+    def use(address: int) -> None:
+        inside.set()
+        go.wait(10)
+        got.append(ctypes.string_at(address, MiB))
+
+    lender = threading.Thread(target=lambda: got.append(p.lend(f, 0, MiB, use)))
+    lender.start()
+    assert inside.wait(10)
+    monkeypatch.setattr(prefetch, "SLOTS", 0)
+    with p._cond:
+        p._idle()  # what the streams do when the fills stop, here keeping no piece: but the lent one
+        assert list(p._held) == [p._pos[0]]
+    closer = threading.Thread(target=p.close)
+    closer.start()
+    closer.join(0.3)
+    assert closer.is_alive()  # waiting for the lent slot
+    go.set()
+    lender.join(10)
+    closer.join(10)
+    assert not closer.is_alive() and got == [data[:MiB], True]
+    assert not p._held and not p._lent
+
+
 def test_prefetcher_streams_end_when_the_fills_stop(tmp_path: Path, small_pieces, monkeypatch) -> None:
     """A load left unfinished: streams waiting for a slot end after a while, without close();
     when the fills do take their pieces after all (a slow tensor, not a stop), streams start
@@ -1032,6 +1095,14 @@ def test_a_cold_per_expert_load_reads_ahead_in_the_order_it_fills(tmp_path: Path
     # Pieces of 1 MiB, at most four held: the streams get on only as the fills take them.
     monkeypatch.setattr(prefetch, "PIECE", 1 << 20)
     monkeypatch.setattr(prefetch, "SLOTS", 4)
+    lend, lent = prefetch.Prefetcher.lend, []
+
+    def counted(self, file: str, pos: int, n: int, use) -> bool:  # noqa: ANN001
+        done = lend(self, file, pos, n, use)
+        lent.append(n if done else 0)
+        return done
+
+    monkeypatch.setattr(prefetch.Prefetcher, "lend", counted)
     path, eager, files = _cold_qwen3_moe(
         tmp_path, num_hidden_layers=12, num_experts=8, hidden_size=512, moe_intermediate_size=256, vocab_size=32768
     )
@@ -1050,6 +1121,9 @@ def test_a_cold_per_expert_load_reads_ahead_in_the_order_it_fills(tmp_path: Path
             pytest.skip("this filesystem refuses O_DIRECT: nothing is streamed")
         windows = sum(hi - lo for _, lo, hi in prefetcher.pieces)
     assert_bitwise_equal(dict(model.state_dict()), eager)
+    # Most experts are transposed into place straight out of the slots (a piece of 1 MiB
+    # holds three whole 256 KiB experts and parts of two), not copied into staging first.
+    assert sum(lent) >= windows // 3, (sum(lent), windows)
     # The fills overtake the streams now and then on a busy machine; skipping everything
     # behind the first key's bytes (the end of the last file), or not being told where the
     # fills of lazysd.load were, left them under a tenth of it.

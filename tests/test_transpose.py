@@ -203,6 +203,20 @@ def test_every_isa_reads_transposed_from_a_file(tmp_path, isa: str, itemsize: in
 
 
 @pytest.mark.skipif(not kernel_available(), reason="kernel not built")
+@pytest.mark.parametrize("itemsize", [1, 2, 4, 8])
+def test_copy_transposed_writes_what_read_transposed_does(itemsize: int) -> None:
+    """From memory instead of a file (a read-ahead slot): the same destinations, the same
+    bits, nothing outside the destination touched."""
+    dtype = ITEM_DTYPES[itemsize]
+    for shape in [(2, 5, 300), (3, 70, 90), (2, 300, 600), (1, 1), (9, 2100), (2100, 9)]:
+        src = _random(shape, dtype)
+        for name, base, dest in _dest_layouts((*shape[:-2], shape[-1], shape[-2]), dtype):
+            tr.copy_transposed(src.data_ptr(), dest)
+            assert same_bits(dest, src.transpose(-1, -2)), f"{dtype} {shape} {name}"
+            assert _outside_is_untouched(base, dest), f"{dtype} {shape} {name}"
+
+
+@pytest.mark.skipif(not kernel_available(), reason="kernel not built")
 def test_fused_and_staged_loads_agree_bitwise(tmp_path, monkeypatch) -> None:
     from lazysd import VirtualStateDict
     from lazysd.testing import Step3p5Model, Step3p5Spec, make_checkpoint
