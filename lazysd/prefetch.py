@@ -6,7 +6,8 @@ between two reads the storage has nothing to do, and a small tensor is one short
 reader's own windows (the bytes its values need, in whole pages) :data:`PIECE` by
 :data:`PIECE`, in the order the fills want them (below), and read each with ``O_DIRECT`` into
 a slot of its own; a fill that gets to a piece copies its bytes out of the slot (waiting for
-a piece being read), and the slot is free once every byte of the piece was copied. At most
+a piece being read; bytes that one piece holds whole it may take in place, :meth:`~Prefetcher.lend`),
+and the slot is free once every byte of the piece was copied. At most
 :data:`SLOTS` pieces are held (read or being read), so the streams never run more than that
 far ahead of the fills, and the read-ahead's memory is bounded whatever the checkpoint.
 A piece the fills get to before any stream did is theirs to read (direct), and no stream

@@ -1133,6 +1133,39 @@ def test_a_cold_per_expert_load_reads_ahead_in_the_order_it_fills(tmp_path: Path
     assert read <= _pages_bytes(ranges, files) * 1.005, (read, _pages_bytes(ranges, files))
 
 
+def test_a_cold_hf_keyed_copy_takes_whole_tensors_out_of_the_slots(tmp_path: Path, monkeypatch) -> None:
+    """Key by key from the HF-keyed view, cold: a tensor that one read-ahead piece holds is
+    copied into its destination straight out of the piece's slot (:meth:`Prefetcher.lend`),
+    outside the read-ahead's lock; the others as before; bitwise right."""
+    from lazysd import prefetch
+    from lazysd.automodel import HFCheckpointView
+
+    monkeypatch.setattr(prefetch, "PIECE", 1 << 20)
+    monkeypatch.setattr(prefetch, "SLOTS", 4)
+    lend, lent = prefetch.Prefetcher.lend, []
+
+    def counted(self, file: str, pos: int, n: int, use) -> bool:  # noqa: ANN001
+        done = lend(self, file, pos, n, use)
+        lent.append(n if done else 0)
+        return done
+
+    monkeypatch.setattr(prefetch.Prefetcher, "lend", counted)
+    path, _, _ = _cold_qwen3_moe(
+        tmp_path, num_hidden_layers=4, num_experts=8, hidden_size=512, moe_intermediate_size=256, vocab_size=32768
+    )
+    with HFCheckpointView(path) as hf, torch.no_grad():
+        out = {k: torch.empty(hf[k].shape, dtype=hf[k].dtype) for k in hf}
+        for k, t in out.items():
+            t.copy_(hf[k])
+        if hf.reader._prefetcher is None:
+            pytest.skip("this filesystem refuses O_DIRECT: nothing is streamed")
+    assert_bitwise_equal(out, load_hf_tensors(path))
+    # The experts (256 KiB each: a 1 MiB piece holds three whole and parts of two); the
+    # 32 MiB embedding and head lie across many pieces and are served piece by piece.
+    experts = sum(t.nbytes for k, t in out.items() if ".mlp.experts." in k)
+    assert sum(lent) >= experts // 2, (sum(lent), experts)
+
+
 def test_prefetcher_holds_more_where_the_fills_interleave(tmp_path: Path, small_pieces) -> None:
     """A block whose values interleave in the file (per-expert tensors stacked by role) is
     filled value by value: each piece is served a part at a time and freed only at the end.
