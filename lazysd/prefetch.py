@@ -265,19 +265,16 @@ class Prefetcher:
         with self._cond:
             if self._closed or os.getpid() != self._pid:
                 return -n
-            while self._state[k] == _QUEUED and self._coming(k):
-                self._cond.wait(IDLE_S)
-            if self._state[k] == _QUEUED:
+            state = self._await(k)
+            if state == _QUEUED:
                 self._gone(k)  # the fills got here first: theirs to read
-            while self._state[k] == _READING:
-                self._cond.wait()
-            if self._state[k] != _READY:
+            if state != _READY:
                 return -n
             out[:n] = self._held[k][1][pos - lo : pos - lo + n]
             self._took(k, n)
         return n
 
-    def lend(self, file: str, pos: int, n: int, use: Callable[[int], None]) -> bool:
+    def lend(self, file: str, pos: int, n: int, use: Callable[[int], object]) -> bool:
         """Have ``use(address)`` take the ``n`` bytes of ``file`` from ``pos`` where a stream
         read them (waiting for a piece being read), in place: ``address`` is their first
         byte in the piece's slot, which stays the piece's until ``use`` returns. Then they
@@ -294,13 +291,7 @@ class Prefetcher:
             return False
         lo, k = self._starts[j][1], self._pos[j]
         with self._cond:
-            if self._closed or os.getpid() != self._pid:
-                return False
-            while self._state[k] == _QUEUED and self._coming(k):
-                self._cond.wait(IDLE_S)
-            while self._state[k] == _READING:
-                self._cond.wait()
-            if self._state[k] != _READY:
+            if self._closed or os.getpid() != self._pid or self._await(k) != _READY:
                 return False
             self._lent[k] = self._lent.get(k, 0) + 1  # kept from _drop until use returns
             slot = self._held[k][1]
@@ -399,6 +390,16 @@ class Prefetcher:
         if back:
             self._next = k
         return True
+
+    def _await(self, k: int) -> int:
+        """Piece ``k``'s state once no stream is about to read it or reading it (called
+        holding the lock): a fill waits for the piece a stream takes next rather than read
+        it itself (:meth:`_coming`)."""
+        while self._state[k] == _QUEUED and self._coming(k):
+            self._cond.wait(IDLE_S)
+        while self._state[k] == _READING:
+            self._cond.wait()
+        return self._state[k]
 
     def _took(self, k: int, n: int) -> None:
         """The fills took ``n`` more bytes of piece ``k`` (called holding the lock)."""
