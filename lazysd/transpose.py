@@ -226,4 +226,3 @@ def _copy_torch(dest: torch.Tensor, src: torch.Tensor) -> None:
             dest[..., j : j + 16].copy_(src[..., j : j + 16])
     else:
         dest.copy_(src)
-

@@ -525,6 +525,22 @@ def small_pieces(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
     return prefetch
 
 
+@pytest.fixture
+def lent(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The bytes of every :meth:`Prefetcher.lend` call of the test, 0 where it lent none."""
+    from lazysd import prefetch
+
+    lend, calls = prefetch.Prefetcher.lend, []
+
+    def counted(self, file: str, pos: int, n: int, use) -> bool:  # noqa: ANN001
+        done = lend(self, file, pos, n, use)
+        calls.append(n if done else 0)
+        return done
+
+    monkeypatch.setattr(prefetch.Prefetcher, "lend", counted)
+    return calls
+
+
 def test_prefetcher_reads_its_windows_ahead_and_nothing_else(tmp_path: Path, small_pieces) -> None:
     """Streams read only inside their windows, from where the fills are, at most SLOTS pieces
     ahead of them; the fills get exactly the file's bytes from them; a piece served in full
@@ -1081,7 +1097,9 @@ def test_staged_reads_start_the_read_ahead_only_when_cold(tmp_path: Path, cold: 
 
 
 @pytest.mark.parametrize("how", ["load_state_dict", "lazysd.load"])
-def test_a_cold_per_expert_load_reads_ahead_in_the_order_it_fills(tmp_path: Path, how: str, monkeypatch) -> None:
+def test_a_cold_per_expert_load_reads_ahead_in_the_order_it_fills(
+    tmp_path: Path, how: str, monkeypatch, lent: list[int]
+) -> None:
     """A Qwen3-MoE release stores ``lm_head`` last and ``layers.10`` before ``layers.2``,
     and the values are filled in another order (``lm_head`` is the first key): the streams
     read ahead in the values' order, so most of the checkpoint is read by them, not skipped
@@ -1095,14 +1113,6 @@ def test_a_cold_per_expert_load_reads_ahead_in_the_order_it_fills(tmp_path: Path
     # Pieces of 1 MiB, at most four held: the streams get on only as the fills take them.
     monkeypatch.setattr(prefetch, "PIECE", 1 << 20)
     monkeypatch.setattr(prefetch, "SLOTS", 4)
-    lend, lent = prefetch.Prefetcher.lend, []
-
-    def counted(self, file: str, pos: int, n: int, use) -> bool:  # noqa: ANN001
-        done = lend(self, file, pos, n, use)
-        lent.append(n if done else 0)
-        return done
-
-    monkeypatch.setattr(prefetch.Prefetcher, "lend", counted)
     path, eager, files = _cold_qwen3_moe(
         tmp_path, num_hidden_layers=12, num_experts=8, hidden_size=512, moe_intermediate_size=256, vocab_size=32768
     )
@@ -1133,7 +1143,9 @@ def test_a_cold_per_expert_load_reads_ahead_in_the_order_it_fills(tmp_path: Path
     assert read <= _pages_bytes(ranges, files) * 1.005, (read, _pages_bytes(ranges, files))
 
 
-def test_a_cold_hf_keyed_copy_takes_whole_tensors_out_of_the_slots(tmp_path: Path, monkeypatch) -> None:
+def test_a_cold_hf_keyed_copy_takes_whole_tensors_out_of_the_slots(
+    tmp_path: Path, monkeypatch, lent: list[int]
+) -> None:
     """Key by key from the HF-keyed view, cold: a tensor that one read-ahead piece holds is
     copied into its destination straight out of the piece's slot (:meth:`Prefetcher.lend`),
     outside the read-ahead's lock; the others as before; bitwise right."""
@@ -1142,14 +1154,6 @@ def test_a_cold_hf_keyed_copy_takes_whole_tensors_out_of_the_slots(tmp_path: Pat
 
     monkeypatch.setattr(prefetch, "PIECE", 1 << 20)
     monkeypatch.setattr(prefetch, "SLOTS", 4)
-    lend, lent = prefetch.Prefetcher.lend, []
-
-    def counted(self, file: str, pos: int, n: int, use) -> bool:  # noqa: ANN001
-        done = lend(self, file, pos, n, use)
-        lent.append(n if done else 0)
-        return done
-
-    monkeypatch.setattr(prefetch.Prefetcher, "lend", counted)
     path, _, _ = _cold_qwen3_moe(
         tmp_path, num_hidden_layers=4, num_experts=8, hidden_size=512, moe_intermediate_size=256, vocab_size=32768
     )
