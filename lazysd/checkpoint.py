@@ -443,11 +443,10 @@ class Checkpoint:
                 f"{file}: was replaced by another file since the checkpoint was opened; reopen the checkpoint"
             )
         # The same inode as the descriptor's: its stat is the descriptor's (no fstat needed).
-        st = now
-        if self._changed(file, st):
+        if self._changed(file, now):
             raise FileChangedError(
-                f"{file}: changed since the checkpoint was opened (size {expected.size} -> {st.st_size}, "
-                f"mtime {expected.mtime_ns} -> {st.st_mtime_ns}, ctime {expected.ctime_ns} -> {st.st_ctime_ns}); "
+                f"{file}: changed since the checkpoint was opened (size {expected.size} -> {now.st_size}, "
+                f"mtime {expected.mtime_ns} -> {now.st_mtime_ns}, ctime {expected.ctime_ns} -> {now.st_ctime_ns}); "
                 "reopen the checkpoint"
             )
         return fd

@@ -71,15 +71,19 @@ def huge_buffer(size: int) -> tuple[mmap.mmap, memoryview]:
     """
     flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
     mapping = mmap.mmap(-1, size + HUGE, flags=flags) if flags else mmap.mmap(-1, size + HUGE)
-    handle = ctypes.c_char.from_buffer(mapping)
-    skip = -ctypes.addressof(handle) % HUGE
-    del handle  # the mapping may be closed once the view is released
+    skip = -address_of(mapping) % HUGE
     if hasattr(mapping, "madvise") and hasattr(mmap, "MADV_HUGEPAGE"):
         try:
             mapping.madvise(mmap.MADV_HUGEPAGE, skip, size)
         except OSError:
             pass  # no huge pages here: the reads still work, in smaller requests
     return mapping, memoryview(mapping)[skip : skip + size]
+
+
+def address_of(buf: mmap.mmap | memoryview) -> int:
+    """The address of writable buffer ``buf``'s first byte; no export of it is kept, so a
+    mapping may still be closed once its views are released."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(buf))
 
 
 class BouncePool:

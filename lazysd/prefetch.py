@@ -81,7 +81,6 @@ Example:
 from __future__ import annotations
 
 import bisect
-import ctypes
 import math
 import mmap
 import os
@@ -89,7 +88,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from .pread import ALIGN, huge_buffer, page_cached, whole_pages
+from .pread import ALIGN, address_of, huge_buffer, page_cached, whole_pages
 
 MiB = 1 << 20
 PIECE = 8 * MiB  # one read of a stream: two of the build VM's largest requests
@@ -296,7 +295,7 @@ class Prefetcher:
             self._lent[k] = self._lent.get(k, 0) + 1  # kept from _drop until use returns
             slot = self._held[k][1]
         try:
-            use(_address(slot) + pos - lo)
+            use(address_of(slot) + pos - lo)
         finally:
             with self._cond:
                 self._lent[k] -= 1
@@ -599,11 +598,6 @@ class Prefetcher:
             except (OSError, AttributeError):
                 return  # a hint: the fills read these pages themselves either way
             e += 1
-
-
-def _address(view: memoryview) -> int:
-    """The address of ``view``'s first byte (no export of it is kept: a slot may be closed later)."""
-    return ctypes.addressof(ctypes.c_char.from_buffer(view))
 
 
 def rank_windows(uses: list[tuple[int, str, int, int]], least: int = MIN_WINDOW) -> list[tuple[str, int, int]]:

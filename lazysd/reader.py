@@ -538,7 +538,7 @@ class Reader:
             # it all; else one bulk read into staging (from the read-ahead, else direct:
             # lazysd.pread), as an unchanged tensor's chunk is read, keeps the storage busy,
             # and the transpose from there costs little next to the read.
-            if self._lend(job, offset, n, lambda address: copy_transposed(address, dest)):
+            if self._lend(job, lambda address: copy_transposed(address, dest)):
                 return None, None
             base = self._acquire(n)
             try:
@@ -550,9 +550,7 @@ class Reader:
             return None, None
         if item.method == "direct":
             dest = job.dest
-            (start, n), *more = item.runs
-            copy = lambda address: memmove(dest.data_ptr(), address, n)  # noqa: E731
-            if not more and self._lend(job, info.offset + start, n, copy):
+            if self._lend(job, lambda address: memmove(dest.data_ptr(), address, item.data_bytes)):
                 return None, None
             self.ckpt.read_runs(info, item.runs, _as_bytes(dest))
             return None, None
@@ -574,23 +572,24 @@ class Reader:
             raise
         return buf, base
 
-    def _lend(self, job: _Job, offset: int, n: int, use: Callable[[int], object]) -> bool:
-        """Have ``use(address)`` put a cold job's ``n`` bytes at file ``offset`` into place
-        straight out of the read-ahead piece that holds them all (:meth:`Prefetcher.lend`),
-        outside its lock and with the GIL released; False, with nothing read, where none
-        does. A per-expert release's expert then goes into place in one copy, not through
-        staging, and with no view made: a cold Qwen3-MoE 2.8 GiB ``load_state_dict`` (1 MiB
-        experts) takes 2.0 GiB that way and ran 2.35 s against 2.53, its HF-keyed view key
-        by key 2.06 against 2.55 (medians of 4 and 6, interleaved in one process)."""
-        prefetcher, info = self._prefetcher, job.item.source
-        if prefetcher is None:
+    def _lend(self, job: _Job, use: Callable[[int], object]) -> bool:
+        """Have ``use(address)`` put a cold job's bytes (one run) into place straight out of
+        the read-ahead piece that holds them all (:meth:`Prefetcher.lend`), outside its lock
+        and with the GIL released; False, with nothing read, where none does. A per-expert
+        release's expert then goes into place in one copy, not through staging, and with no
+        view made: a cold Qwen3-MoE 2.8 GiB ``load_state_dict`` (1 MiB experts) takes 2.0
+        GiB that way and ran 2.35 s against 2.53, its HF-keyed view key by key 2.06 against
+        2.55 (medians of 4 and 6, interleaved in one process)."""
+        prefetcher, item = self._prefetcher, job.item
+        if prefetcher is None or len(item.runs) != 1:
             return False
-        file = str(info.file)
+        info, (start, n) = item.source, item.runs[0]
+        file, offset = str(info.file), info.offset + start
 
         def lent(fds: list[int]) -> list[int]:
             return [n if prefetcher.lend(file, offset, n, use) else 0]
 
-        return self.ckpt.read_batch([(info, job.item.runs)], lent)[0]
+        return self.ckpt.read_batch([(info, item.runs)], lent)[0]
 
     def _dequantize(self, buf: torch.Tensor, item: ReadItem) -> torch.Tensor:
         """``buf`` (the FP8 rows/cols of ``item``) decoded with the scale blocks the item names."""
